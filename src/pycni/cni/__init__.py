@@ -1,0 +1,1 @@
+"""The CNI protocol: environment, network config, versions, results and errors."""
