@@ -1,0 +1,316 @@
+"""The network config: decoded, validated and given defaults in one place.
+
+The seed system's keys (`network`, `subnet`) keep working as written; the keys of the reference
+bridge + host-local pair are accepted at the top level or, for the IPAM ones, under `ipam`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..ipam.ranges import RangeSet, parse_range, parse_ranges
+from . import MAX_CONFIG_BYTES, versions
+from . import result as cniresult
+from .env import Request, validate_ifname
+from .errors import DECODING_FAILURE, CniError, config_error
+
+DEFAULT_BRIDGE = "cni0"
+DEFAULT_DATA_DIR = "/var/lib/pycni"
+DEFAULT_LOG_FILE = "/var/log/pycni.log"
+LOG_LEVELS = ("debug", "info", "warning", "error")
+_NAME = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.\-]*")
+_MAC = re.compile(r"[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}")
+# Keys that may sit under "ipam" for operators coming from bridge + host-local.
+_IPAM_KEYS = ("subnet", "ranges", "rangeStart", "rangeEnd", "gateway", "routes", "dataDir")
+VALID_ATTACHMENTS = "cni.dev/valid-attachments"
+
+
+@dataclass
+class RouteConf:
+    dst: ipaddress.IPv4Network | ipaddress.IPv6Network
+    gw: ipaddress.IPv4Address | ipaddress.IPv6Address | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class NetConf:
+    cni_version: str
+    name: str
+    type: str
+    bridge: str = DEFAULT_BRIDGE
+    range_sets: list[RangeSet] = field(default_factory=list)
+    cluster_cidrs: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = field(default_factory=list)
+    routes: list[RouteConf] = field(default_factory=list)
+    mtu: int | None = None
+    is_default_gateway: bool = True
+    ip_masq: bool = False
+    hairpin_mode: bool = False
+    data_dir: str = DEFAULT_DATA_DIR
+    dns: dict[str, Any] = field(default_factory=dict)
+    log_file: str = DEFAULT_LOG_FILE
+    log_level: str = "info"
+    requested_ips: list[ipaddress.IPv4Address | ipaddress.IPv6Address] = field(default_factory=list)
+    mac: str | None = None
+    prev_result: cniresult.Result | None = None
+    valid_attachments: set[tuple[str, str]] | None = None
+    disable_check: bool = False
+    disable_gc: bool = False
+    raw: dict[str, Any] = field(default_factory=dict)
+
+
+def decode(stdin: bytes) -> dict:
+    """Bytes from stdin to a JSON object, or code 6."""
+    if len(stdin) > MAX_CONFIG_BYTES:
+        raise CniError(DECODING_FAILURE, f"network config is larger than {MAX_CONFIG_BYTES} bytes")
+    try:
+        conf = json.loads(stdin)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CniError(
+            DECODING_FAILURE, f"network config on stdin is not valid JSON: {exc}"
+        ) from None
+    if not isinstance(conf, dict):
+        raise CniError(DECODING_FAILURE, "network config on stdin must be a JSON object")
+    return conf
+
+
+def parse(conf: dict, request: Request) -> NetConf:
+    version = versions.from_config(conf)
+    nc = NetConf(cni_version=version, name=_name(conf), type=_opt(conf, "type", str, "pycni"))
+    nc.raw = conf
+    ipam = _ipam_section(conf)
+
+    def pick(key: str) -> Any:
+        return conf[key] if key in conf else ipam.get(key)
+
+    nc.bridge = _opt(conf, "bridge", str, DEFAULT_BRIDGE)
+    try:
+        validate_ifname(nc.bridge, "bridge")
+    except CniError as exc:
+        raise config_error("bridge", exc.msg.removeprefix("bridge ")) from None
+    nc.range_sets = _range_sets(conf, pick)
+    nc.cluster_cidrs = _cluster_cidrs(conf.get("network"))
+    nc.routes = _routes(pick("routes"), "routes")
+    nc.mtu = _mtu(conf.get("mtu"), nc.range_sets)
+    nc.is_default_gateway = _opt(conf, "isDefaultGateway", bool, True)
+    nc.ip_masq = _opt(conf, "ipMasq", bool, False)
+    nc.hairpin_mode = _opt(conf, "hairpinMode", bool, False)
+    nc.data_dir = _abs_path(pick("dataDir"), "dataDir", DEFAULT_DATA_DIR)
+    nc.log_file = _abs_path(conf.get("logFile"), "logFile", DEFAULT_LOG_FILE, allow_empty=True)
+    nc.log_level = _opt(conf, "logLevel", str, "info").lower()
+    if nc.log_level not in LOG_LEVELS:
+        raise config_error("logLevel", f"must be one of {', '.join(LOG_LEVELS)}")
+    nc.dns = _dns(conf.get("dns"))
+    nc.disable_check = _opt(conf, "disableCheck", bool, False)
+    nc.disable_gc = _opt(conf, "disableGC", bool, False)
+    nc.requested_ips, nc.mac = _requests(conf, request)
+    if "prevResult" in conf and conf["prevResult"] is not None:
+        nc.prev_result = cniresult.parse(conf["prevResult"], version)
+    if VALID_ATTACHMENTS in conf:
+        nc.valid_attachments = _valid_attachments(conf[VALID_ATTACHMENTS])
+    return nc
+
+
+def _name(conf: dict) -> str:
+    name = conf.get("name")
+    if not isinstance(name, str) or not name:
+        raise config_error("name", "is required and must be a non-empty string")
+    if len(name) > 128 or not _NAME.fullmatch(name):
+        raise config_error(
+            "name", f"{name[:80]!r} must start with a letter or digit and use only "
+            "letters, digits, '_', '.' and '-' (at most 128)"
+        )
+    return name
+
+
+def _opt(conf: dict, key: str, kind: type, default: Any) -> Any:
+    if key not in conf or conf[key] is None:
+        return default
+    value = conf[key]
+    # bool is an int in Python; a config saying "mtu": true is still wrong.
+    if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
+        raise config_error(key, f"must be a {_kind_name(kind)}, not {type(value).__name__}")
+    return value
+
+
+def _kind_name(kind: type) -> str:
+    return {str: "string", bool: "boolean (true or false)", int: "integer", list: "list",
+            dict: "JSON object"}.get(kind, kind.__name__)
+
+
+def _ipam_section(conf: dict) -> dict:
+    ipam = _opt(conf, "ipam", dict, {})
+    kind = ipam.get("type", "")
+    if kind not in ("", "pycni", "host-local"):
+        raise config_error(
+            "ipam.type", f"{kind!r} is not supported: pycni has its own IPAM; put subnet or "
+            "ranges at the top level (or under ipam with type host-local)"
+        )
+    return ipam
+
+
+def _range_sets(conf: dict, pick) -> list[RangeSet]:
+    subnet, ranges = pick("subnet"), pick("ranges")
+    if subnet is not None and ranges is not None:
+        raise config_error("subnet", "give either subnet or ranges, not both")
+    if ranges is not None:
+        sets = parse_ranges(ranges, "ranges")
+        for key in ("rangeStart", "rangeEnd", "gateway"):
+            if pick(key) is not None:
+                raise config_error(key, "belongs inside a range when ranges is used")
+        return sets
+    if subnet is None:
+        raise config_error("subnet", "is required (this node's pod CIDR, e.g. 10.244.1.0/24), "
+                           "or give ranges")
+    obj = {"subnet": subnet}
+    for key in ("rangeStart", "rangeEnd", "gateway"):
+        if pick(key) is not None:
+            obj[key] = pick(key)
+    # Top-level keys are reported by their own names ("subnet", "gateway"): empty prefix.
+    return [RangeSet((parse_range(obj, ""),))]
+
+
+def _cluster_cidrs(value: Any) -> list:
+    if value is None:
+        return []
+    items = value if isinstance(value, list) else [value]
+    out = []
+    for item in items:
+        if not isinstance(item, str):
+            raise config_error("network", "must be a CIDR string (the cluster CIDR) or a list")
+        try:
+            out.append(ipaddress.ip_network(item))
+        except ValueError as exc:
+            raise config_error("network", str(exc)) from None
+    return out
+
+
+def _routes(value: Any, where: str) -> list[RouteConf]:
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise config_error(where, "must be a list of {\"dst\": CIDR, \"gw\": address}")
+    out = []
+    for i, item in enumerate(value):
+        key = f"{where}[{i}]"
+        if not isinstance(item, dict) or not isinstance(item.get("dst"), str):
+            raise config_error(key, "must be an object with a \"dst\" CIDR string")
+        try:
+            dst = ipaddress.ip_network(item["dst"])
+        except ValueError as exc:
+            raise config_error(f"{key}.dst", str(exc)) from None
+        gw = None
+        if item.get("gw") is not None:
+            try:
+                gw = ipaddress.ip_address(item["gw"])
+            except (ValueError, TypeError):
+                raise config_error(f"{key}.gw", f"{item['gw']!r} is not an IP address") from None
+            if gw.version != dst.version:
+                raise config_error(f"{key}.gw", "is not of the same IP family as dst")
+        extras = {k: item[k] for k in cniresult.ROUTE_EXTRAS if k in item}
+        out.append(RouteConf(dst, gw, extras))
+    return out
+
+
+def _mtu(value: Any, range_sets: list[RangeSet]) -> int | None:
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise config_error("mtu", "must be an integer")
+    low = 1280 if any(rs.family == 6 for rs in range_sets) else 576
+    if not low <= value <= 65535:
+        raise config_error("mtu", f"{value} is outside {low}..65535")
+    return value
+
+
+def _abs_path(value: Any, key: str, default: str, allow_empty: bool = False) -> str:
+    if value is None:
+        return default
+    if not isinstance(value, str):
+        raise config_error(key, "must be a string path")
+    if allow_empty and value == "":
+        return ""
+    if not os.path.isabs(value) or "\0" in value or ".." in value.split("/"):
+        raise config_error(key, f"{value[:200]!r} must be an absolute path without '..'")
+    return value
+
+
+def _dns(value: Any) -> dict:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise config_error("dns", "must be an object with nameservers, domain, search, options")
+    out: dict[str, Any] = {}
+    for key in ("nameservers", "search", "options"):
+        if key in value:
+            items = value[key]
+            if not isinstance(items, list) or not all(isinstance(x, str) for x in items):
+                raise config_error(f"dns.{key}", "must be a list of strings")
+            if key == "nameservers":
+                for x in items:
+                    try:
+                        ipaddress.ip_address(x)
+                    except ValueError:
+                        raise config_error(
+                            "dns.nameservers", f"{x!r} is not an IP address"
+                        ) from None
+            out[key] = list(items)
+    if "domain" in value:
+        if not isinstance(value["domain"], str):
+            raise config_error("dns.domain", "must be a string")
+        out["domain"] = value["domain"]
+    return out
+
+
+def _requests(conf: dict, request: Request) -> tuple[list, str | None]:
+    """Addresses and MAC asked for through runtimeConfig, args.cni or CNI_ARGS."""
+    rc = _opt(conf, "runtimeConfig", dict, {})
+    args = _opt(conf, "args", dict, {})
+    cni_args = args.get("cni") if isinstance(args.get("cni"), dict) else {}
+    raw: list[tuple[str, Any]] = []
+    sources = (("runtimeConfig.ips", rc.get("ips")), ("args.cni.ips", cni_args.get("ips")))
+    for where, items in sources:
+        if items is None:
+            continue
+        if not isinstance(items, list):
+            raise config_error(where, "must be a list of IP addresses")
+        raw.extend((where, x) for x in items)
+    if request.args.get("IP"):
+        raw.extend(("CNI_ARGS IP", x) for x in request.args["IP"].split(","))
+    ips: list = []
+    for where, item in raw:
+        if not isinstance(item, str):
+            raise config_error(where, f"{item!r} is not an IP address string")
+        try:
+            # runtimeConfig.ips may carry a prefix ("10.244.1.5/24"); only the address matters.
+            ip = ipaddress.ip_interface(item.strip()).ip
+        except ValueError:
+            raise config_error(where, f"{item!r} is not an IP address") from None
+        if ip not in ips:
+            ips.append(ip)
+    mac = rc.get("mac", cni_args.get("mac"))
+    if mac is not None:
+        if not isinstance(mac, str) or not _MAC.fullmatch(mac):
+            raise config_error(
+                "runtimeConfig.mac", f"{mac!r} is not a MAC address like 0a:58:0a:f4:01:02"
+            )
+        if int(mac[:2], 16) & 1:
+            raise config_error("runtimeConfig.mac", f"{mac} is a multicast address")
+        mac = mac.lower()
+    return ips, mac
+
+
+def _valid_attachments(value: Any) -> set[tuple[str, str]]:
+    if not isinstance(value, list):
+        raise config_error(VALID_ATTACHMENTS, "must be a list of {containerID, ifname}")
+    out = set()
+    for i, item in enumerate(value):
+        if (not isinstance(item, dict) or not isinstance(item.get("containerID"), str)
+                or not isinstance(item.get("ifname"), str)):
+            raise config_error(f"{VALID_ATTACHMENTS}[{i}]", "needs string containerID and ifname")
+        out.add((item["containerID"], item["ifname"]))
+    return out

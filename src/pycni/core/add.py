@@ -1,0 +1,138 @@
+"""ADD: allocate, build the bridge and veth pair, configure the pod, install masquerade.
+
+Order matters for crash safety: the allocation is recorded first, keyed by (network, container ID,
+ifname), so a DEL or GC after any crash finds it; kernel objects are named deterministically so the
+same DEL finds them too. A failure at any step unwinds everything done so far.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+
+from pyroute2 import IPRoute
+
+from ..cni.env import Request
+from ..cni.netconf import NetConf
+from ..cni.result import Interface, IPConfig, Result, Route
+from ..dataplane import bridge as brmod
+from ..dataplane import names, sysctl, veth
+from ..dataplane.netns import netns_fd, pod_netlink
+from ..ipam.store import Allocation, Store
+from . import masquerade
+from .faults import checkpoint
+from .locks import node_lock
+from .undo import UndoStack
+
+log = logging.getLogger("pycni")
+
+
+def cmd_add(request: Request, conf: NetConf) -> dict:
+    with node_lock(conf.data_dir, exclusive=False):
+        store = Store(conf.data_dir)
+        try:
+            return _add(request, conf, store).to_json(conf.cni_version)
+        finally:
+            store.close()
+
+
+def _add(request: Request, conf: NetConf, store: Store) -> Result:
+    host_name = names.host_veth_name(conf.name, request.container_id, request.ifname)
+    undo = UndoStack()
+    try:
+        with netns_fd(request.netns) as nsfd, IPRoute() as ipr:
+            allocations = store.add_attachment(
+                conf.name, request.container_id, request.ifname, host_name, request.netns,
+                conf.range_sets, conf.requested_ips,
+            )
+            undo.push("allocation", lambda: store.remove_attachment(
+                conf.name, request.container_id, request.ifname))
+            log.info("ADD %s/%s: allocated %s", request.container_id, request.ifname,
+                     ", ".join(str(a.ip) for a in allocations))
+            checkpoint("ipam")
+
+            gateways = _gateways(allocations)
+            br = brmod.ensure_bridge(ipr, conf.bridge, gateways, conf.mtu)
+            checkpoint("bridge")
+
+            # The store had no attachment, so a host veth of this name is a leftover of a
+            # crashed ADD whose DEL never came: it holds nothing, remove it.
+            if veth.delete_host_veth(ipr, host_name):
+                log.warning("removed stale %s left by an earlier ADD", host_name)
+            alias = names.host_veth_alias(conf.name, request.container_id, request.ifname)
+            host_index = veth.create_pair(
+                ipr, host_name, alias, request.ifname, nsfd, conf.mtu, conf.mac)
+            undo.push(f"veth {host_name}", lambda: veth.delete_host_veth(ipr, host_name))
+            checkpoint("veth")
+
+            addresses = [ipaddress.ip_interface(f"{a.ip}/{a.prefixlen}") for a in allocations]
+            routes = pod_routes(conf, allocations)
+            with pod_netlink(request.netns) as nsipr:
+                pod_mac = veth.configure_pod(nsipr, request.ifname, addresses, routes)
+            checkpoint("pod")
+
+            host_mac = veth.attach_host(ipr, host_index, br["index"], conf.hairpin_mode)
+            checkpoint("host")
+
+            sysctl.enable_forwarding({a.ip.version for a in allocations})
+            masquerade.record_network(store, conf)
+            masquerade.sync(store)
+            checkpoint("masquerade")
+    except BaseException:
+        undo.unwind()
+        if conf.ip_masq:
+            _resync_quietly(store)
+        raise
+    return _result(conf, request, br, host_name, host_mac, pod_mac, allocations, routes)
+
+
+def _resync_quietly(store: Store) -> None:
+    try:
+        masquerade.sync(store)
+    except Exception:
+        log.exception("masquerade resync after a failed ADD")
+
+
+def _gateways(allocations: list[Allocation]) -> list:
+    return [
+        ipaddress.ip_interface(f"{a.gateway}/{a.prefixlen}")
+        for a in allocations if a.gateway is not None
+    ]
+
+
+def pod_routes(conf: NetConf, allocations: list[Allocation]) -> list[veth.PodRoute]:
+    """Default routes via the gateways (isDefaultGateway), then the configured routes; a route
+    without gw goes via its family's gateway."""
+    gw_by_family = {a.ip.version: a.gateway for a in allocations if a.gateway is not None}
+    out: list[veth.PodRoute] = []
+    if conf.is_default_gateway:
+        for family, gw in gw_by_family.items():
+            dst = ipaddress.ip_network("0.0.0.0/0" if family == 4 else "::/0")
+            out.append(veth.PodRoute(dst, gw, {}))
+    for r in conf.routes:
+        if r.dst.version not in gw_by_family and r.gw is None:
+            continue  # no address of that family: the route could not work
+        route = veth.PodRoute(r.dst, r.gw or gw_by_family.get(r.dst.version), dict(r.extras))
+        if not any(o.dst == route.dst and o.extras.get("table") == route.extras.get("table")
+                   for o in out):
+            out.append(route)
+    return out
+
+
+def _result(conf, request, br, host_name, host_mac, pod_mac, allocations, routes) -> Result:
+    prev = conf.prev_result or Result()
+    base = len(prev.interfaces)
+    res = Result(
+        interfaces=list(prev.interfaces) + [
+            Interface(name=conf.bridge, mac=br.get("IFLA_ADDRESS") or ""),
+            Interface(name=host_name, mac=host_mac or ""),
+            Interface(name=request.ifname, mac=pod_mac or "", sandbox=request.netns, mtu=conf.mtu),
+        ],
+        ips=list(prev.ips) + [
+            IPConfig(ipaddress.ip_interface(f"{a.ip}/{a.prefixlen}"), a.gateway, base + 2)
+            for a in allocations
+        ],
+        routes=list(prev.routes) + [Route(r.dst, r.gw, r.extras) for r in routes],
+        dns={**prev.dns, **conf.dns},
+    )
+    return res

@@ -1,0 +1,48 @@
+"""DEL: release exactly what ADD took; succeed when any of it is already gone, again and again.
+
+The host veth is found by its deterministic name, so DEL never needs the pod's netns: deleting the
+host end removes the pod end with it, and a DEL after the netns is gone still cleans up.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from pyroute2 import IPRoute
+
+from ..cni.env import Request
+from ..cni.netconf import NetConf
+from ..dataplane import names, veth
+from ..ipam.store import Store
+from . import masquerade
+from .locks import node_lock
+
+log = logging.getLogger("pycni")
+
+
+def cmd_del(request: Request, conf: NetConf) -> None:
+    with node_lock(conf.data_dir, exclusive=False):
+        store = Store(conf.data_dir)
+        try:
+            with IPRoute() as ipr:
+                release(store, ipr, conf.name, request.container_id, request.ifname)
+            if store.get_network(conf.name) is not None:
+                masquerade.sync(store)
+        finally:
+            store.close()
+
+
+def release(store: Store, ipr: IPRoute, network: str, container_id: str, ifname: str) -> None:
+    """Remove one attachment: its host veth (by name, and by the name recorded at ADD in case the
+    naming ever changes) and its allocations."""
+    attachment = store.get_attachment(network, container_id, ifname)
+    host_names = {names.host_veth_name(network, container_id, ifname)}
+    if attachment is not None and attachment.host_veth:
+        host_names.add(attachment.host_veth)
+    for name in sorted(host_names):
+        if veth.delete_host_veth(ipr, name):
+            log.info("DEL %s/%s: deleted %s", container_id, ifname, name)
+    removed = store.remove_attachment(network, container_id, ifname)
+    if removed is not None:
+        log.info("DEL %s/%s: released %s", container_id, ifname,
+                 ", ".join(str(a.ip) for a in removed.allocations))

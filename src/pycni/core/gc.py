@@ -1,0 +1,48 @@
+"""GC: release every attachment of this network that the runtime no longer knows.
+
+Both halves are swept: allocations in the store, and host veths in the kernel that carry this
+network's alias (left by a crash after the veth was made but before the store knew of it, or by
+a store that was reset).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from pyroute2 import IPRoute
+
+from ..cni.env import Request
+from ..cni.errors import config_error
+from ..cni.netconf import VALID_ATTACHMENTS, NetConf
+from ..dataplane import names, veth
+from ..ipam.store import Store
+from . import masquerade
+from .delete import release
+from .locks import node_lock
+
+log = logging.getLogger("pycni")
+
+
+def cmd_gc(request: Request, conf: NetConf) -> None:
+    if conf.valid_attachments is None:
+        # Without the list every attachment would look stale: refuse rather than wipe the node.
+        raise config_error(VALID_ATTACHMENTS, "is required for GC")
+    valid = conf.valid_attachments
+    with node_lock(conf.data_dir, exclusive=True):
+        store = Store(conf.data_dir)
+        try:
+            with IPRoute() as ipr:
+                for att in store.list_attachments(conf.name):
+                    if (att.container_id, att.ifname) not in valid:
+                        log.info("GC: releasing %s/%s", att.container_id, att.ifname)
+                        release(store, ipr, conf.name, att.container_id, att.ifname)
+                keep = {names.host_veth_name(conf.name, cid, ifn) for cid, ifn in valid}
+                keep |= {a.host_veth for a in store.list_attachments(conf.name)}
+                for name in veth.host_veths_with_alias(ipr, names.alias_prefix(conf.name)):
+                    if name not in keep:
+                        log.info("GC: deleting orphan veth %s", name)
+                        veth.delete_host_veth(ipr, name)
+            if store.get_network(conf.name) is not None:
+                masquerade.sync(store)
+        finally:
+            store.close()

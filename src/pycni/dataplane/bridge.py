@@ -1,0 +1,66 @@
+"""The node bridge: created once, idempotently, holding the gateway addresses."""
+
+from __future__ import annotations
+
+import ipaddress
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+from ..cni.errors import INVALID_NETWORK_CONFIG, CniError
+from .errors import dataplane_error, is_exists
+from .names import bridge_mac
+
+IFA_F_NODAD = 0x02
+
+
+def link_kind(link) -> str | None:
+    info = link.get("IFLA_LINKINFO")
+    return info.get("IFLA_INFO_KIND") if info else None
+
+
+def ensure_bridge(
+    ipr: IPRoute, name: str, gateways: list[ipaddress.IPv4Interface | ipaddress.IPv6Interface],
+    mtu: int | None,
+):
+    """Return the bridge's link message, creating and addressing it as needed.
+
+    Safe when many ADDs race: whoever loses the create gets EEXIST and carries on.
+    """
+    links = ipr.link("get", ifname=name) if ipr.link_lookup(ifname=name) else ()
+    if not links:
+        v4 = next((g for g in gateways if g.version == 4), None)
+        spec = {"ifname": name, "kind": "bridge"}
+        if v4 is not None:
+            spec["address"] = bridge_mac(v4.ip.packed)
+        if mtu:
+            spec["mtu"] = mtu
+        try:
+            ipr.link("add", **spec)
+        except NetlinkError as exc:
+            if not is_exists(exc):
+                raise dataplane_error(f"creating bridge {name}", exc) from None
+        links = ipr.link("get", ifname=name)
+    link = links[0]
+    if link_kind(link) != "bridge":
+        raise CniError(
+            INVALID_NETWORK_CONFIG,
+            f"invalid network config: bridge: {name} exists but is a {link_kind(link) or 'device'}"
+            ", not a bridge",
+        )
+    index = link["index"]
+    have = {(a.get("IFA_ADDRESS"), a["prefixlen"]) for a in ipr.addr("dump", index=index)}
+    for gw in gateways:
+        if (str(gw.ip), gw.network.prefixlen) in have:
+            continue
+        try:
+            ipr.addr(
+                "add", index=index, address=str(gw.ip), prefixlen=gw.network.prefixlen,
+                flags=IFA_F_NODAD if gw.version == 6 else 0,
+            )
+        except NetlinkError as exc:
+            if not is_exists(exc):
+                raise dataplane_error(f"adding {gw} to bridge {name}", exc) from None
+    if not link["flags"] & 1:  # IFF_UP
+        ipr.link("set", index=index, state="up")
+    return link

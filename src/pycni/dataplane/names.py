@@ -1,0 +1,36 @@
+"""Names pycni gives the things it makes, so DEL, GC and uninstall can find them later."""
+
+from __future__ import annotations
+
+import hashlib
+
+HOST_VETH_PREFIX = "veth"
+ALIAS_PREFIX = "pycni"
+
+
+def host_veth_name(network: str, container_id: str, ifname: str) -> str:
+    """Deterministic host-side veth name, 15 characters: 'veth' + 11 hex digits.
+
+    44 bits of hash keep collisions improbable among thousands of pods on a node.
+    """
+    digest = hashlib.sha256(f"{network}\0{container_id}\0{ifname}".encode()).hexdigest()
+    return HOST_VETH_PREFIX + digest[:11]
+
+
+def host_veth_alias(network: str, container_id: str, ifname: str) -> str:
+    """Interface alias on the host veth: who it belongs to, readable with `ip link`.
+
+    GC uses the network part to find veths of this network the store no longer knows.
+    """
+    return f"{alias_prefix(network)}{container_id} {ifname}"[:127]
+
+
+def alias_prefix(network: str) -> str:
+    return f"{ALIAS_PREFIX} {network} "
+
+
+def bridge_mac(gateway_packed: bytes) -> str:
+    """A fixed bridge MAC (locally administered 0a:58 + gateway IPv4), so the bridge's address
+    does not change as ports come and go and pods' ARP entries stay valid."""
+    tail = gateway_packed[-4:]
+    return "0a:58:" + ":".join(f"{b:02x}" for b in tail)

@@ -1,0 +1,18 @@
+"""Forwarding sysctls of the node's namespace (the one pycni runs in)."""
+
+from __future__ import annotations
+
+
+def _write(path: str, value: str) -> None:
+    with open(path) as f:
+        if f.read().strip() == value:
+            return
+    with open(path, "w") as f:
+        f.write(value)
+
+
+def enable_forwarding(families: set[int]) -> None:
+    if 4 in families:
+        _write("/proc/sys/net/ipv4/ip_forward", "1")
+    if 6 in families:
+        _write("/proc/sys/net/ipv6/conf/all/forwarding", "1")

@@ -1,0 +1,124 @@
+"""The pod's veth pair: the host end on the bridge, the pod end configured inside the netns."""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+from .bridge import IFA_F_NODAD
+from .errors import dataplane_error, is_exists, is_missing
+
+
+@dataclass
+class PodRoute:
+    dst: ipaddress.IPv4Network | ipaddress.IPv6Network
+    gw: ipaddress.IPv4Address | ipaddress.IPv6Address | None
+    extras: dict
+
+
+def lookup(ipr: IPRoute, name: str) -> int | None:
+    found = ipr.link_lookup(ifname=name)
+    return found[0] if found else None
+
+
+def delete_host_veth(ipr: IPRoute, name: str) -> bool:
+    """Delete a host veth (its peer in the pod goes with it). False if it was already gone."""
+    index = lookup(ipr, name)
+    if index is None:
+        return False
+    try:
+        ipr.link("del", index=index)
+    except NetlinkError as exc:
+        if is_missing(exc):
+            return False
+        raise dataplane_error(f"deleting {name}", exc) from None
+    return True
+
+
+def create_pair(
+    ipr: IPRoute, host_name: str, alias: str, ifname: str, netns_fd: int,
+    mtu: int | None, mac: str | None,
+) -> int:
+    """Create the pair with the pod end born inside the netns under its final name, so there is
+    no temporary name to collide with and nothing to rename."""
+    peer: dict = {"ifname": ifname, "net_ns_fd": netns_fd}
+    host: dict = {"ifname": host_name, "kind": "veth", "peer": peer}
+    if mtu:
+        host["mtu"] = peer["mtu"] = mtu
+    if mac:
+        peer["address"] = mac
+    try:
+        ipr.link("add", **host)
+    except NetlinkError as exc:
+        if is_exists(exc):
+            raise dataplane_error(
+                f"creating veth {host_name} / {ifname}",
+                Exception(f"{ifname} already exists in the pod's namespace, or {host_name} "
+                          "on the node"),
+            ) from None
+        raise dataplane_error(f"creating veth {host_name} / {ifname}", exc) from None
+    index = lookup(ipr, host_name)
+    if index is None:
+        raise dataplane_error(f"creating veth {host_name}", Exception("vanished after creation"))
+    ipr.link("set", index=index, ifalias=alias)
+    return index
+
+
+def configure_pod(
+    nsipr: IPRoute, ifname: str,
+    addresses: list[ipaddress.IPv4Interface | ipaddress.IPv6Interface],
+    routes: list[PodRoute],
+) -> str:
+    """Bring up lo and the pod interface, add addresses and routes; return the pod MAC."""
+    lo = lookup(nsipr, "lo")
+    if lo is not None:
+        nsipr.link("set", index=lo, state="up")
+    index = lookup(nsipr, ifname)
+    if index is None:
+        raise dataplane_error(f"configuring {ifname}", Exception("not found in the pod namespace"))
+    nsipr.link("set", index=index, state="up")
+    for addr in addresses:
+        nsipr.addr(
+            "add", index=index, address=str(addr.ip), prefixlen=addr.network.prefixlen,
+            # Pod addresses are unique by allocation: skip DAD so v6 works at once.
+            flags=IFA_F_NODAD if addr.version == 6 else 0,
+        )
+    for route in routes:
+        spec: dict = {"dst": str(route.dst), "oif": index}
+        if route.gw is not None:
+            spec["gateway"] = str(route.gw)
+        for key in ("priority", "table", "scope"):
+            if key in route.extras:
+                spec[key] = route.extras[key]
+        metrics = {k: route.extras[k] for k in ("mtu", "advmss") if k in route.extras}
+        if metrics:
+            spec["metrics"] = metrics
+        try:
+            nsipr.route("add", **spec)
+        except NetlinkError as exc:
+            if not is_exists(exc):
+                raise dataplane_error(f"adding route {route.dst} in the pod", exc) from None
+    link = nsipr.link("get", index=index)[0]
+    return link.get("IFLA_ADDRESS")
+
+
+def attach_host(ipr: IPRoute, index: int, bridge_index: int, hairpin: bool) -> str:
+    """Enslave the host end to the bridge and bring it up; return its MAC."""
+    ipr.link("set", index=index, master=bridge_index)
+    if hairpin:
+        ipr.brport("set", index=index, hairpin_mode=1)
+    ipr.link("set", index=index, state="up")
+    return ipr.link("get", index=index)[0].get("IFLA_ADDRESS")
+
+
+def host_veths_with_alias(ipr: IPRoute, prefix: str) -> dict[str, str]:
+    """Host veths whose alias starts with `prefix`: {name: alias}. Used by GC."""
+    out = {}
+    for link in ipr.link("dump"):
+        alias = link.get("IFLA_IFALIAS")
+        if alias and alias.startswith(prefix):
+            out[link.get("IFLA_IFNAME")] = alias
+    return out

@@ -1,0 +1,70 @@
+"""The executable runtimes exec: CNI environment and config in, one JSON document out.
+
+stdout carries only the result or a CNI error object; everything else goes to the log. Heavy
+imports (pyroute2) happen only in the commands that need them, so VERSION stays cheap.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+
+from .cni import MAX_CONFIG_BYTES, versions
+from .cni import env as cnienv
+from .cni.errors import INTERNAL_ERROR, CniError
+
+
+def handle(environ, stdin: bytes) -> tuple[dict | None, int]:
+    """Run one CNI invocation; return (JSON to print or None, exit status)."""
+    version = versions.LATEST
+    try:
+        request = cnienv.from_environ(environ)
+        if request.command == "VERSION":
+            return _version(stdin), 0
+        from .cni import netconf
+
+        raw = netconf.decode(stdin)
+        version = versions.from_config(raw)
+        conf = netconf.parse(raw, request)
+        from . import log
+
+        log.setup(conf.log_file, conf.log_level, environ)
+        if request.command == "CHECK":
+            versions.require(version, "0.4.0", "CHECK")
+        elif request.command in ("STATUS", "GC"):
+            versions.require(version, "1.1.0", request.command)
+        from . import core
+
+        return core.run(request, conf), 0
+    except CniError as exc:
+        logging.getLogger("pycni").warning("error %d: %s", exc.code, exc.msg)
+        return exc.to_json(version if version in versions.SUPPORTED else versions.LATEST), 1
+    except Exception as exc:  # a bug: report it as a CNI error, never as a traceback on stdout
+        logging.getLogger("pycni").exception("internal error")
+        err = CniError(INTERNAL_ERROR, f"internal error: {type(exc).__name__}: {exc}",
+                       "see the pycni log for the traceback")
+        return err.to_json(version), 1
+
+
+def _version(stdin: bytes) -> dict:
+    asked = versions.LATEST
+    try:
+        conf = json.loads(stdin) if stdin.strip() else {}
+        if isinstance(conf, dict) and conf.get("cniVersion") in versions.SUPPORTED:
+            asked = conf["cniVersion"]
+    except ValueError:
+        pass  # VERSION answers whatever the stdin holds
+    return {"cniVersion": asked, "supportedVersions": list(versions.SUPPORTED)}
+
+
+def main() -> None:
+    # Read one byte past the limit so an oversized config is refused, not truncated.
+    stdin = sys.stdin.buffer.read(MAX_CONFIG_BYTES + 1) if not sys.stdin.isatty() else b""
+    out, status = handle(os.environ, stdin)
+    if out is not None:
+        sys.stdout.write(json.dumps(out))
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+    sys.exit(status)
