@@ -9,8 +9,9 @@ import sys
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="pycnictl", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    from . import lab
+    from . import install, lab
 
     lab.register(sub)
+    install.register(sub)
     args = parser.parse_args(argv)
     sys.exit(args.func(args) or 0)

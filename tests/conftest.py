@@ -1,0 +1,198 @@
+"""Shared fixtures: uniquely named network namespaces that are removed whatever happens, and a
+sandboxed "node" (its own netns, data dir and log) that execs the installed plugin exactly as a
+runtime would, so tests never touch the machine's cni0 or /etc/cni."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass, field
+
+import pytest
+
+RUN_ID = f"{os.getpid() % 100000:05d}"
+_counter = itertools.count()
+
+
+def unique(tag: str) -> str:
+    """A name unique to this test run, short enough for kernel interface names."""
+    return f"pt{RUN_ID}{tag}{next(_counter)}"[:15]
+
+
+def is_root() -> bool:
+    return os.geteuid() == 0
+
+
+def pytest_collection_modifyitems(config, items):
+    if is_root():
+        return
+    skip = pytest.mark.skip(reason="needs root for network namespaces")
+    for item in items:
+        if "netns" in item.keywords:
+            item.add_marker(skip)
+
+
+def sh(*args: str, check: bool = True, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(args, check=check, capture_output=True, text=True, **kw)
+
+
+class Namespaces:
+    def __init__(self) -> None:
+        self.names: list[str] = []
+
+    def make(self, tag: str = "n") -> str:
+        name = unique(tag)
+        sh("ip", "netns", "add", name)
+        self.names.append(name)
+        return name
+
+    def exec(self, ns: str, *args: str, check: bool = True, **kw) -> subprocess.CompletedProcess:
+        return sh("ip", "netns", "exec", ns, *args, check=check, **kw)
+
+    def remove(self, name: str) -> None:
+        sh("ip", "netns", "del", name, check=False)
+
+    def cleanup(self) -> None:
+        for name in reversed(self.names):
+            # Kill anything a test left running inside (servers), then drop the namespace.
+            pids = sh("ip", "netns", "pids", name, check=False).stdout.split()
+            for pid in pids:
+                try:
+                    os.kill(int(pid), 9)
+                except (ProcessLookupError, ValueError):
+                    pass
+            self.remove(name)
+
+
+@pytest.fixture
+def netns():
+    spaces = Namespaces()
+    try:
+        yield spaces
+    finally:
+        spaces.cleanup()
+
+
+@pytest.fixture(scope="session")
+def plugin_bin(tmp_path_factory) -> str:
+    """The plugin as `pycnictl install` writes it, in a private bin dir."""
+    from pycni.ctl.install import write_launcher
+
+    src = os.path.join(os.path.dirname(__file__), "..", "src")
+    subprocess.run([sys.executable, "-m", "compileall", "-q", src], check=True,
+                   capture_output=True)
+    bindir = tmp_path_factory.mktemp("bin")
+    return write_launcher(str(bindir / "pycni"))
+
+
+@dataclass
+class Reply:
+    rc: int
+    out: dict | None
+    stdout: str
+    stderr: str
+
+    @property
+    def code(self) -> int | None:
+        return self.out.get("code") if isinstance(self.out, dict) else None
+
+
+@dataclass
+class Node:
+    """A sandboxed node: the plugin runs inside `ns`, with state under `root`."""
+
+    ns: str
+    root: str
+    plugin: str
+    spaces: Namespaces
+    bridge: str
+    name: str = "testnet"
+    subnet: str = "10.244.1.0/24"
+    base: dict = field(default_factory=dict)
+
+    def conf(self, **overrides) -> dict:
+        conf = {
+            "cniVersion": "1.1.0", "name": self.name, "type": "pycni", "bridge": self.bridge,
+            "network": "10.244.0.0/16", "subnet": self.subnet,
+            "dataDir": os.path.join(self.root, "data"),
+            "logFile": os.path.join(self.root, "pycni.log"),
+        }
+        conf.update(self.base)
+        for key, value in overrides.items():
+            if value is None:
+                conf.pop(key, None)
+            else:
+                conf[key] = value
+        return conf
+
+    def run(self, command: str, conf: dict | bytes | str | None = None, *,
+            container_id: str | None = "", ifname: str | None = "eth0",
+            netns: str | None = "", env: dict | None = None, timeout: float = 60) -> Reply:
+        environ = {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
+                   "CNI_COMMAND": command, "CNI_PATH": os.path.dirname(self.plugin)}
+        for key, value in (("CNI_CONTAINERID", container_id), ("CNI_IFNAME", ifname),
+                           ("CNI_NETNS", netns)):
+            if value is not None:
+                environ[key] = value
+        environ.update(env or {})
+        if conf is None:
+            conf = self.conf()
+        data = conf if isinstance(conf, bytes) else (
+            conf.encode() if isinstance(conf, str) else json.dumps(conf).encode())
+        proc = subprocess.run(
+            ["ip", "netns", "exec", self.ns, self.plugin], input=data, env=environ,
+            capture_output=True, timeout=timeout,
+        )
+        stdout = proc.stdout.decode()
+        try:
+            out = json.loads(stdout) if stdout.strip() else None
+        except ValueError:
+            out = None
+        return Reply(proc.returncode, out, stdout, proc.stderr.decode())
+
+    def pod(self, tag: str = "p") -> str:
+        """A new pod network namespace; returns its path for CNI_NETNS."""
+        return "/run/netns/" + self.spaces.make(tag)
+
+    def add(self, netns_path: str, container_id: str, conf: dict | None = None, **kw) -> dict:
+        reply = self.run("ADD", conf, container_id=container_id, netns=netns_path, **kw)
+        assert reply.rc == 0, reply
+        return reply.out
+
+    def exec(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        return self.spaces.exec(self.ns, *args, check=check)
+
+    def links(self) -> list[str]:
+        out = self.exec("ip", "-o", "link", "show").stdout
+        return [line.split(": ")[1].split("@")[0] for line in out.splitlines()]
+
+    def log(self) -> str:
+        path = os.path.join(self.root, "pycni.log")
+        return open(path).read() if os.path.exists(path) else ""
+
+
+@pytest.fixture
+def node(netns, plugin_bin, tmp_path) -> Node:
+    ns = netns.make("node")
+    netns.exec(ns, "ip", "link", "set", "lo", "up")
+    return Node(ns=ns, root=str(tmp_path), plugin=plugin_bin, spaces=netns, bridge="cni0")
+
+
+def pod_name(netns_path: str) -> str:
+    return os.path.basename(netns_path)
+
+
+@pytest.fixture(scope="session")
+def reference_plugins() -> str:
+    path = "/usr/lib/cni"
+    if not os.path.exists(os.path.join(path, "bridge")):
+        pytest.skip("Go reference plugins (containernetworking-plugins) are not installed")
+    return path
+
+
+def have(tool: str) -> bool:
+    return shutil.which(tool) is not None
