@@ -109,7 +109,12 @@ def parse(conf: dict, request: Request) -> NetConf:
     nc.disable_gc = _opt(conf, "disableGC", bool, False)
     nc.requested_ips, nc.mac = _requests(conf, request)
     if "prevResult" in conf and conf["prevResult"] is not None:
-        nc.prev_result = cniresult.parse(conf["prevResult"], version)
+        try:
+            nc.prev_result = cniresult.parse(conf["prevResult"], version)
+        except CniError:
+            # DEL never reads prevResult: a damaged one must not block the cleanup.
+            if request.command != "DEL":
+                raise
     if VALID_ATTACHMENTS in conf:
         nc.valid_attachments = _valid_attachments(conf[VALID_ATTACHMENTS])
     return nc

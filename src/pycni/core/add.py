@@ -62,7 +62,8 @@ def _add(request: Request, conf: NetConf, store: Store) -> Result:
             alias = names.host_veth_alias(conf.name, request.container_id, request.ifname)
             host_index = veth.create_pair(
                 ipr, host_name, alias, request.ifname, nsfd, conf.mtu, conf.mac)
-            undo.push(f"veth {host_name}", lambda: veth.delete_host_veth(ipr, host_name))
+            # Undo runs after the `with` has closed ipr: it needs a socket of its own.
+            undo.push(f"veth {host_name}", lambda: _delete_host_veth(host_name))
             checkpoint("veth")
 
             addresses = [ipaddress.ip_interface(f"{a.ip}/{a.prefixlen}") for a in allocations]
@@ -84,6 +85,11 @@ def _add(request: Request, conf: NetConf, store: Store) -> Result:
             _resync_quietly(store)
         raise
     return _result(conf, request, br, host_name, host_mac, pod_mac, allocations, routes)
+
+
+def _delete_host_veth(name: str) -> None:
+    with IPRoute() as ipr:
+        veth.delete_host_veth(ipr, name)
 
 
 def _resync_quietly(store: Store) -> None:

@@ -8,6 +8,7 @@ goes through that socket while this process stays in the node's namespace.
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 from contextlib import contextmanager
 
@@ -45,6 +46,22 @@ def netns_fd(path: str):
     except OSError as exc:
         raise CniError(UNKNOWN_CONTAINER, f"cannot open network namespace {path}: {exc}") from None
     try:
+        _require_netns(fd, path)
         yield fd
     finally:
         os.close(fd)
+
+
+NS_GET_NSTYPE = 0xB703  # ioctl on an nsfs file: the CLONE_NEW* type of the namespace
+CLONE_NEWNET = 0x40000000
+
+
+def _require_netns(fd: int, path: str) -> None:
+    """Refuse a CNI_NETNS that is not a network namespace (a regular file, a mount namespace)
+    before anything is allocated or created, instead of failing later in veth creation."""
+    try:
+        kind = fcntl.ioctl(fd, NS_GET_NSTYPE)
+    except OSError:
+        kind = None
+    if kind != CLONE_NEWNET:
+        raise CniError(INVALID_ENVIRONMENT, f"CNI_NETNS {path} is not a network namespace")

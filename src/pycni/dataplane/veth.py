@@ -109,7 +109,9 @@ def attach_host(ipr: IPRoute, index: int, bridge_index: int, hairpin: bool) -> s
     """Enslave the host end to the bridge and bring it up; return its MAC."""
     ipr.link("set", index=index, master=bridge_index)
     if hairpin:
-        ipr.brport("set", index=index, hairpin_mode=1)
+        # IFLA_BRPORT_MODE is the hairpin flag; pyroute2 silently drops unknown keys
+        # such as "hairpin_mode".
+        ipr.brport("set", index=index, mode=1)
     ipr.link("set", index=index, state="up")
     return ipr.link("get", index=index)[0].get("IFLA_ADDRESS")
 
