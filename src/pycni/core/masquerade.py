@@ -58,3 +58,11 @@ def sync(store: Store) -> None:
             return
         masquerade.apply(rules)
         store.set_meta(key, digest)
+
+
+def remove(store: Store | None) -> None:
+    """Explicit cleanup: drop pycni's rules whatever the store says, and forget the digest so
+    the next ADD installs them again if still wanted."""
+    masquerade.remove_all()
+    if store is not None:
+        store.set_meta(_digest_key(), None)

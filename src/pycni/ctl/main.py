@@ -9,9 +9,11 @@ import sys
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="pycnictl", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    from . import install, lab
+    from . import bench, cleanup, install, lab
 
     lab.register(sub)
     install.register(sub)
+    cleanup.register(sub)
+    bench.register(sub)
     args = parser.parse_args(argv)
     sys.exit(args.func(args) or 0)
