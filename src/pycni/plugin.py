@@ -18,19 +18,25 @@ from .cni.errors import INTERNAL_ERROR, CniError
 
 def handle(environ, stdin: bytes) -> tuple[dict | None, int]:
     """Run one CNI invocation; return (JSON to print or None, exit status)."""
-    version = versions.LATEST
+    # Errors answer in the version the config asked for, even errors found before it is parsed.
+    version = _asked_version(stdin)
     try:
         request = cnienv.from_environ(environ)
         if request.command == "VERSION":
-            return _version(stdin), 0
+            return {"cniVersion": version, "supportedVersions": list(versions.SUPPORTED)}, 0
         from .cni import netconf
 
         raw = netconf.decode(stdin)
         version = versions.from_config(raw)
-        conf = netconf.parse(raw, request)
+        if request.command == "DEL":
+            conf = netconf.parse_for_delete(raw, request)
+        else:
+            conf = netconf.parse(raw, request)
         from . import log
 
         log.setup(conf.log_file, conf.log_level, environ)
+        if conf.config_problem:
+            logging.getLogger("pycni").warning("DEL despite a bad config: %s", conf.config_problem)
         if request.command == "CHECK":
             versions.require(version, "0.4.0", "CHECK")
         elif request.command in ("STATUS", "GC"):
@@ -48,15 +54,15 @@ def handle(environ, stdin: bytes) -> tuple[dict | None, int]:
         return err.to_json(version), 1
 
 
-def _version(stdin: bytes) -> dict:
-    asked = versions.LATEST
+def _asked_version(stdin: bytes) -> str:
+    """The supported version stdin asks for, else the latest; never fails."""
     try:
         conf = json.loads(stdin) if stdin.strip() else {}
         if isinstance(conf, dict) and conf.get("cniVersion") in versions.SUPPORTED:
-            asked = conf["cniVersion"]
+            return conf["cniVersion"]
     except ValueError:
-        pass  # VERSION answers whatever the stdin holds
-    return {"cniVersion": asked, "supportedVersions": list(versions.SUPPORTED)}
+        pass
+    return versions.LATEST
 
 
 def main() -> None:

@@ -431,6 +431,28 @@ def test_del_with_or_without_prev_result(node):
     probe_free(node, "10.244.1.3")
 
 
+@pytest.mark.parametrize("edit", [{"subnet": None}, {"subnet": "10.244.1.0/31"},
+                                  {"mtu": "big"}], ids=["subnet-removed", "subnet-bad", "mtu-bad"])
+def test_del_cleans_up_even_when_the_config_no_longer_validates(node, edit):
+    """Operators edit configs under running pods; DEL needs only the name and dataDir."""
+    pod = node.pod()
+    node.add(pod, "c1")
+    assert_ok(node.run("DEL", node.conf(**edit), container_id="c1", netns=pod))
+    assert not [link for link in node.links() if link.startswith("veth")]
+    assert "DEL despite a bad config" in node.log()
+    probe_free(node, "10.244.1.2")
+
+
+def test_del_with_a_bad_name_is_still_an_error(node):
+    assert_error(node.run("DEL", node.conf(name="bad/name"), container_id="c1"), 7, "name")
+
+
+@pytest.mark.parametrize("version", ["0.3.1", "1.0.0"])
+def test_environment_errors_answer_in_the_asked_version(node, version):
+    reply = node.run("ADD", node.conf(cniVersion=version), container_id="bad id")
+    assert_error(reply, 4, "CNI_CONTAINERID", version=version)
+
+
 # --- 4. duplicate ADD -----------------------------------------------------------------------
 
 

@@ -17,7 +17,7 @@ from ..ipam.ranges import RangeSet, parse_range, parse_ranges
 from . import MAX_CONFIG_BYTES, versions
 from . import result as cniresult
 from .env import Request, validate_ifname
-from .errors import DECODING_FAILURE, CniError, config_error
+from .errors import DECODING_FAILURE, INVALID_NETWORK_CONFIG, CniError, config_error
 
 DEFAULT_BRIDGE = "cni0"
 DEFAULT_DATA_DIR = "/var/lib/pycni"
@@ -60,6 +60,8 @@ class NetConf:
     valid_attachments: set[tuple[str, str]] | None = None
     disable_check: bool = False
     disable_gc: bool = False
+    # Set when DEL proceeds on a config that failed validation: what was wrong with it.
+    config_problem: str = ""
     raw: dict[str, Any] = field(default_factory=dict)
 
 
@@ -118,6 +120,28 @@ def parse(conf: dict, request: Request) -> NetConf:
     if VALID_ATTACHMENTS in conf:
         nc.valid_attachments = _valid_attachments(conf[VALID_ATTACHMENTS])
     return nc
+
+
+def parse_for_delete(conf: dict, request: Request) -> NetConf:
+    """DEL must clean up even when the config no longer validates (say an operator edited the
+    subnet away): it needs only the network name and where the state lives."""
+    try:
+        return parse(conf, request)
+    except CniError as exc:
+        if exc.code != INVALID_NETWORK_CONFIG:
+            raise
+        nc = NetConf(cni_version=versions.from_config(conf), name=_name(conf), type="pycni")
+        ipam = conf.get("ipam") if isinstance(conf.get("ipam"), dict) else {}
+        try:
+            nc.data_dir = _abs_path(conf.get("dataDir", ipam.get("dataDir")), "dataDir",
+                                    DEFAULT_DATA_DIR)
+            nc.log_file = _abs_path(conf.get("logFile"), "logFile", DEFAULT_LOG_FILE,
+                                    allow_empty=True)
+        except CniError:
+            raise exc from None
+        nc.raw = conf
+        nc.config_problem = exc.msg
+        return nc
 
 
 def _name(conf: dict) -> str:
