@@ -16,8 +16,11 @@ from .cni import env as cnienv
 from .cni.errors import INTERNAL_ERROR, CniError
 
 
-def handle(environ, stdin: bytes) -> tuple[dict | None, int]:
-    """Run one CNI invocation; return (JSON to print or None, exit status)."""
+def handle(environ, stdin: bytes, on_config=None) -> tuple[dict | None, int]:
+    """Run one CNI invocation; return (JSON to print or None, exit status).
+
+    `on_config` (the agent's) sees each parsed config, e.g. to learn which data dirs exist.
+    """
     # Errors answer in the version the config asked for, even errors found before it is parsed.
     version = _asked_version(stdin)
     try:
@@ -32,6 +35,8 @@ def handle(environ, stdin: bytes) -> tuple[dict | None, int]:
             conf = netconf.parse_for_delete(raw, request)
         else:
             conf = netconf.parse(raw, request)
+        if on_config is not None:
+            on_config(conf)
         from . import log
 
         log.setup(conf.log_file, conf.log_level, environ)
@@ -67,7 +72,11 @@ def _asked_version(stdin: bytes) -> str:
 
 def main() -> None:
     # Read one byte past the limit so an oversized config is refused, not truncated.
-    stdin = sys.stdin.buffer.read(MAX_CONFIG_BYTES + 1) if not sys.stdin.isatty() else b""
+    run(sys.stdin.buffer.read(MAX_CONFIG_BYTES + 1) if not sys.stdin.isatty() else b"")
+
+
+def run(stdin: bytes) -> None:
+    """The whole plugin in this process: what the thin executable falls back to."""
     out, status = handle(os.environ, stdin)
     if out is not None:
         sys.stdout.write(json.dumps(out))

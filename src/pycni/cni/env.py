@@ -12,6 +12,8 @@ COMMANDS = ("ADD", "DEL", "CHECK", "VERSION", "STATUS", "GC")
 # The spec's rules (libcni's ValidateContainerID / ValidateInterfaceName).
 _CONTAINER_ID = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.\-]*")
 _IFNAME_MAX = 15
+# Test-only fault injection: fail ADD after the named step (see core.faults).
+FAIL_AFTER_ENV = "PYCNI_FAIL_AFTER"
 
 
 @dataclass(frozen=True)
@@ -22,6 +24,7 @@ class Request:
     ifname: str = ""
     args: dict[str, str] = field(default_factory=dict)
     path: tuple[str, ...] = ()
+    fail_after: str = ""
 
 
 def _bad(msg: str) -> CniError:
@@ -91,6 +94,7 @@ def from_environ(environ: os._Environ | dict) -> Request:
         ifname=ifname,
         args=parse_cni_args(environ.get("CNI_ARGS", "")),
         path=_path(environ),
+        fail_after=environ.get(FAIL_AFTER_ENV, ""),
     )
 
 

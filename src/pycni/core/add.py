@@ -17,7 +17,7 @@ from ..cni.netconf import NetConf
 from ..cni.result import Interface, IPConfig, Result, Route
 from ..dataplane import bridge as brmod
 from ..dataplane import names, sysctl, veth
-from ..dataplane.netns import netns_fd, pod_netlink
+from ..dataplane.netns import netlink_in, netns_fd
 from ..ipam.store import Allocation, Store
 from . import masquerade
 from .faults import checkpoint
@@ -49,11 +49,11 @@ def _add(request: Request, conf: NetConf, store: Store) -> Result:
                 conf.name, request.container_id, request.ifname))
             log.info("ADD %s/%s: allocated %s", request.container_id, request.ifname,
                      ", ".join(str(a.ip) for a in allocations))
-            checkpoint("ipam")
+            checkpoint(request, "ipam")
 
             gateways = _gateways(allocations)
             br = brmod.ensure_bridge(ipr, conf.bridge, gateways, conf.mtu)
-            checkpoint("bridge")
+            checkpoint(request, "bridge")
 
             # The store had no attachment, so a host veth of this name is a leftover of a
             # crashed ADD whose DEL never came: it holds nothing, remove it.
@@ -64,21 +64,21 @@ def _add(request: Request, conf: NetConf, store: Store) -> Result:
                 ipr, host_name, alias, request.ifname, nsfd, conf.mtu, conf.mac)
             # Undo runs after the `with` has closed ipr: it needs a socket of its own.
             undo.push(f"veth {host_name}", lambda: _delete_host_veth(host_name))
-            checkpoint("veth")
+            checkpoint(request, "veth")
 
             addresses = [ipaddress.ip_interface(f"{a.ip}/{a.prefixlen}") for a in allocations]
             routes = pod_routes(conf, allocations)
-            with pod_netlink(request.netns) as nsipr:
+            with netlink_in(nsfd) as nsipr:
                 pod_mac = veth.configure_pod(nsipr, request.ifname, addresses, routes)
-            checkpoint("pod")
+            checkpoint(request, "pod")
 
             host_mac = veth.attach_host(ipr, host_index, br["index"], conf.hairpin_mode)
-            checkpoint("host")
+            checkpoint(request, "host")
 
             sysctl.enable_forwarding({a.ip.version for a in allocations})
             masquerade.record_network(store, conf)
             masquerade.sync(store)
-            checkpoint("masquerade")
+            checkpoint(request, "masquerade")
     except BaseException:
         undo.unwind()
         if conf.ip_masq:

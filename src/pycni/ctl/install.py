@@ -16,7 +16,7 @@ LAUNCHER = """#!{python} -IS
 # pycni CNI plugin launcher, written by `pycnictl install`. Runtimes exec this file.
 import sys
 sys.path[:0] = {paths!r}
-from pycni.plugin import main
+from pycni.shim import main
 main()
 """
 

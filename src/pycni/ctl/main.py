@@ -1,4 +1,4 @@
-"""pycnictl: the command for people (the lab demo now; agent, status, bench and install later)."""
+"""pycnictl: the command for people: the node agent, the lab, install, bench and cleanup."""
 
 from __future__ import annotations
 
@@ -9,11 +9,9 @@ import sys
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="pycnictl", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    from . import bench, cleanup, install, lab
+    from . import agent, bench, cleanup, install, lab
 
-    lab.register(sub)
-    install.register(sub)
-    cleanup.register(sub)
-    bench.register(sub)
+    for module in (agent, lab, install, cleanup, bench):
+        module.register(sub)
     args = parser.parse_args(argv)
     sys.exit(args.func(args) or 0)

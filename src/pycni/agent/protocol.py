@@ -1,0 +1,65 @@
+"""The agent's wire format, server side (the client side is pycni.shim, kept import-free)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..cni import MAX_CONFIG_BYTES
+from ..shim import MAGIC
+
+MAX_ENV_BYTES = 1 << 20
+MAX_HEADER = 128
+
+
+class ProtocolError(Exception):
+    pass
+
+
+@dataclass
+class Call:
+    op: str  # "CNI" or "HEALTH"
+    environ: dict[str, str]
+    stdin: bytes
+
+
+def read_exactly(conn, n: int) -> bytes:
+    chunks, left = [], n
+    while left:
+        chunk = conn.recv(min(left, 1 << 16))
+        if not chunk:
+            raise ProtocolError(f"connection closed with {left} of {n} bytes unread")
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
+
+
+def read_call(conn) -> Call:
+    header = b""
+    while not header.endswith(b"\n"):
+        chunk = conn.recv(1)
+        if not chunk:
+            raise ProtocolError("connection closed before a complete header")
+        header += chunk
+        if len(header) > MAX_HEADER:
+            raise ProtocolError("header too long")
+    parts = header.split()
+    if len(parts) != 4 or parts[0] != MAGIC or not parts[2].isdigit() or not parts[3].isdigit():
+        raise ProtocolError(f"malformed header {header[:60]!r}")
+    op, env_len, stdin_len = parts[1].decode("ascii", "replace"), int(parts[2]), int(parts[3])
+    if op not in ("CNI", "HEALTH"):
+        raise ProtocolError(f"unknown operation {op!r}")
+    if env_len > MAX_ENV_BYTES or stdin_len > MAX_CONFIG_BYTES + 1:
+        raise ProtocolError("request too large")
+    env = read_exactly(conn, env_len)
+    stdin = read_exactly(conn, stdin_len)
+    environ = {}
+    for entry in env.split(b"\0") if env else ():
+        key, sep, value = entry.partition(b"=")
+        if not sep:
+            raise ProtocolError(f"malformed environment entry {entry[:60]!r}")
+        environ[key.decode("utf-8", "surrogateescape")] = value.decode("utf-8", "surrogateescape")
+    return Call(op, environ, stdin)
+
+
+def reply(status: int, body: bytes) -> bytes:
+    return b"%d\n%s" % (status, body)

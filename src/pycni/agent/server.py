@@ -1,0 +1,184 @@
+"""The agent's unix-socket server.
+
+Many calls run at once on a thread pool; calls for one container are serialised; GC is kept
+exclusive with ADD and DEL by the same node lock the standalone plugin takes (core.locks), so a
+plugin falling back to in-process work beside the agent is still safe. All state lives on disk
+(the IPAM store) and in the kernel: a restarted agent has nothing to recover.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import struct
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
+
+from .. import __version__, plugin
+from ..cni.errors import ACCESS_DENIED, DECODING_FAILURE, CniError
+from . import protocol
+from .locks import KeyedLocks
+
+log = logging.getLogger("pycni")
+
+READ_TIMEOUT = 30.0
+Observer = Callable[[str, int, float], None]  # (command, code or 0, seconds)
+
+
+class Agent:
+    def __init__(self, socket_path: str, workers: int = 32, data_dir: str | None = None):
+        self.socket_path = socket_path
+        self.workers = workers
+        self.data_dirs: set[str] = {data_dir} if data_dir else set()
+        self.observers: list[Observer] = []
+        self.locks = KeyedLocks()
+        self.started = time.time()
+        self.stopping = threading.Event()
+        self._inflight = 0
+        self._count_lock = threading.Lock()
+        self._listener: socket.socket | None = None
+        self._inode: int | None = None
+
+    # --- life cycle ------------------------------------------------------------------------
+
+    def bind(self) -> None:
+        """Listen on the socket: root only (0600 in a 0700 directory), replacing a stale one
+        atomically so a client never sees the path missing while an old agent is replaced."""
+        directory = os.path.dirname(self.socket_path) or "."
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        tmp = f"{self.socket_path}.{os.getpid()}.tmp"
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old_umask = os.umask(0o177)
+        try:
+            sock.bind(tmp)
+        finally:
+            os.umask(old_umask)
+        os.chmod(tmp, 0o600)
+        sock.listen(1024)
+        os.replace(tmp, self.socket_path)
+        self._inode = os.stat(self.socket_path).st_ino
+        sock.settimeout(0.5)  # lets serve() notice stop() promptly
+        self._listener = sock
+        log.info("agent %s listening on %s (pid %d)", __version__, self.socket_path, os.getpid())
+
+    def serve(self) -> None:
+        assert self._listener is not None, "bind() first"
+        with ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="cni") as pool:
+            while not self.stopping.is_set():
+                try:
+                    conn, _ = self._listener.accept()
+                except TimeoutError:
+                    continue
+                except OSError:
+                    if self.stopping.is_set():
+                        break
+                    raise
+                self._enter()
+                pool.submit(self._serve_conn, conn)
+            self._close_listener()
+            # Leaving the `with` waits for every accepted call: in-flight work completes.
+        log.info("agent stopped")
+
+    def stop(self) -> None:
+        """Stop accepting; calls already accepted complete. New callers find no socket and run
+        the plugin in-process, so nothing waits on a dying agent."""
+        self.stopping.set()
+        self._close_listener()
+
+    def _close_listener(self) -> None:
+        try:
+            if self._inode is not None and os.stat(self.socket_path).st_ino == self._inode:
+                os.unlink(self.socket_path)  # only our own socket, not a successor's
+        except FileNotFoundError:
+            pass
+        self._inode = None
+
+    @property
+    def inflight(self) -> int:
+        return self._inflight
+
+    def _enter(self) -> None:
+        with self._count_lock:
+            self._inflight += 1
+
+    def _leave(self) -> None:
+        with self._count_lock:
+            self._inflight -= 1
+
+    # --- one connection --------------------------------------------------------------------
+
+    def _serve_conn(self, conn: socket.socket) -> None:
+        try:
+            conn.settimeout(READ_TIMEOUT)
+            uid = peer_uid(conn)
+            if uid != 0:
+                log.warning("refused a caller with uid %s", uid)
+                err = CniError(ACCESS_DENIED, f"the pycni agent serves root only, not uid {uid}")
+                conn.sendall(protocol.reply(1, _json(err.to_json("1.1.0"))))
+                return
+            try:
+                call = protocol.read_call(conn)
+            except (protocol.ProtocolError, OSError) as exc:
+                log.warning("bad request: %s", exc)
+                err = CniError(DECODING_FAILURE, f"malformed request to the pycni agent: {exc}")
+                conn.sendall(protocol.reply(1, _json(err.to_json("1.1.0"))))
+                return
+            if call.op == "HEALTH":
+                conn.sendall(protocol.reply(0, _json(self.health())))
+                return
+            out, status = self.execute(call.environ, call.stdin)
+            conn.sendall(protocol.reply(status, _json(out) if out is not None else b""))
+        except OSError as exc:
+            log.warning("lost a caller: %s", exc)  # the runtime gave up; its retry or DEL follows
+        except Exception:
+            log.exception("agent connection handler")
+        finally:
+            conn.close()
+            self._leave()
+
+    def execute(self, environ: dict[str, str], stdin: bytes) -> tuple[dict | None, int]:
+        """One CNI call through the same core the standalone plugin runs."""
+        command = environ.get("CNI_COMMAND", "")
+        cid = environ.get("CNI_CONTAINERID", "")
+        started = time.perf_counter()
+        with self.locks.hold(cid) if cid else nullcontext():
+            out, status = plugin.handle(environ, stdin, on_config=self._seen)
+        elapsed = time.perf_counter() - started
+        code = int(out.get("code", 0)) if status and isinstance(out, dict) else 0
+        for observe in self.observers:
+            try:
+                observe(command, code, elapsed)
+            except Exception:
+                log.exception("metrics observer")
+        return out, status
+
+    def _seen(self, conf) -> None:
+        self.data_dirs.add(conf.data_dir)
+
+    def health(self) -> dict:
+        return {
+            "status": "stopping" if self.stopping.is_set() else "ok",
+            "pid": os.getpid(),
+            "version": __version__,
+            "uptime": round(time.time() - self.started, 3),
+            "inflight": self._inflight,
+            "socket": self.socket_path,
+            "dataDirs": sorted(self.data_dirs),
+        }
+
+
+def peer_uid(conn: socket.socket) -> int:
+    creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    _pid, uid, _gid = struct.unpack("3i", creds)
+    return uid
+
+
+def _json(obj: dict) -> bytes:
+    return json.dumps(obj).encode() + b"\n"
