@@ -196,3 +196,69 @@ def reference_plugins() -> str:
 
 def have(tool: str) -> bool:
     return shutil.which(tool) is not None
+
+
+class AgentProcess:
+    """`pycnictl agent` running inside a node's netns, with private socket, log and data dir."""
+
+    def __init__(self, node: Node, metrics_port: int = 0):
+        self.node = node
+        self.socket = os.path.join(node.root, "agent", "agent.sock")
+        self.log_file = os.path.join(node.root, "agent.log")
+        self.metrics_port = metrics_port
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, wait: float = 15.0) -> AgentProcess:
+        import time
+
+        pycnictl = os.path.join(os.path.dirname(sys.executable), "pycnictl")
+        self.proc = subprocess.Popen(
+            ["ip", "netns", "exec", self.node.ns, pycnictl, "agent", "--socket", self.socket,
+             "--log-file", self.log_file, "--data-dir", os.path.join(self.node.root, "data"),
+             "--metrics-port", str(self.metrics_port)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        )
+        deadline = time.monotonic() + wait
+        while not os.path.exists(self.socket):
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"agent exited: {self.proc.stderr.read().decode()}")
+            if time.monotonic() > deadline:
+                raise RuntimeError("agent did not come up")
+            time.sleep(0.02)
+        return self
+
+    def signal(self, sig: int) -> None:
+        # `ip netns exec` execs the agent, so the Popen pid is the agent itself.
+        if self.proc is not None and self.proc.poll() is None:
+            os.kill(self.proc.pid, sig)
+
+    def stop(self, timeout: float = 30.0) -> int | None:
+        import signal
+
+        if self.proc is None:
+            return None
+        self.signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait()
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def log(self) -> str:
+        return open(self.log_file).read() if os.path.exists(self.log_file) else ""
+
+
+@pytest.fixture
+def agent(node):
+    """A running agent for `node`; the node's configs point the plugin at its socket."""
+    proc = AgentProcess(node).start()
+    node.base["agentSocket"] = proc.socket
+    try:
+        yield proc
+    finally:
+        proc.kill()

@@ -54,6 +54,7 @@ class NetConf:
     dns: dict[str, Any] = field(default_factory=dict)
     log_file: str = DEFAULT_LOG_FILE
     log_level: str = "info"
+    agent_socket: str = ""
     requested_ips: list[ipaddress.IPv4Address | ipaddress.IPv6Address] = field(default_factory=list)
     mac: str | None = None
     prev_result: cniresult.Result | None = None
@@ -103,6 +104,8 @@ def parse(conf: dict, request: Request) -> NetConf:
     nc.hairpin_mode = _opt(conf, "hairpinMode", bool, False)
     nc.data_dir = _abs_path(pick("dataDir"), "dataDir", DEFAULT_DATA_DIR)
     nc.log_file = _abs_path(conf.get("logFile"), "logFile", DEFAULT_LOG_FILE, allow_empty=True)
+    # Read by the thin executable before anything else; validated here for a clear error.
+    nc.agent_socket = _abs_path(conf.get("agentSocket"), "agentSocket", "", allow_empty=True)
     nc.log_level = _opt(conf, "logLevel", str, "info").lower()
     if nc.log_level not in LOG_LEVELS:
         raise config_error("logLevel", f"must be one of {', '.join(LOG_LEVELS)}")
