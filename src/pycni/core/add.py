@@ -10,8 +10,6 @@ from __future__ import annotations
 import ipaddress
 import logging
 
-from pyroute2 import IPRoute
-
 from ..cni.env import Request
 from ..cni.netconf import NetConf
 from ..cni.result import Interface, IPConfig, Result, Route
@@ -19,7 +17,7 @@ from ..dataplane import bridge as brmod
 from ..dataplane import names, sysctl, veth
 from ..dataplane.netns import netlink_in, netns_fd
 from ..ipam.store import Allocation, Store
-from . import masquerade
+from . import masquerade, resources
 from .faults import checkpoint
 from .locks import node_lock
 from .undo import UndoStack
@@ -28,19 +26,15 @@ log = logging.getLogger("pycni")
 
 
 def cmd_add(request: Request, conf: NetConf) -> dict:
-    with node_lock(conf.data_dir, exclusive=False):
-        store = Store(conf.data_dir)
-        try:
-            return _add(request, conf, store).to_json(conf.cni_version)
-        finally:
-            store.close()
+    with node_lock(conf.data_dir, exclusive=False), resources.store(conf.data_dir) as store:
+        return _add(request, conf, store).to_json(conf.cni_version)
 
 
 def _add(request: Request, conf: NetConf, store: Store) -> Result:
     host_name = names.host_veth_name(conf.name, request.container_id, request.ifname)
     undo = UndoStack()
     try:
-        with netns_fd(request.netns) as nsfd, IPRoute() as ipr:
+        with netns_fd(request.netns) as nsfd, resources.host_netlink() as ipr:
             allocations = store.add_attachment(
                 conf.name, request.container_id, request.ifname, host_name, request.netns,
                 conf.range_sets, conf.requested_ips,
@@ -62,7 +56,7 @@ def _add(request: Request, conf: NetConf, store: Store) -> Result:
             alias = names.host_veth_alias(conf.name, request.container_id, request.ifname)
             host_index = veth.create_pair(
                 ipr, host_name, alias, request.ifname, nsfd, conf.mtu, conf.mac)
-            # Undo runs after the `with` has closed ipr: it needs a socket of its own.
+            # Undo runs after the `with` has released ipr: it takes the handle again.
             undo.push(f"veth {host_name}", lambda: _delete_host_veth(host_name))
             checkpoint(request, "veth")
 
@@ -88,7 +82,7 @@ def _add(request: Request, conf: NetConf, store: Store) -> Result:
 
 
 def _delete_host_veth(name: str) -> None:
-    with IPRoute() as ipr:
+    with resources.host_netlink() as ipr:
         veth.delete_host_veth(ipr, name)
 
 

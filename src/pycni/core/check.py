@@ -11,7 +11,7 @@ from ..cni.errors import CHECK_FAILED, INVALID_NETWORK_CONFIG, UNKNOWN_CONTAINER
 from ..cni.netconf import NetConf
 from ..dataplane import names, veth
 from ..dataplane.netns import pod_netlink
-from ..ipam.store import Store
+from . import resources
 from .add import pod_routes
 
 
@@ -24,11 +24,8 @@ def cmd_check(request: Request, conf: NetConf) -> None:
     if prev is None:
         raise CniError(INVALID_NETWORK_CONFIG, "invalid network config: prevResult: "
                        "CHECK needs the result of the ADD")
-    store = Store(conf.data_dir)
-    try:
+    with resources.store(conf.data_dir) as store:
         att = store.get_attachment(conf.name, request.container_id, request.ifname)
-    finally:
-        store.close()
     if att is None:
         raise CniError(UNKNOWN_CONTAINER, f"no attachment of container {request.container_id} "
                        f"on {request.ifname} in network {conf.name}")
@@ -41,7 +38,7 @@ def cmd_check(request: Request, conf: NetConf) -> None:
     if not stored <= expected:
         raise _drift(f"store holds {sorted(stored)} but prevResult says {sorted(expected)}")
 
-    with IPRoute() as ipr:
+    with resources.host_netlink() as ipr:
         _check_host_side(ipr, conf, request, att.host_veth)
     with pod_netlink(request.netns) as nsipr:
         _check_pod_side(nsipr, conf, request, pod_iface, stored, att)

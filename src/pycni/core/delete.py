@@ -14,22 +14,18 @@ from ..cni.env import Request
 from ..cni.netconf import NetConf
 from ..dataplane import names, veth
 from ..ipam.store import Store
-from . import masquerade
+from . import masquerade, resources
 from .locks import node_lock
 
 log = logging.getLogger("pycni")
 
 
 def cmd_del(request: Request, conf: NetConf) -> None:
-    with node_lock(conf.data_dir, exclusive=False):
-        store = Store(conf.data_dir)
-        try:
-            with IPRoute() as ipr:
-                release(store, ipr, conf.name, request.container_id, request.ifname)
-            if store.get_network(conf.name) is not None:
-                masquerade.sync(store)
-        finally:
-            store.close()
+    with node_lock(conf.data_dir, exclusive=False), resources.store(conf.data_dir) as store:
+        with resources.host_netlink() as ipr:
+            release(store, ipr, conf.name, request.container_id, request.ifname)
+        if store.get_network(conf.name) is not None:
+            masquerade.sync(store)
 
 
 def release(store: Store, ipr: IPRoute, network: str, container_id: str, ifname: str) -> None:

@@ -9,14 +9,11 @@ from __future__ import annotations
 
 import logging
 
-from pyroute2 import IPRoute
-
 from ..cni.env import Request
 from ..cni.errors import config_error
 from ..cni.netconf import VALID_ATTACHMENTS, NetConf
 from ..dataplane import names, veth
-from ..ipam.store import Store
-from . import masquerade
+from . import masquerade, resources
 from .delete import release
 from .locks import node_lock
 
@@ -28,21 +25,17 @@ def cmd_gc(request: Request, conf: NetConf) -> None:
         # Without the list every attachment would look stale: refuse rather than wipe the node.
         raise config_error(VALID_ATTACHMENTS, "is required for GC")
     valid = conf.valid_attachments
-    with node_lock(conf.data_dir, exclusive=True):
-        store = Store(conf.data_dir)
-        try:
-            with IPRoute() as ipr:
-                for att in store.list_attachments(conf.name):
-                    if (att.container_id, att.ifname) not in valid:
-                        log.info("GC: releasing %s/%s", att.container_id, att.ifname)
-                        release(store, ipr, conf.name, att.container_id, att.ifname)
-                keep = {names.host_veth_name(conf.name, cid, ifn) for cid, ifn in valid}
-                keep |= {a.host_veth for a in store.list_attachments(conf.name)}
-                for name in veth.host_veths_with_alias(ipr, names.alias_prefix(conf.name)):
-                    if name not in keep:
-                        log.info("GC: deleting orphan veth %s", name)
-                        veth.delete_host_veth(ipr, name)
-            if store.get_network(conf.name) is not None:
-                masquerade.sync(store)
-        finally:
-            store.close()
+    with node_lock(conf.data_dir, exclusive=True), resources.store(conf.data_dir) as store:
+        with resources.host_netlink() as ipr:
+            for att in store.list_attachments(conf.name):
+                if (att.container_id, att.ifname) not in valid:
+                    log.info("GC: releasing %s/%s", att.container_id, att.ifname)
+                    release(store, ipr, conf.name, att.container_id, att.ifname)
+            keep = {names.host_veth_name(conf.name, cid, ifn) for cid, ifn in valid}
+            keep |= {a.host_veth for a in store.list_attachments(conf.name)}
+            for name in veth.host_veths_with_alias(ipr, names.alias_prefix(conf.name)):
+                if name not in keep:
+                    log.info("GC: deleting orphan veth %s", name)
+                    veth.delete_host_veth(ipr, name)
+        if store.get_network(conf.name) is not None:
+            masquerade.sync(store)

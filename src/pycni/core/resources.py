@@ -1,0 +1,77 @@
+"""Where the core gets its IPAM store and node netlink handle.
+
+The one-shot plugin opens them per call and closes them. The agent keeps one of each per worker
+thread (SQLite connections and pyroute2 handles belong to their thread), which saves opening
+the database, checkpointing its WAL on close, and building a netlink socket and event loop on
+every pod.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from contextlib import contextmanager
+
+from pyroute2 import IPRoute
+
+from ..ipam.store import Store
+
+_warm = False
+_local = threading.local()
+
+
+def keep_warm() -> None:
+    """Called once by the agent at start-up."""
+    global _warm
+    _warm = True
+
+
+@contextmanager
+def store(data_dir: str):
+    if not _warm:
+        s = Store(data_dir)
+        try:
+            yield s
+        finally:
+            s.close()
+        return
+    cache: dict = _local.__dict__.setdefault("stores", {})
+    entry = cache.get(data_dir)
+    if entry is not None and not _same_file(entry):
+        # The database was removed or replaced under us: never keep writing to a ghost.
+        entry[0].close()
+        entry = None
+    if entry is None:
+        s = Store(data_dir)
+        entry = cache[data_dir] = (s, _inode(s.path))
+    yield entry[0]
+
+
+@contextmanager
+def host_netlink():
+    if not _warm:
+        with IPRoute() as ipr:
+            yield ipr
+        return
+    ipr = getattr(_local, "ipr", None)
+    if ipr is None:
+        ipr = _local.ipr = IPRoute()
+    try:
+        yield ipr
+    except OSError:
+        # A broken socket must not poison the next call on this thread.
+        _local.ipr = None
+        ipr.close()
+        raise
+
+
+def _inode(path: str) -> int | None:
+    try:
+        return os.stat(path).st_ino
+    except OSError:
+        return None
+
+
+def _same_file(entry) -> bool:
+    s, inode = entry
+    return inode is not None and _inode(s.path) == inode
