@@ -171,15 +171,36 @@ class Node:
         return [line.split(": ")[1].split("@")[0] for line in out.splitlines()]
 
     def log(self) -> str:
-        path = os.path.join(self.root, "pycni.log")
-        return open(path).read() if os.path.exists(path) else ""
+        """What the core logged, whether it ran in-process or in an agent."""
+        text = ""
+        for name in ("pycni.log", "agent.log"):
+            path = os.path.join(self.root, name)
+            if os.path.exists(path):
+                text += open(path).read()
+        return text
+
+
+def pytest_generate_tests(metafunc):
+    """Modules with `BOTH_MODES = True` run every node test twice: the plugin working
+    in-process, and the same plugin forwarding to a node agent."""
+    if "node" in metafunc.fixturenames and getattr(metafunc.module, "BOTH_MODES", False):
+        metafunc.parametrize("node", ["standalone", "agent"], indirect=True)
 
 
 @pytest.fixture
-def node(netns, plugin_bin, tmp_path) -> Node:
+def node(request, netns, plugin_bin, tmp_path):
     ns = netns.make("node")
     netns.exec(ns, "ip", "link", "set", "lo", "up")
-    return Node(ns=ns, root=str(tmp_path), plugin=plugin_bin, spaces=netns, bridge="cni0")
+    n = Node(ns=ns, root=str(tmp_path), plugin=plugin_bin, spaces=netns, bridge="cni0")
+    if getattr(request, "param", "standalone") != "agent":
+        yield n
+        return
+    proc = AgentProcess(n).start()
+    n.base["agentSocket"] = proc.socket
+    try:
+        yield n
+    finally:
+        proc.kill()
 
 
 def pod_name(netns_path: str) -> str:

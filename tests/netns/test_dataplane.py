@@ -21,6 +21,8 @@ from pycni.dataplane.names import host_veth_name
 from pycni.ipam.store import Store
 
 pytestmark = pytest.mark.netns
+# Every test here runs through the in-process plugin and through the node agent.
+BOTH_MODES = True
 
 PY = "/usr/bin/python3"
 

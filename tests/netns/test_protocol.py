@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
 
 import pytest
 
@@ -16,6 +17,8 @@ from pycni.cni import versions
 from pycni.dataplane.names import host_veth_name
 
 pytestmark = pytest.mark.netns
+# Every test here runs through the in-process plugin and through the node agent.
+BOTH_MODES = True
 
 SUPPORTED = list(versions.SUPPORTED)
 GW = "10.244.1.1"
@@ -376,7 +379,11 @@ def test_del_after_pod_netns_was_deleted_frees_the_address(node):
     assert out["ips"][0]["address"] == "10.244.1.2/30"
     host = host_veth_name(node.name, "c1", "eth0")
     node.spaces.remove(pod_name(pod))
-    assert host not in node.links()  # the kernel took the pair with the namespace
+    # The kernel takes the pair with the namespace, in its own time (cleanup_net is async).
+    deadline = time.monotonic() + 10
+    while host in node.links() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert host not in node.links()
     assert_error(node.run("ADD", container_id="c2", netns=node.pod()), 100, "10.244.1.0/30")
     assert_ok(node.run("DEL", container_id="c1", netns=pod))
     assert_ok(node.run("DEL", container_id="c1", netns=pod))
