@@ -28,6 +28,8 @@ def record_network(store: Store, conf: NetConf) -> None:
         "subnets": [str(r.subnet) for rs in conf.range_sets for r in rs.ranges],
         "clusterCidrs": [str(c) for c in conf.cluster_cidrs],
         "bridge": conf.bridge,
+        # Pool sizes, for the agent's address gauges and `pycnictl status`.
+        "rangeSets": [{"key": rs.key, "capacity": rs.capacity()} for rs in conf.range_sets],
     }
     if store.get_network(conf.name) != info:
         store.set_network(conf.name, info)

@@ -1,4 +1,4 @@
-"""pycnictl: the command for people: the node agent, the lab, install, bench and cleanup."""
+"""pycnictl: the command for people: the node agent, the lab, install, bench, cleanup and status."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import sys
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="pycnictl", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    from . import agent, bench, cleanup, install, lab
+    from . import agent, bench, cleanup, install, lab, status
 
-    for module in (agent, lab, install, cleanup, bench):
+    for module in (agent, lab, install, cleanup, bench, status):
         module.register(sub)
     args = parser.parse_args(argv)
     sys.exit(args.func(args) or 0)
