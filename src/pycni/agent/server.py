@@ -83,8 +83,31 @@ class Agent:
                 self._enter()
                 pool.submit(self._serve_conn, conn)
             self._close_listener()
+            self._drain(pool)
             # Leaving the `with` waits for every accepted call: in-flight work completes.
         log.info("agent stopped")
+
+    def _drain(self, pool: ThreadPoolExecutor) -> None:
+        """Serve the connections still queued in the listen backlog, then close the listener.
+
+        Their callers connected before stop() unlinked the socket and are waiting for an
+        answer; dropping them would hand each a needless "try again". With the path gone no
+        new connection can arrive, so this ends."""
+        listener, self._listener = self._listener, None
+        if listener is None:
+            return
+        listener.setblocking(False)
+        try:
+            while True:
+                try:
+                    conn, _ = listener.accept()
+                except OSError:  # BlockingIOError: the backlog is empty
+                    break
+                conn.setblocking(True)
+                self._enter()
+                pool.submit(self._serve_conn, conn)
+        finally:
+            listener.close()
 
     def stop(self) -> None:
         """Stop accepting; calls already accepted complete. New callers find no socket and run

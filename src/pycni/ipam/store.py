@@ -14,7 +14,7 @@ import os
 import sqlite3
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 from pycni.cni.errors import (
@@ -84,13 +84,24 @@ class Attachment:
 
 
 class Store:
-    def __init__(self, data_dir: str):
+    def __init__(self, data_dir: str, writer_lock: AbstractContextManager | None = None):
         self.path = os.path.join(data_dir, "pycni.db")
         self._conn: sqlite3.Connection | None = None
+        # Threads of one process (the agent) queue for writes on this lock, which wakes the
+        # next one at once; SQLite's busy handler would have them sleep up to 100 ms a try.
+        self._writer_lock = writer_lock if writer_lock is not None else nullcontext()
         try:
             os.makedirs(data_dir, 0o700, exist_ok=True)
-            # Create the file ourselves so it is never world-readable, even briefly.
-            os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))
+            # Create the file ourselves so it is never world-readable, even briefly. Never
+            # open and close an existing database outside SQLite: closing any descriptor of
+            # it drops every POSIX lock this process holds on it, including those of other
+            # open connections (the agent keeps one per thread). A one-shot plugin closing
+            # next would then think itself the last user and delete the WAL under them,
+            # losing every write they make afterwards.
+            try:
+                os.close(os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600))
+            except FileExistsError:
+                pass
             os.chmod(self.path, 0o600)
             self._conn = sqlite3.connect(self.path, timeout=30, isolation_level=None)
             self._conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
@@ -163,13 +174,14 @@ class Store:
             yield
             return
         try:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield
-                conn.execute("COMMIT")
-            except BaseException:
-                self._rollback()
-                raise
+            with self._writer_lock:
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    yield
+                    conn.execute("COMMIT")
+                except BaseException:
+                    self._rollback()
+                    raise
         except sqlite3.Error as e:
             raise self._error(e) from e
 
