@@ -43,13 +43,40 @@ def socket_path(stdin: bytes) -> str:
     """The agent socket: the config's `agentSocket` if given ("" = never use an agent)."""
     if CONFIG_KEY not in stdin:
         return DEFAULT_SOCKET
-    import json  # only configs that name a socket pay for the decoder
+    conf = decode_object(stdin)
+    value = conf.get("agentSocket") if conf is not None else None
+    # A broken config goes to the default agent, which reports it properly.
+    return value if isinstance(value, str) else DEFAULT_SOCKET
+
+
+class _ScanContext:
+    """What the C JSON scanner reads from json.JSONDecoder, without importing the json
+    package: it drags in re and enum, about 6 ms of every pod's start-up."""
+
+    strict = True
+    object_hook = None
+    object_pairs_hook = None
+    parse_float = float
+    parse_int = int
+    parse_constant = float
+    memo: dict = {}
+
+
+def decode_object(data: bytes):
+    """The JSON object in `data`, or None if it is not one."""
+    import _json
 
     try:
-        value = json.loads(stdin).get("agentSocket")
-    except (ValueError, AttributeError):
-        return DEFAULT_SOCKET  # the in-process run reports the bad config properly
-    return value if isinstance(value, str) else DEFAULT_SOCKET
+        text = data.decode()
+        start = len(text) - len(text.lstrip())
+        obj, end = _json.make_scanner(_ScanContext())(text, start)
+    except Exception:
+        # Malformed JSON: the C scanner raises ValueError, StopIteration, or SystemError when
+        # json.decoder (for its error class) was never imported. The core reports it properly.
+        return None
+    if text[end:].strip() or not isinstance(obj, dict):
+        return None
+    return obj
 
 
 def call_agent(path: str, stdin: bytes):
@@ -64,14 +91,23 @@ def call_agent(path: str, stdin: bytes):
             k + b"=" + v for k, v in os.environb.items() if k.startswith(FORWARDED)
         )
         sock.settimeout(TIMEOUT)
+        chunks = []
         try:
-            sock.sendall(b"%s CNI %d %d\n%s%s" % (MAGIC, len(env), len(stdin), env, stdin))
-            chunks = []
+            try:
+                sock.sendall(b"%s CNI %d %d\n%s%s" % (MAGIC, len(env), len(stdin), env, stdin))
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # it answered without reading everything (a refusal): read that answer
             while True:
                 chunk = sock.recv(65536)
                 if not chunk:
                     break
                 chunks.append(chunk)
+        except ConnectionResetError as exc:
+            # An agent that closes with part of the request unread (refusing a caller, or a
+            # malformed request) makes the kernel report a reset, but only after everything
+            # it sent has been read: what came is its whole answer.
+            if not chunks:
+                return 1, try_again(stdin, f"lost the pycni agent at {path}: {exc}")
         except OSError as exc:
             return 1, try_again(stdin, f"lost the pycni agent at {path}: {exc}")
         head, sep, out = b"".join(chunks).partition(b"\n")
@@ -88,12 +124,9 @@ def try_again(stdin: bytes, msg: str) -> bytes:
 
     from .cni import versions
 
-    version = versions.LATEST
-    try:
-        asked = json.loads(stdin).get("cniVersion")
-        if asked in versions.SUPPORTED:
-            version = asked
-    except (ValueError, AttributeError):
-        pass
+    conf = decode_object(stdin) or {}
+    version = conf.get("cniVersion")
+    if version not in versions.SUPPORTED:
+        version = versions.LATEST
     err = {"cniVersion": version, "code": 11, "msg": msg + "; try again"}
     return json.dumps(err).encode() + b"\n"
