@@ -54,8 +54,8 @@ def _add(request: Request, conf: NetConf, store: Store) -> Result:
             if veth.delete_host_veth(ipr, host_name):
                 log.warning("removed stale %s left by an earlier ADD", host_name)
             alias = names.host_veth_alias(conf.name, request.container_id, request.ifname)
-            host_index = veth.create_pair(
-                ipr, host_name, alias, request.ifname, nsfd, conf.mtu, conf.mac)
+            host_index, host_mac = veth.create_pair(
+                ipr, host_name, alias, request.ifname, nsfd, conf.mtu, conf.mac, br["index"])
             # Undo runs after the `with` has released ipr: it takes the handle again.
             undo.push(f"veth {host_name}", lambda: _delete_host_veth(host_name))
             checkpoint(request, "veth")
@@ -66,7 +66,8 @@ def _add(request: Request, conf: NetConf, store: Store) -> Result:
                 pod_mac = veth.configure_pod(nsipr, request.ifname, addresses, routes)
             checkpoint(request, "pod")
 
-            host_mac = veth.attach_host(ipr, host_index, br["index"], conf.hairpin_mode)
+            if conf.hairpin_mode:
+                veth.set_hairpin(ipr, host_index)
             checkpoint(request, "host")
 
             sysctl.enable_forwarding({a.ip.version for a in allocations})

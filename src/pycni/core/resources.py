@@ -18,6 +18,8 @@ from ..ipam.store import Store
 
 _warm = False
 _local = threading.local()
+_guard = threading.Lock()
+_writer_locks: dict[str, threading.Lock] = {}  # one per data dir, shared by the threads
 
 
 def keep_warm() -> None:
@@ -42,7 +44,9 @@ def store(data_dir: str):
         entry[0].close()
         entry = None
     if entry is None:
-        s = Store(data_dir)
+        with _guard:
+            lock = _writer_locks.setdefault(data_dir, threading.Lock())
+        s = Store(data_dir, writer_lock=lock)
         entry = cache[data_dir] = (s, _inode(s.path))
     yield entry[0]
 

@@ -8,7 +8,7 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from ..cni.errors import INVALID_NETWORK_CONFIG, CniError
-from .errors import dataplane_error, is_exists
+from .errors import dataplane_error, is_exists, is_missing
 from .names import bridge_mac
 
 IFA_F_NODAD = 0x02
@@ -27,7 +27,7 @@ def ensure_bridge(
 
     Safe when many ADDs race: whoever loses the create gets EEXIST and carries on.
     """
-    links = ipr.link("get", ifname=name) if ipr.link_lookup(ifname=name) else ()
+    links = _get(ipr, name)
     if not links:
         v4 = next((g for g in gateways if g.version == 4), None)
         spec = {"ifname": name, "kind": "bridge"}
@@ -64,3 +64,12 @@ def ensure_bridge(
     if not link["flags"] & 1:  # IFF_UP
         ipr.link("set", index=index, state="up")
     return link
+
+
+def _get(ipr: IPRoute, name: str):
+    try:
+        return ipr.link("get", ifname=name)
+    except NetlinkError as exc:
+        if is_missing(exc):
+            return ()
+        raise dataplane_error(f"looking up bridge {name}", exc) from None

@@ -26,11 +26,8 @@ def lookup(ipr: IPRoute, name: str) -> int | None:
 
 def delete_host_veth(ipr: IPRoute, name: str) -> bool:
     """Delete a host veth (its peer in the pod goes with it). False if it was already gone."""
-    index = lookup(ipr, name)
-    if index is None:
-        return False
     try:
-        ipr.link("del", index=index)
+        ipr.link("del", ifname=name)  # the kernel resolves the name: one round trip
     except NetlinkError as exc:
         if is_missing(exc):
             return False
@@ -40,18 +37,21 @@ def delete_host_veth(ipr: IPRoute, name: str) -> bool:
 
 def create_pair(
     ipr: IPRoute, host_name: str, alias: str, ifname: str, netns_fd: int,
-    mtu: int | None, mac: str | None,
-) -> int:
-    """Create the pair with the pod end born inside the netns under its final name, so there is
-    no temporary name to collide with and nothing to rename."""
+    mtu: int | None, mac: str | None, bridge_index: int,
+) -> tuple[int, str]:
+    """Create the pair with the pod end born inside the netns under its final name (nothing to
+    rename, no temporary name to collide with) and the host end already on the bridge and up,
+    in one request. Return the host end's index and MAC."""
     peer: dict = {"ifname": ifname, "net_ns_fd": netns_fd}
-    host: dict = {"ifname": host_name, "kind": "veth", "peer": peer}
+    host: dict = {"ifname": host_name, "kind": "veth", "peer": peer,
+                  "master": bridge_index, "state": "up"}
     if mtu:
         host["mtu"] = peer["mtu"] = mtu
     if mac:
         peer["address"] = mac
     try:
         ipr.link("add", **host)
+        link = ipr.link("get", ifname=host_name)[0]
     except NetlinkError as exc:
         if is_exists(exc):
             raise dataplane_error(
@@ -60,11 +60,12 @@ def create_pair(
                           "on the node"),
             ) from None
         raise dataplane_error(f"creating veth {host_name} / {ifname}", exc) from None
-    index = lookup(ipr, host_name)
-    if index is None:
-        raise dataplane_error(f"creating veth {host_name}", Exception("vanished after creation"))
-    ipr.link("set", index=index, ifalias=alias)
-    return index
+    # The kernel ignores an alias in the create request: set it after.
+    ipr.link("set", index=link["index"], ifalias=alias)
+    return link["index"], link.get("IFLA_ADDRESS")
+
+
+LOOPBACK_INDEX = 1  # lo is the first device of every network namespace
 
 
 def configure_pod(
@@ -73,12 +74,12 @@ def configure_pod(
     routes: list[PodRoute],
 ) -> str:
     """Bring up lo and the pod interface, add addresses and routes; return the pod MAC."""
-    lo = lookup(nsipr, "lo")
-    if lo is not None:
-        nsipr.link("set", index=lo, state="up")
-    index = lookup(nsipr, ifname)
-    if index is None:
-        raise dataplane_error(f"configuring {ifname}", Exception("not found in the pod namespace"))
+    nsipr.link("set", index=LOOPBACK_INDEX, state="up")
+    try:
+        link = nsipr.link("get", ifname=ifname)[0]
+    except NetlinkError as exc:
+        raise dataplane_error(f"configuring {ifname} in the pod", exc) from None
+    index = link["index"]
     nsipr.link("set", index=index, state="up")
     for addr in addresses:
         nsipr.addr(
@@ -101,19 +102,14 @@ def configure_pod(
         except NetlinkError as exc:
             if not is_exists(exc):
                 raise dataplane_error(f"adding route {route.dst} in the pod", exc) from None
-    link = nsipr.link("get", index=index)[0]
     return link.get("IFLA_ADDRESS")
 
 
-def attach_host(ipr: IPRoute, index: int, bridge_index: int, hairpin: bool) -> str:
-    """Enslave the host end to the bridge and bring it up; return its MAC."""
-    ipr.link("set", index=index, master=bridge_index)
-    if hairpin:
-        # IFLA_BRPORT_MODE is the hairpin flag; pyroute2 silently drops unknown keys
-        # such as "hairpin_mode".
-        ipr.brport("set", index=index, mode=1)
-    ipr.link("set", index=index, state="up")
-    return ipr.link("get", index=index)[0].get("IFLA_ADDRESS")
+def set_hairpin(ipr: IPRoute, index: int) -> None:
+    """Let a pod reach itself through the bridge (e.g. via its own service address).
+    IFLA_BRPORT_MODE is the hairpin flag; pyroute2 silently drops unknown keys such as
+    "hairpin_mode"."""
+    ipr.brport("set", index=index, mode=1)
 
 
 def host_veths_with_alias(ipr: IPRoute, prefix: str) -> dict[str, str]:
