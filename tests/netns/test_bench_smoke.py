@@ -1,4 +1,5 @@
-"""`pycnictl bench` end to end with three pods: it measures, verifies and cleans up."""
+"""`pycnictl bench` end to end, tiny (3 pods, a storm of 5): it measures all three plugins
+(pycni through its agent, pycni standalone, the Go reference), verifies and cleans up."""
 
 from __future__ import annotations
 
@@ -10,18 +11,28 @@ import pytest
 
 pytestmark = [pytest.mark.netns, pytest.mark.reference]
 
+ROWS = {(p, m) for p in ("pycni-agent", "pycni-standalone", "reference") for m in (False, True)}
+
 
 def _namespaces(prefix: str) -> list[str]:
     out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     return [line.split()[0] for line in out.splitlines() if line.startswith(prefix)]
 
 
-def test_bench_three_pods(reference_plugins):
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return "State:\tZ" not in f.read()
+    except FileNotFoundError:
+        return False
+
+
+def test_bench_tiny(reference_plugins):
     from pycni.ctl.bench import format_table
 
     proc = subprocess.Popen(
         [sys.executable, "-c", "from pycni.ctl.main import main; main()",
-         "bench", "--pods", "3", "--json", "--reference-dir", reference_plugins],
+         "bench", "--pods", "3", "--storm", "5", "--json", "--reference-dir", reference_plugins],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     try:
@@ -32,19 +43,38 @@ def test_bench_three_pods(reference_plugins):
     assert _namespaces(f"pycnib{proc.pid}") == []
     assert proc.returncode == 0, stdout + stderr
     report = json.loads(stdout)
-    assert report["ok"] and report["pods"] == 3
+    assert report["ok"] and report["pods"] == 3 and report["storm"] == 5
     assert set(report["exec_floor_ms"]) == {"setns", "nsenter", "ip-netns-exec"}
     rows = {(r["plugin"], r["ipMasq"]): r for r in report["rows"]}
-    assert set(rows) == {(p, m) for p in ("pycni", "reference") for m in (False, True)}
+    assert set(rows) == ROWS
     for key, row in rows.items():
         assert row["ok"] and not row["problems"], (key, row["problems"])
         for op in ("add", "del"):
             assert row[op]["n"] == 3 and 0 < row[op]["median"] <= row[op]["p95"], (key, row)
+            assert len(row["samples"][op]) == 3
+        storm = row["storm"]
+        assert storm["n"] == 5 and storm["add_failures"] == 0 and storm["del_failures"] == 0
+        assert storm["addresses_distinct"] and storm["freed"], (key, storm)
+        assert storm["add_wall_ms"] > 0 and storm["del_wall_ms"] > 0
         if key[0] == "reference":
             assert row["ratio"] == {"add": 1.0, "del": 1.0}
+            assert storm["ratio"] == {"add": 1.0, "del": 1.0}
+            assert row["agent"] is None
         else:
             assert row["ratio"]["add"] > 0 and row["ratio"]["del"] > 0
+            assert storm["ratio"]["add"] > 0 and storm["ratio"]["del"] > 0
+        if key[0] == "pycni-agent":
+            agent = row["agent"]
+            assert 0 < agent["rss_mb_after_storm"] < 1024
+            assert set(agent["memory_kb"]) >= {"start", "sequential", "storm", "end"}
+            assert not _alive(agent["pid"])  # the bench stopped its agents
+        else:
+            assert row["agent"] is None
+    targets = report["targets"]
+    assert len(targets) == 5 and all(isinstance(t["pass"], bool) for t in targets)
+    assert all(t["value"] is not None for t in targets)
     table = format_table(report)
-    assert "ADD med" in table and "DEL p95" in table
+    assert "ADD med" in table and "DEL p95" in table and "ADD wall" in table
     assert len([line for line in table.splitlines()
-                if line.startswith(("pycni ", "reference "))]) == 4
+                if line.startswith(("pycni-agent ", "pycni-standalone ", "reference "))]) == 12
+    assert table.count("PASS") + table.count("FAIL") == 5
