@@ -19,8 +19,9 @@ _counter = itertools.count()
 
 
 def unique(tag: str) -> str:
-    """A name unique to this test run, short enough for kernel interface names."""
-    return f"pt{RUN_ID}{tag}{next(_counter)}"[:15]
+    """A name unique to this test run (netns names may exceed the 15 bytes of an interface
+    name; cutting them would make two names collide once the counter grows)."""
+    return f"pt{RUN_ID}{tag}{next(_counter)}"
 
 
 def is_root() -> bool:
