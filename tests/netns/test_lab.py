@@ -49,9 +49,10 @@ def table_rows(out: str) -> list[list[str]]:
     return rows
 
 
-def test_lab_up_measures_and_down_removes_everything(lab):
+@pytest.mark.parametrize("agent", [True, False], ids=["agent", "in-process"])
+def test_lab_up_measures_and_down_removes_everything(lab, agent):
     prefix, state, opts = lab
-    up = pycnictl("lab", "up", "--pods", "3", *opts)
+    up = pycnictl("lab", "up", "--pods", "3", *opts, *([] if agent else ["--no-agent"]))
     assert up.returncode == 0, up.stdout + up.stderr
     assert "all 15 paths OK" in up.stdout
     for i, addr in enumerate(("10.244.1.2/24", "10.244.1.3/24", "10.244.1.4/24"), 1):
@@ -74,9 +75,18 @@ def test_lab_up_measures_and_down_removes_everything(lab):
     names = lab_namespaces(prefix)
     assert sorted(names) == sorted(
         [f"{prefix}-node1", f"{prefix}-outside"] + [f"{prefix}-pod{i}" for i in (1, 2, 3)])
-    # The measuring servers are gone: nothing runs in any lab namespace.
+    # The measuring servers are gone: nothing runs in any lab namespace but the node's agent,
+    # which served every ADD.
     for ns in names:
-        assert sh("ip", "netns", "pids", ns).stdout.split() == [], ns
+        pids = sh("ip", "netns", "pids", ns).stdout.split()
+        if agent and ns == f"{prefix}-node1":
+            assert len(pids) == 1, pids
+            with open(f"/proc/{pids[0]}/cmdline", "rb") as f:
+                assert b"agent" in f.read().split(b"\0")
+        else:
+            assert pids == [], ns
+    served = open(os.path.join(state, "agent.log" if agent else "pycni.log")).read()
+    assert served.count("ADD ") == 3, served
     # The plugin ran as a runtime runs it: results cached, masquerade in the node only.
     assert len(os.listdir(os.path.join(state, "results"))) == 3
     assert "masquerade" in sh("ip", "netns", "exec", f"{prefix}-node1",
@@ -90,6 +100,7 @@ def test_lab_up_measures_and_down_removes_everything(lab):
     assert down.stdout.count("DEL ") == 3
     assert lab_namespaces(prefix) == []
     assert not os.path.exists(state)
+    assert sh("pgrep", "-f", f"agent --socket {state}/", check=False).stdout == ""
 
     idle = pycnictl("lab", "down", *opts)
     assert idle.returncode == 0, idle.stdout + idle.stderr

@@ -46,7 +46,7 @@ IFNAME = "eth0"
 POD_NAMESPACE = "default"
 _PREFIX_RE = re.compile(r"[a-z][a-z0-9]{0,19}")
 # Entries of a state directory that the lab made and may remove.
-_STATE_ENTRIES = ("bin", "net.d", "data", "results", "pycni.log")
+_STATE_ENTRIES = ("bin", "net.d", "data", "results", "pycni.log", "agent.sock", "agent.log")
 _PROBE_TIMEOUT = 1.5
 # Every pod pings and connects to every other: the table grows with the square of this.
 MAX_PODS = 20
@@ -88,6 +88,15 @@ class Node:
     subnet: str
     root: str  # where this node's plugin, config, IPAM data, log and result cache live
     pods: list[Pod] = field(default_factory=list)
+    agent: bool = True  # a pycni agent serves this node's plugin (else it runs in-process)
+
+    @property
+    def agent_socket(self) -> str:
+        return os.path.join(self.root, "agent.sock")
+
+    @property
+    def agent_log(self) -> str:
+        return os.path.join(self.root, "agent.log")
 
     @property
     def bin_dir(self) -> str:
@@ -128,11 +137,11 @@ class Lab:
     nodes: list[Node] = field(default_factory=list)
 
     @classmethod
-    def plan(cls, prefix: str, state_dir: str, pods: int) -> Lab:
+    def plan(cls, prefix: str, state_dir: str, pods: int, agent: bool = True) -> Lab:
         lab = cls(prefix=prefix, state_dir=os.path.abspath(state_dir),
                   outside=f"{prefix}-outside")
         node = Node(name="node1", netns=f"{prefix}-node1", lan_ip=str(LAN[1]),
-                    subnet="10.244.1.0/24", root=lab.state_dir)
+                    subnet="10.244.1.0/24", root=lab.state_dir, agent=agent)
         for i in range(1, pods + 1):
             node.pods.append(Pod(netns=f"{prefix}-pod{i}", k8s_name=f"pod{i}",
                                  container_id=secrets.token_hex(32), uid=str(uuid.uuid4())))
@@ -255,9 +264,51 @@ def _build_node(lab: Lab, node: Node) -> None:
         f"route add default via {lab.outside_ip}",
     ])
     write_launcher(node.plugin)
-    conf = node_conflist(NETWORK_NAME, node.subnet, lab.network,
-                         dataDir=node.data_dir, logFile=node.log_file)
+    # Each node's agent gets its own socket: the lab's nodes share one filesystem.
+    conf = node_conflist(NETWORK_NAME, node.subnet, lab.network, dataDir=node.data_dir,
+                         logFile=node.log_file, agentSocket=node.agent_socket if node.agent else "")
     atomic_write(node.conflist_path, json.dumps(conf, indent=2) + "\n", 0o644)
+    if node.agent:
+        _start_agent(node)
+
+
+def _start_agent(node: Node, wait: float = 15.0) -> None:
+    """`pycnictl agent` inside the node's namespace, detached from this command: it serves the
+    node until `lab down`. Metrics and health on the node's own loopback."""
+    _run("ip", "-n", node.netns, "link", "set", "lo", "up")
+    pycnictl = os.path.join(os.path.dirname(sys.executable), "pycnictl")
+    with open(node.agent_log, "ab") as log:
+        proc = subprocess.Popen(
+            ["ip", "netns", "exec", node.netns, pycnictl, "agent", "--socket", node.agent_socket,
+             "--data-dir", node.data_dir, "--log-file", node.agent_log],
+            stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
+        )
+    deadline = time.monotonic() + wait
+    while not os.path.exists(node.agent_socket):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise LabError(f"the agent of {node.name} did not start; see {node.agent_log}")
+        time.sleep(0.02)
+
+
+def _stop_agent(node: Node, wait: float = 10.0) -> None:
+    """SIGTERM the agent (found as the pycnictl process in the node's namespace) and wait."""
+    pids = []
+    for pid in _run("ip", "netns", "pids", node.netns, check=False).stdout.split():
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if b"agent" in f.read().split(b"\0"):
+                    pids.append(int(pid))
+        except OSError:
+            pass
+    for pid in pids:
+        try:
+            os.kill(pid, 15)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + wait
+    while pids and time.monotonic() < deadline:
+        pids = [p for p in pids if os.path.exists(f"/proc/{p}")]
+        time.sleep(0.05)
 
 
 def _add_pod(node: Node, pod: Pod) -> None:
@@ -307,7 +358,7 @@ def up(args) -> int:
         print(f"{state_dir} is not empty and holds no lab: choose another --state-dir",
               file=sys.stderr)
         return 1
-    lab = Lab.plan(prefix, state_dir, args.pods)
+    lab = Lab.plan(prefix, state_dir, args.pods, agent=args.agent)
     os.makedirs(state_dir, exist_ok=True)
     lab.save()  # first, so that `lab down` can undo whatever follows
     try:
@@ -346,6 +397,11 @@ def _print_lab(lab: Lab) -> None:
               f"pod subnet {node.subnet} (gateway {node.gateway} on cni0), masquerade on")
         print(f"  plugin {node.plugin}")
         print(f"  config {node.conflist_path}")
+        if node.agent:
+            print(f"  agent  {node.agent_socket} (log {node.agent_log}; "
+                  f"metrics on the node's 127.0.0.1:9654)")
+        else:
+            print("  agent  none: the plugin works in-process")
         print()
         rows = [("POD", "ADDRESS", "MAC", "HOST VETH", "CONTAINER ID")]
         rows += [(p.netns, p.address, p.mac, p.host_veth, p.container_id[:12])
@@ -629,6 +685,8 @@ def _teardown(prefix: str, state_dir: str, quiet: bool = False) -> list[str]:
                     problems.append(problem)
                 elif node.netns in live:
                     say(f"DEL {pod.netns}")
+            if node.netns in live:
+                _stop_agent(node)
         names = lab.namespaces()
     else:
         names = []
@@ -703,6 +761,9 @@ def register(sub) -> None:
     u = lsub.add_parser("up", parents=[common], help="build the lab, network pods through the "
                         "installed plugin, print their addresses and measured connectivity")
     u.add_argument("--pods", type=_pod_count, default=3, help=f"pods on the node (1-{MAX_PODS}; 3)")
+    u.add_argument("--no-agent", dest="agent", action="store_false",
+                   help="no node agent: the plugin does its work in-process, as on a node set "
+                   "up by hand")
     u.set_defaults(func=up)
     d = lsub.add_parser("down", parents=[common],
                         help="DEL every pod through the plugin and remove everything the lab made")
