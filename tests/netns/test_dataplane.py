@@ -444,6 +444,26 @@ def test_existing_bridge_is_reused(node):
     ping(node.spaces, pod_name(pod), "10.244.1.1")
 
 
+def test_bridge_deleted_by_someone_else_is_made_again(node):
+    """The next ADD repairs it (an agent that remembered the old bridge checks again)."""
+    node.add(node.pod(), "c1")
+    node.exec("ip", "link", "del", "cni0")
+    pod2 = node.pod()
+    out = node.add(pod2, "c2")
+    assert out["ips"][0]["address"] == "10.244.1.3/24"
+    assert "10.244.1.1/24" in node.exec("ip", "-o", "addr", "show", "dev", "cni0").stdout
+    node.spaces.exec(pod_name(pod2), "ping", "-c1", "-W2", "10.244.1.1")
+
+
+def test_check_reports_a_bridge_without_its_gateway_address(node):
+    pod = node.pod()
+    out = node.add(pod, "c1")
+    node.exec("ip", "addr", "del", "10.244.1.1/24", "dev", "cni0")
+    reply = node.run("CHECK", node.conf(prevResult=out), container_id="c1", netns=pod)
+    assert reply.rc != 0 and reply.code == 104, reply
+    assert "gateway address 10.244.1.1/24" in reply.out["msg"]
+
+
 def test_non_bridge_link_with_bridge_name(node):
     node.exec("ip", "link", "add", "cni0", "type", "veth", "peer", "name", "cni0peer")
     pod = node.pod()

@@ -11,9 +11,9 @@ import ipaddress
 import logging
 
 from ..cni.env import Request
+from ..cni.errors import CniError
 from ..cni.netconf import NetConf
 from ..cni.result import Interface, IPConfig, Result, Route
-from ..dataplane import bridge as brmod
 from ..dataplane import names, sysctl, veth
 from ..dataplane.netns import netlink_in, netns_fd
 from ..ipam.store import Allocation, Store
@@ -46,7 +46,7 @@ def _add(request: Request, conf: NetConf, store: Store) -> Result:
             checkpoint(request, "ipam")
 
             gateways = _gateways(allocations)
-            br = brmod.ensure_bridge(ipr, conf.bridge, gateways, conf.mtu)
+            br = resources.bridge(ipr, conf.bridge, gateways, conf.mtu)
             checkpoint(request, "bridge")
 
             # The store had no attachment, so a host veth of this name is a leftover of a
@@ -54,8 +54,16 @@ def _add(request: Request, conf: NetConf, store: Store) -> Result:
             if veth.delete_host_veth(ipr, host_name):
                 log.warning("removed stale %s left by an earlier ADD", host_name)
             alias = names.host_veth_alias(conf.name, request.container_id, request.ifname)
-            host_index, host_mac = veth.create_pair(
-                ipr, host_name, alias, request.ifname, nsfd, conf.mtu, conf.mac, br["index"])
+            try:
+                host_index, host_mac = veth.create_pair(
+                    ipr, host_name, alias, request.ifname, nsfd, conf.mtu, conf.mac, br["index"])
+            except CniError:
+                if not resources.forget_bridge(conf.bridge):
+                    raise
+                # The bridge this thread remembered may be gone: check it and try once more.
+                br = resources.bridge(ipr, conf.bridge, gateways, conf.mtu, fresh=True)
+                host_index, host_mac = veth.create_pair(
+                    ipr, host_name, alias, request.ifname, nsfd, conf.mtu, conf.mac, br["index"])
             # Undo runs after the `with` has released ipr: it takes the handle again.
             undo.push(f"veth {host_name}", lambda: _delete_host_veth(host_name))
             checkpoint(request, "veth")

@@ -39,16 +39,22 @@ def cmd_check(request: Request, conf: NetConf) -> None:
         raise _drift(f"store holds {sorted(stored)} but prevResult says {sorted(expected)}")
 
     with resources.host_netlink() as ipr:
-        _check_host_side(ipr, conf, request, att.host_veth)
+        _check_host_side(ipr, conf, request, att.host_veth, att.allocations)
     with pod_netlink(request.netns) as nsipr:
         _check_pod_side(nsipr, conf, request, pod_iface, stored, att)
 
 
-def _check_host_side(ipr: IPRoute, conf: NetConf, request: Request, host_name: str) -> None:
+def _check_host_side(ipr: IPRoute, conf: NetConf, request: Request, host_name: str,
+                     allocations) -> None:
     host_name = host_name or names.host_veth_name(conf.name, request.container_id, request.ifname)
     br = veth.lookup(ipr, conf.bridge)
     if br is None:
         raise _drift(f"bridge {conf.bridge} is missing")
+    have = {(a.get("IFA_ADDRESS"), a["prefixlen"]) for a in ipr.addr("dump", index=br)}
+    for a in allocations:
+        if a.gateway is not None and (str(a.gateway), a.prefixlen) not in have:
+            raise _drift(
+                f"bridge {conf.bridge} lacks the gateway address {a.gateway}/{a.prefixlen}")
     index = veth.lookup(ipr, host_name)
     if index is None:
         raise _drift(f"host veth {host_name} is missing")

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from contextlib import contextmanager
 
 from pyroute2 import IPRoute
 
+from ..dataplane.bridge import ensure_bridge
 from ..ipam.store import Store
 
 _warm = False
@@ -67,6 +69,35 @@ def host_netlink():
         _local.ipr = None
         ipr.close()
         raise
+
+
+# How long an agent thread trusts a bridge it has checked. Within it, ADD skips two netlink
+# round trips; a bridge deleted meanwhile makes the veth creation fail, and ADD then checks
+# again (see core.add), so staleness costs at most one retry.
+BRIDGE_TTL = 5.0
+
+
+def bridge(ipr, name: str, gateways: list, mtu: int | None, fresh: bool = False):
+    """The bridge's link message, made and addressed as needed (dataplane.bridge)."""
+    if not _warm or fresh:
+        link = ensure_bridge(ipr, name, gateways, mtu)
+        if _warm:
+            _bridges()[name] = (link, frozenset(map(str, gateways)), time.monotonic())
+        return link
+    cached = _bridges().get(name)
+    if (cached is not None and cached[1] >= frozenset(map(str, gateways))
+            and time.monotonic() - cached[2] < BRIDGE_TTL):
+        return cached[0]
+    return bridge(ipr, name, gateways, mtu, fresh=True)
+
+
+def forget_bridge(name: str) -> bool:
+    """Drop a cached bridge; True if there was one (the caller may then retry)."""
+    return _warm and _bridges().pop(name, None) is not None
+
+
+def _bridges() -> dict:
+    return _local.__dict__.setdefault("bridges", {})
 
 
 def _inode(path: str) -> int | None:
