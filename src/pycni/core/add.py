@@ -49,21 +49,8 @@ def _add(request: Request, conf: NetConf, store: Store) -> Result:
             br = resources.bridge(ipr, conf.bridge, gateways, conf.mtu)
             checkpoint(request, "bridge")
 
-            # The store had no attachment, so a host veth of this name is a leftover of a
-            # crashed ADD whose DEL never came: it holds nothing, remove it.
-            if veth.delete_host_veth(ipr, host_name):
-                log.warning("removed stale %s left by an earlier ADD", host_name)
-            alias = names.host_veth_alias(conf.name, request.container_id, request.ifname)
-            try:
-                host_index, host_mac = veth.create_pair(
-                    ipr, host_name, alias, request.ifname, nsfd, conf.mtu, conf.mac, br["index"])
-            except CniError:
-                if not resources.forget_bridge(conf.bridge):
-                    raise
-                # The bridge this thread remembered may be gone: check it and try once more.
-                br = resources.bridge(ipr, conf.bridge, gateways, conf.mtu, fresh=True)
-                host_index, host_mac = veth.create_pair(
-                    ipr, host_name, alias, request.ifname, nsfd, conf.mtu, conf.mac, br["index"])
+            br, (host_index, host_mac) = _make_pair(
+                ipr, conf, request, host_name, nsfd, br, gateways)
             # Undo runs after the `with` has released ipr: it takes the handle again.
             undo.push(f"veth {host_name}", lambda: _delete_host_veth(host_name))
             checkpoint(request, "veth")
@@ -88,6 +75,31 @@ def _add(request: Request, conf: NetConf, store: Store) -> Result:
             _resync_quietly(store)
         raise
     return _result(conf, request, br, host_name, host_mac, pod_mac, allocations, routes)
+
+
+def _make_pair(ipr, conf: NetConf, request: Request, host_name: str, nsfd: int, br, gateways):
+    """Create the veth pair. If that fails, cure the two causes a retry can cure, then try
+    once more: a host veth of this name left by a crashed ADD whose DEL never came (the store
+    had no attachment, so it holds nothing), and a bridge this agent thread remembered that is
+    gone. Trying first keeps the common case to one round trip."""
+    alias = names.host_veth_alias(conf.name, request.container_id, request.ifname)
+
+    def create(bridge):
+        return veth.create_pair(ipr, host_name, alias, request.ifname, nsfd, conf.mtu, conf.mac,
+                                bridge["index"])
+
+    try:
+        return br, create(br)
+    except CniError:
+        stale = veth.delete_host_veth(ipr, host_name)
+        if stale:
+            log.warning("removed stale %s left by an earlier ADD", host_name)
+        forgot = resources.forget_bridge(conf.bridge)
+        if not (stale or forgot):
+            raise
+    if forgot:
+        br = resources.bridge(ipr, conf.bridge, gateways, conf.mtu, fresh=True)
+    return br, create(br)
 
 
 def _delete_host_veth(name: str) -> None:

@@ -6,6 +6,7 @@ and at least one pod, so adding, deleting and GC all converge on the same table.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import os
 
@@ -17,9 +18,13 @@ from ..rules import masquerade
 def _digest_key() -> str:
     """Rules live in the kernel of one network namespace and one boot: a digest recorded under
     another boot or namespace says nothing about what is installed here."""
+    return f"masquerade.digest.{_boot_id()}.{os.stat('/proc/self/ns/net').st_ino}"
+
+
+@functools.cache
+def _boot_id() -> str:
     with open("/proc/sys/kernel/random/boot_id") as f:
-        boot = f.read().strip()
-    return f"masquerade.digest.{boot}.{os.stat('/proc/self/ns/net').st_ino}"
+        return f.read().strip()
 
 
 def record_network(store: Store, conf: NetConf) -> None:
@@ -48,18 +53,25 @@ def desired_rules(store: Store) -> list[masquerade.MasqRule]:
 
 
 def sync(store: Store) -> None:
-    """Apply the desired rules if they differ from what was last applied (one transaction, so
-    concurrent ADDs and DELs apply them one after the other, never interleaved)."""
+    """Apply the desired rules if they differ from what was last applied. Checked first without
+    the write lock (most ADDs and DELs change nothing), then again inside one transaction, so
+    concurrent ADDs and DELs apply rules one after the other, never interleaved."""
+    key = _digest_key()
+    if _applied(store, key) == masquerade.digest(desired_rules(store)):
+        return
     with store.transaction():
         rules = desired_rules(store)
         digest = masquerade.digest(rules)
-        # Nothing recorded means nothing was ever installed: same as an empty rule set, so
-        # nodes without ipMasq never run nft at all.
-        key = _digest_key()
-        if (store.get_meta(key) or masquerade.digest([])) == digest:
+        if _applied(store, key) == digest:
             return
         masquerade.apply(rules)
         store.set_meta(key, digest)
+
+
+def _applied(store: Store, key: str) -> str:
+    # Nothing recorded means nothing was ever installed: same as an empty rule set, so nodes
+    # without ipMasq never run nft at all.
+    return store.get_meta(key) or masquerade.digest([])
 
 
 def remove(store: Store | None) -> None:
