@@ -4,6 +4,7 @@ runtime would, so tests never touch the machine's cni0 or /etc/cni."""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -196,12 +197,8 @@ def node(request, netns, plugin_bin, tmp_path):
     if getattr(request, "param", "standalone") != "agent":
         yield n
         return
-    proc = AgentProcess(n).start()
-    n.base["agentSocket"] = proc.socket
-    try:
+    with agent_for(n):
         yield n
-    finally:
-        proc.kill()
 
 
 def pod_name(netns_path: str) -> str:
@@ -275,8 +272,8 @@ class AgentProcess:
         return open(self.log_file).read() if os.path.exists(self.log_file) else ""
 
 
-@pytest.fixture
-def agent(node):
+@contextlib.contextmanager
+def agent_for(node: Node):
     """A running agent for `node`; the node's configs point the plugin at its socket."""
     proc = AgentProcess(node).start()
     node.base["agentSocket"] = proc.socket
@@ -284,3 +281,9 @@ def agent(node):
         yield proc
     finally:
         proc.kill()
+
+
+@pytest.fixture
+def agent(node):
+    with agent_for(node) as proc:
+        yield proc

@@ -8,7 +8,7 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from ..cni.errors import INVALID_NETWORK_CONFIG, CniError
-from .errors import dataplane_error, is_exists, is_missing
+from .errors import dataplane_error, is_missing, tolerating_exists
 from .names import bridge_mac
 
 IFA_F_NODAD = 0x02
@@ -35,11 +35,8 @@ def ensure_bridge(
             spec["address"] = bridge_mac(v4.ip.packed)
         if mtu:
             spec["mtu"] = mtu
-        try:
+        with tolerating_exists(f"creating bridge {name}"):
             ipr.link("add", **spec)
-        except NetlinkError as exc:
-            if not is_exists(exc):
-                raise dataplane_error(f"creating bridge {name}", exc) from None
         links = ipr.link("get", ifname=name)
     link = links[0]
     if link_kind(link) != "bridge":
@@ -53,14 +50,11 @@ def ensure_bridge(
     for gw in gateways:
         if (str(gw.ip), gw.network.prefixlen) in have:
             continue
-        try:
+        with tolerating_exists(f"adding {gw} to bridge {name}"):
             ipr.addr(
                 "add", index=index, address=str(gw.ip), prefixlen=gw.network.prefixlen,
                 flags=IFA_F_NODAD if gw.version == 6 else 0,
             )
-        except NetlinkError as exc:
-            if not is_exists(exc):
-                raise dataplane_error(f"adding {gw} to bridge {name}", exc) from None
     if not link["flags"] & 1:  # IFF_UP
         ipr.link("set", index=index, state="up")
     return link

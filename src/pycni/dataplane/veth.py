@@ -9,7 +9,7 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from .bridge import IFA_F_NODAD
-from .errors import dataplane_error, is_exists, is_missing
+from .errors import dataplane_error, is_exists, is_missing, tolerating_exists
 
 
 @dataclass
@@ -97,11 +97,8 @@ def configure_pod(
         metrics = {k: route.extras[k] for k in ("mtu", "advmss") if k in route.extras}
         if metrics:
             spec["metrics"] = metrics
-        try:
+        with tolerating_exists(f"adding route {route.dst} in the pod"):
             nsipr.route("add", **spec)
-        except NetlinkError as exc:
-            if not is_exists(exc):
-                raise dataplane_error(f"adding route {route.dst} in the pod", exc) from None
     return link.get("IFLA_ADDRESS")
 
 
