@@ -49,10 +49,12 @@ def _add(request: Request, conf: NetConf, store: Store) -> Result:
             br = resources.bridge(ipr, conf.bridge, gateways, conf.mtu)
             checkpoint(request, "bridge")
 
-            br, (host_index, host_mac) = _make_pair(
-                ipr, conf, request, host_name, nsfd, br, gateways)
+            # Registered before creating: a failure after the kernel made the pair (setting
+            # its alias, say) must still remove it. The name is this attachment's alone.
             # Undo runs after the `with` has released ipr: it takes the handle again.
             undo.push(f"veth {host_name}", lambda: _delete_host_veth(host_name))
+            br, (host_index, host_mac) = _make_pair(
+                ipr, conf, request, host_name, nsfd, br, gateways)
             checkpoint(request, "veth")
 
             addresses = [ipaddress.ip_interface(f"{a.ip}/{a.prefixlen}") for a in allocations]
