@@ -145,6 +145,10 @@ class Node:
             conf = self.conf()
         data = conf if isinstance(conf, bytes) else (
             conf.encode() if isinstance(conf, str) else json.dumps(conf).encode())
+        return self.exec_plugin(environ, data, timeout)
+
+    def exec_plugin(self, environ: dict, data: bytes, timeout: float = 60) -> Reply:
+        """Exec the installed plugin in the node with exactly this environment."""
         proc = subprocess.run(
             ["ip", "netns", "exec", self.ns, self.plugin], input=data, env=environ,
             capture_output=True, timeout=timeout,

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import time
 
 import pytest
@@ -98,14 +97,7 @@ def assert_nothing_left(node: Node, pod: str, links_before: list[str]) -> None:
 def raw_run(node: Node, environ: dict, data: bytes) -> Reply:
     """Like Node.run but with exactly this environment (so a variable can be truly absent)."""
     env = {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"), **environ}
-    proc = subprocess.run(["ip", "netns", "exec", node.ns, node.plugin], input=data, env=env,
-                          capture_output=True, timeout=60)
-    stdout = proc.stdout.decode()
-    try:
-        out = json.loads(stdout) if stdout.strip() else None
-    except ValueError:
-        out = None
-    return Reply(proc.returncode, out, stdout, proc.stderr.decode())
+    return node.exec_plugin(env, data)
 
 
 # --- 1. every command in every version ------------------------------------------------------

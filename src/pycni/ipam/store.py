@@ -169,37 +169,30 @@ class Store:
     @contextmanager
     def transaction(self) -> Iterator[None]:
         """One BEGIN IMMEDIATE transaction; nested use joins the open one."""
-        conn = self.conn
-        if conn.in_transaction:
+        with self._transaction("BEGIN IMMEDIATE", self._writer_lock):
             yield
-            return
-        try:
-            with self._writer_lock:
-                conn.execute("BEGIN IMMEDIATE")
-                try:
-                    yield
-                    conn.execute("COMMIT")
-                except BaseException:
-                    self._rollback()
-                    raise
-        except sqlite3.Error as e:
-            raise self._error(e) from e
+
+    def _read(self) -> AbstractContextManager[sqlite3.Connection]:
+        """A deferred (snapshot) transaction for multi-statement reads; no write lock taken."""
+        return self._transaction("BEGIN", nullcontext())
 
     @contextmanager
-    def _read(self) -> Iterator[sqlite3.Connection]:
-        """A deferred (snapshot) transaction for multi-statement reads; no write lock taken."""
+    def _transaction(
+        self, begin: str, lock: AbstractContextManager
+    ) -> Iterator[sqlite3.Connection]:
         conn = self.conn
         if conn.in_transaction:
             yield conn
             return
         try:
-            conn.execute("BEGIN")
-            try:
-                yield conn
-                conn.execute("COMMIT")
-            except BaseException:
-                self._rollback()
-                raise
+            with lock:
+                conn.execute(begin)
+                try:
+                    yield conn
+                    conn.execute("COMMIT")
+                except BaseException:
+                    self._rollback()
+                    raise
         except sqlite3.Error as e:
             raise self._error(e) from e
 
