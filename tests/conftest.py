@@ -232,22 +232,17 @@ class AgentProcess:
         self.proc: subprocess.Popen | None = None
 
     def start(self, wait: float = 15.0) -> AgentProcess:
-        import time
+        from pycni.agent.launch import agent_argv, wait_until_listening
 
-        pycnictl = os.path.join(os.path.dirname(sys.executable), "pycnictl")
-        self.proc = subprocess.Popen(
-            ["ip", "netns", "exec", self.node.ns, pycnictl, "agent", "--socket", self.socket,
-             "--log-file", self.log_file, "--data-dir", os.path.join(self.node.root, "data"),
-             "--metrics-port", str(self.metrics_port)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-        )
-        deadline = time.monotonic() + wait
-        while not os.path.exists(self.socket):
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"agent exited: {self.proc.stderr.read().decode()}")
-            if time.monotonic() > deadline:
-                raise RuntimeError("agent did not come up")
-            time.sleep(0.02)
+        argv = agent_argv(self.socket, os.path.join(self.node.root, "data"), self.log_file,
+                          self.metrics_port)
+        self.proc = subprocess.Popen(["ip", "netns", "exec", self.node.ns, *argv],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            wait_until_listening(self.proc, self.socket, wait)
+        except RuntimeError as exc:
+            stderr = self.proc.stderr.read().decode() if self.proc.poll() is not None else ""
+            raise RuntimeError(f"{exc}: {stderr}") from None
         return self
 
     def signal(self, sig: int) -> None:

@@ -49,6 +49,8 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+from ..agent.launch import agent_argv, wait_until_listening
+
 CLONE_NEWNET = 0x40000000
 NETNS_DIR = "/run/netns"
 NAME = "benchnet"
@@ -206,20 +208,15 @@ class AgentRunner:
         return self.proc.pid if self.proc is not None else None
 
     def start(self, launcher: Launcher, ns: str) -> None:
-        argv = [sys.executable, "-c", "from pycni.ctl.main import main; main()", "agent",
-                "--socket", self.socket, "--log-file", self.log_file,
-                "--data-dir", self.data_dir, "--metrics-port", "0"]
+        argv = agent_argv(self.socket, self.data_dir, self.log_file)
         with open(self.stderr_file, "wb") as err:
             self.proc = launcher.popen(ns, argv, stdin=subprocess.DEVNULL,
                                        stdout=subprocess.DEVNULL, stderr=err,
                                        env={"PATH": PATH}, start_new_session=True)
-        deadline = time.monotonic() + AGENT_START_TIMEOUT
-        while not os.path.exists(self.socket):
-            if self.proc.poll() is not None:
-                raise BenchError(f"the agent exited ({self.proc.returncode}): {self.stderr()}")
-            if time.monotonic() > deadline:
-                raise BenchError(f"the agent did not come up in {AGENT_START_TIMEOUT:.0f} s")
-            time.sleep(0.02)
+        try:
+            wait_until_listening(self.proc, self.socket, AGENT_START_TIMEOUT)
+        except RuntimeError as exc:
+            raise BenchError(f"{exc}: {self.stderr()}") from None
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None

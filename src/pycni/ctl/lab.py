@@ -272,22 +272,21 @@ def _build_node(lab: Lab, node: Node) -> None:
         _start_agent(node)
 
 
-def _start_agent(node: Node, wait: float = 15.0) -> None:
+def _start_agent(node: Node) -> None:
     """`pycnictl agent` inside the node's namespace, detached from this command: it serves the
     node until `lab down`. Metrics and health on the node's own loopback."""
+    from ..agent.launch import agent_argv, wait_until_listening
+
     _run("ip", "-n", node.netns, "link", "set", "lo", "up")
-    pycnictl = os.path.join(os.path.dirname(sys.executable), "pycnictl")
+    argv = agent_argv(node.agent_socket, node.data_dir, node.agent_log, metrics_port=9654)
     with open(node.agent_log, "ab") as log:
-        proc = subprocess.Popen(
-            ["ip", "netns", "exec", node.netns, pycnictl, "agent", "--socket", node.agent_socket,
-             "--data-dir", node.data_dir, "--log-file", node.agent_log],
-            stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
-        )
-    deadline = time.monotonic() + wait
-    while not os.path.exists(node.agent_socket):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise LabError(f"the agent of {node.name} did not start; see {node.agent_log}")
-        time.sleep(0.02)
+        proc = subprocess.Popen(["ip", "netns", "exec", node.netns, *argv],
+                                stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                start_new_session=True)
+    try:
+        wait_until_listening(proc, node.agent_socket)
+    except RuntimeError as exc:
+        raise LabError(f"{node.name}: {exc}; see {node.agent_log}") from None
 
 
 def _stop_agent(node: Node, wait: float = 10.0) -> None:

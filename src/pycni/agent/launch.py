@@ -1,0 +1,29 @@
+"""Starting `pycnictl agent` as a child process (the lab, the benchmark and the tests do)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+
+def agent_argv(socket: str, data_dir: str, log_file: str, metrics_port: int = 0) -> list[str]:
+    """The command line of an agent with private socket, data dir and log, from the same
+    installation as the caller (its pycnictl script, so `ps` shows `pycnictl agent`)."""
+    script = os.path.join(os.path.dirname(sys.executable), "pycnictl")
+    command = [script] if os.access(script, os.X_OK) else [
+        sys.executable, "-c", "from pycni.ctl.main import main; main()"]
+    return [*command, "agent", "--socket", socket, "--data-dir", data_dir,
+            "--log-file", log_file, "--metrics-port", str(metrics_port)]
+
+
+def wait_until_listening(proc: subprocess.Popen, socket: str, timeout: float = 15.0) -> None:
+    """Return once the agent's socket exists; raise RuntimeError if it exits or takes too long."""
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(socket):
+        if proc.poll() is not None:
+            raise RuntimeError(f"the agent exited with status {proc.returncode}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the agent did not listen on {socket} within {timeout:.0f} s")
+        time.sleep(0.02)
