@@ -18,6 +18,7 @@ from . import MAX_CONFIG_BYTES, versions
 from . import result as cniresult
 from .env import Request, validate_ifname
 from .errors import DECODING_FAILURE, INVALID_NETWORK_CONFIG, CniError, config_error
+from .result import Route
 
 DEFAULT_BRIDGE = "cni0"
 DEFAULT_DATA_DIR = "/var/lib/pycni"
@@ -31,13 +32,6 @@ VALID_ATTACHMENTS = "cni.dev/valid-attachments"
 
 
 @dataclass
-class RouteConf:
-    dst: ipaddress.IPv4Network | ipaddress.IPv6Network
-    gw: ipaddress.IPv4Address | ipaddress.IPv6Address | None = None
-    extras: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
 class NetConf:
     cni_version: str
     name: str
@@ -45,7 +39,7 @@ class NetConf:
     bridge: str = DEFAULT_BRIDGE
     range_sets: list[RangeSet] = field(default_factory=list)
     cluster_cidrs: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = field(default_factory=list)
-    routes: list[RouteConf] = field(default_factory=list)
+    routes: list[Route] = field(default_factory=list)
     mtu: int | None = None
     is_default_gateway: bool = True
     ip_masq: bool = False
@@ -221,7 +215,7 @@ def _cluster_cidrs(value: Any) -> list:
     return out
 
 
-def _routes(value: Any, where: str) -> list[RouteConf]:
+def _routes(value: Any, where: str) -> list[Route]:
     if value is None:
         return []
     if not isinstance(value, list):
@@ -244,7 +238,7 @@ def _routes(value: Any, where: str) -> list[RouteConf]:
             if gw.version != dst.version:
                 raise config_error(f"{key}.gw", "is not of the same IP family as dst")
         extras = {k: item[k] for k in cniresult.ROUTE_EXTRAS if k in item}
-        out.append(RouteConf(dst, gw, extras))
+        out.append(Route(dst, gw, extras))
     return out
 
 

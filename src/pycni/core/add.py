@@ -123,19 +123,19 @@ def _gateways(allocations: list[Allocation]) -> list:
     ]
 
 
-def pod_routes(conf: NetConf, allocations: list[Allocation]) -> list[veth.PodRoute]:
+def pod_routes(conf: NetConf, allocations: list[Allocation]) -> list[Route]:
     """Default routes via the gateways (isDefaultGateway), then the configured routes; a route
     without gw goes via its family's gateway."""
     gw_by_family = {a.ip.version: a.gateway for a in allocations if a.gateway is not None}
-    out: list[veth.PodRoute] = []
+    out: list[Route] = []
     if conf.is_default_gateway:
         for family, gw in gw_by_family.items():
             dst = ipaddress.ip_network("0.0.0.0/0" if family == 4 else "::/0")
-            out.append(veth.PodRoute(dst, gw, {}))
+            out.append(Route(dst, gw, {}))
     for r in conf.routes:
         if r.dst.version not in gw_by_family and r.gw is None:
             continue  # no address of that family: the route could not work
-        route = veth.PodRoute(r.dst, r.gw or gw_by_family.get(r.dst.version), dict(r.extras))
+        route = Route(r.dst, r.gw or gw_by_family.get(r.dst.version), dict(r.extras))
         if not any(o.dst == route.dst and o.extras.get("table") == route.extras.get("table")
                    for o in out):
             out.append(route)
@@ -155,7 +155,7 @@ def _result(conf, request, br, host_name, host_mac, pod_mac, allocations, routes
             IPConfig(ipaddress.ip_interface(f"{a.ip}/{a.prefixlen}"), a.gateway, base + 2)
             for a in allocations
         ],
-        routes=list(prev.routes) + [Route(r.dst, r.gw, r.extras) for r in routes],
+        routes=list(prev.routes) + routes,
         dns={**prev.dns, **conf.dns},
     )
     return res

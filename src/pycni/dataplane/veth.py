@@ -3,20 +3,13 @@
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
+from ..cni.result import Route
 from .bridge import IFA_F_NODAD
 from .errors import dataplane_error, is_exists, is_missing, tolerating_exists
-
-
-@dataclass
-class PodRoute:
-    dst: ipaddress.IPv4Network | ipaddress.IPv6Network
-    gw: ipaddress.IPv4Address | ipaddress.IPv6Address | None
-    extras: dict
 
 
 def lookup(ipr: IPRoute, name: str) -> int | None:
@@ -71,7 +64,7 @@ LOOPBACK_INDEX = 1  # lo is the first device of every network namespace
 def configure_pod(
     nsipr: IPRoute, ifname: str,
     addresses: list[ipaddress.IPv4Interface | ipaddress.IPv6Interface],
-    routes: list[PodRoute],
+    routes: list[Route],
 ) -> str:
     """Bring up lo and the pod interface, add addresses and routes; return the pod MAC."""
     nsipr.link("set", index=LOOPBACK_INDEX, state="up")
