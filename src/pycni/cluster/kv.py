@@ -1,0 +1,54 @@
+"""The small key-value contract the lease datastores are built on.
+
+Subnet leases (cluster/leases.py) are written once, against this interface, and run on etcd
+(cluster/etcd.py) or on a SQLite file (cluster/sqlite.py). Each KV client holds one lease: every
+key it creates is bound to it, ``keepalive`` renews them all at once, and when the lease expires
+(the agent was gone for longer than the TTL) the keys disappear for every reader.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+
+class KVError(Exception):
+    """The datastore cannot be reached or answered with an error; the caller retries later."""
+
+
+class KV(ABC):
+    """Keys are ``/``-separated strings, values are strings (JSON in practice)."""
+
+    ttl: float  # seconds a key outlives the last keepalive of the lease it is bound to
+
+    @abstractmethod
+    def list(self, prefix: str) -> tuple[dict[str, str], int]:
+        """Every live key under ``prefix`` with its value, and the store's revision at the read.
+        Keys whose lease expired are never returned."""
+
+    @abstractmethod
+    def create(self, key: str, value: str) -> bool:
+        """Store ``value`` under ``key``, bound to this client's lease, only if the key is
+        absent (or expired). Atomic: of two clients creating one key, exactly one wins."""
+
+    @abstractmethod
+    def replace(self, key: str, old: str, new: str) -> bool:
+        """Compare-and-swap: set ``new`` (bound to this client's lease) only if the key holds
+        exactly ``old``."""
+
+    @abstractmethod
+    def delete(self, key: str, old: str | None = None) -> bool:
+        """Remove ``key`` (only if it holds ``old``, when given). True if something was removed."""
+
+    @abstractmethod
+    def keepalive(self) -> bool:
+        """Renew this client's lease. False when it had already expired: its keys are gone and
+        the next ``create`` binds to a fresh lease."""
+
+    @abstractmethod
+    def wait(self, prefix: str, revision: int, timeout: float) -> int:
+        """Block until something under ``prefix`` changes after ``revision`` (a value from
+        ``list``) or ``timeout`` seconds pass; return the revision then. Expiry of another
+        client's lease counts as a change, at the latest when it is noticed by a ``list``."""
+
+    def close(self) -> None:
+        """Release connections; the lease is left to expire (a restarting agent keeps it)."""
