@@ -48,5 +48,5 @@ class Datastore(ABC):
     def release(self) -> None:
         """Clean removal of this node: its subnets become free and other nodes drop its routes."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 (optional hook, not abstract)
         """Stop talking to the datastore; the claim remains (an agent restart keeps its subnet)."""

@@ -50,5 +50,5 @@ class KV(ABC):
         ``list``) or ``timeout`` seconds pass; return the revision then. Expiry of another
         client's lease counts as a change, at the latest when it is noticed by a ``list``."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 (optional hook, not abstract)
         """Release connections; the lease is left to expire (a restarting agent keeps it)."""
