@@ -1,0 +1,34 @@
+"""Opening the datastore the agent's settings name."""
+
+from __future__ import annotations
+
+from .datastore import Datastore
+from .model import ClusterSettings
+
+KINDS = ("sqlite", "etcd", "kubernetes")
+DEFAULT_SQLITE_PATH = "/var/lib/pycni/cluster.db"
+DEFAULT_LEASE_TTL = 3600.0
+
+
+def open_datastore(kind: str, settings: ClusterSettings, node_name: str, *,
+                   path: str = DEFAULT_SQLITE_PATH, etcd_endpoints: str = "",
+                   etcd_prefix: str = "/pycni/", kubeconfig: str | None = None,
+                   lease_ttl: float = DEFAULT_LEASE_TTL) -> Datastore:
+    if kind == "sqlite":
+        from .leases import LeaseDatastore
+        from .sqlite import SqliteKV
+
+        return LeaseDatastore(SqliteKV(path, lease_ttl), settings, kind, node_name=node_name)
+    if kind == "etcd":
+        from .etcd import EtcdKV
+        from .leases import LeaseDatastore
+
+        if not etcd_endpoints:
+            raise ValueError("the etcd datastore needs --etcd-endpoints")
+        return LeaseDatastore(EtcdKV(etcd_endpoints.split(","), lease_ttl), settings, kind,
+                              prefix=etcd_prefix, node_name=node_name)
+    if kind == "kubernetes":
+        from .kubernetes import KubernetesDatastore
+
+        return KubernetesDatastore(node_name, kubeconfig=kubeconfig)
+    raise ValueError(f"unknown datastore {kind!r} (want one of {', '.join(KINDS)})")
