@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from pycni.rules import masquerade as m
+from pycni.rules import table as m
 
 pytestmark = [
     pytest.mark.netns,
@@ -180,16 +180,18 @@ class Topo:
 
 _SNIPPET = """
 import json, sys
-from pycni.rules import masquerade as m
+from pycni.rules import table as m
 op, payload, backend = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3] or None
-rules = [m.MasqRule(s, tuple(e)) for s, e in payload]
+rules = m.RuleSet(tuple(m.MasqRule(s, tuple(e)) for s, e in payload))
 if op == "apply":
     out = m.apply(rules, backend)
 elif op == "remove":
     out = m.remove_all(backend)
 elif op == "installed":
     got = m.installed(backend)
-    out = None if got is None else [[str(r.source), [str(e) for e in r.exclude]] for r in got]
+    out = None if got is None else [
+        [str(r.source), [str(e) for e in r.exclude]] for r in got.masquerade
+    ]
 print(json.dumps(out))
 """
 
@@ -324,7 +326,7 @@ def test_failed_nft_transaction_leaves_old_table(topo):
     topo.masq("apply", [RULE4], "nft")
     before = topo.nft_table()
     other = m.MasqRule(SUBNET4, (SUBNET4, "192.0.2.0/24"))
-    broken = m.render_nft([other]) + "add rule inet pycni nosuchchain counter\n"
+    broken = m.render_nft(m.RuleSet([other])) + "add rule inet pycni nosuchchain counter\n"
     proc = subprocess.run(
         ["ip", "netns", "exec", topo.node, "nft", "-f", "-"],
         input=broken,

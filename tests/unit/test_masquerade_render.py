@@ -1,4 +1,5 @@
-"""Pure rendering of the node masquerade rule set (no root needed)."""
+"""Pure rendering of the node's masquerade rules (no root needed); forward accepts and whole
+rule sets are in test_rules_table.py."""
 
 from __future__ import annotations
 
@@ -7,14 +8,14 @@ from ipaddress import ip_network
 import pytest
 
 from pycni.cni.errors import INVALID_ENVIRONMENT, CniError
-from pycni.rules import masquerade as m
+from pycni.rules import table as m
 
 V4 = m.MasqRule(ip_network("10.244.1.0/24"), (ip_network("10.244.0.0/16"),))
 V6 = m.MasqRule(ip_network("fd00:10:244:1::/64"), (ip_network("fd00:10:244::/56"),))
 
 
 def test_v4_nft():
-    script = m.render_nft([V4])
+    script = m.render_nft(m.RuleSet([V4]))
     assert script == (
         "table inet pycni {}\n"
         "delete table inet pycni\n"
@@ -29,7 +30,7 @@ def test_v4_nft():
 
 
 def test_v6_nft():
-    script = m.render_nft([V6])
+    script = m.render_nft(m.RuleSet([V6]))
     assert (
         "ip6 saddr fd00:10:244:1::/64 ip6 daddr != { fd00:10:244::/56, ff00::/8 }"
         " masquerade fully-random" in script
@@ -38,8 +39,8 @@ def test_v6_nft():
 
 
 def test_dual_stack_nft_orders_v4_first():
-    script = m.render_nft([V6, V4])
-    assert script == m.render_nft([V4, V6])
+    script = m.render_nft(m.RuleSet([V6, V4]))
+    assert script == m.render_nft(m.RuleSet([V4, V6]))
     lines = script.splitlines()
     v4 = next(i for i, x in enumerate(lines) if "ip saddr" in x)
     v6 = next(i for i, x in enumerate(lines) if "ip6 saddr" in x)
@@ -48,12 +49,12 @@ def test_dual_stack_nft_orders_v4_first():
 
 
 def test_empty_nft_removes_table_only():
-    script = m.render_nft([])
+    script = m.render_nft(m.RuleSet([]))
     assert script == "table inet pycni {}\ndelete table inet pycni\n"
 
 
 def test_script_starts_with_replace_preamble():
-    lines = m.render_nft([V4]).splitlines()
+    lines = m.render_nft(m.RuleSet([V4])).splitlines()
     assert lines[:2] == ["table inet pycni {}", "delete table inet pycni"]
     assert "chain postrouting" in lines[3]
 
@@ -66,16 +67,16 @@ def test_deterministic_regardless_of_input_order():
         ip_network("10.1.0.0/24"), (ip_network("10.1.0.0/24"), ip_network("10.9.0.0/16"))
     )
     c = m.MasqRule(ip_network("10.0.0.0/24"), ())
-    assert m.render_nft([a, c]) == m.render_nft([c, b])
-    assert m.digest([a, c]) == m.digest([c, b])
-    assert m.render_iptables([a, c], 4) == m.render_iptables([c, b], 4)
+    assert m.render_nft(m.RuleSet([a, c])) == m.render_nft(m.RuleSet([c, b]))
+    assert m.digest(m.RuleSet([a, c])) == m.digest(m.RuleSet([c, b]))
+    assert m.render_iptables(m.RuleSet([a, c]), 4) == m.render_iptables(m.RuleSet([c, b]), 4)
 
 
 def test_digest_changes_with_content():
     other = m.MasqRule(ip_network("10.244.2.0/24"), (ip_network("10.244.0.0/16"),))
-    assert m.digest([V4]) != m.digest([other])
-    assert m.digest([]) != m.digest([V4])
-    assert len(m.digest([V4])) == 64
+    assert m.digest(m.RuleSet([V4])) != m.digest(m.RuleSet([other]))
+    assert m.digest(m.RuleSet([])) != m.digest(m.RuleSet([V4]))
+    assert len(m.digest(m.RuleSet([V4]))) == 64
 
 
 def test_exclusions_collapsed_and_multicast_added():
@@ -85,26 +86,26 @@ def test_exclusions_collapsed_and_multicast_added():
     )
     (canon,) = m.normalize([rule])
     assert canon.exclude == (ip_network("10.244.0.0/16"), ip_network("224.0.0.0/4"))
-    assert "{ 10.244.0.0/16, 224.0.0.0/4 }" in m.render_nft([rule])
+    assert "{ 10.244.0.0/16, 224.0.0.0/4 }" in m.render_nft(m.RuleSet([rule]))
 
 
 def test_multicast_excluded_with_no_exclusions():
     rule = m.MasqRule(ip_network("10.244.1.0/24"))
-    assert "ip daddr != { 224.0.0.0/4 }" in m.render_nft([rule])
-    assert "-d 224.0.0.0/4 -j RETURN" in m.render_iptables([rule], 4)
+    assert "ip daddr != { 224.0.0.0/4 }" in m.render_nft(m.RuleSet([rule]))
+    assert "-d 224.0.0.0/4 -j RETURN" in m.render_iptables(m.RuleSet([rule]), 4)
     rule6 = m.MasqRule(ip_network("fd00::/64"))
-    assert "ip6 daddr != { ff00::/8 }" in m.render_nft([rule6])
-    assert "-d ff00::/8 -j RETURN" in m.render_iptables([rule6], 6)
+    assert "ip6 daddr != { ff00::/8 }" in m.render_nft(m.RuleSet([rule6]))
+    assert "-d ff00::/8 -j RETURN" in m.render_iptables(m.RuleSet([rule6]), 6)
 
 
 def test_duplicates_deduplicated():
-    assert m.render_nft([V4, V4]) == m.render_nft([V4])
+    assert m.render_nft(m.RuleSet([V4, V4])) == m.render_nft(m.RuleSet([V4]))
 
 
 def test_conflicting_rules_for_same_source_rejected():
     other = m.MasqRule(V4.source, (ip_network("192.168.0.0/16"),))
     with pytest.raises(ValueError, match="conflicting"):
-        m.render_nft([V4, other])
+        m.render_nft(m.RuleSet([V4, other]))
 
 
 def test_strings_accepted():
@@ -122,7 +123,7 @@ def test_non_network_source_rejected():
 
 
 def test_iptables_v4():
-    assert m.render_iptables([V4, V6], 4) == (
+    assert m.render_iptables(m.RuleSet([V4, V6]), 4) == (
         "*nat\n"
         ":PYCNI-MASQ - [0:0]\n"
         "-A PYCNI-MASQ -s 10.244.1.0/24 -d 10.244.0.0/16 -j RETURN\n"
@@ -133,7 +134,7 @@ def test_iptables_v4():
 
 
 def test_iptables_v6():
-    out = m.render_iptables([V4, V6], 6)
+    out = m.render_iptables(m.RuleSet([V4, V6]), 6)
     assert "10.244" not in out
     assert "-A PYCNI-MASQ -s fd00:10:244:1::/64 -d fd00:10:244::/56 -j RETURN\n" in out
     assert out.endswith(
@@ -141,18 +142,19 @@ def test_iptables_v6():
     )
 
 
-def test_iptables_empty_resets_chain():
-    assert m.render_iptables([], 4) == "*nat\n:PYCNI-MASQ - [0:0]\nCOMMIT\n"
-    assert m.render_iptables([V4], 6) == "*nat\n:PYCNI-MASQ - [0:0]\nCOMMIT\n"
+def test_iptables_nothing_for_a_family_renders_nothing():
+    # apply removes a chain without rules (and its jump) instead of leaving it empty.
+    assert m.render_iptables(m.RuleSet([]), 4) == ""
+    assert m.render_iptables(m.RuleSet([V4]), 6) == ""
 
 
 def test_iptables_no_postrouting_jump():
-    assert "POSTROUTING" not in m.render_iptables([V4], 4)
+    assert "POSTROUTING" not in m.render_iptables(m.RuleSet([V4]), 4)
 
 
 def test_iptables_bad_family():
     with pytest.raises(ValueError):
-        m.render_iptables([V4], 5)
+        m.render_iptables(m.RuleSet([V4]), 5)
 
 
 def test_resolve_backend(monkeypatch):

@@ -8,7 +8,7 @@ from ..cni.netconf import DEFAULT_DATA_DIR
 
 
 def register(sub) -> None:
-    p = sub.add_parser("cleanup", help="remove pycni's masquerade rules (nftables / iptables)")
+    p = sub.add_parser("cleanup", help="remove pycni's packet rules (nftables / iptables)")
     p.add_argument("--data-dir", default=DEFAULT_DATA_DIR,
                    help="the plugin's dataDir, so it forgets what it had installed")
     p.set_defaults(func=_cleanup)
@@ -25,5 +25,5 @@ def _cleanup(args) -> int:
     finally:
         if store is not None:
             store.close()
-    print("removed pycni's masquerade rules")
+    print("removed pycni's packet rules")
     return 0

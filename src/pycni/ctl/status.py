@@ -102,28 +102,29 @@ class Kernel:
 
 
 def masquerade_present() -> tuple[str | None, bool | None]:
-    """(backend, whether pycni's masquerade rules exist); present is None if unknowable."""
-    from ..rules import masquerade
+    """(backend, whether pycni's packet rules exist); present is None if unknowable."""
+    from ..rules import table
 
     try:
-        backend = masquerade.resolve_backend()
+        backend = table.resolve_backend()
     except Exception:
         return None, None
     if backend == "nft":
-        argv = ["nft", "list", "table", "inet", masquerade.TABLE]
+        argvs = [["nft", "list", "table", "inet", table.TABLE]]
     else:
-        argv = ["iptables", "-w", "-t", "nat", "-S", masquerade.IPT_CHAIN]
-    if not shutil.which(argv[0]):
+        argvs = [["iptables", "-w", "-t", h.table, "-S", h.chain] for h in table.HOOKS]
+    if not shutil.which(argvs[0][0]):
         return backend, None
     try:
-        rc = subprocess.run(argv, capture_output=True, timeout=10, check=False).returncode
+        rcs = [subprocess.run(a, capture_output=True, timeout=10, check=False).returncode
+               for a in argvs]
     except (OSError, subprocess.TimeoutExpired):
         return backend, None
-    return backend, rc == 0
+    return backend, 0 in rcs
 
 
 def read_store(data_dir: str, kernel: Kernel) -> tuple[dict, list[dict], bool]:
-    """(store summary, networks, whether masquerade rules are wanted) for one data dir."""
+    """(store summary, networks, whether pycni's packet rules are wanted) for one data dir."""
     from ..agent.metrics import pool_usage
     from ..core import masquerade
     from ..ipam.store import Store
