@@ -1,0 +1,155 @@
+"""Reading and writing the planned state through one netlink socket (pyroute2).
+
+Ownership: every route pycni makes carries its own route protocol, RTPROT_PYCNI, so "ours" is
+"proto 120 in the main table" and routes anybody else made are never read, replaced or deleted
+(`ip route show proto 120` lists them). The VTEP is pycni's device, so every permanent
+neighbour and every FDB entry on it is ours too.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+from socket import AF_INET, AF_INET6
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+from ..dataplane.errors import is_exists, is_missing
+from .plan import Diff, Entry, Fdb, Neighbour, Route, Skipped, State, VtepInfo, diff
+
+# Route protocol of pycni's routes. 0-4 belong to the kernel; iproute2's rt_protos names
+# 8-18, 42, 99 and 186-192 (zebra, bird, babel, bgp, ospf...); 120 is not among them and
+# iproute2 prints it as plain "proto 120". Anything else's routes carry another number.
+RTPROT_PYCNI = 120
+MAIN_TABLE = 254
+RTNH_F_ONLINK = 4
+NUD_NOARP = 0x40
+NUD_PERMANENT = 0x80
+NTF_SELF = 0x02
+AF_BRIDGE = 7
+
+
+@dataclass
+class Changes:
+    """What one round did. `errors`: entries that failed (the round went on without them);
+    `skipped`: peers the plan left out. The caller logs both and retries next round."""
+
+    added: int = 0
+    replaced: int = 0
+    removed: int = 0
+    errors: list[str] = field(default_factory=list)
+    skipped: tuple[Skipped, ...] = ()
+    vtep: VtepInfo | None = None
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.added or self.replaced or self.removed)
+
+
+def read_state(ipr: IPRoute, vtep_ifindex: int | None) -> State:
+    """pycni's routes (both families), and the permanent neighbours and FDB entries on the
+    VTEP when there is one."""
+    routes = frozenset(
+        _route(msg) for family in (AF_INET, AF_INET6)
+        for msg in ipr.route("dump", family=family, table=MAIN_TABLE, proto=RTPROT_PYCNI)
+        if msg["proto"] == RTPROT_PYCNI and _table(msg) == MAIN_TABLE
+    )
+    neighbours: set[Neighbour] = set()
+    fdb: set[Fdb] = set()
+    if vtep_ifindex is not None:
+        for msg in ipr.neigh("dump", ifindex=vtep_ifindex):
+            if (msg["ifindex"] == vtep_ifindex and msg["family"] in (AF_INET, AF_INET6)
+                    and msg["state"] & NUD_PERMANENT and msg.get("NDA_DST")):
+                neighbours.add(Neighbour(_ip(msg.get("NDA_DST")),
+                                         (msg.get("NDA_LLADDR") or "").lower(), vtep_ifindex))
+        for msg in ipr.fdb("dump", ifindex=vtep_ifindex):
+            if msg["ifindex"] == vtep_ifindex and msg.get("NDA_LLADDR"):
+                dst = msg.get("NDA_DST")
+                fdb.add(Fdb(msg.get("NDA_LLADDR").lower(), _ip(dst) if dst else "",
+                            vtep_ifindex))
+    return State(routes, frozenset(neighbours), frozenset(fdb))
+
+
+def _table(msg) -> int:
+    return msg.get("RTA_TABLE") or msg["table"]
+
+
+def _ip(text: str) -> str:
+    return str(ipaddress.ip_address(text))
+
+
+def _route(msg) -> Route:
+    family_any = "0.0.0.0" if msg["family"] == AF_INET else "::"
+    dst = ipaddress.ip_network(f"{msg.get('RTA_DST') or family_any}/{msg['dst_len']}")
+    gateway = msg.get("RTA_GATEWAY")
+    return Route(dst, _ip(gateway) if gateway else "", msg.get("RTA_OIF") or 0,
+                 bool(msg["flags"] & RTNH_F_ONLINK))
+
+
+def apply(ipr: IPRoute, want: State, have: State) -> Changes:
+    """Make the kernel hold `want` given that it holds `have`: add, replace, then remove.
+
+    Each entry stands alone: a failure is recorded in `errors` and the rest goes on. Races
+    are not failures: removing what is already gone is fine, and so is a neighbour or FDB
+    entry that appeared meanwhile (both are written with replace semantics)."""
+    changes = Changes(skipped=want.skipped)
+    plan: Diff = diff(want, have)
+    for entry in plan.add:
+        changes.added += _do(ipr, "add", entry, changes.errors)
+    for entry in plan.replace:
+        changes.replaced += _do(ipr, "replace", entry, changes.errors)
+    for entry in plan.remove:
+        changes.removed += _do(ipr, "del", entry, changes.errors)
+    return changes
+
+
+def _do(ipr: IPRoute, op: str, entry: Entry, errors: list[str]) -> int:
+    """Run one change; 1 if the kernel changed, 0 if not (recorded in `errors` if wrong)."""
+    try:
+        if isinstance(entry, Route):
+            _write_route(ipr, op, entry)
+        elif isinstance(entry, Neighbour):
+            _write_neighbour(ipr, op, entry)
+        else:
+            _write_fdb(ipr, op, entry)
+    except NetlinkError as exc:
+        if op == "del" and is_missing(exc):
+            return 0
+        if op == "add" and is_exists(exc) and isinstance(entry, Route):
+            # A route to the same destination that pycni did not make: somebody's; leave it.
+            errors.append(f"{entry}: a route to {entry.dst} that pycni did not make is in "
+                          "the way; left alone")
+            return 0
+        errors.append(f"{op} {entry}: {exc}")
+        return 0
+    return 1
+
+
+def _write_route(ipr: IPRoute, op: str, r: Route) -> None:
+    # "add" is exclusive so a foreign route to the same dst is never overwritten; "replace"
+    # is only used on a dst that holds our route; "del" names proto, gateway and dev so it
+    # can only hit ours.
+    spec: dict = {"dst": str(r.dst), "table": MAIN_TABLE, "proto": RTPROT_PYCNI}
+    if r.gateway:
+        spec["gateway"] = r.gateway
+    if r.dev:
+        spec["oif"] = r.dev
+    if r.onlink:
+        spec["flags"] = RTNH_F_ONLINK
+    ipr.route(op, **spec)
+
+
+def _write_neighbour(ipr: IPRoute, op: str, n: Neighbour) -> None:
+    if op == "del":
+        ipr.neigh("del", dst=n.ip, ifindex=n.dev)
+    else:
+        ipr.neigh("replace", dst=n.ip, lladdr=n.lladdr, ifindex=n.dev, state=NUD_PERMANENT)
+
+
+def _write_fdb(ipr: IPRoute, op: str, f: Fdb) -> None:
+    spec: dict = {"ifindex": f.dev, "lladdr": f.lladdr, "state": NUD_PERMANENT | NUD_NOARP,
+                  "flags": NTF_SELF}
+    if f.dst:
+        spec["dst"] = f.dst
+    ipr.fdb("del" if op == "del" else "replace", **spec)

@@ -1,0 +1,93 @@
+"""One reconcile round: read the underlay, keep the VTEP, plan, diff, apply."""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+from ..cluster.model import NodeRecord
+from .kernel import Changes, apply, read_state
+from .plan import MODES, Underlay, VtepInfo, desired, vtep_addresses, vtep_mac, vtep_mtu
+from .vxlan import DEFAULT_PORT, BackendError, delete_vtep, ensure_vtep_action, vtep_index
+
+
+@dataclass(frozen=True)
+class VxlanSettings:
+    name: str = "pycni.1"  # flannel's "flannel.<vni>", ours
+    vni: int = 1
+    port: int = DEFAULT_PORT
+    mtu: int | None = None  # None: the underlay's MTU less the outer headers
+
+
+def read_underlay(ipr: IPRoute, ifname: str) -> Underlay:
+    """The underlay interface's index, MTU and directly connected networks."""
+    link = ipr.link("get", ifname=ifname)[0]
+    networks = []
+    for msg in ipr.addr("dump", index=link["index"]):
+        iface = ipaddress.ip_interface(f"{msg.get('IFA_ADDRESS')}/{msg['prefixlen']}")
+        if not iface.ip.is_link_local:  # node addresses are never link-local
+            networks.append(iface.network)
+    return Underlay(link["index"], tuple(networks), link.get("IFLA_MTU") or 1500)
+
+
+def reconcile_once(ipr: IPRoute, local: NodeRecord, nodes: list[NodeRecord], mode: str,
+                   underlay_ifname: str, vxlan: VxlanSettings | None = None) -> Changes:
+    """Make this node's routes, neighbours and FDB match `nodes` under `mode`.
+
+    The VTEP exists in vxlan and auto mode whatever the peers (they need our MAC, published
+    from `Changes.vtep`, before they can send to us) and is removed in host-gw mode. Never
+    raises for kernel trouble: it lands in `Changes.errors` and the next round retries; an
+    unknown mode is a ValueError."""
+    if mode not in MODES:
+        raise ValueError(f"unknown backend mode {mode!r} (want one of {', '.join(MODES)})")
+    vxlan = vxlan or VxlanSettings()
+    try:
+        underlay = read_underlay(ipr, underlay_ifname)
+    except NetlinkError as exc:
+        return Changes(errors=[f"underlay interface {underlay_ifname}: {exc}"])
+    errors: list[str] = []
+    vtep: VtepInfo | None = None
+    action = ""
+    stale: int | None = None
+    try:
+        if mode == "host-gw":
+            stale = vtep_index(ipr, vxlan.name)
+        else:
+            vtep, action = _ensure(ipr, local, underlay, vxlan)
+    except (NetlinkError, BackendError) as exc:
+        errors.append(f"VTEP {vxlan.name}: {exc}")
+    want = desired(local, nodes, mode, underlay, vtep)
+    try:
+        have = read_state(ipr, vtep.ifindex if vtep else stale)
+    except NetlinkError as exc:
+        return Changes(errors=[*errors, f"reading routes: {exc}"], skipped=want.skipped,
+                       vtep=vtep)
+    # Stale entries go before a leftover VTEP does, so they are counted like any other.
+    changes = apply(ipr, want, have)
+    changes.errors[:0] = errors
+    changes.vtep = vtep
+    if action == "created":
+        changes.added += 1
+    elif action:
+        changes.replaced += 1
+    if stale is not None:
+        try:
+            changes.removed += delete_vtep(ipr, vxlan.name)
+        except NetlinkError as exc:
+            changes.errors.append(f"deleting VTEP {vxlan.name}: {exc}")
+    return changes
+
+
+def _ensure(ipr: IPRoute, local: NodeRecord, underlay: Underlay,
+            vxlan: VxlanSettings) -> tuple[VtepInfo, str]:
+    local_ip = local.node_ip()
+    if local_ip is None:
+        raise BackendError(f"node {local.name} has no address to send VXLAN from")
+    family = ipaddress.ip_address(local_ip).version
+    return ensure_vtep_action(
+        ipr, vxlan.name, vxlan.vni, local_ip, underlay.ifindex, vtep_mac(local.name),
+        port=vxlan.port, mtu=vxlan.mtu or vtep_mtu(underlay.mtu, family),
+        addresses=vtep_addresses(local))
