@@ -44,60 +44,68 @@ def table_rows(out: str) -> list[list[str]]:
     rows = []
     for line in out.splitlines():
         words = line.split()
-        if words and re.fullmatch(r"(pod|node)->(pod|gateway|outside)", words[0]):
+        if words and re.fullmatch(r"(pod|node)->(pod|outside)", words[0]):
             rows.append(words)
     return rows
 
 
-@pytest.mark.parametrize("agent", [True, False], ids=["agent", "in-process"])
-def test_lab_up_measures_and_down_removes_everything(lab, agent):
+def test_lab_up_measures_the_cluster_and_down_removes_everything(lab):
+    """The README's main job: 3 nodes, 2 pods each, the full connectivity matrix."""
     prefix, state, opts = lab
-    up = pycnictl("lab", "up", "--pods", "3", *opts, *([] if agent else ["--no-agent"]))
+    up = pycnictl("lab", "up", *opts)
     assert up.returncode == 0, up.stdout + up.stderr
-    assert "all 15 paths OK" in up.stdout
-    for i, addr in enumerate(("10.244.1.2/24", "10.244.1.3/24", "10.244.1.4/24"), 1):
-        assert re.search(rf"{prefix}-pod{i}\s+{re.escape(addr)}\s+\S+\s+veth[0-9a-f]{{11}}",
-                         up.stdout), up.stdout
+    assert "all 54 paths OK" in up.stdout
+    subnets = re.findall(rf"node(\d)\s+{prefix}-node\d\s+192\.0\.2\.\d\s+(10\.244\.\d+\.0/24)",
+                         up.stdout)
+    assert len({s for _, s in subnets}) == 3, up.stdout
+    for i in (1, 2, 3):
+        for j in (1, 2):
+            assert re.search(rf"n{i}pod{j}\s+node{i}\s+10\.244\.\d+\.\d+/24\s+\S+\s+"
+                             r"veth[0-9a-f]{11}", up.stdout), up.stdout
     rows = table_rows(up.stdout)
-    assert len(rows) == 15
+    assert len(rows) == 54
     kinds = [r[0] for r in rows]
-    assert kinds.count("pod->pod") == 6 and kinds.count("pod->outside") == 3
+    assert kinds.count("pod->pod") == 30 and kinds.count("pod->outside") == 6
+    assert kinds.count("node->pod") == 18
     for r in rows:
-        # PATH FROM TO ADDR ICMP ms TCP ms SEEN [note]
-        assert r[4] == "OK" and r[6] == "OK", r
+        assert "OK" in r and "FAIL" not in r, r
+    node_ip = {f"n{i}pod{j}": f"192.0.2.{i}" for i in (1, 2, 3) for j in (1, 2)}
     for r in rows:
         if r[0] == "pod->outside":
-            assert r[8] == "192.0.2.1" and "masqueraded" in r, r
+            assert node_ip[r[1]] in r and "masqueraded" in r, r
         if r[0] == "pod->pod":
-            src = {"pod1": "10.244.1.2", "pod2": "10.244.1.3", "pod3": "10.244.1.4"}[r[1]]
-            assert r[8] == src, r
+            assert "pod address kept" in " ".join(r), r
 
     names = lab_namespaces(prefix)
-    assert sorted(names) == sorted(
-        [f"{prefix}-node1", f"{prefix}-outside"] + [f"{prefix}-pod{i}" for i in (1, 2, 3)])
-    # The measuring servers are gone: nothing runs in any lab namespace but the node's agent,
-    # which served every ADD.
+    expected = [f"{prefix}-{n}" for n in ("router", "outside", "node1", "node2", "node3")]
+    expected += [f"{prefix}-n{i}pod{j}" for i in (1, 2, 3) for j in (1, 2)]
+    assert sorted(names) == sorted(expected)
+    # The measuring servers are gone: nothing runs in the lab but each node's agent.
     for ns in names:
         pids = sh("ip", "netns", "pids", ns).stdout.split()
-        if agent and ns == f"{prefix}-node1":
+        if re.fullmatch(rf"{prefix}-node\d", ns):
             assert len(pids) == 1, pids
             with open(f"/proc/{pids[0]}/cmdline", "rb") as f:
                 assert b"agent" in f.read().split(b"\0")
         else:
             assert pids == [], ns
-    served = open(os.path.join(state, "agent.log" if agent else "pycni.log")).read()
-    assert served.count("ADD ") == 3, served
-    # The plugin ran as a runtime runs it: results cached, masquerade in the node only.
-    assert len(os.listdir(os.path.join(state, "results"))) == 3
-    assert "masquerade" in sh("ip", "netns", "exec", f"{prefix}-node1",
-                              "nft", "list", "table", "inet", "pycni").stdout
+    for i in (1, 2, 3):
+        node = os.path.join(state, "nodes", f"node{i}")
+        served = open(os.path.join(node, "agent.log")).read()
+        assert served.count("ADD ") == 2, served
+        # The plugin ran as a runtime runs it: results cached; forward and masquerade rules in
+        # the node only.
+        assert len(os.listdir(os.path.join(node, "results"))) == 2
+        rules = sh("ip", "netns", "exec", f"{prefix}-node{i}", "nft", "list", "table", "inet",
+                   "pycni").stdout
+        assert "masquerade" in rules and "10.244.0.0/16" in rules and "forward" in rules
 
     again = pycnictl("lab", "up", *opts)
     assert again.returncode == 1 and "already up" in again.stderr
 
     down = pycnictl("lab", "down", *opts)
     assert down.returncode == 0, down.stdout + down.stderr
-    assert down.stdout.count("DEL ") == 3
+    assert down.stdout.count("DEL ") == 6
     assert lab_namespaces(prefix) == []
     assert not os.path.exists(state)
     assert sh("pgrep", "-f", f"agent --socket {state}/", check=False).stdout == ""
@@ -106,11 +114,31 @@ def test_lab_up_measures_and_down_removes_everything(lab, agent):
     assert idle.returncode == 0, idle.stdout + idle.stderr
 
 
+def test_lab_with_two_underlays_mixes_host_gw_and_vxlan_over_etcd(lab):
+    prefix, state, opts = lab
+    up = pycnictl("lab", "up", "--nodes", "3", "--pods", "1", "--backend", "auto",
+                  "--underlays", "2", "--datastore", "etcd", *opts)
+    assert up.returncode == 0, up.stdout + up.stderr
+    assert "all 18 paths OK" in up.stdout
+    assert "datastore etcd at http://192.0.2.254:2379" in up.stdout
+    routes = sh("ip", "-n", f"{prefix}-node1", "route", "show", "proto", "120").stdout
+    assert "dev pycni.1" in routes and "dev eth0" in routes, routes  # node2 is off-link
+    down = pycnictl("lab", "down", *opts)
+    assert down.returncode == 0, down.stdout + down.stderr
+    assert lab_namespaces(prefix) == [] and not os.path.exists(state)
+
+
+def test_lab_refuses_host_gw_across_a_router(lab):
+    _prefix, _state, opts = lab
+    up = pycnictl("lab", "up", "--backend", "host-gw", "--underlays", "2", *opts)
+    assert up.returncode == 1 and "one L2 segment" in up.stderr
+
+
 def test_lab_down_when_half_gone(lab):
     prefix, state, opts = lab
-    up = pycnictl("lab", "up", "--pods", "2", *opts)
+    up = pycnictl("lab", "up", "--nodes", "2", "--pods", "1", *opts)
     assert up.returncode == 0, up.stdout + up.stderr
-    sh("ip", "netns", "del", f"{prefix}-pod1")
+    sh("ip", "netns", "del", f"{prefix}-n1pod1")
     down = pycnictl("lab", "down", *opts)
     assert down.returncode == 0, down.stdout + down.stderr
     assert lab_namespaces(prefix) == [] and not os.path.exists(state)

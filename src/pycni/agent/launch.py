@@ -8,13 +8,18 @@ import sys
 import time
 
 
+def pycnictl_argv() -> list[str]:
+    """How to run pycnictl from the caller's installation."""
+    script = os.path.join(os.path.dirname(sys.executable), "pycnictl")
+    if os.access(script, os.X_OK):
+        return [script]
+    return [sys.executable, "-c", "from pycni.ctl.main import main; main()"]
+
+
 def agent_argv(socket: str, data_dir: str, log_file: str, metrics_port: int = 0) -> list[str]:
     """The command line of an agent with private socket, data dir and log, from the same
     installation as the caller (its pycnictl script, so `ps` shows `pycnictl agent`)."""
-    script = os.path.join(os.path.dirname(sys.executable), "pycnictl")
-    command = [script] if os.access(script, os.X_OK) else [
-        sys.executable, "-c", "from pycni.ctl.main import main; main()"]
-    return [*command, "agent", "--socket", socket, "--data-dir", data_dir,
+    return [*pycnictl_argv(), "agent", "--socket", socket, "--data-dir", data_dir,
             "--log-file", log_file, "--metrics-port", str(metrics_port)]
 
 

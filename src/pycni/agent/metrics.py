@@ -94,7 +94,39 @@ def build_registry(agent) -> CollectorRegistry:
             errors.labels(command, str(code)).inc()
 
     agent.observers.append(observe)
+    if getattr(agent, "cluster", None) is not None:
+        _cluster_metrics(agent.cluster, registry)
     return registry
+
+
+# A reconcile pass is a few netlink dumps and writes: milliseconds, up to seconds for
+# hundreds of nodes appearing at once.
+RECONCILE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
+def _cluster_metrics(cluster, registry: CollectorRegistry) -> None:
+    Gauge("pycni_cluster_ready", "1 once this node has its subnet and its CNI config is written",
+          registry=registry).set_function(lambda: 1.0 if cluster.ready else 0.0)
+    Gauge("pycni_cluster_remote_nodes", "Other nodes the last reconcile routed to",
+          registry=registry).set_function(
+              lambda: sum(1 for n in cluster.nodes
+                          if cluster.record is None or n.name != cluster.record.name))
+    duration = Histogram("pycni_reconcile_duration_seconds", "Reconcile passes (datastore read "
+                         "and kernel apply)", buckets=RECONCILE_BUCKETS, registry=registry)
+    changes = Counter("pycni_reconcile_changes_total", "Routes, neighbours, FDB entries and "
+                      "VTEP changes made by reconcile", ["action"], registry=registry)
+    errors = Counter("pycni_reconcile_errors_total", "Entries reconcile failed to apply (retried "
+                     "next pass)", registry=registry)
+
+    def observe(seconds: float, result) -> None:
+        duration.observe(seconds)
+        for action in ("added", "replaced", "removed"):
+            if getattr(result, action):
+                changes.labels(action).inc(getattr(result, action))
+        if result.errors:
+            errors.inc(len(result.errors))
+
+    cluster.observers.append(observe)
 
 
 def resident_memory() -> float:
@@ -208,7 +240,14 @@ def readiness(agent) -> tuple[bool, dict]:
         except Exception as exc:
             stores[data_dir] = f"error: {exc}"
     ok = serving(agent) and all(not v.startswith("error") for v in stores.values())
-    return ok, {"ready": ok, "serving": serving(agent), "stores": stores}
+    out = {"ready": ok, "serving": serving(agent), "stores": stores}
+    cluster = getattr(agent, "cluster", None)
+    if cluster is not None:
+        # No subnet yet (or none left): pods cannot be networked here.
+        out["cluster"] = cluster.not_ready_reason() or "ok"
+        ok = ok and cluster.ready
+        out["ready"] = ok
+    return ok, out
 
 
 class _Handler(BaseHTTPRequestHandler):

@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 
 from .. import __version__, plugin
-from ..cni.errors import ACCESS_DENIED, DECODING_FAILURE, CniError
+from ..cni.errors import ACCESS_DENIED, DECODING_FAILURE, NOT_AVAILABLE, CniError
 from . import protocol
 from .locks import KeyedLocks
 
@@ -43,6 +43,7 @@ class Agent:
         self._count_lock = threading.Lock()
         self._listener: socket.socket | None = None
         self._inode: int | None = None
+        self.cluster = None  # agent.cluster.ClusterNode when the agent runs the cluster side
 
     # --- life cycle ------------------------------------------------------------------------
 
@@ -171,8 +172,15 @@ class Agent:
         command = environ.get("CNI_COMMAND", "")
         cid = environ.get("CNI_CONTAINERID", "")
         started = time.perf_counter()
-        with self.locks.hold(cid) if cid else nullcontext():
-            out, status = plugin.handle(environ, stdin, on_config=self._seen)
+        not_ready = self.cluster.not_ready_reason() if self.cluster is not None else None
+        if command == "STATUS" and not_ready:
+            # The node has no subnet yet (or the cluster CIDR is exhausted): say so, as the
+            # runtime asks STATUS before it schedules pods here.
+            version = _requested_version(stdin)
+            out, status = CniError(NOT_AVAILABLE, not_ready).to_json(version), 1
+        else:
+            with self.locks.hold(cid) if cid else nullcontext():
+                out, status = plugin.handle(environ, stdin, on_config=self._seen)
         elapsed = time.perf_counter() - started
         code = int(out.get("code", 0)) if status and isinstance(out, dict) else 0
         for observe in self.observers:
@@ -194,6 +202,7 @@ class Agent:
             "inflight": self._inflight,
             "socket": self.socket_path,
             "dataDirs": sorted(self.data_dirs),
+            **({"cluster": self.cluster.status()} if self.cluster is not None else {}),
         }
 
 
@@ -205,3 +214,11 @@ def peer_uid(conn: socket.socket) -> int:
 
 def _json(obj: dict) -> bytes:
     return json.dumps(obj).encode() + b"\n"
+
+
+def _requested_version(stdin: bytes) -> str:
+    try:
+        version = json.loads(stdin).get("cniVersion")
+    except (ValueError, AttributeError):
+        return "1.1.0"
+    return version if isinstance(version, str) and version else "1.1.0"

@@ -98,6 +98,13 @@ class EtcdServer:
             raise
         return self
 
+    def detach(self) -> None:
+        """Let the server outlive this process (the lab's etcd runs until `lab down`, which
+        kills it with the lab's router namespace)."""
+        if self._finalizer is not None:
+            self._finalizer.detach()
+            self._finalizer = None
+
     def _healthy(self) -> bool:
         if self.netns:
             probe = subprocess.run(["ip", "netns", "exec", self.netns, sys.executable, "-c",

@@ -41,14 +41,17 @@ class KV(ABC):
 
     @abstractmethod
     def keepalive(self) -> bool:
-        """Renew this client's lease. False when it had already expired: its keys are gone and
-        the next ``create`` binds to a fresh lease."""
+        """Renew this client's lease. False when it had expired since the last keepalive (also
+        when a create or replace in between found it gone and moved to a fresh lease): its keys
+        were lost. True before the first create: there was nothing to lose."""
 
     @abstractmethod
     def wait(self, prefix: str, revision: int, timeout: float) -> int:
         """Block until something under ``prefix`` changes after ``revision`` (a value from
-        ``list``) or ``timeout`` seconds pass; return the revision then. Expiry of another
-        client's lease counts as a change, at the latest when it is noticed by a ``list``."""
+        ``list``) or ``timeout`` seconds pass; return the newer revision, or ``revision`` itself
+        on a timeout without change. Expiry of another client's lease counts as a change, at
+        the latest when it is noticed by a ``list``. (etcd rounds TTLs up to whole seconds, at
+        least 2.)"""
 
     def close(self) -> None:  # noqa: B027 (optional hook, not abstract)
         """Release connections; the lease is left to expire (a restarting agent keeps it)."""

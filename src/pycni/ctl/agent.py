@@ -1,18 +1,26 @@
-"""`pycnictl agent`: the per-node daemon that serves the thin plugin executable."""
+"""`pycnictl agent`: the per-node daemon that serves the thin plugin executable and, given a
+cluster CIDR, wires this node into the cluster; `pycnictl leave`: clean removal of a node."""
 
 from __future__ import annotations
 
+import argparse
 import signal
+import socket
 
+from ..cluster.factory import DEFAULT_LEASE_TTL, DEFAULT_SQLITE_PATH, KINDS
 from ..cni.netconf import DEFAULT_DATA_DIR
 from ..shim import DEFAULT_SOCKET
 
 DEFAULT_LOG = "/var/log/pycni-agent.log"
 DEFAULT_METRICS_PORT = 9654
+BACKENDS = ("host-gw", "vxlan", "auto")
 
 
 def register(sub) -> None:
-    p = sub.add_parser("agent", help="run the node agent (serves CNI calls on a unix socket)")
+    cluster = cluster_options()
+    p = sub.add_parser("agent", parents=[cluster],
+                       help="run the node agent (serves CNI calls; with --cluster-cidr also "
+                       "leases the node's subnet and routes to the other nodes)")
     p.add_argument("--socket", default=DEFAULT_SOCKET, help="unix socket to serve on")
     p.add_argument("--data-dir", default=DEFAULT_DATA_DIR,
                    help="the plugin's dataDir (for metrics and status before any call)")
@@ -26,6 +34,80 @@ def register(sub) -> None:
     p.add_argument("--metrics-port", type=int, default=DEFAULT_METRICS_PORT,
                    help="Prometheus /metrics and /healthz port; 0 turns them off")
     p.set_defaults(func=run_agent)
+    leave = sub.add_parser("leave", parents=[cluster],
+                           help="remove this node from the cluster: release its subnet (the "
+                           "other nodes drop their routes to it) and remove its own routes")
+    leave.set_defaults(func=run_leave)
+
+
+def cluster_options() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("cluster (on when --cluster-cidr is given)")
+    g.add_argument("--cluster-cidr", action="append", default=[],
+                   help="the cluster's pod CIDR, e.g. 10.244.0.0/16; repeat once with an IPv6 "
+                   "CIDR for dual stack")
+    g.add_argument("--subnet-size", type=int, default=24, help="prefix length of each node's "
+                   "IPv4 subnet (24)")
+    g.add_argument("--subnet-size-v6", type=int, default=64, help="... IPv6 subnet (64)")
+    g.add_argument("--datastore", choices=KINDS, default="sqlite",
+                   help="where node subnets are leased (sqlite, the embedded default)")
+    g.add_argument("--datastore-path", default=DEFAULT_SQLITE_PATH,
+                   help=f"the sqlite datastore's file, shared by the nodes ({DEFAULT_SQLITE_PATH})")
+    g.add_argument("--etcd-endpoints", default="", help="comma-separated etcd client URLs")
+    g.add_argument("--etcd-prefix", default="/pycni/", help="key prefix in etcd (/pycni/)")
+    g.add_argument("--kubeconfig", default=None,
+                   help="kubernetes datastore: kubeconfig (default: in-cluster config)")
+    g.add_argument("--lease-ttl", type=float, default=DEFAULT_LEASE_TTL,
+                   help="seconds a node's subnet outlives its agent (sqlite and etcd; 3600)")
+    g.add_argument("--node-name", default=socket.gethostname(), help="this node's name")
+    g.add_argument("--node-ip", action="append", default=[],
+                   help="address other nodes reach this node at (default: the underlay "
+                   "interface's address); repeat for dual stack")
+    g.add_argument("--iface", default="", help="underlay interface (default: the one "
+                   "holding the default route)")
+    g.add_argument("--backend", choices=BACKENDS, default="vxlan",
+                   help="how pods reach other nodes' pods (vxlan)")
+    g.add_argument("--vni", type=int, default=1, help="VXLAN network identifier (1)")
+    g.add_argument("--vxlan-port", type=int, default=8472, help="VXLAN UDP port (8472)")
+    g.add_argument("--conf-dir", default="/etc/cni/net.d",
+                   help="where the node's CNI config list is written once its subnet is known")
+    g.add_argument("--subnet-file", default="/run/pycni/subnet.env",
+                   help="the node's subnet.env (/run/pycni/subnet.env)")
+    g.add_argument("--network-name", default="pycni", help="CNI network name (pycni)")
+    g.add_argument("--bridge", default="cni0", help="the node's pod bridge (cni0)")
+    g.add_argument("--no-ip-masq", dest="ip_masq", action="store_false",
+                   help="do not masquerade pod traffic leaving the cluster CIDR")
+    g.add_argument("--masq-exclude", action="append", default=[],
+                   help="a destination CIDR pod traffic reaches without masquerade (e.g. the "
+                   "node network); repeatable")
+    g.add_argument("--resync", type=float, default=10.0,
+                   help="seconds between periodic reconciles (besides datastore events)")
+    return p
+
+
+def cluster_node(args, data_dir: str, agent_socket: str):
+    """The agent's cluster side from the command line, or None without --cluster-cidr."""
+    if not args.cluster_cidr:
+        return None
+    from ..agent.cluster import ClusterNode, ClusterOptions
+    from ..cluster.factory import open_datastore
+    from ..cluster.model import ClusterSettings
+
+    try:
+        settings = ClusterSettings(tuple(args.cluster_cidr),
+                                   {4: args.subnet_size, 6: args.subnet_size_v6})
+    except ValueError as exc:
+        raise SystemExit(f"pycnictl: {exc}") from None
+    options = ClusterOptions(
+        settings=settings, node_name=args.node_name, backend=args.backend, iface=args.iface,
+        node_ips=tuple(args.node_ip), conf_dir=args.conf_dir, subnet_file=args.subnet_file,
+        network_name=args.network_name, bridge=args.bridge, ip_masq=args.ip_masq,
+        masq_exclude=tuple(args.masq_exclude), data_dir=data_dir, agent_socket=agent_socket,
+        resync=args.resync, vni=args.vni, vxlan_port=args.vxlan_port)
+    store = open_datastore(args.datastore, settings, args.node_name, path=args.datastore_path,
+                           etcd_endpoints=args.etcd_endpoints, etcd_prefix=args.etcd_prefix,
+                           kubeconfig=args.kubeconfig, lease_ttl=args.lease_ttl)
+    return ClusterNode(options, store)
 
 
 def run_agent(args) -> int:
@@ -40,6 +122,7 @@ def run_agent(args) -> int:
     resources.keep_warm()
 
     agent = Agent(args.socket, workers=args.workers, data_dir=args.data_dir)
+    agent.cluster = cluster_node(args, args.data_dir, args.socket)
     if args.metrics_port:
         from ..agent import metrics
 
@@ -48,5 +131,22 @@ def run_agent(args) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: agent.stop())
     agent.bind()
-    agent.serve()
+    if agent.cluster is not None:
+        agent.cluster.start()
+    try:
+        agent.serve()
+    finally:
+        if agent.cluster is not None:
+            agent.cluster.stop()
     return 0
+
+
+def run_leave(args) -> int:
+    from .. import log
+
+    log.setup("", "info")
+    node = cluster_node(args, DEFAULT_DATA_DIR, "")
+    if node is None:
+        raise SystemExit("pycnictl leave: give the cluster settings the agent ran with "
+                         "(--cluster-cidr, --datastore, ...)")
+    return node.leave()

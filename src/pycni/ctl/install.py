@@ -10,7 +10,8 @@ from __future__ import annotations
 import json
 import os
 import sys
-import tempfile
+
+from ..node_config import CONFLIST_NAME, atomic_write, node_conflist
 
 LAUNCHER = """#!{python} -IS
 # pycni CNI plugin launcher, written by `pycnictl install`. Runtimes exec this file.
@@ -34,33 +35,9 @@ def launcher_text() -> str:
     return LAUNCHER.format(python=sys.executable, paths=paths)
 
 
-def atomic_write(path: str, text: str, mode: int) -> None:
-    """Write via a temporary file and rename, so a runtime never execs or reads half a file."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".pycni-")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def write_launcher(path: str) -> str:
     atomic_write(path, launcher_text(), 0o755)
     return path
-
-
-def node_conflist(name: str, subnet: str, network: str | None, **extra) -> dict:
-    plugin = {"type": "pycni", "subnet": subnet, "ipMasq": True, "isDefaultGateway": True}
-    if network:
-        plugin["network"] = network
-    plugin.update(extra)
-    return {"cniVersion": "1.1.0", "name": name, "plugins": [plugin]}
 
 
 def register(sub) -> None:
@@ -78,8 +55,7 @@ def _install(args) -> int:
     print(f"installed {target}")
     if args.subnet:
         conf = node_conflist(args.name, args.subnet, args.network)
-        # "10-" sorts before most other networks' files: runtimes use the first by name.
-        path = os.path.join(args.conf_dir, "10-pycni.conflist")
+        path = os.path.join(args.conf_dir, CONFLIST_NAME)
         atomic_write(path, json.dumps(conf, indent=2) + "\n", 0o644)
         print(f"wrote {path}")
     return 0

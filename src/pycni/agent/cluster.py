@@ -1,0 +1,320 @@
+"""The agent's cluster side: lease this node's subnet, publish it, keep the kernel's routes equal
+to the datastore's node list, and write the node's CNI config once the subnet is known.
+
+One thread, one netlink socket of its own (never the CNI workers' ones). The loop is event driven
+(the datastore's watch wakes it when a node appears, changes or leaves) and periodic (every
+``resync`` seconds it reconciles anyway, repairing routes somebody removed). Nothing is removed
+when the agent stops: routes, the VTEP and the rules stay, so a restart does not interrupt
+traffic, and the next agent finds them already right.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+
+from ..cluster.datastore import Datastore
+from ..cluster.kv import KVError
+from ..cluster.model import ClusterError, ClusterSettings, NodeRecord
+from ..node_config import node_conflist, read_subnet_env, write_conflist, write_subnet_env
+
+log = logging.getLogger("pycni")
+
+BACKENDS = ("host-gw", "vxlan", "auto")
+
+
+@dataclass
+class ClusterOptions:
+    settings: ClusterSettings
+    node_name: str
+    backend: str = "vxlan"
+    iface: str = ""  # underlay interface; "" = the one holding the default route
+    node_ips: tuple[str, ...] = ()  # "" = the underlay interface's addresses
+    conf_dir: str = "/etc/cni/net.d"
+    conf_name: str = "10-pycni.conflist"
+    subnet_file: str = "/run/pycni/subnet.env"
+    network_name: str = "pycni"
+    bridge: str = "cni0"
+    ip_masq: bool = True
+    masq_exclude: tuple[str, ...] = ()
+    data_dir: str = "/var/lib/pycni"
+    agent_socket: str = ""
+    resync: float = 10.0
+    vni: int = 1
+    vxlan_port: int = 8472
+    conf_extra: dict = field(default_factory=dict)  # more plugin keys for the conflist
+
+    @property
+    def conflist_path(self) -> str:
+        return os.path.join(self.conf_dir, self.conf_name)
+
+
+class ClusterNode:
+    def __init__(self, options: ClusterOptions, store: Datastore) -> None:
+        self.options = options
+        self.store = store
+        self.record: NodeRecord | None = None
+        self.nodes: list[NodeRecord] = []
+        self.reason = "waiting for this node's subnet from the datastore"
+        self.last_changes = None
+        self.reconciles = 0
+        self.last_duration = 0.0
+        self.observers: list = []  # callables(seconds, changes)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._ipr = None
+        self.iface = options.iface
+
+    # --- life cycle ------------------------------------------------------------------------
+
+    @property
+    def ready(self) -> bool:
+        return self.record is not None and not self.reason
+
+    def not_ready_reason(self) -> str | None:
+        """For STATUS: None when ADDs can succeed, else why not."""
+        if self.record is None:
+            return self.reason or "waiting for this node's subnet"
+        return None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="reconcile", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        self.store.close()
+        if self._ipr is not None:
+            self._ipr.close()
+
+    def _run(self) -> None:
+        from pyroute2 import IPRoute
+
+        self._ipr = IPRoute()
+        backoff = 0.5
+        next_keepalive = 0.0
+        ttl = getattr(getattr(self.store, "kv", None), "ttl", 60.0)
+        while not self._stop.is_set():
+            try:
+                if self.record is None:
+                    self._register()
+                    next_keepalive = time.monotonic() + ttl / 3
+                elif time.monotonic() >= next_keepalive:
+                    self._adopt(self.store.keepalive())
+                    next_keepalive = time.monotonic() + ttl / 3
+                self.reconcile()
+                backoff = 0.5
+                wait = max(0.05, min(self.options.resync, next_keepalive - time.monotonic()))
+                self.store.wait(wait)
+            except (ClusterError, KVError, OSError) as exc:
+                if self.record is None:
+                    self.reason = f"not ready: {exc}"
+                log.error("cluster: %s (retrying in %.1f s)", exc, backoff)
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, 10.0)
+            except Exception:
+                log.exception("cluster reconcile loop")
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, 10.0)
+
+    # --- this node -------------------------------------------------------------------------
+
+    def _register(self) -> None:
+        from ..backends import vtep_mac
+        from ..dataplane import sysctl
+
+        opts = self.options
+        # Pods' packets to other nodes and the outside are forwarded by this node.
+        sysctl.enable_forwarding({c.version for c in opts.settings.cluster_cidrs})
+        self.iface = opts.iface or default_route_iface(self._ipr)
+        node_ips = opts.node_ips or iface_addresses(self._ipr, self.iface)
+        if not node_ips:
+            raise ClusterError(f"underlay interface {self.iface} has no address to publish; "
+                               "give --node-ip")
+        mac = vtep_mac(opts.node_name) if opts.backend != "host-gw" else ""
+        local = NodeRecord(opts.node_name, tuple(node_ips), self._previous_subnets(), mac)
+        self._adopt(self.store.register(local))
+
+    def _previous_subnets(self) -> tuple:
+        """The subnets this node had before a restart (subnet.env), so it asks for them again
+        even when its lease expired meanwhile: pods keep addresses of their node's subnet."""
+        env = read_subnet_env(self.options.subnet_file)
+        out = []
+        for key in ("SUBNET", "IPV6_SUBNET"):
+            try:
+                if env.get(key):
+                    out.append(ipaddress.ip_network(env[key]))
+            except ValueError:
+                pass
+        return tuple(out)
+
+    def _adopt(self, record: NodeRecord) -> None:
+        """Make ``record`` this node's identity: rules, subnet.env and the CNI config."""
+        if record == self.record:
+            return
+        if self.record is not None and record.subnets != self.record.subnets:
+            log.warning("node %s: subnets changed from %s to %s", record.name,
+                        ", ".join(map(str, self.record.subnets)),
+                        ", ".join(map(str, record.subnets)))
+        self.record = record
+        self._write_rules()
+        self._write_files()
+        self.reason = ""
+        log.info("node %s: subnets %s, addresses %s, backend %s", record.name,
+                 ", ".join(map(str, record.subnets)), ", ".join(record.node_ips),
+                 self.options.backend)
+
+    def _write_rules(self) -> None:
+        from ..core import masquerade
+        from ..ipam.store import Store
+
+        opts = self.options
+        with Store(opts.data_dir) as store:
+            masquerade.record_cluster(store, [str(c) for c in opts.settings.cluster_cidrs],
+                                      list(opts.masq_exclude))
+            masquerade.sync(store)
+
+    def mtu(self) -> int:
+        """The pods' MTU: the underlay's, less VXLAN's outer headers when pods may talk
+        through the VTEP (vxlan, and auto where some peers are off-link)."""
+        from ..backends import read_underlay, vtep_mtu
+
+        underlay = read_underlay(self._ipr, self.iface)
+        if self.options.backend == "host-gw" or self.record is None:
+            return underlay.mtu
+        family = ipaddress.ip_address(self.record.node_ips[0]).version
+        return vtep_mtu(underlay.mtu, family)
+
+    def _write_files(self) -> None:
+        opts, record = self.options, self.record
+        assert record is not None
+        subnets = [str(s) for s in sorted(record.subnets, key=lambda s: s.version)]
+        cidrs = [str(c) for c in opts.settings.cluster_cidrs]
+        mtu = self.mtu()
+        env = {"NETWORK": cidrs[0], "SUBNET": subnets[0], "NODE": record.name,
+               "NODE_IPS": ",".join(record.node_ips), "BACKEND": opts.backend,
+               "IPMASQ": str(opts.ip_masq).lower()}
+        if mtu:
+            env["MTU"] = str(mtu)
+        v6 = record.subnet(6)
+        if v6 is not None:
+            env["IPV6_SUBNET"] = str(v6)
+            v6cidr = opts.settings.cidr(6)
+            if v6cidr is not None:
+                env["IPV6_NETWORK"] = str(v6cidr)
+        if record.subnet(4) is None:
+            env["SUBNET"] = ""
+        write_subnet_env(opts.subnet_file, env)
+        extra = {"bridge": opts.bridge, "ipMasq": opts.ip_masq, "dataDir": opts.data_dir,
+                 **opts.conf_extra}
+        if mtu:
+            extra["mtu"] = mtu
+        if opts.agent_socket:
+            extra["agentSocket"] = opts.agent_socket
+        write_conflist(opts.conflist_path, node_conflist(opts.network_name, subnets, cidrs,
+                                                         **extra))
+
+    # --- routes ----------------------------------------------------------------------------
+
+    def reconcile(self):
+        """One pass: read the node list, make the kernel match. Returns the backend's changes."""
+        from ..backends import reconcile_once
+
+        assert self.record is not None
+        started = time.perf_counter()
+        nodes = self.store.nodes()
+        changes = reconcile_once(self._ipr, self.record, nodes, self.options.backend,
+                                 self.iface, self.vxlan())
+        self.nodes = nodes  # what the kernel now holds routes for (status shows it)
+        for error in changes.errors:
+            log.warning("reconcile: %s", error)
+        for skipped in changes.skipped:
+            log.warning("reconcile: skipped %s", skipped)
+        self.last_duration = time.perf_counter() - started
+        self.last_changes = changes
+        self.reconciles += 1
+        for observe in self.observers:
+            observe(self.last_duration, changes)
+        return changes
+
+    def vxlan(self):
+        from ..backends import VxlanSettings
+
+        return VxlanSettings(name=f"pycni.{self.options.vni}", vni=self.options.vni,
+                             port=self.options.vxlan_port)
+
+    def status(self) -> dict:
+        record = self.record
+        return {
+            "ready": self.ready,
+            "reason": self.reason,
+            "node": self.options.node_name,
+            "datastore": self.store.kind,
+            "backend": self.options.backend,
+            "subnets": [str(s) for s in record.subnets] if record else [],
+            "nodeIPs": list(record.node_ips) if record else [],
+            "vtepMAC": record.vtep_mac if record else "",
+            "remoteNodes": [n.to_json() for n in self.nodes if record and n.name != record.name],
+            "reconciles": self.reconciles,
+            "lastReconcileSeconds": round(self.last_duration, 6),
+        }
+
+    # --- clean removal ---------------------------------------------------------------------
+
+    def leave(self) -> int:
+        """`pycnictl leave` (with this node's agent stopped, or it would claim again): free the
+        subnet so the other nodes drop their routes, then remove this node's own routes, VTEP
+        and forward rules. Pods' addresses and the bridge stay until the pods are deleted."""
+        from pyroute2 import IPRoute
+
+        from ..backends import Desired, apply, delete_vtep, read_state
+        from ..backends.vxlan import vtep_index
+        from ..core import masquerade
+        from ..ipam.store import Store
+
+        self.store.release()
+        self.store.close()
+        with IPRoute() as ipr:
+            name = self.vxlan().name
+            changes = apply(ipr, Desired(), read_state(ipr, vtep_index(ipr, name)))
+            delete_vtep(ipr, name)
+        for error in changes.errors:
+            log.warning("leave: %s", error)
+        with Store(self.options.data_dir) as store:
+            masquerade.forget_cluster(store)
+            masquerade.sync(store)
+        for path in (self.options.conflist_path, self.options.subnet_file):
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+        log.info("node %s left the cluster", self.options.node_name)
+        return 0
+
+
+def default_route_iface(ipr) -> str:
+    """The interface holding the default route (IPv4 first): the underlay, as flannel guesses."""
+    for family in (2, 10):  # AF_INET, AF_INET6
+        for route in ipr.route("dump", family=family, table=254):
+            if route["dst_len"] == 0 and route.get("RTA_OIF"):
+                return ipr.link("get", index=route.get("RTA_OIF"))[0].get("IFLA_IFNAME")
+    raise ClusterError("no default route to find the underlay interface by; give --iface")
+
+
+def iface_addresses(ipr, ifname: str) -> list[str]:
+    """The interface's first global address of each family (IPv4 first)."""
+    links = ipr.link_lookup(ifname=ifname)
+    if not links:
+        raise ClusterError(f"underlay interface {ifname} does not exist")
+    found: dict[int, str] = {}
+    for msg in ipr.addr("dump", index=links[0]):
+        addr = ipaddress.ip_address(msg.get("IFA_ADDRESS"))
+        if not addr.is_link_local and addr.version not in found:
+            found[addr.version] = str(addr)
+    return [found[v] for v in sorted(found)]

@@ -1,0 +1,163 @@
+"""`pycnictl lab`: a cluster in a box, built from network namespaces.
+
+`lab up` makes N nodes on one or two underlay subnets, an "outside" standing for the internet,
+a pycni agent per node (leasing subnets from the embedded sqlite datastore, or etcd), and pods
+networked through each node's installed plugin; then it prints each node's subnet and the
+measured connectivity matrix. `lab down` removes everything it made.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+from .build import netns_list
+from .lifecycle import bring_up, teardown
+from .model import (
+    DEFAULT_PREFIX,
+    DEFAULT_STATE_DIR,
+    MAX_NODES,
+    MAX_PODS,
+    PREFIX_RE,
+    Lab,
+    lab_netns_re,
+)
+from .probes import measure, print_table
+
+
+def up(args) -> int:
+    started = time.monotonic()
+    prefix, state_dir = args.prefix, os.path.abspath(args.state_dir)
+    hint = _down_hint(prefix, state_dir)
+    if os.path.exists(os.path.join(state_dir, "lab.json")):
+        print(f"a lab is already up (state in {state_dir}); run `{hint}` first", file=sys.stderr)
+        return 1
+    present = sorted(n for n in netns_list() if lab_netns_re(prefix).fullmatch(n))
+    if present:
+        print(f"lab namespaces already exist ({', '.join(present)}); run `{hint}` first",
+              file=sys.stderr)
+        return 1
+    if os.path.isdir(state_dir) and os.listdir(state_dir):
+        print(f"{state_dir} is not empty and holds no lab: choose another --state-dir",
+              file=sys.stderr)
+        return 1
+    if args.backend == "host-gw" and args.underlays > 1:
+        print("host-gw needs every node on one L2 segment: use --underlays 1, or --backend "
+              "auto (host-gw on-link, VXLAN across the router)", file=sys.stderr)
+        return 1
+    lab = Lab.plan(prefix, state_dir, args.nodes, args.pods, backend=args.backend,
+                   datastore=args.datastore, underlays=args.underlays)
+    try:
+        bring_up(lab)
+    except BaseException as exc:
+        print(f"lab up failed: {exc}", file=sys.stderr)
+        print("removing what was made", file=sys.stderr)
+        teardown(lab.prefix, lab.state_dir)
+        return 1
+    built = time.monotonic() - started
+    print_lab(lab)
+    probes = measure(lab)
+    print_table(probes)
+    failed = [p for p in probes if not p.ok]
+    print()
+    if failed:
+        print(f"{len(failed)} of {len(probes)} paths FAILED; the lab is left up for inspection")
+    else:
+        print(f"all {len(probes)} paths OK")
+    print(f"lab up in {time.monotonic() - started:.1f} s (network built in {built:.1f} s); "
+          f"remove it with `{hint}`")
+    return 1 if failed else 0
+
+
+def _down_hint(prefix: str, state_dir: str) -> str:
+    return ("pycnictl lab down" + ("" if prefix == DEFAULT_PREFIX else f" --prefix {prefix}")
+            + ("" if state_dir == DEFAULT_STATE_DIR else f" --state-dir {state_dir}"))
+
+
+def print_lab(lab: Lab) -> None:
+    store = (f"etcd at {lab.etcd_url} (in {lab.router})" if lab.datastore == "etcd"
+             else f"sqlite {lab.cluster_db}")
+    print(f"cluster CIDR {lab.network}, backend {lab.backend}, datastore {store}")
+    print(f"outside: netns {lab.outside}, {lab.outside_ip} (no route to any pod); "
+          f"router: netns {lab.router}")
+    print()
+    rows = [("NODE", "NETNS", "UNDERLAY IP", "POD SUBNET", "GATEWAY", "AGENT SOCKET")]
+    rows += [(n.name, n.netns, n.lan_ip, n.subnet, n.gateway, n.agent_socket) for n in lab.nodes]
+    _table(rows)
+    print()
+    rows = [("POD", "NODE", "ADDRESS", "MAC", "HOST VETH")]
+    rows += [(p.k8s_name, n.name, p.address, p.mac, p.host_veth)
+             for n in lab.nodes for p in n.pods]
+    _table(rows)
+    print()
+
+
+def _table(rows: list[tuple[str, ...]]) -> None:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  " + "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+
+
+def down(args) -> int:
+    from .model import LabError
+
+    try:
+        problems = teardown(args.prefix, os.path.abspath(args.state_dir), say=print)
+    except LabError as exc:
+        print(f"lab down: {exc}", file=sys.stderr)
+        return 1
+    for problem in problems:
+        print(f"warning: {problem}", file=sys.stderr)
+    print("lab is down" if not problems else "lab is down, with warnings")
+    return 1 if problems else 0
+
+
+# ----------------------------------------------------------------------------- arguments
+
+
+def _prefix(value: str) -> str:
+    if not PREFIX_RE.fullmatch(value):
+        raise argparse.ArgumentTypeError(
+            f"{value!r}: use 1-20 lowercase letters and digits, starting with a letter")
+    return value
+
+
+def _bounded(name: str, high: int):
+    def parse(value: str) -> int:
+        if not value.isdigit() or not 1 <= int(value) <= high:
+            raise argparse.ArgumentTypeError(f"{value!r}: give a number of {name} from 1 to "
+                                             f"{high}")
+        return int(value)
+    return parse
+
+
+def register(sub) -> None:
+    p = sub.add_parser("lab", help="a cluster in a box: nodes, pods, an outside, measurements")
+    lsub = p.add_subparsers(dest="lab_command", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--state-dir", default=DEFAULT_STATE_DIR,
+                        help=f"where the lab keeps its nodes' plugin, config and state "
+                        f"({DEFAULT_STATE_DIR})")
+    common.add_argument("--prefix", type=_prefix, default=DEFAULT_PREFIX,
+                        help="namespace name prefix, so labs can run side by side "
+                        f"(lowercase letters and digits; {DEFAULT_PREFIX})")
+    u = lsub.add_parser("up", parents=[common], help="build the cluster, network pods through "
+                        "each node's plugin, print subnets and the measured connectivity")
+    u.add_argument("--nodes", type=_bounded("nodes", MAX_NODES), default=3,
+                   help=f"nodes (1-{MAX_NODES}; 3)")
+    u.add_argument("--pods", type=_bounded("pods", MAX_PODS), default=2,
+                   help=f"pods per node (1-{MAX_PODS}; 2)")
+    u.add_argument("--backend", choices=("vxlan", "host-gw", "auto"), default="vxlan",
+                   help="how nodes reach each other's pods (vxlan)")
+    u.add_argument("--datastore", choices=("sqlite", "etcd"), default="sqlite",
+                   help="where subnets are leased: a shared sqlite file, or an etcd the lab "
+                   "starts (sqlite)")
+    u.add_argument("--underlays", type=int, choices=(1, 2), default=1,
+                   help="underlay subnets joined by the router; with 2 and --backend auto, "
+                   "nodes mix host-gw and VXLAN (1)")
+    u.set_defaults(func=up)
+    d = lsub.add_parser("down", parents=[common],
+                        help="DEL every pod through the plugin and remove everything the lab made")
+    d.set_defaults(func=down)

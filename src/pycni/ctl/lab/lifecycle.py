@@ -1,0 +1,137 @@
+"""Whole-lab operations: bring it up, add a node, remove a node, restart an agent, tear down.
+
+Used by `pycnictl lab` and by the tests, which drive the same lab through these functions.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+from .build import (
+    add_pod,
+    build_node,
+    build_router_and_outside,
+    del_pod,
+    delete_netns,
+    leave,
+    netns_list,
+    start_agent,
+    start_etcd,
+    stop_agent,
+    wait_converged,
+    wait_ready,
+)
+from .model import Lab, LabError, Node, lab_netns_re
+
+# Entries of a state directory that the lab made and may remove.
+_STATE_ENTRIES = ("nodes", "cluster.db", "cluster.db-wal", "cluster.db-shm", "etcd", "etcd.log")
+
+
+def bring_up(lab: Lab) -> None:
+    """Build everything `lab` plans; on failure the caller tears down (lab.json says what)."""
+    os.makedirs(lab.state_dir, exist_ok=True)
+    lab.save()  # first, so that `lab down` can undo whatever follows
+    build_router_and_outside(lab)
+    if lab.datastore == "etcd":
+        start_etcd(lab)
+    for node in lab.nodes:
+        build_node(lab, node)
+    for node in lab.nodes:
+        _network_pods(lab, node)
+    wait_converged(lab)
+
+
+def _network_pods(lab: Lab, node: Node) -> None:
+    wait_ready(node)
+    lab.save()
+    for pod in node.pods:
+        add_pod(node, pod)
+        lab.save()
+
+
+def join(lab: Lab) -> Node:
+    """A node joining the running cluster: the others learn of it through the datastore."""
+    node = lab.plan_node()
+    lab.save()
+    build_node(lab, node)
+    _network_pods(lab, node)
+    wait_converged(lab)
+    return node
+
+
+def remove_node(lab: Lab, node: Node) -> None:
+    """Clean removal: DEL its pods, stop its agent, `pycnictl leave`, delete its namespaces."""
+    live = netns_list()
+    problems = [p for p in (del_pod(node, pod, live) for pod in node.pods) if p]
+    stop_agent(node)
+    leave(lab, node)
+    for name in [p.netns for p in node.pods] + [node.netns]:
+        problem = delete_netns(name) if name in live else None
+        if problem:
+            problems.append(problem)
+    lab.nodes.remove(node)
+    lab.save()
+    shutil.rmtree(node.root, ignore_errors=True)
+    if problems:
+        raise LabError("; ".join(problems))
+
+
+def restart_agent(lab: Lab, node: Node, sig: int = 15) -> None:
+    """Stop the node's agent (SIGTERM, or SIGKILL with sig=9) and start a new one."""
+    stop_agent(node, sig)
+    start_agent(lab, node)
+
+
+def teardown(prefix: str, state_dir: str, say=lambda *a: None) -> list[str]:
+    problems: list[str] = []
+    lab = Lab.load(state_dir)
+    live = netns_list()
+    names: list[str] = []
+    if lab is not None:
+        for node in lab.nodes:
+            for pod in node.pods:
+                problem = del_pod(node, pod, live)
+                if problem:
+                    problems.append(problem)
+                elif node.netns in live and pod.address:
+                    say(f"DEL {pod.netns}")
+            if node.netns in live:
+                try:
+                    stop_agent(node)
+                except LabError as exc:
+                    problems.append(str(exc))
+        names = lab.namespaces()
+    pattern = lab_netns_re(prefix)
+    names += sorted(n for n in live if pattern.fullmatch(n) and n not in names)
+    for name in names:
+        if name not in live:
+            continue
+        problem = delete_netns(name)  # the router's etcd dies with it
+        if problem:
+            problems.append(problem)
+        else:
+            say(f"removed netns {name}")
+    problems += _remove_state(state_dir, lab is not None, say)
+    return problems
+
+
+def _remove_state(state_dir: str, owned: bool, say) -> list[str]:
+    if not os.path.isdir(state_dir):
+        return []
+    if owned:
+        for entry in _STATE_ENTRIES:
+            path = os.path.join(state_dir, entry)
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path, ignore_errors=True)
+            elif os.path.lexists(path):
+                os.unlink(path)
+        # lab.json last: until now a new `lab down` could still find everything.
+        os.unlink(os.path.join(state_dir, "lab.json"))
+    try:
+        os.rmdir(state_dir)
+        say(f"removed {state_dir}")
+    except OSError:
+        if owned:
+            return [f"{state_dir} still holds files the lab did not make; left in place"]
+    return []

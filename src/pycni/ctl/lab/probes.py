@@ -1,0 +1,251 @@
+"""Measuring the lab: every path of the connectivity matrix by ICMP and TCP, with the source
+address each target saw (so masquerade, or its absence, is visible)."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import re
+import subprocess
+import sys
+import threading
+from dataclasses import dataclass
+
+from .build import run as _run
+from .model import Lab, LabError
+
+_PROBE_TIMEOUT = 1.5
+
+# One TCP server per target namespace: answers each connection with the peer address it saw.
+_SERVER = r"""
+import socket, sys, time
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", 0))
+s.listen(64)
+print(s.getsockname()[1], flush=True)
+deadline = time.monotonic() + float(sys.argv[1])
+while time.monotonic() < deadline:
+    s.settimeout(max(0.1, deadline - time.monotonic()))
+    try:
+        c, addr = s.accept()
+    except OSError:
+        continue
+    try:
+        c.sendall((addr[0] + "\n").encode())
+    except OSError:
+        pass
+    c.close()
+"""
+
+# One client per source namespace: connect to each target, time the handshake, read the reply.
+_CLIENT = r"""
+import json, socket, sys, time
+timeout = float(sys.argv[1])
+for target in sys.argv[2:]:
+    key, host, port = target.split(",")
+    out = {"key": key, "ok": False, "rtt": None, "peer": "", "error": ""}
+    try:
+        t0 = time.perf_counter()
+        c = socket.create_connection((host, int(port)), timeout=timeout)
+        out["rtt"] = (time.perf_counter() - t0) * 1000
+        c.settimeout(timeout)
+        data = b""
+        while not data.endswith(b"\n"):
+            chunk = c.recv(64)
+            if not chunk:
+                break
+            data += chunk
+        c.close()
+        out["peer"] = data.decode().strip()
+        out["ok"] = bool(out["peer"])
+    except OSError as exc:
+        out["error"] = str(exc) or type(exc).__name__
+    print(json.dumps(out), flush=True)
+"""
+
+_PING_RTT = re.compile(r"time[=<]([\d.]+) ms")
+
+
+@dataclass
+class Probe:
+    kind: str
+    src_label: str
+    src_netns: str
+    dst_label: str
+    dst_netns: str
+    dst_ip: str
+    expect: tuple[str, ...]  # the source addresses the target may see
+    icmp_ok: bool = False
+    icmp_rtt: float | None = None
+    tcp_ok: bool = False
+    tcp_rtt: float | None = None
+    peer: str = ""
+    error: str = ""
+    retried: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return self.icmp_ok and self.tcp_ok and self.peer in self.expect
+
+
+def plan_probes(lab: Lab) -> list[Probe]:
+    """The connectivity matrix: pod-pod on one node and across nodes, node-pod (every node to
+    every pod), and pod-outside. Pods keep their address towards pods; towards the outside they
+    are masqueraded behind their node's underlay address."""
+    probes: list[Probe] = []
+    pods = [(node, pod) for node in lab.nodes for pod in node.pods]
+    for na, a in pods:
+        for nb, b in pods:
+            if a is not b:
+                kind = "pod->pod" if na is nb else "pod->pod x-node"
+                probes.append(Probe(kind, a.k8s_name, a.netns, b.k8s_name, b.netns, b.ip,
+                                    expect=(a.ip,)))
+    for node in lab.nodes:
+        # A node reaches its own pods from the bridge's gateway address; other nodes' pods
+        # from its underlay address (host-gw) or its VTEP's address (vxlan): never NATed.
+        subnet = ipaddress.ip_network(node.subnet)
+        own = (node.gateway, node.lan_ip, str(subnet.network_address))
+        for nb, b in pods:
+            probes.append(Probe("node->pod", node.name, node.netns, b.k8s_name, b.netns, b.ip,
+                                expect=(node.gateway,) if nb is node else own))
+    for node, a in pods:
+        probes.append(Probe("pod->outside", a.k8s_name, a.netns, "outside", lab.outside,
+                            lab.outside_ip, expect=(node.lan_ip,)))
+    return probes
+
+
+def _ping(netns: str, ip: str) -> tuple[bool, float | None]:
+    proc = _run("ip", "netns", "exec", netns, "ping", "-n", "-q", "-c1", "-W1", ip, check=False)
+    if proc.returncode != 0:
+        return False, None
+    # -q prints "rtt min/avg/max/mdev = a/b/c/d ms"; without -q, "time=x ms".
+    m = re.search(r"= ([\d.]+)/", proc.stdout) or _PING_RTT.search(proc.stdout)
+    return True, float(m.group(1)) if m else None
+
+
+def _tcp(src: str, probes: list[Probe], ports: dict[str, int]) -> None:
+    """TCP probes from one source namespace, all through one client process."""
+    if not probes:
+        return
+    targets = [f"{i},{p.dst_ip},{ports[p.dst_netns]}" for i, p in enumerate(probes)]
+    try:
+        proc = _run("ip", "netns", "exec", src, sys.executable, "-I", "-S", "-c", _CLIENT,
+                    str(_PROBE_TIMEOUT), *targets, check=False,
+                    timeout=_PROBE_TIMEOUT * 2 * len(probes) + 10)
+    except subprocess.TimeoutExpired:
+        for p in probes:
+            p.error = "client timed out"
+        return
+    for line in proc.stdout.splitlines():
+        out = json.loads(line)
+        p = probes[int(out["key"])]
+        p.tcp_ok, p.tcp_rtt, p.peer, p.error = out["ok"], out["rtt"], out["peer"], out["error"]
+    if not proc.stdout.strip():
+        for p in probes:
+            p.error = f"client failed: {proc.stderr.strip()[-200:]}"
+
+
+class Servers:
+    """TCP servers in the target namespaces, stopped (and waited for) on exit."""
+
+    def __init__(self, namespaces: list[str], lifetime: float = 60.0) -> None:
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.ports: dict[str, int] = {}
+        self.namespaces = namespaces
+        self.lifetime = lifetime
+
+    def __enter__(self) -> Servers:
+        try:
+            for ns in self.namespaces:
+                self.procs[ns] = subprocess.Popen(
+                    ["ip", "netns", "exec", ns, sys.executable, "-I", "-S", "-c", _SERVER,
+                     str(self.lifetime)],
+                    stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                    text=True,
+                )
+            for ns, proc in self.procs.items():
+                line = proc.stdout.readline().strip()
+                if not line.isdigit():
+                    raise LabError(f"TCP server in {ns} did not start: {proc.stderr.read()}")
+                self.ports[ns] = int(line)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.kill()
+        for proc in self.procs.values():
+            proc.wait(timeout=10)
+            proc.stdout.close()
+            proc.stderr.close()
+
+
+def measure(lab: Lab) -> list[Probe]:
+    probes = plan_probes(lab)
+    by_source: dict[str, list[Probe]] = {}
+    for p in probes:
+        by_source.setdefault(p.src_netns, []).append(p)
+    with Servers(sorted({p.dst_netns for p in probes})) as servers:
+
+        def run_source(src: str, mine: list[Probe]) -> None:
+            # Pings one after the other from each source, so RTTs are not skewed by each other.
+            # A failed probe is tried once more (and marked so): one lost packet on a loaded
+            # machine is noise, a path that fails twice is broken.
+            for p in mine:
+                p.icmp_ok, p.icmp_rtt = _ping(src, p.dst_ip)
+                if not p.icmp_ok:
+                    p.retried = True
+                    p.icmp_ok, p.icmp_rtt = _ping(src, p.dst_ip)
+            _tcp(src, mine, servers.ports)
+            again = [p for p in mine if not p.tcp_ok]
+            for p in again:
+                p.retried = True
+            _tcp(src, again, servers.ports)
+
+        threads = [threading.Thread(target=run_source, args=(src, mine))
+                   for src, mine in by_source.items()]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    return probes
+
+
+def print_table(probes: list[Probe]) -> None:
+    print("connectivity, measured (ICMP: ping -c1 -W1; TCP: connect time, and the source "
+          "address the server saw):")
+    rows = [("PATH", "FROM", "TO", "ICMP", "ms", "TCP", "ms", "SEEN AS", "")]
+
+    def ms(v: float | None) -> str:
+        return f"{v:.3f}" if v is not None else "-"
+
+    for p in probes:
+        note = ""
+        if p.tcp_ok and p.peer not in p.expect:
+            note = f"WRONG (expected {' or '.join(p.expect)})"
+        elif p.kind == "pod->outside" and p.tcp_ok:
+            note = "masqueraded"
+        elif p.kind.startswith("pod->pod") and p.tcp_ok:
+            note = "pod address kept"
+        elif not p.tcp_ok and p.error:
+            note = p.error
+        if p.retried:
+            note = f"{note}, on a 2nd try" if note else "on a 2nd try"
+        rows.append((p.kind, p.src_label, f"{p.dst_label} {p.dst_ip}",
+                     "OK" if p.icmp_ok else "FAIL", ms(p.icmp_rtt),
+                     "OK" if p.tcp_ok else "FAIL", ms(p.tcp_rtt), p.peer or "-", note))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    right = {4, 6}
+    for r in rows:
+        cells = [c.rjust(w) if i in right else c.ljust(w)
+                 for i, (c, w) in enumerate(zip(r, widths, strict=True))]
+        print("  " + "  ".join(cells).rstrip())
+
+

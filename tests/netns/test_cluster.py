@@ -1,0 +1,220 @@
+"""The cluster network end to end: labs of node namespaces with a pycni agent each, leasing
+subnets from sqlite or etcd, routing with host-gw, vxlan or auto; pods networked through each
+node's installed plugin. Driven through the same lifecycle functions as `pycnictl lab`."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+import time
+
+import pytest
+
+from conftest import sh, unique
+from pycni.ctl.lab import build, lifecycle
+from pycni.ctl.lab.model import Lab
+from pycni.ctl.lab.probes import measure
+from pycni.ctl.status import agent_health
+
+pytestmark = pytest.mark.netns
+
+
+@pytest.fixture
+def make_lab():
+    """make_lab(backend, datastore, nodes=3, pods=2, underlays=1, up=True) -> a Lab; every lab
+    made is torn down whatever happens (state in a short /tmp dir: unix socket paths)."""
+    made: list[tuple[str, str]] = []
+
+    def make(backend="vxlan", datastore="sqlite", nodes=3, pods=2, underlays=1, up=True,
+             network=None) -> Lab:
+        state = tempfile.mkdtemp(prefix="pycl", dir="/tmp")
+        lab = Lab.plan(unique("c"), state, nodes, pods, backend=backend, datastore=datastore,
+                       underlays=underlays)
+        if network:
+            lab.network = network
+        made.append((lab.prefix, state))
+        if up:
+            lifecycle.bring_up(lab)
+        return lab
+
+    yield make
+    for prefix, state in made:
+        problems = lifecycle.teardown(prefix, state)
+        shutil.rmtree(state, ignore_errors=True)
+        leftovers = [n for n in sh("ip", "netns", "list").stdout.split() if n.startswith(prefix)]
+        for name in leftovers:
+            sh("ip", "netns", "del", name, check=False)
+        assert not problems and not leftovers, (problems, leftovers)
+
+
+def failures(lab: Lab) -> list[str]:
+    return [f"{p.kind} {p.src_label}->{p.dst_label} {p.dst_ip}: icmp={p.icmp_ok} tcp={p.tcp_ok} "
+            f"seen={p.peer or '-'} want={'/'.join(p.expect)} {p.error}"
+            for p in measure(lab) if not p.ok]
+
+
+def pycni_routes(node) -> list[str]:
+    return sh("ip", "-n", node.netns, "route", "show", "proto", "120").stdout.splitlines()
+
+
+def health(node) -> dict:
+    return agent_health(node.agent_socket)["health"]["cluster"]
+
+
+MATRIX = [(b, d) for d in ("sqlite", "etcd") for b in ("host-gw", "vxlan", "auto")]
+
+
+@pytest.mark.parametrize(("backend", "datastore"), MATRIX, ids=[f"{b}-{d}" for b, d in MATRIX])
+def test_full_connectivity_matrix(make_lab, backend, datastore):
+    """Every pod reaches every pod (same node and across nodes) keeping its address, every node
+    reaches every pod, every pod reaches the outside masqueraded behind its node's address."""
+    lab = make_lab(backend, datastore, underlays=2 if backend == "auto" else 1)
+    subnets = [n.subnet for n in lab.nodes]
+    assert len(set(subnets)) == 3
+    assert all(ipaddress.ip_network(s).subnet_of(ipaddress.ip_network(lab.network))
+               for s in subnets)
+    assert failures(lab) == []
+    # The kinds of route each backend makes.
+    routes = pycni_routes(lab.nodes[0])
+    assert len(routes) == 2, routes
+    vxlan = [r for r in routes if "dev pycni.1" in r and "onlink" in r]
+    direct = [r for r in routes if "dev eth0" in r]
+    expected_vxlan = {"host-gw": 0, "vxlan": 2, "auto": 1}[backend]
+    assert (len(vxlan), len(direct)) == (expected_vxlan, 2 - expected_vxlan), routes
+
+
+def test_vxlan_lowers_the_pod_mtu_and_publishes_the_vtep(make_lab):
+    lab = make_lab("vxlan", nodes=2, pods=1)
+    node = lab.nodes[0]
+    with open(node.conflist_path) as f:
+        conf = json.load(f)["plugins"][0]
+    assert conf["mtu"] == 1450  # 1500 less 50 bytes of VXLAN over IPv4
+    pod = node.pods[0]
+    assert "mtu 1450" in sh("ip", "-n", pod.netns, "link", "show", "eth0").stdout
+    peer = health(node)["remoteNodes"][0]
+    fdb = sh("bridge", "-n", node.netns, "fdb", "show", "dev", "pycni.1").stdout
+    assert f"{peer['vtepMAC']} dst {peer['nodeIPs'][0]}" in fdb
+    neigh = sh("ip", "-n", node.netns, "neigh", "show", "dev", "pycni.1").stdout
+    assert peer["vtepMAC"] in neigh and "PERMANENT" in neigh
+
+
+@pytest.mark.parametrize("backend", ["host-gw", "vxlan"])
+def test_a_node_joining_later_is_reachable_without_restarts(make_lab, backend):
+    lab = make_lab(backend, nodes=2, pods=1)
+    pids = {n.name: build.agent_pids(n) for n in lab.nodes}
+    newcomer = lifecycle.join(lab)
+    assert newcomer.subnet not in {n.subnet for n in lab.nodes[:2]}
+    assert {n.name: build.agent_pids(n) for n in lab.nodes[:2]} == pids  # nobody restarted
+    assert failures(lab) == []
+
+
+@pytest.mark.parametrize("datastore", ["sqlite", "etcd"])
+def test_a_node_leaving_has_its_routes_removed_everywhere(make_lab, datastore):
+    lab = make_lab("vxlan", datastore, nodes=3, pods=1)
+    leaving = lab.nodes[2]
+    gone_subnet, gone_ip = leaving.subnet, leaving.lan_ip
+    lifecycle.remove_node(lab, leaving)
+    for node in lab.nodes:
+        deadline = time.monotonic() + 15
+        while any(gone_subnet in r for r in pycni_routes(node)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not any(gone_subnet in r for r in pycni_routes(node))
+        fdb = sh("bridge", "-n", node.netns, "fdb", "show", "dev", "pycni.1").stdout
+        assert gone_ip not in fdb
+        neigh = sh("ip", "-n", node.netns, "neigh", "show", "dev", "pycni.1").stdout
+        assert str(ipaddress.ip_network(gone_subnet).network_address) + " " not in neigh
+        assert len(pycni_routes(node)) == 1
+    assert failures(lab) == []
+    # Its subnet is free again: the next node to join gets it.
+    assert lifecycle.join(lab).subnet == gone_subnet
+
+
+def ping_during(src_netns: str, dst_ip: str, seconds: float, action) -> tuple[int, int]:
+    """(sent, received) of a steady ping while `action()` runs."""
+    count = int(seconds / 0.02)
+    proc = subprocess.Popen(["ip", "netns", "exec", src_netns, "ping", "-n", "-q", "-i", "0.02",
+                             "-W", "1", "-c", str(count), dst_ip],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        time.sleep(0.3)
+        action()
+        out, _ = proc.communicate(timeout=seconds + 30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    m = re.search(r"(\d+) packets transmitted, (\d+) received", out)
+    assert m, out
+    return int(m.group(1)), int(m.group(2))
+
+
+@pytest.mark.parametrize("sig", [15, 9], ids=["SIGTERM", "SIGKILL"])
+def test_agent_restart_keeps_traffic_and_subnet(make_lab, sig):
+    lab = make_lab("vxlan", nodes=2, pods=1)
+    a, b = lab.nodes
+    before = [(n.subnet, pycni_routes(n)) for n in lab.nodes]
+
+    def restart_both():
+        for node in lab.nodes:
+            lifecycle.restart_agent(lab, node, sig)
+
+    sent, received = ping_during(a.pods[0].netns, b.pods[0].ip, 3.0, restart_both)
+    assert sent - received == 0, f"lost {sent - received} of {sent}"
+    for node in lab.nodes:
+        build.wait_ready(node)
+    build.wait_converged(lab)
+    assert [(n.subnet, pycni_routes(n)) for n in lab.nodes] == before
+    assert all(health(n)["subnets"] == [n.subnet] for n in lab.nodes)
+    assert failures(lab) == []
+
+
+def test_etcd_restart_keeps_traffic_and_subnets(make_lab):
+    lab = make_lab("host-gw", "etcd", nodes=2, pods=1)
+    a, b = lab.nodes
+
+    def crash_and_restart_etcd():
+        build.kill_etcd(lab)
+        time.sleep(1.0)  # the agents see the datastore gone meanwhile
+        build.start_etcd(lab)
+
+    sent, received = ping_during(a.pods[0].netns, b.pods[0].ip, 3.0, crash_and_restart_etcd)
+    assert sent - received == 0, f"lost {sent - received} of {sent}"
+    # The agents carry on against the restarted etcd: a new node is seen by both.
+    newcomer = lifecycle.join(lab)
+    assert [n.subnet for n in lab.nodes[:2]] == [a.subnet, b.subnet]
+    assert newcomer.subnet not in (a.subnet, b.subnet)
+    assert failures(lab) == []
+
+
+def test_exhausted_cluster_cidr_is_a_clear_error_and_status_not_ready(make_lab):
+    # A /23 holds two /24 node subnets: the third node gets none.
+    lab = make_lab("host-gw", nodes=3, pods=1, up=False, network="10.244.0.0/23")
+    lab.save()
+    build.build_router_and_outside(lab)
+    for node in lab.nodes:
+        build.build_node(lab, node)
+    for node in lab.nodes[:2]:
+        build.wait_ready(node)
+    third = lab.nodes[2]
+    deadline = time.monotonic() + 15
+    while "no free" not in health(third)["reason"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    reason = health(third)["reason"]
+    assert "10.244.0.0/23 has no free /24 subnet" in reason, reason
+    assert not health(third)["ready"]
+    assert not os.path.exists(third.conflist_path)  # the runtime keeps the node NotReady
+    # STATUS through the node's plugin, as a runtime asks it, says why.
+    conf = {"cniVersion": "1.1.0", "name": "pycni", "type": "pycni", "subnet": "10.244.0.0/24",
+            "agentSocket": third.agent_socket}
+    proc = subprocess.run(["ip", "netns", "exec", third.netns, third.plugin],
+                          input=json.dumps(conf),
+                          env={"CNI_COMMAND": "STATUS", "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode != 0
+    err = json.loads(proc.stdout)
+    assert err["code"] == 50 and "no free /24 subnet" in err["msg"], err
