@@ -28,7 +28,7 @@ def _alive(pid: int) -> bool:
 
 
 def test_bench_tiny(reference_plugins):
-    from pycni.ctl.bench import format_table
+    from pycni.ctl.bench.latency import format_table
 
     proc = subprocess.Popen(
         [sys.executable, "-c", "from pycni.ctl.main import main; main()",

@@ -34,6 +34,7 @@ targets are reported beside the results, pass or fail, and do not change the exi
 
 from __future__ import annotations
 
+import argparse
 import ctypes
 import json
 import math
@@ -49,7 +50,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from ..agent.launch import agent_argv, wait_until_listening
+from ...agent.launch import agent_argv, wait_until_listening
 
 CLONE_NEWNET = 0x40000000
 NETNS_DIR = "/run/netns"
@@ -334,7 +335,7 @@ def _held_addresses(row: Row) -> list[str]:
             return []
         return sorted(f for f in os.listdir(d)
                       if f not in ("lock",) and not f.startswith("last_reserved_ip"))
-    from ..ipam.store import Store
+    from ...ipam.store import Store
 
     store = Store(os.path.join(row.root, "data"))
     try:
@@ -504,7 +505,7 @@ def _check_agent(row: Row, moment: str) -> None:
 
 def bench(pods: int, launch: str, reference_dir: str, version: str, subnet: str,
           storm_size: int = DEFAULT_STORM, progress=None) -> dict:
-    from .install import write_launcher
+    from ..install import write_launcher
 
     ref_bridge = os.path.join(reference_dir, "bridge")
     if not os.access(ref_bridge, os.X_OK) or not os.access(
@@ -772,9 +773,9 @@ def format_table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def register(sub) -> None:
+def register(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="ADD/DEL latency of pycni (agent, standalone) against the "
-                       "reference bridge")
+                       "reference bridge; `bench throughput`: TCP throughput of pod paths")
     p.add_argument("--pods", type=int, default=DEFAULT_PODS,
                    help=f"sequential ADDs (then DELs) per row (default {DEFAULT_PODS})")
     p.add_argument("--storm", type=int, default=DEFAULT_STORM,
@@ -789,6 +790,7 @@ def register(sub) -> None:
     p.add_argument("--cni-version", default="1.0.0", help="cniVersion of all configs")
     p.add_argument("--subnet", default="10.244.1.0/24", help="the node's pod subnet")
     p.set_defaults(func=_bench)
+    return p
 
 
 def _raise_interrupt(signum, frame):

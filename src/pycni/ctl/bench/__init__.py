@@ -1,0 +1,21 @@
+"""`pycnictl bench`: how fast pycni is, beside a baseline and the Go reference plugins.
+
+- `pycnictl bench [options]`: ADD/DEL latency and storms (latency.py);
+- `pycnictl bench throughput [options]`: TCP throughput of pod paths with iperf3
+  (throughput.py).
+"""
+
+from __future__ import annotations
+
+from . import latency, throughput
+
+
+def register(sub) -> None:
+    bench = latency.register(sub)
+    # Optional: plain `pycnictl bench [options]` keeps running the latency benchmark.
+    forms = bench.add_subparsers(dest="bench_form", metavar="{throughput}",
+                                 title="other benchmarks")
+    throughput.register(forms)
+
+
+__all__ = ["register"]
