@@ -24,7 +24,7 @@ from ..node_config import node_conflist, read_subnet_env, write_conflist, write_
 
 log = logging.getLogger("pycni")
 
-BACKENDS = ("host-gw", "vxlan", "auto")
+STOP_CHECK = 0.5  # seconds: the longest the loop waits without looking at stop()
 
 
 @dataclass
@@ -89,9 +89,23 @@ class ClusterNode:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout)
+            if self._thread.is_alive():
+                # Stuck in a datastore or kernel call: closing under it would only add errors;
+                # the process is exiting anyway.
+                log.warning("cluster loop did not stop within %.0f s", timeout)
+                return
         self.store.close()
         if self._ipr is not None:
             self._ipr.close()
+
+    def _wait(self, seconds: float) -> None:
+        """Until the datastore reports a change, ``seconds`` pass or stop() is called: waits in
+        short slices so that SIGTERM never waits for a whole resync period."""
+        deadline = time.monotonic() + seconds
+        while not self._stop.is_set():
+            left = deadline - time.monotonic()
+            if left <= 0 or self.store.wait(min(left, STOP_CHECK)):
+                return
 
     def _run(self) -> None:
         from pyroute2 import IPRoute
@@ -110,8 +124,8 @@ class ClusterNode:
                     next_keepalive = time.monotonic() + ttl / 3
                 self.reconcile()
                 backoff = 0.5
-                wait = max(0.05, min(self.options.resync, next_keepalive - time.monotonic()))
-                self.store.wait(wait)
+                self._wait(max(0.05, min(self.options.resync,
+                                         next_keepalive - time.monotonic())))
             except (ClusterError, KVError, OSError) as exc:
                 if self.record is None:
                     self.reason = f"not ready: {exc}"

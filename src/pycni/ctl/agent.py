@@ -13,7 +13,7 @@ from ..shim import DEFAULT_SOCKET
 
 DEFAULT_LOG = "/var/log/pycni-agent.log"
 DEFAULT_METRICS_PORT = 9654
-BACKENDS = ("host-gw", "vxlan", "auto")
+BACKENDS = ("host-gw", "vxlan", "auto")  # pycni.backends.MODES (not imported: pyroute2 is slow)
 
 
 def register(sub) -> None:

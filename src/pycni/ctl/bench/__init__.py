@@ -2,20 +2,23 @@
 
 - `pycnictl bench [options]`: ADD/DEL latency and storms (latency.py);
 - `pycnictl bench throughput [options]`: TCP throughput of pod paths with iperf3
-  (throughput.py).
+  (throughput.py);
+- `pycnictl bench convergence [options]`: the agent's reconcile loop when 100 nodes appear
+  and leave at once (convergence.py).
 """
 
 from __future__ import annotations
 
-from . import latency, throughput
+from . import convergence, latency, throughput
 
 
 def register(sub) -> None:
     bench = latency.register(sub)
     # Optional: plain `pycnictl bench [options]` keeps running the latency benchmark.
-    forms = bench.add_subparsers(dest="bench_form", metavar="{throughput}",
+    forms = bench.add_subparsers(dest="bench_form", metavar="{throughput,convergence}",
                                  title="other benchmarks")
     throughput.register(forms)
+    convergence.register(forms)
 
 
 __all__ = ["register"]
