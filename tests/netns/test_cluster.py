@@ -31,10 +31,10 @@ def make_lab():
     made: list[tuple[str, str]] = []
 
     def make(backend="vxlan", datastore="sqlite", nodes=3, pods=2, underlays=1, up=True,
-             network=None) -> Lab:
+             network=None, ipv6=False) -> Lab:
         state = tempfile.mkdtemp(prefix="pycl", dir="/tmp")
         lab = Lab.plan(unique("c"), state, nodes, pods, backend=backend, datastore=datastore,
-                       underlays=underlays)
+                       underlays=underlays, ipv6=ipv6)
         if network:
             lab.network = network
         made.append((lab.prefix, state))
@@ -86,6 +86,23 @@ def test_full_connectivity_matrix(make_lab, backend, datastore):
     direct = [r for r in routes if "dev eth0" in r]
     expected_vxlan = {"host-gw": 0, "vxlan": 2, "auto": 1}[backend]
     assert (len(vxlan), len(direct)) == (expected_vxlan, 2 - expected_vxlan), routes
+
+
+@pytest.mark.parametrize("backend", ["host-gw", "vxlan"])
+def test_dual_stack_cluster(make_lab, backend):
+    """With an IPv6 cluster CIDR too, every node leases a /64 beside its /24, pods get both
+    addresses and every path of the matrix works over IPv6 as well (no first-packet loss)."""
+    lab = make_lab(backend, nodes=2, pods=2, ipv6=True)
+    for node in lab.nodes:
+        assert ipaddress.ip_network(node.subnet6).subnet_of(ipaddress.ip_network(lab.network6))
+        assert ipaddress.ip_network(node.subnet6).prefixlen == 64
+        assert all(p.address6 for p in node.pods)
+    probes = measure(lab)
+    assert sum(1 for p in probes if p.kind.startswith("pod->pod6")) == 12
+    assert [p for p in probes if not p.ok] == []
+    assert [p for p in probes if p.retried] == []
+    routes = sh("ip", "-n", lab.nodes[0].netns, "-6", "route", "show", "proto", "120").stdout
+    assert lab.nodes[1].subnet6 in routes, routes
 
 
 def test_vxlan_lowers_the_pod_mtu_and_publishes_the_vtep(make_lab):
@@ -218,3 +235,21 @@ def test_exhausted_cluster_cidr_is_a_clear_error_and_status_not_ready(make_lab):
     assert proc.returncode != 0
     err = json.loads(proc.stdout)
     assert err["code"] == 50 and "no free /24 subnet" in err["msg"], err
+
+
+def test_periodic_reconcile_repairs_what_someone_removed(make_lab):
+    """Kernel drift raises no datastore event: the periodic pass (lab agents: every 5 s)
+    puts back a deleted route and FDB entry, and leaves routes it did not make alone."""
+    lab = make_lab("vxlan", nodes=2, pods=1)
+    a, b = lab.nodes
+    sh("ip", "-n", a.netns, "route", "add", "10.99.0.0/24", "via", b.lan_ip, "proto", "static")
+    sh("ip", "-n", a.netns, "route", "del", b.subnet, "proto", "120")
+    sh("bridge", "-n", a.netns, "fdb", "del", health(a)["remoteNodes"][0]["vtepMAC"],
+       "dev", "pycni.1", "dst", b.lan_ip)
+    deadline = time.monotonic() + 15
+    while not any(b.subnet in r for r in pycni_routes(a)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert any(b.subnet in r for r in pycni_routes(a))
+    assert b.lan_ip in sh("bridge", "-n", a.netns, "fdb", "show", "dev", "pycni.1").stdout
+    assert "10.99.0.0/24 via" in sh("ip", "-n", a.netns, "route").stdout  # not ours: kept
+    assert failures(lab) == []

@@ -8,6 +8,7 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from ..cni.errors import INVALID_NETWORK_CONFIG, CniError
+from . import sysctl
 from .errors import dataplane_error, is_missing, tolerating_exists
 from .names import bridge_mac
 
@@ -56,6 +57,11 @@ def ensure_bridge(
                 flags=IFA_F_NODAD if gw.version == 6 else 0,
             )
     if not link["flags"] & 1:  # IFF_UP
+        # Without DAD the bridge's link-local address is usable at once: the kernel sends the
+        # neighbour solicitations for packets it forwards to pods from it, so while it is
+        # tentative (1-2 s) a new node's first IPv6 pod traffic from other nodes is dropped.
+        # Its MAC is derived from the gateway address: unique in the cluster by allocation.
+        sysctl.disable_dad(name)
         ipr.link("set", index=index, state="up")
     return link
 

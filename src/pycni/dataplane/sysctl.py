@@ -1,4 +1,4 @@
-"""Forwarding sysctls of the node's namespace (the one pycni runs in)."""
+"""Sysctls of the node's namespace (the one pycni runs in): forwarding, DAD."""
 
 from __future__ import annotations
 
@@ -16,3 +16,11 @@ def enable_forwarding(families: set[int]) -> None:
         _write("/proc/sys/net/ipv4/ip_forward", "1")
     if 6 in families:
         _write("/proc/sys/net/ipv6/conf/all/forwarding", "1")
+
+
+def disable_dad(ifname: str) -> None:
+    """No duplicate address detection on ``ifname`` (before it goes up); a no-op without IPv6."""
+    try:
+        _write(f"/proc/sys/net/ipv6/conf/{ifname}/accept_dad", "0")
+    except FileNotFoundError:
+        pass

@@ -22,7 +22,18 @@ import time
 
 from ...node_config import atomic_write, read_subnet_env
 from ..install import write_launcher
-from .model import NETWORK_NAME, POD_NAMESPACE, UNDERLAYS, WAN, Lab, LabError, Node, Pod
+from .model import (
+    NETWORK_NAME,
+    POD_NAMESPACE,
+    UNDERLAYS,
+    UNDERLAYS6,
+    WAN,
+    WAN6,
+    Lab,
+    LabError,
+    Node,
+    Pod,
+)
 
 AGENT_METRICS_PORT = 9654
 AGENT_RESYNC = 5.0  # seconds: a lab shows repairs quickly
@@ -50,8 +61,12 @@ def make_netns(name: str) -> None:
     run("ip", "-n", name, "link", "set", "lo", "up")
 
 
-def _forwarding(netns: str) -> None:
-    run("ip", "netns", "exec", netns, "sysctl", "-q", "-w", "net.ipv4.ip_forward=1")
+def _forwarding(netns: str, ipv6: bool = False) -> None:
+    # Lab links are new and their link-local addresses would be tentative (DAD) for a second
+    # or two, during which the kernel cannot resolve neighbours for forwarded IPv6 packets.
+    v6 = ["net.ipv6.conf.all.forwarding=1", "net.ipv6.conf.default.accept_dad=0"]
+    run("ip", "netns", "exec", netns, "sysctl", "-q", "-w", "net.ipv4.ip_forward=1",
+        *(v6 if ipv6 else []))
 
 
 # ----------------------------------------------------------------------------- underlay
@@ -59,11 +74,14 @@ def _forwarding(netns: str) -> None:
 
 def build_router_and_outside(lab: Lab) -> None:
     make_netns(lab.router)
-    _forwarding(lab.router)
+    _forwarding(lab.router, lab.ipv6)
     commands = []
     for i, lan in enumerate(map(ipaddress.ip_network, UNDERLAYS[:lab.underlays])):
-        commands += [f"link add lan{i} type bridge", f"addr add {lan[254]}/{lan.prefixlen} "
-                     f"dev lan{i}", f"link set lan{i} up"]
+        commands += [f"link add lan{i} type bridge mcast_snooping 0",
+                     f"addr add {lan[254]}/{lan.prefixlen} dev lan{i}", f"link set lan{i} up"]
+        if lab.ipv6:
+            lan6 = ipaddress.ip_network(UNDERLAYS6[i])
+            commands.append(f"addr add {lan6[254]}/{lan6.prefixlen} dev lan{i} nodad")
     ip_batch(lab.router, commands)
     make_netns(lab.outside)
     run("ip", "-n", lab.router, "link", "add", "wan0", "type", "veth", "peer", "name", "eth0",
@@ -71,6 +89,10 @@ def build_router_and_outside(lab: Lab) -> None:
     ip_batch(lab.router, [f"addr add {WAN[1]}/{WAN.prefixlen} dev wan0", "link set wan0 up"])
     ip_batch(lab.outside, [f"addr add {WAN[254]}/{WAN.prefixlen} dev eth0", "link set eth0 up",
                            f"route add default via {WAN[1]}"])
+    if lab.ipv6:
+        ip_batch(lab.router, [f"addr add {WAN6[1]}/{WAN6.prefixlen} dev wan0 nodad"])
+        ip_batch(lab.outside, [f"addr add {WAN6[254]}/{WAN6.prefixlen} dev eth0 nodad",
+                               f"route add default via {WAN6[1]}"])
 
 
 def _lan_bridge(node: Node) -> str:
@@ -81,7 +103,7 @@ def build_node(lab: Lab, node: Node) -> None:
     """The node's namespace on its underlay, its plugin, and its agent. The agent writes the
     node's CNI config once it has leased a subnet; wait_ready() waits for that."""
     make_netns(node.netns)
-    _forwarding(node.netns)
+    _forwarding(node.netns, lab.ipv6)
     port = f"{node.name}"  # the node's port on the router's bridge
     lan = ipaddress.ip_network(node.lan)
     run("ip", "-n", node.netns, "link", "add", "eth0", "type", "veth",
@@ -89,13 +111,19 @@ def build_node(lab: Lab, node: Node) -> None:
     ip_batch(lab.router, [f"link set {port} master {_lan_bridge(node)}", f"link set {port} up"])
     ip_batch(node.netns, [f"addr add {node.lan_ip}/{lan.prefixlen} dev eth0", "link set eth0 up",
                           f"route add default via {node.router_ip}"])
+    if node.lan6_ip:
+        lan6 = ipaddress.ip_network(node.lan6)
+        ip_batch(node.netns, [f"addr add {node.lan6_ip}/{lan6.prefixlen} dev eth0 nodad",
+                              f"route add default via {node.router6_ip}"])
     write_launcher(node.plugin)
     start_agent(lab, node)
 
 
 def agent_args(lab: Lab, node: Node) -> list[str]:
     """The cluster half of the node agent's command line (shared with `pycnictl leave`)."""
-    args = ["--cluster-cidr", lab.network, "--node-name", node.name, "--iface", "eth0",
+    cidrs = [lab.network, lab.network6] if lab.ipv6 else [lab.network]
+    args = [*(a for c in cidrs for a in ("--cluster-cidr", c)),
+            "--node-name", node.name, "--iface", "eth0",
             "--backend", lab.backend, "--datastore", lab.datastore,
             "--conf-dir", node.conf_dir, "--subnet-file", node.subnet_file,
             "--network-name", NETWORK_NAME, "--resync", str(AGENT_RESYNC)]
@@ -135,7 +163,8 @@ def wait_ready(node: Node, timeout: float = CONFIG_TIMEOUT) -> None:
             raise LabError(f"{node.name}: no CNI config after {timeout:.0f} s: the agent has no "
                            f"subnet (see {node.agent_log})")
         time.sleep(0.05)
-    node.subnet = read_subnet_env(node.subnet_file).get("SUBNET", "")
+    env = read_subnet_env(node.subnet_file)
+    node.subnet, node.subnet6 = env.get("SUBNET", ""), env.get("IPV6_SUBNET", "")
 
 
 def wait_converged(lab: Lab, timeout: float = CONFIG_TIMEOUT) -> None:
@@ -308,6 +337,7 @@ def add_pod(node: Node, pod: Pod) -> None:
     atomic_write(pod.cache, json.dumps(cached, indent=2) + "\n", 0o600)
     ip = result["ips"][0]
     pod.address = ip["address"]
+    pod.address6 = next((i["address"] for i in result["ips"] if ":" in i["address"]), "")
     ifaces = result.get("interfaces", [])
     if isinstance(ip.get("interface"), int) and ip["interface"] < len(ifaces):
         pod.mac = ifaces[ip["interface"]].get("mac", "")

@@ -16,6 +16,7 @@ import time
 from .build import netns_list
 from .lifecycle import bring_up, teardown
 from .model import (
+    CLUSTER_CIDR6,
     DEFAULT_PREFIX,
     DEFAULT_STATE_DIR,
     MAX_NODES,
@@ -48,7 +49,7 @@ def up(args) -> int:
               "auto (host-gw on-link, VXLAN across the router)", file=sys.stderr)
         return 1
     lab = Lab.plan(prefix, state_dir, args.nodes, args.pods, backend=args.backend,
-                   datastore=args.datastore, underlays=args.underlays)
+                   datastore=args.datastore, underlays=args.underlays, ipv6=args.ipv6)
     try:
         bring_up(lab)
     except BaseException as exc:
@@ -79,17 +80,22 @@ def _down_hint(prefix: str, state_dir: str) -> str:
 def print_lab(lab: Lab) -> None:
     store = (f"etcd at {lab.etcd_url} (in {lab.router})" if lab.datastore == "etcd"
              else f"sqlite {lab.cluster_db}")
-    print(f"cluster CIDR {lab.network}, backend {lab.backend}, datastore {store}")
-    print(f"outside: netns {lab.outside}, {lab.outside_ip} (no route to any pod); "
+    cidrs = f"{lab.network} and {lab.network6}" if lab.ipv6 else lab.network
+    print(f"cluster CIDR {cidrs}, backend {lab.backend}, datastore {store}")
+    outside = f"{lab.outside_ip} and {lab.outside_ip6}" if lab.ipv6 else lab.outside_ip
+    print(f"outside: netns {lab.outside}, {outside} (no route to any pod); "
           f"router: netns {lab.router}")
     print()
+    v6 = lab.ipv6
     rows = [("NODE", "NETNS", "UNDERLAY IP", "POD SUBNET", "GATEWAY", "AGENT SOCKET")]
-    rows += [(n.name, n.netns, n.lan_ip, n.subnet, n.gateway, n.agent_socket) for n in lab.nodes]
+    rows += [(n.name, n.netns, n.lan_ip + (f" {n.lan6_ip}" if v6 else ""),
+              n.subnet + (f" {n.subnet6}" if v6 else ""), n.gateway, n.agent_socket)
+             for n in lab.nodes]
     _table(rows)
     print()
     rows = [("POD", "NODE", "ADDRESS", "MAC", "HOST VETH")]
-    rows += [(p.k8s_name, n.name, p.address, p.mac, p.host_veth)
-             for n in lab.nodes for p in n.pods]
+    rows += [(p.k8s_name, n.name, p.address + (f" {p.address6}" if v6 else ""), p.mac,
+              p.host_veth) for n in lab.nodes for p in n.pods]
     _table(rows)
     print()
 
@@ -157,6 +163,9 @@ def register(sub) -> None:
     u.add_argument("--underlays", type=int, choices=(1, 2), default=1,
                    help="underlay subnets joined by the router; with 2 and --backend auto, "
                    "nodes mix host-gw and VXLAN (1)")
+    u.add_argument("--ipv6", action="store_true",
+                   help=f"dual stack: IPv6 underlays, a {CLUSTER_CIDR6} cluster CIDR beside the "
+                   "IPv4 one, and every path measured over both")
     u.set_defaults(func=up)
     d = lsub.add_parser("down", parents=[common],
                         help="DEL every pod through the plugin and remove everything the lab made")

@@ -17,9 +17,12 @@ DEFAULT_STATE_DIR = "/run/pycni-lab"
 DEFAULT_PREFIX = "pycnilab"
 NETWORK_NAME = "pycni"
 CLUSTER_CIDR = "10.244.0.0/16"
+CLUSTER_CIDR6 = "fd00:10:244::/56"  # with --ipv6: each node a /64 of it
 # Underlay subnets (documentation ranges): node i of an underlay is address i, the router .254.
 UNDERLAYS = ("192.0.2.0/24", "198.51.100.0/24")
+UNDERLAYS6 = ("2001:db8:1::/64", "2001:db8:2::/64")
 WAN = ipaddress.ip_network("203.0.113.0/24")  # router .1, the outside .254
+WAN6 = ipaddress.ip_network("2001:db8:ff::/64")
 IFNAME = "eth0"
 POD_NAMESPACE = "default"
 MAX_PODS = 20
@@ -40,6 +43,7 @@ class Pod:
     ifname: str = IFNAME
     cache: str = ""  # libcni-style cached result
     address: str = ""
+    address6: str = ""  # dual stack
     mac: str = ""
     host_veth: str = ""
 
@@ -51,6 +55,10 @@ class Pod:
     def ip(self) -> str:
         return self.address.split("/")[0]
 
+    @property
+    def ip6(self) -> str:
+        return self.address6.split("/")[0]
+
 
 @dataclass
 class Node:
@@ -60,6 +68,8 @@ class Node:
     lan_ip: str
     root: str  # the node's plugin, config, IPAM data, logs and result cache
     subnet: str = ""  # learned from the agent once it has leased one
+    lan6_ip: str = ""  # dual stack: the node's IPv6 underlay address
+    subnet6: str = ""
     pods: list[Pod] = field(default_factory=list)
 
     @property
@@ -103,8 +113,20 @@ class Node:
         return str(ipaddress.ip_network(self.subnet)[1]) if self.subnet else ""
 
     @property
+    def gateway6(self) -> str:
+        return str(ipaddress.ip_network(self.subnet6)[1]) if self.subnet6 else ""
+
+    @property
     def router_ip(self) -> str:
         return str(ipaddress.ip_network(self.lan)[254])
+
+    @property
+    def lan6(self) -> str:
+        return UNDERLAYS6[UNDERLAYS.index(self.lan)]
+
+    @property
+    def router6_ip(self) -> str:
+        return str(ipaddress.ip_network(self.lan6)[254])
 
 
 @dataclass
@@ -115,15 +137,17 @@ class Lab:
     datastore: str = "sqlite"
     underlays: int = 1
     pods_per_node: int = 2
+    ipv6: bool = False
     network: str = CLUSTER_CIDR
+    network6: str = CLUSTER_CIDR6
     etcd_url: str = ""
     nodes: list[Node] = field(default_factory=list)
 
     @classmethod
     def plan(cls, prefix: str, state_dir: str, nodes: int, pods: int, backend: str = "vxlan",
-             datastore: str = "sqlite", underlays: int = 1) -> Lab:
+             datastore: str = "sqlite", underlays: int = 1, ipv6: bool = False) -> Lab:
         lab = cls(prefix=prefix, state_dir=os.path.abspath(state_dir), backend=backend,
-                  datastore=datastore, underlays=underlays, pods_per_node=pods)
+                  datastore=datastore, underlays=underlays, pods_per_node=pods, ipv6=ipv6)
         if datastore == "etcd":
             lab.etcd_url = f"http://{ipaddress.ip_network(UNDERLAYS[0])[254]}:2379"
         for _ in range(nodes):
@@ -138,6 +162,8 @@ class Lab:
         name = f"node{i}"
         node = Node(name=name, netns=f"{self.prefix}-{name}", lan=str(lan),
                     lan_ip=str(lan[host]), root=os.path.join(self.state_dir, "nodes", name))
+        if self.ipv6:
+            node.lan6_ip = str(ipaddress.ip_network(node.lan6)[host])
         for j in range(1, self.pods_per_node + 1):
             node.pods.append(Pod(netns=f"{self.prefix}-n{i}pod{j}", k8s_name=f"n{i}pod{j}",
                                  container_id=secrets.token_hex(32), uid=str(uuid.uuid4())))
@@ -155,6 +181,10 @@ class Lab:
     @property
     def outside_ip(self) -> str:
         return str(WAN[254])
+
+    @property
+    def outside_ip6(self) -> str:
+        return str(WAN6[254]) if self.ipv6 else ""
 
     @property
     def cluster_db(self) -> str:

@@ -19,9 +19,10 @@ _PROBE_TIMEOUT = 1.5
 # One TCP server per target namespace: answers each connection with the peer address it saw.
 _SERVER = r"""
 import socket, sys, time
-s = socket.socket()
+s = socket.socket(socket.AF_INET6)  # dual stack: IPv4 peers appear as ::ffff:a.b.c.d
+s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
 s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(("0.0.0.0", 0))
+s.bind(("::", 0))
 s.listen(64)
 print(s.getsockname()[1], flush=True)
 deadline = time.monotonic() + float(sys.argv[1])
@@ -32,7 +33,8 @@ while time.monotonic() < deadline:
     except OSError:
         continue
     try:
-        c.sendall((addr[0] + "\n").encode())
+        peer = addr[0][7:] if addr[0].startswith("::ffff:") else addr[0]
+        c.sendall((peer + "\n").encode())
     except OSError:
         pass
     c.close()
@@ -91,27 +93,42 @@ class Probe:
 
 def plan_probes(lab: Lab) -> list[Probe]:
     """The connectivity matrix: pod-pod on one node and across nodes, node-pod (every node to
-    every pod), and pod-outside. Pods keep their address towards pods; towards the outside they
-    are masqueraded behind their node's underlay address."""
+    every pod), and pod-outside; over IPv6 too in a dual-stack lab. Pods keep their address
+    towards pods; towards the outside they are masqueraded behind their node's address."""
+    probes = _plan(lab, 4)
+    if lab.ipv6:
+        probes += _plan(lab, 6)
+    return probes
+
+
+def _plan(lab: Lab, family: int) -> list[Probe]:
+    v6 = family == 6
+    tag = "6" if v6 else ""
+
+    def ip(pod) -> str:
+        return pod.ip6 if v6 else pod.ip
+
     probes: list[Probe] = []
     pods = [(node, pod) for node in lab.nodes for pod in node.pods]
     for na, a in pods:
         for nb, b in pods:
             if a is not b:
-                kind = "pod->pod" if na is nb else "pod->pod x-node"
-                probes.append(Probe(kind, a.k8s_name, a.netns, b.k8s_name, b.netns, b.ip,
-                                    expect=(a.ip,)))
+                kind = "pod->pod" + tag + ("" if na is nb else " x-node")
+                probes.append(Probe(kind, a.k8s_name, a.netns, b.k8s_name, b.netns, ip(b),
+                                    expect=(ip(a),)))
     for node in lab.nodes:
         # A node reaches its own pods from the bridge's gateway address; other nodes' pods
         # from its underlay address (host-gw) or its VTEP's address (vxlan): never NATed.
-        subnet = ipaddress.ip_network(node.subnet)
-        own = (node.gateway, node.lan_ip, str(subnet.network_address))
+        subnet = ipaddress.ip_network(node.subnet6 if v6 else node.subnet)
+        gateway = node.gateway6 if v6 else node.gateway
+        own = (gateway, node.lan6_ip if v6 else node.lan_ip, str(subnet.network_address))
         for nb, b in pods:
-            probes.append(Probe("node->pod", node.name, node.netns, b.k8s_name, b.netns, b.ip,
-                                expect=(node.gateway,) if nb is node else own))
+            probes.append(Probe("node->pod" + tag, node.name, node.netns, b.k8s_name, b.netns,
+                                ip(b), expect=(gateway,) if nb is node else own))
     for node, a in pods:
-        probes.append(Probe("pod->outside", a.k8s_name, a.netns, "outside", lab.outside,
-                            lab.outside_ip, expect=(node.lan_ip,)))
+        probes.append(Probe("pod->outside" + tag, a.k8s_name, a.netns, "outside", lab.outside,
+                            lab.outside_ip6 if v6 else lab.outside_ip,
+                            expect=(node.lan6_ip if v6 else node.lan_ip,)))
     return probes
 
 
@@ -230,7 +247,7 @@ def print_table(probes: list[Probe]) -> None:
         note = ""
         if p.tcp_ok and p.peer not in p.expect:
             note = f"WRONG (expected {' or '.join(p.expect)})"
-        elif p.kind == "pod->outside" and p.tcp_ok:
+        elif p.kind.startswith("pod->outside") and p.tcp_ok:
             note = "masqueraded"
         elif p.kind.startswith("pod->pod") and p.tcp_ok:
             note = "pod address kept"
