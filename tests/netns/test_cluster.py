@@ -10,6 +10,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 
@@ -253,3 +254,18 @@ def test_periodic_reconcile_repairs_what_someone_removed(make_lab):
     assert b.lan_ip in sh("bridge", "-n", a.netns, "fdb", "show", "dev", "pycni.1").stdout
     assert "10.99.0.0/24 via" in sh("ip", "-n", a.netns, "route").stdout  # not ours: kept
     assert failures(lab) == []
+
+
+def test_status_shows_the_cluster_side(make_lab):
+    lab = make_lab("vxlan", nodes=2, pods=1)
+    a, b = lab.nodes
+    argv = [sys.executable, "-c", "from pycni.ctl.main import main; main()", "status",
+            "--socket", a.agent_socket, "--data-dir", a.data_dir]
+    proc = sh("ip", "netns", "exec", a.netns, *argv, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "cluster: node node1, ready, datastore sqlite, backend vxlan" in proc.stdout
+    assert "routes   to 1 other node(s)" in proc.stdout
+    assert re.search(rf"node2\s+{re.escape(b.subnet)}\s+via {b.lan_ip}", proc.stdout), proc.stdout
+    report = json.loads(sh("ip", "netns", "exec", a.netns, *argv, "--json").stdout)
+    cluster = report["agent"]["health"]["cluster"]
+    assert cluster["subnets"] == [a.subnet] and cluster["lastChanges"]["errors"] == []

@@ -60,7 +60,7 @@ class ClusterNode:
         self.record: NodeRecord | None = None
         self.nodes: list[NodeRecord] = []
         self.reason = "waiting for this node's subnet from the datastore"
-        self.last_changes = None
+        self.last_changes = None  # backends.Changes of the last pass
         self.reconciles = 0
         self.last_duration = 0.0
         self.observers: list = []  # callables(seconds, changes)
@@ -73,13 +73,12 @@ class ClusterNode:
 
     @property
     def ready(self) -> bool:
-        return self.record is not None and not self.reason
+        """The node has its subnet and its CNI config is written."""
+        return self.record is not None
 
     def not_ready_reason(self) -> str | None:
         """For STATUS: None when ADDs can succeed, else why not."""
-        if self.record is None:
-            return self.reason or "waiting for this node's subnet"
-        return None
+        return None if self.ready else self.reason
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="reconcile", daemon=True)
@@ -113,15 +112,15 @@ class ClusterNode:
         self._ipr = IPRoute()
         backoff = 0.5
         next_keepalive = 0.0
-        ttl = getattr(getattr(self.store, "kv", None), "ttl", 60.0)
+        renew = self.store.renew_every
         while not self._stop.is_set():
             try:
                 if self.record is None:
                     self._register()
-                    next_keepalive = time.monotonic() + ttl / 3
+                    next_keepalive = time.monotonic() + renew
                 elif time.monotonic() >= next_keepalive:
                     self._adopt(self.store.keepalive())
-                    next_keepalive = time.monotonic() + ttl / 3
+                    next_keepalive = time.monotonic() + renew
                 self.reconcile()
                 backoff = 0.5
                 self._wait(max(0.05, min(self.options.resync,
@@ -211,24 +210,16 @@ class ClusterNode:
         subnets = [str(s) for s in sorted(record.subnets, key=lambda s: s.version)]
         cidrs = [str(c) for c in opts.settings.cluster_cidrs]
         mtu = self.mtu()
-        env = {"NETWORK": cidrs[0], "SUBNET": subnets[0], "NODE": record.name,
-               "NODE_IPS": ",".join(record.node_ips), "BACKEND": opts.backend,
-               "IPMASQ": str(opts.ip_masq).lower()}
-        if mtu:
-            env["MTU"] = str(mtu)
-        v6 = record.subnet(6)
+        v4, v6 = record.subnet(4), record.subnet(6)
+        env = {"NETWORK": str(opts.settings.cidr(4) or ""), "SUBNET": str(v4 or ""),
+               "NODE": record.name, "NODE_IPS": ",".join(record.node_ips),
+               "BACKEND": opts.backend, "IPMASQ": str(opts.ip_masq).lower(), "MTU": str(mtu)}
         if v6 is not None:
+            env["IPV6_NETWORK"] = str(opts.settings.cidr(6))
             env["IPV6_SUBNET"] = str(v6)
-            v6cidr = opts.settings.cidr(6)
-            if v6cidr is not None:
-                env["IPV6_NETWORK"] = str(v6cidr)
-        if record.subnet(4) is None:
-            env["SUBNET"] = ""
         write_subnet_env(opts.subnet_file, env)
         extra = {"bridge": opts.bridge, "ipMasq": opts.ip_masq, "dataDir": opts.data_dir,
-                 **opts.conf_extra}
-        if mtu:
-            extra["mtu"] = mtu
+                 "mtu": mtu, **opts.conf_extra}
         if opts.agent_socket:
             extra["agentSocket"] = opts.agent_socket
         write_conflist(opts.conflist_path, node_conflist(opts.network_name, subnets, cidrs,
@@ -277,6 +268,7 @@ class ClusterNode:
             "remoteNodes": [n.to_json() for n in self.nodes if record and n.name != record.name],
             "reconciles": self.reconciles,
             "lastReconcileSeconds": round(self.last_duration, 6),
+            "lastChanges": _changes(self.last_changes),
         }
 
     # --- clean removal ---------------------------------------------------------------------
@@ -332,3 +324,10 @@ def iface_addresses(ipr, ifname: str) -> list[str]:
         if not addr.is_link_local and addr.version not in found:
             found[addr.version] = str(addr)
     return [found[v] for v in sorted(found)]
+
+
+def _changes(changes) -> dict:
+    if changes is None:
+        return {}
+    return {"added": changes.added, "replaced": changes.replaced, "removed": changes.removed,
+            "errors": list(changes.errors), "skipped": [str(s) for s in changes.skipped]}

@@ -20,6 +20,7 @@ from .model import NodeRecord
 
 class Datastore(ABC):
     kind: str  # "sqlite" | "etcd" | "kubernetes"
+    renew_every: float = 60.0  # seconds between keepalive() calls
 
     @abstractmethod
     def register(self, local: NodeRecord) -> NodeRecord:

@@ -81,6 +81,11 @@ class LeaseDatastore(Datastore):
         self.me: NodeRecord | None = None
         self._revision = 0
 
+    @property
+    def renew_every(self) -> float:
+        # Three renewals per TTL: a missed one or two (datastore briefly away) loses nothing.
+        return self.kv.ttl / 3
+
     # --- reading ---------------------------------------------------------------------------
 
     def _leases(self) -> dict[Network, str]:

@@ -222,6 +222,13 @@ def collect(data_dirs: list[str] | None, socket_path: str | None) -> dict:
             if not pod["netnsExists"]:
                 problems.append(f"{who}: netns {pod['netns']} is gone (stale; GC reclaims it)")
 
+    cluster = (agent["health"] or {}).get("cluster")
+    if cluster is not None and not cluster.get("ready"):
+        problems.append(f"cluster: {cluster.get('reason') or 'not ready'}")
+    elif cluster is not None:
+        for error in (cluster.get("lastChanges") or {}).get("errors", []):
+            problems.append(f"cluster: last reconcile: {error}")
+
     backend, present = masquerade_present()
     masq = {"backend": backend, "expected": wants_masq, "present": present}
     if wants_masq and present is False:
@@ -232,6 +239,22 @@ def collect(data_dirs: list[str] | None, socket_path: str | None) -> dict:
 
 
 # --- text ---------------------------------------------------------------------------------
+
+
+def _render_cluster(c: dict) -> list[str]:
+    state = "ready" if c.get("ready") else f"NOT READY ({c.get('reason')})"
+    out = [f"cluster: node {c.get('node')}, {state}, datastore {c.get('datastore')}, "
+           f"backend {c.get('backend')}",
+           f"  subnets  {', '.join(c.get('subnets') or []) or '-'} "
+           f"(node addresses {', '.join(c.get('nodeIPs') or []) or '-'}"
+           f"{', VTEP ' + c['vtepMAC'] if c.get('vtepMAC') else ''})"]
+    remote = c.get("remoteNodes") or []
+    out.append(f"  routes   to {len(remote)} other node(s); {c.get('reconciles', 0)} reconcile "
+               f"passes, the last {1000 * (c.get('lastReconcileSeconds') or 0):.1f} ms")
+    for node in remote:
+        out.append(f"    {node['name']:<16} {', '.join(node['subnets']):<36} via "
+                   f"{', '.join(node['nodeIPs'])}")
+    return out
 
 
 def render(report: dict) -> str:
@@ -246,6 +269,9 @@ def render(report: dict) -> str:
         out.append(f"agent: answering oddly on {agent['socket']}: {agent['error']}")
     else:
         out.append(f"agent: not running ({agent['socket']}; the plugin works in-process)")
+    cluster = (agent["health"] or {}).get("cluster") if agent["running"] else None
+    if cluster is not None:
+        out.extend(_render_cluster(cluster))
 
     for store in report["stores"]:
         if not store["ok"]:
