@@ -356,3 +356,51 @@ def kv_factory(request, tmp_path) -> Iterator[KVFactory]:
             client.delete_prefix(factory.prefix)
             client.session.close()
         factory.close()
+
+
+# --- which source address a TCP connection arrives from (masquerade or not) ------------------
+
+_SOURCE_SERVER = """
+import socket, sys
+host = sys.argv[1]
+s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((host, 0))
+s.listen(1)
+s.settimeout(15)
+print(s.getsockname()[1], flush=True)
+c, addr = s.accept()
+print(addr[0], flush=True)
+c.close()
+"""
+
+_CONNECT = """
+import socket, sys
+socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=float(sys.argv[3])).close()
+"""
+
+
+def source_seen(server_ns: str, client_ns: str, dst: str, timeout: float = 10.0) -> str | None:
+    """Connect from client_ns to dst (an address in server_ns): the source address the server
+    saw, or None when no connection could be made."""
+    server = subprocess.Popen(
+        ["ip", "netns", "exec", server_ns, sys.executable, "-c", _SOURCE_SERVER, dst],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        port = server.stdout.readline().strip()
+        assert port, server.stderr.read()
+        client = sh("ip", "netns", "exec", client_ns, sys.executable, "-c", _CONNECT, dst, port,
+                    str(timeout), check=False)
+        if client.returncode != 0:
+            return None
+        peer = server.stdout.readline().strip()
+        assert peer, server.stderr.read()
+        return peer
+    finally:
+        if server.poll() is None:
+            server.kill()
+        server.wait(timeout=10)
+        server.stdout.close()
+        server.stderr.close()
+

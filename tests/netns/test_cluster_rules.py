@@ -19,12 +19,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from conftest import source_seen
 from pycni.rules import table
 
 pytestmark = pytest.mark.netns
@@ -73,26 +73,6 @@ with Store(data_dir) as store:
     }
 print(json.dumps(out))
 """
-
-_SERVER = """
-import socket, sys
-host = sys.argv[1]
-s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
-s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind((host, 0))
-s.listen(1)
-s.settimeout(15)
-print(s.getsockname()[1], flush=True)
-c, addr = s.accept()
-print(addr[0], flush=True)
-c.close()
-"""
-
-_CLIENT = """
-import socket, sys
-socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=float(sys.argv[3])).close()
-"""
-
 
 class Cluster:
     def __init__(self, netns, data_dir: str) -> None:
@@ -145,27 +125,7 @@ class Cluster:
 
     def seen(self, dst: str, timeout: float = 5.0) -> str | None:
         """Connect P -> dst (in O); the source O saw, or None if no connection was made."""
-        server = subprocess.Popen(
-            ["ip", "netns", "exec", self.out, sys.executable, "-c", _SERVER, dst],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )
-        try:
-            port = server.stdout.readline().strip()
-            assert port, server.stderr.read()
-            client = self.spaces.exec(
-                self.pod, sys.executable, "-c", _CLIENT, dst, port, str(timeout), check=False
-            )
-            if client.returncode != 0:
-                return None
-            peer = server.stdout.readline().strip()
-            assert peer, server.stderr.read()
-            return peer
-        finally:
-            if server.poll() is None:
-                server.kill()
-            server.wait(timeout=10)
-            server.stdout.close()
-            server.stderr.close()
+        return source_seen(self.out, self.pod, dst, timeout)
 
     def ipt_save(self) -> str:
         return self.r("iptables-save") + self.r("ip6tables-save")

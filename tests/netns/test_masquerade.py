@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import source_seen
 from pycni.rules import table as m
 
 pytestmark = [
@@ -147,25 +148,9 @@ class Topo:
 
     def peer_seen(self, dst: str) -> str:
         """Open a TCP connection pod -> dst (in outside); return the source outside saw."""
-        server = subprocess.Popen(
-            ["ip", "netns", "exec", self.out, sys.executable, "-c", _SERVER, dst],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        try:
-            port = server.stdout.readline().strip()
-            assert port, server.stderr.read()
-            self.ns(self.pod, sys.executable, "-c", _CLIENT, dst, port)
-            peer = server.stdout.readline().strip()
-            assert peer, server.stderr.read()
-            return peer
-        finally:
-            if server.poll() is None:
-                server.kill()
-            server.wait(timeout=10)
-            server.stdout.close()
-            server.stderr.close()
+        peer = source_seen(self.out, self.pod, dst)
+        assert peer, f"no connection to {dst}"
+        return peer
 
     def nft_table(self) -> str:
         return self.ns(self.node, "nft", "list", "table", "inet", "pycni")
@@ -194,26 +179,6 @@ elif op == "installed":
     ]
 print(json.dumps(out))
 """
-
-_SERVER = """
-import socket, sys
-host = sys.argv[1]
-s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
-s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind((host, 0))
-s.listen(1)
-s.settimeout(15)
-print(s.getsockname()[1], flush=True)
-c, addr = s.accept()
-print(addr[0], flush=True)
-c.close()
-"""
-
-_CLIENT = """
-import socket, sys
-socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=10).close()
-"""
-
 
 @pytest.fixture
 def topo():

@@ -63,6 +63,7 @@ from ...cluster.leases import (
 from ...cluster.model import ClusterSettings, NodeRecord
 from ...cluster.sqlite import _POLL as SQLITE_POLL
 from ...cluster.sqlite import SqliteKV
+from .common import run_and_print
 
 BACKENDS = ("host-gw", "vxlan")
 REGISTER_MODES = ("clients", "batch")
@@ -761,10 +762,6 @@ def add_arguments(parser) -> None:
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
 
 
-def _raise_interrupt(signum, frame):
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def run(args) -> int:
     if os.geteuid() != 0:
         print("pycnictl bench convergence: needs root (network namespaces)", file=sys.stderr)
@@ -775,26 +772,17 @@ def run(args) -> int:
         return 2
     backends = tuple(dict.fromkeys(args.backends or BACKENDS))
     modes = REGISTER_MODES if args.register == "both" else (args.register,)
-    old = {s: signal.signal(s, _raise_interrupt) for s in (signal.SIGTERM, signal.SIGHUP)}
     # Event timestamps are taken by a thread of this process: switch threads often.
     interval = sys.getswitchinterval()
     sys.setswitchinterval(0.0005)
     try:
-        report = bench(args.nodes, args.repeat, backends, modes, args.noop_samples,
-                       args.timeout, progress=lambda m: print(m, file=sys.stderr, flush=True))
-    except BenchError as exc:
-        print(f"pycnictl bench convergence: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("pycnictl bench convergence: interrupted; agent stopped, namespaces removed",
-              file=sys.stderr)
-        return 130
+        return run_and_print(
+            "pycnictl bench convergence",
+            lambda progress: bench(args.nodes, args.repeat, backends, modes, args.noop_samples,
+                                   args.timeout, progress=progress),
+            format_table, args.json, (BenchError,), "agent stopped, namespaces removed")
     finally:
         sys.setswitchinterval(interval)
-        for s, handler in old.items():
-            signal.signal(s, handler)
-    print(json.dumps(report, indent=2) if args.json else format_table(report))
-    return 0 if report["ok"] else 1
 
 
 def register(forms) -> None:

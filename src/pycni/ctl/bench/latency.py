@@ -51,6 +51,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from ...agent.launch import agent_argv, wait_until_listening
+from .common import run_and_print
 
 CLONE_NEWNET = 0x40000000
 NETNS_DIR = "/run/netns"
@@ -793,10 +794,6 @@ def register(sub) -> argparse.ArgumentParser:
     return p
 
 
-def _raise_interrupt(signum, frame):
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def _bench(args) -> int:
     if os.geteuid() != 0:
         print("pycnictl bench: needs root (network namespaces)", file=sys.stderr)
@@ -804,19 +801,8 @@ def _bench(args) -> int:
     if args.pods < 1 or args.storm < 0:
         print("pycnictl bench: --pods must be at least 1, --storm at least 0", file=sys.stderr)
         return 2
-    old = {s: signal.signal(s, _raise_interrupt) for s in (signal.SIGTERM, signal.SIGHUP)}
-    try:
-        report = bench(args.pods, args.launch, args.reference_dir, args.cni_version,
-                       args.subnet, args.storm,
-                       progress=lambda m: print(m, file=sys.stderr, flush=True))
-    except BenchError as exc:
-        print(f"pycnictl bench: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("pycnictl bench: interrupted; agents stopped, namespaces removed", file=sys.stderr)
-        return 130
-    finally:
-        for s, handler in old.items():
-            signal.signal(s, handler)
-    print(json.dumps(report, indent=2) if args.json else format_table(report))
-    return 0 if report["ok"] else 1
+    return run_and_print(
+        "pycnictl bench",
+        lambda progress: bench(args.pods, args.launch, args.reference_dir, args.cni_version,
+                               args.subnet, args.storm, progress=progress),
+        format_table, args.json, (BenchError,), "agents stopped, namespaces removed")

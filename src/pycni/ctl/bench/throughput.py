@@ -40,6 +40,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from .common import run_and_print
 from .latency import PATH, BenchError, Spaces, _sh
 
 DEFAULT_SECONDS = 3
@@ -413,10 +414,6 @@ def register(forms) -> argparse.ArgumentParser:
     return p
 
 
-def _raise_interrupt(signum, frame):
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def _main(args) -> int:
     if os.geteuid() != 0:
         print("pycnictl bench throughput: needs root (network namespaces)", file=sys.stderr)
@@ -425,19 +422,7 @@ def _main(args) -> int:
         print("pycnictl bench throughput: --seconds and --repeat must be at least 1",
               file=sys.stderr)
         return 2
-    old = {s: signal.signal(s, _raise_interrupt) for s in (signal.SIGTERM, signal.SIGHUP)}
-    try:
-        report = bench(args.seconds, args.repeat, args.reference_dir,
-                       progress=lambda m: print(m, file=sys.stderr, flush=True))
-    except BenchError as exc:
-        print(f"pycnictl bench throughput: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("pycnictl bench throughput: interrupted; everything made was removed",
-              file=sys.stderr)
-        return 130
-    finally:
-        for s, handler in old.items():
-            signal.signal(s, handler)
-    print(json.dumps(report, indent=2) if args.json else format_table(report))
-    return 0 if report["ok"] else 1
+    return run_and_print(
+        "pycnictl bench throughput",
+        lambda progress: bench(args.seconds, args.repeat, args.reference_dir, progress=progress),
+        format_table, args.json, (BenchError,), "everything made was removed")
