@@ -125,7 +125,15 @@ class ClusterNode:
                 backoff = 0.5
                 self._wait(max(0.05, min(self.options.resync,
                                          next_keepalive - time.monotonic())))
-            except (ClusterError, KVError, OSError) as exc:
+            except ClusterError as exc:
+                # No subnet to be had yet (no podCIDR, none free): retry when the datastore
+                # changes (a podCIDR is allocated, a lease is released) or after the backoff.
+                if self.record is None:
+                    self.reason = f"not ready: {exc}"
+                log.error("cluster: %s (retrying on the next change or in %.1f s)", exc, backoff)
+                self._wait(backoff)
+                backoff = min(backoff * 2, 10.0)
+            except (KVError, OSError) as exc:
                 if self.record is None:
                     self.reason = f"not ready: {exc}"
                 log.error("cluster: %s (retrying in %.1f s)", exc, backoff)
@@ -168,17 +176,18 @@ class ClusterNode:
         return tuple(out)
 
     def _adopt(self, record: NodeRecord) -> None:
-        """Make ``record`` this node's identity: rules, subnet.env and the CNI config."""
+        """Make ``record`` this node's identity: rules, subnet.env and the CNI config first, and
+        only then ``self.record`` (which makes the node ready), so a failed write is retried on
+        the next pass instead of leaving a "ready" node without a config."""
         if record == self.record:
             return
         if self.record is not None and record.subnets != self.record.subnets:
             log.warning("node %s: subnets changed from %s to %s", record.name,
                         ", ".join(map(str, self.record.subnets)),
                         ", ".join(map(str, record.subnets)))
-        self.record = record
         self._write_rules()
-        self._write_files()
-        self.reason = ""
+        self._write_files(record)
+        self.record, self.reason = record, ""
         log.info("node %s: subnets %s, addresses %s, backend %s", record.name,
                  ", ".join(map(str, record.subnets)), ", ".join(record.node_ips),
                  self.options.backend)
@@ -193,23 +202,21 @@ class ClusterNode:
                                       list(opts.masq_exclude))
             masquerade.sync(store)
 
-    def mtu(self) -> int:
+    def mtu(self, record: NodeRecord) -> int:
         """The pods' MTU: the underlay's, less VXLAN's outer headers when pods may talk
         through the VTEP (vxlan, and auto where some peers are off-link)."""
         from ..backends import read_underlay, vtep_mtu
 
         underlay = read_underlay(self._ipr, self.iface)
-        if self.options.backend == "host-gw" or self.record is None:
+        if self.options.backend == "host-gw":
             return underlay.mtu
-        family = ipaddress.ip_address(self.record.node_ips[0]).version
-        return vtep_mtu(underlay.mtu, family)
+        return vtep_mtu(underlay.mtu, ipaddress.ip_address(record.node_ips[0]).version)
 
-    def _write_files(self) -> None:
-        opts, record = self.options, self.record
-        assert record is not None
+    def _write_files(self, record: NodeRecord) -> None:
+        opts = self.options
         subnets = [str(s) for s in sorted(record.subnets, key=lambda s: s.version)]
         cidrs = [str(c) for c in opts.settings.cluster_cidrs]
-        mtu = self.mtu()
+        mtu = self.mtu(record)
         v4, v6 = record.subnet(4), record.subnet(6)
         env = {"NETWORK": str(opts.settings.cidr(4) or ""), "SUBNET": str(v4 or ""),
                "NODE": record.name, "NODE_IPS": ",".join(record.node_ips),
@@ -234,6 +241,12 @@ class ClusterNode:
         assert self.record is not None
         started = time.perf_counter()
         nodes = self.store.nodes()
+        if not _same_node(self.record, next((n for n in nodes if n.name == self.record.name),
+                                            None)):
+            # Someone changed this node's entry (a new podCIDR, annotations or a lease removed
+            # by hand): claim and publish again now rather than at the next keepalive.
+            self._adopt(self.store.keepalive())
+            nodes = self.store.nodes()
         changes = reconcile_once(self._ipr, self.record, nodes, self.options.backend,
                                  self.iface, self.vxlan())
         self.nodes = nodes  # what the kernel now holds routes for (status shows it)
@@ -331,3 +344,9 @@ def _changes(changes) -> dict:
         return {}
     return {"added": changes.added, "replaced": changes.replaced, "removed": changes.removed,
             "errors": list(changes.errors), "skipped": [str(s) for s in changes.skipped]}
+
+
+def _same_node(mine: NodeRecord, seen: NodeRecord | None) -> bool:
+    """Whether the datastore shows this node as it was registered (subnet order aside)."""
+    return seen is not None and set(seen.subnets) == set(mine.subnets) \
+        and seen.node_ips == mine.node_ips and seen.vtep_mac == mine.vtep_mac

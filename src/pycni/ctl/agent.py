@@ -37,6 +37,8 @@ def register(sub) -> None:
     leave = sub.add_parser("leave", parents=[cluster],
                            help="remove this node from the cluster: release its subnet (the "
                            "other nodes drop their routes to it) and remove its own routes")
+    leave.add_argument("--data-dir", default=DEFAULT_DATA_DIR,
+                       help="the agent's --data-dir (its packet-rule state)")
     leave.set_defaults(func=run_leave)
 
 
@@ -145,7 +147,7 @@ def run_leave(args) -> int:
     from .. import log
 
     log.setup("", "info")
-    node = cluster_node(args, DEFAULT_DATA_DIR, "")
+    node = cluster_node(args, args.data_dir, "")
     if node is None:
         raise SystemExit("pycnictl leave: give the cluster settings the agent ran with "
                          "(--cluster-cidr, --datastore, ...)")

@@ -225,7 +225,7 @@ def leave(lab: Lab, node: Node) -> None:
     """Clean node removal: `pycnictl leave` in the node after its agent stopped."""
     from ...agent.launch import pycnictl_argv
 
-    argv = [*pycnictl_argv(), "leave", *agent_args(lab, node)]
+    argv = [*pycnictl_argv(), "leave", "--data-dir", node.data_dir, *agent_args(lab, node)]
     run("ip", "netns", "exec", node.netns, *argv, timeout=60)
 
 

@@ -51,7 +51,7 @@ for target in sys.argv[2:]:
         t0 = time.perf_counter()
         c = socket.create_connection((host, int(port)), timeout=timeout)
         out["rtt"] = (time.perf_counter() - t0) * 1000
-        c.settimeout(timeout)
+        c.settimeout(4 * timeout)  # the reply may wait for a busy server process
         data = b""
         while not data.endswith(b"\n"):
             chunk = c.recv(64)
@@ -149,7 +149,7 @@ def _tcp(src: str, probes: list[Probe], ports: dict[str, int]) -> None:
     try:
         proc = _run("ip", "netns", "exec", src, sys.executable, "-I", "-S", "-c", _CLIENT,
                     str(_PROBE_TIMEOUT), *targets, check=False,
-                    timeout=_PROBE_TIMEOUT * 2 * len(probes) + 10)
+                    timeout=_PROBE_TIMEOUT * 5 * len(probes) + 10)
     except subprocess.TimeoutExpired:
         for p in probes:
             p.error = "client timed out"
