@@ -228,7 +228,7 @@ def test_exhausted_cluster_cidr_is_a_clear_error_and_status_not_ready(make_lab):
     assert not os.path.exists(third.conflist_path)  # the runtime keeps the node NotReady
     # STATUS through the node's plugin, as a runtime asks it, says why.
     conf = {"cniVersion": "1.1.0", "name": "pycni", "type": "pycni", "subnet": "10.244.0.0/24",
-            "agentSocket": third.agent_socket}
+            "agentSocket": third.agent_socket, "dataDir": third.data_dir}
     proc = subprocess.run(["ip", "netns", "exec", third.netns, third.plugin],
                           input=json.dumps(conf),
                           env={"CNI_COMMAND": "STATUS", "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},

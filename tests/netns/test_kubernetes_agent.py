@@ -265,7 +265,7 @@ def conf_subnet(node: K8sNode) -> str | None:
 def plugin_status(node: K8sNode, plugin: str) -> subprocess.CompletedProcess:
     """CNI STATUS through the node's plugin, forwarded to the agent, as a runtime asks it."""
     conf = {"cniVersion": "1.1.0", "name": "pycni", "type": "pycni", "subnet": SUBNET_A,
-            "agentSocket": node.socket}
+            "agentSocket": node.socket, "dataDir": node.data_dir}
     return subprocess.run(["ip", "netns", "exec", node.ns, plugin], input=json.dumps(conf),
                           env={"CNI_COMMAND": "STATUS",
                                "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
