@@ -77,7 +77,10 @@ def build_router_and_outside(lab: Lab) -> None:
     _forwarding(lab.router, lab.ipv6)
     commands = []
     for i, lan in enumerate(map(ipaddress.ip_network, UNDERLAYS[:lab.underlays])):
-        commands += [f"link add lan{i} type bridge mcast_snooping 0",
+        # A fixed MAC: a bridge otherwise takes its lowest port's, which changes when that
+        # node leaves, and every node's ARP entry for the router goes stale (seen in tests).
+        mac = "0a:58:" + ":".join(f"{b:02x}" for b in lan[254].packed)
+        commands += [f"link add lan{i} address {mac} type bridge mcast_snooping 0",
                      f"addr add {lan[254]}/{lan.prefixlen} dev lan{i}", f"link set lan{i} up"]
         if lab.ipv6:
             lan6 = ipaddress.ip_network(UNDERLAYS6[i])
