@@ -2,5 +2,5 @@
 
 A datastore (kubernetes | etcd | sqlite) gives this node its subnet and lists the others as
 NodeRecords; the backends (pycni.backends) turn that list into routes, neighbours and FDB
-entries; the agent's reconcile loop (pycni.agent.reconcile) keeps the kernel equal to it.
+entries; the agent's reconcile loop (pycni.agent.cluster) keeps the kernel equal to it.
 """

@@ -93,7 +93,8 @@ def cluster_node(args, data_dir: str, agent_socket: str):
         return None
     from ..agent.cluster import ClusterNode, ClusterOptions
     from ..cluster.factory import open_datastore
-    from ..cluster.model import ClusterSettings
+    from ..cluster.kv import KVError
+    from ..cluster.model import ClusterError, ClusterSettings
 
     try:
         settings = ClusterSettings(tuple(args.cluster_cidr),
@@ -106,9 +107,13 @@ def cluster_node(args, data_dir: str, agent_socket: str):
         network_name=args.network_name, bridge=args.bridge, ip_masq=args.ip_masq,
         masq_exclude=tuple(args.masq_exclude), data_dir=data_dir, agent_socket=agent_socket,
         resync=args.resync, vni=args.vni, vxlan_port=args.vxlan_port)
-    store = open_datastore(args.datastore, settings, args.node_name, path=args.datastore_path,
-                           etcd_endpoints=args.etcd_endpoints, etcd_prefix=args.etcd_prefix,
-                           kubeconfig=args.kubeconfig, lease_ttl=args.lease_ttl)
+    try:
+        store = open_datastore(args.datastore, settings, args.node_name,
+                               path=args.datastore_path, etcd_endpoints=args.etcd_endpoints,
+                               etcd_prefix=args.etcd_prefix, kubeconfig=args.kubeconfig,
+                               lease_ttl=args.lease_ttl)
+    except (ValueError, ClusterError, KVError) as exc:
+        raise SystemExit(f"pycnictl: {args.datastore} datastore: {exc}") from None
     return ClusterNode(options, store)
 
 
