@@ -19,7 +19,8 @@ from contextlib import contextmanager
 
 from .kv import KV, KVError
 
-_POLL = 0.1  # seconds between two looks at the revision in wait()
+_POLL = 0.02  # seconds between two looks at the revision in wait(): one row, cheap
+_EXPIRY_POLL = 0.5  # seconds between two scans for keys whose lease ran out
 _BUSY_MS = 10_000  # how long a write waits for another process's transaction
 
 _SCHEMA = """
@@ -193,16 +194,22 @@ class SqliteKV(KV):
     def wait(self, prefix: str, revision: int, timeout: float) -> int:
         """Polls the file; returns ``revision`` itself when nothing under ``prefix`` changed."""
         deadline = time.monotonic() + timeout
+        seen_rev, next_expiry_scan = None, 0.0
         while True:
+            expired = None
             with self._read() as conn:
-                rev, changed = conn.execute(
-                    "SELECT (SELECT rev FROM meta), "
-                    f"(SELECT max(mod) FROM kv WHERE {_UNDER})", (len(prefix), prefix)).fetchone()
-                if changed is not None and changed > revision:
-                    return rev
-                expired = conn.execute(
-                    f"SELECT 1 FROM kv WHERE kv.value IS NOT NULL AND {_UNDER} AND NOT ({_LIVE})"
-                    " LIMIT 1", (len(prefix), prefix, self._clock())).fetchone()
+                rev = conn.execute("SELECT rev FROM meta").fetchone()[0]
+                if rev != seen_rev:  # something changed somewhere: was it under prefix?
+                    seen_rev = rev
+                    changed = conn.execute(f"SELECT max(mod) FROM kv WHERE {_UNDER}",
+                                           (len(prefix), prefix)).fetchone()[0]
+                    if changed is not None and changed > revision:
+                        return rev
+                if time.monotonic() >= next_expiry_scan:
+                    next_expiry_scan = time.monotonic() + _EXPIRY_POLL
+                    expired = conn.execute(
+                        f"SELECT 1 FROM kv WHERE kv.value IS NOT NULL AND {_UNDER} AND "
+                        f"NOT ({_LIVE}) LIMIT 1", (len(prefix), prefix, self._clock())).fetchone()
             if expired:
                 # Nobody wrote since that key expired: purge it ourselves, which is the change.
                 with self._write():
