@@ -4,21 +4,23 @@
 - `pycnictl bench throughput [options]`: TCP throughput of pod paths with iperf3
   (throughput.py);
 - `pycnictl bench convergence [options]`: the agent's reconcile loop when 100 nodes appear
-  and leave at once (convergence.py).
+  and leave at once (convergence.py);
+- `pycnictl bench reconcile [options]`: the route backends alone (reconcile.py).
 """
 
 from __future__ import annotations
 
-from . import convergence, latency, throughput
+from . import convergence, latency, reconcile, throughput
 
 
 def register(sub) -> None:
     bench = latency.register(sub)
     # Optional: plain `pycnictl bench [options]` keeps running the latency benchmark.
-    forms = bench.add_subparsers(dest="bench_form", metavar="{throughput,convergence}",
+    forms = bench.add_subparsers(dest="bench_form", metavar="{throughput,convergence,reconcile}",
                                  title="other benchmarks")
     throughput.register(forms)
     convergence.register(forms)
+    reconcile.register(forms)
 
 
 __all__ = ["register"]

@@ -1,4 +1,5 @@
-"""Timing of reconcile_once with many peers: `python -m pycni.backends.bench [--nodes 100]`.
+"""`pycnictl bench reconcile`: the backends alone, reconcile_once with many peers (no agent, no
+datastore; `bench convergence` measures the whole loop).
 
 Per mode (host-gw, vxlan) and repetition, a fresh pair of namespaces: a "node" whose eth0
 (172.20.0.1/16) is a veth to a "wire" namespace. N fake peers with addresses on that prefix
@@ -10,9 +11,7 @@ checked (counts, no errors) and the namespaces are removed whatever happens. Nee
 
 from __future__ import annotations
 
-import argparse
 import ipaddress
-import json
 import os
 import secrets
 import statistics
@@ -20,9 +19,10 @@ import subprocess
 import sys
 import time
 
-from ..cluster.model import NodeRecord
-from ..dataplane.netns import netlink_in, netns_fd
-from .reconcile import reconcile_once
+from ...backends import reconcile_once
+from ...cluster.model import NodeRecord
+from ...dataplane.netns import netlink_in, netns_fd
+from .common import run_and_print
 
 UNDERLAY = ipaddress.ip_network("172.20.0.0/16")
 PODS = ipaddress.ip_network("10.244.0.0/16")
@@ -106,23 +106,24 @@ def format_report(report: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m pycni.backends.bench", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--nodes", type=int, default=100)
-    p.add_argument("--repeat", type=int, default=3)
-    p.add_argument("--json", action="store_true")
-    args = p.parse_args(argv)
+def register(forms) -> None:
+    p = forms.add_parser("reconcile", help="the route backends alone: one reconcile_once pass "
+                         "from empty to N peers, a no-op pass, and removing them all")
+    p.add_argument("--nodes", type=int, default=100, help="fake peers (1-250; 100)")
+    p.add_argument("--repeat", type=int, default=3, help="fresh namespaces per run (3)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=_main)
+
+
+def _main(args) -> int:
     if os.geteuid() != 0:
-        print("backends bench: needs root (network namespaces)", file=sys.stderr)
+        print("pycnictl bench reconcile: needs root (network namespaces)", file=sys.stderr)
         return 2
     if not 1 <= args.nodes <= 250 or args.repeat < 1:
-        print("backends bench: --nodes 1..250, --repeat at least 1", file=sys.stderr)
+        print("pycnictl bench reconcile: --nodes 1..250, --repeat at least 1", file=sys.stderr)
         return 2
-    report = bench(args.nodes, args.repeat)
-    print(json.dumps(report) if args.json else format_report(report))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    return run_and_print(
+        "pycnictl bench reconcile",
+        lambda progress: {**bench(args.nodes, args.repeat), "ok": True},
+        format_report, args.json, (RuntimeError, subprocess.CalledProcessError),
+        "namespaces removed")
