@@ -196,16 +196,20 @@ def wait_converged(lab: Lab, timeout: float = CONFIG_TIMEOUT) -> None:
         time.sleep(0.05)
 
 
+def netns_pids(netns: str) -> list[int]:
+    return [int(pid) for pid in run("ip", "netns", "pids", netns, check=False).stdout.split()]
+
+
+def _argv(pid: int) -> list[bytes]:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().split(b"\0")
+    except OSError:
+        return []  # gone meanwhile
+
+
 def agent_pids(node: Node) -> list[int]:
-    pids = []
-    for pid in run("ip", "netns", "pids", node.netns, check=False).stdout.split():
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if b"agent" in f.read().split(b"\0"):
-                    pids.append(int(pid))
-        except OSError:
-            pass
-    return pids
+    return [pid for pid in netns_pids(node.netns) if b"agent" in _argv(pid)]
 
 
 def stop_agent(node: Node, sig: int = 15, wait: float = 10.0) -> None:
@@ -268,15 +272,8 @@ def _alive(pid: int) -> bool:
 
 
 def etcd_pids(lab: Lab) -> list[int]:
-    pids = []
-    for pid in run("ip", "netns", "pids", lab.router, check=False).stdout.split():
-        try:
-            with open(f"/proc/{pid}/comm") as f:
-                if f.read().strip() == "etcd":
-                    pids.append(int(pid))
-        except OSError:
-            pass
-    return pids
+    return [pid for pid in netns_pids(lab.router)
+            if os.path.basename(next(iter(_argv(pid)), b"")) == b"etcd"]
 
 
 # ----------------------------------------------------------------------------- pods
@@ -369,10 +366,10 @@ def del_pod(node: Node, pod: Pod, live: set[str]) -> str | None:
 
 
 def kill_netns_pids(netns: str) -> None:
-    for pid in run("ip", "netns", "pids", netns, check=False).stdout.split():
+    for pid in netns_pids(netns):
         try:
-            os.kill(int(pid), 9)
-        except (ProcessLookupError, ValueError):
+            os.kill(pid, 9)
+        except ProcessLookupError:
             pass
 
 

@@ -13,6 +13,7 @@ import os
 import sys
 import time
 
+from ..agent import BACKENDS
 from .build import netns_list
 from .lifecycle import bring_up, teardown
 from .model import (
@@ -155,7 +156,7 @@ def register(sub) -> None:
                    help=f"nodes (1-{MAX_NODES}; 3)")
     u.add_argument("--pods", type=_bounded("pods", MAX_PODS), default=2,
                    help=f"pods per node (1-{MAX_PODS}; 2)")
-    u.add_argument("--backend", choices=("vxlan", "host-gw", "auto"), default="vxlan",
+    u.add_argument("--backend", choices=BACKENDS, default="vxlan",
                    help="how nodes reach each other's pods (vxlan)")
     u.add_argument("--datastore", choices=("sqlite", "etcd"), default="sqlite",
                    help="where subnets are leased: a shared sqlite file, or an etcd the lab "
