@@ -404,3 +404,53 @@ def source_seen(server_ns: str, client_ns: str, dst: str, timeout: float = 10.0)
         server.stdout.close()
         server.stderr.close()
 
+
+# --- benchmark commands run end to end, and what they may leave behind -------------------------
+
+
+def run_bench(*args: str, timeout: float = 300) -> tuple[int, int, str, str]:
+    """`pycnictl bench ARGS` as a child process: (its pid, exit status, stdout, stderr). The
+    pid is what the benchmark names its namespaces and temp dirs after."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "from pycni.ctl.main import main; main()", "bench", *args],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    finally:
+        proc.kill()
+    return proc.pid, proc.returncode, stdout, stderr
+
+
+def namespaces_named(prefix: str) -> list[str]:
+    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    return [line.split()[0] for line in out.splitlines() if line.startswith(prefix)]
+
+
+# --- datastore clients racing ---------------------------------------------------------------
+
+
+def register_racing(stores: list, records: list) -> dict:
+    """stores[i].register(records[i]), all at once from threads released together; returns
+    {name: registered record} and fails the test if any register raised."""
+    import threading
+
+    got: dict = {}
+    errors: list[Exception] = []
+    barrier = threading.Barrier(len(stores))
+
+    def claim(store, record) -> None:
+        barrier.wait()
+        try:
+            got[record.name] = store.register(record)
+        except Exception as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=claim, args=pair) for pair in zip(stores, records,
+                                                                          strict=True)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    return got
+

@@ -4,11 +4,11 @@ and an etcd restart. tests/unit/test_leases.py covers the rest on SQLite."""
 from __future__ import annotations
 
 import ipaddress
-import threading
 import uuid
 
 import pytest
 
+from conftest import register_racing
 from pycni.cluster.etcd import EtcdKV
 from pycni.cluster.kv import KVError
 from pycni.cluster.leases import LeaseDatastore
@@ -37,23 +37,7 @@ def rec(name: str, i: int = 1) -> NodeRecord:
 
 def test_racing_agents_on_etcd_never_share_a_subnet(make_store):
     stores = [make_store() for _ in range(10)]
-    got: dict[str, NodeRecord] = {}
-    errors: list[Exception] = []
-    barrier = threading.Barrier(len(stores))
-
-    def claim(i: int) -> None:
-        barrier.wait()
-        try:
-            got[f"n{i}"] = stores[i].register(rec(f"n{i}", i + 1))
-        except Exception as exc:  # reported below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=claim, args=(i,)) for i in range(len(stores))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors
+    got = register_racing(stores, [rec(f"n{i}", i + 1) for i in range(10)])
     assert len({r.subnets for r in got.values()}) == len(stores)
     assert [n.name for n in stores[0].nodes()] == sorted(got)
 

@@ -4,19 +4,15 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
+
+from conftest import namespaces_named, run_bench
 
 pytestmark = [pytest.mark.netns, pytest.mark.reference]
 
 ROWS = {(p, m) for p in ("pycni-agent", "pycni-standalone", "reference") for m in (False, True)}
 
-
-def _namespaces(prefix: str) -> list[str]:
-    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
-    return [line.split()[0] for line in out.splitlines() if line.startswith(prefix)]
 
 
 def _alive(pid: int) -> bool:
@@ -30,18 +26,11 @@ def _alive(pid: int) -> bool:
 def test_bench_tiny(reference_plugins):
     from pycni.ctl.bench.latency import format_table
 
-    proc = subprocess.Popen(
-        [sys.executable, "-c", "from pycni.ctl.main import main; main()",
-         "bench", "--pods", "3", "--storm", "5", "--json", "--reference-dir", reference_plugins],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
-    try:
-        stdout, stderr = proc.communicate(timeout=300)
-    finally:
-        proc.kill()
+    pid, status, stdout, stderr = run_bench("--pods", "3", "--storm", "5", "--json",
+                                            "--reference-dir", reference_plugins)
     # Its namespaces are named after its pid: none may be left.
-    assert _namespaces(f"pycnib{proc.pid}") == []
-    assert proc.returncode == 0, stdout + stderr
+    assert namespaces_named(f"pycnib{pid}") == []
+    assert status == 0, stdout + stderr
     report = json.loads(stdout)
     assert report["ok"] and report["pods"] == 3 and report["storm"] == 5
     assert set(report["exec_floor_ms"]) == {"setns", "nsenter", "ip-netns-exec"}

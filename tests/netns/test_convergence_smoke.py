@@ -7,11 +7,11 @@ from __future__ import annotations
 import glob
 import json
 import os
-import subprocess
-import sys
 import tempfile
 
 import pytest
+
+from conftest import namespaces_named, run_bench
 
 pytestmark = pytest.mark.netns
 
@@ -21,29 +21,17 @@ PHASE_KEYS = {"written_ms", "first_ms", "all_ms", "lag_ms", "passes", "last_pass
               "problems", "converged"}
 
 
-def _namespaces(prefix: str) -> list[str]:
-    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
-    return [line.split()[0] for line in out.splitlines() if line.startswith(prefix)]
-
 
 def test_convergence_tiny():
     from pycni.ctl.bench.convergence import format_table
 
-    proc = subprocess.Popen(
-        [sys.executable, "-c", "from pycni.ctl.main import main; main()", "bench",
-         "convergence", "--nodes", str(NODES), "--repeat", "1",
-         "--noop-samples", str(NOOP_SAMPLES), "--json"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
-    try:
-        stdout, stderr = proc.communicate(timeout=300)
-    finally:
-        proc.kill()
+    pid, status, stdout, stderr = run_bench("convergence", "--nodes", str(NODES), "--repeat",
+                                            "1", "--noop-samples", str(NOOP_SAMPLES), "--json")
     # Its namespaces and temporary directories are named after its pid: none may be left.
-    tag = f"pycnicv{proc.pid}"
-    assert _namespaces(tag) == []
+    tag = f"pycnicv{pid}"
+    assert namespaces_named(tag) == []
     assert glob.glob(os.path.join(tempfile.gettempdir(), f"pycni-conv-{tag}-*")) == []
-    assert proc.returncode == 0, stdout + stderr
+    assert status == 0, stdout + stderr
     report = json.loads(stdout)
     assert report["ok"] and report["problems"] == []
     assert report["nodes"] == NODES and report["repeat"] == 1
@@ -86,18 +74,12 @@ def test_convergence_tiny():
 
 def test_backends_alone_tiny():
     """`pycnictl bench reconcile`: every phase ran and was checked (counts, no errors)."""
-    proc = subprocess.Popen(
-        [sys.executable, "-c", "from pycni.ctl.main import main; main()", "bench", "reconcile",
-         "--nodes", "5", "--repeat", "1", "--json"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        stdout, stderr = proc.communicate(timeout=120)
-    finally:
-        proc.kill()
-    assert proc.returncode == 0, stdout + stderr
+    pid, status, stdout, stderr = run_bench("reconcile", "--nodes", "5", "--repeat", "1",
+                                            "--json", timeout=120)
+    assert status == 0, stdout + stderr
     report = json.loads(stdout)
     assert report["ok"] and report["nodes"] == 5
     for mode in ("host-gw", "vxlan"):
         assert set(report[mode]) == {"converge", "noop", "remove"}
         assert all(ms > 0 for ms in report[mode].values())
-    assert _namespaces(f"pycni-bbe-{proc.pid}-") == []
+    assert namespaces_named(f"pycni-bbe-{pid}-") == []

@@ -7,19 +7,16 @@ from __future__ import annotations
 import glob
 import json
 import subprocess
-import sys
 
 import pytest
+
+from conftest import namespaces_named, run_bench
 
 pytestmark = [pytest.mark.netns, pytest.mark.reference]
 
 PATHS = {"baseline-veth", "pycni-same-node", "pycni-host-gw", "pycni-vxlan",
          "reference-same-node", "reference-host-gw"}
 
-
-def _namespaces(prefix: str) -> list[str]:
-    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
-    return [line.split()[0] for line in out.splitlines() if line.startswith(prefix)]
 
 
 def _iperf_servers(names: list[str]) -> list[str]:
@@ -31,19 +28,12 @@ def test_throughput_tiny(reference_plugins):
     from pycni.ctl.bench.throughput import format_table
 
     before = set(glob.glob("/tmp/pycni-bench-throughput-*"))
-    proc = subprocess.Popen(
-        [sys.executable, "-c", "from pycni.ctl.main import main; main()", "bench", "throughput",
-         "--seconds", "1", "--repeat", "1", "--json", "--reference-dir", reference_plugins],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
-    try:
-        stdout, stderr = proc.communicate(timeout=300)
-    finally:
-        proc.kill()
+    pid, status, stdout, stderr = run_bench("throughput", "--seconds", "1", "--repeat", "1",
+                                            "--json", "--reference-dir", reference_plugins)
     # Its namespaces (the labs' included) are named after its pid: none may be left.
-    assert _namespaces(f"pycnib{proc.pid}") == []
+    assert namespaces_named(f"pycnib{pid}") == []
     assert set(glob.glob("/tmp/pycni-bench-throughput-*")) <= before
-    assert proc.returncode == 0, stdout + stderr
+    assert status == 0, stdout + stderr
     report = json.loads(stdout)
     assert report["ok"] and report["seconds"] == 1 and report["repeat"] == 1
     assert report["statistic"] == "median"

@@ -5,10 +5,10 @@ there."""
 from __future__ import annotations
 
 import ipaddress
-import threading
 
 import pytest
 
+from conftest import register_racing
 from pycni.cluster.leases import LeaseDatastore, free_subnets, key_subnet, subnet_key
 from pycni.cluster.model import ClusterSettings, NodeRecord, SubnetsExhausted
 from pycni.cluster.sqlite import SqliteKV
@@ -173,23 +173,7 @@ def test_resized_cluster_moves_the_node_and_frees_the_old_subnet(make_store):
 
 def test_racing_agents_never_share_a_subnet(make_store):
     stores = [make_store() for _ in range(12)]
-    results: dict[str, NodeRecord] = {}
-    errors = []
-    barrier = threading.Barrier(len(stores))
-
-    def claim(i: int) -> None:
-        barrier.wait()
-        try:
-            results[f"n{i}"] = stores[i].register(node(f"n{i}", f"192.0.2.{i + 1}"))
-        except Exception as exc:  # pragma: no cover - reported below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=claim, args=(i,)) for i in range(len(stores))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors
+    results = register_racing(stores, [node(f"n{i}", f"192.0.2.{i + 1}") for i in range(12)])
     subnets = [r.subnets[0] for r in results.values()]
     assert len(set(subnets)) == len(stores)
     assert {n.name for n in stores[0].nodes()} == set(results)
