@@ -1,9 +1,10 @@
-"""Keep the node's packet rules (masquerade, and forward accepts for the cluster) equal to what
-the store says they should be.
+"""Keep the node's packet rules (masquerade, forward accepts for the cluster, hostPort DNATs)
+equal to what the store says they should be.
 
 Desired state, not event history: the rule set is computed from every network that has ipMasq
-and at least one pod, plus the cluster settings the node agent recorded, so adding, deleting,
-GC and the agent all converge on the same table.
+and at least one pod, every attachment's port mappings, plus the cluster settings the node
+agent recorded, so adding, deleting, GC, the agent and a restart after a crash all converge on
+the same table. The bridges' route_localnet (hostPorts on 127.0.0.1) follows the same state.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ import os
 from collections.abc import Iterable
 
 from ..cni.netconf import NetConf
-from ..ipam.store import Store
+from ..dataplane import sysctl
+from ..ipam.store import Attachment, Store
 from ..rules import table
 from ..rules.table import Network
 
@@ -102,8 +104,38 @@ def desired_rules(store: Store) -> table.RuleSet:
         for subnet in map(ipaddress.ip_network, info.get("subnets", [])):
             exclude = {subnet} | {n for n in never if n.version == subnet.version}
             masq.add(table.MasqRule(subnet, tuple(sorted(exclude, key=str))))
+    hostports, hairpin = hostport_rules(store.attachments_with_port_mappings())
     # Forward accepts do not depend on pods: a node forwards for the cluster once it is in it.
-    return table.RuleSet(tuple(masq), tuple(cluster))
+    return table.RuleSet(tuple(masq), tuple(cluster), tuple(hostports), tuple(hairpin))
+
+
+def hostport_rules(attachments: list[Attachment]) -> tuple[list[table.HostPort], list]:
+    """(DNATs, pod addresses to hairpin) for attachments with port mappings: each mapping goes
+    to the pod's address of each family it covers."""
+    hostports, hairpin = [], []
+    for att in attachments:
+        for a in att.allocations:
+            mapped = [m for m in att.port_mappings
+                      if m.host_ip is None or m.host_ip.version == a.ip.version]
+            hostports += [table.HostPort(m.protocol, m.host_port, a.ip, m.container_port,
+                                         m.host_ip) for m in mapped]
+            if mapped:
+                hairpin.append(ipaddress.ip_interface(f"{a.ip}/{a.prefixlen}"))
+    return hostports, hairpin
+
+
+def _localnet_bridges(store: Store) -> tuple[set[str], set[str]]:
+    """(bridges that need route_localnet, bridges of every recorded network). A bridge needs
+    it while a pod on it has IPv4 hostPorts: the node's clients of 127.0.0.1 reach them."""
+    networks = store.list_networks()
+    wanted = set()
+    for att in store.attachments_with_port_mappings():
+        bridge = networks.get(att.network, {}).get("bridge")
+        if bridge and any(a.ip.version == 4 for a in att.allocations) and any(
+                m.host_ip is None or m.host_ip.version == 4 for m in att.port_mappings):
+            wanted.add(bridge)
+    every = {info["bridge"] for info in networks.values() if info.get("bridge")}
+    return wanted, every
 
 
 def sync(store: Store) -> None:
@@ -118,7 +150,13 @@ def sync(store: Store) -> None:
         digest = table.digest(rules)
         if _applied(store, key) == digest:
             return
+        wanted, every = _localnet_bridges(store)
+        # Off before the 127/8 guard goes, on after it came: never open without the guard.
+        for bridge in every - wanted:
+            sysctl.set_route_localnet(bridge, False)
         table.apply(rules)
+        for bridge in wanted:
+            sysctl.set_route_localnet(bridge, True)
         store.set_meta(key, digest)
 
 

@@ -1,4 +1,4 @@
-"""Sysctls of the node's namespace (the one pycni runs in): forwarding, DAD."""
+"""Sysctls of the node's namespace (the one pycni runs in): forwarding, DAD, route_localnet."""
 
 from __future__ import annotations
 
@@ -22,5 +22,15 @@ def disable_dad(ifname: str) -> None:
     """No duplicate address detection on ``ifname`` (before it goes up); a no-op without IPv6."""
     try:
         _write(f"/proc/sys/net/ipv6/conf/{ifname}/accept_dad", "0")
+    except FileNotFoundError:
+        pass
+
+
+def set_route_localnet(bridge: str, on: bool) -> None:
+    """Let packets from or to 127.0.0.0/8 be routed via ``bridge`` (a hostPort reached from
+    the node at 127.0.0.1 is DNATed to a pod, keeping that source until masquerade); a no-op
+    when the bridge does not exist (yet, or any more)."""
+    try:
+        _write(f"/proc/sys/net/ipv4/conf/{bridge}/route_localnet", "1" if on else "0")
     except FileNotFoundError:
         pass
