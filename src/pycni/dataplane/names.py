@@ -5,7 +5,14 @@ from __future__ import annotations
 import hashlib
 
 HOST_VETH_PREFIX = "veth"
+IFB_PREFIX = "ifb"
 ALIAS_PREFIX = "pycni"
+# Not "pycni <network> ": GC sweeps links with the veth alias prefix as veths.
+IFB_ALIAS_PREFIX = "pycni-ifb"
+
+
+def _attachment_digest(network: str, container_id: str, ifname: str) -> str:
+    return hashlib.sha256(f"{network}\0{container_id}\0{ifname}".encode()).hexdigest()
 
 
 def host_veth_name(network: str, container_id: str, ifname: str) -> str:
@@ -13,8 +20,22 @@ def host_veth_name(network: str, container_id: str, ifname: str) -> str:
 
     44 bits of hash keep collisions improbable among thousands of pods on a node.
     """
-    digest = hashlib.sha256(f"{network}\0{container_id}\0{ifname}".encode()).hexdigest()
-    return HOST_VETH_PREFIX + digest[:11]
+    return HOST_VETH_PREFIX + _attachment_digest(network, container_id, ifname)[:11]
+
+
+def ifb_name(network: str, container_id: str, ifname: str) -> str:
+    """The attachment's ifb device (egress shaping), 14 characters: 'ifb' + the same 11 hex
+    digits as its host veth, so the pair reads as one in `ip link`."""
+    return IFB_PREFIX + _attachment_digest(network, container_id, ifname)[:11]
+
+
+def ifb_alias(network: str, container_id: str, ifname: str) -> str:
+    """Interface alias on the ifb: whose it is; GC finds orphans of a network by its prefix."""
+    return f"{ifb_alias_prefix(network)}{container_id} {ifname}"[:127]
+
+
+def ifb_alias_prefix(network: str) -> str:
+    return f"{IFB_ALIAS_PREFIX} {network} "
 
 
 def host_veth_alias(network: str, container_id: str, ifname: str) -> str:
