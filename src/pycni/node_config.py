@@ -13,6 +13,8 @@ from collections.abc import Sequence
 
 CONFLIST_NAME = "10-pycni.conflist"  # "10-" sorts before most others: runtimes use the first
 SUBNET_ENV_PREFIX = "PYCNI_"
+# What the runtime fills into runtimeConfig: it sends a capability only to plugins that ask.
+CAPABILITIES: dict[str, bool] = {"bandwidth": True, "portMappings": True}
 
 
 def atomic_write(path: str, text: str, mode: int) -> None:
@@ -40,12 +42,15 @@ def node_conflist(name: str, subnets: str | Sequence[str], network: str | Sequen
         plugin["subnet"] = subnets if isinstance(subnets, str) else subnets[0]
     else:
         plugin["ranges"] = [[{"subnet": s}] for s in subnets]
-    plugin.update({"ipMasq": True, "isDefaultGateway": True})
+    plugin.update({"ipMasq": True, "isDefaultGateway": True, "capabilities": dict(CAPABILITIES)})
     if network:
         plugin["network"] = network if isinstance(network, str) or len(network) > 1 \
             else network[0]
     plugin.update(extra)
-    return {"cniVersion": "1.1.0", "name": name, "plugins": [plugin]}
+    # CNI 1.1's way to serve every runtime: libcni >= 1.2 picks the highest of `cniVersions`,
+    # older ones (containerd 1.6, podman 4.3) read `cniVersion` and reject 1.1.0 results.
+    return {"cniVersion": "1.0.0", "cniVersions": ["1.0.0", "1.1.0"], "name": name,
+            "plugins": [plugin]}
 
 
 def write_conflist(path: str, conf: dict) -> None:

@@ -29,6 +29,60 @@ _MAC = re.compile(r"[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}")
 # Keys that may sit under "ipam" for operators coming from bridge + host-local.
 _IPAM_KEYS = ("subnet", "ranges", "rangeStart", "rangeEnd", "gateway", "routes", "dataDir")
 VALID_ATTACHMENTS = "cni.dev/valid-attachments"
+# Traffic shaping limits: tc's tbf takes the rate as 32-bit bytes per second (pyroute2 sends no
+# 64-bit rate) and the burst as 32-bit bytes; below one byte (per second) there is nothing left.
+MIN_BANDWIDTH_BITS = 8
+MAX_RATE_BITS = (2**32 - 1) * 8  # about 34.4 Gbit/s
+MAX_BURST_BITS = (2**32 - 1) * 8  # 4 GiB
+# A rate given without its burst gets what the rate carries in 100 ms, at least 64 KiB: a few
+# full-size packets (GSO ones too) pass at once even at low rates, and TCP still sees the rate.
+DEFAULT_BURST_SECONDS = 0.1
+MIN_DEFAULT_BURST_BITS = 64 * 1024 * 8
+
+
+@dataclass(frozen=True)
+class Shaping:
+    """One direction's token bucket: rate in bits per second, burst in bits."""
+
+    rate: int
+    burst: int
+
+
+@dataclass(frozen=True)
+class Bandwidth:
+    """Capability `bandwidth`: ingress is traffic to the pod, egress traffic from it."""
+
+    ingress: Shaping | None = None
+    egress: Shaping | None = None
+
+
+PORT_PROTOCOLS = ("tcp", "udp")
+
+
+@dataclass(frozen=True)
+class PortMapping:
+    """Capability `portMappings`: `host_port` on the node forwarded to `container_port` in the
+    pod. `host_ip` None: every local address of every family the pod has; an unspecified
+    address (0.0.0.0, ::) every local address of that family only; else that address only."""
+
+    host_port: int
+    container_port: int
+    protocol: str = "tcp"
+    host_ip: ipaddress.IPv4Address | ipaddress.IPv6Address | None = None
+
+    def claims(self, families: set[int]) -> set[tuple[int, str]]:
+        """The (family, host address) pairs this mapping takes on a node for a pod with
+        addresses of `families`; "" stands for every address of the family."""
+        if self.host_ip is None:
+            return {(f, "") for f in families}
+        if self.host_ip.version not in families:
+            return set()
+        return {(self.host_ip.version, "" if self.host_ip.is_unspecified else str(self.host_ip))}
+
+
+def port_mappings_conflict(a: set[tuple[int, str]], b: set[tuple[int, str]]) -> bool:
+    """Whether two claims (PortMapping.claims, same protocol and port) overlap."""
+    return any(fa == fb and (ha == "" or hb == "" or ha == hb) for fa, ha in a for fb, hb in b)
 
 
 @dataclass
@@ -51,6 +105,8 @@ class NetConf:
     agent_socket: str = ""
     requested_ips: list[ipaddress.IPv4Address | ipaddress.IPv6Address] = field(default_factory=list)
     mac: str | None = None
+    bandwidth: Bandwidth | None = None
+    port_mappings: list[PortMapping] = field(default_factory=list)
     prev_result: cniresult.Result | None = None
     valid_attachments: set[tuple[str, str]] | None = None
     disable_check: bool = False
@@ -66,7 +122,7 @@ def decode(stdin: bytes) -> dict:
         raise CniError(DECODING_FAILURE, f"network config is larger than {MAX_CONFIG_BYTES} bytes")
     try:
         conf = json.loads(stdin)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # or nested too deep
         raise CniError(
             DECODING_FAILURE, f"network config on stdin is not valid JSON: {exc}"
         ) from None
@@ -107,6 +163,8 @@ def parse(conf: dict, request: Request) -> NetConf:
     nc.disable_check = _opt(conf, "disableCheck", bool, False)
     nc.disable_gc = _opt(conf, "disableGC", bool, False)
     nc.requested_ips, nc.mac = _requests(conf, request)
+    nc.bandwidth = _bandwidth(conf)
+    nc.port_mappings = _port_mappings(conf, {rs.family for rs in nc.range_sets})
     if "prevResult" in conf and conf["prevResult"] is not None:
         try:
             nc.prev_result = cniresult.parse(conf["prevResult"], version)
@@ -232,12 +290,18 @@ def _routes(value: Any, where: str) -> list[Route]:
         gw = None
         if item.get("gw") is not None:
             try:
+                # Only strings: ip_address() would read 5 or true as 0.0.0.5 or 0.0.0.1.
+                if not isinstance(item["gw"], str):
+                    raise TypeError
                 gw = ipaddress.ip_address(item["gw"])
             except (ValueError, TypeError):
                 raise config_error(f"{key}.gw", f"{item['gw']!r} is not an IP address") from None
             if gw.version != dst.version:
                 raise config_error(f"{key}.gw", "is not of the same IP family as dst")
         extras = {k: item[k] for k in cniresult.ROUTE_EXTRAS if k in item}
+        for k, v in extras.items():  # netlink takes them as integers
+            if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < 2**32:
+                raise config_error(f"{key}.{k}", f"{v!r} is not an integer in 0..2^32-1")
         out.append(Route(dst, gw, extras))
     return out
 
@@ -262,6 +326,10 @@ def _abs_path(value: Any, key: str, default: str, allow_empty: bool = False) -> 
         return ""
     if not os.path.isabs(value) or "\0" in value or ".." in value.split("/"):
         raise config_error(key, f"{value[:200]!r} must be an absolute path without '..'")
+    try:
+        os.fsencode(value)
+    except UnicodeEncodeError:  # a lone surrogate escaped in the JSON ("\ud800")
+        raise config_error(key, f"{value[:200]!r} is not valid UTF-8") from None
     return value
 
 
@@ -340,3 +408,138 @@ def _valid_attachments(value: Any) -> set[tuple[str, str]]:
             raise config_error(f"{VALID_ATTACHMENTS}[{i}]", "needs string containerID and ifname")
         out.add((item["containerID"], item["ifname"]))
     return out
+
+
+def _bandwidth(conf: dict) -> Bandwidth | None:
+    """Shaping from runtimeConfig.bandwidth (kubelet / containerd fill it from the pod's
+    kubernetes.io/ingress-bandwidth and egress-bandwidth annotations) and from the same keys at
+    the top level (a static limit); per direction, the runtime's wins. None: no shaping."""
+    rc = _opt(conf, "runtimeConfig", dict, {})
+    runtime = rc.get("bandwidth")
+    if runtime is not None and not isinstance(runtime, dict):
+        raise config_error("runtimeConfig.bandwidth", "must be a JSON object with ingressRate, "
+                           "ingressBurst, egressRate, egressBurst")
+    static = {d: _shaping(conf, "", d) for d in ("ingress", "egress")}
+    given = {d: _shaping(runtime or {}, "runtimeConfig.bandwidth.", d)
+             for d in ("ingress", "egress")}
+    out = Bandwidth(ingress=given["ingress"] or static["ingress"],
+                    egress=given["egress"] or static["egress"])
+    return out if out.ingress or out.egress else None
+
+
+def _shaping(obj: dict, where: str, direction: str) -> Shaping | None:
+    """One direction; 0 or absent is "not limited" (containerd sends zeros for the direction
+    without an annotation)."""
+    for key in ("unshapedSubnets", "shapedSubnets"):
+        if obj.get(key):
+            raise config_error(f"{where}{key}", "is not supported: pycni shapes all of a "
+                               "pod's traffic")
+    rate_key, rate = _bandwidth_value(obj, where, f"{direction}Rate")
+    burst_key, burst = _bandwidth_value(obj, where, f"{direction}Burst")
+    if not rate:
+        if burst:
+            raise config_error(burst_key, f"is set but {direction}Rate is not: a burst needs "
+                               "a rate")
+        return None
+    if not MIN_BANDWIDTH_BITS <= rate <= MAX_RATE_BITS:
+        raise config_error(rate_key, f"{rate} bits/s is outside {MIN_BANDWIDTH_BITS}.."
+                           f"{MAX_RATE_BITS} (tc's tbf takes at most 2^32-1 bytes/s)")
+    if not burst:
+        burst = max(int(rate * DEFAULT_BURST_SECONDS), MIN_DEFAULT_BURST_BITS)
+    elif not MIN_BANDWIDTH_BITS <= burst <= MAX_BURST_BITS:
+        raise config_error(burst_key, f"{burst} bits is outside {MIN_BANDWIDTH_BITS}.."
+                           f"{MAX_BURST_BITS} (tc's tbf takes at most 2^32-1 bytes)")
+    return Shaping(rate=rate, burst=burst)
+
+
+def _bandwidth_value(obj: dict, where: str, key: str) -> tuple[str, int]:
+    """A rate or burst under its spelling or containerd's capitalised one ("IngressRate"):
+    (the key as given, for messages; the value, 0 if absent)."""
+    found = [k for k in (key, key[0].upper() + key[1:]) if obj.get(k) is not None]
+    if not found:
+        return f"{where}{key}", 0
+    if len(found) == 2 and obj[found[0]] != obj[found[1]]:
+        raise config_error(f"{where}{key}", f"is given twice, as {found[0]} and {found[1]}, "
+                           "with different values")
+    name, value = f"{where}{found[0]}", obj[found[0]]
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise config_error(name, f"{value!r} is not a non-negative integer "
+                           f"({'bits/s' if key.endswith('Rate') else 'bits'})")
+    return name, value
+
+
+_PORT_MAPPING_KEYS = {"hostport": "hostPort", "containerport": "containerPort",
+                      "protocol": "protocol", "hostip": "hostIP"}
+
+
+def _port_mappings(conf: dict, families: set[int]) -> list[PortMapping]:
+    """runtimeConfig.portMappings; keys as podman spells them (hostPort) or containerd
+    (HostPort). Exact repeats are dropped; mappings taking the same port twice are refused."""
+    where = "runtimeConfig.portMappings"
+    items = _opt(conf, "runtimeConfig", dict, {}).get("portMappings")
+    if items is None:
+        return []
+    if not isinstance(items, list):
+        raise config_error(where, "must be a list of {hostPort, containerPort, protocol, hostIP}")
+    out: list[PortMapping] = []
+    for i, item in enumerate(items):
+        mapping = _port_mapping(item, f"{where}[{i}]", families)
+        if mapping in out:
+            continue
+        for j, other in enumerate(out):
+            if (other.protocol, other.host_port) == (mapping.protocol, mapping.host_port) and \
+                    port_mappings_conflict(other.claims(families), mapping.claims(families)):
+                raise config_error(f"{where}[{i}]", f"{mapping.protocol} port "
+                                   f"{mapping.host_port} is already mapped by entry {j}")
+        out.append(mapping)
+    return out
+
+
+def _port_mapping(item: Any, where: str, families: set[int]) -> PortMapping:
+    if not isinstance(item, dict):
+        raise config_error(where, "must be an object with hostPort and containerPort")
+    given: dict[str, tuple[str, Any]] = {}
+    for key, value in item.items():
+        name = _PORT_MAPPING_KEYS.get(key.lower())
+        if name is None or value is None:
+            continue  # containerd and podman may add keys of their own
+        if name in given and given[name][1] != value:
+            raise config_error(f"{where}.{name}", f"is given twice, as {given[name][0]} and "
+                               f"{key}, with different values")
+        given[name] = (key, value)
+    ports = {}
+    for name in ("hostPort", "containerPort"):
+        key, value = given.get(name, (name, None))
+        if value is None:
+            raise config_error(f"{where}.{name}", "is required")
+        if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 65535:
+            raise config_error(f"{where}.{key}", f"{value!r} is not a port number 1..65535")
+        ports[name] = value
+    key, protocol = given.get("protocol", ("protocol", "tcp"))
+    if not isinstance(protocol, str) or protocol.lower() not in PORT_PROTOCOLS:
+        raise config_error(f"{where}.{key}", f"{protocol!r} is not supported: "
+                           f"use {' or '.join(PORT_PROTOCOLS)}")
+    key, host = given.get("hostIP", ("hostIP", ""))
+    host_ip = _host_ip(host, f"{where}.{key}", families)
+    return PortMapping(ports["hostPort"], ports["containerPort"], protocol.lower(), host_ip)
+
+
+def _host_ip(value: Any, where: str, families: set[int]):
+    if not isinstance(value, str):
+        raise config_error(where, f"{value!r} is not an IP address string")
+    if value.strip() == "":
+        return None
+    try:
+        ip = ipaddress.ip_address(value.strip())
+    except ValueError:
+        raise config_error(where, f"{value!r} is not an IP address") from None
+    if ip.is_multicast:
+        raise config_error(where, f"{ip} is a multicast address")
+    if ip.version == 6 and ip.is_loopback:
+        # IPv6 has no route_localnet: the kernel never routes ::1 to another host.
+        raise config_error(where, "::1 cannot be forwarded to a pod (IPv6 has no "
+                           "route_localnet); use 127.0.0.1 or leave hostIP empty")
+    if ip.version not in families:
+        raise config_error(where, f"{ip} is IPv{ip.version} but the pod gets no "
+                           f"IPv{ip.version} address in this network")
+    return ip

@@ -143,7 +143,7 @@ def parse(data: Any, version: str, where: str = "prevResult") -> Result:
         return res
     except CniError:
         raise
-    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+    except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:  # inf mtu
         raise _bad(where, f"{type(exc).__name__}: {exc}") from None
 
 

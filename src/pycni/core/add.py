@@ -1,8 +1,10 @@
-"""ADD: allocate, build the bridge and veth pair, configure the pod, install masquerade.
+"""ADD: allocate, build the bridge and veth pair, configure the pod, install masquerade and
+hostPorts.
 
 Order matters for crash safety: the allocation is recorded first, keyed by (network, container ID,
-ifname), so a DEL or GC after any crash finds it; kernel objects are named deterministically so the
-same DEL finds them too. A failure at any step unwinds everything done so far.
+ifname), with its port mappings, so a DEL or GC after any crash finds it; kernel objects are named
+deterministically so the same DEL finds them too. A failure at any step unwinds everything done
+so far.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from ..cni.env import Request
 from ..cni.errors import CniError
 from ..cni.netconf import NetConf
 from ..cni.result import Interface, IPConfig, Result, Route
-from ..dataplane import names, sysctl, veth
+from ..dataplane import bandwidth, names, sysctl, veth
 from ..dataplane.netns import netlink_in, netns_fd
 from ..ipam.store import Allocation, Store
 from . import masquerade, resources
@@ -37,7 +39,7 @@ def _add(request: Request, conf: NetConf, store: Store) -> Result:
         with netns_fd(request.netns) as nsfd, resources.host_netlink() as ipr:
             allocations = store.add_attachment(
                 conf.name, request.container_id, request.ifname, host_name, request.netns,
-                conf.range_sets, conf.requested_ips,
+                conf.range_sets, conf.requested_ips, conf.port_mappings,
             )
             undo.push("allocation", lambda: store.remove_attachment(
                 conf.name, request.container_id, request.ifname))
@@ -57,13 +59,18 @@ def _add(request: Request, conf: NetConf, store: Store) -> Result:
                 ipr, conf, request, host_name, nsfd, br, gateways)
             checkpoint(request, "veth")
 
+            ifb = _shape(ipr, conf, request, host_index, host_name, undo)
+            checkpoint(request, "bandwidth")
+
             addresses = [ipaddress.ip_interface(f"{a.ip}/{a.prefixlen}") for a in allocations]
             routes = pod_routes(conf, allocations)
             with netlink_in(nsfd) as nsipr:
                 pod_mac = veth.configure_pod(nsipr, request.ifname, addresses, routes)
             checkpoint(request, "pod")
 
-            if conf.hairpin_mode:
+            # A pod reaching its own hostPort: under br_netfilter the DNATed frame goes back
+            # out of the port it came in by.
+            if conf.hairpin_mode or conf.port_mappings:
                 veth.set_hairpin(ipr, host_index)
             checkpoint(request, "host")
 
@@ -73,10 +80,13 @@ def _add(request: Request, conf: NetConf, store: Store) -> Result:
             checkpoint(request, "masquerade")
     except BaseException:
         undo.unwind()
-        if conf.ip_masq:
+        if conf.ip_masq or conf.port_mappings:
             _resync_quietly(store)
         raise
-    return _result(conf, request, br, host_name, host_mac, pod_mac, allocations, routes)
+    result = _result(conf, request, br, host_name, host_mac, pod_mac, allocations, routes)
+    if ifb is not None:
+        result.interfaces.append(ifb)  # as the bandwidth plugin does: every interface ADD made
+    return result
 
 
 def _make_pair(ipr, conf: NetConf, request: Request, host_name: str, nsfd: int, br, gateways):
@@ -104,6 +114,26 @@ def _make_pair(ipr, conf: NetConf, request: Request, host_name: str, nsfd: int, 
     return br, create(br)
 
 
+def _shape(ipr, conf: NetConf, request: Request, host_index: int, host_name: str,
+           undo: UndoStack) -> Interface | None:
+    """Traffic shaping (capability `bandwidth`), before the pod has an address: no traffic
+    passes unshaped. Return the ifb when egress shaping made one."""
+    if conf.bandwidth is None:
+        return None
+    ifb = names.ifb_name(conf.name, request.container_id, request.ifname)
+    if conf.bandwidth.egress is not None:
+        # Registered before creating, as the veth: a half-made ifb must go too.
+        undo.push(f"ifb {ifb}", lambda: _delete_ifb(ifb))
+    alias = names.ifb_alias(conf.name, request.container_id, request.ifname)
+    made = bandwidth.shape(ipr, host_index, host_name, conf.bandwidth, ifb, alias, conf.mtu)
+    return Interface(name=ifb, mac=made[1]) if made else None
+
+
+def _delete_ifb(name: str) -> None:
+    with resources.host_netlink() as ipr:
+        bandwidth.delete_ifb(ipr, name)
+
+
 def _delete_host_veth(name: str) -> None:
     with resources.host_netlink() as ipr:
         veth.delete_host_veth(ipr, name)
@@ -113,7 +143,7 @@ def _resync_quietly(store: Store) -> None:
     try:
         masquerade.sync(store)
     except Exception:
-        log.exception("masquerade resync after a failed ADD")
+        log.exception("packet rules resync after a failed ADD")
 
 
 def _gateways(allocations: list[Allocation]) -> list:

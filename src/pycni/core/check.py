@@ -9,9 +9,11 @@ from pyroute2 import IPRoute
 from ..cni.env import Request
 from ..cni.errors import CHECK_FAILED, INVALID_NETWORK_CONFIG, UNKNOWN_CONTAINER, CniError
 from ..cni.netconf import NetConf
-from ..dataplane import names, veth
+from ..dataplane import bandwidth, names, veth
 from ..dataplane.netns import pod_netlink
-from . import resources
+from ..ipam.store import Attachment
+from ..rules import table
+from . import masquerade, resources
 from .add import pod_routes
 
 
@@ -42,6 +44,19 @@ def cmd_check(request: Request, conf: NetConf) -> None:
         _check_host_side(ipr, conf, request, att.host_veth, att.allocations)
     with pod_netlink(request.netns) as nsipr:
         _check_pod_side(nsipr, conf, request, pod_iface, stored, att)
+    if att.port_mappings:
+        _check_hostports(att)
+
+
+def _check_hostports(att: Attachment) -> None:
+    """Every DNAT of the attachment's port mappings is in the node's rules (one `nft list`)."""
+    wanted, _ = masquerade.hostport_rules([att])
+    have = table.installed()
+    missing = set(wanted) - set(have.hostports if have is not None else ())
+    if missing:
+        hp = min(missing, key=table.HostPort.sort_key)
+        raise _drift(f"hostPort {hp.host_port}/{hp.protocol} to {hp.pod_ip}:{hp.pod_port} "
+                     "is missing from the node's packet rules")
 
 
 def _check_host_side(ipr: IPRoute, conf: NetConf, request: Request, host_name: str,
@@ -63,6 +78,11 @@ def _check_host_side(ipr: IPRoute, conf: NetConf, request: Request, host_name: s
         raise _drift(f"host veth {host_name} is not attached to bridge {conf.bridge}")
     if not link["flags"] & 1:
         raise _drift(f"host veth {host_name} is down")
+    if conf.bandwidth is not None:
+        ifb = names.ifb_name(conf.name, request.container_id, request.ifname)
+        problem = bandwidth.drift(ipr, index, host_name, conf.bandwidth, ifb)
+        if problem:
+            raise _drift(problem)
 
 
 def _check_pod_side(nsipr, conf, request, pod_iface, stored, att) -> None:

@@ -12,9 +12,10 @@ from pyroute2 import IPRoute
 
 from ..cni.env import Request
 from ..cni.netconf import NetConf
-from ..dataplane import names, veth
+from ..dataplane import bandwidth, names, veth
 from ..ipam.store import Store
 from . import masquerade, resources
+from .faults import checkpoint
 from .locks import node_lock
 
 log = logging.getLogger("pycni")
@@ -23,14 +24,18 @@ log = logging.getLogger("pycni")
 def cmd_del(request: Request, conf: NetConf) -> None:
     with node_lock(conf.data_dir, exclusive=False), resources.store(conf.data_dir) as store:
         with resources.host_netlink() as ipr:
-            release(store, ipr, conf.name, request.container_id, request.ifname)
+            release(store, ipr, conf.name, request.container_id, request.ifname, request)
         if store.get_network(conf.name) is not None:
             masquerade.sync(store)
+        checkpoint(request, "del-rules")
 
 
-def release(store: Store, ipr: IPRoute, network: str, container_id: str, ifname: str) -> None:
+def release(store: Store, ipr: IPRoute, network: str, container_id: str, ifname: str,
+            request: Request) -> None:
     """Remove one attachment: its host veth (by name, and by the name recorded at ADD in case the
-    naming ever changes) and its allocations."""
+    naming ever changes; its qdiscs go with it), its ifb if shaped, and its allocations. The
+    kernel objects go first: a crash in between leaves an attachment that the next DEL or GC
+    finds, never a veth that no store row leads to."""
     attachment = store.get_attachment(network, container_id, ifname)
     host_names = {names.host_veth_name(network, container_id, ifname)}
     if attachment is not None and attachment.host_veth:
@@ -38,7 +43,13 @@ def release(store: Store, ipr: IPRoute, network: str, container_id: str, ifname:
     for name in sorted(host_names):
         if veth.delete_host_veth(ipr, name):
             log.info("DEL %s/%s: deleted %s", container_id, ifname, name)
+    checkpoint(request, "del-veth")
+    ifb = names.ifb_name(network, container_id, ifname)
+    if bandwidth.delete_ifb(ipr, ifb):
+        log.info("DEL %s/%s: deleted %s", container_id, ifname, ifb)
+    checkpoint(request, "del-ifb")
     removed = store.remove_attachment(network, container_id, ifname)
     if removed is not None:
         log.info("DEL %s/%s: released %s", container_id, ifname,
                  ", ".join(str(a.ip) for a in removed.allocations))
+    checkpoint(request, "del-store")

@@ -1,8 +1,8 @@
 """GC: release every attachment of this network that the runtime no longer knows.
 
-Both halves are swept: allocations in the store, and host veths in the kernel that carry this
-network's alias (left by a crash after the veth was made but before the store knew of it, or by
-a store that was reset).
+Both halves are swept: allocations in the store, and host veths (and ifbs) in the kernel that
+carry this network's alias (left by a crash after the veth was made but before the store knew
+of it, or by a store that was reset).
 """
 
 from __future__ import annotations
@@ -12,9 +12,10 @@ import logging
 from ..cni.env import Request
 from ..cni.errors import config_error
 from ..cni.netconf import VALID_ATTACHMENTS, NetConf
-from ..dataplane import names, veth
+from ..dataplane import bandwidth, names, veth
 from . import masquerade, resources
 from .delete import release
+from .faults import checkpoint
 from .locks import node_lock
 
 log = logging.getLogger("pycni")
@@ -30,12 +31,27 @@ def cmd_gc(request: Request, conf: NetConf) -> None:
             for att in store.list_attachments(conf.name):
                 if (att.container_id, att.ifname) not in valid:
                     log.info("GC: releasing %s/%s", att.container_id, att.ifname)
-                    release(store, ipr, conf.name, att.container_id, att.ifname)
+                    release(store, ipr, conf.name, att.container_id, att.ifname, request)
+            checkpoint(request, "gc-store")
             keep = {names.host_veth_name(conf.name, cid, ifn) for cid, ifn in valid}
             keep |= {a.host_veth for a in store.list_attachments(conf.name)}
             for name in veth.host_veths_with_alias(ipr, names.alias_prefix(conf.name)):
                 if name not in keep:
                     log.info("GC: deleting orphan veth %s", name)
                     veth.delete_host_veth(ipr, name)
+            _sweep_ifbs(ipr, conf.name, valid | {
+                (a.container_id, a.ifname) for a in store.list_attachments(conf.name)})
+            checkpoint(request, "gc-veths")
         if store.get_network(conf.name) is not None:
             masquerade.sync(store)
+        checkpoint(request, "gc-rules")
+
+
+def _sweep_ifbs(ipr, network: str, keep: set[tuple[str, str]]) -> None:
+    """ifb devices of this network that no kept attachment owns (a crash between making one
+    and its DEL, a reset store)."""
+    owned = {names.ifb_name(network, cid, ifn) for cid, ifn in keep}
+    for name in bandwidth.ifbs_with_alias(ipr, names.ifb_alias_prefix(network)):
+        if name not in owned:
+            log.info("GC: deleting orphan ifb %s", name)
+            bandwidth.delete_ifb(ipr, name)

@@ -4,16 +4,26 @@ Every CNI invocation is its own process, so all mutual exclusion comes from SQLi
 writes run in BEGIN IMMEDIATE transactions (one writer at a time, waiting up to
 busy_timeout), and WAL keeps readers from blocking writers. A crash mid-ADD simply
 rolls back, so no address can leak half-recorded.
+
+When the database itself cannot be used (its filesystem full or read-only, the file or its
+write-ahead log damaged), every operation raises StoreError naming the file, what is wrong
+and what the operator does about it; the README's "When the IPAM store is damaged" has the
+recovery. A database is born complete (made aside, schema and all, then linked into place),
+so an empty or schema-less pycni.db is always damage, never one being made: pycni refuses it
+rather than start afresh and hand out addresses live pods hold.
 """
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import json
 import os
 import sqlite3
+import stat
+import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 
@@ -25,6 +35,7 @@ from pycni.cni.errors import (
     TRY_AGAIN_LATER,
     CniError,
 )
+from pycni.cni.netconf import PortMapping, port_mappings_conflict
 from pycni.ipam.ranges import Address, RangeSet
 
 SCHEMA_VERSION = 1
@@ -63,6 +74,22 @@ CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE networks (name TEXT PRIMARY KEY, info TEXT NOT NULL);
 """
 
+# Tables added since: created if missing at every open, so a database made by an earlier pycni
+# gains them, and that pycni can still open this one (it ignores them, and deleting an
+# attachment still removes their rows by ON DELETE CASCADE). A change existing code could not
+# live with would raise SCHEMA_VERSION instead.
+_ADDED = """
+CREATE TABLE IF NOT EXISTS port_mappings (
+    attachment_id  INTEGER NOT NULL REFERENCES attachments (id) ON DELETE CASCADE,
+    protocol       TEXT NOT NULL,
+    host_ip        TEXT NOT NULL,
+    host_port      INTEGER NOT NULL,
+    container_port INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS port_mappings_attachment ON port_mappings (attachment_id);
+CREATE INDEX IF NOT EXISTS port_mappings_port ON port_mappings (host_port, protocol);
+"""
+
 
 @dataclass(frozen=True)
 class Allocation:
@@ -81,6 +108,16 @@ class Attachment:
     netns: str
     created: float
     allocations: list[Allocation] = field(default_factory=list)
+    port_mappings: list[PortMapping] = field(default_factory=list)
+
+
+class StoreError(CniError):
+    """The IPAM database cannot be used. `kind` says why: "busy", "full", "read-only",
+    "corrupt" or "io"; the message names the file, `details` says what to do."""
+
+    def __init__(self, code: int, msg: str, details: str = "", kind: str = "io"):
+        super().__init__(code, msg, details)
+        self.kind = kind
 
 
 class Store:
@@ -92,41 +129,93 @@ class Store:
         self._writer_lock = writer_lock if writer_lock is not None else nullcontext()
         try:
             os.makedirs(data_dir, 0o700, exist_ok=True)
-            # Create the file ourselves so it is never world-readable, even briefly. Never
-            # open and close an existing database outside SQLite: closing any descriptor of
-            # it drops every POSIX lock this process holds on it, including those of other
-            # open connections (the agent keeps one per thread). A one-shot plugin closing
-            # next would then think itself the last user and delete the WAL under them,
-            # losing every write they make afterwards.
-            try:
-                os.close(os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600))
-            except FileExistsError:
-                pass
-            os.chmod(self.path, 0o600)
+            if not os.path.lexists(self.path):
+                self._create()
+            # Never open and close an existing database outside SQLite: closing any
+            # descriptor of it drops every POSIX lock this process holds on it, including
+            # those of other open connections (the agent keeps one per thread). A one-shot
+            # plugin closing next would then think itself the last user and delete the WAL
+            # under them, losing every write they make afterwards. stat() opens nothing.
+            st = os.stat(self.path)
+            if stat.S_IMODE(st.st_mode) != 0o600:
+                os.chmod(self.path, 0o600)  # never world-readable (older pycni made it so)
+            if st.st_size == 0:
+                raise self._corrupt("is empty (truncated?)")
+            wal_problem = _wal_problem(self.path)
+            if wal_problem:
+                raise self._corrupt(wal_problem)
             self._conn = sqlite3.connect(self.path, timeout=30, isolation_level=None)
             self._conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
             self._set_wal()
             self._conn.execute("PRAGMA synchronous=NORMAL")
             self._conn.execute("PRAGMA foreign_keys=ON")
-            with self.transaction():
-                version = self._conn.execute("PRAGMA user_version").fetchone()[0]
-                if version == 0:
-                    for stmt in _SCHEMA.split(";"):
-                        if stmt.strip():
-                            self._conn.execute(stmt)
-                    self._conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-                elif version != SCHEMA_VERSION:
-                    raise CniError(
-                        IO_FAILURE,
-                        f"IPAM database {self.path} has schema version {version}, "
-                        f"this pycni understands {SCHEMA_VERSION}",
-                    )
+            version = self._conn.execute("PRAGMA user_version").fetchone()[0]
+            if version == 0:
+                raise self._corrupt("holds no pycni schema (truncated, or not pycni's?)")
+            if version != SCHEMA_VERSION:
+                raise CniError(
+                    IO_FAILURE,
+                    f"IPAM database {self.path} has schema version {version}, "
+                    f"this pycni understands {SCHEMA_VERSION}",
+                )
+            if not self._has_added_tables():
+                with self.transaction():
+                    self._run_script(_ADDED)
         except (sqlite3.Error, OSError) as e:
             self.close()
-            raise self._error(e, "cannot open IPAM database") from e
+            raise self._error(e, "cannot open it") from e
         except CniError:
             self.close()
             raise
+
+    def _create(self) -> None:
+        """Make the database aside, schema and WAL mode and all, and link it into place: it
+        appears complete or not at all. Two processes racing: the first link wins, the other
+        opens the winner's."""
+        wal = self.path + "-wal"
+        if os.path.exists(wal) and os.path.getsize(wal) > 0:
+            # SQLite would replay this log, written for some other database file, into the
+            # new one: a database moved aside without its log.
+            raise self._corrupt(f"is missing but its write-ahead log {wal} is there: put the "
+                                "database back, or move the log (and -shm) aside too")
+        fd, tmp = tempfile.mkstemp(prefix="pycni.db.new.", dir=os.path.dirname(self.path))
+        os.close(fd)  # mkstemp makes it 0600; no SQLite connection has it open yet
+        try:
+            conn = sqlite3.connect(tmp, isolation_level=None)
+            try:
+                conn.execute("PRAGMA journal_mode=WAL")
+                conn.execute("BEGIN IMMEDIATE")
+                for script in (_SCHEMA, _ADDED):
+                    for stmt in script.split(";"):
+                        if stmt.strip():
+                            conn.execute(stmt)
+                conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+                conn.execute("COMMIT")
+            finally:
+                conn.close()  # the last connection: checkpoints the WAL into the file
+            try:
+                os.link(tmp, self.path)
+            except FileExistsError:
+                pass
+        finally:
+            for suffix in ("", "-wal", "-shm", "-journal"):
+                try:
+                    os.unlink(tmp + suffix)
+                except FileNotFoundError:
+                    pass
+
+    def _has_added_tables(self) -> bool:
+        # Checked by reading, so opening a complete database writes nothing (a read-only or
+        # full filesystem still lets it be read).
+        names = {row[0] for row in self.conn.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'table'")}
+        return "port_mappings" in names
+
+    def _run_script(self, script: str) -> None:
+        # Statement by statement: executescript() would commit the open transaction.
+        for stmt in script.split(";"):
+            if stmt.strip():
+                self.conn.execute(stmt)
 
     def _set_wal(self) -> None:
         # Switching a fresh database to WAL can report "locked" without going through the
@@ -159,12 +248,41 @@ class Store:
             raise CniError(IO_FAILURE, f"IPAM database {self.path} is closed")
         return self._conn
 
-    def _error(self, e: BaseException, what: str = "IPAM database error") -> CniError:
+    def _error(self, e: BaseException, what: str = "") -> StoreError:
+        """What went wrong with the database, for the operator: the file, the cause as far
+        as the error and its filesystem tell, and the remedy."""
         if isinstance(e, sqlite3.OperationalError) and _is_busy(e):
-            return CniError(
-                TRY_AGAIN_LATER, f"IPAM database {self.path} is busy ({e}); try again later"
-            )
-        return CniError(IO_FAILURE, f"{what}: {self.path}: {e}")
+            return StoreError(
+                TRY_AGAIN_LATER, f"IPAM database {self.path} is busy ({e}); try again later",
+                kind="busy")
+        code = (getattr(e, "sqlite_errorcode", None) or 0) & 0xFF
+        err = e.errno if isinstance(e, OSError) else None
+        directory = os.path.dirname(self.path)
+        cause = f"{what}: {e}" if what else str(e)
+        if code in (_SQLITE_CORRUPT, _SQLITE_NOTADB):
+            return self._corrupt(f"is damaged ({cause})")
+        read_only, free = _filesystem(directory)
+        if code == _SQLITE_READONLY or err == errno.EROFS or read_only:
+            return StoreError(
+                IO_FAILURE,
+                f"IPAM database {self.path}: its filesystem is read-only ({cause})",
+                f"remount {_mount_point(directory)} read-write, then retry", kind="read-only")
+        if (code == _SQLITE_FULL or err in (errno.ENOSPC, errno.EDQUOT)
+                or (code in (_SQLITE_IOERR, _SQLITE_CANTOPEN) and free is not None
+                    and free < _NEARLY_FULL)):
+            return StoreError(
+                TRY_AGAIN_LATER,
+                f"IPAM database {self.path}: no space left on its filesystem ({cause})",
+                f"free space on {_mount_point(directory)}, then retry", kind="full")
+        return StoreError(IO_FAILURE, f"IPAM database {self.path}: {cause}",
+                          "see the pycni log and `pycnictl doctor`")
+
+    def _corrupt(self, problem: str) -> StoreError:
+        return StoreError(
+            IO_FAILURE, f"IPAM database {self.path} {problem}",
+            "pycni will not use it: recover as the README's \"When the IPAM store is damaged\" "
+            "says (stop the agent, move pycni.db, pycni.db-wal and pycni.db-shm aside, then "
+            "`pycnictl doctor --rebuild-store`)", kind="corrupt")
 
     @contextmanager
     def transaction(self) -> Iterator[None]:
@@ -214,7 +332,10 @@ class Store:
         netns: str,
         range_sets: list[RangeSet],
         requested: list[Address],
+        port_mappings: Sequence[PortMapping] = (),
     ) -> list[Allocation]:
+        """Record an attachment, its addresses and its port mappings in one transaction.
+        A host port another attachment on this node holds is refused (ADDRESS_UNAVAILABLE)."""
         with self.transaction():
             conn = self.conn
             if self._attachment_id(network, container_id, ifname) is not None:
@@ -240,6 +361,10 @@ class Store:
                         f"{range_sets[i].key} of network {network}; request at most one each",
                     )
                 chosen[i] = ip
+
+            families = {rs.family for rs in range_sets}
+            for mapping in port_mappings:
+                self._check_host_port(mapping, families)
 
             allocs: list[Allocation] = []
             for i, rs in enumerate(range_sets):
@@ -267,7 +392,38 @@ class Store:
                     " VALUES (?, ?, ?)",
                     (network, a.range_set, str(a.ip)),
                 )
+            for m in port_mappings:
+                conn.execute(
+                    "INSERT INTO port_mappings (attachment_id, protocol, host_ip, host_port,"
+                    " container_port) VALUES (?, ?, ?, ?, ?)",
+                    (att_id, m.protocol, _str(m.host_ip) or "", m.host_port, m.container_port),
+                )
             return allocs
+
+    def _check_host_port(self, mapping: PortMapping, families: set[int]) -> None:
+        """Refuse a mapping whose host port another attachment (of any network: the node's
+        ports are shared) holds on an overlapping address."""
+        rows = self.conn.execute(
+            "SELECT pm.attachment_id, pm.host_ip, pm.container_port, at.network,"
+            " at.container_id FROM port_mappings pm JOIN attachments at ON at.id ="
+            " pm.attachment_id WHERE pm.host_port = ? AND pm.protocol = ?",
+            (mapping.host_port, mapping.protocol),
+        ).fetchall()
+        want = mapping.claims(families)
+        for att_id, host_ip, container_port, network, container_id in rows:
+            theirs = PortMapping(mapping.host_port, container_port, mapping.protocol,
+                                 _parse_ip(host_ip))
+            their_families = {
+                _family(ip) for (ip,) in self.conn.execute(
+                    "SELECT ip FROM allocations WHERE attachment_id = ?", (att_id,))
+            }
+            if port_mappings_conflict(want, theirs.claims(their_families)):
+                where = f" on {mapping.host_ip}" if mapping.host_ip else ""
+                raise CniError(
+                    ADDRESS_UNAVAILABLE,
+                    f"host port {mapping.host_port}/{mapping.protocol}{where} is already "
+                    f"mapped to container {container_id} in network {network}",
+                )
 
     def _check_requested(
         self, network: str, range_sets: list[RangeSet], held: dict[str, str], ip: Address
@@ -360,7 +516,19 @@ class Store:
                 by_id[att_id].allocations.append(
                     Allocation(ipaddress.ip_address(ip), prefixlen, _parse_ip(gw), rs_key)
                 )
+            for att_id, protocol, host_ip, host_port, container_port in conn.execute(
+                "SELECT attachment_id, protocol, host_ip, host_port, container_port"
+                f" FROM port_mappings WHERE attachment_id IN ({ids}) ORDER BY rowid"
+            ):
+                by_id[att_id].port_mappings.append(
+                    PortMapping(host_port, container_port, protocol, _parse_ip(host_ip or None))
+                )
             return list(by_id.values())
+
+    def attachments_with_port_mappings(self) -> list[Attachment]:
+        """Every attachment (of any network) that has port mappings, with them."""
+        return self._select(
+            "WHERE id IN (SELECT attachment_id FROM port_mappings)", ())
 
     def count_attachments(self, network: str) -> int:
         return self._scalar("SELECT COUNT(*) FROM attachments WHERE network = ?", (network,))
@@ -413,6 +581,61 @@ class Store:
         return {name: json.loads(info) for name, info in rows}
 
 
+# SQLite's primary result codes (sqlite3.h), as exceptions carry them in sqlite_errorcode.
+_SQLITE_READONLY = 8
+_SQLITE_IOERR = 10
+_SQLITE_CORRUPT = 11
+_SQLITE_FULL = 13
+_SQLITE_CANTOPEN = 14
+_SQLITE_NOTADB = 26
+# The first 8 bytes of every WAL file: magic (either byte order of its checksums), version.
+_WAL_MAGICS = (0x377F0682, 0x377F0683)
+_WAL_VERSION = 3007000
+
+
+def _wal_problem(path: str) -> str | None:
+    """Why the write-ahead log beside `path` is not one SQLite wrote, or None. SQLite would
+    skip a log whose header is garbage and silently forget the transactions in it, so that
+    database would look older than the pods on the node. An empty log, or one whose header
+    is zeros (what a power cut can leave of a log never synced), holds nothing to lose.
+    Reading it is safe: SQLite takes no locks on the log file itself."""
+    wal = path + "-wal"
+    try:
+        with open(wal, "rb") as f:
+            head = f.read(32)
+    except FileNotFoundError:
+        return None
+    if not any(head):
+        return None
+    if (len(head) == 32 and int.from_bytes(head[:4], "big") in _WAL_MAGICS
+            and int.from_bytes(head[4:8], "big") == _WAL_VERSION):
+        return None
+    return f"has a damaged write-ahead log: {wal} does not start with a SQLite WAL header"
+
+
+# Less free space than this, and SQLite's I/O error (growing its shared-memory index fails
+# so, not with "full") is the full filesystem.
+_NEARLY_FULL = 64 * 1024
+
+
+def _filesystem(directory: str) -> tuple[bool, int | None]:
+    """(mounted read-only, bytes free) of the filesystem holding `directory`, free as root
+    sees it (pycni runs as root: the blocks reserved for root are its too); (False, None) when
+    it cannot be asked."""
+    try:
+        st = os.statvfs(directory)
+    except OSError:
+        return False, None
+    return bool(st.f_flag & os.ST_RDONLY), st.f_bfree * st.f_frsize
+
+
+def _mount_point(path: str) -> str:
+    path = os.path.realpath(path)
+    while not os.path.ismount(path):
+        path = os.path.dirname(path)
+    return path
+
+
 def _is_busy(e: sqlite3.Error) -> bool:
     msg = str(e).lower()
     return "locked" in msg or "busy" in msg
@@ -421,6 +644,10 @@ def _is_busy(e: sqlite3.Error) -> bool:
 def _allocatable(rs: RangeSet, ip: Address | None) -> bool:
     r = rs.find(ip) if ip is not None else None
     return r is not None and ip is not None and not r.is_reserved(ip)
+
+
+def _family(ip: str) -> int:
+    return ipaddress.ip_address(ip).version
 
 
 def _str(ip: Address | None) -> str | None:

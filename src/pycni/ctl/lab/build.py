@@ -20,6 +20,7 @@ import os
 import subprocess
 import time
 
+from ...cni import versions
 from ...node_config import atomic_write, read_subnet_env
 from ..install import write_launcher
 from .model import (
@@ -293,7 +294,9 @@ def exec_plugin(node: Node, pod: Pod, command: str, extra: dict | None = None,
         conflist = json.load(f)
     conf = dict(conflist["plugins"][0])
     conf["name"] = conflist["name"]
-    conf["cniVersion"] = conflist["cniVersion"]
+    # As libcni >= 1.2 does: the highest version the list offers (we speak them all).
+    conf["cniVersion"] = max(conflist.get("cniVersions") or [conflist["cniVersion"]],
+                             key=versions.parse)
     conf.update(extra or {})
     env = {
         "PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
