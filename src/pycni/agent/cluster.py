@@ -278,6 +278,9 @@ class ClusterNode:
             "subnets": [str(s) for s in record.subnets] if record else [],
             "nodeIPs": list(record.node_ips) if record else [],
             "vtepMAC": record.vtep_mac if record else "",
+            # What `pycnictl doctor` needs to plan the routes as this agent does.
+            "iface": self.iface,
+            "vtep": self.vxlan().name,
             "remoteNodes": [n.to_json() for n in self.nodes if record and n.name != record.name],
             "reconciles": self.reconciles,
             "lastReconcileSeconds": round(self.last_duration, 6),

@@ -1,4 +1,5 @@
-"""pycnictl: the command for people: the node agent, the lab, install, bench, cleanup and status."""
+"""pycnictl: the command for people: the node agent, the lab, install and uninstall, bench,
+cleanup, status and doctor."""
 
 from __future__ import annotations
 
@@ -6,12 +7,16 @@ import argparse
 import sys
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pycnictl", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    from . import agent, bench, cleanup, install, lab, status
+    from . import agent, bench, cleanup, doctor, install, lab, status, uninstall
 
-    for module in (agent, lab, install, cleanup, bench, status):
+    for module in (agent, lab, install, uninstall, cleanup, bench, status, doctor):
         module.register(sub)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     sys.exit(args.func(args) or 0)
