@@ -1,0 +1,478 @@
+"""`pycnictl bench cri`: pod start and stop through containerd's CRI, as kubelet drives it.
+
+Two rows measured in one run, each a node network namespace of its own with a private
+containerd 1.6 started inside it (runtimes/containerd.py) and the same pause image:
+
+- pycni-agent: pycni's launcher, its config list (node_conflist: ipMasq on) and a
+  `pycnictl agent` in the node the config points at;
+- reference: the Go bridge + host-local from containernetworking-plugins, ipMasq on.
+
+Both config lists say cniVersion 1.0.0, the highest containerd 1.6's libcni speaks.
+
+1. Sequential: N pods per row, each RunPodSandbox (timed), PodSandboxStatus (checked, not
+   timed), StopPodSandbox and RemovePodSandbox (timed apart); the rows take turns pod by pod,
+   the first row alternating, so a noisy moment hits both alike.
+2. Bursts: B RunPodSandbox calls at once (threads released together), then B
+   StopPodSandbox + RemovePodSandbox at once; the wall time of each; the rows take turns,
+   R times (the median is reported: one burst alone is at the mercy of the machine's noise).
+One untimed pod per row first (the first pod makes the bridge and the rule table).
+Checks: every call succeeded, every pod had an address in the subnet, addresses distinct,
+everything freed afterwards (no veth in the node, no address held by the IPAM).
+Everything made (containerds, shims, pods, agents, namespaces, the image, temporary files) is
+removed at the end, also on failure, Ctrl-C or SIGTERM.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+
+from .common import run_and_print
+from .latency import AgentRunner, BenchError, Launcher, Spaces
+
+NAME = "benchnet"
+IMAGE = "localhost/pycni-bench-pause:latest"
+ROWS = ("pycni-agent", "reference")
+DEFAULT_PODS = 20
+DEFAULT_BURST = 10
+LIBCNI_VERSION = "1.0.0"  # containerd 1.6 vendors libcni 1.1: no 1.1.0 results
+BURST_TIMEOUT = 300.0
+
+
+@dataclass
+class Row:
+    plugin: str
+    root: str
+    ns: str = ""
+    containerd: object = None  # runtimes.containerd.Containerd
+    agent: AgentRunner | None = None
+    run_ms: list[float] = field(default_factory=list)
+    stop_ms: list[float] = field(default_factory=list)
+    remove_ms: list[float] = field(default_factory=list)
+    addresses: list[str] = field(default_factory=list)
+    burst_run_ms: list[float] = field(default_factory=list)
+    burst_teardown_ms: list[float] = field(default_factory=list)
+    burst: dict = field(default_factory=dict)  # failures, addresses_distinct, freed
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def teardown_ms(self) -> list[float]:
+        return [s + r for s, r in zip(self.stop_ms, self.remove_ms, strict=True)]
+
+
+def pycni_conflist(root: str, subnet: str, agent_socket: str) -> dict:
+    from ...node_config import node_conflist
+
+    conf = node_conflist(NAME, subnet, None, bridge="cni0",
+                         dataDir=os.path.join(root, "data"),
+                         logFile=os.path.join(root, "pycni.log"), agentSocket=agent_socket)
+    conf["cniVersion"] = LIBCNI_VERSION
+    return conf
+
+
+def reference_conflist(root: str, subnet: str) -> dict:
+    return {"cniVersion": LIBCNI_VERSION, "name": NAME, "plugins": [{
+        "type": "bridge", "bridge": "cni0", "isGateway": True, "ipMasq": True,
+        "ipam": {"type": "host-local", "subnet": subnet, "routes": [{"dst": "0.0.0.0/0"}],
+                 "dataDir": os.path.join(root, "ipam")}}]}
+
+
+def _stats(samples: list[float]) -> dict:
+    if not samples:
+        return {"median": None, "p90": None, "n": 0}
+    ordered = sorted(samples)
+    p90 = ordered[max(0, math.ceil(0.9 * len(ordered)) - 1)]  # nearest rank
+    return {"median": round(statistics.median(ordered), 1), "p90": round(p90, 1),
+            "n": len(ordered)}
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return round(a / b, 2) if a is not None and b else None
+
+
+# --- one pod -----------------------------------------------------------------------------------
+
+def _sandbox_config(row: Row, name: str) -> dict:
+    from ..runtimes.cri import pod_sandbox_config
+
+    uid = str(uuid.uuid4())
+    return pod_sandbox_config(name, "bench", uid,
+                              os.path.join(row.root, "pods", f"bench_{name}_{uid}"),
+                              row.containerd.cgroup_parent)
+
+
+def _address(row: Row, sandbox_id: str, subnet: str) -> str:
+    ip = row.containerd.cri().pod_sandbox_status(sandbox_id).status.network.ip
+    if not ip or ipaddress.ip_address(ip) not in ipaddress.ip_network(subnet):
+        raise BenchError(f"{row.plugin}: sandbox {sandbox_id[:12]} has address {ip!r}, "
+                         f"not one in {subnet}")
+    return ip
+
+
+def _pod_lifecycle(row: Row, name: str, subnet: str, timed: bool = True) -> None:
+    from ..runtimes.cri import CriError
+
+    cri = row.containerd.cri()
+    try:
+        t0 = time.perf_counter()
+        sid = cri.run_pod_sandbox(_sandbox_config(row, name))
+        t1 = time.perf_counter()
+        row.addresses.append(_address(row, sid, subnet))
+        t2 = time.perf_counter()
+        cri.stop_pod_sandbox(sid)
+        t3 = time.perf_counter()
+        cri.remove_pod_sandbox(sid)
+        t4 = time.perf_counter()
+    except (CriError, BenchError) as exc:
+        row.problems.append(f"pod {name}: {exc}")
+        return
+    if timed:
+        row.run_ms.append((t1 - t0) * 1000)
+        row.stop_ms.append((t3 - t2) * 1000)
+        row.remove_ms.append((t4 - t3) * 1000)
+
+
+# --- the burst ---------------------------------------------------------------------------------
+
+def _all_at_once(n: int, work) -> tuple[float, list]:
+    """work(i) in n threads released together; (wall ms from release to the last return,
+    results or exceptions)."""
+    results: list = [None] * n
+    barrier = threading.Barrier(n + 1)
+
+    def one(i: int) -> None:
+        barrier.wait()
+        try:
+            results[i] = work(i)
+        except Exception as exc:  # counted by the caller
+            results[i] = exc
+
+    threads = [threading.Thread(target=one, args=(i,), daemon=True) for i in range(n)]
+    for t in threads:
+        t.start()
+    barrier.wait()
+    t0 = time.perf_counter()
+    deadline = time.monotonic() + BURST_TIMEOUT
+    for t in threads:
+        t.join(max(0.1, deadline - time.monotonic()))
+        if t.is_alive():
+            raise BenchError(f"a burst of {n} CRI calls took longer than {BURST_TIMEOUT:.0f} s")
+    return (time.perf_counter() - t0) * 1000, results
+
+
+def _burst(row: Row, n: int, subnet: str, k: int) -> None:
+    """Burst number k of this row: n RunPodSandbox at once, then n Stop+Remove at once."""
+    cri = row.containerd.cri()
+    configs = [_sandbox_config(row, f"burst{k}-{i}") for i in range(n)]
+    wall, made = _all_at_once(n, lambda i: cri.run_pod_sandbox(configs[i]))
+    row.burst_run_ms.append(wall)
+    sandboxes = [s for s in made if isinstance(s, str)]
+    failed = [s for s in made if not isinstance(s, str)]
+    row.burst["failures"] = row.burst.get("failures", 0) + len(failed)
+    if failed:
+        row.problems.append(f"burst {k}: {len(failed)} of {n} RunPodSandbox failed; first: "
+                            f"{failed[0]}")
+    addresses = []
+    for sid in sandboxes:
+        try:
+            addresses.append(_address(row, sid, subnet))
+        except Exception as exc:
+            row.problems.append(f"burst {k}: {exc}")
+    distinct = len(set(addresses)) == len(addresses) == n
+    row.burst["addresses_distinct"] = row.burst.get("addresses_distinct", True) and distinct
+    if len(set(addresses)) != len(addresses):
+        row.problems.append(f"burst {k}: addresses handed out twice: {sorted(addresses)}")
+
+    def teardown(i: int) -> None:
+        cri.stop_pod_sandbox(sandboxes[i])
+        cri.remove_pod_sandbox(sandboxes[i])
+
+    wall, done = _all_at_once(len(sandboxes), teardown)
+    row.burst_teardown_ms.append(wall)
+    failed = [d for d in done if d is not None]
+    row.burst["failures"] += len(failed)
+    if failed:
+        row.problems.append(f"burst {k}: {len(failed)} of {len(sandboxes)} "
+                            f"Stop+RemovePodSandbox failed; first: {failed[0]}")
+    freed = _check_freed(row, f"burst {k}")
+    row.burst["freed"] = row.burst.get("freed", True) and freed
+
+
+# --- checks ------------------------------------------------------------------------------------
+
+def _veths(ns: str) -> int:
+    return len(Spaces().exec(ns, "ip", "-o", "link", "show", "type", "veth").splitlines())
+
+
+def _held(row: Row) -> list[str]:
+    if row.plugin == "reference":
+        d = os.path.join(row.root, "ipam", NAME)
+        if not os.path.isdir(d):
+            return []
+        return sorted(f for f in os.listdir(d)
+                      if f != "lock" and not f.startswith("last_reserved_ip"))
+    from ...ipam.store import Store
+
+    with Store(os.path.join(row.root, "data")) as store:
+        return sorted(str(a.ip) for att in store.list_attachments(NAME) for a in att.allocations)
+
+
+def _check_freed(row: Row, phase: str) -> bool:
+    problems = []
+    left = row.containerd.cri().list_pod_sandbox()
+    if left:
+        problems.append(f"{len(left)} sandboxes left")
+    veths = _veths(row.ns)
+    if veths:
+        problems.append(f"{veths} veths left in the node")
+    held = _held(row)
+    if held:
+        problems.append(f"addresses still held: {held}")
+    row.problems += [f"{phase}: {p}" for p in problems]
+    return not problems
+
+
+# --- the run -----------------------------------------------------------------------------------
+
+def _image(tmp: str) -> str:
+    """The pause image as a docker-archive: busybox sleeping, made with podman (no registry)."""
+    from ..runtimes.podman import Podman
+
+    archive = os.path.join(tmp, "pause.tar")
+    podman = Podman(os.path.join(tmp, "podman"))
+    try:
+        podman.import_busybox(IMAGE, cmd=["/bin/sleep", "999999"])
+        podman.save_docker_archive(IMAGE, archive)
+    finally:
+        podman.cleanup()
+    return archive
+
+
+def _make_row(row: Row, spaces: Spaces, launcher: Launcher, archive: str, subnet: str,
+              reference_dir: str) -> None:
+    from ...node_config import CONFLIST_NAME, write_conflist
+    from ..install import write_launcher
+    from ..runtimes.containerd import Containerd
+
+    row.ns = spaces.make(row.plugin)
+    spaces.exec(row.ns, "ip", "link", "set", "lo", "up")
+    spaces.exec(row.ns, "sysctl", "-q", "-w", "net.ipv4.ip_forward=1")
+    bin_dir, conf_dir = os.path.join(row.root, "bin"), os.path.join(row.root, "net.d")
+    os.makedirs(bin_dir)
+    os.symlink(os.path.join(reference_dir, "loopback"), os.path.join(bin_dir, "loopback"))
+    if row.plugin == "reference":
+        for plugin in ("bridge", "host-local"):
+            os.symlink(os.path.join(reference_dir, plugin), os.path.join(bin_dir, plugin))
+        conf = reference_conflist(row.root, subnet)
+    else:
+        write_launcher(os.path.join(bin_dir, "pycni"))
+        row.agent = AgentRunner(row.root, os.path.join(row.root, "data"))
+        row.agent.start(launcher, row.ns)
+        conf = pycni_conflist(row.root, subnet, row.agent.socket)
+    write_conflist(os.path.join(conf_dir, CONFLIST_NAME), conf)
+    row.containerd = Containerd(os.path.join(row.root, "containerd"), row.ns, bin_dir,
+                                conf_dir, sandbox_image=IMAGE)
+    row.containerd.start()
+    row.containerd.import_image(archive)
+
+
+def bench(pods: int, burst: int, reference_dir: str, subnet: str, repeat: int = 3,
+          progress=None) -> dict:
+    for plugin in ("bridge", "host-local", "loopback"):
+        if not os.access(os.path.join(reference_dir, plugin), os.X_OK):
+            raise BenchError(f"the reference {plugin} plugin is not in {reference_dir}")
+    for tool in ("containerd", "ctr", "runc", "podman"):
+        if shutil.which(tool) is None:
+            raise BenchError(f"{tool} is not installed (Debian packages containerd, runc, "
+                             "podman, busybox-static)")
+    if burst > ipaddress.ip_network(subnet).num_addresses - 3:
+        raise BenchError(f"a burst of {burst} does not fit in {subnet}")
+    import compileall
+
+    import pycni
+
+    say = progress or (lambda msg: None)
+    spaces = Spaces()
+    tmp = tempfile.mkdtemp(prefix=f"pycni-bench-cri-{os.getpid()}-")
+    launcher = Launcher("nsenter")  # never a private mount namespace (CRI's netns files)
+    rows = [Row(plugin, os.path.join(tmp, plugin)) for plugin in ROWS]
+    try:
+        compileall.compile_dir(os.path.dirname(pycni.__file__), quiet=1)
+        say("building the pause image with podman")
+        archive = _image(tmp)
+        for row in rows:
+            say(f"starting containerd for {row.plugin}")
+            _make_row(row, spaces, launcher, archive, subnet, reference_dir)
+        version = rows[0].containerd.cri().version().runtime_version
+        for row in rows:  # the first pod makes the bridge and the rules: not timed
+            _pod_lifecycle(row, "warm-up", subnet, timed=False)
+
+        say(f"{pods} sequential pods per row (RunPodSandbox, Stop, Remove)")
+        for i in range(pods):
+            order = rows if i % 2 == 0 else rows[::-1]
+            for row in order:
+                _pod_lifecycle(row, f"seq-{i}", subnet)
+        for row in rows:
+            if len(set(row.addresses)) != len(row.addresses):
+                row.problems.append("sequential: an address was handed out twice at once")
+            _check_freed(row, "sequential")
+
+        if burst:
+            say(f"{repeat} bursts per row: {burst} RunPodSandbox at once, then Stop+Remove at "
+                "once; the rows take turns")
+            for k in range(repeat):
+                for row in rows if k % 2 == 0 else rows[::-1]:
+                    _burst(row, burst, subnet, k)
+                    time.sleep(0.5)  # let the machine settle before the next burst
+        for row in rows:
+            if row.agent is not None and not row.agent.alive():
+                row.problems.append(f"the agent died: {row.agent.stderr()}")
+        return _report(rows, pods, burst, repeat, subnet, version)
+    finally:
+        old = signal.signal(signal.SIGINT, signal.SIG_IGN)  # no second Ctrl-C mid-cleanup
+        try:
+            leftovers = []
+            for row in rows:
+                if row.containerd is not None:
+                    leftovers += row.containerd.cleanup()
+                if row.agent is not None:
+                    row.agent.stop(timeout=5.0)
+            launcher.close()
+            failed = spaces.cleanup()
+            shutil.rmtree(tmp, ignore_errors=True)
+            if leftovers or failed:
+                print(f"pycnictl bench cri: cleanup: {leftovers} {failed}", file=sys.stderr)
+        finally:
+            signal.signal(signal.SIGINT, old)
+
+
+def _report(rows: list[Row], pods: int, burst: int, repeat: int, subnet: str,
+            version: str) -> dict:
+    ref = next(r for r in rows if r.plugin == "reference")
+    out = []
+    for row in rows:
+        stats = {"run": _stats(row.run_ms), "stop": _stats(row.stop_ms),
+                 "remove": _stats(row.remove_ms), "teardown": _stats(row.teardown_ms)}
+        ref_stats = {"run": _stats(ref.run_ms), "teardown": _stats(ref.teardown_ms)}
+        b = dict(row.burst)
+        if burst:
+            for k in ("run", "teardown"):
+                b[f"{k}_wall_ms"] = _stats(getattr(row, f"burst_{k}_ms"))["median"]
+            b["ratio"] = {k: _ratio(b[f"{k}_wall_ms"],
+                                    _stats(getattr(ref, f"burst_{k}_ms"))["median"])
+                          for k in ("run", "teardown")}
+        out.append({
+            "plugin": row.plugin, **stats,
+            "ratio": {k: _ratio(stats[k]["median"], ref_stats[k]["median"])
+                      for k in ("run", "teardown")},
+            "burst": b, "ok": not row.problems, "problems": row.problems,
+            "samples": {"run": [round(x, 2) for x in row.run_ms],
+                        "stop": [round(x, 2) for x in row.stop_ms],
+                        "remove": [round(x, 2) for x in row.remove_ms],
+                        "burst_run": [round(x, 2) for x in row.burst_run_ms],
+                        "burst_teardown": [round(x, 2) for x in row.burst_teardown_ms]},
+        })
+    return {"pods": pods, "burst": burst, "repeat": repeat, "subnet": subnet,
+            "containerd": version,
+            "cniVersion": LIBCNI_VERSION, "rows": out, "ok": all(r["ok"] for r in out)}
+
+
+def format_table(report: dict) -> str:
+    def f(x) -> str:
+        return "-" if x is None else f"{x:.1f}"
+
+    def r(x) -> str:
+        return "-" if x is None else f"{x:.2f}x"
+
+    lines = [
+        f"pycnictl bench cri: containerd {report['containerd']} over CRI, {report['pods']} "
+        f"sequential pods per row (rows alternating), burst of {report['burst']}; ipMasq on, "
+        f"cniVersion {report['cniVersion']}, subnet {report['subnet']}",
+        "",
+        f"{'plugin':<12} {'RunPodSandbox':>17} {'StopPodSandbox':>17} {'RemovePodSandbox':>17}"
+        f" {'Stop+Remove':>17} {'Run ratio':>9} {'Stop+Rm ratio':>13}  ok",
+        f"{'':<12} {'med / p90':>17} {'med / p90':>17} {'med / p90':>17} {'med / p90':>17}",
+    ]
+    for row in report["rows"]:
+        cells = [f"{f(row[k]['median'])} / {f(row[k]['p90'])}"
+                 for k in ("run", "stop", "remove", "teardown")]
+        lines.append(f"{row['plugin']:<12} " + " ".join(f"{c:>17}" for c in cells)
+                     + f" {r(row['ratio']['run']):>9} {r(row['ratio']['teardown']):>13}  "
+                     f"{'yes' if row['ok'] else 'NO'}")
+    lines.append("times in ms of each CRI call as containerd answers it; ratio = pycni median "
+                 "/ reference median")
+    if report["burst"]:
+        lines += ["", f"{'burst of ' + str(report['burst']):<12} {'Run wall':>9} "
+                  f"{'Stop+Rm wall':>12} {'Run ratio':>9} {'Stop+Rm ratio':>13} {'failed':>6} "
+                  f"{'distinct':>8} {'freed':>5}"]
+        for row in report["rows"]:
+            b = row["burst"]
+            failed = b.get("failures") or 0
+            lines.append(
+                f"{row['plugin']:<12} {f(b.get('run_wall_ms')):>9} "
+                f"{f(b.get('teardown_wall_ms')):>12} {r(b.get('ratio', {}).get('run')):>9} "
+                f"{r(b.get('ratio', {}).get('teardown')):>13} {failed:>6} "
+                f"{'yes' if b.get('addresses_distinct') else 'NO':>8} "
+                f"{'yes' if b.get('freed') else 'NO':>5}")
+        lines.append(f"burst: wall ms from the release of all threads to the last answer, "
+                     f"median of {report['repeat']}; failed = calls that failed")
+    for row in report["rows"]:
+        for problem in row["problems"][:10]:
+            lines.append(f"PROBLEM {row['plugin']}: {problem}")
+    return "\n".join(lines)
+
+
+def register(sub) -> None:
+    p = sub.add_parser("cri", help="RunPodSandbox / StopPodSandbox latency through containerd's "
+                       "CRI: pycni (agent) against the reference bridge + host-local")
+    p.add_argument("--pods", type=int, default=DEFAULT_PODS,
+                   help=f"sequential pods per row (default {DEFAULT_PODS})")
+    p.add_argument("--burst", type=int, default=DEFAULT_BURST,
+                   help=f"pods started at once per row (default {DEFAULT_BURST}); 0 skips it")
+    p.add_argument("--repeat", type=int, default=3,
+                   help="bursts per row, the median reported (default 3)")
+    p.add_argument("--reference-dir", default="/usr/lib/cni",
+                   help="where the reference bridge, host-local and loopback are")
+    p.add_argument("--subnet", default="10.244.1.0/24", help="the node's pod subnet")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=_bench)
+
+
+def _bench(args) -> int:
+    if os.geteuid() != 0:
+        print("pycnictl bench cri: needs root (network namespaces)", file=sys.stderr)
+        return 2
+    if args.pods < 1 or args.burst < 0 or args.repeat < 1:
+        print("pycnictl bench cri: --pods and --repeat must be at least 1, --burst at least 0",
+              file=sys.stderr)
+        return 2
+    try:
+        import grpc  # noqa: F401
+    except ImportError:
+        print("pycnictl bench cri: needs grpcio and protobuf (pip install pycni[runtimes])",
+              file=sys.stderr)
+        return 2
+    from ..runtimes.containerd import ContainerdError
+    from ..runtimes.cri import CriError
+
+    return run_and_print(
+        "pycnictl bench cri",
+        lambda progress: bench(args.pods, args.burst, args.reference_dir, args.subnet,
+                               args.repeat, progress=progress),
+        format_table, args.json,
+        (BenchError, ContainerdError, CriError, subprocess.CalledProcessError),
+        "containerds, pods, agents and namespaces removed")
+
+
+__all__ = ["register", "bench", "format_table"]
