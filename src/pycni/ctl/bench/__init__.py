@@ -5,22 +5,29 @@
   (throughput.py);
 - `pycnictl bench convergence [options]`: the agent's reconcile loop when 100 nodes appear
   and leave at once (convergence.py);
-- `pycnictl bench reconcile [options]`: the route backends alone (reconcile.py).
+- `pycnictl bench reconcile [options]`: the route backends alone (reconcile.py);
+- `pycnictl bench cri [options]`: RunPodSandbox / StopPodSandbox through containerd's CRI
+  (cri.py);
+- `pycnictl bench podman [options]`: `podman run --rm ... true` with pycni against the
+  reference plugins and no network (podman.py).
 """
 
 from __future__ import annotations
 
-from . import convergence, latency, reconcile, throughput
+from . import convergence, cri, latency, podman, reconcile, throughput
 
 
 def register(sub) -> None:
     bench = latency.register(sub)
     # Optional: plain `pycnictl bench [options]` keeps running the latency benchmark.
-    forms = bench.add_subparsers(dest="bench_form", metavar="{throughput,convergence,reconcile}",
+    forms = bench.add_subparsers(dest="bench_form",
+                                 metavar="{throughput,convergence,reconcile,cri,podman}",
                                  title="other benchmarks")
     throughput.register(forms)
     convergence.register(forms)
     reconcile.register(forms)
+    cri.register(forms)
+    podman.register(forms)
 
 
 __all__ = ["register"]
