@@ -22,7 +22,7 @@ def handle(environ, stdin: bytes, on_config=None) -> tuple[dict | None, int]:
     `on_config` (the agent's) sees each parsed config, e.g. to learn which data dirs exist.
     """
     # Errors answer in the version the config asked for, even errors found before it is parsed.
-    version = _asked_version(stdin)
+    version = asked_version(stdin)
     try:
         request = cnienv.from_environ(environ)
         if request.command == "VERSION":
@@ -59,13 +59,13 @@ def handle(environ, stdin: bytes, on_config=None) -> tuple[dict | None, int]:
         return err.to_json(version), 1
 
 
-def _asked_version(stdin: bytes) -> str:
+def asked_version(stdin: bytes) -> str:
     """The supported version stdin asks for, else the latest; never fails."""
     try:
         conf = json.loads(stdin) if stdin.strip() else {}
         if isinstance(conf, dict) and conf.get("cniVersion") in versions.SUPPORTED:
             return conf["cniVersion"]
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: JSON nested too deep
         pass
     return versions.LATEST
 

@@ -45,8 +45,13 @@ def socket_path(stdin: bytes) -> str:
         return DEFAULT_SOCKET
     conf = decode_object(stdin)
     value = conf.get("agentSocket") if conf is not None else None
-    # A broken config goes to the default agent, which reports it properly.
-    return value if isinstance(value, str) else DEFAULT_SOCKET
+    if value == "":
+        return ""
+    # A broken config goes to the default agent, which reports it properly. Never a relative
+    # path (whatever socket is in the runtime's cwd) nor a NUL one (Linux's abstract
+    # namespace, where any user may listen).
+    ok = isinstance(value, str) and value.startswith("/") and "\0" not in value
+    return value if ok else DEFAULT_SOCKET
 
 
 class _ScanContext:
@@ -85,8 +90,12 @@ def call_agent(path: str, stdin: bytes):
     try:
         try:
             sock.connect(path)
-        except OSError:
-            return None  # no socket, or a stale one: nobody would answer
+        except (OSError, ValueError):
+            # No socket, or a stale one: nobody would answer. ValueError: a path no socket can
+            # have (NUL, undecodable); the core run here reports the config's agentSocket.
+            return None
+        if peer_uid(sock) not in (0, os.geteuid()):
+            return None  # not an agent of ours (a squatted path): do the work here
         env = b"\0".join(
             k + b"=" + v for k, v in os.environb.items() if k.startswith(FORWARDED)
         )
@@ -116,6 +125,12 @@ def call_agent(path: str, stdin: bytes):
         return int(head), out
     finally:
         sock.close()
+
+
+def peer_uid(sock) -> int:
+    """The uid of the process at the other end (struct ucred: pid, uid, gid as C ints)."""
+    creds = sock.getsockopt(_socket.SOL_SOCKET, _socket.SO_PEERCRED, 12)
+    return int.from_bytes(creds[4:8], sys.byteorder)
 
 
 def try_again(stdin: bytes, msg: str) -> bytes:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 from ..cni import MAX_CONFIG_BYTES
@@ -22,10 +23,10 @@ class Call:
     stdin: bytes
 
 
-def read_exactly(conn, n: int) -> bytes:
+def read_exactly(conn, n: int, deadline: float | None = None) -> bytes:
     chunks, left = [], n
     while left:
-        chunk = conn.recv(min(left, 1 << 16))
+        chunk = _recv(conn, min(left, 1 << 16), deadline)
         if not chunk:
             raise ProtocolError(f"connection closed with {left} of {n} bytes unread")
         chunks.append(chunk)
@@ -33,10 +34,24 @@ def read_exactly(conn, n: int) -> bytes:
     return b"".join(chunks)
 
 
-def read_call(conn) -> Call:
+def _recv(conn, size: int, deadline: float | None) -> bytes:
+    """conn.recv, but never past `deadline` (time.monotonic()): a caller trickling a byte
+    now and then must not hold a worker for longer than one whole request may take."""
+    if deadline is not None:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise ProtocolError("request not complete in time")
+        conn.settimeout(left)
+    try:
+        return conn.recv(size)
+    except TimeoutError:
+        raise ProtocolError("request not complete in time") from None
+
+
+def read_call(conn, deadline: float | None = None) -> Call:
     header = b""
     while not header.endswith(b"\n"):
-        chunk = conn.recv(1)
+        chunk = _recv(conn, 1, deadline)
         if not chunk:
             raise ProtocolError("connection closed before a complete header")
         header += chunk
@@ -50,8 +65,8 @@ def read_call(conn) -> Call:
         raise ProtocolError(f"unknown operation {op!r}")
     if env_len > MAX_ENV_BYTES or stdin_len > MAX_CONFIG_BYTES + 1:
         raise ProtocolError("request too large")
-    env = read_exactly(conn, env_len)
-    stdin = read_exactly(conn, stdin_len)
+    env = read_exactly(conn, env_len, deadline)
+    stdin = read_exactly(conn, stdin_len, deadline)
     environ = {}
     for entry in env.split(b"\0") if env else ():
         key, sep, value = entry.partition(b"=")

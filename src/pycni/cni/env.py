@@ -12,8 +12,12 @@ COMMANDS = ("ADD", "DEL", "CHECK", "VERSION", "STATUS", "GC")
 # The spec's rules (libcni's ValidateContainerID / ValidateInterfaceName).
 _CONTAINER_ID = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.\-]*")
 _IFNAME_MAX = 15
-# Test-only fault injection: fail ADD after the named step (see core.faults).
+# Test-only fault injection at the core's named checkpoints (see core.faults): fail there,
+# SIGKILL the process doing the work, or wait on a FIFO ("<step>:<path>"). Never set by a
+# runtime; the shim forwards them to the agent with the other PYCNI_ variables.
 FAIL_AFTER_ENV = "PYCNI_FAIL_AFTER"
+KILL_AT_ENV = "PYCNI_TEST_KILL_AT"
+PAUSE_AT_ENV = "PYCNI_TEST_PAUSE_AT"
 
 
 @dataclass(frozen=True)
@@ -25,6 +29,8 @@ class Request:
     args: dict[str, str] = field(default_factory=dict)
     path: tuple[str, ...] = ()
     fail_after: str = ""
+    kill_at: str = ""
+    pause_at: str = ""
 
 
 def _bad(msg: str) -> CniError:
@@ -44,12 +50,19 @@ def validate_container_id(cid: str) -> None:
 def validate_ifname(name: str, what: str = "CNI_IFNAME") -> None:
     if not name:
         raise _bad(f"{what} is required")
-    if len(name.encode()) > _IFNAME_MAX:
+    try:
+        size = len(name.encode())
+    except UnicodeEncodeError:  # undecodable bytes in the environment, or a lone surrogate
+        raise _bad(f"{what} {name[:40]!r} is not valid UTF-8") from None
+    if size > _IFNAME_MAX:
         raise _bad(f"{what} {name[:40]!r} is longer than {_IFNAME_MAX} bytes")
     if name in (".", ".."):
         raise _bad(f"{what} must not be '.' or '..'")
-    if any(c in "/:" or c.isspace() or not c.isprintable() for c in name):
-        raise _bad(f"{what} {name!r} must not contain '/', ':', whitespace or control characters")
+    # The kernel reads a '%' as a pattern ("eth%d" becomes eth0, eth1...): the interface would
+    # get another name than the one asked for.
+    if any(c in "/:%" or c.isspace() or not c.isprintable() for c in name):
+        raise _bad(f"{what} {name!r} must not contain '/', ':', '%', whitespace or control "
+                   "characters")
 
 
 def validate_netns(path: str) -> None:
@@ -76,8 +89,10 @@ def from_environ(environ: os._Environ | dict) -> Request:
         raise _bad(
             f"CNI_COMMAND {command[:40]!r} is unknown; expected one of {', '.join(COMMANDS)}"
         )
-    if command in ("VERSION", "STATUS", "GC"):
+    if command in ("VERSION", "STATUS"):
         return Request(command=command, path=_path(environ))
+    if command == "GC":
+        return Request(command=command, path=_path(environ), **_faults(environ))
     cid = environ.get("CNI_CONTAINERID", "")
     ifname = environ.get("CNI_IFNAME", "")
     netns = environ.get("CNI_NETNS", "")
@@ -94,8 +109,14 @@ def from_environ(environ: os._Environ | dict) -> Request:
         ifname=ifname,
         args=parse_cni_args(environ.get("CNI_ARGS", "")),
         path=_path(environ),
-        fail_after=environ.get(FAIL_AFTER_ENV, ""),
+        **_faults(environ),
     )
+
+
+def _faults(environ) -> dict[str, str]:
+    return {"fail_after": environ.get(FAIL_AFTER_ENV, ""),
+            "kill_at": environ.get(KILL_AT_ENV, ""),
+            "pause_at": environ.get(PAUSE_AT_ENV, "")}
 
 
 def _path(environ) -> tuple[str, ...]:

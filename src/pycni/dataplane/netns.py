@@ -12,6 +12,7 @@ import fcntl
 import functools
 import os
 import socket
+import stat
 from contextlib import contextmanager
 
 from pyroute2 import IPRoute
@@ -75,7 +76,11 @@ def _libc():
 def netns_fd(path: str):
     """An open descriptor of the namespace, for creating the veth peer directly inside it."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        # A namespace file is a regular file (nsfs). Opening anything else can block for ever
+        # (a FIFO) or act (a device such as /dev/watchdog): look before opening.
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            raise CniError(INVALID_ENVIRONMENT, f"CNI_NETNS {path} is not a network namespace")
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
     except FileNotFoundError:
         raise CniError(UNKNOWN_CONTAINER, f"network namespace {path} does not exist") from None
     except OSError as exc:
