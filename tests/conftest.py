@@ -454,3 +454,57 @@ def register_racing(stores: list, records: list) -> dict:
     assert not errors, errors
     return got
 
+
+
+# --- pycni's invariant, checked from inside a node (tests/netns/test_fault_*.py) ----------------
+
+_DOCTOR_LOOP = """
+import json, sys
+from pycni.doctor import DoctorError, check
+for line in sys.stdin:
+    req = json.loads(line)
+    live = None if req["live"] is None else {tuple(p) for p in req["live"]}
+    try:
+        out = {"findings": [str(f) for f in check(req["dir"], live)]}
+    except DoctorError as exc:
+        out = {"error": str(exc)}
+    print(json.dumps(out), flush=True)
+"""
+
+
+class DoctorProcess:
+    """pycni.doctor.check in a node's namespace (it checks the one it runs in), kept running so
+    that a check costs a snapshot, not a Python start-up. Use as a context manager."""
+
+    def __init__(self, node: Node) -> None:
+        self.data_dir = os.path.join(node.root, "data")
+        self.proc = subprocess.Popen(
+            ["ip", "netns", "exec", node.ns, sys.executable, "-c", _DOCTOR_LOOP],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+    def check(self, live: set[tuple[str, str]] | None) -> list[str]:
+        """The findings as text (`live`: the runtime's live attachments, None to leave the
+        runtime out); fails the test when the doctor cannot check."""
+        req = {"dir": self.data_dir, "live": None if live is None else sorted(live)}
+        self.proc.stdin.write(json.dumps(req) + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        assert line, "the doctor process died"
+        answer = json.loads(line)
+        assert "error" not in answer, answer["error"]
+        return answer["findings"]
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc.stdout.close()
+
+    def __enter__(self) -> DoctorProcess:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -27,6 +27,8 @@ from .locks import KeyedLocks
 log = logging.getLogger("pycni")
 
 READ_TIMEOUT = 30.0
+# Seconds between repair passes (the cluster side's --resync when it runs one).
+REPAIR_EVERY = 10.0
 Observer = Callable[[str, int, float], None]  # (command, code or 0, seconds)
 
 
@@ -44,6 +46,8 @@ class Agent:
         self._listener: socket.socket | None = None
         self._inode: int | None = None
         self.cluster = None  # agent.cluster.ClusterNode when the agent runs the cluster side
+        self.repair_every = REPAIR_EVERY
+        self._told_shared_table = False
 
     # --- life cycle ------------------------------------------------------------------------
 
@@ -71,6 +75,7 @@ class Agent:
 
     def serve(self) -> None:
         assert self._listener is not None, "bind() first"
+        threading.Thread(target=self._repair_loop, name="repair", daemon=True).start()
         with ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="cni") as pool:
             while not self.stopping.is_set():
                 try:
@@ -148,12 +153,13 @@ class Agent:
                 conn.sendall(protocol.reply(1, _json(err.to_json("1.1.0"))))
                 return
             try:
-                call = protocol.read_call(conn)
+                call = protocol.read_call(conn, deadline=time.monotonic() + READ_TIMEOUT)
             except (protocol.ProtocolError, OSError) as exc:
                 log.warning("bad request: %s", exc)
                 err = CniError(DECODING_FAILURE, f"malformed request to the pycni agent: {exc}")
                 conn.sendall(protocol.reply(1, _json(err.to_json("1.1.0"))))
                 return
+            conn.settimeout(READ_TIMEOUT)  # the answer gets its own time, not what is left
             if call.op == "HEALTH":
                 conn.sendall(protocol.reply(0, _json(self.health())))
                 return
@@ -176,7 +182,7 @@ class Agent:
         if command == "STATUS" and not_ready:
             # The node has no subnet yet (or the cluster CIDR is exhausted): say so, as the
             # runtime asks STATUS before it schedules pods here.
-            version = _requested_version(stdin)
+            version = plugin.asked_version(stdin)
             out, status = CniError(NOT_AVAILABLE, not_ready).to_json(version), 1
         else:
             with self.locks.hold(cid) if cid else nullcontext():
@@ -189,6 +195,53 @@ class Agent:
             except Exception:
                 log.exception("metrics observer")
         return out, status
+
+    # --- repair ----------------------------------------------------------------------------
+
+    def _repair_loop(self) -> None:
+        every = self.cluster.options.resync if self.cluster is not None else self.repair_every
+        while not self.stopping.is_set():
+            try:
+                self.repair()
+            except CniError as exc:  # e.g. a full or damaged store: the message says it all
+                log.warning("repair pass: %s", exc.msg)
+            except Exception:
+                log.exception("repair pass")
+            self.stopping.wait(every)
+
+    def repair(self) -> int:
+        """Put back pycni's packet rules where someone removed or changed them (an ADD or DEL
+        only rewrites them when the wanted set changes), for every data dir this agent knows;
+        at start-up too, so a restart repairs at once. Returns how many it applied again."""
+        from ..core import masquerade, resources
+
+        dirs = [d for d in sorted(self.data_dirs)
+                if os.path.exists(os.path.join(d, "pycni.db"))]  # never create a store
+        if len(dirs) > 1 and self._shared_table(dirs):
+            return 0
+        repaired = 0
+        for data_dir in dirs:
+            with resources.store(data_dir) as store:
+                if masquerade.repair(store):
+                    repaired += 1
+                    log.warning("packet rules differed from what %s wants (removed or changed "
+                                "by someone else): applied them again", data_dir)
+        return repaired
+
+    def _shared_table(self, dirs: list[str]) -> bool:
+        """Whether several data dirs want rules: each would replace the others' in pycni's one
+        table, so repairing would only make them take turns."""
+        from ..core import masquerade, resources
+
+        wanting = 0
+        for data_dir in dirs:
+            with resources.store(data_dir) as store:
+                wanting += bool(masquerade.desired_rules(store))
+        if wanting > 1 and not self._told_shared_table:
+            log.warning("several data dirs (%s) want packet rules in pycni's one table: not "
+                        "repairing them", ", ".join(dirs))
+            self._told_shared_table = True
+        return wanting > 1
 
     def _seen(self, conf) -> None:
         self.data_dirs.add(conf.data_dir)
@@ -214,11 +267,3 @@ def peer_uid(conn: socket.socket) -> int:
 
 def _json(obj: dict) -> bytes:
     return json.dumps(obj).encode() + b"\n"
-
-
-def _requested_version(stdin: bytes) -> str:
-    try:
-        version = json.loads(stdin).get("cniVersion")
-    except (ValueError, AttributeError):
-        return "1.1.0"
-    return version if isinstance(version, str) and version else "1.1.0"

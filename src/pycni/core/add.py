@@ -9,16 +9,20 @@ so far.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import logging
+import os
+
+from pyroute2.netlink.exceptions import NetlinkError
 
 from ..cni.env import Request
-from ..cni.errors import CniError
+from ..cni.errors import UNKNOWN_CONTAINER, CniError
 from ..cni.netconf import NetConf
 from ..cni.result import Interface, IPConfig, Result, Route
 from ..dataplane import bandwidth, names, sysctl, veth
 from ..dataplane.netns import netlink_in, netns_fd
-from ..ipam.store import Allocation, Store
+from ..ipam.store import Allocation, Attachment, Store
 from . import masquerade, resources
 from .faults import checkpoint
 from .locks import node_lock
@@ -48,7 +52,9 @@ def _add(request: Request, conf: NetConf, store: Store) -> Result:
             checkpoint(request, "ipam")
 
             gateways = _gateways(allocations)
-            br = resources.bridge(ipr, conf.bridge, gateways, conf.mtu)
+            moved: list[Attachment] = []  # other pods put back on a bridge made again
+            on_made = functools.partial(_reattach, ipr, store, conf, request, moved)
+            br = resources.bridge(ipr, conf.bridge, gateways, conf.mtu, on_made=on_made)
             checkpoint(request, "bridge")
 
             # Registered before creating: a failure after the kernel made the pair (setting
@@ -56,7 +62,7 @@ def _add(request: Request, conf: NetConf, store: Store) -> Result:
             # Undo runs after the `with` has released ipr: it takes the handle again.
             undo.push(f"veth {host_name}", lambda: _delete_host_veth(host_name))
             br, (host_index, host_mac) = _make_pair(
-                ipr, conf, request, host_name, nsfd, br, gateways)
+                ipr, conf, request, host_name, nsfd, br, gateways, on_made)
             checkpoint(request, "veth")
 
             ifb = _shape(ipr, conf, request, host_index, host_name, undo)
@@ -76,8 +82,10 @@ def _add(request: Request, conf: NetConf, store: Store) -> Result:
 
             sysctl.enable_forwarding({a.ip.version for a in allocations})
             masquerade.record_network(store, conf)
-            masquerade.sync(store)
+            # A bridge made again lost its route_localnet: apply everything again.
+            masquerade.sync(store, force=any(a.port_mappings for a in moved))
             checkpoint(request, "masquerade")
+            _require_same_netns(request.netns, nsfd)
     except BaseException:
         undo.unwind()
         if conf.ip_masq or conf.port_mappings:
@@ -89,7 +97,8 @@ def _add(request: Request, conf: NetConf, store: Store) -> Result:
     return result
 
 
-def _make_pair(ipr, conf: NetConf, request: Request, host_name: str, nsfd: int, br, gateways):
+def _make_pair(ipr, conf: NetConf, request: Request, host_name: str, nsfd: int, br, gateways,
+               on_made):
     """Create the veth pair. If that fails, cure the two causes a retry can cure, then try
     once more: a host veth of this name left by a crashed ADD whose DEL never came (the store
     had no attachment, so it holds nothing), and a bridge this agent thread remembered that is
@@ -110,8 +119,47 @@ def _make_pair(ipr, conf: NetConf, request: Request, host_name: str, nsfd: int, 
         if not (stale or forgot):
             raise
     if forgot:
-        br = resources.bridge(ipr, conf.bridge, gateways, conf.mtu, fresh=True)
+        br = resources.bridge(ipr, conf.bridge, gateways, conf.mtu, fresh=True, on_made=on_made)
     return br, create(br)
+
+
+def _reattach(ipr, store: Store, conf: NetConf, request: Request, moved: list, link) -> None:
+    """The bridge was down, so made just now. If someone had deleted it, the kernel took every
+    port off it: put this network's other pods' host veths back on it (with their hairpin
+    mode), so they are reachable again without being recreated."""
+    others = [a for a in store.list_attachments(conf.name)
+              if (a.container_id, a.ifname) != (request.container_id, request.ifname)]
+    if not others:
+        return  # the node's first pod: nothing was cut off
+    links = {m.get("IFLA_IFNAME"): m for m in ipr.link("dump")}
+    for att in others:
+        name = att.host_veth or names.host_veth_name(conf.name, att.container_id, att.ifname)
+        port = links.get(name)
+        if port is None or port.get("IFLA_MASTER") == link["index"]:
+            continue
+        try:
+            ipr.link("set", index=port["index"], master=link["index"])
+            if conf.hairpin_mode or att.port_mappings:
+                veth.set_hairpin(ipr, port["index"])
+        except NetlinkError as exc:  # e.g. deleted meanwhile by its DEL
+            log.warning("could not put %s back on bridge %s: %s", name, conf.bridge, exc)
+            continue
+        moved.append(att)
+        log.warning("bridge %s was made again: put %s (%s/%s) back on it", conf.bridge, name,
+                    att.container_id, att.ifname)
+
+
+def _require_same_netns(path: str, nsfd: int) -> None:
+    """The pod's netns must still be the one at CNI_NETNS. Deleted during ADD (the pod died,
+    someone ran `ip netns del`), it lives on only through our descriptor, and closing that
+    would take the new interface with it: fail now, and the undo removes the rest."""
+    held = os.fstat(nsfd)
+    try:
+        now = os.stat(path)
+    except OSError:
+        now = None
+    if now is None or (now.st_dev, now.st_ino) != (held.st_dev, held.st_ino):
+        raise CniError(UNKNOWN_CONTAINER, f"network namespace {path} disappeared during ADD")
 
 
 def _shape(ipr, conf: NetConf, request: Request, host_index: int, host_name: str,

@@ -1,19 +1,22 @@
 """DEL: release exactly what ADD took; succeed when any of it is already gone, again and again.
 
 The host veth is found by its deterministic name, so DEL never needs the pod's netns: deleting the
-host end removes the pod end with it, and a DEL after the netns is gone still cleans up.
+host end removes the pod end with it, and a DEL after the netns is gone still cleans up. Nor does
+it need the store for that: when the store cannot be used, DEL removes the interfaces and fails,
+and the runtime's retries release the addresses once the store is repaired.
 """
 
 from __future__ import annotations
 
 import logging
+from typing import NoReturn
 
 from pyroute2 import IPRoute
 
 from ..cni.env import Request
 from ..cni.netconf import NetConf
 from ..dataplane import bandwidth, names, veth
-from ..ipam.store import Store
+from ..ipam.store import Store, StoreError
 from . import masquerade, resources
 from .faults import checkpoint
 from .locks import node_lock
@@ -22,12 +25,34 @@ log = logging.getLogger("pycni")
 
 
 def cmd_del(request: Request, conf: NetConf) -> None:
-    with node_lock(conf.data_dir, exclusive=False), resources.store(conf.data_dir) as store:
-        with resources.host_netlink() as ipr:
-            release(store, ipr, conf.name, request.container_id, request.ifname, request)
-        if store.get_network(conf.name) is not None:
-            masquerade.sync(store)
-        checkpoint(request, "del-rules")
+    with node_lock(conf.data_dir, exclusive=False):
+        try:
+            with resources.store(conf.data_dir) as store:
+                with resources.host_netlink() as ipr:
+                    release(store, ipr, conf.name, request.container_id, request.ifname,
+                            request)
+                if store.get_network(conf.name) is not None:
+                    masquerade.sync(store)
+                checkpoint(request, "del-rules")
+        except StoreError as exc:
+            _del_without_store(request, conf, exc)
+
+
+def _del_without_store(request: Request, conf: NetConf, exc: StoreError) -> NoReturn:
+    """The store cannot be used. The pod is going away whatever the store says: its interfaces
+    go now (found by name), and DEL fails, so the runtime retries until the store can release
+    the addresses too. Succeeding would leak them; removing nothing would leave a dead pod's
+    veth on the bridge until the store is repaired."""
+    cid, ifname = request.container_id, request.ifname
+    host = names.host_veth_name(conf.name, cid, ifname)
+    ifb = names.ifb_name(conf.name, cid, ifname)
+    with resources.host_netlink() as ipr:
+        deleted = [host] if veth.delete_host_veth(ipr, host) else []
+        deleted += [ifb] if bandwidth.delete_ifb(ipr, ifb) else []
+    for name in deleted:
+        log.info("DEL %s/%s: deleted %s (the store cannot be used)", cid, ifname, name)
+    raise StoreError(exc.code, f"{exc.msg}; DEL removed the pod's interfaces, its addresses "
+                     "stay held until a DEL succeeds", exc.details, exc.kind) from None
 
 
 def release(store: Store, ipr: IPRoute, network: str, container_id: str, ifname: str,

@@ -2,7 +2,8 @@
 
 Both halves are swept: allocations in the store, and host veths (and ifbs) in the kernel that
 carry this network's alias (left by a crash after the veth was made but before the store knew
-of it, or by a store that was reset).
+of it, or by a store that was reset). When the store cannot be used, GC sweeps the kernel half
+only and fails, as DEL does.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from ..cni.env import Request
 from ..cni.errors import config_error
 from ..cni.netconf import VALID_ATTACHMENTS, NetConf
 from ..dataplane import bandwidth, names, veth
+from ..ipam.store import StoreError
 from . import masquerade, resources
 from .delete import release
 from .faults import checkpoint
@@ -25,7 +27,28 @@ def cmd_gc(request: Request, conf: NetConf) -> None:
     if conf.valid_attachments is None:
         # Without the list every attachment would look stale: refuse rather than wipe the node.
         raise config_error(VALID_ATTACHMENTS, "is required for GC")
-    valid = conf.valid_attachments
+    try:
+        _gc(request, conf, conf.valid_attachments)
+    except StoreError as exc:
+        _sweep_without_store(conf, conf.valid_attachments)
+        raise StoreError(exc.code, f"{exc.msg}; GC removed the interfaces of pods the runtime "
+                         "no longer has, their addresses stay held until a GC or DEL "
+                         "succeeds", exc.details, exc.kind) from None
+
+
+def _sweep_without_store(conf: NetConf, valid: set[tuple[str, str]]) -> None:
+    """The store cannot be used. As DEL does then, the interfaces of pods the runtime no
+    longer has go now: they are found by alias, which needs no store."""
+    keep = {names.host_veth_name(conf.name, cid, ifn) for cid, ifn in valid}
+    with node_lock(conf.data_dir, exclusive=True), resources.host_netlink() as ipr:
+        for name in veth.host_veths_with_alias(ipr, names.alias_prefix(conf.name)):
+            if name not in keep:
+                log.info("GC: deleting %s (the store cannot be used)", name)
+                veth.delete_host_veth(ipr, name)
+        _sweep_ifbs(ipr, conf.name, valid)
+
+
+def _gc(request: Request, conf: NetConf, valid: set[tuple[str, str]]) -> None:
     with node_lock(conf.data_dir, exclusive=True), resources.store(conf.data_dir) as store:
         with resources.host_netlink() as ipr:
             for att in store.list_attachments(conf.name):

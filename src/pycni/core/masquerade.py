@@ -138,17 +138,18 @@ def _localnet_bridges(store: Store) -> tuple[set[str], set[str]]:
     return wanted, every
 
 
-def sync(store: Store) -> None:
+def sync(store: Store, force: bool = False) -> None:
     """Apply the desired rules if they differ from what was last applied. Checked first without
     the write lock (most ADDs and DELs change nothing), then again inside one transaction, so
-    concurrent ADDs and DELs apply rules one after the other, never interleaved."""
+    concurrent ADDs and DELs apply rules one after the other, never interleaved. `force`:
+    apply even so (the kernel lost what was applied: see repair)."""
     key = _digest_key()
-    if _applied(store, key) == table.digest(desired_rules(store)):
+    if not force and _applied(store, key) == table.digest(desired_rules(store)):
         return
     with store.transaction():
         rules = desired_rules(store)
         digest = table.digest(rules)
-        if _applied(store, key) == digest:
+        if not force and _applied(store, key) == digest:
             return
         wanted, every = _localnet_bridges(store)
         # Off before the 127/8 guard goes, on after it came: never open without the guard.
@@ -158,6 +159,19 @@ def sync(store: Store) -> None:
         for bridge in wanted:
             sysctl.set_route_localnet(bridge, True)
         store.set_meta(key, digest)
+
+
+def repair(store: Store) -> bool:
+    """Apply the desired rules again if the kernel holds others (someone deleted or edited
+    pycni's table: sync() trusts its digest and would not notice). One `nft list`, about 4 ms:
+    for the agent's periodic pass, not for every ADD. True when it applied them."""
+    desired = desired_rules(store)
+    if not desired and _applied(store, _digest_key()) == table.digest(desired):
+        return False  # nothing wanted, nothing installed: never run nft for nothing
+    if (table.installed() or table.RuleSet()) == desired:
+        return False
+    sync(store, force=True)
+    return True
 
 
 def _applied(store: Store, key: str) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 
 from pyroute2 import IPRoute
@@ -77,10 +78,14 @@ def host_netlink():
 BRIDGE_TTL = 5.0
 
 
-def bridge(ipr, name: str, gateways: list, mtu: int | None, fresh: bool = False):
-    """The bridge's link message, made and addressed as needed (dataplane.bridge)."""
+def bridge(ipr, name: str, gateways: list, mtu: int | None, fresh: bool = False,
+           on_made: Callable[[dict], None] | None = None):
+    """The bridge's link message, made and addressed as needed (dataplane.bridge). `on_made`
+    is called with it when it was down, i.e. made just now (or set down by someone)."""
     if not _warm or fresh:
         link = ensure_bridge(ipr, name, gateways, mtu)
+        if on_made is not None and not link["flags"] & 1:  # IFF_UP: ensure_bridge set it up
+            on_made(link)
         if _warm:
             _bridges()[name] = (link, frozenset(map(str, gateways)), time.monotonic())
         return link
@@ -88,7 +93,7 @@ def bridge(ipr, name: str, gateways: list, mtu: int | None, fresh: bool = False)
     if (cached is not None and cached[1] >= frozenset(map(str, gateways))
             and time.monotonic() - cached[2] < BRIDGE_TTL):
         return cached[0]
-    return bridge(ipr, name, gateways, mtu, fresh=True)
+    return bridge(ipr, name, gateways, mtu, fresh=True, on_made=on_made)
 
 
 def forget_bridge(name: str) -> bool:

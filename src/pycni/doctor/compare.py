@@ -373,8 +373,8 @@ def check_bridges(snap: NodeSnapshot) -> list[Finding]:
             out.append(Finding(
                 m.BRIDGE_MISSING, subject, f"a bridge holding {want}",
                 f"no link {bridge}; the host veths of its {pods[bridge]} pod(s) are on no bridge",
-                "the next ADD on the network makes it again; existing pods stay cut off until "
-                "they are recreated (DEL then ADD)"))
+                "the next ADD on the network makes it again and puts the existing pods' host "
+                "veths back on it"))
             continue
         if link.kind != "bridge":
             out.append(Finding(m.BRIDGE_NOT_BRIDGE, subject, f"{bridge} to be a bridge",
@@ -428,9 +428,10 @@ def _rule_key(entry: object) -> object:
 def check_rules(rules: m.RulesView) -> list[Finding]:
     where = ("nftables table inet pycni" if rules.backend == "nft"
              else "pycni's iptables chains")
-    hint = ("pycni rewrites its rules only when the wanted set changes: run `pycnictl cleanup "
-            "--data-dir DIR` (it forgets what it installed), then the next ADD or DEL, or an "
-            "agent restart, installs the wanted rules")
+    hint = ("a running agent puts the wanted rules back within 10 s (--resync with a cluster); "
+            "without one, pycni rewrites them only when the wanted set changes: run `pycnictl "
+            "cleanup --data-dir DIR` (it forgets what it installed), then the next ADD or DEL "
+            "installs them")
     desired = rules.desired
     if rules.installed is None:
         if not desired:
