@@ -1,5 +1,6 @@
-"""`pycnictl bench` end to end, tiny (3 pods, a storm of 5): it measures all three plugins
-(pycni through its agent, pycni standalone, the Go reference), verifies and cleans up."""
+"""`pycnictl bench` end to end, tiny (3 pods, a storm of 5): it measures all the plugins
+(pycni through its agent, from the Python launcher and the native executable, pycni
+standalone, the Go reference), verifies and cleans up."""
 
 from __future__ import annotations
 
@@ -8,10 +9,14 @@ import json
 import pytest
 
 from conftest import namespaces_named, run_bench
+from pycni.native.build import compiler
 
 pytestmark = [pytest.mark.netns, pytest.mark.reference]
 
-ROWS = {(p, m) for p in ("pycni-agent", "pycni-standalone", "reference") for m in (False, True)}
+# The pycni-native rows are measured where a C compiler is found.
+PLUGINS = ("pycni-agent", *(("pycni-native",) if compiler() else ()), "pycni-standalone",
+           "reference")
+ROWS = {(p, m) for p in PLUGINS for m in (False, True)}
 
 
 
@@ -52,7 +57,7 @@ def test_bench_tiny(reference_plugins):
         else:
             assert row["ratio"]["add"] > 0 and row["ratio"]["del"] > 0
             assert storm["ratio"]["add"] > 0 and storm["ratio"]["del"] > 0
-        if key[0] == "pycni-agent":
+        if key[0] in ("pycni-agent", "pycni-native"):
             agent = row["agent"]
             assert 0 < agent["rss_mb_after_storm"] < 1024
             assert set(agent["memory_kb"]) >= {"start", "sequential", "storm", "end"}
@@ -65,5 +70,5 @@ def test_bench_tiny(reference_plugins):
     table = format_table(report)
     assert "ADD med" in table and "DEL p95" in table and "ADD wall" in table
     assert len([line for line in table.splitlines()
-                if line.startswith(("pycni-agent ", "pycni-standalone ", "reference "))]) == 12
+                if line.startswith(tuple(p + " " for p in PLUGINS))]) == 2 * len(ROWS)
     assert table.count("PASS") + table.count("FAIL") == 5

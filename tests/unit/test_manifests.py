@@ -185,6 +185,34 @@ def test_the_init_container_installs_the_standalone_launcher_on_the_host():
     assert args.func is install._install and args.standalone
     assert args.subnet is None  # the agent writes the config list once the subnet is known
     assert host_path(ds, init, args.bin_dir) == defaults("install").bin_dir
+    # The native executable it copies is the one the image's build stage made, standalone.
+    build_args, copied = containerfile_native_build()
+    assert build_args.func is install._install and build_args.native
+    assert build_args.standalone and build_args.native_from is None
+    source, destination = copied
+    assert source == os.path.join(build_args.bin_dir, install.PLUGIN_NAME)
+    assert args.native_from == destination
+
+
+def containerfile_native_build():
+    """(the parsed `pycnictl install` of the Containerfile's native stage, (source, target)
+    of the COPY that brings its executable into the final image)."""
+    import shlex
+
+    with open(os.path.join(DEPLOY, "Containerfile")) as f:
+        text = f.read().replace("\\\n", " ")
+    stages = re.split(r"^FROM ", text, flags=re.M)[1:]
+    native = [s for s in stages if s.split("\n", 1)[0].split()[-2:] == ["AS", "native"]]
+    assert len(native) == 1, "a build stage named native"
+    assert "gcc" in native[0] and "libc6-dev" in native[0]
+    runs = [cmd for line in native[0].splitlines() if line.startswith("RUN ")
+            for cmd in line[4:].split("&&") if cmd.split()[:2] == ["pycnictl", "install"]]
+    assert len(runs) == 1, runs
+    parsed = build_parser().parse_args(shlex.split(runs[0])[1:])
+    copies = [line.split()[2:] for line in stages[-1].splitlines()
+              if line.startswith("COPY --from=native ")]
+    assert len(copies) == 1 and len(copies[0]) == 2, copies
+    return parsed, tuple(copies[0])
 
 
 def test_the_probes_reach_the_agents_metrics_endpoint():

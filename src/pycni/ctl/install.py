@@ -8,8 +8,11 @@ The executable is a small launcher rather than a console-script wrapper. Two kin
 - the standalone one (--standalone) is for hosts without pycni's packages, where the pycni
   DaemonSet copies it: one self-contained file for the system python3, generated from
   pycni/shim.py, that only forwards to the agent and answers CNI error 11 when none listens.
+--native compiles pycni/native/shim.c instead (pycni.native.build): the same forwarding without
+Python's start-up, and for hosts without python3; without --standalone it execs the default
+launcher, written hidden beside it, when no agent listens.
 
-Both carry MARKER, so uninstall removes only files pycni wrote.
+All carry a marker (MARKER, or the native one), so uninstall removes only files pycni wrote.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import re
 import sys
 
 from .. import shim
+from ..native import FALLBACK_NAME
 from ..node_config import CONFLIST_NAME, atomic_write, node_conflist
 
 DEFAULT_BIN_DIR = "/opt/cni/bin"
@@ -161,9 +165,14 @@ def is_pycni_launcher(path: str) -> bool:
     """Whether `path` is a file `pycnictl install` wrote (never touch anything else)."""
     try:
         with open(path, "rb") as f:
-            return MARKER.encode() in f.read(MARKER_BYTES)
+            head = f.read(MARKER_BYTES)
     except OSError:
         return False
+    if MARKER.encode() in head:
+        return True
+    from ..native.build import marker_of
+
+    return head.startswith(b"\x7fELF") and marker_of(path) is not None
 
 
 def write_launcher(path: str, standalone: bool = False) -> str:
@@ -199,6 +208,13 @@ def register(sub) -> None:
     p.add_argument("--standalone", action="store_true",
                    help=f"a self-contained executable for {STANDALONE_PYTHON} that only "
                    "forwards to the node agent (for hosts without pycni's packages)")
+    p.add_argument("--native", action="store_true",
+                   help="compile the executable from C (needs cc): no Python start-up per "
+                   "call; without --standalone, when no agent listens it runs the plugin "
+                   f"through the Python launcher it writes as <bin-dir>/{FALLBACK_NAME}")
+    p.add_argument("--native-from", metavar="PATH",
+                   help="install this prebuilt native executable (made by `pycnictl install "
+                   "--native --standalone`, as the pycni image carries it) instead")
     p.add_argument("--force", action="store_true",
                    help="overwrite an executable or config list pycni did not write")
     p.set_defaults(func=_install)
@@ -208,10 +224,17 @@ def _install(args) -> int:
     if (args.network or args.data_dir) and not args.subnet:
         _refuse("--network and --data-dir need --subnet (they go into the config list, which "
                 "is written only with --subnet)")
+    if args.native and args.native_from:
+        _refuse("give --native (compile here) or --native-from (copy a build), not both")
     conf = _conflist(args) if args.subnet else None
     target = os.path.join(args.bin_dir, PLUGIN_NAME)
-    text = standalone_text() if args.standalone else launcher_text()
-    _write(target, text, 0o755, args.force, is_pycni_launcher, "executable")
+    if args.native or args.native_from:
+        from ..native.build import install_native
+
+        install_native(args.bin_dir, target, args.standalone, args.native_from, args.force)
+    else:
+        text = standalone_text() if args.standalone else launcher_text()
+        _write(target, text, 0o755, args.force, is_pycni_launcher, "executable")
     if conf is not None:
         path = os.path.join(args.conf_dir, CONFLIST_NAME)
         _write(path, json.dumps(conf, indent=2) + "\n", 0o644, args.force, is_pycni_conflist,

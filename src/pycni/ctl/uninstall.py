@@ -10,7 +10,8 @@ This module is the inventory of what pycni creates, taken apart in this order:
      signature (the 0a:58 MAC of their gateway address, or recorded in the store) and no
      ports pycni did not make
   5. the packet rules: nftables `table inet pycni`, or the PYCNI-* iptables chains and jumps
-  6. files: the launcher in the bin dir (only files with pycnictl install's marker), the config
+  6. files: the executable in the bin dir and a native one's fallback launcher (only files with
+     a marker of pycnictl install's: a launcher's, or the native executable's), the config
      list in the conf dir (only one of type pycni), subnet.env and the agent socket in the run
      dir, the IPAM store, lock and sqlite datastore in the data dir; a directory goes when
      nothing but pycni's files was in it.
@@ -30,6 +31,7 @@ import sys
 from dataclasses import dataclass, field
 
 from ..cni.netconf import DEFAULT_BRIDGE, DEFAULT_DATA_DIR
+from ..native import FALLBACK_NAME
 from ..node_config import CONFLIST_NAME, read_subnet_env
 from ..shim import DEFAULT_SOCKET
 from .agent import cluster_node, cluster_options
@@ -355,12 +357,13 @@ def _dev(ipr, index: int) -> str:
 def remove_files(args, known: Known, report: Report) -> None:
     import glob
 
-    launcher = os.path.join(args.bin_dir, PLUGIN_NAME)
-    if os.path.lexists(launcher):
-        if is_pycni_launcher(launcher):
-            _unlink(launcher, report)
-        else:
-            report.kept(f"{launcher}: not written by pycnictl install")
+    for name in (PLUGIN_NAME, FALLBACK_NAME):  # the executable, a native one's fallback
+        launcher = os.path.join(args.bin_dir, name)
+        if os.path.lexists(launcher):
+            if is_pycni_launcher(launcher):
+                _unlink(launcher, report)
+            else:
+                report.kept(f"{launcher}: not written by pycnictl install")
     _unlink_all(glob.glob(os.path.join(glob.escape(args.bin_dir), TMP_PREFIX + "*")), report)
     for path in known.conflists:
         _unlink(path, report)

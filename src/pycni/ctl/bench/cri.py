@@ -3,7 +3,8 @@
 Two rows measured in one run, each a node network namespace of its own with a private
 containerd 1.6 started inside it (runtimes/containerd.py) and the same pause image:
 
-- pycni-agent: pycni's launcher, its config list (node_conflist: ipMasq on) and a
+- pycni-agent: pycni's launcher (--launcher native: the native executable, as `pycnictl
+  install --native` writes it), its config list (node_conflist: ipMasq on) and a
   `pycnictl agent` in the node the config points at;
 - reference: the Go bridge + host-local from containernetworking-plugins, ipMasq on.
 
@@ -260,7 +261,7 @@ def _image(tmp: str) -> str:
 
 
 def _make_row(row: Row, spaces: Spaces, launcher: Launcher, archive: str, subnet: str,
-              reference_dir: str) -> None:
+              reference_dir: str, plugin_launcher: str = "python") -> None:
     from ...node_config import CONFLIST_NAME, write_conflist
     from ..install import write_launcher
     from ..runtimes.containerd import Containerd
@@ -276,7 +277,15 @@ def _make_row(row: Row, spaces: Spaces, launcher: Launcher, archive: str, subnet
             os.symlink(os.path.join(reference_dir, plugin), os.path.join(bin_dir, plugin))
         conf = reference_conflist(row.root, subnet)
     else:
-        write_launcher(os.path.join(bin_dir, "pycni"))
+        if plugin_launcher == "native":
+            from ...native.build import BuildError, write_native
+
+            try:
+                write_native(os.path.join(bin_dir, "pycni"))
+            except BuildError as exc:
+                raise BenchError(f"--launcher native: {exc}") from None
+        else:
+            write_launcher(os.path.join(bin_dir, "pycni"))
         row.agent = AgentRunner(row.root, os.path.join(row.root, "data"))
         row.agent.start(launcher, row.ns)
         conf = pycni_conflist(row.root, subnet, row.agent.socket)
@@ -288,7 +297,7 @@ def _make_row(row: Row, spaces: Spaces, launcher: Launcher, archive: str, subnet
 
 
 def bench(pods: int, burst: int, reference_dir: str, subnet: str, repeat: int = 3,
-          progress=None) -> dict:
+          progress=None, plugin_launcher: str = "python") -> dict:
     for plugin in ("bridge", "host-local", "loopback"):
         if not os.access(os.path.join(reference_dir, plugin), os.X_OK):
             raise BenchError(f"the reference {plugin} plugin is not in {reference_dir}")
@@ -313,7 +322,7 @@ def bench(pods: int, burst: int, reference_dir: str, subnet: str, repeat: int = 
         archive = _image(tmp)
         for row in rows:
             say(f"starting containerd for {row.plugin}")
-            _make_row(row, spaces, launcher, archive, subnet, reference_dir)
+            _make_row(row, spaces, launcher, archive, subnet, reference_dir, plugin_launcher)
         version = rows[0].containerd.cri().version().runtime_version
         for row in rows:  # the first pod makes the bridge and the rules: not timed
             _pod_lifecycle(row, "warm-up", subnet, timed=False)
@@ -338,7 +347,8 @@ def bench(pods: int, burst: int, reference_dir: str, subnet: str, repeat: int = 
         for row in rows:
             if row.agent is not None and not row.agent.alive():
                 row.problems.append(f"the agent died: {row.agent.stderr()}")
-        return _report(rows, pods, burst, repeat, subnet, version)
+        report = _report(rows, pods, burst, repeat, subnet, version)
+        return {**report, "launcher": plugin_launcher}
     finally:
         old = signal.signal(signal.SIGINT, signal.SIG_IGN)  # no second Ctrl-C mid-cleanup
         try:
@@ -398,7 +408,8 @@ def format_table(report: dict) -> str:
     lines = [
         f"pycnictl bench cri: containerd {report['containerd']} over CRI, {report['pods']} "
         f"sequential pods per row (rows alternating), burst of {report['burst']}; ipMasq on, "
-        f"cniVersion {report['cniVersion']}, subnet {report['subnet']}",
+        f"cniVersion {report['cniVersion']}, subnet {report['subnet']}; pycni's executable: "
+        f"the {report.get('launcher', 'python')} launcher",
         "",
         f"{'plugin':<12} {'RunPodSandbox':>17} {'StopPodSandbox':>17} {'RemovePodSandbox':>17}"
         f" {'Stop+Remove':>17} {'Run ratio':>9} {'Stop+Rm ratio':>13}  ok",
@@ -445,6 +456,9 @@ def register(sub) -> None:
     p.add_argument("--reference-dir", default="/usr/lib/cni",
                    help="where the reference bridge, host-local and loopback are")
     p.add_argument("--subnet", default="10.244.1.0/24", help="the node's pod subnet")
+    p.add_argument("--launcher", dest="plugin_launcher", choices=("python", "native"),
+                   default="python", help="pycni's executable: the Python launcher (default) "
+                   "or the native one (`pycnictl install --native`; needs cc)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=_bench)
 
@@ -469,7 +483,8 @@ def _bench(args) -> int:
     return run_and_print(
         "pycnictl bench cri",
         lambda progress: bench(args.pods, args.burst, args.reference_dir, args.subnet,
-                               args.repeat, progress=progress),
+                               args.repeat, progress=progress,
+                               plugin_launcher=args.plugin_launcher),
         format_table, args.json,
         (BenchError, ContainerdError, CriError, subprocess.CalledProcessError),
         "containerds, pods, agents and namespaces removed")

@@ -1,11 +1,13 @@
 """`pycnictl bench`: ADD/DEL latency of pycni (agent and standalone) against the Go reference.
 
-One invocation measures three plugins with identical configs, ipMasq off and on (six rows),
+One invocation measures four plugins with identical configs, ipMasq off and on (eight rows),
 each row in a freshly made node network namespace of its own (never the host's), with its pod
 namespaces made beforehand:
 
 - pycni-agent: a `pycnictl agent` the bench starts inside that row's node namespace, on a
   private socket; the row's config names it in `agentSocket`, so the thin executable forwards;
+- pycni-native: as pycni-agent, through the native executable (`pycnictl install --native`,
+  pycni/native/shim.c) instead of the Python launcher; only where a C compiler (cc) is found;
 - pycni-standalone: `agentSocket` names a path where nothing listens, so the thin executable
   falls back to running the plugin in-process (what a node without an agent does);
 - reference: the Go bridge + host-local from containernetworking-plugins.
@@ -58,8 +60,9 @@ NETNS_DIR = "/run/netns"
 NAME = "benchnet"
 LAUNCH_METHODS = ("setns", "nsenter", "ip-netns-exec")
 PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
-PLUGINS = ("pycni-agent", "pycni-standalone", "reference")
-STORM_ORDER = ("pycni-agent", "reference", "pycni-standalone")
+PLUGINS = ("pycni-agent", "pycni-native", "pycni-standalone", "reference")
+STORM_ORDER = ("pycni-agent", "reference", "pycni-native", "pycni-standalone")
+AGENT_ROWS = ("pycni-agent", "pycni-native")  # the rows that run an agent
 DEFAULT_PODS = 50
 DEFAULT_STORM = 110  # kubelet's default maxPods
 STORM_TIMEOUT = 300.0
@@ -531,9 +534,12 @@ def bench(pods: int, launch: str, reference_dir: str, version: str, subnet: str,
         # Bytecode ahead of time, as pip leaves it: otherwise the first execs compile.
         compileall.compile_dir(os.path.dirname(pycni.__file__), quiet=1)
         plugin = write_launcher(os.path.join(tmp, "bin", "pycni"))
+        native = _native_executable(os.path.join(tmp, "bin-native", "pycni"), plugin, progress)
 
         for masq in (False, True):
             for name in PLUGINS:
+                if name == "pycni-native" and native is None:
+                    continue
                 root = os.path.join(tmp, f"{name}-{'masq' if masq else 'nomasq'}")
                 os.makedirs(root)
                 if name == "reference":
@@ -541,12 +547,13 @@ def bench(pods: int, launch: str, reference_dir: str, version: str, subnet: str,
                                     reference_conf(root, version, subnet, masq), root))
                     continue
                 agent = None
-                if name == "pycni-agent":
+                if name in AGENT_ROWS:
                     agent = AgentRunner(root, os.path.join(root, "data"))
                     sock = agent.socket
                 else:
                     sock = os.path.join(root, "no-agent", "agent.sock")  # nothing listens
-                rows.append(Row(name, masq, plugin, os.path.dirname(plugin),
+                exe = native if name == "pycni-native" else plugin
+                rows.append(Row(name, masq, exe, os.path.dirname(exe),
                                 pycni_conf(root, version, subnet, masq, sock), root, agent))
 
         _say(progress, f"making {len(rows)} node and {len(rows) * needed} pod namespaces")
@@ -650,6 +657,21 @@ def bench(pods: int, launch: str, reference_dir: str, version: str, subnet: str,
 def _say(progress, msg: str) -> None:
     if progress:
         progress(msg)
+
+
+def _native_executable(path: str, fallback: str, progress) -> str | None:
+    """The native executable as `pycnictl install --native` builds it (falling back to the
+    Python launcher `fallback`), or None without a C compiler."""
+    from ...native import build
+
+    if build.compiler() is None:
+        _say(progress, "no C compiler (cc): no pycni-native rows")
+        return None
+    try:
+        build.build(path, os.path.abspath(fallback))
+    except build.BuildError as exc:
+        raise BenchError(f"cannot build the native executable: {exc}") from None
+    return path
 
 
 def _report(rows: list[Row], pods: int, storm_size: int, launch: str, floors: dict,

@@ -8,6 +8,8 @@ storage, state and CNI config dir private to this run (ctl/runtimes/podman.py):
 - pycni-agent: pycni's config list (ipMasq on, capability portMappings) naming the socket of a
   `pycnictl agent` the bench starts in that node, so the thin executable forwards to it;
 - pycni-standalone: the same config list with `agentSocket: ""`: the plugin runs in-process;
+  (both through the Python launcher, or with --launcher native the native executable as
+  `pycnictl install --native` writes it, which execs that launcher for in-process work)
 - reference: the Go bridge + host-local (ipMasq on, the same /24); for `-p`, a second network
   of the reference node chains the Go portmap plugin after them (podman only sends
   runtimeConfig.portMappings to a config list that advertises the capability).
@@ -242,7 +244,7 @@ def _check_freed(spaces: Spaces, setup: Setup) -> None:
 
 # --- the run -----------------------------------------------------------------------------------
 
-def bench(runs: int, reference_dir: str, progress=None) -> dict:
+def bench(runs: int, reference_dir: str, progress=None, plugin_launcher: str = "python") -> dict:
     from ..install import write_launcher
 
     for plugin in ("bridge", "host-local", "portmap"):
@@ -264,7 +266,15 @@ def bench(runs: int, reference_dir: str, progress=None) -> dict:
         import pycni
 
         compileall.compile_dir(os.path.dirname(pycni.__file__), quiet=1)
-        plugin = write_launcher(os.path.join(tmp, "bin", "pycni"))
+        if plugin_launcher == "native":
+            from ...native.build import BuildError, write_native
+
+            try:
+                plugin = write_native(os.path.join(tmp, "bin", "pycni"))
+            except BuildError as exc:
+                raise BenchError(f"--launcher native: {exc}") from None
+        else:
+            plugin = write_launcher(os.path.join(tmp, "bin", "pycni"))
         _say(progress, "making the nodes, podmans and networks")
         for tag in ("none", "agent", "standalone", "reference"):
             setups[tag] = _make_setup(tag, spaces, tmp, os.path.dirname(plugin), reference_dir)
@@ -297,7 +307,7 @@ def bench(runs: int, reference_dir: str, progress=None) -> dict:
                                         f"{out.stderr.strip()[-300:]}")
         for setup in setups.values():
             _check_freed(spaces, setup)
-        return _report(rows, setups, runs)
+        return {**_report(rows, setups, runs), "launcher": plugin_launcher}
     finally:
         old = signal.signal(signal.SIGINT, signal.SIG_IGN)  # no second Ctrl-C mid-cleanup
         try:
@@ -371,7 +381,8 @@ def format_table(report: dict) -> str:
     lines = [
         f"pycnictl bench podman: `podman run --rm [-p {report['host_port']}:{CONTAINER_PORT}] "
         f"<busybox> true`, {report['runs']} runs per row (rows interleaved); podman "
-        f"{report['podman']} with CNI {report['cniVersion']}, ipMasq on",
+        f"{report['podman']} with CNI {report['cniVersion']}, ipMasq on; pycni's executable: "
+        f"the {report.get('launcher', 'python')} launcher",
         "",
         f"{'row':<20} {'median':>7} {'min':>6} {'max':>6} {'over none':>9} {'ratio':>6} "
         f"{'cost ratio':>10}  ok",
@@ -402,6 +413,9 @@ def register(forms) -> None:
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--reference-dir", default="/usr/lib/cni",
                    help="where the reference bridge, host-local and portmap are")
+    p.add_argument("--launcher", dest="plugin_launcher", choices=("python", "native"),
+                   default="python", help="pycni's executable: the Python launcher (default) "
+                   "or the native one (`pycnictl install --native`; needs cc)")
     p.set_defaults(func=_main)
 
 
@@ -414,7 +428,8 @@ def _main(args: argparse.Namespace) -> int:
         return 2
     return run_and_print(
         "pycnictl bench podman",
-        lambda progress: bench(args.runs, args.reference_dir, progress=progress),
+        lambda progress: bench(args.runs, args.reference_dir, progress=progress,
+                               plugin_launcher=args.plugin_launcher),
         format_table, args.json, (BenchError, subprocess.SubprocessError, OSError),
         "containers, agents, namespaces and files removed")
 
