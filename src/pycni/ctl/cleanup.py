@@ -34,11 +34,15 @@ def remove_packet_rules(data_dir: str) -> bool:
     """Remove pycni's rules whatever the store says (it forgets what it had applied, so the
     next ADD or sync puts back what is still wanted). True if there were any."""
     from ..core import masquerade
-    from ..ipam.store import Store
+    from ..ipam.store import Store, StoreError
 
     present = packet_rules_present()
-    has_store = os.path.exists(os.path.join(data_dir, "pycni.db"))
-    store = Store(data_dir) if has_store else None
+    store = None
+    if os.path.exists(os.path.join(data_dir, "pycni.db")):
+        try:
+            store = Store(data_dir)
+        except StoreError:
+            pass  # damaged (or full, read-only): the rules go all the same
     try:
         masquerade.remove(store)
     finally:

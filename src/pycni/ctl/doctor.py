@@ -33,6 +33,13 @@ def register(sub) -> None:
                    help="JSON: the runtime's live attachments, a list of {\"containerID\", "
                    "\"ifname\"} (or a CNI GC config holding cni.dev/valid-attachments)")
     p.add_argument("--json", action="store_true", help="print one JSON object, for scripts")
+    p.add_argument("--rebuild-store", action="store_true",
+                   help="first record the pods found on the node in a new IPAM store, after a "
+                   "damaged one was moved aside (README: \"When the IPAM store cannot be "
+                   "used\"); never touches a store that holds attachments")
+    p.add_argument("--conf", action="append", metavar="FILE",
+                   help="with --rebuild-store: a CNI config (.conf or .conflist) of the "
+                   "networks to rebuild (repeatable; default: those in /etc/cni/net.d)")
     p.set_defaults(func=run_doctor)
 
 
@@ -51,12 +58,49 @@ def run_doctor(args) -> int:
     if not data_dirs:
         health = agent_health(args.socket)["health"] or {}
         data_dirs = health.get("dataDirs") or [DEFAULT_DATA_DIR]
+    if args.rebuild_store:
+        problem = _rebuild(args, data_dirs)
+        if problem:
+            return _cannot(args, Report(errors=[problem]))
     report = examine(data_dirs, live, args.socket)
     if args.json:
         print(json.dumps(report.to_json(), indent=2, sort_keys=True))
     else:
         print(render(report), end="")
     return 1 if report.findings else 2 if report.errors else 0
+
+
+def _rebuild(args, data_dirs: list[str]) -> str | None:
+    """Rebuild each data dir's store; what went wrong, or None. What was recorded and what
+    was left alone is printed (on stderr with --json)."""
+    import glob
+    import os
+    import sys
+
+    from ..cni.errors import CniError
+    from ..doctor.rebuild import RebuildError, confs_from_files, rebuild_store
+
+    files = args.conf or sorted(
+        f for f in glob.glob("/etc/cni/net.d/*") if f.endswith((".conf", ".conflist", ".json")))
+    out = sys.stderr if args.json else sys.stdout
+    for data_dir in data_dirs:
+        try:
+            confs = confs_from_files(files, data_dir)
+            if not confs:
+                return (f"rebuild: no pycni network with dataDir {data_dir} in "
+                        f"{', '.join(files) or 'no config file'}")
+            done = rebuild_store(data_dir, confs)
+        except RebuildError as exc:
+            return f"rebuild: {exc}"
+        except CniError as exc:  # the new store or the packet rules
+            return f"rebuild: {exc.msg}"
+        for line in done.restored:
+            print(f"restored: {line}", file=out)
+        for line in done.skipped:
+            print(f"left alone: {line}", file=out)
+        print(f"rebuilt {os.path.join(data_dir, 'pycni.db')}: {len(done.restored)} "
+              f"attachments restored, {len(done.skipped)} veths left alone", file=out)
+    return None
 
 
 def _cannot(args, report) -> int:

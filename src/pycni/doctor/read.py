@@ -24,7 +24,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from ..cni.errors import CniError
 from ..dataplane.netns import CLONE_NEWNET, NS_GET_NSTYPE, netlink_in
-from ..ipam.store import BUSY_TIMEOUT_MS, SCHEMA_VERSION, Store
+from ..ipam.store import BUSY_TIMEOUT_MS, SCHEMA_VERSION, Store, file_damage
 from .model import (
     ClusterView,
     DoctorError,
@@ -48,6 +48,10 @@ class ReadOnlyStore(Store):
         self.path = os.path.join(data_dir, "pycni.db")
         self._writer_lock = nullcontext()
         self._conn = None
+        damage = file_damage(self.path)  # SQLite would read past a damaged log silently
+        if damage:
+            raise DoctorError(f"the IPAM database {self.path} {damage}: pycni will not use it "
+                              "(recovery: the README's \"When the IPAM store cannot be used\")")
         try:
             self._conn = sqlite3.connect(f"file:{quote(self.path)}?mode=ro", uri=True,
                                          timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None)

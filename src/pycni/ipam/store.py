@@ -7,7 +7,7 @@ rolls back, so no address can leak half-recorded.
 
 When the database itself cannot be used (its filesystem full or read-only, the file or its
 write-ahead log damaged), every operation raises StoreError naming the file, what is wrong
-and what the operator does about it; the README's "When the IPAM store is damaged" has the
+and what the operator does about it; the README's "When the IPAM store cannot be used" has the
 recovery. A database is born complete (made aside, schema and all, then linked into place),
 so an empty or schema-less pycni.db is always damage, never one being made: pycni refuses it
 rather than start afresh and hand out addresses live pods hold.
@@ -139,11 +139,9 @@ class Store:
             st = os.stat(self.path)
             if stat.S_IMODE(st.st_mode) != 0o600:
                 os.chmod(self.path, 0o600)  # never world-readable (older pycni made it so)
-            if st.st_size == 0:
-                raise self._corrupt("is empty (truncated?)")
-            wal_problem = _wal_problem(self.path)
-            if wal_problem:
-                raise self._corrupt(wal_problem)
+            damage = file_damage(self.path, st)
+            if damage:
+                raise self._corrupt(damage)
             self._conn = sqlite3.connect(self.path, timeout=30, isolation_level=None)
             self._conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
             self._set_wal()
@@ -280,7 +278,7 @@ class Store:
     def _corrupt(self, problem: str) -> StoreError:
         return StoreError(
             IO_FAILURE, f"IPAM database {self.path} {problem}",
-            "pycni will not use it: recover as the README's \"When the IPAM store is damaged\" "
+            "pycni will not use it: recover as the README's \"When the IPAM store cannot be used\" "
             "says (stop the agent, move pycni.db, pycni.db-wal and pycni.db-shm aside, then "
             "`pycnictl doctor --rebuild-store`)", kind="corrupt")
 
@@ -374,31 +372,64 @@ class Store:
                 held[str(ip)] = container_id
                 allocs.append(Allocation(ip, r.subnet.prefixlen, r.gateway, rs.key))
 
-            cur = conn.execute(
-                "INSERT INTO attachments (network, container_id, ifname, host_veth, netns,"
-                " created) VALUES (?, ?, ?, ?, ?, ?)",
-                (network, container_id, ifname, host_veth, netns, time.time()),
-            )
-            att_id = cur.lastrowid
-            for seq, a in enumerate(allocs):
-                conn.execute(
-                    "INSERT INTO allocations (attachment_id, seq, network, ip, prefixlen,"
-                    " gateway, range_set) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (att_id, seq, network, str(a.ip), a.prefixlen, _str(a.gateway), a.range_set),
-                )
-                # Requested addresses move the cursor too, as in host-local.
-                conn.execute(
-                    "INSERT OR REPLACE INTO last_reserved (network, range_set, ip)"
-                    " VALUES (?, ?, ?)",
-                    (network, a.range_set, str(a.ip)),
-                )
-            for m in port_mappings:
-                conn.execute(
-                    "INSERT INTO port_mappings (attachment_id, protocol, host_ip, host_port,"
-                    " container_port) VALUES (?, ?, ?, ?, ?)",
-                    (att_id, m.protocol, _str(m.host_ip) or "", m.host_port, m.container_port),
-                )
+            self._insert(network, container_id, ifname, host_veth, netns, allocs, port_mappings)
             return allocs
+
+    def restore_attachment(
+        self,
+        network: str,
+        container_id: str,
+        ifname: str,
+        host_veth: str,
+        netns: str,
+        allocations: list[Allocation],
+        port_mappings: Sequence[PortMapping] = (),
+    ) -> None:
+        """Record an attachment as found on the node, its addresses as they are (rebuilding a
+        store that was lost). An attachment or address already recorded is refused."""
+        with self.transaction():
+            if self._attachment_id(network, container_id, ifname) is not None:
+                raise CniError(ATTACHMENT_EXISTS, f"container {container_id} already has an "
+                               f"attachment on interface {ifname} in network {network}")
+            for a in allocations:
+                row = self.conn.execute(
+                    "SELECT at.container_id FROM allocations al JOIN attachments at ON"
+                    " at.id = al.attachment_id WHERE al.network = ? AND al.ip = ?",
+                    (network, str(a.ip))).fetchone()
+                if row is not None:
+                    raise CniError(ADDRESS_UNAVAILABLE, f"address {a.ip} is already held by "
+                                   f"container {row[0]} in network {network}")
+            self._insert(network, container_id, ifname, host_veth, netns, allocations,
+                         port_mappings)
+
+    def _insert(self, network: str, container_id: str, ifname: str, host_veth: str,
+                netns: str, allocs: list[Allocation],
+                port_mappings: Sequence[PortMapping]) -> None:
+        conn = self.conn
+        cur = conn.execute(
+            "INSERT INTO attachments (network, container_id, ifname, host_veth, netns,"
+            " created) VALUES (?, ?, ?, ?, ?, ?)",
+            (network, container_id, ifname, host_veth, netns, time.time()),
+        )
+        att_id = cur.lastrowid
+        for seq, a in enumerate(allocs):
+            conn.execute(
+                "INSERT INTO allocations (attachment_id, seq, network, ip, prefixlen,"
+                " gateway, range_set) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (att_id, seq, network, str(a.ip), a.prefixlen, _str(a.gateway), a.range_set),
+            )
+            # Requested addresses move the cursor too, as in host-local.
+            conn.execute(
+                "INSERT OR REPLACE INTO last_reserved (network, range_set, ip)"
+                " VALUES (?, ?, ?)",
+                (network, a.range_set, str(a.ip)),
+            )
+        for m in port_mappings:
+            conn.execute(
+                "INSERT INTO port_mappings (attachment_id, protocol, host_ip, host_port,"
+                " container_port) VALUES (?, ?, ?, ?, ?)",
+                (att_id, m.protocol, _str(m.host_ip) or "", m.host_port, m.container_port),
+            )
 
     def _check_host_port(self, mapping: PortMapping, families: set[int]) -> None:
         """Refuse a mapping whose host port another attachment (of any network: the node's
@@ -593,24 +624,75 @@ _WAL_MAGICS = (0x377F0682, 0x377F0683)
 _WAL_VERSION = 3007000
 
 
-def _wal_problem(path: str) -> str | None:
-    """Why the write-ahead log beside `path` is not one SQLite wrote, or None. SQLite would
-    skip a log whose header is garbage and silently forget the transactions in it, so that
-    database would look older than the pods on the node. An empty log, or one whose header
-    is zeros (what a power cut can leave of a log never synced), holds nothing to lose.
-    Reading it is safe: SQLite takes no locks on the log file itself."""
-    wal = path + "-wal"
+def file_damage(path: str, st: os.stat_result | None = None) -> str | None:
+    """What is wrong with the database at `path` or its write-ahead log, as far as looking at
+    the files without SQLite tells (SQLite reports the rest when it reads), or None."""
     try:
-        with open(wal, "rb") as f:
-            head = f.read(32)
+        if (st or os.stat(path)).st_size == 0:
+            return "is empty (truncated?)"
     except FileNotFoundError:
         return None
-    if not any(head):
-        return None
-    if (len(head) == 32 and int.from_bytes(head[:4], "big") in _WAL_MAGICS
-            and int.from_bytes(head[4:8], "big") == _WAL_VERSION):
-        return None
-    return f"has a damaged write-ahead log: {wal} does not start with a SQLite WAL header"
+    return _wal_problem(path)
+
+
+def _wal_problem(path: str) -> str | None:
+    """Why the write-ahead log beside `path` is not one SQLite wrote, or None.
+
+    SQLite replays a log up to its first bad frame and silently forgets everything after, so
+    damage there would make the database look older than the pods on the node (and hand their
+    addresses out again). What SQLite itself leaves is never refused: an empty log, a header
+    of zeros (a power cut before the log was synced), the frames of earlier generations after
+    the current ones (their salts differ). Refused: a header that is not a WAL header, and a
+    frame of the current generation after one that is not (a hole in the log). Writers append
+    while we read, so a reader can catch the tail half-written: only what two looks in a row
+    find alike is damage. Reading is safe: SQLite takes no locks on the log file itself."""
+    wal = path + "-wal"
+    seen = None
+    for _ in range(5):
+        try:
+            with open(wal, "rb", buffering=0) as f:
+                head = f.read(32)
+                if not any(head):
+                    return None
+                if (len(head) < 32 or int.from_bytes(head[:4], "big") not in _WAL_MAGICS
+                        or int.from_bytes(head[4:8], "big") != _WAL_VERSION):
+                    found = (head, None)
+                else:
+                    hole = _wal_hole(f, head)
+                    if hole is None:
+                        return None
+                    found = (head, hole)
+        except FileNotFoundError:
+            return None
+        if found == seen:
+            if found[1] is None:
+                return f"has a damaged write-ahead log: {wal} has no SQLite WAL header"
+            return (f"has a damaged write-ahead log: frame {found[1]} of {wal} belongs to it "
+                    "but an earlier one does not (transactions after the damage would be lost)")
+        seen = found
+        time.sleep(0.01)
+    return None  # changing under us all along: being written, not damaged
+
+
+def _wal_hole(f, head: bytes) -> int | None:
+    """The first frame of the log's current generation (its salts) that follows a frame of
+    another, or None. Only the 24-byte frame headers are read."""
+    page_size = int.from_bytes(head[8:12], "big")
+    if page_size == 1:
+        page_size = 65536
+    salts = head[16:24]
+    foreign = False
+    frame = 0
+    while True:
+        f.seek(32 + frame * (24 + page_size))
+        header = f.read(24)
+        if len(header) < 24:
+            return None
+        if header[8:16] != salts:
+            foreign = True
+        elif foreign:
+            return frame
+        frame += 1
 
 
 # Less free space than this, and SQLite's I/O error (growing its shared-memory index fails
