@@ -31,7 +31,13 @@ import pytest
 
 from conftest import AgentProcess, Namespaces, Node, have, namespaces_named, run_bench, sh, unique
 from pycni.ctl.install import write_launcher
-from pycni.ctl.runtimes.containerd import CNI_CACHE_RESULTS, Containerd
+from pycni.ctl.runtimes.containerd import (
+    CNI_CACHE_RESULTS,
+    Containerd,
+    build_pause_image,
+    cmdline,
+    pids,
+)
 from pycni.ctl.runtimes.cri import (
     CriClient,
     CriError,
@@ -39,7 +45,7 @@ from pycni.ctl.runtimes.cri import (
     pod_sandbox_config,
     to_dict,
 )
-from pycni.ctl.runtimes.podman import Podman, mounts_below
+from pycni.ctl.runtimes.podman import mounts_below
 from pycni.ipam.store import Store
 from pycni.node_config import CONFLIST_NAME, node_conflist, write_conflist
 
@@ -88,21 +94,9 @@ elif command == "VERSION":
 """
 
 
-def build_pause_image(workdir: str) -> str:
-    """A docker-archive of busybox whose command sleeps, made with podman (no registry)."""
-    archive = os.path.join(workdir, "busybox.tar")
-    podman = Podman(os.path.join(workdir, "podman"))
-    try:
-        podman.import_busybox(IMAGE, cmd=["/bin/sleep", "999999"])
-        podman.save_docker_archive(IMAGE, archive)
-    finally:
-        podman.cleanup()
-    return archive
-
-
 @pytest.fixture(scope="module")
 def image_archive(tmp_path_factory) -> str:
-    return build_pause_image(str(tmp_path_factory.mktemp("image")))
+    return build_pause_image(str(tmp_path_factory.mktemp("image")), IMAGE)
 
 
 @dataclass
@@ -451,7 +445,7 @@ def test_cleanup_leaves_nothing_behind(crinode, image_archive, tmp_path, how):
     assert not os.path.exists(ctd.workdir) and mounts_below(ctd.workdir) == []
     _wait_for(lambda: not [p for p in shims + pod_pids if _alive(p)],
               "the shim, pause and busybox processes are gone", timeout=5)
-    assert not [p for p in _all_pids() if ctd.socket.encode() in _cmdline(p)]
+    assert not [p for p in pids() if ctd.socket.encode() in cmdline(p)]
     assert not os.path.exists(attachment.netns)
     assert not any(os.path.isdir(f"/sys/fs/cgroup/{h}{ctd.cgroup_parent}")
                    for h in os.listdir("/sys/fs/cgroup"))
@@ -478,7 +472,7 @@ def test_cleanup_leaves_nothing_behind(crinode, image_archive, tmp_path, how):
 def _netns_pids(path: str) -> list[int]:
     inode = os.stat(path).st_ino
     found = []
-    for pid in _all_pids():
+    for pid in pids():
         with contextlib.suppress(OSError):
             if os.stat(f"/proc/{pid}/ns/net").st_ino == inode:
                 found.append(pid)
@@ -493,18 +487,6 @@ def _alive(pid: int) -> bool:
     except OSError:
         return False
     return state != "Z"
-
-
-def _all_pids() -> list[int]:
-    return [int(n) for n in os.listdir("/proc") if n.isdigit()]
-
-
-def _cmdline(pid: int) -> bytes:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read()
-    except OSError:
-        return b""
 
 
 def _wait_for(condition, what: str, timeout: float = 10.0) -> None:
@@ -537,5 +519,5 @@ def test_bench_cri_smoke():
     for row in ("pycni-agent", "reference", "RunPodSandbox", "burst"):
         assert row in out, out
     assert not namespaces_named(f"pycnib{pid}")
-    assert not [p for p in _all_pids() if f"pycni-bench-cri-{pid}-".encode() in _cmdline(p)]
+    assert not [p for p in pids() if f"pycni-bench-cri-{pid}-".encode() in cmdline(p)]
     assert not [d for d in os.listdir("/tmp") if d.startswith(f"pycni-bench-cri-{pid}-")]

@@ -246,20 +246,6 @@ def _check_freed(row: Row, phase: str) -> bool:
 
 # --- the run -----------------------------------------------------------------------------------
 
-def _image(tmp: str) -> str:
-    """The pause image as a docker-archive: busybox sleeping, made with podman (no registry)."""
-    from ..runtimes.podman import Podman
-
-    archive = os.path.join(tmp, "pause.tar")
-    podman = Podman(os.path.join(tmp, "podman"))
-    try:
-        podman.import_busybox(IMAGE, cmd=["/bin/sleep", "999999"])
-        podman.save_docker_archive(IMAGE, archive)
-    finally:
-        podman.cleanup()
-    return archive
-
-
 def _make_row(row: Row, spaces: Spaces, launcher: Launcher, archive: str, subnet: str,
               reference_dir: str, plugin_launcher: str = "python") -> None:
     from ...node_config import CONFLIST_NAME, write_conflist
@@ -311,6 +297,8 @@ def bench(pods: int, burst: int, reference_dir: str, subnet: str, repeat: int = 
 
     import pycni
 
+    from ..runtimes.containerd import build_pause_image
+
     say = progress or (lambda msg: None)
     spaces = Spaces()
     tmp = tempfile.mkdtemp(prefix=f"pycni-bench-cri-{os.getpid()}-")
@@ -319,7 +307,7 @@ def bench(pods: int, burst: int, reference_dir: str, subnet: str, repeat: int = 
     try:
         compileall.compile_dir(os.path.dirname(pycni.__file__), quiet=1)
         say("building the pause image with podman")
-        archive = _image(tmp)
+        archive = build_pause_image(tmp, IMAGE)
         for row in rows:
             say(f"starting containerd for {row.plugin}")
             _make_row(row, spaces, launcher, archive, subnet, reference_dir, plugin_launcher)

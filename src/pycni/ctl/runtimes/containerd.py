@@ -23,7 +23,7 @@ import time
 from collections.abc import Iterable
 
 from .cri import CONTAINERD, CriClient, CriError
-from .podman import mounts_below, unmount_below
+from .podman import Podman, mounts_below, unmount_below
 
 CTR = "ctr"
 RUNC = "runc"
@@ -332,12 +332,12 @@ disabled_plugins = [{", ".join(_q(p) for p in DISABLED_PLUGINS)}]
         """containerd-shim-runc-v2 processes started by this containerd (they name its socket
         on their command line)."""
         marker = b"\0" + self.socket.encode() + b"\0"
-        pids = []
-        for pid in _pids():
-            cmdline = _cmdline(pid)
-            if b"containerd-shim" in cmdline.split(b"\0", 1)[0] and marker in cmdline + b"\0":
-                pids.append(pid)
-        return pids
+        found = []
+        for pid in pids():
+            argv = cmdline(pid)
+            if b"containerd-shim" in argv.split(b"\0", 1)[0] and marker in argv + b"\0":
+                found.append(pid)
+        return found
 
     def _delete_runc_containers(self) -> None:
         """Containers runc still has under this instance's root: kill and delete them (their
@@ -360,11 +360,25 @@ disabled_plugins = [{", ".join(_q(p) for p in DISABLED_PLUGINS)}]
                 _rmdir_if_empty(dirpath)
 
 
-def _pids() -> list[int]:
+def build_pause_image(workdir: str, ref: str) -> str:
+    """A docker-archive of busybox whose command sleeps, as the pause image (and the pods'
+    busybox), made with podman under `workdir`: no registry."""
+    archive = os.path.join(workdir, "pause.tar")
+    podman = Podman(os.path.join(workdir, "podman"))
+    try:
+        podman.import_busybox(ref, cmd=["/bin/sleep", "999999"])
+        podman.save_docker_archive(ref, archive)
+    finally:
+        podman.cleanup()
+    return archive
+
+
+def pids() -> list[int]:
+    """Every process on the machine (to find what an instance left running)."""
     return [int(n) for n in os.listdir("/proc") if n.isdigit()]
 
 
-def _cmdline(pid: int) -> bytes:
+def cmdline(pid: int) -> bytes:
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
             return f.read()
