@@ -421,9 +421,7 @@ def test_same_host_port_twice_fails_and_leaves_nothing(node, client, backend):
         assert ask(client, "udp", NODE4, 8080) == f"pod2 {CLIENT4}"
     delete(node, pod1, "c1", backend)
     delete(node, pod2, "c2", backend)
-    # The network's masquerade stays (it has ipMasq); no hostPort does.
-    assert installed_hostports(node, backend) == []
-    assert installed_is_desired(node, backend)
+    assert no_pycni_rules(node, backend)
 
 
 def test_bad_mapping_is_code_7_and_leaves_nothing(node, backend):

@@ -158,14 +158,12 @@ def test_no_cluster_no_forward(store):
     assert [str(r.source) for r in rules.masquerade] == ["10.244.1.0/24", "fd00:10:244:1::/64"]
 
 
-def test_cluster_forward_and_masquerade_present_without_pods(store):
+def test_cluster_forward_present_without_pods(store):
     assert core.desired_rules(store) == t.RuleSet()
     core.record_cluster(store, ["10.244.0.0/16", "fd00:10:244::/56"], [])
     assert core.desired_rules(store) == t.RuleSet(forward=["10.244.0.0/16", "fd00:10:244::/56"])
-    # A recorded ipMasq network keeps its masquerade between pods (no nft run per lone pod).
     _network(store, pods=0)
-    assert [str(r.source) for r in core.desired_rules(store).masquerade] == [
-        "10.244.1.0/24", "fd00:10:244:1::/64"]
+    assert core.desired_rules(store).masquerade == ()
 
 
 def test_exclusions_merged_per_family(store):

@@ -1,8 +1,8 @@
 """Keep the node's packet rules (masquerade, forward accepts for the cluster, hostPort DNATs)
 equal to what the store says they should be.
 
-Desired state, not event history: the rule set is computed from every recorded network that has
-ipMasq (with or without pods), every attachment's port mappings, plus the cluster settings the node
+Desired state, not event history: the rule set is computed from every network that has ipMasq
+and at least one pod, every attachment's port mappings, plus the cluster settings the node
 agent recorded, so adding, deleting, GC, the agent and a restart after a crash all converge on
 the same table. The bridges' route_localnet (hostPorts on 127.0.0.1) follows the same state.
 """
@@ -95,11 +95,8 @@ def _cluster(store: Store) -> tuple[list[Network], list[Network]]:
 def desired_rules(store: Store) -> table.RuleSet:
     cluster, extra = _cluster(store)
     masq = set()
-    for info in store.list_networks().values():
-        # Kept while the network is recorded, not only while it has pods: a node that runs one
-        # pod at a time (podman, CI runners) would otherwise pay an nft run (~20 ms) on each
-        # first ADD and last DEL. `pycnictl cleanup` / `uninstall` remove it.
-        if not info.get("ipMasq"):
+    for name, info in store.list_networks().items():
+        if not info.get("ipMasq") or store.count_attachments(name) == 0:
             continue
         # Pod-to-pod traffic (to any cluster CIDR) is never masqueraded, nor is traffic to the
         # configured exclusions.

@@ -489,9 +489,7 @@ def _check_freed(spaces: Spaces, row: Row, phase: str) -> bool:
     if held:
         row.problems.append(f"{phase}: addresses still held after the DELs: {held}")
         freed = False
-    # pycni keeps its network's one masquerade rule between pods; no per-pod rule may stay.
-    standing = 1 if row.masq and row.plugin != "reference" else 0
-    if _masq_rules(spaces, row.node) > standing:
+    if _masq_rules(spaces, row.node):
         row.problems.append(f"{phase}: masquerade rules left after the DELs")
         freed = False
     return freed
