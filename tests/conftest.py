@@ -9,8 +9,10 @@ import itertools
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
+import threading
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -508,3 +510,48 @@ class DoctorProcess:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class UnixServer:
+    """A unix-socket server on a thread (a fake agent): `behave(conn)` handles each connection,
+    whose timeout is `timeout`."""
+
+    def __init__(self, path: str, behave, timeout: float = 5.0):
+        self.path = path
+        self.behave = behave
+        self.timeout = timeout
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.bind(path)
+        self.sock.listen(16)
+        self.sock.settimeout(0.1)
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+        self.thread.start()
+
+    def _loop(self):
+        while not self.done.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:  # TimeoutError included: look at `done` again
+                continue
+            with conn:
+                conn.settimeout(self.timeout)
+                self.behave(conn)
+
+    def close(self):
+        self.done.set()
+        self.thread.join(self.timeout)
+        self.sock.close()
+
+
+def tear_down_labs(made: list[tuple[str, str]]) -> None:
+    """Tear down the labs a test made, as (prefix, state dir), and assert none left anything."""
+    from pycni.ctl.lab import lifecycle
+
+    for prefix, state in made:
+        problems = lifecycle.teardown(prefix, state)
+        shutil.rmtree(state, ignore_errors=True)
+        leftovers = [n for n in sh("ip", "netns", "list").stdout.split() if n.startswith(prefix)]
+        for name in leftovers:
+            sh("ip", "netns", "del", name, check=False)
+        assert not problems and not leftovers, (problems, leftovers)

@@ -8,7 +8,6 @@ import ipaddress
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -16,7 +15,7 @@ import time
 
 import pytest
 
-from conftest import sh, unique
+from conftest import sh, tear_down_labs, unique
 from pycni.ctl.lab import build, lifecycle
 from pycni.ctl.lab.model import Lab
 from pycni.ctl.lab.probes import measure
@@ -44,13 +43,7 @@ def make_lab():
         return lab
 
     yield make
-    for prefix, state in made:
-        problems = lifecycle.teardown(prefix, state)
-        shutil.rmtree(state, ignore_errors=True)
-        leftovers = [n for n in sh("ip", "netns", "list").stdout.split() if n.startswith(prefix)]
-        for name in leftovers:
-            sh("ip", "netns", "del", name, check=False)
-        assert not problems and not leftovers, (problems, leftovers)
+    tear_down_labs(made)
 
 
 def failures(lab: Lab) -> list[str]:

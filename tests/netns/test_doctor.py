@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import sqlite3
 import sys
 import tempfile
@@ -18,7 +17,7 @@ import time
 
 import pytest
 
-from conftest import pod_name, sh, unique
+from conftest import pod_name, sh, tear_down_labs, unique
 from pycni.dataplane.names import host_veth_name
 
 pytestmark = pytest.mark.netns
@@ -338,13 +337,7 @@ def make_lab():
         return lab
 
     yield make
-    for prefix, state in made:
-        problems = lifecycle.teardown(prefix, state)
-        shutil.rmtree(state, ignore_errors=True)
-        leftovers = [n for n in sh("ip", "netns", "list").stdout.split() if n.startswith(prefix)]
-        for name in leftovers:
-            sh("ip", "netns", "del", name, check=False)
-        assert not problems and not leftovers, (problems, leftovers)
+    tear_down_labs(made)
 
 
 def test_hostports_and_shaping(node):

@@ -14,6 +14,7 @@ import time
 
 import pytest
 
+from conftest import UnixServer
 from pycni import plugin, shim
 from pycni.agent import protocol
 from pycni.agent.locks import KeyedLocks
@@ -204,42 +205,12 @@ def test_try_again_is_code_11_in_the_asked_version(stdin, version):
     assert err == {"cniVersion": version, "code": 11, "msg": "lost it; try again"}
 
 
-class FakeAgent:
-    """A unix-socket server on a thread; `behave(conn)` handles each connection."""
-
-    def __init__(self, path: str, behave):
-        self.path = path
-        self.behave = behave
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.bind(path)
-        self.sock.listen(16)
-        self.sock.settimeout(0.1)
-        self.done = threading.Event()
-        self.thread = threading.Thread(target=self._loop, daemon=True)
-        self.thread.start()
-
-    def _loop(self):
-        while not self.done.is_set():
-            try:
-                conn, _ = self.sock.accept()
-            except (TimeoutError, OSError):
-                continue
-            with conn:
-                conn.settimeout(5)
-                self.behave(conn)
-
-    def close(self):
-        self.done.set()
-        self.thread.join(5)
-        self.sock.close()
-
-
 @pytest.fixture
 def fake_agent(tmp_path):
     servers = []
 
     def make(behave):
-        server = FakeAgent(str(tmp_path / f"fake{len(servers)}.sock"), behave)
+        server = UnixServer(str(tmp_path / f"fake{len(servers)}.sock"), behave)
         servers.append(server)
         return server
 

@@ -18,7 +18,6 @@ import socket
 import stat
 import subprocess
 import sys
-import threading
 import time
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -27,6 +26,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from conftest import UnixServer
 from pycni import shim
 from pycni.agent import protocol
 from pycni.cni import MAX_CONFIG_BYTES, versions
@@ -177,46 +177,28 @@ def read_request(conn) -> bytes:
     return header + protocol.read_exactly(conn, int(env_len) + int(stdin_len))
 
 
-class FakeAgent:
-    """A unix-socket server on a thread that records each request and answers `answer`.
+class FakeAgent(UnixServer):
+    """A fake agent that records each request and answers `answer`.
     how: "answer" (read, then answer), "refuse" (answer without reading), "drop" (read, then
     close), "hang" (read, then wait `hang` seconds before closing)."""
 
     def __init__(self, path: str, answer: bytes = b"", how: str = "answer", hang: float = 0):
-        self.path, self.answer, self.how, self.hang = path, answer, how, hang
+        self.answer, self.how, self.hang = answer, how, hang
         self.requests: list[bytes] = []
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.bind(path)
-        self.sock.listen(16)
-        self.sock.settimeout(0.1)
-        self.done = threading.Event()
-        self.thread = threading.Thread(target=self._loop, daemon=True)
-        self.thread.start()
+        super().__init__(path, self._behave, timeout=10)
 
-    def _loop(self):
-        while not self.done.is_set():
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                continue
-            with conn:
-                conn.settimeout(10)
-                try:
-                    if self.how == "refuse":
-                        conn.sendall(self.answer)
-                        continue
-                    self.requests.append(read_request(conn))
-                    if self.how == "answer":
-                        conn.sendall(self.answer)
-                    elif self.how == "hang":
-                        self.done.wait(self.hang)
-                except OSError:
-                    pass
-
-    def close(self):
-        self.done.set()
-        self.thread.join(10)
-        self.sock.close()
+    def _behave(self, conn):
+        try:
+            if self.how == "refuse":
+                conn.sendall(self.answer)
+                return
+            self.requests.append(read_request(conn))
+            if self.how == "answer":
+                conn.sendall(self.answer)
+            elif self.how == "hang":
+                self.done.wait(self.hang)
+        except OSError:
+            pass
 
 
 @pytest.fixture
