@@ -5,9 +5,24 @@ goes to stderr, the report to stdout as a table or JSON."""
 from __future__ import annotations
 
 import json
+import math
 import signal
 import sys
 from collections.abc import Callable
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    """a / b to two decimals, None when either is missing (or b is 0)."""
+    return round(a / b, 2) if a is not None and b else None
+
+
+def show_ratio(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2f}x"
+
+
+def nearest_rank(ordered: list[float], q: float) -> float:
+    """The q-quantile of sorted, non-empty samples by the nearest-rank method."""
+    return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
 
 
 def _raise_interrupt(signum, frame):

@@ -26,7 +26,6 @@ removed at the end, also on failure, Ctrl-C or SIGTERM.
 from __future__ import annotations
 
 import ipaddress
-import math
 import os
 import shutil
 import signal
@@ -39,7 +38,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-from .common import run_and_print
+from .common import nearest_rank, ratio, run_and_print, show_ratio
 from .latency import AgentRunner, BenchError, Launcher, Spaces
 
 NAME = "benchnet"
@@ -93,13 +92,9 @@ def _stats(samples: list[float]) -> dict:
     if not samples:
         return {"median": None, "p90": None, "n": 0}
     ordered = sorted(samples)
-    p90 = ordered[max(0, math.ceil(0.9 * len(ordered)) - 1)]  # nearest rank
+    p90 = nearest_rank(ordered, 0.9)
     return {"median": round(statistics.median(ordered), 1), "p90": round(p90, 1),
             "n": len(ordered)}
-
-
-def _ratio(a: float | None, b: float | None) -> float | None:
-    return round(a / b, 2) if a is not None and b else None
 
 
 # --- one pod -----------------------------------------------------------------------------------
@@ -367,12 +362,12 @@ def _report(rows: list[Row], pods: int, burst: int, repeat: int, subnet: str,
         if burst:
             for k in ("run", "teardown"):
                 b[f"{k}_wall_ms"] = _stats(getattr(row, f"burst_{k}_ms"))["median"]
-            b["ratio"] = {k: _ratio(b[f"{k}_wall_ms"],
+            b["ratio"] = {k: ratio(b[f"{k}_wall_ms"],
                                     _stats(getattr(ref, f"burst_{k}_ms"))["median"])
                           for k in ("run", "teardown")}
         out.append({
             "plugin": row.plugin, **stats,
-            "ratio": {k: _ratio(stats[k]["median"], ref_stats[k]["median"])
+            "ratio": {k: ratio(stats[k]["median"], ref_stats[k]["median"])
                       for k in ("run", "teardown")},
             "burst": b, "ok": not row.problems, "problems": row.problems,
             "samples": {"run": [round(x, 2) for x in row.run_ms],
@@ -390,8 +385,6 @@ def format_table(report: dict) -> str:
     def f(x) -> str:
         return "-" if x is None else f"{x:.1f}"
 
-    def r(x) -> str:
-        return "-" if x is None else f"{x:.2f}x"
 
     lines = [
         f"pycnictl bench cri: containerd {report['containerd']} over CRI, {report['pods']} "
@@ -407,7 +400,8 @@ def format_table(report: dict) -> str:
         cells = [f"{f(row[k]['median'])} / {f(row[k]['p90'])}"
                  for k in ("run", "stop", "remove", "teardown")]
         lines.append(f"{row['plugin']:<12} " + " ".join(f"{c:>17}" for c in cells)
-                     + f" {r(row['ratio']['run']):>9} {r(row['ratio']['teardown']):>13}  "
+                     + f" {show_ratio(row['ratio']['run']):>9}"
+                     f" {show_ratio(row['ratio']['teardown']):>13}  "
                      f"{'yes' if row['ok'] else 'NO'}")
     lines.append("times in ms of each CRI call as containerd answers it; ratio = pycni median "
                  "/ reference median")
@@ -420,8 +414,9 @@ def format_table(report: dict) -> str:
             failed = b.get("failures") or 0
             lines.append(
                 f"{row['plugin']:<12} {f(b.get('run_wall_ms')):>9} "
-                f"{f(b.get('teardown_wall_ms')):>12} {r(b.get('ratio', {}).get('run')):>9} "
-                f"{r(b.get('ratio', {}).get('teardown')):>13} {failed:>6} "
+                f"{f(b.get('teardown_wall_ms')):>12} "
+                f"{show_ratio(b.get('ratio', {}).get('run')):>9} "
+                f"{show_ratio(b.get('ratio', {}).get('teardown')):>13} {failed:>6} "
                 f"{'yes' if b.get('addresses_distinct') else 'NO':>8} "
                 f"{'yes' if b.get('freed') else 'NO':>5}")
         lines.append(f"burst: wall ms from the release of all threads to the last answer, "

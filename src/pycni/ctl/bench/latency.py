@@ -39,7 +39,6 @@ from __future__ import annotations
 import argparse
 import ctypes
 import json
-import math
 import os
 import secrets
 import shutil
@@ -53,7 +52,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from ...agent.launch import agent_argv, wait_until_listening
-from .common import run_and_print
+from .common import nearest_rank, ratio, run_and_print, show_ratio
 
 CLONE_NEWNET = 0x40000000
 NETNS_DIR = "/run/netns"
@@ -316,7 +315,7 @@ def _stats(samples: list[float]) -> dict:
     if not samples:
         return {"median": None, "p95": None, "min": None, "max": None, "n": 0}
     ordered = sorted(samples)
-    p95 = ordered[max(0, math.ceil(0.95 * len(ordered)) - 1)]  # nearest rank
+    p95 = nearest_rank(ordered, 0.95)
     return {"median": round(statistics.median(ordered), 2), "p95": round(p95, 2),
             "min": round(ordered[0], 2), "max": round(ordered[-1], 2), "n": len(ordered)}
 
@@ -684,8 +683,8 @@ def _report(rows: list[Row], pods: int, storm_size: int, launch: str, floors: di
         storm_out = dict(row.storm)
         if storm_size:
             storm_out["ratio"] = {
-                "add": _ratio(row.storm.get("add_wall_ms"), ref.storm.get("add_wall_ms")),
-                "del": _ratio(row.storm.get("del_wall_ms"), ref.storm.get("del_wall_ms"))}
+                "add": ratio(row.storm.get("add_wall_ms"), ref.storm.get("add_wall_ms")),
+                "del": ratio(row.storm.get("del_wall_ms"), ref.storm.get("del_wall_ms"))}
         agent = None
         if row.agent is not None:
             agent = {"pid": row.agent.pid, "memory_kb": row.memory,
@@ -693,8 +692,8 @@ def _report(rows: list[Row], pods: int, storm_size: int, launch: str, floors: di
                                                               else "sequential"))}
         out_rows.append({
             "plugin": row.plugin, "ipMasq": row.masq, "add": add, "del": dele,
-            "ratio": {"add": _ratio(add["median"], radd["median"]),
-                      "del": _ratio(dele["median"], rdel["median"])},
+            "ratio": {"add": ratio(add["median"], radd["median"]),
+                      "del": ratio(dele["median"], rdel["median"])},
             "storm": storm_out, "agent": agent,
             "ok": not row.problems, "problems": row.problems,
             "samples": {"add": [round(x, 3) for x in row.add_ms],
@@ -731,16 +730,10 @@ def _targets(rows: list[dict]) -> list[dict]:
     return out
 
 
-def _ratio(a: float | None, b: float | None) -> float | None:
-    return round(a / b, 2) if a is not None and b else None
-
-
 def format_table(report: dict) -> str:
     def f(x) -> str:
         return "-" if x is None else f"{x:.1f}"
 
-    def r(x) -> str:
-        return "-" if x is None else f"{x:.2f}x"
 
     floors = report["exec_floor_ms"]
     lines = [
@@ -758,7 +751,7 @@ def format_table(report: dict) -> str:
             f"{row['plugin']:<16} {'on' if row['ipMasq'] else 'off':<6} "
             f"{f(row['add']['median']):>8} {f(row['add']['p95']):>8} "
             f"{f(row['del']['median']):>8} {f(row['del']['p95']):>8} "
-            f"{r(row['ratio']['add']):>9} {r(row['ratio']['del']):>9}  "
+            f"{show_ratio(row['ratio']['add']):>9} {show_ratio(row['ratio']['del']):>9}  "
             f"{'yes' if row['ok'] else 'NO'}")
     lines.append("sequential times in ms; ratio = pycni median / reference median, same ipMasq")
     if report["storm"]:
@@ -775,7 +768,8 @@ def format_table(report: dict) -> str:
             lines.append(
                 f"{row['plugin']:<16} {'on' if row['ipMasq'] else 'off':<6} "
                 f"{f(s.get('add_wall_ms')):>9} {f(s.get('del_wall_ms')):>9} "
-                f"{r(s.get('ratio', {}).get('add')):>9} {r(s.get('ratio', {}).get('del')):>9} "
+                f"{show_ratio(s.get('ratio', {}).get('add')):>9} "
+                f"{show_ratio(s.get('ratio', {}).get('del')):>9} "
                 f"{failed:>7} {'yes' if s.get('addresses_distinct') else 'NO':>8} "
                 f"{'yes' if s.get('freed') else 'NO':>5} "
                 f"{'-' if rss is None else f'{rss:.1f} MB':>9}")
@@ -787,7 +781,7 @@ def format_table(report: dict) -> str:
         if t["metric"] == "rss":
             shown, bound = f(value) + " MB", f"< {limit:.0f} MB"
         else:
-            shown, bound = r(value), f"<= {limit:.1f}x"
+            shown, bound = show_ratio(value), f"<= {limit:.1f}x"
         lines.append(f"  {t['target'] + ', ipMasq ' + ('on' if t['ipMasq'] else 'off'):<48} "
                      f"{shown:>9} {bound:>9}  {'PASS' if t['pass'] else 'FAIL'}")
     for row in report["rows"]:

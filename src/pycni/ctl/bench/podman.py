@@ -41,7 +41,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from .common import run_and_print
+from .common import ratio, run_and_print, show_ratio
 from .latency import AgentRunner, BenchError, Launcher, Spaces
 
 if TYPE_CHECKING:
@@ -353,8 +353,8 @@ def _report(rows: list[Row], setups: dict[str, Setup], runs: int) -> dict:
         out_rows.append({
             "row": row.name, "network": row.network, "publish": row.publish, **stats,
             "over_none": over,
-            "ratio": _ratio(stats["median"], medians[ref]) if row.network else None,
-            "cost_ratio": _ratio(over, _minus(medians[ref], floor)) if row.network else None,
+            "ratio": ratio(stats["median"], medians[ref]) if row.network else None,
+            "cost_ratio": ratio(over, _minus(medians[ref], floor)) if row.network else None,
             "problems": row.problems + row.setup.problems,
             "ok": not row.problems and not row.setup.problems,
             "samples": [round(x, 1) for x in row.samples],
@@ -367,16 +367,10 @@ def _minus(a: float | None, b: float | None) -> float | None:
     return round(a - b, 1) if a is not None and b is not None else None
 
 
-def _ratio(a: float | None, b: float | None) -> float | None:
-    return round(a / b, 2) if a is not None and b else None
-
-
 def format_table(report: dict) -> str:
     def f(x) -> str:
         return "-" if x is None else f"{x:.0f}"
 
-    def r(x) -> str:
-        return "-" if x is None else f"{x:.2f}x"
 
     lines = [
         f"pycnictl bench podman: `podman run --rm [-p {report['host_port']}:{CONTAINER_PORT}] "
@@ -390,7 +384,8 @@ def format_table(report: dict) -> str:
     for row in report["rows"]:
         lines.append(
             f"{row['row']:<20} {f(row['median']):>7} {f(row['min']):>6} {f(row['max']):>6} "
-            f"{f(row['over_none']):>9} {r(row['ratio']):>6} {r(row['cost_ratio']):>10}  "
+            f"{f(row['over_none']):>9} {show_ratio(row['ratio']):>6} "
+            f"{show_ratio(row['cost_ratio']):>10}  "
             f"{'yes' if row['ok'] else 'NO'}")
     lines += [
         "times in ms (wall time of the podman command); ratio = median / the reference's "

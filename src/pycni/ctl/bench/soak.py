@@ -20,7 +20,6 @@ failure, Ctrl-C or SIGTERM.
 from __future__ import annotations
 
 import json
-import math
 import os
 import random
 import shutil
@@ -33,7 +32,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from .common import run_and_print
+from .common import nearest_rank, run_and_print
 from .latency import NETNS_DIR, PATH, AgentRunner, BenchError, Launcher, Spaces
 
 if TYPE_CHECKING:
@@ -402,8 +401,8 @@ def _percentiles(samples: list[float]) -> dict:
         return {"n": 0, "p50": None, "p90": None, "p99": None, "max": None}
     ordered = sorted(samples)
 
-    def rank(p: float) -> float:  # nearest rank
-        return round(ordered[max(0, math.ceil(p * len(ordered)) - 1)], 1)
+    def rank(p: float) -> float:
+        return round(nearest_rank(ordered, p), 1)
 
     return {"n": len(ordered), "p50": rank(0.5), "p90": rank(0.9), "p99": rank(0.99),
             "max": round(ordered[-1], 1)}

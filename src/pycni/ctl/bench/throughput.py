@@ -40,7 +40,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .common import run_and_print
+from .common import ratio, run_and_print, show_ratio
 from .latency import PATH, BenchError, Spaces, _sh
 
 DEFAULT_SECONDS = 3
@@ -317,10 +317,6 @@ def _say(progress: Progress, msg: str) -> None:
         progress(msg)
 
 
-def _ratio(a: float | None, b: float | None) -> float | None:
-    return round(a / b, 2) if a is not None and b else None
-
-
 def _report(paths: list[Path], samples: dict, errors: dict, seconds: int, repeat: int) -> dict:
     results = []
     medians: dict[tuple[str, int], float | None] = {}
@@ -335,7 +331,7 @@ def _report(paths: list[Path], samples: dict, errors: dict, seconds: int, repeat
             results.append({
                 "path": path.name, "streams": streams,
                 "gbps": None if med is None else round(med, 3),
-                "ratio": _ratio(med, base),
+                "ratio": ratio(med, base),
                 "samples": [round(x, 3) for x in samples.get((path.name, streams), [])],
                 "errors": errors.get((path.name, streams), [])})
     targets = []
@@ -348,7 +344,7 @@ def _report(paths: list[Path], samples: dict, errors: dict, seconds: int, repeat
                             "value": None if raw is None else round(raw, 3),
                             "pass": raw is not None and raw >= limit})
     versus = [{"pycni": mine, "reference": ref, "streams": streams,
-               "ratio": _ratio(medians.get((mine, streams)), medians.get((ref, streams)))}
+               "ratio": ratio(medians.get((mine, streams)), medians.get((ref, streams)))}
               for mine, ref in VERSUS for streams in STREAMS]
     return {"tool": "iperf3", "seconds": seconds, "repeat": repeat, "statistic": "median",
             "order": "round robin over every path and stream count",
@@ -359,8 +355,6 @@ def _report(paths: list[Path], samples: dict, errors: dict, seconds: int, repeat
 
 
 def format_table(report: dict) -> str:
-    def r(x: float | None) -> str:
-        return "-" if x is None else f"{x:.2f}x"
 
     def g(x: float | None) -> str:
         return "-" if x is None else f"{x:.2f}"
@@ -376,7 +370,8 @@ def format_table(report: dict) -> str:
     ]
     for row in report["results"]:
         lines.append(f"{row['path']:<20} {row['streams']:>7} {g(row['gbps']):>7} "
-                     f"{r(row['ratio']):>11}  " + " ".join(f"{x:.2f}" for x in row["samples"])
+                     f"{show_ratio(row['ratio']):>11}  "
+                     + " ".join(f"{x:.2f}" for x in row["samples"])
                      + (f"  ({len(row['errors'])} failed)" if row["errors"] else ""))
     lines += ["vs baseline = median / baseline-veth median at the same stream count", "",
               "paths (client -> server, client MTU):"]
@@ -390,7 +385,7 @@ def format_table(report: dict) -> str:
     lines += ["", "pycni / reference (same path, same stream count):"]
     for v in report["versus_reference"]:
         lines.append(f"  {v['pycni'] + ' / ' + v['reference'] + ', ' + s(v['streams']):<56} "
-                     f"{r(v['ratio']):>7}")
+                     f"{show_ratio(v['ratio']):>7}")
     for row in report["results"]:
         for err in row["errors"][:3]:
             lines.append(f"PROBLEM {row['path']}, {s(row['streams'])}: {err}")
