@@ -513,16 +513,17 @@ class DoctorProcess:
 
 
 class UnixServer:
-    """A unix-socket server on a thread (a fake agent): `behave(conn)` handles each connection,
-    whose timeout is `timeout`."""
+    """A unix-socket server on a thread (a fake or broken agent): `behave(conn)` handles each
+    connection, whose timeout is `timeout`; `accepted` counts them."""
 
     def __init__(self, path: str, behave, timeout: float = 5.0):
         self.path = path
         self.behave = behave
         self.timeout = timeout
+        self.accepted = 0
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.bind(path)
-        self.sock.listen(16)
+        self.sock.listen(64)
         self.sock.settimeout(0.1)
         self.done = threading.Event()
         self.thread = threading.Thread(target=self._loop, daemon=True)
@@ -534,9 +535,13 @@ class UnixServer:
                 conn, _ = self.sock.accept()
             except OSError:  # TimeoutError included: look at `done` again
                 continue
+            self.accepted += 1
             with conn:
                 conn.settimeout(self.timeout)
-                self.behave(conn)
+                try:
+                    self.behave(conn)
+                except OSError:  # the client went away: the next connection still gets served
+                    pass
 
     def close(self):
         self.done.set()

@@ -24,7 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from conftest import AgentProcess, Node, Reply, pod_name
+from conftest import AgentProcess, Node, Reply, UnixServer, pod_name
 from pycni import shim
 from pycni.cni import versions
 from pycni.dataplane.names import host_veth_name
@@ -706,42 +706,6 @@ def test_empty_agent_socket_means_standalone_even_with_an_agent(node, agent):
     assert_ok(node.run("DEL", node.conf(agentSocket=""), container_id="c1", netns=pod))
 
 
-class FakeServer:
-    """A broken agent on a unix socket: `behave(conn)` handles each connection."""
-
-    def __init__(self, path: str, behave):
-        self.path = path
-        self.behave = behave
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.bind(path)
-        self.sock.listen(64)
-        self.sock.settimeout(0.1)
-        self.stopping = threading.Event()
-        self.accepted = 0
-        self.thread = threading.Thread(target=self._loop, daemon=True)
-        self.thread.start()
-
-    def _loop(self) -> None:
-        while not self.stopping.is_set():
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                continue
-            self.accepted += 1
-            try:
-                conn.settimeout(5)
-                self.behave(conn)
-            except OSError:
-                pass
-            finally:
-                conn.close()
-
-    def close(self) -> None:
-        self.stopping.set()
-        self.thread.join(5)
-        self.sock.close()
-
-
 def read_request(conn) -> None:
     from pycni.agent import protocol
 
@@ -760,10 +724,10 @@ BROKEN = {
 
 @pytest.fixture
 def fake_server(node):
-    servers: list[FakeServer] = []
+    servers: list[UnixServer] = []
 
-    def make(behave) -> FakeServer:
-        server = FakeServer(os.path.join(node.root, f"fake{len(servers)}.sock"), behave)
+    def make(behave) -> UnixServer:
+        server = UnixServer(os.path.join(node.root, f"fake{len(servers)}.sock"), behave)
         servers.append(server)
         return server
 

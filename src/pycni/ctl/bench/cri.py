@@ -39,9 +39,8 @@ import uuid
 from dataclasses import dataclass, field
 
 from .common import nearest_rank, ratio, run_and_print, show_ratio
-from .latency import AgentRunner, BenchError, Launcher, Spaces
+from .latency import NAME, AgentRunner, BenchError, Launcher, Spaces, held_addresses
 
-NAME = "benchnet"
 IMAGE = "localhost/pycni-bench-pause:latest"
 ROWS = ("pycni-agent", "reference")
 DEFAULT_PODS = 20
@@ -211,19 +210,6 @@ def _veths(ns: str) -> int:
     return len(Spaces().exec(ns, "ip", "-o", "link", "show", "type", "veth").splitlines())
 
 
-def _held(row: Row) -> list[str]:
-    if row.plugin == "reference":
-        d = os.path.join(row.root, "ipam", NAME)
-        if not os.path.isdir(d):
-            return []
-        return sorted(f for f in os.listdir(d)
-                      if f != "lock" and not f.startswith("last_reserved_ip"))
-    from ...ipam.store import Store
-
-    with Store(os.path.join(row.root, "data")) as store:
-        return sorted(str(a.ip) for att in store.list_attachments(NAME) for a in att.allocations)
-
-
 def _check_freed(row: Row, phase: str) -> bool:
     problems = []
     left = row.containerd.cri().list_pod_sandbox()
@@ -232,7 +218,7 @@ def _check_freed(row: Row, phase: str) -> bool:
     veths = _veths(row.ns)
     if veths:
         problems.append(f"{veths} veths left in the node")
-    held = _held(row)
+    held = held_addresses(row)
     if held:
         problems.append(f"addresses still held: {held}")
     row.problems += [f"{phase}: {p}" for p in problems]

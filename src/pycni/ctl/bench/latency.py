@@ -330,8 +330,9 @@ def _masq_rules(spaces: Spaces, ns: str) -> int:
     return sum("masquerade" in line for line in out.splitlines())
 
 
-def _held_addresses(row: Row) -> list[str]:
-    """Addresses the plugin's IPAM still holds (after the DELs: should be none)."""
+def held_addresses(row) -> list[str]:
+    """Addresses the plugin's IPAM still holds (after the DELs: should be none), for a bench
+    row with `plugin` and `root` (this bench's and `bench cri`'s)."""
     if row.plugin == "reference":
         d = os.path.join(row.root, "ipam", NAME)
         if not os.path.isdir(d):
@@ -484,7 +485,7 @@ def _check_freed(spaces: Spaces, row: Row, phase: str) -> bool:
     if veths:
         row.problems.append(f"{phase}: {veths} veths left after the DELs")
         freed = False
-    held = _held_addresses(row)
+    held = held_addresses(row)
     if held:
         row.problems.append(f"{phase}: addresses still held after the DELs: {held}")
         freed = False
