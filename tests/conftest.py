@@ -92,8 +92,7 @@ def plugin_bin(tmp_path_factory) -> str:
     from pycni.ctl.install import write_launcher
 
     src = os.path.join(os.path.dirname(__file__), "..", "src")
-    subprocess.run([sys.executable, "-m", "compileall", "-q", src], check=True,
-                   capture_output=True)
+    subprocess.run([sys.executable, "-m", "compileall", "-q", src], check=True, capture_output=True)
     bindir = tmp_path_factory.mktemp("bin")
     return write_launcher(str(bindir / "pycni"))
 
@@ -125,8 +124,12 @@ class Node:
 
     def conf(self, **overrides) -> dict:
         conf = {
-            "cniVersion": "1.1.0", "name": self.name, "type": "pycni", "bridge": self.bridge,
-            "network": "10.244.0.0/16", "subnet": self.subnet,
+            "cniVersion": "1.1.0",
+            "name": self.name,
+            "type": "pycni",
+            "bridge": self.bridge,
+            "network": "10.244.0.0/16",
+            "subnet": self.subnet,
             "dataDir": os.path.join(self.root, "data"),
             "logFile": os.path.join(self.root, "pycni.log"),
         }
@@ -138,27 +141,47 @@ class Node:
                 conf[key] = value
         return conf
 
-    def run(self, command: str, conf: dict | bytes | str | None = None, *,
-            container_id: str | None = "", ifname: str | None = "eth0",
-            netns: str | None = "", env: dict | None = None, timeout: float = 60) -> Reply:
-        environ = {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
-                   "CNI_COMMAND": command, "CNI_PATH": os.path.dirname(self.plugin)}
-        for key, value in (("CNI_CONTAINERID", container_id), ("CNI_IFNAME", ifname),
-                           ("CNI_NETNS", netns)):
+    def run(
+        self,
+        command: str,
+        conf: dict | bytes | str | None = None,
+        *,
+        container_id: str | None = "",
+        ifname: str | None = "eth0",
+        netns: str | None = "",
+        env: dict | None = None,
+        timeout: float = 60,
+    ) -> Reply:
+        environ = {
+            "PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
+            "CNI_COMMAND": command,
+            "CNI_PATH": os.path.dirname(self.plugin),
+        }
+        for key, value in (
+            ("CNI_CONTAINERID", container_id),
+            ("CNI_IFNAME", ifname),
+            ("CNI_NETNS", netns),
+        ):
             if value is not None:
                 environ[key] = value
         environ.update(env or {})
         if conf is None:
             conf = self.conf()
-        data = conf if isinstance(conf, bytes) else (
-            conf.encode() if isinstance(conf, str) else json.dumps(conf).encode())
+        data = (
+            conf
+            if isinstance(conf, bytes)
+            else (conf.encode() if isinstance(conf, str) else json.dumps(conf).encode())
+        )
         return self.exec_plugin(environ, data, timeout)
 
     def exec_plugin(self, environ: dict, data: bytes, timeout: float = 60) -> Reply:
         """Exec the installed plugin in the node with exactly this environment."""
         proc = subprocess.run(
-            ["ip", "netns", "exec", self.ns, self.plugin], input=data, env=environ,
-            capture_output=True, timeout=timeout,
+            ["ip", "netns", "exec", self.ns, self.plugin],
+            input=data,
+            env=environ,
+            capture_output=True,
+            timeout=timeout,
         )
         stdout = proc.stdout.decode()
         try:
@@ -241,10 +264,14 @@ class AgentProcess:
     def start(self, wait: float = 15.0) -> AgentProcess:
         from pycni.agent.launch import agent_argv, wait_until_listening
 
-        argv = agent_argv(self.socket, os.path.join(self.node.root, "data"), self.log_file,
-                          self.metrics_port)
-        self.proc = subprocess.Popen(["ip", "netns", "exec", self.node.ns, *argv],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        argv = agent_argv(
+            self.socket, os.path.join(self.node.root, "data"), self.log_file, self.metrics_port
+        )
+        self.proc = subprocess.Popen(
+            ["ip", "netns", "exec", self.node.ns, *argv],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
         try:
             wait_until_listening(self.proc, self.socket, wait)
         except RuntimeError as exc:
@@ -299,6 +326,7 @@ def agent(node):
 # that make clients of one shared store, so each KV contract test runs on SQLite and on etcd.
 # (Here and not in tests/cluster/conftest.py: two conftest modules would shadow each other for
 # the tests that import from `conftest`.)
+
 
 @pytest.fixture(scope="session")
 def etcd_server(tmp_path_factory) -> Iterator[EtcdServer]:
@@ -387,13 +415,26 @@ def source_seen(server_ns: str, client_ns: str, dst: str, timeout: float = 10.0)
     saw, or None when no connection could be made."""
     server = subprocess.Popen(
         ["ip", "netns", "exec", server_ns, sys.executable, "-c", _SOURCE_SERVER, dst],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         port = server.stdout.readline().strip()
         assert port, server.stderr.read()
-        client = sh("ip", "netns", "exec", client_ns, sys.executable, "-c", _CONNECT, dst, port,
-                    str(timeout), check=False)
+        client = sh(
+            "ip",
+            "netns",
+            "exec",
+            client_ns,
+            sys.executable,
+            "-c",
+            _CONNECT,
+            dst,
+            port,
+            str(timeout),
+            check=False,
+        )
         if client.returncode != 0:
             return None
         peer = server.stdout.readline().strip()
@@ -415,7 +456,10 @@ def run_bench(*args: str, timeout: float = 300) -> tuple[int, int, str, str]:
     pid is what the benchmark names its namespaces and temp dirs after."""
     proc = subprocess.Popen(
         [sys.executable, "-c", "from pycni.ctl.main import main; main()", "bench", *args],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         stdout, stderr = proc.communicate(timeout=timeout)
     finally:
@@ -447,15 +491,15 @@ def register_racing(stores: list, records: list) -> dict:
         except Exception as exc:  # reported below
             errors.append(exc)
 
-    threads = [threading.Thread(target=claim, args=pair) for pair in zip(stores, records,
-                                                                          strict=True)]
+    threads = [
+        threading.Thread(target=claim, args=pair) for pair in zip(stores, records, strict=True)
+    ]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     assert not errors, errors
     return got
-
 
 
 # --- pycni's invariant, checked from inside a node (tests/netns/test_fault_*.py) ----------------
@@ -482,7 +526,10 @@ class DoctorProcess:
         self.data_dir = os.path.join(node.root, "data")
         self.proc = subprocess.Popen(
             ["ip", "netns", "exec", node.ns, sys.executable, "-c", _DOCTOR_LOOP],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
 
     def check(self, live: set[tuple[str, str]] | None) -> list[str]:
         """The findings as text (`live`: the runtime's live attachments, None to leave the

@@ -16,10 +16,21 @@ from pycni.cni import MAX_CONFIG_BYTES, versions
 
 # Profiles: "ci" (default) is derandomized so a failure reproduces on every run; "deep"
 # (PYCNI_FUZZ_PROFILE=deep) explores ten times as much, randomly, for a long local run.
-settings.register_profile("pycni-fuzz-ci", deadline=None, derandomize=True, database=None,
-                          print_blob=True, suppress_health_check=[HealthCheck.too_slow])
-settings.register_profile("pycni-fuzz-deep", deadline=None, database=None, print_blob=True,
-                          suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile(
+    "pycni-fuzz-ci",
+    deadline=None,
+    derandomize=True,
+    database=None,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+settings.register_profile(
+    "pycni-fuzz-deep",
+    deadline=None,
+    database=None,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow],
+)
 PROFILE = os.environ.get("PYCNI_FUZZ_PROFILE", "ci")
 
 
@@ -54,8 +65,11 @@ def spec_ifname(name: str) -> bool:
         size = len(name.encode())
     except UnicodeEncodeError:
         return False
-    return (0 < size <= 15 and name not in (".", "..")
-            and not any(c in "/:%" or c.isspace() or not c.isprintable() for c in name))
+    return (
+        0 < size <= 15
+        and name not in (".", "..")
+        and not any(c in "/:%" or c.isspace() or not c.isprintable() for c in name)
+    )
 
 
 def spec_netns(path: str) -> bool:
@@ -79,18 +93,51 @@ def spec_name(name: str) -> bool:
 # --- strings ----------------------------------------------------------------------------------
 
 HOSTILE_NAMES = [
-    "", ".", "..", "...", "../../etc", "../x", "a/b", "/", "/etc/passwd", "x" * 16, "é" * 8,
-    " eth0", "eth0 ", "eth\t0", "eth\n0", "eth%d", "%s%n", "a:b", "-a", "_a", ".hidden",
-    "\udcff", "\udc80abc", "eth\x7f", "eth\x00", "$(id)", "`id`", "a;b", "a b", "\u202eevil",
-    "\ufeffeth0", "x" * 1025, "ÿ", "\u0130",
+    "",
+    ".",
+    "..",
+    "...",
+    "../../etc",
+    "../x",
+    "a/b",
+    "/",
+    "/etc/passwd",
+    "x" * 16,
+    "é" * 8,
+    " eth0",
+    "eth0 ",
+    "eth\t0",
+    "eth\n0",
+    "eth%d",
+    "%s%n",
+    "a:b",
+    "-a",
+    "_a",
+    ".hidden",
+    "\udcff",
+    "\udc80abc",
+    "eth\x7f",
+    "eth\x00",
+    "$(id)",
+    "`id`",
+    "a;b",
+    "a b",
+    "\u202eevil",
+    "\ufeffeth0",
+    "x" * 1025,
+    "ÿ",
+    "\u0130",
 ]
 
 
 def environment_text(max_size: int = 24) -> st.SearchStrategy[str]:
     """What an environment variable can hold: any bytes but NUL, decoded as os.environ does
     (undecodable bytes become lone surrogates), or a hand-picked hostile string."""
-    raw = st.binary(max_size=max_size).filter(lambda b: b"\0" not in b).map(
-        lambda b: b.decode("utf-8", "surrogateescape"))
+    raw = (
+        st.binary(max_size=max_size)
+        .filter(lambda b: b"\0" not in b)
+        .map(lambda b: b.decode("utf-8", "surrogateescape"))
+    )
     printable = st.text(alphabet=string.printable + "é%ÿ\u00a0", max_size=max_size)
     hostile = st.sampled_from([s for s in HOSTILE_NAMES if "\0" not in s])
     return st.one_of(raw, printable, hostile)
@@ -99,24 +146,30 @@ def environment_text(max_size: int = 24) -> st.SearchStrategy[str]:
 # --- JSON ------------------------------------------------------------------------------------
 
 json_scalars = st.one_of(
-    st.none(), st.booleans(), st.integers(min_value=-(2**70), max_value=2**70),
-    st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=12),
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(2**70), max_value=2**70),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=12),
     st.sampled_from(HOSTILE_NAMES),
 )
 json_values = st.recursive(
     json_scalars,
-    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner,
-                                                               max_size=3),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3)
+    ),
     max_leaves=8,
 )
 
 
 def wrong_type(allowed: tuple[type, ...]) -> st.SearchStrategy:
     """A JSON value of none of the `allowed` types (a bool is not an int here)."""
+
     def ok(v) -> bool:
         if isinstance(v, bool):
             return bool not in allowed
         return not isinstance(v, allowed)
+
     return json_values.filter(ok)
 
 
@@ -136,9 +189,12 @@ def byte_mutation(data: bytes) -> st.SearchStrategy[bytes]:
     n = len(data)
     return st.one_of(
         st.integers(0, max(n - 1, 0)).map(lambda i: data[:i]),
-        st.tuples(st.integers(0, n), st.sampled_from([b"\xff", b"\xc3", b"\x00", b"\xed\xa0\x80",
-                                                      b"\\", b'"', b"\n", b"\x1b[2J"])).map(
-            lambda t: data[:t[0]] + t[1] + data[t[0]:]),
+        st.tuples(
+            st.integers(0, n),
+            st.sampled_from(
+                [b"\xff", b"\xc3", b"\x00", b"\xed\xa0\x80", b"\\", b'"', b"\n", b"\x1b[2J"]
+            ),
+        ).map(lambda t: data[: t[0]] + t[1] + data[t[0] :]),
         st.just(b"[" + data + b"]"),
         st.just(data + b" " * HUGE_PADDING),
         st.just(data[:-1] + b', "pad": "' + b"a" * HUGE_PADDING + b'"}'),

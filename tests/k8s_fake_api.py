@@ -46,9 +46,15 @@ def recorded_events() -> list[dict]:
 
 def status(code: int, reason: str, message: str, name: str | None = None) -> dict:
     """A metav1.Status as the API server sends it with every error."""
-    out: dict[str, Any] = {"kind": "Status", "apiVersion": "v1", "metadata": {},
-                           "status": "Failure", "message": message, "reason": reason,
-                           "code": code}
+    out: dict[str, Any] = {
+        "kind": "Status",
+        "apiVersion": "v1",
+        "metadata": {},
+        "status": "Failure",
+        "message": message,
+        "reason": reason,
+        "code": code,
+    }
     if name:
         out["details"] = {"name": name, "kind": "nodes"}
     return out
@@ -85,8 +91,9 @@ class FakeAPIServer:
         self.httpd = _HTTPServer(("127.0.0.1", 0), _Handler)
         self.httpd.api = self
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, name="fake-apiserver",
-                                       kwargs={"poll_interval": 0.05})
+        self.thread = threading.Thread(
+            target=self.httpd.serve_forever, name="fake-apiserver", kwargs={"poll_interval": 0.05}
+        )
 
     def start(self) -> FakeAPIServer:
         self.thread.start()
@@ -155,8 +162,9 @@ class FakeAPIServer:
             return dict(self.nodes[name]["metadata"].get("annotations", {}))
 
     def count(self, method: str, watch: bool = False) -> int:
-        return sum(1 for m, p, _, _ in self.requests
-                   if m == method and ("watch=true" in p) == watch)
+        return sum(
+            1 for m, p, _, _ in self.requests if m == method and ("watch=true" in p) == watch
+        )
 
 
 class _HTTPServer(ThreadingHTTPServer):
@@ -185,9 +193,14 @@ class _Handler(BaseHTTPRequestHandler):
         pass
 
     def _record(self) -> None:
-        self.server.api.requests.append((self.command, self.path,
-                                         self.headers.get("Content-Type", ""),
-                                         self.headers.get("Authorization", "")))
+        self.server.api.requests.append(
+            (
+                self.command,
+                self.path,
+                self.headers.get("Content-Type", ""),
+                self.headers.get("Authorization", ""),
+            )
+        )
 
     def send_json(self, code: int, obj: Any) -> None:
         body = json.dumps(obj).encode()
@@ -203,15 +216,25 @@ class _Handler(BaseHTTPRequestHandler):
         url = urlsplit(self.path)
         query = parse_qs(url.query)
         if url.path == NODES and query.get("watch", [""])[0] in ("true", "1"):
-            return self.watch(int(query.get("resourceVersion", ["0"])[0] or 0),
-                              float(query.get("timeoutSeconds", ["5"])[0]))
+            return self.watch(
+                int(query.get("resourceVersion", ["0"])[0] or 0),
+                float(query.get("timeoutSeconds", ["5"])[0]),
+            )
         with api.cond:
             if url.path == NODES:
-                items = [{k: v for k, v in n.items() if k not in ("kind", "apiVersion")}
-                         for _, n in sorted(api.nodes.items())]
-                return self.send_json(200, {"kind": "NodeList", "apiVersion": "v1",
-                                            "metadata": {"resourceVersion": str(api.rv)},
-                                            "items": items})
+                items = [
+                    {k: v for k, v in n.items() if k not in ("kind", "apiVersion")}
+                    for _, n in sorted(api.nodes.items())
+                ]
+                return self.send_json(
+                    200,
+                    {
+                        "kind": "NodeList",
+                        "apiVersion": "v1",
+                        "metadata": {"resourceVersion": str(api.rv)},
+                        "items": items,
+                    },
+                )
             name = url.path.removeprefix(NODES + "/")
             if url.path.startswith(NODES + "/") and name in api.nodes:
                 return self.send_json(200, api.nodes[name])
@@ -224,18 +247,32 @@ class _Handler(BaseHTTPRequestHandler):
         name = urlsplit(self.path).path.removeprefix(NODES + "/")
         ctype = self.headers.get("Content-Type", "").split(";")[0]
         if api.forbid_patch:
-            return self.send_json(403, status(
-                403, "Forbidden", f'nodes "{name}" is forbidden: User "system:serviceaccount:'
-                f'kube-system:pycni" cannot patch resource "nodes" in API group "" at the '
-                "cluster scope", name))
+            return self.send_json(
+                403,
+                status(
+                    403,
+                    "Forbidden",
+                    f'nodes "{name}" is forbidden: User "system:serviceaccount:'
+                    f'kube-system:pycni" cannot patch resource "nodes" in API group "" at the '
+                    "cluster scope",
+                    name,
+                ),
+            )
         if ctype not in MERGE_TYPES:
-            return self.send_json(415, status(
-                415, "UnsupportedMediaType", f"the body of the request was in an unknown "
-                f"format - accepted media types include: {', '.join(MERGE_TYPES)}"))
+            return self.send_json(
+                415,
+                status(
+                    415,
+                    "UnsupportedMediaType",
+                    f"the body of the request was in an unknown "
+                    f"format - accepted media types include: {', '.join(MERGE_TYPES)}",
+                ),
+            )
         with api.cond:
             if name not in api.nodes:
-                return self.send_json(404, status(404, "NotFound",
-                                                  f'nodes "{name}" not found', name))
+                return self.send_json(
+                    404, status(404, "NotFound", f'nodes "{name}" not found', name)
+                )
             node = merge_patch(api.nodes[name], body)
             if node != api.nodes[name]:  # a no-op patch changes nothing, not even the RV
                 api.nodes[name] = node
@@ -285,8 +322,12 @@ class _Handler(BaseHTTPRequestHandler):
             return False
 
 
-def make_node(name: str, pod_cidrs: list[str] | None, internal_ips: list[str],
-              annotations: dict[str, str] | None = None) -> dict:
+def make_node(
+    name: str,
+    pod_cidrs: list[str] | None,
+    internal_ips: list[str],
+    annotations: dict[str, str] | None = None,
+) -> dict:
     """A Node as the kubelet registers it (shaped like the recorded node-a), with these pod
     CIDRs (None: none allocated yet), InternalIP addresses and extra annotations."""
     template = load("nodelist.json")["items"][0]
@@ -299,8 +340,9 @@ def make_node(name: str, pod_cidrs: list[str] | None, internal_ips: list[str],
     meta.pop("resourceVersion", None)
     meta["annotations"].update(annotations or {})
     node["spec"] = {"podCIDR": pod_cidrs[0], "podCIDRs": list(pod_cidrs)} if pod_cidrs else {}
-    node["status"]["addresses"] = ([{"type": "InternalIP", "address": ip} for ip in internal_ips]
-                                   + [{"type": "Hostname", "address": name}])
+    node["status"]["addresses"] = [{"type": "InternalIP", "address": ip} for ip in internal_ips] + [
+        {"type": "Hostname", "address": name}
+    ]
     return node
 
 

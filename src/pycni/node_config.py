@@ -33,8 +33,9 @@ def atomic_write(path: str, text: str, mode: int) -> None:
         raise
 
 
-def node_conflist(name: str, subnets: str | Sequence[str], network: str | Sequence[str] | None,
-                  **extra) -> dict:
+def node_conflist(
+    name: str, subnets: str | Sequence[str], network: str | Sequence[str] | None, **extra
+) -> dict:
     """The config list for a node: one subnet (the seed's `subnet` key) or, dual stack, one
     range set per subnet; `network` is the cluster CIDR(s), never masqueraded."""
     plugin: dict = {"type": "pycni"}
@@ -44,13 +45,16 @@ def node_conflist(name: str, subnets: str | Sequence[str], network: str | Sequen
         plugin["ranges"] = [[{"subnet": s}] for s in subnets]
     plugin.update({"ipMasq": True, "isDefaultGateway": True, "capabilities": dict(CAPABILITIES)})
     if network:
-        plugin["network"] = network if isinstance(network, str) or len(network) > 1 \
-            else network[0]
+        plugin["network"] = network if isinstance(network, str) or len(network) > 1 else network[0]
     plugin.update(extra)
     # CNI 1.1's way to serve every runtime: libcni >= 1.2 picks the highest of `cniVersions`,
     # older ones (containerd 1.6, podman 4.3) read `cniVersion` and reject 1.1.0 results.
-    return {"cniVersion": "1.0.0", "cniVersions": ["1.0.0", "1.1.0"], "name": name,
-            "plugins": [plugin]}
+    return {
+        "cniVersion": "1.0.0",
+        "cniVersions": ["1.0.0", "1.1.0"],
+        "name": name,
+        "plugins": [plugin],
+    }
 
 
 def write_conflist(path: str, conf: dict) -> None:
@@ -71,7 +75,7 @@ def read_subnet_env(path: str) -> dict[str, str]:
             for line in f:
                 key, sep, value = line.strip().partition("=")
                 if sep and key.startswith(SUBNET_ENV_PREFIX):
-                    out[key[len(SUBNET_ENV_PREFIX):]] = value
+                    out[key[len(SUBNET_ENV_PREFIX) :]] = value
     except OSError:
         return {}
     return out

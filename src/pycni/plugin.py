@@ -54,8 +54,11 @@ def handle(environ, stdin: bytes, on_config=None) -> tuple[dict | None, int]:
         return exc.to_json(version if version in versions.SUPPORTED else versions.LATEST), 1
     except Exception as exc:  # a bug: report it as a CNI error, never as a traceback on stdout
         logging.getLogger("pycni").exception("internal error")
-        err = CniError(INTERNAL_ERROR, f"internal error: {type(exc).__name__}: {exc}",
-                       "see the pycni log for the traceback")
+        err = CniError(
+            INTERNAL_ERROR,
+            f"internal error: {type(exc).__name__}: {exc}",
+            "see the pycni log for the traceback",
+        )
         return err.to_json(version), 1
 
 

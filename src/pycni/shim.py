@@ -96,9 +96,7 @@ def call_agent(path: str, stdin: bytes):
             return None
         if peer_uid(sock) not in (0, os.geteuid()):
             return None  # not an agent of ours (a squatted path): do the work here
-        env = b"\0".join(
-            k + b"=" + v for k, v in os.environb.items() if k.startswith(FORWARDED)
-        )
+        env = b"\0".join(k + b"=" + v for k, v in os.environb.items() if k.startswith(FORWARDED))
         sock.settimeout(TIMEOUT)
         chunks = []
         try:

@@ -78,8 +78,9 @@ def timed_wait(store: KubernetesDatastore, timeout: float) -> tuple[bool, float]
 
 def test_register_returns_podcidr_and_publishes_annotations(store, server):
     me = store.register(local(mac="0a:58:0a:f4:00:01"))
-    assert me == NodeRecord("node-a", ("192.168.56.10",), (net("10.244.0.0/24"),),
-                            "0a:58:0a:f4:00:01")
+    assert me == NodeRecord(
+        "node-a", ("192.168.56.10",), (net("10.244.0.0/24"),), "0a:58:0a:f4:00:01"
+    )
     ann = server.annotations("node-a")
     assert ann[ANN_NODE_IPS] == "192.168.56.10"
     assert ann[ANN_VTEP_MAC] == "0a:58:0a:f4:00:01"
@@ -138,8 +139,12 @@ def test_nodes_from_annotations_or_internal_ips(store, server):
     server.put(load("node-c-no-podcidr.json"))  # no podCIDR yet: not a node of the network
     assert store.nodes() == [
         NodeRecord("node-a", ("192.168.56.10",), (net("10.244.0.0/24"),), ""),
-        NodeRecord("node-b", ("192.168.56.11", "fd00:56::11"),
-                   (net("10.244.1.0/24"), net("fd00:10:244:1::/64")), "8e:3a:0c:51:7f:02"),
+        NodeRecord(
+            "node-b",
+            ("192.168.56.11", "fd00:56::11"),
+            (net("10.244.1.0/24"), net("fd00:10:244:1::/64")),
+            "8e:3a:0c:51:7f:02",
+        ),
     ]
 
 
@@ -165,8 +170,9 @@ def test_wait_follows_recorded_node_join(store, server):
         assert woke is want, (i, event["type"])
         assert took < 2
         if i == 1:
-            assert store.nodes()[2] == NodeRecord("node-c", ("192.168.56.12",),
-                                                  (net("10.244.2.0/24"),))
+            assert store.nodes()[2] == NodeRecord(
+                "node-c", ("192.168.56.12",), (net("10.244.2.0/24"),)
+            )
     assert names(store) == ["node-a", "node-b"]
 
 
@@ -179,8 +185,11 @@ def test_wait_times_out_when_only_status_changes(store, server):
 
 def test_wait_wakes_on_live_event(store, server):
     store.nodes()
-    change = threading.Timer(0.2, server.modify, (
-        "node-b", {"metadata": {"annotations": {ANN_VTEP_MAC: "8e:3a:0c:51:7f:99"}}}))
+    change = threading.Timer(
+        0.2,
+        server.modify,
+        ("node-b", {"metadata": {"annotations": {ANN_VTEP_MAC: "8e:3a:0c:51:7f:99"}}}),
+    )
     change.start()
     try:
         woke, took = timed_wait(store, 5)
@@ -247,7 +256,11 @@ def test_podcidr_changed_when_node_recreated(store, server):
     server.put(reborn)
     assert store.wait(5) is True
     me = store.keepalive()
-    assert me.subnets == (net("10.244.7.0/24",),)
+    assert me.subnets == (
+        net(
+            "10.244.7.0/24",
+        ),
+    )
     assert server.annotations("node-a")[ANN_VTEP_MAC] == "0a:58:0a:f4:00:01"
     assert store.nodes()[0] == me
 
@@ -256,8 +269,7 @@ def test_keepalive_republishes_removed_annotations(store, server):
     me = store.register(local(mac="0a:58:0a:f4:00:01"))
     assert store.keepalive() == me
     assert server.count("PATCH") == 1
-    server.modify("node-a", {"metadata": {"annotations": {ANN_NODE_IPS: None,
-                                                          ANN_VTEP_MAC: None}}})
+    server.modify("node-a", {"metadata": {"annotations": {ANN_NODE_IPS: None, ANN_VTEP_MAC: None}}})
     assert store.keepalive() == me
     assert server.annotations("node-a")[ANN_NODE_IPS] == "192.168.56.10"
     assert server.count("PATCH") == 2
@@ -292,8 +304,9 @@ def test_unreachable_api_server_is_kverror():
         store = store_for(api)
         t0 = time.monotonic()
         for call in (lambda: store.register(local()), store.nodes, lambda: store.wait(1)):
-            with pytest.raises(KVError, match=f"cannot reach the kubernetes API server at "
-                                              f"http://127.0.0.1:{port}"):
+            with pytest.raises(
+                KVError, match=f"cannot reach the kubernetes API server at http://127.0.0.1:{port}"
+            ):
                 call()
         assert time.monotonic() - t0 < 5
 
@@ -350,6 +363,5 @@ def test_no_incluster_config(monkeypatch):
 
 def test_import_does_not_load_the_client():
     code = "import sys, pycni.cluster.kubernetes; print('kubernetes' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=True)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

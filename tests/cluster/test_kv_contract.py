@@ -19,8 +19,12 @@ from pycni.cluster.kv import KVError
 SRC = os.path.join(os.path.dirname(__file__), "..", "..", "src")
 
 
-def eventually(check: Callable[[], bool], timeout: float, step: float = 0.1,
-               between: Callable[[], object] | None = None) -> float:
+def eventually(
+    check: Callable[[], bool],
+    timeout: float,
+    step: float = 0.1,
+    between: Callable[[], object] | None = None,
+) -> float:
     """Seconds until ``check()`` held; fails after ``timeout``."""
     start = time.monotonic()
     while not check():
@@ -33,6 +37,7 @@ def eventually(check: Callable[[], bool], timeout: float, step: float = 0.1,
 
 
 # --- create / replace / delete -------------------------------------------------------------
+
 
 def test_create_only_if_absent(kv_factory):
     a, b = kv_factory(), kv_factory()
@@ -55,8 +60,9 @@ def test_create_race_has_one_winner(kv_factory):
             barrier.wait()
             won[name] = kv.create(key, name)
 
-        threads = [threading.Thread(target=claim, args=(kv, name))
-                   for kv, name in ((a, "a"), (b, "b"))]
+        threads = [
+            threading.Thread(target=claim, args=(kv, name)) for kv, name in ((a, "a"), (b, "b"))
+        ]
         for t in threads:
             t.start()
         for t in threads:
@@ -86,8 +92,12 @@ def test_replace_rebinds_the_key_to_the_replacing_client(kv_factory):
     assert new.replace(key, "v", "v2")
     # `old` stops renewing (its agent died); `new` renews. When old's lease expires, its
     # canary goes, the replaced key stays.
-    eventually(lambda: canary not in new.list(kv_factory.prefix)[0], ttl + 5, step=0.3,
-               between=lambda: new.keepalive())
+    eventually(
+        lambda: canary not in new.list(kv_factory.prefix)[0],
+        ttl + 5,
+        step=0.3,
+        between=lambda: new.keepalive(),
+    )
     assert new.keepalive()
     assert new.list(kv_factory.prefix)[0] == {key: "v2"}
     assert not old.keepalive()
@@ -110,6 +120,7 @@ def test_delete(kv_factory):
 
 
 # --- leases --------------------------------------------------------------------------------
+
 
 def test_expired_keys_vanish_and_are_free(kv_factory):
     a, b = kv_factory(kv_factory.short_ttl), kv_factory()
@@ -157,6 +168,7 @@ def test_keepalive_reports_a_lease_lost_before_a_write(kv_factory):
 
 
 # --- revisions and wait --------------------------------------------------------------------
+
 
 def test_revision_increases_with_every_change(kv_factory):
     a = kv_factory()
@@ -246,9 +258,16 @@ def test_sqlite_processes_race_for_keys(tmp_path):
     SqliteKV(path, 60).close()  # the schema exists before the race
     start = time.time() + 1.0
     env = {**os.environ, "PYTHONPATH": os.path.abspath(SRC)}
-    procs = [subprocess.Popen([sys.executable, "-c", _RACER, path, prefix, name, str(start)],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-             for name in ("a", "b")]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _RACER, path, prefix, name, str(start)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for name in ("a", "b")
+    ]
     results = []
     for proc in procs:
         out, err = proc.communicate(timeout=60)
@@ -261,7 +280,7 @@ def test_sqlite_processes_race_for_keys(tmp_path):
         values = kv.list(prefix)[0]
     finally:
         kv.close()
-    assert {int(k[len(prefix):]) for k, v in values.items() if v == "a"} == results[0]
+    assert {int(k[len(prefix) :]) for k, v in values.items() if v == "a"} == results[0]
 
 
 def test_sqlite_makes_a_private_file_and_its_directory(tmp_path):
@@ -310,6 +329,7 @@ def test_sqlite_unusable_path_is_a_kv_error(tmp_path):
 
 # --- etcd only -----------------------------------------------------------------------------
 
+
 def test_etcd_unreachable_is_a_readable_kv_error():
     from pycni.cluster.etcd import EtcdKV
     from pycni.cluster.etcd_server import free_port
@@ -317,8 +337,12 @@ def test_etcd_unreachable_is_a_readable_kv_error():
     url = f"http://127.0.0.1:{free_port()}"
     kv = EtcdKV(url, 10, timeout=2)
     try:
-        for call in (lambda: kv.list("/p/"), lambda: kv.create("/p/k", "v"),
-                     lambda: kv.delete("/p/k"), lambda: kv.wait("/p/", 1, 1)):
+        for call in (
+            lambda: kv.list("/p/"),
+            lambda: kv.create("/p/k", "v"),
+            lambda: kv.delete("/p/k"),
+            lambda: kv.wait("/p/", 1, 1),
+        ):
             start = time.monotonic()
             with pytest.raises(KVError) as info:
                 call()

@@ -21,8 +21,9 @@ def make_store(etcd_server):
     made: list[LeaseDatastore] = []
 
     def make(cidr: str = "10.244.0.0/16", ttl: float = 60.0) -> LeaseDatastore:
-        store = LeaseDatastore(EtcdKV(etcd_server.client_url, ttl),
-                               ClusterSettings((cidr,)), "etcd", prefix=prefix)
+        store = LeaseDatastore(
+            EtcdKV(etcd_server.client_url, ttl), ClusterSettings((cidr,)), "etcd", prefix=prefix
+        )
         made.append(store)
         return store
 

@@ -64,8 +64,7 @@ def second_node(node: Node, tmp_path) -> Node:
     node.spaces.exec(ns, "ip", "link", "set", "lo", "up")
     root = tmp_path / "b"
     root.mkdir()
-    other = Node(ns=ns, root=str(root), plugin=node.plugin, spaces=node.spaces,
-                 bridge=node.bridge)
+    other = Node(ns=ns, root=str(root), plugin=node.plugin, spaces=node.spaces, bridge=node.bridge)
     other.base["agentSocket"] = str(root / "no-agent.sock")
     return other
 
@@ -115,10 +114,10 @@ def store_rows(node: Node, network: str | None = None) -> tuple[list, list]:
     db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
     try:
         net = network or node.name
-        atts = db.execute("SELECT container_id, ifname, host_veth FROM attachments"
-                          " WHERE network = ?", (net,)).fetchall()
-        ips = [r[0] for r in db.execute("SELECT ip FROM allocations WHERE network = ?",
-                                        (net,))]
+        atts = db.execute(
+            "SELECT container_id, ifname, host_veth FROM attachments WHERE network = ?", (net,)
+        ).fetchall()
+        ips = [r[0] for r in db.execute("SELECT ip FROM allocations WHERE network = ?", (net,))]
     finally:
         db.close()
     return atts, ips
@@ -258,8 +257,13 @@ def scenario(n: Node) -> list[tuple[str, Reply, set[str]]]:
     if drift.get("ips"):
         drift["ips"][0]["address"] = "10.244.1.200/24"
     step("CHECK-drift", "CHECK", n.conf(prevResult=drift), container_id="c1", netns=p1)
-    step("CHECK-0.3.1", "CHECK", n.conf(cniVersion="0.3.1", prevResult=add.out),
-         container_id="c1", netns=p1)
+    step(
+        "CHECK-0.3.1",
+        "CHECK",
+        n.conf(cniVersion="0.3.1", prevResult=add.out),
+        container_id="c1",
+        netns=p1,
+    )
     step("STATUS", "STATUS")
     step("STATUS-0.4.0", "STATUS", n.conf(cniVersion="0.4.0"))
     step("VERSION", "VERSION")
@@ -275,10 +279,16 @@ def scenario(n: Node) -> list[tuple[str, Reply, set[str]]]:
     step("bad-env-netns", "ADD", container_id="c9", netns="run/netns/x")
     step("tiny-ADD", "ADD", n.conf(**tiny), container_id="t1", netns=p3)
     step("tiny-exhausted", "ADD", n.conf(**tiny), container_id="t2", netns=p4)
-    step("requested-taken", "ADD", n.conf(runtimeConfig={"ips": [add.out["ips"][0][
-        "address"].split("/")[0]]} if add.out else {}), container_id="c5", netns=p4)
-    step("injected-failure", "ADD", container_id="c6", netns=p4,
-         env={"PYCNI_FAIL_AFTER": "veth"})
+    step(
+        "requested-taken",
+        "ADD",
+        n.conf(
+            runtimeConfig={"ips": [add.out["ips"][0]["address"].split("/")[0]]} if add.out else {}
+        ),
+        container_id="c5",
+        netns=p4,
+    )
+    step("injected-failure", "ADD", container_id="c6", netns=p4, env={"PYCNI_FAIL_AFTER": "veth"})
     step("DEL", "DEL", container_id="c1", netns=p1)
     step("DEL-again", "DEL", container_id="c1", netns=p1)
     step("DEL-gone-by-GC", "DEL", container_id="c2", netns=p2)
@@ -288,15 +298,34 @@ def scenario(n: Node) -> list[tuple[str, Reply, set[str]]]:
 
 
 EXPECTED = {  # step -> (exit status, CNI error code or None)
-    "ADD": (0, None), "ADD-0.4.0": (0, None), "ADD-same-again": (1, 102), "CHECK": (0, None),
-    "CHECK-drift": (1, 104), "CHECK-0.3.1": (1, 1), "STATUS": (0, None),
-    "STATUS-0.4.0": (1, 1), "VERSION": (0, None), "VERSION-0.2.0": (0, None),
-    "VERSION-bad-config": (0, None), "GC-keeps-c1": (0, None), "GC-bad": (1, 7),
-    "bad-config-mtu": (1, 7), "bad-config-json": (1, 6), "bad-env-cid": (1, 4),
-    "bad-env-command": (1, 4), "bad-env-ifname": (1, 4), "bad-env-netns": (1, 4),
-    "tiny-ADD": (0, None), "tiny-exhausted": (1, 100), "requested-taken": (1, 101),
-    "injected-failure": (1, 199), "DEL": (0, None), "DEL-again": (0, None),
-    "DEL-gone-by-GC": (0, None), "DEL-tiny": (0, None), "DEL-bad-name": (1, 7),
+    "ADD": (0, None),
+    "ADD-0.4.0": (0, None),
+    "ADD-same-again": (1, 102),
+    "CHECK": (0, None),
+    "CHECK-drift": (1, 104),
+    "CHECK-0.3.1": (1, 1),
+    "STATUS": (0, None),
+    "STATUS-0.4.0": (1, 1),
+    "VERSION": (0, None),
+    "VERSION-0.2.0": (0, None),
+    "VERSION-bad-config": (0, None),
+    "GC-keeps-c1": (0, None),
+    "GC-bad": (1, 7),
+    "bad-config-mtu": (1, 7),
+    "bad-config-json": (1, 6),
+    "bad-env-cid": (1, 4),
+    "bad-env-command": (1, 4),
+    "bad-env-ifname": (1, 4),
+    "bad-env-netns": (1, 4),
+    "tiny-ADD": (0, None),
+    "tiny-exhausted": (1, 100),
+    "requested-taken": (1, 101),
+    "injected-failure": (1, 199),
+    "DEL": (0, None),
+    "DEL-again": (0, None),
+    "DEL-gone-by-GC": (0, None),
+    "DEL-tiny": (0, None),
+    "DEL-bad-name": (1, 7),
 }
 
 NOT_JSON = {"VERSION-bad-config", "bad-config-json"}
@@ -319,8 +348,7 @@ def normalized(n: Node, reply: Reply):
     return out
 
 
-def test_every_command_answers_the_same_through_the_agent_and_in_process(
-        node, agent, tmp_path):
+def test_every_command_answers_the_same_through_the_agent_and_in_process(node, agent, tmp_path):
     if os.path.exists(shim.DEFAULT_SOCKET):
         pytest.skip("an agent may listen on the default socket")
     alone = second_node(node, tmp_path)
@@ -332,7 +360,8 @@ def test_every_command_answers_the_same_through_the_agent_and_in_process(
         assert (a.rc, a.code) == (rc, code), (label, a)
         assert (b.rc, b.code) == (rc, code), (label, b)
         assert a.stdout == b.stdout == "" or (
-            a.stdout.endswith("\n") and b.stdout.endswith("\n")), (label, a, b)
+            a.stdout.endswith("\n") and b.stdout.endswith("\n")
+        ), (label, a, b)
         assert normalized(node, a) == normalized(alone, b), label
         # stderr is not part of the protocol: in-process, a warning logged before the config
         # named a log file reaches stderr through logging's last resort; the agent logs it.
@@ -351,9 +380,17 @@ def test_every_command_answers_the_same_through_the_agent_and_in_process(
         assert "pycni.plugin" in b_mods, label
     # The agent did it, in its own log; the plugin's log file was never opened.
     agent_log = agent.log()
-    for line in ("ADD c1/eth0: allocated 10.244.1.2", "ADD c2/eth0: allocated 10.244.1.3",
-                 "GC: releasing c2/eth0", "error 102", "error 104", "error 100", "error 101",
-                 "rolled back", "DEL c1/eth0"):
+    for line in (
+        "ADD c1/eth0: allocated 10.244.1.2",
+        "ADD c2/eth0: allocated 10.244.1.3",
+        "GC: releasing c2/eth0",
+        "error 102",
+        "error 104",
+        "error 100",
+        "error 101",
+        "rolled back",
+        "DEL c1/eth0",
+    ):
         assert line in agent_log, line
         assert line in plugin_log(alone), line
     # Errors found before a config named a log file: only the agent has a log for them.
@@ -372,8 +409,7 @@ def test_version_without_any_config_goes_to_the_default_socket_only(node, agent)
     agent there in this sandbox) and answers in-process."""
     if os.path.exists(shim.DEFAULT_SOCKET):
         pytest.skip("a real agent listens on the default socket")
-    reply, modules = traced_run(node, "VERSION", b"", container_id=None, ifname=None,
-                                netns=None)
+    reply, modules = traced_run(node, "VERSION", b"", container_id=None, ifname=None, netns=None)
     assert_ok(reply)
     assert reply.out == {"cniVersion": versions.LATEST, "supportedVersions": SUPPORTED}
     assert "pycni.plugin" in modules
@@ -384,8 +420,9 @@ def test_version_without_any_config_goes_to_the_default_socket_only(node, agent)
 
 def test_40_concurrent_adds_then_40_concurrent_dels(node, agent):
     pods = {f"c{i}": node.pod("s") for i in range(40)}
-    replies = in_parallel(lambda cid: node.run("ADD", container_id=cid, netns=pods[cid]),
-                          list(pods))
+    replies = in_parallel(
+        lambda cid: node.run("ADD", container_id=cid, netns=pods[cid]), list(pods)
+    )
     for reply in replies:
         assert_ok(reply)
     addrs = [r.out["ips"][0]["address"] for r in replies]
@@ -396,11 +433,13 @@ def test_40_concurrent_adds_then_40_concurrent_dels(node, agent):
     assert sorted(a[0] for a in atts) == sorted(pods)
     assert sorted(ips) == sorted(a.split("/")[0] for a in addrs)
     assert sorted(bridge_ports(node)) == sorted(
-        host_veth_name(node.name, cid, "eth0") for cid in pods)
+        host_veth_name(node.name, cid, "eth0") for cid in pods
+    )
     assert agent.log().count(": allocated ") == 40 and plugin_log(node) == ""
 
-    replies = in_parallel(lambda cid: node.run("DEL", container_id=cid, netns=pods[cid]),
-                          list(pods))
+    replies = in_parallel(
+        lambda cid: node.run("DEL", container_id=cid, netns=pods[cid]), list(pods)
+    )
     for reply in replies:
         assert_ok(reply)
     assert store_rows(node) == ([], [])
@@ -414,8 +453,7 @@ def test_two_adds_of_one_container_at_once_one_wins(node, agent):
     pods = {f"d{i}": node.pod("d") for i in range(6)}
     calls = [(cid, pod) for cid, pod in pods.items() for _ in range(2)]
     random.shuffle(calls)
-    replies = in_parallel(lambda c: (c[0], node.run("ADD", container_id=c[0], netns=c[1])),
-                          calls)
+    replies = in_parallel(lambda c: (c[0], node.run("ADD", container_id=c[0], netns=c[1])), calls)
     for cid, pod in pods.items():
         mine = [r for c, r in replies if c == cid]
         ok = [r for r in mine if r.rc == 0]
@@ -494,8 +532,14 @@ class Runtime:
         with self.lock:
             self.codes[(command, reply.code if reply.rc else 0)] += 1
             self.history.setdefault(cid, []).append(
-                (round(time.monotonic(), 3), command, reply.rc, reply.code,
-                 reply.out["ips"][0]["address"] if reply.rc == 0 and reply.out else ""))
+                (
+                    round(time.monotonic(), 3),
+                    command,
+                    reply.rc,
+                    reply.code,
+                    reply.out["ips"][0]["address"] if reply.rc == 0 and reply.out else "",
+                )
+            )
         return reply
 
     def delete(self, cid: str, pod: str) -> None:
@@ -516,17 +560,22 @@ class Runtime:
         raise AssertionError(f"ADD {cid} never succeeded")
 
 
-def assert_node_state(node: Node, pods: dict[str, str], results: dict[str, dict],
-                      history: dict | None = None) -> None:
+def assert_node_state(
+    node: Node, pods: dict[str, str], results: dict[str, dict], history: dict | None = None
+) -> None:
     """Each container exactly one attachment; store, bridge and pods agree."""
     atts, ips = store_rows(node)
     per_container = Counter(a[0] for a in atts)
-    wrong = {cid: (per_container.get(cid, 0), (history or {}).get(cid))
-             for cid in set(pods) | set(per_container) if per_container.get(cid) != 1}
+    wrong = {
+        cid: (per_container.get(cid, 0), (history or {}).get(cid))
+        for cid in set(pods) | set(per_container)
+        if per_container.get(cid) != 1
+    }
     assert not wrong, wrong  # container -> (attachments in the store, what the runtime saw)
     assert len(ips) == len(set(ips)) == len(pods), Counter(ips).most_common(3)
     assert sorted(bridge_ports(node)) == sorted(
-        host_veth_name(node.name, cid, "eth0") for cid in pods)
+        host_veth_name(node.name, cid, "eth0") for cid in pods
+    )
     assert sorted(veths(node)) == sorted(bridge_ports(node))
     by_cid = {}
     for cid, pod in pods.items():
@@ -595,8 +644,10 @@ def test_agent_restart_during_a_pod_storm(node, agent, sig):
     assert veths(node) == [] and bridge_ports(node) == []
     for pod in pods.values():
         assert pod_links(node, pod) == ["lo"]
-    print(f"{signal.Signals(sig).name}: {inflight} in flight at the restart;"
-          f" calls {dict(runtime.codes)}; in-process ADDs {in_process_adds}")
+    print(
+        f"{signal.Signals(sig).name}: {inflight} in flight at the restart;"
+        f" calls {dict(runtime.codes)}; in-process ADDs {in_process_adds}"
+    )
 
 
 def test_sigterm_answers_every_caller_that_already_connected(node, agent):
@@ -606,8 +657,10 @@ def test_sigterm_answers_every_caller_that_already_connected(node, agent):
     with ThreadPoolExecutor(max_workers=8) as pool:
         agent.signal(signal.SIGSTOP)
         try:
-            futures = [pool.submit(node.run, "ADD", container_id=f"q{i}", netns=pod)
-                       for i, pod in enumerate(pods)]
+            futures = [
+                pool.submit(node.run, "ADD", container_id=f"q{i}", netns=pod)
+                for i, pod in enumerate(pods)
+            ]
             backlog = wait_backlog(node, agent.socket, 8)
             agent.signal(signal.SIGTERM)
         finally:
@@ -631,9 +684,25 @@ def test_restart_keeps_traffic_and_state(node, agent):
     addr_b = node.add(b, "cb")["ips"][0]["address"]
     count = 100  # 5 s at 20 per second
     ping = subprocess.Popen(
-        ["ip", "netns", "exec", pod_name(a), "ping", "-n", "-i", "0.05", "-W", "1",
-         "-c", str(count), addr_b.split("/")[0]],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        [
+            "ip",
+            "netns",
+            "exec",
+            pod_name(a),
+            "ping",
+            "-n",
+            "-i",
+            "0.05",
+            "-W",
+            "1",
+            "-c",
+            str(count),
+            addr_b.split("/")[0],
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         time.sleep(1.0)
         restart(agent, signal.SIGTERM)
@@ -671,9 +740,11 @@ def stale_socket(path: str) -> None:
     s.close()  # the file stays; connect() is refused
 
 
-@pytest.mark.parametrize("make", [None, stale_socket, lambda p: open(p, "w").close(),
-                                  lambda p: os.mkdir(p)],
-                         ids=["absent", "stale-socket", "regular-file", "directory"])
+@pytest.mark.parametrize(
+    "make",
+    [None, stale_socket, lambda p: open(p, "w").close(), lambda p: os.mkdir(p)],
+    ids=["absent", "stale-socket", "regular-file", "directory"],
+)
 def test_every_command_works_in_process_without_an_agent(node, make):
     path = os.path.join(node.root, "agent.sock")
     if make:
@@ -685,9 +756,13 @@ def test_every_command_works_in_process_without_an_agent(node, make):
     assert "pycni.plugin" in mods
     assert add.out["ips"][0]["address"] == "10.244.1.2/24"
     for command, conf in (
-            ("CHECK", node.conf(prevResult=add.out)), ("STATUS", None), ("VERSION", None),
-            ("GC", node.conf(**{VALID: [{"containerID": "c1", "ifname": "eth0"}]})),
-            ("DEL", None), ("DEL", None)):
+        ("CHECK", node.conf(prevResult=add.out)),
+        ("STATUS", None),
+        ("VERSION", None),
+        ("GC", node.conf(**{VALID: [{"containerID": "c1", "ifname": "eth0"}]})),
+        ("DEL", None),
+        ("DEL", None),
+    ):
         reply = node.run(command, conf, container_id="c1", netns=pod)
         assert_ok(reply)
         assert reply.stderr == ""
@@ -698,8 +773,7 @@ def test_every_command_works_in_process_without_an_agent(node, make):
 
 def test_empty_agent_socket_means_standalone_even_with_an_agent(node, agent):
     pod = node.pod()
-    reply, mods = traced_run(node, "ADD", node.conf(agentSocket=""), container_id="c1",
-                             netns=pod)
+    reply, mods = traced_run(node, "ADD", node.conf(agentSocket=""), container_id="c1", netns=pod)
     assert_ok(reply)
     assert "pycni.plugin" in mods
     assert "ADD c1/eth0" in plugin_log(node) and "ADD c1/eth0" not in agent.log()
@@ -717,8 +791,10 @@ BROKEN = {
     "close-after-reading": read_request,
     "garbage": lambda c: (read_request(c), c.sendall(b"HTTP/1.0 200 OK\r\n\r\nhello")),
     "status-only-no-newline": lambda c: (read_request(c), c.sendall(b"0")),
-    "reset": lambda c: (read_request(c), c.setsockopt(
-        socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")),
+    "reset": lambda c: (
+        read_request(c),
+        c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00"),
+    ),
 }
 
 
@@ -794,11 +870,30 @@ def test_non_root_caller_is_refused(node, tmp_path):
         for size in (0, 1 << 20):  # a small config, and one bigger than the socket buffer
             conf = node.conf(agentSocket=proc.socket, padding="x" * size)
             result = subprocess.run(
-                ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
-                 "/usr/bin/python3", "-IS", "-B", "-c", NOBODY_SHIM, os.path.abspath(SRC)],
-                input=json.dumps(conf), capture_output=True, text=True, timeout=30,
-                env={"CNI_COMMAND": "ADD", "CNI_CONTAINERID": "evil", "CNI_IFNAME": "eth0",
-                     "CNI_NETNS": pod, "CNI_PATH": "/nonexistent"})
+                [
+                    "setpriv",
+                    "--reuid=65534",
+                    "--regid=65534",
+                    "--clear-groups",
+                    "/usr/bin/python3",
+                    "-IS",
+                    "-B",
+                    "-c",
+                    NOBODY_SHIM,
+                    os.path.abspath(SRC),
+                ],
+                input=json.dumps(conf),
+                capture_output=True,
+                text=True,
+                timeout=30,
+                env={
+                    "CNI_COMMAND": "ADD",
+                    "CNI_CONTAINERID": "evil",
+                    "CNI_IFNAME": "eth0",
+                    "CNI_NETNS": pod,
+                    "CNI_PATH": "/nonexistent",
+                },
+            )
             reply = Reply(result.returncode, None, result.stdout, result.stderr)
             err = assert_error(reply, 106, "root only", "65534")
             assert result.returncode == 1 and result.stderr == "", result
@@ -825,7 +920,7 @@ MALFORMED = {
     "huge-stdin": b"PYCNI/1 CNI 0 99999999999\n",
     "huge-digits": b"PYCNI/1 CNI 0 " + b"9" * 100 + b"\n",
     "truncated-env": b"PYCNI/1 CNI 100 10\nCNI_COMMAND=ADD",
-    "truncated-stdin": b"PYCNI/1 CNI 15 100\nCNI_COMMAND=ADD{\"cniVersion\"",
+    "truncated-stdin": b'PYCNI/1 CNI 15 100\nCNI_COMMAND=ADD{"cniVersion"',
     "env-no-equals": b"PYCNI/1 CNI 11 0\nCNI_COMMAND",
     "binary": bytes(range(256)) * 4,
 }

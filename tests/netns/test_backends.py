@@ -22,18 +22,19 @@ VTEP = "pycni.1"
 
 def batch(ns: str, commands: str) -> None:
     """Many `ip` commands in one process (`ip -n NS -batch -`)."""
-    subprocess.run(["ip", "-n", ns, "-batch", "-"], input=commands, text=True, check=True,
-                   capture_output=True)
+    subprocess.run(
+        ["ip", "-n", ns, "-batch", "-"], input=commands, text=True, check=True, capture_output=True
+    )
 
 
 def ip(ns: str, *args: str) -> str:
-    return subprocess.run(["ip", "-n", ns, *args], check=True, capture_output=True,
-                          text=True).stdout
+    return subprocess.run(
+        ["ip", "-n", ns, *args], check=True, capture_output=True, text=True
+    ).stdout
 
 
 def sysctl_forwarding(netns, ns: str) -> None:
-    netns.exec(ns, "sysctl", "-q", "-w", "net.ipv4.ip_forward=1",
-               "net.ipv6.conf.all.forwarding=1")
+    netns.exec(ns, "sysctl", "-q", "-w", "net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1")
 
 
 @dataclass
@@ -58,11 +59,19 @@ class Lab:
     def records(self) -> list[NodeRecord]:
         return [h.record() for h in self.hosts]
 
-    def reconcile(self, host: Host, mode: str, nodes: list[NodeRecord] | None = None,
-                  vxlan: VxlanSettings | None = None) -> Changes:
+    def reconcile(
+        self,
+        host: Host,
+        mode: str,
+        nodes: list[NodeRecord] | None = None,
+        vxlan: VxlanSettings | None = None,
+    ) -> Changes:
         nodes = self.records() if nodes is None else nodes
-        local = next(n for n in nodes if n.name == host.name) if any(
-            n.name == host.name for n in nodes) else host.record()
+        local = (
+            next(n for n in nodes if n.name == host.name)
+            if any(n.name == host.name for n in nodes)
+            else host.record()
+        )
         with pod_netlink(f"/run/netns/{host.ns}") as ipr:
             return reconcile_once(ipr, local, nodes, mode, "eth0", vxlan)
 
@@ -75,8 +84,7 @@ class Lab:
     def ping(self, src: Host, dst: Host, family: int = 4, tries: int = 3) -> bool:
         target = next(a for a in dst.pod_ips if (":" in a) == (family == 6))
         for _ in range(tries):
-            r = self.netns.exec(src.pod, "ping", f"-{family}", "-c1", "-W1", target,
-                                check=False)
+            r = self.netns.exec(src.pod, "ping", f"-{family}", "-c1", "-W1", target, check=False)
             if r.returncode == 0:
                 return True
         return False
@@ -102,9 +110,11 @@ def build(netns, segments: tuple[int, ...] = (1, 1, 1), dual: bool = False) -> L
         rt = netns.make("rt")
         cmds = ""
         for seg in sorted(set(segments)):
-            cmds += (f"link add r{seg} type veth peer name rp{seg} netns {ul}\n"
-                     f"link set r{seg} up\naddr add 192.168.{seg}0.254/24 dev r{seg}\n"
-                     f"addr add fd00:{seg}0::fe/64 dev r{seg} nodad\n")
+            cmds += (
+                f"link add r{seg} type veth peer name rp{seg} netns {ul}\n"
+                f"link set r{seg} up\naddr add 192.168.{seg}0.254/24 dev r{seg}\n"
+                f"addr add fd00:{seg}0::fe/64 dev r{seg} nodad\n"
+            )
         batch(rt, cmds)
         batch(ul, "".join(f"link set rp{seg} master br{seg} up\n" for seg in sorted(set(segments))))
         sysctl_forwarding(netns, rt)
@@ -113,26 +123,34 @@ def build(netns, segments: tuple[int, ...] = (1, 1, 1), dual: bool = False) -> L
         node_ips = (f"192.168.{seg}0.{i}",) + ((f"fd00:{seg}0::{i}",) if dual else ())
         subnets = (f"10.244.{i}.0/24",) + ((f"fd00:244:{i}::/64",) if dual else ())
         pod_ips = (f"10.244.{i}.2",) + ((f"fd00:244:{i}::2",) if dual else ())
-        cmds = (f"link set lo up\nlink add eth0 type veth peer name u{i} netns {ul}\n"
-                f"link set eth0 up\naddr add {node_ips[0]}/24 dev eth0\n"
-                "link add cni0 type bridge\nlink set cni0 up\n"
-                f"addr add 10.244.{i}.1/24 dev cni0\n"
-                f"link add vp{i} type veth peer name eth0 netns {pod}\n"
-                f"link set vp{i} master cni0 up\n")
+        cmds = (
+            f"link set lo up\nlink add eth0 type veth peer name u{i} netns {ul}\n"
+            f"link set eth0 up\naddr add {node_ips[0]}/24 dev eth0\n"
+            "link add cni0 type bridge\nlink set cni0 up\n"
+            f"addr add 10.244.{i}.1/24 dev cni0\n"
+            f"link add vp{i} type veth peer name eth0 netns {pod}\n"
+            f"link set vp{i} master cni0 up\n"
+        )
         if dual:
-            cmds += (f"addr add {node_ips[1]}/64 dev eth0 nodad\n"
-                     f"addr add fd00:244:{i}::1/64 dev cni0 nodad\n")
+            cmds += (
+                f"addr add {node_ips[1]}/64 dev eth0 nodad\n"
+                f"addr add fd00:244:{i}::1/64 dev cni0 nodad\n"
+            )
         if routed:
             cmds += f"route add default via 192.168.{seg}0.254\n"
             if dual:
                 cmds += f"route add default via fd00:{seg}0::fe\n"
         batch(ns, cmds)
         batch(ul, f"link set u{i} master br{seg} up\n")
-        cmds = (f"link set lo up\nlink set eth0 up\naddr add 10.244.{i}.2/24 dev eth0\n"
-                f"route add default via 10.244.{i}.1\n")
+        cmds = (
+            f"link set lo up\nlink set eth0 up\naddr add 10.244.{i}.2/24 dev eth0\n"
+            f"route add default via 10.244.{i}.1\n"
+        )
         if dual:
-            cmds += (f"addr add fd00:244:{i}::2/64 dev eth0 nodad\n"
-                     f"route add default via fd00:244:{i}::1\n")
+            cmds += (
+                f"addr add fd00:244:{i}::2/64 dev eth0 nodad\n"
+                f"route add default via fd00:244:{i}::1\n"
+            )
         batch(pod, cmds)
         sysctl_forwarding(netns, ns)
         lab.hosts.append(Host(f"node{i}", ns, pod, node_ips, subnets, pod_ips))
@@ -141,8 +159,11 @@ def build(netns, segments: tuple[int, ...] = (1, 1, 1), dual: bool = False) -> L
 
 def ours(ns: str, family: int = 4) -> list[str]:
     """pycni's routes (`ip route show proto 120`, which leaves "proto 120" out of each line)."""
-    return [line.strip() for line in ip(ns, f"-{family}", "route", "show", "proto",
-                                        str(RTPROT_PYCNI)).splitlines() if line]
+    return [
+        line.strip()
+        for line in ip(ns, f"-{family}", "route", "show", "proto", str(RTPROT_PYCNI)).splitlines()
+        if line
+    ]
 
 
 def neighbours(ns: str) -> str:
@@ -150,8 +171,12 @@ def neighbours(ns: str) -> str:
 
 
 def fdb(ns: str) -> str:
-    return subprocess.run(["ip", "netns", "exec", ns, "bridge", "fdb", "show", "dev", VTEP],
-                          check=True, capture_output=True, text=True).stdout
+    return subprocess.run(
+        ["ip", "netns", "exec", ns, "bridge", "fdb", "show", "dev", VTEP],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
 
 
 def is_zero(c: Changes) -> bool:
@@ -160,14 +185,14 @@ def is_zero(c: Changes) -> bool:
 
 # ---- the three modes ---------------------------------------------------------------------
 
+
 def test_host_gw(netns):
     lab = build(netns)
     first = lab.reconcile_all("host-gw")
     assert [c.added for c in first] == [2, 2, 2] and all(c.vtep is None for c in first)
     lab.assert_all_ping()
     n1 = lab.hosts[0].ns
-    assert sorted(ours(n1)) == [
-        f"10.244.{i}.0/24 via 192.168.10.{i} dev eth0" for i in (2, 3)]
+    assert sorted(ours(n1)) == [f"10.244.{i}.0/24 via 192.168.10.{i} dev eth0" for i in (2, 3)]
     assert f"10.244.2.0/24 via 192.168.10.2 dev eth0 proto {RTPROT_PYCNI}" in ip(n1, "route")
     assert "pycni.1" not in ip(n1, "link")
     assert all(is_zero(c) for c in lab.reconcile_all("host-gw"))
@@ -186,7 +211,8 @@ def test_vxlan(netns):
     assert "nolearning" in link and "mtu 1450" in link and vtep_mac("node1") in link
     assert "inet 10.244.1.0/32" in ip(h1.ns, "addr", "show", VTEP)
     assert sorted(ours(h1.ns)) == [
-        f"10.244.{i}.0/24 via 10.244.{i}.0 dev {VTEP} onlink" for i in (2, 3)]
+        f"10.244.{i}.0/24 via 10.244.{i}.0 dev {VTEP} onlink" for i in (2, 3)
+    ]
     assert f"10.244.2.0 lladdr {vtep_mac('node2')} PERMANENT" in neighbours(h1.ns)
     assert f"{vtep_mac('node3')} dst 192.168.10.3 self permanent" in fdb(h1.ns)
     assert all(is_zero(c) for c in lab.reconcile_all("vxlan"))
@@ -198,8 +224,10 @@ def test_auto_mixes_host_gw_and_vxlan(netns):
     lab.assert_all_ping()
     h1, _, h3 = lab.hosts
     routes = sorted(ours(h1.ns))
-    assert routes == ["10.244.2.0/24 via 192.168.10.2 dev eth0",
-                      f"10.244.3.0/24 via 10.244.3.0 dev {VTEP} onlink"]
+    assert routes == [
+        "10.244.2.0/24 via 192.168.10.2 dev eth0",
+        f"10.244.3.0/24 via 10.244.3.0 dev {VTEP} onlink",
+    ]
     assert f"{vtep_mac('node3')} dst 192.168.20.3" in fdb(h1.ns)
     assert vtep_mac("node2") not in fdb(h1.ns)
     # Node 3 is alone on its segment: everything through the tunnel.
@@ -222,7 +250,8 @@ def test_dual_stack_host_gw(netns):
     lab.assert_all_ping(4)
     lab.assert_all_ping(6)
     assert sorted(r.split(" metric")[0] for r in ours(lab.hosts[0].ns, 6)) == [
-        f"fd00:244:{i}::/64 via fd00:10::{i} dev eth0" for i in (2, 3)]
+        f"fd00:244:{i}::/64 via fd00:10::{i} dev eth0" for i in (2, 3)
+    ]
     assert all(is_zero(c) for c in lab.reconcile_all("host-gw"))
 
 
@@ -247,6 +276,7 @@ def test_vxlan_over_ipv6_underlay(netns):
 
 
 # ---- ownership, changes, removal -------------------------------------------------------------
+
 
 def test_foreign_routes_survive_and_are_never_overwritten(netns):
     lab = build(netns)

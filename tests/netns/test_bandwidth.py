@@ -20,8 +20,12 @@ pytestmark = pytest.mark.netns
 
 VALID = "cni.dev/valid-attachments"
 M = 1_000_000
-BOTH_WAYS = {"ingressRate": 10 * M, "ingressBurst": 100_000,
-             "egressRate": 20 * M, "egressBurst": 200_000}
+BOTH_WAYS = {
+    "ingressRate": 10 * M,
+    "ingressBurst": 100_000,
+    "egressRate": 20 * M,
+    "egressBurst": 200_000,
+}
 
 
 def shaped(node: Node, bandwidth: dict = BOTH_WAYS, **kw) -> dict:
@@ -92,8 +96,9 @@ def test_containerd_keys_one_direction_only(node, agent):
     # As containerd sends an ingress-only annotation: capitalised keys, zeros for egress, its
     # "no burst" of 2^32-1 bits. Through the node agent.
     pod = node.pod()
-    conf = shaped(node, {"IngressRate": 5 * M, "IngressBurst": 2**32 - 1,
-                         "EgressRate": 0, "EgressBurst": 0})
+    conf = shaped(
+        node, {"IngressRate": 5 * M, "IngressBurst": 2**32 - 1, "EgressRate": 0, "EgressBurst": 0}
+    )
     out = node.add(pod, "c1", conf)
     assert_shaped(node, "c1", ingress=5 * M, egress=None)
     assert [i["name"] for i in out["interfaces"]][-1] == "eth0"
@@ -125,8 +130,10 @@ def test_gc_removes_stale_shaping_and_orphan_ifbs_of_this_network_only(node):
         node.add(pod, f"c{i}", shaped(node))
     # Left by a crash (the store never knew), and another network's.
     orphan, other = ifb_name(node.name, "lost", "eth0"), ifb_name("othernet", "c9", "eth0")
-    for name, alias in ((orphan, ifb_alias(node.name, "lost", "eth0")),
-                        (other, ifb_alias("othernet", "c9", "eth0"))):
+    for name, alias in (
+        (orphan, ifb_alias(node.name, "lost", "eth0")),
+        (other, ifb_alias("othernet", "c9", "eth0")),
+    ):
         node.exec("ip", "link", "add", name, "type", "ifb")
         node.exec("ip", "link", "set", name, "alias", alias)
 
@@ -152,11 +159,12 @@ def test_check_notices_lost_shaping(node):
 # --------------------------------------------------------------------------- failures
 
 
-@pytest.mark.parametrize("step", ADD_STEPS[ADD_STEPS.index("bandwidth"):])
+@pytest.mark.parametrize("step", ADD_STEPS[ADD_STEPS.index("bandwidth") :])
 def test_failed_add_leaves_no_ifb(node, step):
     pod = node.pod()
-    reply = node.run("ADD", shaped(node), container_id="c1", netns=pod,
-                     env={"PYCNI_FAIL_AFTER": step})
+    reply = node.run(
+        "ADD", shaped(node), container_id="c1", netns=pod, env={"PYCNI_FAIL_AFTER": step}
+    )
     assert reply.code == 199 and step in reply.out["msg"], reply
     assert ifbs(node) == []
     assert set(node.links()) <= {"lo", "cni0"}
@@ -166,12 +174,15 @@ def test_failed_add_leaves_no_ifb(node, step):
     assert_shaped(node, "c1", ingress=10 * M, egress=20 * M)
 
 
-@pytest.mark.parametrize("bandwidth, key", [
-    ({"ingressBurst": 100_000}, "ingressBurst"),
-    ({"egressRate": -5}, "egressRate"),
-    ({"egressRate": 40 * 10**9}, "egressRate"),
-    ({"IngressRate": M, "ingressRate": 2 * M}, "ingressRate"),
-])
+@pytest.mark.parametrize(
+    "bandwidth, key",
+    [
+        ({"ingressBurst": 100_000}, "ingressBurst"),
+        ({"egressRate": -5}, "egressRate"),
+        ({"egressRate": 40 * 10**9}, "egressRate"),
+        ({"IngressRate": M, "ingressRate": 2 * M}, "ingressRate"),
+    ],
+)
 def test_bad_bandwidth_is_refused_before_anything_is_made(node, bandwidth, key):
     pod = node.pod()
     reply = node.run("ADD", shaped(node, bandwidth), container_id="c1", netns=pod)
@@ -186,8 +197,11 @@ def test_bad_bandwidth_is_refused_before_anything_is_made(node, bandwidth, key):
 
 @contextmanager
 def iperf_server(ns: str):
-    proc = subprocess.Popen(["ip", "netns", "exec", ns, "iperf3", "-s", "-1"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        ["ip", "netns", "exec", ns, "iperf3", "-s", "-1"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         yield
     finally:
@@ -199,8 +213,9 @@ def measured_rate(node: Node, server_ns: str, client_ns: str, server_ip: str) ->
     """Bits per second the server received from a 2-second iperf3 TCP transfer."""
     with iperf_server(server_ns):
         for _ in range(50):  # until the server listens
-            res = node.spaces.exec(client_ns, "iperf3", "-J", "-c", server_ip, "-t", "2",
-                                   check=False, timeout=30)
+            res = node.spaces.exec(
+                client_ns, "iperf3", "-J", "-c", server_ip, "-t", "2", check=False, timeout=30
+            )
             report = json.loads(res.stdout or "{}")
             if "refused" in report.get("error", ""):
                 time.sleep(0.1)
@@ -213,13 +228,23 @@ def measured_rate(node: Node, server_ns: str, client_ns: str, server_ip: str) ->
 @pytest.mark.skipif(not have("iperf3"), reason="needs iperf3")
 def test_measured_rates_match_the_limits(node):
     shaped_pod, peer = node.pod("bw"), node.pod("peer")
-    node.add(shaped_pod, "c1", shaped(node, {"ingressRate": 10 * M, "ingressBurst": 100_000,
-                                             "egressRate": 20 * M, "egressBurst": 100_000}))
+    node.add(
+        shaped_pod,
+        "c1",
+        shaped(
+            node,
+            {
+                "ingressRate": 10 * M,
+                "ingressBurst": 100_000,
+                "egressRate": 20 * M,
+                "egressBurst": 100_000,
+            },
+        ),
+    )
     peer_ip = node.add(peer, "c2")["ips"][0]["address"].split("/")[0]
     shaped_ip = "10.244.1.2"
     egress = measured_rate(node, pod_name(peer), pod_name(shaped_pod), peer_ip)
     ingress = measured_rate(node, pod_name(shaped_pod), pod_name(peer), shaped_ip)
-    print(f"egress {egress / M:.2f} Mbit/s (limit 20), ingress {ingress / M:.2f} Mbit/s "
-          "(limit 10)")
+    print(f"egress {egress / M:.2f} Mbit/s (limit 20), ingress {ingress / M:.2f} Mbit/s (limit 10)")
     assert 15 * M <= egress <= 25 * M
     assert 7.5 * M <= ingress <= 12.5 * M

@@ -14,10 +14,13 @@ from pycni.native.build import compiler
 pytestmark = [pytest.mark.netns, pytest.mark.reference]
 
 # The pycni-native rows are measured where a C compiler is found.
-PLUGINS = ("pycni-agent", *(("pycni-native",) if compiler() else ()), "pycni-standalone",
-           "reference")
+PLUGINS = (
+    "pycni-agent",
+    *(("pycni-native",) if compiler() else ()),
+    "pycni-standalone",
+    "reference",
+)
 ROWS = {(p, m) for p in PLUGINS for m in (False, True)}
-
 
 
 def _alive(pid: int) -> bool:
@@ -31,8 +34,9 @@ def _alive(pid: int) -> bool:
 def test_bench_tiny(reference_plugins):
     from pycni.ctl.bench.latency import format_table
 
-    pid, status, stdout, stderr = run_bench("--pods", "3", "--storm", "5", "--json",
-                                            "--reference-dir", reference_plugins)
+    pid, status, stdout, stderr = run_bench(
+        "--pods", "3", "--storm", "5", "--json", "--reference-dir", reference_plugins
+    )
     # Its namespaces are named after its pid: none may be left.
     assert namespaces_named(f"pycnib{pid}") == []
     assert status == 0, stdout + stderr
@@ -69,6 +73,7 @@ def test_bench_tiny(reference_plugins):
     assert all(t["value"] is not None for t in targets)
     table = format_table(report)
     assert "ADD med" in table and "DEL p95" in table and "ADD wall" in table
-    assert len([line for line in table.splitlines()
-                if line.startswith(tuple(p + " " for p in PLUGINS))]) == 2 * len(ROWS)
+    assert len(
+        [line for line in table.splitlines() if line.startswith(tuple(p + " " for p in PLUGINS))]
+    ) == 2 * len(ROWS)
     assert table.count("PASS") + table.count("FAIL") == 5

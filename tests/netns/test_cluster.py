@@ -30,11 +30,27 @@ def make_lab():
     made is torn down whatever happens (state in a short /tmp dir: unix socket paths)."""
     made: list[tuple[str, str]] = []
 
-    def make(backend="vxlan", datastore="sqlite", nodes=3, pods=2, underlays=1, up=True,
-             network=None, ipv6=False) -> Lab:
+    def make(
+        backend="vxlan",
+        datastore="sqlite",
+        nodes=3,
+        pods=2,
+        underlays=1,
+        up=True,
+        network=None,
+        ipv6=False,
+    ) -> Lab:
         state = tempfile.mkdtemp(prefix="pycl", dir="/tmp")
-        lab = Lab.plan(unique("c"), state, nodes, pods, backend=backend, datastore=datastore,
-                       underlays=underlays, ipv6=ipv6)
+        lab = Lab.plan(
+            unique("c"),
+            state,
+            nodes,
+            pods,
+            backend=backend,
+            datastore=datastore,
+            underlays=underlays,
+            ipv6=ipv6,
+        )
         if network:
             lab.network = network
         made.append((lab.prefix, state))
@@ -47,9 +63,12 @@ def make_lab():
 
 
 def failures(lab: Lab) -> list[str]:
-    return [f"{p.kind} {p.src_label}->{p.dst_label} {p.dst_ip}: icmp={p.icmp_ok} tcp={p.tcp_ok} "
-            f"seen={p.peer or '-'} want={'/'.join(p.expect)} {p.error}"
-            for p in measure(lab) if not p.ok]
+    return [
+        f"{p.kind} {p.src_label}->{p.dst_label} {p.dst_ip}: icmp={p.icmp_ok} tcp={p.tcp_ok} "
+        f"seen={p.peer or '-'} want={'/'.join(p.expect)} {p.error}"
+        for p in measure(lab)
+        if not p.ok
+    ]
 
 
 def pycni_routes(node) -> list[str]:
@@ -70,8 +89,9 @@ def test_full_connectivity_matrix(make_lab, backend, datastore):
     lab = make_lab(backend, datastore, underlays=2 if backend == "auto" else 1)
     subnets = [n.subnet for n in lab.nodes]
     assert len(set(subnets)) == 3
-    assert all(ipaddress.ip_network(s).subnet_of(ipaddress.ip_network(lab.network))
-               for s in subnets)
+    assert all(
+        ipaddress.ip_network(s).subnet_of(ipaddress.ip_network(lab.network)) for s in subnets
+    )
     assert failures(lab) == []
     # The kinds of route each backend makes.
     routes = pycni_routes(lab.nodes[0])
@@ -148,9 +168,27 @@ def test_a_node_leaving_has_its_routes_removed_everywhere(make_lab, datastore):
 def ping_during(src_netns: str, dst_ip: str, seconds: float, action) -> tuple[int, int]:
     """(sent, received) of a steady ping while `action()` runs."""
     count = int(seconds / 0.02)
-    proc = subprocess.Popen(["ip", "netns", "exec", src_netns, "ping", "-n", "-q", "-i", "0.02",
-                             "-W", "1", "-c", str(count), dst_ip],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [
+            "ip",
+            "netns",
+            "exec",
+            src_netns,
+            "ping",
+            "-n",
+            "-q",
+            "-i",
+            "0.02",
+            "-W",
+            "1",
+            "-c",
+            str(count),
+            dst_ip,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         time.sleep(0.3)
         action()
@@ -220,12 +258,22 @@ def test_exhausted_cluster_cidr_is_a_clear_error_and_status_not_ready(make_lab):
     assert not health(third)["ready"]
     assert not os.path.exists(third.conflist_path)  # the runtime keeps the node NotReady
     # STATUS through the node's plugin, as a runtime asks it, says why.
-    conf = {"cniVersion": "1.1.0", "name": "pycni", "type": "pycni", "subnet": "10.244.0.0/24",
-            "agentSocket": third.agent_socket, "dataDir": third.data_dir}
-    proc = subprocess.run(["ip", "netns", "exec", third.netns, third.plugin],
-                          input=json.dumps(conf),
-                          env={"CNI_COMMAND": "STATUS", "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
-                          capture_output=True, text=True, timeout=30)
+    conf = {
+        "cniVersion": "1.1.0",
+        "name": "pycni",
+        "type": "pycni",
+        "subnet": "10.244.0.0/24",
+        "agentSocket": third.agent_socket,
+        "dataDir": third.data_dir,
+    }
+    proc = subprocess.run(
+        ["ip", "netns", "exec", third.netns, third.plugin],
+        input=json.dumps(conf),
+        env={"CNI_COMMAND": "STATUS", "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert proc.returncode != 0
     err = json.loads(proc.stdout)
     assert err["code"] == 50 and "no free /24 subnet" in err["msg"], err
@@ -238,8 +286,18 @@ def test_periodic_reconcile_repairs_what_someone_removed(make_lab):
     a, b = lab.nodes
     sh("ip", "-n", a.netns, "route", "add", "10.99.0.0/24", "via", b.lan_ip, "proto", "static")
     sh("ip", "-n", a.netns, "route", "del", b.subnet, "proto", "120")
-    sh("bridge", "-n", a.netns, "fdb", "del", health(a)["remoteNodes"][0]["vtepMAC"],
-       "dev", "pycni.1", "dst", b.lan_ip)
+    sh(
+        "bridge",
+        "-n",
+        a.netns,
+        "fdb",
+        "del",
+        health(a)["remoteNodes"][0]["vtepMAC"],
+        "dev",
+        "pycni.1",
+        "dst",
+        b.lan_ip,
+    )
     deadline = time.monotonic() + 15
     while not any(b.subnet in r for r in pycni_routes(a)) and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -252,8 +310,16 @@ def test_periodic_reconcile_repairs_what_someone_removed(make_lab):
 def test_status_shows_the_cluster_side(make_lab):
     lab = make_lab("vxlan", nodes=2, pods=1)
     a, b = lab.nodes
-    argv = [sys.executable, "-c", "from pycni.ctl.main import main; main()", "status",
-            "--socket", a.agent_socket, "--data-dir", a.data_dir]
+    argv = [
+        sys.executable,
+        "-c",
+        "from pycni.ctl.main import main; main()",
+        "status",
+        "--socket",
+        a.agent_socket,
+        "--data-dir",
+        a.data_dir,
+    ]
     proc = sh("ip", "netns", "exec", a.netns, *argv, check=False)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "cluster: node node1, ready, datastore sqlite, backend vxlan" in proc.stdout

@@ -74,6 +74,7 @@ with Store(data_dir) as store:
 print(json.dumps(out))
 """
 
+
 class Cluster:
     def __init__(self, netns, data_dir: str) -> None:
         self.spaces = netns
@@ -86,17 +87,61 @@ class Cluster:
         for ns in (self.pod, self.router, self.out):
             sp.exec(ns, "ip", "link", "set", "lo", "up")
         # Links are created inside the namespaces: nothing ever appears in the host's.
-        sp.exec(self.pod, "ip", "link", "add", "eth0", "type", "veth", "peer", "name", "vpod",
-                "netns", self.router)
-        sp.exec(self.out, "ip", "link", "add", "eth0", "type", "veth", "peer", "name", "vout",
-                "netns", self.router)
+        sp.exec(
+            self.pod,
+            "ip",
+            "link",
+            "add",
+            "eth0",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "vpod",
+            "netns",
+            self.router,
+        )
+        sp.exec(
+            self.out,
+            "ip",
+            "link",
+            "add",
+            "eth0",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "vout",
+            "netns",
+            self.router,
+        )
         for ns, dev, addrs in (
             (self.pod, "eth0", ("10.98.1.2/24", "fd98:0:0:1::2/64")),
             (self.router, "vpod", ("10.98.1.1/24", "fd98:0:0:1::1/64")),
-            (self.router, "vout", ("10.98.2.1/24", "192.168.77.1/24", "203.0.113.1/24",
-                                   "fd98:0:0:2::1/64", "fd77::1/64", "2001:db8:113::1/64")),
-            (self.out, "eth0", ("10.98.2.2/24", "192.168.77.2/24", "203.0.113.2/24",
-                                "fd98:0:0:2::2/64", "fd77::2/64", "2001:db8:113::2/64")),
+            (
+                self.router,
+                "vout",
+                (
+                    "10.98.2.1/24",
+                    "192.168.77.1/24",
+                    "203.0.113.1/24",
+                    "fd98:0:0:2::1/64",
+                    "fd77::1/64",
+                    "2001:db8:113::1/64",
+                ),
+            ),
+            (
+                self.out,
+                "eth0",
+                (
+                    "10.98.2.2/24",
+                    "192.168.77.2/24",
+                    "203.0.113.2/24",
+                    "fd98:0:0:2::2/64",
+                    "fd77::2/64",
+                    "2001:db8:113::2/64",
+                ),
+            ),
         ):
             for addr in addrs:
                 extra = ("nodad",) if ":" in addr else ()
@@ -114,8 +159,16 @@ class Cluster:
         env = {k: v for k, v in os.environ.items() if k != table.ENV_BACKEND}
         env.update(PYTHONPATH=SRC, **{table.ENV_BACKEND: self.backend})
         proc = self.spaces.exec(
-            self.router, sys.executable, "-c", _CORE, self.data_dir, op, json.dumps(arg),
-            check=False, env=env, timeout=60,
+            self.router,
+            sys.executable,
+            "-c",
+            _CORE,
+            self.data_dir,
+            op,
+            json.dumps(arg),
+            check=False,
+            env=env,
+            timeout=60,
         )
         assert proc.returncode == 0, proc.stderr
         return json.loads(proc.stdout)

@@ -17,16 +17,32 @@ pytestmark = pytest.mark.netns
 
 NODES = 10
 NOOP_SAMPLES = 2
-PHASE_KEYS = {"written_ms", "first_ms", "all_ms", "lag_ms", "passes", "last_pass_ms", "events",
-              "problems", "converged"}
-
+PHASE_KEYS = {
+    "written_ms",
+    "first_ms",
+    "all_ms",
+    "lag_ms",
+    "passes",
+    "last_pass_ms",
+    "events",
+    "problems",
+    "converged",
+}
 
 
 def test_convergence_tiny():
     from pycni.ctl.bench.convergence import format_table
 
-    pid, status, stdout, stderr = run_bench("convergence", "--nodes", str(NODES), "--repeat",
-                                            "1", "--noop-samples", str(NOOP_SAMPLES), "--json")
+    pid, status, stdout, stderr = run_bench(
+        "convergence",
+        "--nodes",
+        str(NODES),
+        "--repeat",
+        "1",
+        "--noop-samples",
+        str(NOOP_SAMPLES),
+        "--json",
+    )
     # Its namespaces and temporary directories are named after its pid: none may be left.
     tag = f"pycnicv{pid}"
     assert namespaces_named(tag) == []
@@ -40,7 +56,8 @@ def test_convergence_tiny():
 
     runs = report["runs"]
     assert {(r["backend"], r["register"]) for r in runs} == {
-        (b, m) for b in ("host-gw", "vxlan") for m in ("clients", "batch")}
+        (b, m) for b in ("host-gw", "vxlan") for m in ("clients", "batch")
+    }
     for run in runs:
         where = (run["backend"], run["register"])
         per_node = 1 if run["backend"] == "host-gw" else 3  # route (+ neighbour + FDB entry)
@@ -74,8 +91,9 @@ def test_convergence_tiny():
 
 def test_backends_alone_tiny():
     """`pycnictl bench reconcile`: every phase ran and was checked (counts, no errors)."""
-    pid, status, stdout, stderr = run_bench("reconcile", "--nodes", "5", "--repeat", "1",
-                                            "--json", timeout=120)
+    pid, status, stdout, stderr = run_bench(
+        "reconcile", "--nodes", "5", "--repeat", "1", "--json", timeout=120
+    )
     assert status == 0, stdout + stderr
     report = json.loads(stdout)
     assert report["ok"] and report["nodes"] == 5

@@ -70,7 +70,9 @@ def tcp_server(ns: str, host: str, port: int = 7777):
     """An echo server in netns `ns`, killed on the way out whatever happens."""
     proc = subprocess.Popen(
         ["ip", "netns", "exec", ns, PY, "-c", SERVER, host, str(port)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         line = proc.stdout.readline()
@@ -83,11 +85,22 @@ def tcp_server(ns: str, host: str, port: int = 7777):
         proc.stderr.close()
 
 
-def tcp(spaces, ns: str, host: str, port: int = 7777, timeout: float = 3,
-        check: bool = True) -> subprocess.CompletedProcess:
+def tcp(
+    spaces, ns: str, host: str, port: int = 7777, timeout: float = 3, check: bool = True
+) -> subprocess.CompletedProcess:
     """Connect from netns `ns`; stdout is "<source address seen by the server> ping"."""
-    return spaces.exec(ns, PY, "-c", CLIENT, host, str(port), str(timeout), "ping",
-                       check=check, timeout=timeout + 10)
+    return spaces.exec(
+        ns,
+        PY,
+        "-c",
+        CLIENT,
+        host,
+        str(port),
+        str(timeout),
+        "ping",
+        check=check,
+        timeout=timeout + 10,
+    )
 
 
 def seen_source(spaces, ns: str, host: str, port: int = 7777) -> str:
@@ -118,8 +131,11 @@ def pod_links(spaces, ns: str) -> list[str]:
 def pod_addrs(spaces, ns: str, dev: str = "eth0") -> list[str]:
     out = []
     for entry in ip_json(spaces, ns, "addr", "show", "dev", dev):
-        out += [f"{a['local']}/{a['prefixlen']}" for a in entry.get("addr_info", [])
-                if a.get("scope") == "global"]
+        out += [
+            f"{a['local']}/{a['prefixlen']}"
+            for a in entry.get("addr_info", [])
+            if a.get("scope") == "global"
+        ]
     return out
 
 
@@ -217,10 +233,16 @@ def test_fifty_concurrent_adds_and_dels(node):
     assert len({g.ip for g in got}) == count
     for g in got:
         assert g.network == subnet
-        assert g.ip not in (subnet.network_address, subnet.network_address + 1,
-                            subnet.broadcast_address)
-    bridged = [name for name in host_veths(node)
-               if link(node.spaces, node.ns, name).get("master") == "cni0"]
+        assert g.ip not in (
+            subnet.network_address,
+            subnet.network_address + 1,
+            subnet.broadcast_address,
+        )
+    bridged = [
+        name
+        for name in host_veths(node)
+        if link(node.spaces, node.ns, name).get("master") == "cni0"
+    ]
     assert sorted(bridged) == sorted(host_veth_name(node.name, c, "eth0") for c in cids)
     # Each pod holds the address its result reported.
     for i in (0, count // 2, count - 1):
@@ -300,8 +322,9 @@ def test_failure_after_each_step_leaves_nothing(node, step):
 
 def test_dual_stack(node):
     # subnet=None sends "subnet": null, which netconf treats as absent (ranges replaces it).
-    node.base.update(subnet=None, ranges=[[{"subnet": "10.244.1.0/24"}],
-                                          [{"subnet": "fd00:10:244:1::/64"}]])
+    node.base.update(
+        subnet=None, ranges=[[{"subnet": "10.244.1.0/24"}], [{"subnet": "fd00:10:244:1::/64"}]]
+    )
     pod1, pod2 = node.pod(), node.pod()
     r1, r2 = node.add(pod1, "c1"), node.add(pod2, "c2")
     assert ips_of(r1) == ["10.244.1.2/24", "fd00:10:244:1::2/64"]
@@ -356,8 +379,7 @@ def test_hairpin_mode(node):
 
 def test_no_default_gateway_with_routes(node):
     pod = node.pod()
-    res = node.add(pod, "c1", node.conf(isDefaultGateway=False,
-                                        routes=[{"dst": "10.96.0.0/12"}]))
+    res = node.add(pod, "c1", node.conf(isDefaultGateway=False, routes=[{"dst": "10.96.0.0/12"}]))
     table = routes(node.spaces, pod_name(pod))
     assert not [r for r in table if r["dst"] == "default"]
     svc = [r for r in table if r["dst"] == "10.96.0.0/12"]
@@ -391,8 +413,12 @@ def test_range_start_and_end(node):
 
 def test_custom_bridge_name_and_dns(node):
     node.bridge = "brpt0"
-    dns = {"nameservers": ["10.96.0.10"], "domain": "cluster.local",
-           "search": ["default.svc.cluster.local", "svc.cluster.local"], "options": ["ndots:5"]}
+    dns = {
+        "nameservers": ["10.96.0.10"],
+        "domain": "cluster.local",
+        "search": ["default.svc.cluster.local", "svc.cluster.local"],
+        "options": ["ndots:5"],
+    }
     pod = node.pod()
     res = node.add(pod, "c1", node.conf(dns=dns))
     assert res["dns"] == dns
@@ -405,8 +431,13 @@ def test_custom_bridge_name_and_dns(node):
 
 def test_two_networks_on_two_bridges(node):
     a = node.conf(name="neta", bridge="bra")
-    b = node.conf(name="netb", bridge="brb", subnet="10.245.1.0/24", network="10.245.0.0/16",
-                  isDefaultGateway=False)
+    b = node.conf(
+        name="netb",
+        bridge="brb",
+        subnet="10.245.1.0/24",
+        network="10.245.0.0/16",
+        isDefaultGateway=False,
+    )
     pod1, pod2 = node.pod(), node.pod()
     assert ips_of(node.add(pod1, "c1", a)) == ["10.244.1.2/24"]
     r1b = node.run("ADD", b, container_id="c1", netns=pod1, ifname="net1")
@@ -428,7 +459,9 @@ def test_two_networks_on_two_bridges(node):
     assert sorted(pod_links(spaces, pod_name(pod1))) == ["lo", "net1"]
     ping(spaces, pod_name(pod2), "10.245.1.2")
     assert [(x.network, x.container_id) for x in attachments(node)] == [
-        ("netb", "c1"), ("netb", "c2")]
+        ("netb", "c1"),
+        ("netb", "c2"),
+    ]
 
 
 def test_existing_bridge_is_reused(node):
@@ -481,8 +514,7 @@ def test_non_bridge_link_with_bridge_name(node):
 def outside(node):
     """A netns behind the node (192.0.2.2, node side 192.0.2.1) with no route to the pods."""
     out = node.spaces.make("out")
-    node.exec("ip", "link", "add", "uplink", "type", "veth", "peer", "name", "eth0",
-              "netns", out)
+    node.exec("ip", "link", "add", "uplink", "type", "veth", "peer", "name", "eth0", "netns", out)
     node.exec("ip", "addr", "add", "192.0.2.1/24", "dev", "uplink")
     node.exec("ip", "link", "set", "uplink", "up")
     node.spaces.exec(out, "ip", "addr", "add", "192.0.2.2/24", "dev", "eth0")

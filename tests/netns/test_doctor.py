@@ -40,8 +40,7 @@ def agent_socket(node) -> str:
     return os.path.join(node.root, "agent", "agent.sock")
 
 
-def doctor(node, *args: str, data: bool = True, timeout: float = 60
-           ) -> tuple[int, str, str]:
+def doctor(node, *args: str, data: bool = True, timeout: float = 60) -> tuple[int, str, str]:
     """`pycnictl doctor ARGS` in the node: (exit status, stdout, stderr)."""
     argv = [*PYCNICTL, "doctor", "--socket", agent_socket(node), *args]
     if data:
@@ -59,8 +58,19 @@ def doctor_json(node, *args: str) -> tuple[int, dict]:
 def findings(node, live: set | None = None) -> list[dict]:
     """pycni.doctor.check in the node's namespace."""
     arg = "-" if live is None else json.dumps(sorted(live))
-    proc = sh("ip", "netns", "exec", node.ns, sys.executable, "-c", CHECK, data_dir(node), arg,
-              check=False, timeout=60)
+    proc = sh(
+        "ip",
+        "netns",
+        "exec",
+        node.ns,
+        sys.executable,
+        "-c",
+        CHECK,
+        data_dir(node),
+        arg,
+        check=False,
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout)
 
@@ -115,9 +125,12 @@ def test_doctor_changes_nothing(node, pods):
 
     def state() -> tuple:
         db = [hashlib.sha256(content(f)).hexdigest() for f in ("pycni.db", "pycni.db-wal")]
-        return (db, node.exec("nft", "list", "ruleset").stdout,
-                node.exec("ip", "link", "show").stdout,
-                node.exec("ip", "addr", "show").stdout)
+        return (
+            db,
+            node.exec("nft", "list", "ruleset").stdout,
+            node.exec("ip", "link", "show").stdout,
+            node.exec("ip", "addr", "show").stdout,
+        )
 
     # A broken node: the doctor must not repair or touch anything either.
     node.exec("ip", "link", "del", host_veth_name(node.name, pods[0][0], "eth0"))
@@ -168,15 +181,20 @@ def test_a_bogus_netns_path_is_a_finding_not_a_hang(node, pods, tmp_path):
     assert "host veth" in f["actual"] and "still there" in f["actual"]
 
 
-def _insert_allocation(node, cid: str, ip: str, gateway: str | None, attachment: int | None = None
-                       ) -> None:
+def _insert_allocation(
+    node, cid: str, ip: str, gateway: str | None, attachment: int | None = None
+) -> None:
     with sqlite3.connect(os.path.join(data_dir(node), "pycni.db")) as conn:
         att_id, range_set = conn.execute(
             "SELECT at.id, al.range_set FROM attachments at JOIN allocations al"
-            " ON al.attachment_id = at.id WHERE at.container_id = ?", (cid,)).fetchone()
-        conn.execute("INSERT INTO allocations (attachment_id, seq, network, ip, prefixlen,"
-                     " gateway, range_set) VALUES (?, 1, ?, ?, 24, ?, ?)",
-                     (attachment or att_id, node.name, ip, gateway, range_set))
+            " ON al.attachment_id = at.id WHERE at.container_id = ?",
+            (cid,),
+        ).fetchone()
+        conn.execute(
+            "INSERT INTO allocations (attachment_id, seq, network, ip, prefixlen,"
+            " gateway, range_set) VALUES (?, 1, ?, ?, 24, ?, ?)",
+            (attachment or att_id, node.name, ip, gateway, range_set),
+        )
 
 
 def test_out_of_range_allocation_in_sqlite(node, pods):
@@ -221,9 +239,22 @@ def test_nft_table_deleted(node, pods):
 def test_masquerade_rule_changed_by_hand(node, pods):
     """One rule that differs is one finding naming both versions."""
     node.exec("nft", "flush", "chain", "inet", "pycni", "postrouting")
-    node.exec("nft", "add", "rule", "inet", "pycni", "postrouting", "ip", "saddr",
-              "10.244.1.0/24", "ip", "daddr", "!=", "{ 10.244.1.0/24, 224.0.0.0/4 }",
-              "masquerade")
+    node.exec(
+        "nft",
+        "add",
+        "rule",
+        "inet",
+        "pycni",
+        "postrouting",
+        "ip",
+        "saddr",
+        "10.244.1.0/24",
+        "ip",
+        "daddr",
+        "!=",
+        "{ 10.244.1.0/24, 224.0.0.0/4 }",
+        "masquerade",
+    )
     f = only(node, "rule-differs")
     assert "10.244.0.0/16" in f["expected"] and "10.244.0.0/16" not in f["actual"]
 
@@ -242,11 +273,19 @@ def test_the_runtimes_view(node, pods, tmp_path):
     found = findings(node, live)
     assert sorted((f["kind"], f["subject"]) for f in found) == [
         ("missing-in-store", "container ghost eth0"),
-        ("unknown-to-runtime", f"network {node.name}, container {c2} eth0")]
+        ("unknown-to-runtime", f"network {node.name}, container {c2} eth0"),
+    ]
     # The same through the CLI, from CNI GC's format.
     path = tmp_path / "live.json"
-    path.write_text(json.dumps({"cni.dev/valid-attachments": [
-        {"containerID": c, "ifname": i} for c, i in sorted(live)]}))
+    path.write_text(
+        json.dumps(
+            {
+                "cni.dev/valid-attachments": [
+                    {"containerID": c, "ifname": i} for c, i in sorted(live)
+                ]
+            }
+        )
+    )
     rc, report = doctor_json(node, "--live-from", str(path))
     assert rc == 1 and report["findings"] == found
     path.write_text(json.dumps([[c, "eth0"] for c, _, _ in pods]))
@@ -286,8 +325,9 @@ def test_text_output_is_one_line_per_finding(node, pods):
 # --- the cluster side, on a lab ------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("backend", "ipv6"), [("vxlan", True), ("host-gw", False)],
-                         ids=["vxlan-dual-stack", "host-gw"])
+@pytest.mark.parametrize(
+    ("backend", "ipv6"), [("vxlan", True), ("host-gw", False)], ids=["vxlan-dual-stack", "host-gw"]
+)
 def test_a_lab_node_is_sound_and_route_drift_is_found(make_lab, backend, ipv6):
     lab = make_lab(backend, nodes=2, pods=1, ipv6=ipv6)
     a, b = lab.nodes
@@ -301,6 +341,7 @@ def test_a_lab_node_is_sound_and_route_drift_is_found(make_lab, backend, ipv6):
     clean = report()
     assert clean["ok"] and clean["findings"] == [] and clean["notes"] == [], clean
     assert (clean["attachments"], clean["addresses"]) == (1, 2 if ipv6 else 1)
+
     def drift(*command: str) -> list[dict]:
         """Break something the agent repairs within its resync (5 s in a lab): try until the
         doctor looks before the agent does."""
@@ -346,8 +387,11 @@ def test_hostports_and_shaping(node):
     node.base["ipMasq"] = True
     mapping = {"hostPort": 8080, "containerPort": 80, "protocol": "tcp"}
     shaping = {"ingressRate": 8_000_000, "egressRate": 8_000_000}
-    node.add(node.pod(), "shaped0", node.conf(
-        runtimeConfig={"portMappings": [mapping], "bandwidth": shaping}))
+    node.add(
+        node.pod(),
+        "shaped0",
+        node.conf(runtimeConfig={"portMappings": [mapping], "bandwidth": shaping}),
+    )
     assert findings(node) == []
     node.exec("ip", "link", "add", "ifbghost", "type", "ifb")
     node.exec("ip", "link", "set", "ifbghost", "alias", f"pycni-ifb {node.name} ghost eth0")

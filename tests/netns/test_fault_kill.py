@@ -36,15 +36,28 @@ class FaultNode:
         """A pod with everything a step can make: hostPort DNAT, shaping with an ifb, and
         masquerade. Host ports differ per container: they are the node's."""
         port = 20000 + sum(map(ord, cid)) % 20000
-        runtime = {"portMappings": [{"hostPort": port, "containerPort": 80, "protocol": "tcp"}],
-                   "bandwidth": {"ingressRate": 10**7, "ingressBurst": 10**5,
-                                 "egressRate": 10**7, "egressBurst": 10**5}}
+        runtime = {
+            "portMappings": [{"hostPort": port, "containerPort": 80, "protocol": "tcp"}],
+            "bandwidth": {
+                "ingressRate": 10**7,
+                "ingressBurst": 10**5,
+                "egressRate": 10**7,
+                "egressBurst": 10**5,
+            },
+        }
         return self.node.conf(runtimeConfig=runtime, **overrides)
 
-    def run(self, command: str, cid: str, pod: str | None, env: dict | None = None,
-            conf: dict | None = None) -> Reply:
-        return self.node.run(command, conf or self.conf(cid), container_id=cid, netns=pod or "",
-                             env=env)
+    def run(
+        self,
+        command: str,
+        cid: str,
+        pod: str | None,
+        env: dict | None = None,
+        conf: dict | None = None,
+    ) -> Reply:
+        return self.node.run(
+            command, conf or self.conf(cid), container_id=cid, netns=pod or "", env=env
+        )
 
     def gc(self, live: set[tuple[str, str]], env: dict | None = None) -> Reply:
         conf = self.node.conf(**{VALID: [{"containerID": c, "ifname": i} for c, i in live]})
@@ -87,8 +100,14 @@ def fault_node(request, plugin_bin, tmp_path_factory):
         spaces.exec(ns, "ip", "link", "set", "lo", "up")
         root = tmp_path_factory.mktemp("fault")
         # agentSocket "": in-process whatever listens on the machine's default socket.
-        node = Node(ns=ns, root=str(root), plugin=plugin_bin, spaces=spaces, bridge="cni0",
-                    base={"ipMasq": True, "agentSocket": ""})
+        node = Node(
+            ns=ns,
+            root=str(root),
+            plugin=plugin_bin,
+            spaces=spaces,
+            bridge="cni0",
+            base={"ipMasq": True, "agentSocket": ""},
+        )
         if request.param == "agent":
             agent = AgentProcess(node).start()
             node.base["agentSocket"] = agent.socket
@@ -194,4 +213,3 @@ def test_killed_during_gc(fn, step):
     for cid, pod in ((forgotten, forgotten_pod), (crashed, crashed_pod)):
         ok(fn.run("DEL", cid, pod))  # the runtime's own DEL, late: nothing left to do
         start_again(fn, cid, pod)
-

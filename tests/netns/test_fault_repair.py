@@ -71,8 +71,14 @@ def test_netns_deleted_in_the_middle_of_add(node, step, tmp_path):
     mapping = {"hostPort": 8080, "containerPort": 80, "protocol": "tcp"}
     conf = node.conf(runtimeConfig={"portMappings": [mapping]})
     with DoctorProcess(node) as doctor, ThreadPoolExecutor(1) as pool:
-        waiting = pool.submit(node.run, "ADD", conf, container_id="vanish", netns=pod,
-                              env={PAUSE_AT_ENV: f"{step}:{fifo}"})
+        waiting = pool.submit(
+            node.run,
+            "ADD",
+            conf,
+            container_id="vanish",
+            netns=pod,
+            env={PAUSE_AT_ENV: f"{step}:{fifo}"},
+        )
         fd = open_writer(fifo, waiting)
         try:
             sh("ip", "netns", "del", pod_name(pod))
@@ -98,11 +104,9 @@ def two_pods(node):
     node.base["ipMasq"] = True
     mapping = {"hostPort": 8080, "containerPort": 80, "protocol": "tcp"}
     made = []
-    for cid, conf in (("a", node.conf(runtimeConfig={"portMappings": [mapping]})),
-                      ("b", None)):
+    for cid, conf in (("a", node.conf(runtimeConfig={"portMappings": [mapping]})), ("b", None)):
         pod = node.pod(cid)
-        made.append((cid, pod, address(ok(node.run("ADD", conf, container_id=cid,
-                                                    netns=pod)))))
+        made.append((cid, pod, address(ok(node.run("ADD", conf, container_id=cid, netns=pod)))))
     return made
 
 
@@ -137,7 +141,8 @@ def test_bridge_deleted_next_add_makes_it_and_takes_the_pods_back(node, two_pods
         assert len(found) == 1 and found[0].startswith(
             f"bridge-missing: bridge cni0 (network {node.name}): expected a bridge holding "
             "10.244.1.1/24; found no link cni0; the host veths of its 2 pod(s) are on no "
-            "bridge"), found
+            "bridge"
+        ), found
         pod = node.pod("c")
         c = ("c", pod, address(ok(node.run("ADD", container_id="c", netns=pod))))
         assert_repaired(node, doctor, [*two_pods, c])
@@ -158,11 +163,17 @@ def test_bridge_made_again_by_hand_the_doctor_names_each_detached_veth(node, two
         found = sorted(doctor.check(live))
         veth = {cid: host_veth_name(node.name, cid, "eth0") for cid in ("a", "b")}
         assert [f.split(":")[0] for f in found] == [
-            "bridge-down", "bridge-gateway-missing", "host-veth-detached", "host-veth-detached"]
+            "bridge-down",
+            "bridge-gateway-missing",
+            "host-veth-detached",
+            "host-veth-detached",
+        ]
         for cid in ("a", "b"):
-            assert (f"host-veth-detached: network {node.name}, container {cid} eth0: expected "
-                    f"{veth[cid]} attached to bridge cni0; found on no bridge; repair: ip link "
-                    f"set {veth[cid]} master cni0") in found
+            assert (
+                f"host-veth-detached: network {node.name}, container {cid} eth0: expected "
+                f"{veth[cid]} attached to bridge cni0; found on no bridge; repair: ip link "
+                f"set {veth[cid]} master cni0"
+            ) in found
         pod = node.pod("c")
         c = ("c", pod, address(ok(node.run("ADD", container_id="c", netns=pod))))
         assert_repaired(node, doctor, [*two_pods, c])
@@ -200,5 +211,7 @@ def test_the_agent_puts_back_its_rules(node, agent, two_pods):
         periodic = wait_sound(doctor, live, REPAIR_EVERY + 5)
     # Two repairs, and none on the passes that found the rules right.
     assert agent.log().count("applied them again") == 2
-    print(f"rules repaired {at_start:.1f} s after the agent started, {periodic:.1f} s after "
-          f"the table was deleted (a pass every {REPAIR_EVERY:g} s)")
+    print(
+        f"rules repaired {at_start:.1f} s after the agent started, {periodic:.1f} s after "
+        f"the table was deleted (a pass every {REPAIR_EVERY:g} s)"
+    )

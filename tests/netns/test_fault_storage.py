@@ -64,8 +64,11 @@ class HostMountAgent(AgentProcess):
             os.unlink(self.socket)  # a killed agent's: wait for the new one's
         argv = agent_argv(self.socket, os.path.join(self.node.root, "data"), self.log_file)
         # nsenter execs the agent (no fork for a network namespace): the pid is the agent's.
-        self.proc = subprocess.Popen(["nsenter", f"--net=/run/netns/{self.node.ns}", *argv],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.proc = subprocess.Popen(
+            ["nsenter", f"--net=/run/netns/{self.node.ns}", *argv],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
         try:
             wait_until_listening(self.proc, self.socket, wait)
         except RuntimeError as exc:
@@ -90,9 +93,15 @@ class Fs:
     def conf(self, cid: str, **overrides) -> dict:
         """A pod with all ADD makes: masquerade, a hostPort, shaping with an ifb."""
         port = 20000 + sum(map(ord, cid)) % 20000
-        runtime = {"portMappings": [{"hostPort": port, "containerPort": 80, "protocol": "tcp"}],
-                   "bandwidth": {"ingressRate": 10**7, "ingressBurst": 10**5,
-                                 "egressRate": 10**7, "egressBurst": 10**5}}
+        runtime = {
+            "portMappings": [{"hostPort": port, "containerPort": 80, "protocol": "tcp"}],
+            "bandwidth": {
+                "ingressRate": 10**7,
+                "ingressBurst": 10**5,
+                "egressRate": 10**7,
+                "egressBurst": 10**5,
+            },
+        }
         return self.node.conf(runtimeConfig=runtime, **overrides)
 
     def run(self, command: str, cid: str, pod: str, prev: dict | None = None) -> Reply:
@@ -110,20 +119,37 @@ class Fs:
 
     def kernel(self) -> tuple:
         """Links, qdiscs and packet rules of the node: what no failed call may change."""
-        return (sorted(self.node.links()), self.node.exec("tc", "qdisc", "show").stdout,
-                self.node.exec("nft", "list", "ruleset").stdout)
+        return (
+            sorted(self.node.links()),
+            self.node.exec("tc", "qdisc", "show").stdout,
+            self.node.exec("nft", "list", "ruleset").stdout,
+        )
 
     def rows(self) -> list[tuple]:
         """(container, ifname, address) in the store, read as a bystander would."""
         with closing(sqlite3.connect(f"file:{self.db}?mode=ro", uri=True, timeout=30)) as conn:
-            return sorted(conn.execute(
-                "SELECT at.container_id, at.ifname, al.ip FROM attachments at"
-                " JOIN allocations al ON al.attachment_id = at.id"))
+            return sorted(
+                conn.execute(
+                    "SELECT at.container_id, at.ifname, al.ip FROM attachments at"
+                    " JOIN allocations al ON al.attachment_id = at.id"
+                )
+            )
 
     def check(self, live: set[str]) -> list[str] | str:
         """pycni.doctor.check in the node: the findings, or the error text if it could not."""
-        proc = sh("ip", "netns", "exec", self.node.ns, sys.executable, "-c", CHECK, self.data,
-                  json.dumps(sorted([c, "eth0"] for c in live)), check=False, timeout=60)
+        proc = sh(
+            "ip",
+            "netns",
+            "exec",
+            self.node.ns,
+            sys.executable,
+            "-c",
+            CHECK,
+            self.data,
+            json.dumps(sorted([c, "eth0"] for c in live)),
+            check=False,
+            timeout=60,
+        )
         assert proc.returncode == 0, proc.stderr
         out = json.loads(proc.stdout)
         return out.get("error") or out["findings"]
@@ -183,8 +209,10 @@ def ok(reply: Reply) -> Reply:
 
 def gone(fs: Fs, cid: str) -> bool:
     links = fs.node.links()
-    return (host_veth_name(fs.node.name, cid, "eth0") not in links
-            and ifb_name(fs.node.name, cid, "eth0") not in links)
+    return (
+        host_veth_name(fs.node.name, cid, "eth0") not in links
+        and ifb_name(fs.node.name, cid, "eth0") not in links
+    )
 
 
 def pods(fs: Fs) -> tuple[list[str], dict]:
@@ -223,8 +251,13 @@ def test_full_filesystem(fs):
             assert reply.rc == 0 or failed(reply, 11, fs.db, "no space left"), reply
     assert fs.kernel() == before
 
-    failed(fs.run("DEL", "c1", netns[1]), 11, fs.db, "no space left",
-           "DEL removed the pod's interfaces")
+    failed(
+        fs.run("DEL", "c1", netns[1]),
+        11,
+        fs.db,
+        "no space left",
+        "DEL removed the pod's interfaces",
+    )
     assert gone(fs, "c1") and not gone(fs, "c0")
 
     os.unlink(filler)
@@ -251,16 +284,16 @@ def test_read_only_filesystem(fs):
         assert out["details"] == f"remount {fs.data} read-write, then retry"
         # CHECK and GC with nothing stale only read, which SQLite can on a read-only
         # filesystem; if it cannot, the error says why.
-        for reply in (fs.run("CHECK", "c0", netns[0], prev=results["c0"]),
-                      fs.gc({"c0", "c1"})):
+        for reply in (fs.run("CHECK", "c0", netns[0], prev=results["c0"]), fs.gc({"c0", "c1"})):
             assert reply.rc == 0 or failed(reply, 5, fs.db, "read-only"), reply
         assert fs.kernel() == before
         # GC with something stale has to write: as DEL, it removes the stale pod's
         # interfaces and fails.
         failed(fs.gc({"c0"}), 5, fs.db, "read-only", "GC removed the interfaces")
         assert gone(fs, "c1") and not gone(fs, "c0")
-        failed(fs.run("DEL", "c1", netns[1]), 5, fs.db, "read-only",
-               "DEL removed the pod's interfaces")
+        failed(
+            fs.run("DEL", "c1", netns[1]), 5, fs.db, "read-only", "DEL removed the pod's interfaces"
+        )
         assert gone(fs, "c1") and not gone(fs, "c0")
     finally:
         sh("mount", "-o", "remount,rw", fs.data)
@@ -304,8 +337,13 @@ def _hole_in_wal(fs: Fs) -> str:
     return f"has a damaged write-ahead log: frame 2 of {wal} belongs to it"
 
 
-DAMAGE = {"garbage": _garbage_over_db, "empty": _truncated_empty, "half": _truncated_half,
-          "wal-garbage": _garbage_wal, "wal-hole": _hole_in_wal}
+DAMAGE = {
+    "garbage": _garbage_over_db,
+    "empty": _truncated_empty,
+    "half": _truncated_half,
+    "wal-garbage": _garbage_wal,
+    "wal-hole": _hole_in_wal,
+}
 
 
 def crash_holding_the_store(fs: Fs, work, damage) -> None:
@@ -319,8 +357,9 @@ def crash_holding_the_store(fs: Fs, work, damage) -> None:
         fs.agent.start()
         return
     Store(fs.data).close()
-    holder = subprocess.Popen([sys.executable, "-c", HOLDER, fs.db], stdout=subprocess.PIPE,
-                              text=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, fs.db], stdout=subprocess.PIPE, text=True
+    )
     try:
         assert holder.stdout.readline() == "open\n"
         work()
@@ -395,8 +434,9 @@ def recover_by_draining(fs: Fs, netns: list[str]) -> None:
 def test_a_database_moved_aside_without_its_log_is_refused(fs):
     """SQLite would replay the old log into the new, empty database."""
     netns = [fs.node.pod() for _ in range(3)]
-    crash_holding_the_store(fs, lambda: fs.add("c0", netns[0]),
-                            lambda: os.rename(fs.db, fs.db + ".moved"))
+    crash_holding_the_store(
+        fs, lambda: fs.add("c0", netns[0]), lambda: os.rename(fs.db, fs.db + ".moved")
+    )
     failed(fs.run("ADD", "c2", netns[2]), 5, fs.db, "is missing but its write-ahead log")
     assert not os.path.exists(fs.db) and gone(fs, "c2")
 
@@ -416,13 +456,30 @@ def test_damaged_store_rebuilt_from_the_node(fs, damage, tmp_path):
     failed(fs.run("DEL", "c1", netns[1]), 5, fs.db)  # c1 goes meanwhile: its DEL fails
     conf = tmp_path / "10-pycni.conflist"
     plugin = {k: v for k, v in fs.node.conf().items() if k not in ("name", "cniVersion")}
-    conf.write_text(json.dumps({"cniVersion": "1.0.0", "cniVersions": ["1.0.0", "1.1.0"],
-                                "name": fs.node.name, "plugins": [plugin]}))
+    conf.write_text(
+        json.dumps(
+            {
+                "cniVersion": "1.0.0",
+                "cniVersions": ["1.0.0", "1.1.0"],
+                "name": fs.node.name,
+                "plugins": [plugin],
+            }
+        )
+    )
 
     def rebuild() -> subprocess.CompletedProcess:
-        return fs.node.exec(*PYCNICTL, "doctor", "--rebuild-store", "--conf", str(conf),
-                            "--data-dir", fs.data, "--socket", str(tmp_path / "none"),
-                            check=False)
+        return fs.node.exec(
+            *PYCNICTL,
+            "doctor",
+            "--rebuild-store",
+            "--conf",
+            str(conf),
+            "--data-dir",
+            fs.data,
+            "--socket",
+            str(tmp_path / "none"),
+            check=False,
+        )
 
     refused = rebuild()  # the damaged store is still in place
     assert refused.returncode == 2 and "move it aside first" in refused.stdout, refused
@@ -446,8 +503,9 @@ def test_damaged_store_rebuilt_from_the_node(fs, damage, tmp_path):
     ips = {cid: ip for cid, _, ip in fs.rows()}
     assert ips["c0"] == c0_ip and ips["c2"] != c0_ip, ips
     # Its hostPort is the node's again: another pod asking for it is refused.
-    clash = fs.node.conf(runtimeConfig={"portMappings": [
-        {"hostPort": port, "containerPort": 80, "protocol": "tcp"}]})
+    clash = fs.node.conf(
+        runtimeConfig={"portMappings": [{"hostPort": port, "containerPort": 80, "protocol": "tcp"}]}
+    )
     reply = fs.node.run("ADD", clash, container_id="c3", netns=fs.node.pod())
     failed(reply, 101, f"host port {port}/tcp", "c0")
 

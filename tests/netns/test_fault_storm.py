@@ -138,6 +138,8 @@ def test_agent_restarts_in_a_110_pod_storm(node, agent):
         veths = [name for name in node.links() if name.startswith("veth")]
         assert veths == []
         assert node.exec("nft", "list", "tables").stdout.count("pycni") == 0
-    print(f"storm of {PODS} pods with {len(RESTARTS)} agent restarts: {storm:.1f} s; "
-          f"callers queued at the SIGKILLs {queued}; failed calls {dict(runtime.failures)}; "
-          f"total {time.monotonic() - started:.1f} s")
+    print(
+        f"storm of {PODS} pods with {len(RESTARTS)} agent restarts: {storm:.1f} s; "
+        f"callers queued at the SIGKILLs {queued}; failed calls {dict(runtime.failures)}; "
+        f"total {time.monotonic() - started:.1f} s"
+    )

@@ -60,54 +60,101 @@ class Case:
 
 FIFO = Root("fifo")  # made by run_case: nobody ever writes to it
 NOT_NETNS = ["/proc/self/ns/mnt", "/dev/null", "/dev/zero", Root(""), FIFO]  # code 4, unopened
-NETNS = ["", "run/netns/x", "/run/netns/../../etc/passwd", "/run/netns/pycni-fuzz-no-such-ns",
-         "/" + "x" * 5000, "/run/netns/\udcff", *NOT_NETNS]
+NETNS = [
+    "",
+    "run/netns/x",
+    "/run/netns/../../etc/passwd",
+    "/run/netns/pycni-fuzz-no-such-ns",
+    "/" + "x" * 5000,
+    "/run/netns/\udcff",
+    *NOT_NETNS,
+]
 env_overrides = st.dictionaries(
     st.sampled_from(["CNI_CONTAINERID", "CNI_IFNAME", "CNI_NETNS", "CNI_ARGS"]),
-    st.one_of(st.none(), environment_text(), st.sampled_from(HOSTILE_NAMES),
-              st.sampled_from(NETNS), st.sampled_from(["IP=10.244.1.77", "IP=1.2.3.4;A=1",
-                                                       "IgnoreUnknown=1", "IP"])),
+    st.one_of(
+        st.none(),
+        environment_text(),
+        st.sampled_from(HOSTILE_NAMES),
+        st.sampled_from(NETNS),
+        st.sampled_from(["IP=10.244.1.77", "IP=1.2.3.4;A=1", "IgnoreUnknown=1", "IP"]),
+    ),
     max_size=2,
 )
-TOP_KEYS = {"cniVersion": (str,), "name": (str,), "bridge": (str, type(None)),
-            "subnet": (str,), "mtu": (int, type(None)), "ipMasq": (bool, type(None)),
-            "routes": (list, type(None)), "dns": (dict, type(None)),
-            "runtimeConfig": (dict, type(None)), "ipam": (dict, type(None)),
-            "prevResult": (dict, type(None)), "dataDir": (str, type(None)),
-            "logFile": (str, type(None)), "agentSocket": (str, type(None))}
+TOP_KEYS = {
+    "cniVersion": (str,),
+    "name": (str,),
+    "bridge": (str, type(None)),
+    "subnet": (str,),
+    "mtu": (int, type(None)),
+    "ipMasq": (bool, type(None)),
+    "routes": (list, type(None)),
+    "dns": (dict, type(None)),
+    "runtimeConfig": (dict, type(None)),
+    "ipam": (dict, type(None)),
+    "prevResult": (dict, type(None)),
+    "dataDir": (str, type(None)),
+    "logFile": (str, type(None)),
+    "agentSocket": (str, type(None)),
+}
 CHOICES = {
     "cniVersion": ["0.1.0", "0.3.1", "1.0.0", "9.9.9", ""],
     "name": ["../../x", "a/b", "x" * 129, "n2", "\u0000", "fuzz%d"],
     "bridge": ["../x", "a b", "cni%d", "x" * 16, ".", "\ud800", "cni0"],
     "subnet": ["10.244.1.0/31", "10.244.1.5/24", "ten", "10.244.1.0/28"],
     "mtu": [100, 70000, 1400, 2**64],
-    "routes": [[{"dst": "10.96.0.0/12", "gw": 5}], [{"dst": "x"}], [{"dst": "10.96.0.0/12"}],
-               [{"dst": "10.96.0.0/12", "mtu": "x"}]],
+    "routes": [
+        [{"dst": "10.96.0.0/12", "gw": 5}],
+        [{"dst": "x"}],
+        [{"dst": "10.96.0.0/12"}],
+        [{"dst": "10.96.0.0/12", "mtu": "x"}],
+    ],
     "dns": [{"nameservers": ["dns.example"]}, {"domain": "\ud800"}],
-    "runtimeConfig": [{"ips": ["10.244.1.250"]}, {"ips": ["1.2.3.4"]},
-                      {"mac": "ff:ff:ff:ff:ff:ff"}, {"mac": "0a:58:0a:f4:01:63"},
-                      {"ips": "10.244.1.9"}, {"bandwidth": {"ingressRate": -1}},
-                      {"portMappings": [{"hostPort": "x"}]}],
+    "runtimeConfig": [
+        {"ips": ["10.244.1.250"]},
+        {"ips": ["1.2.3.4"]},
+        {"mac": "ff:ff:ff:ff:ff:ff"},
+        {"mac": "0a:58:0a:f4:01:63"},
+        {"ips": "10.244.1.9"},
+        {"bandwidth": {"ingressRate": -1}},
+        {"portMappings": [{"hostPort": "x"}]},
+    ],
     "prevResult": [{"interfaces": [{"name": "a", "mtu": 1e300}]}, [1], {"ips": [{"x": 1}]}],
-    "dataDir": ["var/lib/pycni", "/var/lib/../../etc", "/tmp/\ud800", Root("data/../x"),
-                Root("data2"), Root("d ir/./x"), Root("data//y"), "/x\u0000y"],
-    "logFile": ["/dev/stdout", "/proc/self/fd/1", "/dev/null", Root(""), Root("log2"),
-                "relative.log"],
+    "dataDir": [
+        "var/lib/pycni",
+        "/var/lib/../../etc",
+        "/tmp/\ud800",
+        Root("data/../x"),
+        Root("data2"),
+        Root("d ir/./x"),
+        Root("data//y"),
+        "/x\u0000y",
+    ],
+    "logFile": [
+        "/dev/stdout",
+        "/proc/self/fd/1",
+        "/dev/null",
+        Root(""),
+        Root("log2"),
+        "relative.log",
+    ],
     "agentSocket": ["", "rel.sock", "\u0000pycni-fuzz", Root("no-agent.sock"), "/run/\ud800"],
     "ipam": [{"type": "dhcp"}, {"type": "host-local", "dataDir": "x"}],
 }
 conf_overrides = st.dictionaries(
     st.sampled_from(sorted(TOP_KEYS)),
-    st.one_of(st.none(), st.sampled_from(sorted(TOP_KEYS)).flatmap(
-        lambda k: wrong_type(TOP_KEYS[k])), st.sampled_from(
-        [v for values in CHOICES.values() for v in values])),
+    st.one_of(
+        st.none(),
+        st.sampled_from(sorted(TOP_KEYS)).flatmap(lambda k: wrong_type(TOP_KEYS[k])),
+        st.sampled_from([v for values in CHOICES.values() for v in values]),
+    ),
     max_size=3,
 )
 RAW = ["cut", "bad-utf8", "nul", "deep", "huge", "empty", "array"]
 cases = st.builds(
     Case,
-    command=st.sampled_from(["ADD"] * 12 + ["DEL", "DEL", "CHECK", "VERSION", "STATUS", "GC",
-                                           "add", "\udcff"]),
+    command=st.sampled_from(
+        ["ADD"] * 12 + ["DEL", "DEL", "CHECK", "VERSION", "STATUS", "GC", "add", "\udcff"]
+    ),
     env=st.one_of(st.just({}), st.just({}), env_overrides),
     conf=conf_overrides,
     raw=st.one_of(*[st.none()] * 5, st.sampled_from(RAW)),
@@ -117,24 +164,34 @@ cases = st.builds(
 def damage(data: bytes, how: str | None) -> bytes:
     if how is None:
         return data
-    return {"cut": data[:len(data) // 2], "bad-utf8": data[:10] + b"\xff" + data[10:],
-            "nul": data[:10] + b"\x00" + data[10:], "deep": deep(100_000),
-            "huge": data[:-1] + b', "pad": "' + b"a" * HUGE_PADDING + b'"}', "empty": b"",
-            "array": b"[" + data + b"]"}[how]
+    return {
+        "cut": data[: len(data) // 2],
+        "bad-utf8": data[:10] + b"\xff" + data[10:],
+        "nul": data[:10] + b"\x00" + data[10:],
+        "deep": deep(100_000),
+        "huge": data[:-1] + b', "pad": "' + b"a" * HUGE_PADDING + b'"}',
+        "empty": b"",
+        "array": b"[" + data + b"]",
+    }[how]
 
 
 # --- the node's state --------------------------------------------------------------------------
 
 
 def links(ns: str) -> list[str]:
-    out = subprocess.run(["ip", "-n", ns, "-o", "link", "show"], capture_output=True,
-                         text=True, check=True).stdout
+    out = subprocess.run(
+        ["ip", "-n", ns, "-o", "link", "show"], capture_output=True, text=True, check=True
+    ).stdout
     return [line.split(": ")[1].split("@")[0] for line in out.splitlines()]
 
 
 def bridges(ns: str) -> set[str]:
-    out = subprocess.run(["ip", "-n", ns, "-o", "link", "show", "type", "bridge"],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        ["ip", "-n", ns, "-o", "link", "show", "type", "bridge"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     return {line.split(": ")[1] for line in out.splitlines()}
 
 
@@ -163,16 +220,24 @@ def resolve(value, root: str):
 
 def exec_case(node: Node, environ: dict, data: bytes):
     env = {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"), **environ}
-    return subprocess.run(["ip", "netns", "exec", node.ns, node.plugin], input=data, env={
-        k.encode("utf-8", "surrogateescape"): v.encode("utf-8", "surrogateescape")
-        for k, v in env.items()}, capture_output=True, timeout=TIMEOUT)
+    return subprocess.run(
+        ["ip", "netns", "exec", node.ns, node.plugin],
+        input=data,
+        env={
+            k.encode("utf-8", "surrogateescape"): v.encode("utf-8", "surrogateescape")
+            for k, v in env.items()
+        },
+        capture_output=True,
+        timeout=TIMEOUT,
+    )
 
 
 # --- the property ----------------------------------------------------------------------------
 
 
-@fuzz_settings(60, suppress_health_check=[HealthCheck.function_scoped_fixture,
-                                          HealthCheck.too_slow])
+@fuzz_settings(
+    60, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
+)
 @given(case=cases)
 @example(case=Case(env={"CNI_IFNAME": "eth%d"}))  # was: 103 after the kernel made it eth0
 @example(case=Case(conf={"bridge": "cni%d"}))  # was: a bridge named cni1 (or cni0), kept
@@ -184,8 +249,11 @@ def exec_case(node: Node, environ: dict, data: bytes):
 @example(case=Case(conf={"routes": [{"dst": "10.96.0.0/12", "gw": 5}]}))
 @example(case=Case(raw="huge"))
 @example(case=Case(env={"CNI_NETNS": FIFO}))  # was: ADD blocked for ever opening the FIFO
-@example(case=Case(command="CHECK", env={"CNI_NETNS": FIFO},
-                   conf={"prevResult": {"cniVersion": "1.1.0"}}))  # the same
+@example(
+    case=Case(
+        command="CHECK", env={"CNI_NETNS": FIFO}, conf={"prevResult": {"cniVersion": "1.1.0"}}
+    )
+)  # the same
 @example(case=Case(env={"CNI_CONTAINERID": "../../etc", "CNI_NETNS": "/run/netns/../../x"}))
 def test_hostile_input_gets_a_cni_answer_and_leaves_nothing(node, case):
     pod = node.pod("fz")
@@ -206,8 +274,13 @@ def run_case(node: Node, pod: str, case: Case) -> None:
     if not os.path.exists(fifo):
         os.makedirs(os.path.dirname(fifo), exist_ok=True)
         os.mkfifo(fifo)
-    environ = {"CNI_COMMAND": case.command, "CNI_CONTAINERID": "fz1", "CNI_IFNAME": "eth0",
-               "CNI_NETNS": pod, "CNI_PATH": os.path.dirname(node.plugin)}
+    environ = {
+        "CNI_COMMAND": case.command,
+        "CNI_CONTAINERID": "fz1",
+        "CNI_IFNAME": "eth0",
+        "CNI_NETNS": pod,
+        "CNI_PATH": os.path.dirname(node.plugin),
+    }
     for key, value in case.env.items():
         if value is None:
             environ.pop(key, None)
@@ -215,7 +288,8 @@ def run_case(node: Node, pod: str, case: Case) -> None:
             environ[key] = resolve(value, node.root)
     data = damage(json.dumps(conf).encode(), case.raw)
     data_dirs = {node.conf()["dataDir"]} | (
-        {conf["dataDir"]} if isinstance(conf.get("dataDir"), str) else set())
+        {conf["dataDir"]} if isinstance(conf.get("dataDir"), str) else set()
+    )
 
     bridges_before, rules_before = bridges(node.ns), ruleset(node)
     proc = exec_case(node, environ, data)
@@ -241,10 +315,13 @@ def run_case(node: Node, pod: str, case: Case) -> None:
         assert ruleset(node) == rules_before, (case, out)  # DEL or rollback took them back
 
 
-STRING_RULES = {"name": spec_name, "bridge": spec_ifname,
-                "dataDir": lambda v: spec_path(v, False),
-                "logFile": lambda v: spec_path(v, True),
-                "agentSocket": lambda v: spec_path(v, True)}
+STRING_RULES = {
+    "name": spec_name,
+    "bridge": spec_ifname,
+    "dataDir": lambda v: spec_path(v, False),
+    "logFile": lambda v: spec_path(v, True),
+    "agentSocket": lambda v: spec_path(v, True),
+}
 
 
 def expected_code(case: Case, environ: dict, root: str) -> int | None:
@@ -255,18 +332,27 @@ def expected_code(case: Case, environ: dict, root: str) -> int | None:
     if command in ("ADD", "CHECK", "DEL"):
         netns = environ.get("CNI_NETNS", "")
         netns_ok = spec_netns(netns) if netns else command == "DEL"
-        if not (spec_container_id(environ.get("CNI_CONTAINERID", ""))
-                and spec_ifname(environ.get("CNI_IFNAME", "")) and netns_ok):
+        if not (
+            spec_container_id(environ.get("CNI_CONTAINERID", ""))
+            and spec_ifname(environ.get("CNI_IFNAME", ""))
+            and netns_ok
+        ):
             return 4
-        if any(not ("=" in p and not p.startswith("="))
-               for p in environ.get("CNI_ARGS", "").split(";") if p):
+        if any(
+            not ("=" in p and not p.startswith("="))
+            for p in environ.get("CNI_ARGS", "").split(";")
+            if p
+        ):
             return 4
     if command == "VERSION":
         return None
     if case.raw is not None:
         return 6
-    if command == "ADD" and not case.conf and environ.get("CNI_NETNS") in [
-            resolve(p, root) for p in NOT_NETNS]:
+    if (
+        command == "ADD"
+        and not case.conf
+        and environ.get("CNI_NETNS") in [resolve(p, root) for p in NOT_NETNS]
+    ):
         return 4  # found before anything is opened: a FIFO would block, a device act
     if command in ("ADD", "CHECK") and len(case.conf) == 1:
         ((key, value),) = case.conf.items()

@@ -35,16 +35,21 @@ FEATURES = {f.name for f in dataclasses.fields(NetConf)}
 
 def pycnictl(*args: str, ns: str | None = None, timeout: float = 60):
     prefix = ["ip", "netns", "exec", ns] if ns else []
-    return subprocess.run([*prefix, PYCNICTL, *args], capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [*prefix, PYCNICTL, *args], capture_output=True, text=True, timeout=timeout
+    )
 
 
 @pytest.fixture
 def dirs(tmp_path):
     """The node's directories, each where a real node has /opt/cni/bin, /etc/cni/net.d ..."""
-    d = SimpleNamespace(root=str(tmp_path), bin=str(tmp_path / "bin"),
-                        conf=str(tmp_path / "net.d"), data=str(tmp_path / "data"),
-                        run=str(tmp_path / "run"))
+    d = SimpleNamespace(
+        root=str(tmp_path),
+        bin=str(tmp_path / "bin"),
+        conf=str(tmp_path / "net.d"),
+        data=str(tmp_path / "data"),
+        run=str(tmp_path / "run"),
+    )
     d.paths = ["--bin-dir", d.bin, "--conf-dir", d.conf, "--data-dir", d.data]
     return d
 
@@ -58,8 +63,12 @@ def runtime_conf(conflist_path: str, root: str, **runtime) -> dict:
     private log file)."""
     with open(conflist_path) as f:
         conflist = json.load(f)
-    conf = {**conflist["plugins"][0], "name": conflist["name"],
-            "cniVersion": conflist["cniVersion"], "logFile": os.path.join(root, "pycni.log")}
+    conf = {
+        **conflist["plugins"][0],
+        "name": conflist["name"],
+        "cniVersion": conflist["cniVersion"],
+        "logFile": os.path.join(root, "pycni.log"),
+    }
     if runtime:
         conf["runtimeConfig"] = runtime
     return conf
@@ -75,8 +84,16 @@ def node_in(netns, plugin: str, root: str) -> Node:
 
 
 def test_install_writes_both_files_and_is_idempotent(dirs):
-    args = ("--subnet", "10.244.1.0/24", "--network", "10.244.0.0/16", "--name", "testnet",
-            "--data-dir", dirs.data)
+    args = (
+        "--subnet",
+        "10.244.1.0/24",
+        "--network",
+        "10.244.0.0/16",
+        "--name",
+        "testnet",
+        "--data-dir",
+        dirs.data,
+    )
     first = install(dirs, *args)
     assert first.returncode == 0, first.stderr
     launcher = os.path.join(dirs.bin, "pycni")
@@ -92,14 +109,18 @@ def test_install_writes_both_files_and_is_idempotent(dirs):
     with open(conflist) as f:
         conf = json.load(f)
     plugin = conf["plugins"][0]
-    assert (conf["name"], plugin["type"], plugin["subnet"], plugin["network"],
-            plugin["dataDir"], plugin["ipMasq"]) == (
-        "testnet", "pycni", "10.244.1.0/24", "10.244.0.0/16", dirs.data, True)
+    assert (
+        conf["name"],
+        plugin["type"],
+        plugin["subnet"],
+        plugin["network"],
+        plugin["dataDir"],
+        plugin["ipMasq"],
+    ) == ("testnet", "pycni", "10.244.1.0/24", "10.244.0.0/16", dirs.data, True)
     before = {p: os.stat(p).st_mtime_ns for p in (launcher, conflist)}
     second = install(dirs, *args)
     assert second.returncode == 0, second.stderr
-    assert second.stdout.splitlines() == [f"{launcher} is up to date",
-                                          f"{conflist} is up to date"]
+    assert second.stdout.splitlines() == [f"{launcher} is up to date", f"{conflist} is up to date"]
     assert {p: os.stat(p).st_mtime_ns for p in (launcher, conflist)} == before
     # A new subnet replaces the config list.
     third = install(dirs, "--subnet", "10.244.2.0/24", "--name", "testnet")
@@ -108,17 +129,29 @@ def test_install_writes_both_files_and_is_idempotent(dirs):
         assert json.load(f)["plugins"][0]["subnet"] == "10.244.2.0/24"
 
 
-@pytest.mark.parametrize(("args", "said"), [
-    (["--subnet", "10.244.1.1/24"], "subnet"),  # host bits set
-    (["--subnet", "banana"], "subnet"),
-    (["--subnet", "10.244.1.0/24", "--network", "10.245.0.0/16"], "not inside --network"),
-    (["--subnet", "10.244.1.0/24", "--network", "fd00::/56"], "not inside --network"),
-    (["--subnet", "10.244.1.0/24", "--network", "10.244.0.0/33"], "network"),
-    (["--subnet", "10.244.1.0/24", "--name", "no spaces"], "name"),
-    (["--subnet", "10.244.1.0/24", "--data-dir", "relative/dir"], "dataDir"),
-    (["--network", "10.244.0.0/16"], "need --subnet"),
-], ids=["host-bits", "not-a-cidr", "outside", "family", "bad-network", "bad-name",
-        "relative-data-dir", "network-alone"])
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [
+        (["--subnet", "10.244.1.1/24"], "subnet"),  # host bits set
+        (["--subnet", "banana"], "subnet"),
+        (["--subnet", "10.244.1.0/24", "--network", "10.245.0.0/16"], "not inside --network"),
+        (["--subnet", "10.244.1.0/24", "--network", "fd00::/56"], "not inside --network"),
+        (["--subnet", "10.244.1.0/24", "--network", "10.244.0.0/33"], "network"),
+        (["--subnet", "10.244.1.0/24", "--name", "no spaces"], "name"),
+        (["--subnet", "10.244.1.0/24", "--data-dir", "relative/dir"], "dataDir"),
+        (["--network", "10.244.0.0/16"], "need --subnet"),
+    ],
+    ids=[
+        "host-bits",
+        "not-a-cidr",
+        "outside",
+        "family",
+        "bad-network",
+        "bad-name",
+        "relative-data-dir",
+        "network-alone",
+    ],
+)
 def test_install_refuses_bad_input_and_writes_nothing(dirs, args, said):
     proc = install(dirs, *args)
     assert proc.returncode != 0
@@ -157,16 +190,24 @@ def test_install_notes_a_config_that_sorts_first(dirs):
 
 
 def test_installed_launcher_networks_a_pod_as_a_runtime_execs_it(netns, dirs):
-    proc = install(dirs, "--subnet", "10.244.1.0/24", "--network", "10.244.0.0/16",
-                   "--name", "testnet", "--data-dir", dirs.data)
+    proc = install(
+        dirs,
+        "--subnet",
+        "10.244.1.0/24",
+        "--network",
+        "10.244.0.0/16",
+        "--name",
+        "testnet",
+        "--data-dir",
+        dirs.data,
+    )
     assert proc.returncode == 0, proc.stderr
     node = node_in(netns, os.path.join(dirs.bin, "pycni"), dirs.root)
     conf = runtime_conf(os.path.join(dirs.conf, CONFLIST_NAME), dirs.root)
     pod = node.pod()
     result = node.add(pod, CID1, conf)
     assert result["ips"][0]["address"] == "10.244.1.2/24"
-    assert "10.244.1.2/24" in sh("ip", "-n", os.path.basename(pod), "addr", "show",
-                                 "eth0").stdout
+    assert "10.244.1.2/24" in sh("ip", "-n", os.path.basename(pod), "addr", "show", "eth0").stdout
     assert os.path.exists(os.path.join(dirs.data, "pycni.db"))
     assert node.run("DEL", conf, container_id=CID1, netns=pod).rc == 0
 
@@ -187,32 +228,60 @@ def test_standalone_launcher_is_one_stdlib_file_for_the_system_python(dirs):
     assert text == standalone_text()
     assert text.startswith(f"#!{STANDALONE_PYTHON} -IS\n") and MARKER in text
     ast.parse(text, feature_version=(3, 6))  # what the header promises
-    imports = {alias.name for node in ast.walk(ast.parse(text))
-               if isinstance(node, ast.Import | ast.ImportFrom)
-               for alias in node.names}
+    imports = {
+        alias.name
+        for node in ast.walk(ast.parse(text))
+        if isinstance(node, ast.Import | ast.ImportFrom)
+        for alias in node.names
+    }
     assert imports <= {"_socket", "os", "sys", "_json", "json"}, imports
     # Every name it uses is defined in it (what the shim imports from pycni was inlined).
     ruff = os.path.join(os.path.dirname(sys.executable), "ruff")
     if os.path.exists(ruff):
-        lint = subprocess.run([ruff, "check", "--no-cache", "--isolated", "--select", "F,E9",
-                               "--stdin-filename", "standalone.py", "-"], input=text,
-                              capture_output=True, text=True)
+        lint = subprocess.run(
+            [
+                ruff,
+                "check",
+                "--no-cache",
+                "--isolated",
+                "--select",
+                "F,E9",
+                "--stdin-filename",
+                "standalone.py",
+                "-",
+            ],
+            input=text,
+            capture_output=True,
+            text=True,
+        )
         assert lint.returncode == 0, lint.stdout
     # The system interpreter cannot import pycni: the file really stands alone.
-    probe = subprocess.run([STANDALONE_PYTHON, "-IS", "-c", "import pycni"],
-                           capture_output=True, text=True)
+    probe = subprocess.run(
+        [STANDALONE_PYTHON, "-IS", "-c", "import pycni"], capture_output=True, text=True
+    )
     assert probe.returncode != 0
 
 
-@pytest.mark.parametrize("stdin", [
-    b'{"cniVersion": "0.4.0", "name": "n", "type": "pycni", "agentSocket": "%s"}', b"",
-    b"not json"], ids=["config", "empty", "garbage"])
+@pytest.mark.parametrize(
+    "stdin",
+    [
+        b'{"cniVersion": "0.4.0", "name": "n", "type": "pycni", "agentSocket": "%s"}',
+        b"",
+        b"not json",
+    ],
+    ids=["config", "empty", "garbage"],
+)
 def test_standalone_launcher_without_agent_answers_try_again(dirs, stdin):
     path = standalone(dirs)
     sock = os.path.join(dirs.root, "nobody.sock")
     data = stdin.replace(b"%s", sock.encode())
-    env = {"CNI_COMMAND": "ADD", "CNI_CONTAINERID": CID1, "CNI_IFNAME": "eth0",
-           "CNI_NETNS": "/run/netns/x", "CNI_PATH": dirs.bin}
+    env = {
+        "CNI_COMMAND": "ADD",
+        "CNI_CONTAINERID": CID1,
+        "CNI_IFNAME": "eth0",
+        "CNI_NETNS": "/run/netns/x",
+        "CNI_PATH": dirs.bin,
+    }
     proc = subprocess.run([path], input=data, env=env, capture_output=True)
     assert proc.returncode == 1
     assert proc.stderr == b""  # never a traceback
@@ -231,8 +300,9 @@ def test_standalone_launcher_forwards_to_a_real_agent(netns, dirs):
         pod = node.pod()
         result = node.add(pod, CID1, conf)
         assert result["ips"][0]["address"] == "10.244.1.2/24"
-        assert node.run("CHECK", {**conf, "prevResult": result}, container_id=CID1,
-                        netns=pod).rc == 0
+        assert (
+            node.run("CHECK", {**conf, "prevResult": result}, container_id=CID1, netns=pod).rc == 0
+        )
         assert node.run("DEL", conf, container_id=CID1, netns=pod).rc == 0
         agent.stop()
         gone = node.run("ADD", conf, container_id=CID2, netns=node.pod())
@@ -273,8 +343,9 @@ def fake_remote_node(path: str):
     from pycni.cluster.model import ClusterSettings, NodeRecord
     from pycni.cluster.sqlite import SqliteKV
 
-    store = LeaseDatastore(SqliteKV(path, 3600), ClusterSettings(("10.244.0.0/16",)), "sqlite",
-                           node_name="n2")
+    store = LeaseDatastore(
+        SqliteKV(path, 3600), ClusterSettings(("10.244.0.0/16",)), "sqlite", node_name="n2"
+    )
     return store, store.register(NodeRecord("n2", ("192.0.2.2",), (), vtep_mac("n2")))
 
 
@@ -283,8 +354,9 @@ def lease_holders(path: str) -> set[str]:
     from pycni.cluster.model import ClusterSettings
     from pycni.cluster.sqlite import SqliteKV
 
-    store = LeaseDatastore(SqliteKV(path, 3600), ClusterSettings(("10.244.0.0/16",)), "sqlite",
-                           node_name="probe")
+    store = LeaseDatastore(
+        SqliteKV(path, 3600), ClusterSettings(("10.244.0.0/16",)), "sqlite", node_name="probe"
+    )
     try:
         return {n.name for n in store.nodes()}
     finally:
@@ -293,15 +365,41 @@ def lease_holders(path: str) -> set[str]:
 
 def start_cluster_agent(ns: str, dirs, datastore: str) -> subprocess.Popen:
     sock = os.path.join(dirs.run, "agent.sock")
-    argv = [PYCNICTL, "agent", "--socket", sock, "--data-dir", dirs.data,
-            "--log-file", os.path.join(dirs.root, "agent.log"), "--metrics-port", "0",
-            "--cluster-cidr", "10.244.0.0/16", "--datastore", "sqlite",
-            "--datastore-path", datastore, "--backend", "vxlan", "--node-name", "n1",
-            "--iface", "eth0", "--conf-dir", dirs.conf,
-            "--subnet-file", os.path.join(dirs.run, "subnet.env"),
-            "--network-name", "testnet", "--resync", "1"]
-    return subprocess.Popen(["ip", "netns", "exec", ns, *argv], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
+    argv = [
+        PYCNICTL,
+        "agent",
+        "--socket",
+        sock,
+        "--data-dir",
+        dirs.data,
+        "--log-file",
+        os.path.join(dirs.root, "agent.log"),
+        "--metrics-port",
+        "0",
+        "--cluster-cidr",
+        "10.244.0.0/16",
+        "--datastore",
+        "sqlite",
+        "--datastore-path",
+        datastore,
+        "--backend",
+        "vxlan",
+        "--node-name",
+        "n1",
+        "--iface",
+        "eth0",
+        "--conf-dir",
+        dirs.conf,
+        "--subnet-file",
+        os.path.join(dirs.run, "subnet.env"),
+        "--network-name",
+        "testnet",
+        "--resync",
+        "1",
+    ]
+    return subprocess.Popen(
+        ["ip", "netns", "exec", ns, *argv], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
 
 
 def test_uninstall_removes_everything_pycni_made_and_nothing_else(netns, dirs):
@@ -329,24 +427,28 @@ def test_uninstall_removes_everything_pycni_made_and_nothing_else(netns, dirs):
     try:
         conflist = os.path.join(dirs.conf, CONFLIST_NAME)
         wait_for("the agent's config list", lambda: os.path.exists(conflist))
-        wait_for("the route to n2", lambda: remote_subnet in sh(
-            "ip", "-n", ns, "route", "show", "proto", "120").stdout)
+        wait_for(
+            "the route to n2",
+            lambda: remote_subnet in sh("ip", "-n", ns, "route", "show", "proto", "120").stdout,
+        )
         pods = []
         for cid in (CID1, CID2):
             pods.append(node.pod())
             node.add(pods[-1], cid, runtime_conf(conflist, dirs.root))
         extras = {}
         if "port_mappings" in FEATURES:
-            extras["portMappings"] = [{"hostPort": 18080, "containerPort": 80,
-                                       "protocol": "tcp"}]
+            extras["portMappings"] = [{"hostPort": 18080, "containerPort": 80, "protocol": "tcp"}]
         if "bandwidth" in FEATURES:
-            extras["bandwidth"] = {"ingressRate": 10_000_000, "ingressBurst": 1_000_000,
-                                   "egressRate": 10_000_000, "egressBurst": 1_000_000}
+            extras["bandwidth"] = {
+                "ingressRate": 10_000_000,
+                "ingressBurst": 1_000_000,
+                "egressRate": 10_000_000,
+                "egressBurst": 1_000_000,
+            }
         pods.append(node.pod())
         node.add(pods[-1], CID3, runtime_conf(conflist, dirs.root, **extras))
         # A route pycni's protocol marks as its own, as if left by an older agent.
-        sh("ip", "-n", ns, "route", "add", "198.51.100.0/24", "via", "192.0.2.254", "proto",
-           "120")
+        sh("ip", "-n", ns, "route", "add", "198.51.100.0/24", "via", "192.0.2.254", "proto", "120")
 
         refused = pycnictl("uninstall", *dirs.paths, "--run-dir", dirs.run, ns=ns)
         assert refused.returncode == 1 and "agent answers" in refused.stderr
@@ -365,39 +467,72 @@ def test_uninstall_removes_everything_pycni_made_and_nothing_else(netns, dirs):
     assert os.path.exists(os.path.join(dirs.run, "subnet.env"))
     assert lease_holders(datastore) == {"n1", "n2"}
 
-    proc = pycnictl("uninstall", *dirs.paths, "--run-dir", dirs.run, "--datastore", "sqlite",
-                    "--datastore-path", datastore, ns=ns)
+    proc = pycnictl(
+        "uninstall",
+        *dirs.paths,
+        "--run-dir",
+        dirs.run,
+        "--datastore",
+        "sqlite",
+        "--datastore-path",
+        datastore,
+        ns=ns,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     removed = proc.stdout
-    for what in ("node n1's lease of 10.244.", "veth veth", "bridge cni0", "vxlan pycni.1",
-                 "route 198.51.100.0/24 via 192.0.2.254", f"route {remote_subnet}",
-                 "packet rules", os.path.join(dirs.bin, "pycni"), conflist,
-                 os.path.join(dirs.run, "subnet.env"), dirs.data + "/", dirs.run + "/"):
+    for what in (
+        "node n1's lease of 10.244.",
+        "veth veth",
+        "bridge cni0",
+        "vxlan pycni.1",
+        "route 198.51.100.0/24 via 192.0.2.254",
+        f"route {remote_subnet}",
+        "packet rules",
+        os.path.join(dirs.bin, "pycni"),
+        conflist,
+        os.path.join(dirs.run, "subnet.env"),
+        dirs.data + "/",
+        dirs.run + "/",
+    ):
         assert what in removed, (what, removed)
 
     # Nothing of pycni's is left: links, routes, rules, files, lease.
     after = links(ns)
     assert after == {"lo", "eth0", "eth0peer", "brforeign", "vethforeign", "vethfpeer"}, after
-    assert not any(alias for alias in sh("ip", "-n", ns, "-o", "link", "show").stdout.split(
-        "\n") if "alias pycni" in alias)
+    assert not any(
+        alias
+        for alias in sh("ip", "-n", ns, "-o", "link", "show").stdout.split("\n")
+        if "alias pycni" in alias
+    )
     for pod in pods:
         assert links(os.path.basename(pod)) == {"lo"}  # the pod end went with its host end
     assert sh("ip", "-n", ns, "route", "show", "table", "all", "proto", "120").stdout == ""
-    assert "203.0.113.0/24 via 192.0.2.254 dev eth0 proto static" in sh(
-        "ip", "-n", ns, "route").stdout
+    assert (
+        "203.0.113.0/24 via 192.0.2.254 dev eth0 proto static" in sh("ip", "-n", ns, "route").stdout
+    )
     assert "pycni" not in sh("ip", "netns", "exec", ns, "nft", "list", "ruleset").stdout
     if os.path.exists("/usr/sbin/iptables"):
         for table in ("nat", "filter"):
-            assert "PYCNI" not in sh("ip", "netns", "exec", ns, "iptables", "-t", table,
-                                     "-S").stdout
+            assert (
+                "PYCNI" not in sh("ip", "netns", "exec", ns, "iptables", "-t", table, "-S").stdout
+            )
     assert sorted(os.listdir(dirs.bin)) == ["bridge"]
     assert sorted(os.listdir(dirs.conf)) == ["99-other.conflist"]
     assert not os.path.exists(dirs.data) and not os.path.exists(dirs.run)
     assert lease_holders(datastore) == {"n2"}
     remote.close()
 
-    again = pycnictl("uninstall", *dirs.paths, "--run-dir", dirs.run, "--datastore", "sqlite",
-                     "--datastore-path", datastore, ns=ns)
+    again = pycnictl(
+        "uninstall",
+        *dirs.paths,
+        "--run-dir",
+        dirs.run,
+        "--datastore",
+        "sqlite",
+        "--datastore-path",
+        datastore,
+        ns=ns,
+    )
     assert again.returncode == 0, again.stderr
     assert again.stdout == "nothing of pycni's to remove\n"
 
@@ -417,8 +552,7 @@ def test_uninstall_keeps_what_only_looks_like_pycnis(netns, dirs):
     proc = pycnictl("uninstall", *dirs.paths, "--run-dir", dirs.run, ns=ns)
     assert proc.returncode == 0, proc.stderr
     assert "kept bridge cni0: not made by pycni" in proc.stdout
-    assert f"kept {os.path.join(dirs.bin, 'pycni')}: not written by pycnictl install" \
-        in proc.stdout
+    assert f"kept {os.path.join(dirs.bin, 'pycni')}: not written by pycnictl install" in proc.stdout
     assert f"kept {dirs.data}: it holds files pycni did not make: notes.txt" in proc.stdout
     assert "cni0" in links(ns)
     assert os.listdir(dirs.bin) == ["pycni"]
@@ -427,8 +561,12 @@ def test_uninstall_keeps_what_only_looks_like_pycnis(netns, dirs):
 
 @pytest.mark.skipif(not os.path.exists("/usr/sbin/iptables"), reason="iptables is not installed")
 def test_uninstall_removes_the_iptables_rules_too(netns, dirs):
-    assert install(dirs, "--subnet", "10.244.1.0/24", "--network", "10.244.0.0/16",
-                   "--data-dir", dirs.data).returncode == 0
+    assert (
+        install(
+            dirs, "--subnet", "10.244.1.0/24", "--network", "10.244.0.0/16", "--data-dir", dirs.data
+        ).returncode
+        == 0
+    )
     node = node_in(netns, os.path.join(dirs.bin, "pycni"), dirs.root)
     conf = runtime_conf(os.path.join(dirs.conf, CONFLIST_NAME), dirs.root)
     node.add(node.pod(), CID1, conf, env={"PYCNI_RULES_BACKEND": "iptables"})

@@ -47,9 +47,13 @@ class FakeAPIProcess:
     def __init__(self, ns: str, stderr_path: str) -> None:
         self.stderr = open(stderr_path, "w")  # closed in close()
         # `ip netns exec` execs python: the Popen pid is the server itself.
-        self.proc = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, str(FAKE_API)],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=self.stderr, text=True)
+        self.proc = subprocess.Popen(
+            ["ip", "netns", "exec", ns, sys.executable, str(FAKE_API)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self.stderr,
+            text=True,
+        )
         try:
             self.url = json.loads(self._readline())["url"]
         except BaseException:
@@ -61,8 +65,10 @@ class FakeAPIProcess:
         ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
         line = self.proc.stdout.readline() if ready else ""
         if not line:
-            raise RuntimeError(f"the fake API server did not answer (exit status "
-                               f"{self.proc.poll()}): {Path(self.stderr.name).read_text()}")
+            raise RuntimeError(
+                f"the fake API server did not answer (exit status "
+                f"{self.proc.poll()}): {Path(self.stderr.name).read_text()}"
+            )
         return line
 
     def call(self, **command) -> dict | None:
@@ -148,14 +154,31 @@ current-context: pycni@fake
         return self.api
 
     def start_agent(self, backend: str) -> None:
-        argv = [*agent_argv(self.socket, self.data_dir, self.log_file, 0),
-                "--datastore", "kubernetes", "--kubeconfig", self.kubeconfig,
-                "--node-name", "node-a", "--cluster-cidr", CLUSTER_CIDR, "--backend", backend,
-                "--iface", "eth0", "--conf-dir", os.path.dirname(self.conflist),
-                "--subnet-file", self.subnet_file, "--resync", str(RESYNC)]
+        argv = [
+            *agent_argv(self.socket, self.data_dir, self.log_file, 0),
+            "--datastore",
+            "kubernetes",
+            "--kubeconfig",
+            self.kubeconfig,
+            "--node-name",
+            "node-a",
+            "--cluster-cidr",
+            CLUSTER_CIDR,
+            "--backend",
+            backend,
+            "--iface",
+            "eth0",
+            "--conf-dir",
+            os.path.dirname(self.conflist),
+            "--subnet-file",
+            self.subnet_file,
+            "--resync",
+            str(RESYNC),
+        ]
         with open(self.root / "agent.stderr", "w") as stderr:
-            self.agent = subprocess.Popen(["ip", "netns", "exec", self.ns, *argv],
-                                          stdout=subprocess.DEVNULL, stderr=stderr)
+            self.agent = subprocess.Popen(
+                ["ip", "netns", "exec", self.ns, *argv], stdout=subprocess.DEVNULL, stderr=stderr
+            )
         try:
             wait_until_listening(self.agent, self.socket)
         except RuntimeError as exc:
@@ -194,9 +217,11 @@ current-context: pycni@fake
             path = self.root / name
             return path.read_text()[-4000:] if path.exists() else "-"
 
-        return (f"\nroutes: {self.routes()}\ncluster: {self.cluster()}\n"
-                f"agent log:\n{read('agent.log')}\nagent stderr:\n{read('agent.stderr')}\n"
-                f"fake API stderr:\n{read('fake-api.stderr')}")
+        return (
+            f"\nroutes: {self.routes()}\ncluster: {self.cluster()}\n"
+            f"agent log:\n{read('agent.log')}\nagent stderr:\n{read('agent.stderr')}\n"
+            f"fake API stderr:\n{read('fake-api.stderr')}"
+        )
 
     def wait_for(self, what: str, check: Callable[[], object], timeout: float = DEADLINE):
         """check()'s first truthy value within `timeout` seconds; a failure that shows the
@@ -207,8 +232,10 @@ current-context: pycni@fake
             if value:
                 return value
             if self.agent is not None and self.agent.poll() is not None:
-                pytest.fail(f"the agent exited ({self.agent.returncode}) while waiting for "
-                            f"{what}{self.diagnostics()}")
+                pytest.fail(
+                    f"the agent exited ({self.agent.returncode}) while waiting for "
+                    f"{what}{self.diagnostics()}"
+                )
             if time.monotonic() > deadline:
                 pytest.fail(f"no {what} within {timeout:.0f} s{self.diagnostics()}")
             time.sleep(0.05)
@@ -221,8 +248,21 @@ def k8s_node(netns, tmp_path):
     node_ns, peer_ns = netns.make("k8node"), netns.make("k8peer")
     for ns in (node_ns, peer_ns):
         sh("ip", "-n", ns, "link", "set", "lo", "up")
-    sh("ip", "-n", node_ns, "link", "add", "eth0", "type", "veth",
-       "peer", "name", "eth0", "netns", peer_ns)
+    sh(
+        "ip",
+        "-n",
+        node_ns,
+        "link",
+        "add",
+        "eth0",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "eth0",
+        "netns",
+        peer_ns,
+    )
     sh("ip", "-n", node_ns, "addr", "add", f"{NODE_IP}/24", "dev", "eth0")
     sh("ip", "-n", peer_ns, "addr", "add", f"{GATEWAY}/24", "dev", "eth0")
     for ns in (node_ns, peer_ns):
@@ -246,6 +286,7 @@ def node_b(annotations: dict[str, str] | None = None) -> dict:
 def wait_ready(node: K8sNode) -> dict:
     """The agent's cluster health once it is ready, has cleared its reason and written the CNI
     config. (All three: it says ready a moment before it has written the files.)"""
+
     def check():
         cluster = node.cluster()
         done = cluster.get("ready") and cluster.get("reason") == "" and conf_subnet(node)
@@ -264,12 +305,22 @@ def conf_subnet(node: K8sNode) -> str | None:
 
 def plugin_status(node: K8sNode, plugin: str) -> subprocess.CompletedProcess:
     """CNI STATUS through the node's plugin, forwarded to the agent, as a runtime asks it."""
-    conf = {"cniVersion": "1.1.0", "name": "pycni", "type": "pycni", "subnet": SUBNET_A,
-            "agentSocket": node.socket, "dataDir": node.data_dir}
-    return subprocess.run(["ip", "netns", "exec", node.ns, plugin], input=json.dumps(conf),
-                          env={"CNI_COMMAND": "STATUS",
-                               "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
-                          capture_output=True, text=True, timeout=30)
+    conf = {
+        "cniVersion": "1.1.0",
+        "name": "pycni",
+        "type": "pycni",
+        "subnet": SUBNET_A,
+        "agentSocket": node.socket,
+        "dataDir": node.data_dir,
+    }
+    return subprocess.run(
+        ["ip", "netns", "exec", node.ns, plugin],
+        input=json.dumps(conf),
+        env={"CNI_COMMAND": "STATUS", "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
 
 
 # -- tests ----------------------------------------------------------------------------------------
@@ -287,15 +338,21 @@ def test_host_gw_follows_the_node_objects(k8s_node):
     assert conf_subnet(node) == SUBNET_A
     env = read_subnet_env(node.subnet_file)
     assert (env["SUBNET"], env["NETWORK"], env["NODE"], env["NODE_IPS"], env["BACKEND"]) == (
-        SUBNET_A, CLUSTER_CIDR, "node-a", NODE_IP, "host-gw"), env
+        SUBNET_A,
+        CLUSTER_CIDR,
+        "node-a",
+        NODE_IP,
+        "host-gw",
+    ), env
 
     # node-b's podCIDR is routed via its InternalIP.
     route = node.wait_for(f"route to {SUBNET_B}", lambda: node.route_to(SUBNET_B))
     assert route == f"{SUBNET_B} via {PEER_IP} dev eth0 proto 120", node.routes()
 
     # What the other nodes need to reach our pods is published on our Node; no VTEP here.
-    ann = node.wait_for("published node-ips",
-                        lambda: (a := api.annotations("node-a")).get(ANN_NODE_IPS) and a)
+    ann = node.wait_for(
+        "published node-ips", lambda: (a := api.annotations("node-a")).get(ANN_NODE_IPS) and a
+    )
     assert ann[ANN_NODE_IPS] == NODE_IP
     assert ANN_VTEP_MAC not in ann
     assert ann["node.alpha.kubernetes.io/ttl"] == "0"  # a merge patch: the rest is kept
@@ -305,8 +362,10 @@ def test_host_gw_follows_the_node_objects(k8s_node):
     api.put(make_node("node-c", [SUBNET_C], ["192.0.2.3"]))
     route = node.wait_for(f"route to {SUBNET_C}", lambda: node.route_to(SUBNET_C))
     assert route == f"{SUBNET_C} via 192.0.2.3 dev eth0 proto 120", node.routes()
-    node.wait_for("node-c in health", lambda: "node-c" in {
-        n["name"] for n in node.cluster().get("remoteNodes", [])})
+    node.wait_for(
+        "node-c in health",
+        lambda: "node-c" in {n["name"] for n in node.cluster().get("remoteNodes", [])},
+    )
 
     # ... and leaves (DELETED): its route goes, node-b's stays.
     api.delete("node-c")
@@ -337,8 +396,9 @@ def test_vxlan_routes_through_the_vtep_and_publishes_its_mac(k8s_node):
     link = sh("ip", "-n", node.ns, "-d", "link", "show", "pycni.1").stdout
     assert f"link/ether {mac_a}" in link and f"local {NODE_IP}" in link, link
 
-    ann = node.wait_for("published vtep-mac",
-                        lambda: (a := api.annotations("node-a")).get(ANN_VTEP_MAC) and a)
+    ann = node.wait_for(
+        "published vtep-mac", lambda: (a := api.annotations("node-a")).get(ANN_VTEP_MAC) and a
+    )
     assert ann[ANN_VTEP_MAC] == mac_a and ann[ANN_NODE_IPS] == NODE_IP
 
 
@@ -347,8 +407,9 @@ def test_node_without_podcidr_is_not_ready_until_it_gets_one(k8s_node, plugin_bi
     api = node.start_api(node_a(with_pod_cidr=False), node_b())
     node.start_agent("host-gw")
 
-    reason = node.wait_for("a podCIDR complaint",
-                           lambda: "podCIDR" in (r := node.cluster().get("reason", "")) and r)
+    reason = node.wait_for(
+        "a podCIDR complaint", lambda: "podCIDR" in (r := node.cluster().get("reason", "")) and r
+    )
     assert "node node-a has no podCIDR" in reason and "--allocate-node-cidrs" in reason, reason
     assert node.cluster()["ready"] is False
     assert not os.path.exists(node.conflist)  # the runtime keeps the node NotReady

@@ -18,7 +18,9 @@ pytestmark = pytest.mark.netns
 def pycnictl(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-c", "from pycni.ctl.main import main; main()", *args],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
 
 
@@ -55,13 +57,17 @@ def test_lab_up_measures_the_cluster_and_down_removes_everything(lab):
     up = pycnictl("lab", "up", *opts)
     assert up.returncode == 0, up.stdout + up.stderr
     assert "all 54 paths OK" in up.stdout
-    subnets = re.findall(rf"node(\d)\s+{prefix}-node\d\s+192\.0\.2\.\d\s+(10\.244\.\d+\.0/24)",
-                         up.stdout)
+    subnets = re.findall(
+        rf"node(\d)\s+{prefix}-node\d\s+192\.0\.2\.\d\s+(10\.244\.\d+\.0/24)", up.stdout
+    )
     assert len({s for _, s in subnets}) == 3, up.stdout
     for i in (1, 2, 3):
         for j in (1, 2):
-            assert re.search(rf"n{i}pod{j}\s+node{i}\s+10\.244\.\d+\.\d+/24\s+\S+\s+"
-                             r"veth[0-9a-f]{11}", up.stdout), up.stdout
+            assert re.search(
+                rf"n{i}pod{j}\s+node{i}\s+10\.244\.\d+\.\d+/24\s+\S+\s+"
+                r"veth[0-9a-f]{11}",
+                up.stdout,
+            ), up.stdout
     rows = table_rows(up.stdout)
     assert len(rows) == 54
     kinds = [r[0] for r in rows]
@@ -96,8 +102,9 @@ def test_lab_up_measures_the_cluster_and_down_removes_everything(lab):
         # The plugin ran as a runtime runs it: results cached; forward and masquerade rules in
         # the node only.
         assert len(os.listdir(os.path.join(node, "results"))) == 2
-        rules = sh("ip", "netns", "exec", f"{prefix}-node{i}", "nft", "list", "table", "inet",
-                   "pycni").stdout
+        rules = sh(
+            "ip", "netns", "exec", f"{prefix}-node{i}", "nft", "list", "table", "inet", "pycni"
+        ).stdout
         assert "masquerade" in rules and "10.244.0.0/16" in rules and "forward" in rules
 
     again = pycnictl("lab", "up", *opts)
@@ -116,8 +123,21 @@ def test_lab_up_measures_the_cluster_and_down_removes_everything(lab):
 
 def test_lab_with_two_underlays_mixes_host_gw_and_vxlan_over_etcd(lab):
     prefix, state, opts = lab
-    up = pycnictl("lab", "up", "--nodes", "3", "--pods", "1", "--backend", "auto",
-                  "--underlays", "2", "--datastore", "etcd", *opts)
+    up = pycnictl(
+        "lab",
+        "up",
+        "--nodes",
+        "3",
+        "--pods",
+        "1",
+        "--backend",
+        "auto",
+        "--underlays",
+        "2",
+        "--datastore",
+        "etcd",
+        *opts,
+    )
     assert up.returncode == 0, up.stdout + up.stderr
     assert "all 18 paths OK" in up.stdout
     assert "datastore etcd at http://192.0.2.254:2379" in up.stdout

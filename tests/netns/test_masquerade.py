@@ -180,6 +180,7 @@ elif op == "installed":
 print(json.dumps(out))
 """
 
+
 @pytest.fixture
 def topo():
     t = Topo()

@@ -73,8 +73,7 @@ def test_metrics_count_calls_errors_and_pool(node, metrics_agent):
         node.add(node.pod(), f"c{i}", conf)
     full = node.run("ADD", conf, container_id="c3", netns=node.pod())
     assert full.rc == 1 and full.code == 100, full
-    bad = node.run("ADD", node.conf(subnet="not-a-subnet"), container_id="c4",
-                   netns=node.pod())
+    bad = node.run("ADD", node.conf(subnet="not-a-subnet"), container_id="c4", netns=node.pod())
     assert bad.rc == 1 and bad.code == 7, bad
 
     status, text = fetch(metrics_agent, "/metrics")
@@ -133,8 +132,9 @@ def test_health_and_readiness_then_sigterm(node, metrics_agent):
 
 
 def status(node, *args: str):
-    return node.exec(PYCNICTL, "status", "--data-dir", os.path.join(node.root, "data"), *args,
-                     check=False)
+    return node.exec(
+        PYCNICTL, "status", "--data-dir", os.path.join(node.root, "data"), *args, check=False
+    )
 
 
 def test_status_shows_pods_and_flags_drift(node, agent):
@@ -163,15 +163,33 @@ def test_status_shows_pods_and_flags_drift(node, agent):
     assert report["healthy"] and report["problems"] == []
     assert report["agent"]["running"] and report["agent"]["health"]["pid"] == agent.proc.pid
     [net] = report["networks"]
-    assert net["name"] == "testnet" and net["bridge"] == {"name": "cni0", "exists": True,
-                                                          "up": True}
+    assert net["name"] == "testnet" and net["bridge"] == {
+        "name": "cni0",
+        "exists": True,
+        "up": True,
+    }
     assert net["subnets"] == ["10.244.1.0/24"]
-    assert net["rangeSets"] == [{"key": "10.244.1.0/24:10.244.1.1-10.244.1.254",
-                                 "allocated": 3, "capacity": 253, "percent": 1.2}]
-    assert [(p["containerId"], p["ifname"], p["addresses"], p["hostVeth"], p["netns"])
-            for p in net["pods"]] == [
-        (a.container_id, a.ifname, [f"{x.ip}/{x.prefixlen}" for x in a.allocations],
-         a.host_veth, a.netns) for a in atts]
+    assert net["rangeSets"] == [
+        {
+            "key": "10.244.1.0/24:10.244.1.1-10.244.1.254",
+            "allocated": 3,
+            "capacity": 253,
+            "percent": 1.2,
+        }
+    ]
+    assert [
+        (p["containerId"], p["ifname"], p["addresses"], p["hostVeth"], p["netns"])
+        for p in net["pods"]
+    ] == [
+        (
+            a.container_id,
+            a.ifname,
+            [f"{x.ip}/{x.prefixlen}" for x in a.allocations],
+            a.host_veth,
+            a.netns,
+        )
+        for a in atts
+    ]
     assert all(p["hostVethExists"] and p["netnsExists"] for p in net["pods"])
 
     # Drift: a host veth removed behind pycni's back.
@@ -186,7 +204,8 @@ def test_status_shows_pods_and_flags_drift(node, agent):
     assert [p["hostVethExists"] for p in report["networks"][0]["pods"]] == [True, False, True]
     assert report["problems"] == [
         f"network testnet: pod {gone.container_id[:12]}/eth0: host veth {gone.host_veth} "
-        "is missing (drift)"]
+        "is missing (drift)"
+    ]
 
 
 def test_status_without_an_agent(node):

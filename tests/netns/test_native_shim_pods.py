@@ -17,10 +17,14 @@ from pycni.ctl.install import launcher_text
 from pycni.native import FALLBACK_NAME, build
 from pycni.node_config import CONFLIST_NAME
 
-pytestmark = [pytest.mark.netns,
-              pytest.mark.skipif(build.compiler() is None,
-                                 reason="no C compiler (cc): the native executable cannot be "
-                                 "built here (apt-get install gcc libc6-dev)")]
+pytestmark = [
+    pytest.mark.netns,
+    pytest.mark.skipif(
+        build.compiler() is None,
+        reason="no C compiler (cc): the native executable cannot be "
+        "built here (apt-get install gcc libc6-dev)",
+    ),
+]
 
 SANITIZE = os.environ.get("PYCNI_NATIVE_SANITIZE") == "1"
 PYCNICTL = os.path.join(os.path.dirname(sys.executable), "pycnictl")
@@ -31,15 +35,25 @@ CID1, CID2, CID3 = ("a" * 64, "b" * 64, "c" * 64)
 def builds(tmp_path_factory) -> dict[str, str]:
     """Two builds: "standalone" (no fallback) and "fallback" (to the Python launcher)."""
     root = tmp_path_factory.mktemp("native-bin")
-    subprocess.run([sys.executable, "-m", "compileall", "-q",
-                    os.path.join(os.path.dirname(__file__), "..", "..", "src")], check=True,
-                   capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "compileall",
+            "-q",
+            os.path.join(os.path.dirname(__file__), "..", "..", "src"),
+        ],
+        check=True,
+        capture_output=True,
+    )
     fallback = str(root / FALLBACK_NAME)
     with open(fallback, "w") as f:
         f.write(launcher_text())
     os.chmod(fallback, 0o755)
-    out = {"standalone": str(root / "standalone" / "pycni"),
-           "fallback": str(root / "fallback" / "pycni")}
+    out = {
+        "standalone": str(root / "standalone" / "pycni"),
+        "fallback": str(root / "fallback" / "pycni"),
+    }
     build.build(out["standalone"], sanitize=SANITIZE)
     build.build(out["fallback"], fallback, sanitize=SANITIZE)
     return out
@@ -62,11 +76,11 @@ def test_add_check_del_through_a_real_agent(netns, tmp_path, builds, kind):
         assert added.rc == 0 and added.stderr == "", added
         result = added.out
         assert result["ips"][0]["address"] == "10.244.1.2/24"
-        assert "10.244.1.2/24" in sh("ip", "-n", os.path.basename(pod), "addr", "show",
-                                     "eth0").stdout
+        assert (
+            "10.244.1.2/24" in sh("ip", "-n", os.path.basename(pod), "addr", "show", "eth0").stdout
+        )
         assert CID1[:12] in agent.log()  # the agent did the work
-        checked = node.run("CHECK", {**conf, "prevResult": result}, container_id=CID1,
-                           netns=pod)
+        checked = node.run("CHECK", {**conf, "prevResult": result}, container_id=CID1, netns=pod)
         assert (checked.rc, checked.stdout) == (0, "")
         for _ in range(2):  # containerd's second DEL, without netns: still success
             assert node.run("DEL", conf, container_id=CID1, netns=pod).rc == 0
@@ -88,25 +102,65 @@ def test_add_check_del_through_a_real_agent(netns, tmp_path, builds, kind):
 def test_installed_native_executable_networks_a_pod_and_uninstall_removes_it(netns, tmp_path):
     bin_dir, conf_dir = str(tmp_path / "bin"), str(tmp_path / "net.d")
     data, run_dir = str(tmp_path / "data"), str(tmp_path / "run")
-    proc = subprocess.run([PYCNICTL, "install", "--native", "--bin-dir", bin_dir, "--conf-dir",
-                           conf_dir, "--subnet", "10.244.1.0/24", "--network", "10.244.0.0/16",
-                           "--name", "testnet", "--data-dir", data], capture_output=True,
-                          text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            PYCNICTL,
+            "install",
+            "--native",
+            "--bin-dir",
+            bin_dir,
+            "--conf-dir",
+            conf_dir,
+            "--subnet",
+            "10.244.1.0/24",
+            "--network",
+            "10.244.0.0/16",
+            "--name",
+            "testnet",
+            "--data-dir",
+            data,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     node = node_with(netns, os.path.join(bin_dir, "pycni"), str(tmp_path))
     with open(os.path.join(conf_dir, CONFLIST_NAME)) as f:
         conflist = json.load(f)
-    conf = {**conflist["plugins"][0], "name": conflist["name"],
-            "cniVersion": conflist["cniVersion"], "logFile": str(tmp_path / "pycni.log"),
-            "agentSocket": str(tmp_path / "no-agent.sock")}
+    conf = {
+        **conflist["plugins"][0],
+        "name": conflist["name"],
+        "cniVersion": conflist["cniVersion"],
+        "logFile": str(tmp_path / "pycni.log"),
+        "agentSocket": str(tmp_path / "no-agent.sock"),
+    }
     pod = node.pod()
     result = node.add(pod, CID3, conf)  # no agent: the fallback launcher, in-process
     assert result["ips"][0]["address"] == "10.244.1.2/24"
     assert node.run("DEL", conf, container_id=CID3, netns=pod).rc == 0
 
-    gone = subprocess.run(["ip", "netns", "exec", node.ns, PYCNICTL, "uninstall", "--bin-dir",
-                           bin_dir, "--conf-dir", conf_dir, "--data-dir", data, "--run-dir",
-                           run_dir], capture_output=True, text=True, timeout=120)
+    gone = subprocess.run(
+        [
+            "ip",
+            "netns",
+            "exec",
+            node.ns,
+            PYCNICTL,
+            "uninstall",
+            "--bin-dir",
+            bin_dir,
+            "--conf-dir",
+            conf_dir,
+            "--data-dir",
+            data,
+            "--run-dir",
+            run_dir,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert gone.returncode == 0, gone.stderr
     for path in (os.path.join(bin_dir, "pycni"), os.path.join(bin_dir, FALLBACK_NAME)):
         assert f"removed {path}" in gone.stdout

@@ -47,8 +47,16 @@ print(repr(reply))
 
 
 def as_nobody(*argv: str, timeout: float = 30) -> subprocess.CompletedProcess:
-    return subprocess.run(argv, user=NOBODY, group=NOBODY, extra_groups=[],
-                          capture_output=True, text=True, timeout=timeout, cwd="/")
+    return subprocess.run(
+        argv,
+        user=NOBODY,
+        group=NOBODY,
+        extra_groups=[],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd="/",
+    )
 
 
 def mode(path: str) -> int:
@@ -157,9 +165,16 @@ def test_the_plugin_talks_only_to_an_agent_run_by_root(open_dir):
     work itself."""
     os.chmod(open_dir, 0o1777)
     path = os.path.join(open_dir, "agent.sock")
-    squatter = subprocess.Popen([sys.executable, "-c", SQUATTER, path], user=NOBODY,
-                                group=NOBODY, extra_groups=[], stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True, cwd="/")
+    squatter = subprocess.Popen(
+        [sys.executable, "-c", SQUATTER, path],
+        user=NOBODY,
+        group=NOBODY,
+        extra_groups=[],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd="/",
+    )
     try:
         assert squatter.stdout.readline() == "listening\n", squatter.stderr.read()
         assert os.stat(path).st_uid == NOBODY
@@ -181,12 +196,21 @@ def private_files(node: Node, data: str) -> dict[str, int]:
 
 
 def exec_with_umask(node: Node, conf: dict, command: str, pod: str, mask: int):
-    env = {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
-           "CNI_COMMAND": command, "CNI_CONTAINERID": "perm1", "CNI_IFNAME": "eth0",
-           "CNI_NETNS": pod}
-    proc = subprocess.run(["ip", "netns", "exec", node.ns, node.plugin],
-                          input=json.dumps(conf).encode(), env=env, capture_output=True,
-                          timeout=60, umask=mask)
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
+        "CNI_COMMAND": command,
+        "CNI_CONTAINERID": "perm1",
+        "CNI_IFNAME": "eth0",
+        "CNI_NETNS": pod,
+    }
+    proc = subprocess.run(
+        ["ip", "netns", "exec", node.ns, node.plugin],
+        input=json.dumps(conf).encode(),
+        env=env,
+        capture_output=True,
+        timeout=60,
+        umask=mask,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return proc
 

@@ -31,8 +31,10 @@ pytestmark = pytest.mark.netns
 NODE4, NODE4_OTHER, CLIENT4 = "192.0.2.1", "192.0.2.3", "192.0.2.2"
 NODE6, CLIENT6 = "2001:db8:2::1", "2001:db8:2::2"
 GATEWAY4 = "10.244.1.1"
-DUAL = {"subnet": None, "ranges": [[{"subnet": "10.244.1.0/24"}],
-                                   [{"subnet": "fd00:10:244:1::/64"}]]}
+DUAL = {
+    "subnet": None,
+    "ranges": [[{"subnet": "10.244.1.0/24"}], [{"subnet": "fd00:10:244:1::/64"}]],
+}
 
 # Echo server in a pod: answers "<tag> <peer address>" on TCP and UDP, on every address.
 _SERVER = """
@@ -102,8 +104,9 @@ def client(node: Node) -> str:
         node.exec("ip", "addr", "add", addr, "dev", "ext0", *(("nodad",) if ":" in addr else ()))
     node.exec("ip", "link", "set", "ext0", "up")
     for addr in (f"{CLIENT4}/24", f"{CLIENT6}/64"):
-        node.spaces.exec(ns, "ip", "addr", "add", addr, "dev", "eth0",
-                         *(("nodad",) if ":" in addr else ()))
+        node.spaces.exec(
+            ns, "ip", "addr", "add", addr, "dev", "eth0", *(("nodad",) if ":" in addr else ())
+        )
     node.spaces.exec(ns, "ip", "link", "set", "eth0", "up")
     node.spaces.exec(ns, "ip", "link", "set", "lo", "up")
     return ns
@@ -111,9 +114,12 @@ def client(node: Node) -> str:
 
 @contextmanager
 def server(ns: str, tag: str, tport: int = 80, uport: int = 5353) -> Iterator[None]:
-    proc = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-c", _SERVER, tag,
-                             str(tport), str(uport)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        ["ip", "netns", "exec", ns, sys.executable, "-c", _SERVER, tag, str(tport), str(uport)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         line = proc.stdout.readline().strip()
         assert line == "ready", proc.stderr.read() if proc.poll() is not None else line
@@ -127,8 +133,12 @@ def server(ns: str, tag: str, tport: int = 80, uport: int = 5353) -> Iterator[No
 
 def ask(ns: str, proto: str, host: str, port: int) -> str | None:
     """The server's answer to a request from `ns`, or None when none came."""
-    proc = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c", _CLIENT, proto,
-                           host, str(port)], capture_output=True, text=True, timeout=30)
+    proc = subprocess.run(
+        ["ip", "netns", "exec", ns, sys.executable, "-c", _CLIENT, proto, host, str(port)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     return proc.stdout.strip() if proc.returncode == 0 else None
 
 
@@ -151,8 +161,11 @@ def _env(backend: str) -> dict:
 def rules_text(node: Node, backend: str) -> str:
     if backend == "nft":
         return node.exec("nft", "list", "ruleset").stdout
-    return "".join(node.exec(tool, "-w", "-t", table, "-S").stdout
-                   for tool in ("iptables", "ip6tables") for table in ("nat", "filter"))
+    return "".join(
+        node.exec(tool, "-w", "-t", table, "-S").stdout
+        for tool in ("iptables", "ip6tables")
+        for table in ("nat", "filter")
+    )
 
 
 def installed_hostports(node: Node, backend: str) -> list[str]:
@@ -161,13 +174,18 @@ def installed_hostports(node: Node, backend: str) -> list[str]:
         "import json, sys\n"
         "from pycni.rules import table\n"
         "got = table.installed(sys.argv[1])\n"
-        "print(json.dumps([] if got is None else [f'{h.protocol} {h.host_ip or \"*\"}:"
+        'print(json.dumps([] if got is None else [f\'{h.protocol} {h.host_ip or "*"}:'
         "{h.host_port} -> {h.pod_ip}:{h.pod_port}' for h in got.hostports]))\n"
     )
     src = os.path.join(os.path.dirname(__file__), "..", "..", "src")
-    out = subprocess.run(["ip", "netns", "exec", node.ns, sys.executable, "-c", code, backend],
-                         capture_output=True, text=True, timeout=30, check=True,
-                         env={**os.environ, "PYTHONPATH": src}).stdout
+    out = subprocess.run(
+        ["ip", "netns", "exec", node.ns, sys.executable, "-c", code, backend],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+        env={**os.environ, "PYTHONPATH": src},
+    ).stdout
     return json.loads(out)
 
 
@@ -184,9 +202,24 @@ def installed_is_desired(node: Node, backend: str) -> bool:
         "print(got == want, want, got, sep='\\n')\n"
     )
     src = os.path.join(os.path.dirname(__file__), "..", "..", "src")
-    out = subprocess.run(["ip", "netns", "exec", node.ns, sys.executable, "-c", code, backend,
-                          os.path.join(node.root, "data")], capture_output=True, text=True,
-                         timeout=30, check=True, env={**os.environ, "PYTHONPATH": src}).stdout
+    out = subprocess.run(
+        [
+            "ip",
+            "netns",
+            "exec",
+            node.ns,
+            sys.executable,
+            "-c",
+            code,
+            backend,
+            os.path.join(node.root, "data"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+        env={**os.environ, "PYTHONPATH": src},
+    ).stdout
     assert out.startswith("True"), out
     return True
 
@@ -202,8 +235,10 @@ def no_pycni_rules(node: Node, backend: str) -> bool:
 def test_tcp_and_udp_via_node_address(node, client, backend):
     pod = node.pod()
     # The second entry in containerd's spelling, protocol in capitals.
-    rc = mappings({"hostPort": 8080, "containerPort": 80, "protocol": "tcp"},
-                  {"HostPort": 8053, "ContainerPort": 5353, "Protocol": "UDP", "HostIP": ""})
+    rc = mappings(
+        {"hostPort": 8080, "containerPort": 80, "protocol": "tcp"},
+        {"HostPort": 8053, "ContainerPort": 5353, "Protocol": "UDP", "HostIP": ""},
+    )
     add(node, pod, "c1", backend, rc)
     with server(pod_name(pod), "pod1"):
         assert ask(client, "tcp", NODE4, 8080) == f"pod1 {CLIENT4}"
@@ -211,7 +246,9 @@ def test_tcp_and_udp_via_node_address(node, client, backend):
         assert ask(client, "tcp", NODE4_OTHER, 8080) == f"pod1 {CLIENT4}"
         assert ask(client, "udp", NODE4, 8080) is None  # tcp only
         assert sorted(installed_hostports(node, backend)) == [
-            "tcp *:8080 -> 10.244.1.2:80", "udp *:8053 -> 10.244.1.2:5353"]
+            "tcp *:8080 -> 10.244.1.2:80",
+            "udp *:8053 -> 10.244.1.2:5353",
+        ]
 
         delete(node, pod, "c1", backend)
         assert ask(client, "tcp", NODE4, 8080) is None
@@ -222,8 +259,13 @@ def test_tcp_and_udp_via_node_address(node, client, backend):
 
 def test_host_ip_restricts_to_that_address(node, client, backend):
     pod = node.pod()
-    add(node, pod, "c1", backend, mappings(
-        {"hostPort": 8080, "containerPort": 80, "hostIP": NODE4_OTHER}))
+    add(
+        node,
+        pod,
+        "c1",
+        backend,
+        mappings({"hostPort": 8080, "containerPort": 80, "hostIP": NODE4_OTHER}),
+    )
     with server(pod_name(pod), "pod1"):
         assert ask(client, "tcp", NODE4_OTHER, 8080) == f"pod1 {CLIENT4}"
         assert ask(client, "tcp", NODE4, 8080) is None
@@ -234,10 +276,20 @@ def test_host_ip_restricts_to_that_address(node, client, backend):
 
 def test_two_pods_same_port_on_different_addresses(node, client, backend):
     pod1, pod2 = node.pod(), node.pod()
-    add(node, pod1, "c1", backend, mappings({"hostPort": 8080, "containerPort": 80,
-                                             "hostIP": NODE4}))
-    add(node, pod2, "c2", backend, mappings({"hostPort": 8080, "containerPort": 80,
-                                             "hostIP": NODE4_OTHER}))
+    add(
+        node,
+        pod1,
+        "c1",
+        backend,
+        mappings({"hostPort": 8080, "containerPort": 80, "hostIP": NODE4}),
+    )
+    add(
+        node,
+        pod2,
+        "c2",
+        backend,
+        mappings({"hostPort": 8080, "containerPort": 80, "hostIP": NODE4_OTHER}),
+    )
     with server(pod_name(pod1), "pod1"), server(pod_name(pod2), "pod2"):
         assert ask(client, "tcp", NODE4, 8080) == f"pod1 {CLIENT4}"
         assert ask(client, "tcp", NODE4_OTHER, 8080) == f"pod2 {CLIENT4}"
@@ -251,8 +303,13 @@ def test_two_pods_same_port_on_different_addresses(node, client, backend):
 def test_localhost_on_the_node(node, backend):
     pod1, pod2 = node.pod(), node.pod()
     add(node, pod1, "c1", backend, mappings({"hostPort": 8080, "containerPort": 80}))
-    add(node, pod2, "c2", backend, mappings({"hostPort": 9090, "containerPort": 80,
-                                             "hostIP": "127.0.0.1"}))
+    add(
+        node,
+        pod2,
+        "c2",
+        backend,
+        mappings({"hostPort": 9090, "containerPort": 80, "hostIP": "127.0.0.1"}),
+    )
     route_localnet = "/proc/sys/net/ipv4/conf/cni0/route_localnet"
     assert node.exec("cat", route_localnet).stdout.strip() == "1"
     with server(pod_name(pod1), "pod1"), server(pod_name(pod2), "pod2"):
@@ -284,13 +341,20 @@ def test_pods_cannot_reach_node_localhost(node, backend):
 def spoofed_udp(node: Node, pod_ns: str, mac: str, targets: list[str]) -> set[str]:
     """Which of `targets` a UDP sink on the node received datagrams for, sent from the pod as
     raw frames to `mac` (the pod's own routing would keep 127/8 local)."""
-    sink = subprocess.Popen(["ip", "netns", "exec", node.ns, sys.executable, "-u", "-c",
-                             _UDP_SINK], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    sink = subprocess.Popen(
+        ["ip", "netns", "exec", node.ns, sys.executable, "-u", "-c", _UDP_SINK],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert sink.stdout.readline().strip() == "ready", sink.stderr.read()
-        sender = subprocess.run(["ip", "netns", "exec", pod_ns, sys.executable, "-c", _RAW_UDP,
-                                 mac, *targets], capture_output=True, text=True, timeout=30)
+        sender = subprocess.run(
+            ["ip", "netns", "exec", pod_ns, sys.executable, "-c", _RAW_UDP, mac, *targets],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
         assert sender.returncode == 0, sender.stderr
         # Raw reads: a buffered readline() would hide lines from select().
         fd, data = sink.stdout.fileno(), b""
@@ -373,10 +437,18 @@ def test_hairpin_pod_reaches_itself_and_neighbour(node, client, backend, br_netf
 
 def test_dual_stack_maps_each_family(node, client, backend):
     pod = node.pod()
-    add(node, pod, "c1", backend, mappings(
-        {"hostPort": 8080, "containerPort": 80},
-        {"hostPort": 8081, "containerPort": 80, "hostIP": "::"},
-        {"hostPort": 8082, "containerPort": 80, "hostIP": "0.0.0.0"}), **DUAL)
+    add(
+        node,
+        pod,
+        "c1",
+        backend,
+        mappings(
+            {"hostPort": 8080, "containerPort": 80},
+            {"hostPort": 8081, "containerPort": 80, "hostIP": "::"},
+            {"hostPort": 8082, "containerPort": 80, "hostIP": "0.0.0.0"},
+        ),
+        **DUAL,
+    )
     with server(pod_name(pod), "pod1"):
         assert ask(client, "tcp", NODE4, 8080) == f"pod1 {CLIENT4}"
         assert ask(client, "tcp", NODE6, 8080) == f"pod1 {CLIENT6}"
@@ -392,8 +464,11 @@ def test_dual_stack_maps_each_family(node, client, backend):
             assert ask(node.ns, "tcp", "::1", 8080) == "node ::1"
             assert ask(node.ns, "tcp", "127.0.0.1", 8080) == f"pod1 {GATEWAY4}"
     assert sorted(installed_hostports(node, backend)) == [
-        "tcp *:8080 -> 10.244.1.2:80", "tcp *:8080 -> fd00:10:244:1::2:80",
-        "tcp *:8081 -> fd00:10:244:1::2:80", "tcp *:8082 -> 10.244.1.2:80"]
+        "tcp *:8080 -> 10.244.1.2:80",
+        "tcp *:8080 -> fd00:10:244:1::2:80",
+        "tcp *:8081 -> fd00:10:244:1::2:80",
+        "tcp *:8082 -> 10.244.1.2:80",
+    ]
     assert installed_is_desired(node, backend)
     delete(node, pod, "c1", backend)
     assert no_pycni_rules(node, backend)
@@ -403,9 +478,12 @@ def test_same_host_port_twice_fails_and_leaves_nothing(node, client, backend):
     pod1, pod2 = node.pod(), node.pod()
     add(node, pod1, "c1", backend, mappings({"hostPort": 8080, "containerPort": 80}))
     before = rules_text(node, backend)
-    conf = node.conf(runtimeConfig=mappings(
-        {"hostPort": 9000, "containerPort": 80},
-        {"hostPort": 8080, "containerPort": 81, "hostIP": NODE4}))
+    conf = node.conf(
+        runtimeConfig=mappings(
+            {"hostPort": 9000, "containerPort": 80},
+            {"hostPort": 8080, "containerPort": 81, "hostIP": NODE4},
+        )
+    )
     reply = node.run("ADD", conf, container_id="c2", netns=pod2, env=_env(backend))
     assert reply.rc != 0 and reply.code == 101, reply
     assert "8080/tcp" in reply.out["msg"] and "c1" in reply.out["msg"], reply
@@ -413,8 +491,14 @@ def test_same_host_port_twice_fails_and_leaves_nothing(node, client, backend):
     assert len([x for x in node.links() if x.startswith("veth")]) == 1
     assert rules_text(node, backend) == before
     # Another protocol on the same port is fine.
-    add(node, pod2, "c2", backend, mappings({"hostPort": 8080, "containerPort": 80,
-                                             "protocol": "udp"}), ipMasq=True)
+    add(
+        node,
+        pod2,
+        "c2",
+        backend,
+        mappings({"hostPort": 8080, "containerPort": 80, "protocol": "udp"}),
+        ipMasq=True,
+    )
     assert installed_is_desired(node, backend)  # hostPorts beside masquerade
     with server(pod_name(pod1), "pod1"), server(pod_name(pod2), "pod2", uport=80):
         assert ask(client, "tcp", NODE4, 8080) == f"pod1 {CLIENT4}"
@@ -426,9 +510,11 @@ def test_same_host_port_twice_fails_and_leaves_nothing(node, client, backend):
 
 def test_bad_mapping_is_code_7_and_leaves_nothing(node, backend):
     pod = node.pod()
-    for bad in ({"hostPort": 0, "containerPort": 80},
-                {"hostPort": 8080, "containerPort": 80, "protocol": "sctp"},
-                {"hostPort": 8080, "containerPort": 80, "hostIP": "fd00::1"}):
+    for bad in (
+        {"hostPort": 0, "containerPort": 80},
+        {"hostPort": 8080, "containerPort": 80, "protocol": "sctp"},
+        {"hostPort": 8080, "containerPort": 80, "hostIP": "fd00::1"},
+    ):
         conf = node.conf(runtimeConfig=mappings(bad))
         reply = node.run("ADD", conf, container_id="c1", netns=pod, env=_env(backend))
         assert reply.code == 7 and "portMappings" in reply.out["msg"], reply
@@ -438,8 +524,9 @@ def test_bad_mapping_is_code_7_and_leaves_nothing(node, backend):
 
 def test_check_sees_missing_rules(node, backend):
     pod = node.pod()
-    conf = node.conf(cniVersion="1.0.0",
-                     runtimeConfig=mappings({"hostPort": 8080, "containerPort": 80}))
+    conf = node.conf(
+        cniVersion="1.0.0", runtimeConfig=mappings({"hostPort": 8080, "containerPort": 80})
+    )
     result = node.add(pod, "c1", conf, env=_env(backend))
     check = dict(conf, prevResult=result)
     assert node.run("CHECK", check, container_id="c1", netns=pod, env=_env(backend)).rc == 0
@@ -457,8 +544,9 @@ def test_check_sees_missing_rules(node, backend):
 def test_failed_add_leaves_nothing(node, client, backend, step):
     pod = node.pod()
     conf = node.conf(runtimeConfig=mappings({"hostPort": 8080, "containerPort": 80}))
-    reply = node.run("ADD", conf, container_id="c1", netns=pod,
-                     env={**_env(backend), "PYCNI_FAIL_AFTER": step})
+    reply = node.run(
+        "ADD", conf, container_id="c1", netns=pod, env={**_env(backend), "PYCNI_FAIL_AFTER": step}
+    )
     assert reply.code == 199 and step in reply.out["msg"], reply
     assert no_pycni_rules(node, backend)
     assert [x for x in node.links() if x.startswith("veth")] == []
@@ -475,8 +563,7 @@ def test_gc_removes_the_mappings_of_gone_pods(node, client, backend):
     add(node, pod1, "c1", backend, mappings({"hostPort": 8080, "containerPort": 80}))
     add(node, pod2, "c2", backend, mappings({"hostPort": 8081, "containerPort": 80}))
     gc = node.conf(**{"cni.dev/valid-attachments": [{"containerID": "c2", "ifname": "eth0"}]})
-    assert node.run("GC", gc, container_id=None, ifname=None, netns=None,
-                    env=_env(backend)).rc == 0
+    assert node.run("GC", gc, container_id=None, ifname=None, netns=None, env=_env(backend)).rc == 0
     assert installed_hostports(node, backend) == ["tcp *:8081 -> 10.244.1.3:80"]
     with server(pod_name(pod1), "pod1"), server(pod_name(pod2), "pod2"):
         assert ask(client, "tcp", NODE4, 8080) is None
@@ -488,8 +575,15 @@ def test_gc_removes_the_mappings_of_gone_pods(node, client, backend):
 def test_through_the_agent(node, client, agent):
     """The same core in the node agent (its rules backend: nft when installed)."""
     pod = node.pod()
-    node.add(pod, "c1", node.conf(runtimeConfig=mappings(
-        {"HostPort": 8080, "ContainerPort": 80, "Protocol": "TCP", "HostIP": NODE4})))
+    node.add(
+        pod,
+        "c1",
+        node.conf(
+            runtimeConfig=mappings(
+                {"HostPort": 8080, "ContainerPort": 80, "Protocol": "TCP", "HostIP": NODE4}
+            )
+        ),
+    )
     with server(pod_name(pod), "pod1"):
         assert ask(client, "tcp", NODE4, 8080) == f"pod1 {CLIENT4}"
         assert ask(client, "tcp", NODE4_OTHER, 8080) is None

@@ -114,8 +114,11 @@ def test_every_command_in_every_version(node, version):
     host = host_veth_name(node.name, "c1", "eth0")
     if not at_least(version, "0.3.0"):
         assert "ips" not in out and "interfaces" not in out and "ip6" not in out, out
-        assert out["ip4"] == {"ip": FIRST, "gateway": GW,
-                              "routes": [{"dst": "0.0.0.0/0", "gw": GW}]}
+        assert out["ip4"] == {
+            "ip": FIRST,
+            "gateway": GW,
+            "routes": [{"dst": "0.0.0.0/0", "gw": GW}],
+        }
     else:
         ip = {"address": FIRST, "gateway": GW, "interface": 2}
         if not at_least(version, "1.0.0"):
@@ -131,16 +134,21 @@ def test_every_command_in_every_version(node, version):
     assert "mtu 1400" in pod_exec(node, pod, "ip", "link", "show", "eth0").stdout
     ping_gateway(node, pod)
 
-    check = node.run("CHECK", node.conf(cniVersion=version, mtu=1400, prevResult=out),
-                     container_id="c1", netns=pod)
+    check = node.run(
+        "CHECK",
+        node.conf(cniVersion=version, mtu=1400, prevResult=out),
+        container_id="c1",
+        netns=pod,
+    )
     if at_least(version, "0.4.0"):
         assert_ok(check)
     else:
         assert_error(check, 1, "CHECK", version=version)
 
     status = node.run("STATUS", conf)
-    gc = node.run("GC", node.conf(cniVersion=version, **{
-        VALID: [{"containerID": "c1", "ifname": "eth0"}]}))
+    gc = node.run(
+        "GC", node.conf(cniVersion=version, **{VALID: [{"containerID": "c1", "ifname": "eth0"}]})
+    )
     if version == "1.1.0":
         assert_ok(status)
         assert_ok(gc)
@@ -164,13 +172,21 @@ def test_version_without_config_lists_exactly_the_supported_versions(node):
     reply = node.run("VERSION", b"", container_id=None, ifname=None, netns=None)
     assert_ok(reply, output=True)
     assert reply.out["supportedVersions"] == [
-        "0.1.0", "0.2.0", "0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"]
+        "0.1.0",
+        "0.2.0",
+        "0.3.0",
+        "0.3.1",
+        "0.4.0",
+        "1.0.0",
+        "1.1.0",
+    ]
 
 
 def test_cni_versions_list_picks_highest_supported(node):
     pod = node.pod()
-    out = node.add(pod, "c1", node.conf(cniVersion=None,
-                                        cniVersions=["0.3.1", "1.0.0", "0.4.0", "9.9.9"]))
+    out = node.add(
+        pod, "c1", node.conf(cniVersion=None, cniVersions=["0.3.1", "1.0.0", "0.4.0", "9.9.9"])
+    )
     assert out["cniVersion"] == "1.0.0"
     assert out["ips"][0] == {"address": FIRST, "gateway": GW, "interface": 2}
 
@@ -181,19 +197,27 @@ def test_no_cni_version_means_020(node):
     assert out["cniVersion"] == "0.2.0"
     assert out["ip4"]["ip"] == FIRST and "ips" not in out
     # CHECK needs 0.4.0: an implicit 0.2.0 config may not have it.
-    reply = node.run("CHECK", node.conf(cniVersion=None, prevResult=out), container_id="c1",
-                     netns=pod)
+    reply = node.run(
+        "CHECK", node.conf(cniVersion=None, prevResult=out), container_id="c1", netns=pod
+    )
     assert_error(reply, 1, "CHECK")
 
 
-@pytest.mark.parametrize("conf", [{"cniVersion": "0.5.0"}, {"cniVersion": "2.0.0"},
-                                  {"cniVersion": None, "cniVersions": ["0.9.9", "3.0.0"]}],
-                         ids=["0.5.0", "2.0.0", "list-none-supported"])
+@pytest.mark.parametrize(
+    "conf",
+    [
+        {"cniVersion": "0.5.0"},
+        {"cniVersion": "2.0.0"},
+        {"cniVersion": None, "cniVersions": ["0.9.9", "3.0.0"]},
+    ],
+    ids=["0.5.0", "2.0.0", "list-none-supported"],
+)
 def test_unsupported_version_is_code_1(node, conf):
     pod = node.pod()
     before = node.links()
-    err = assert_error(node.run("ADD", node.conf(**conf), container_id="c1", netns=pod), 1,
-                       "supported")
+    err = assert_error(
+        node.run("ADD", node.conf(**conf), container_id="c1", netns=pod), 1, "supported"
+    )
     assert "1.1.0" in err.get("details", "")
     assert_nothing_left(node, pod, before)
 
@@ -239,18 +263,30 @@ BAD_INPUT = [
     ("ifname-space", _env(ifname="eth 0"), 4, ["CNI_IFNAME", "whitespace"]),
     ("netns-missing", _env(netns=None), 4, ["CNI_NETNS"]),
     ("netns-relative", _env(netns="run/netns/x"), 4, ["CNI_NETNS", "absolute"]),
-    ("netns-nonexistent", _env(netns="/run/netns/pycni-test-no-such-ns"), 3,
-     ["/run/netns/pycni-test-no-such-ns"]),
+    (
+        "netns-nonexistent",
+        _env(netns="/run/netns/pycni-test-no-such-ns"),
+        3,
+        ["/run/netns/pycni-test-no-such-ns"],
+    ),
     ("netns-regular-file", _regular_file, 4, ["CNI_NETNS", "not-a-netns"]),
-    ("netns-directory", lambda n, p, t: {"netns": str(t)}, 4,
-     ["CNI_NETNS", "not a network namespace"]),
-    ("netns-mount-namespace", _env(netns="/proc/self/ns/mnt"), 4,
-     ["CNI_NETNS", "/proc/self/ns/mnt", "not a network namespace"]),
-    ("json-undecodable", lambda n, p, t: {"conf": b"{\"cniVersion\": "}, 6, ["JSON"]),
+    (
+        "netns-directory",
+        lambda n, p, t: {"netns": str(t)},
+        4,
+        ["CNI_NETNS", "not a network namespace"],
+    ),
+    (
+        "netns-mount-namespace",
+        _env(netns="/proc/self/ns/mnt"),
+        4,
+        ["CNI_NETNS", "/proc/self/ns/mnt", "not a network namespace"],
+    ),
+    ("json-undecodable", lambda n, p, t: {"conf": b'{"cniVersion": '}, 6, ["JSON"]),
     ("json-bad-utf8", lambda n, p, t: {"conf": b"\xff\xfe{}"}, 6, ["JSON"]),
     ("json-empty", lambda n, p, t: {"conf": b""}, 6, ["JSON"]),
     ("json-array", lambda n, p, t: {"conf": b"[1, 2]"}, 6, ["object"]),
-    ("json-string", lambda n, p, t: {"conf": b"\"x\""}, 6, ["object"]),
+    ("json-string", lambda n, p, t: {"conf": b'"x"'}, 6, ["object"]),
     ("json-huge", _huge, 6, ["larger"]),
     ("name-missing", _conf(name=None), 7, ["name"]),
     ("name-empty", _conf(name=""), 7, ["name"]),
@@ -270,42 +306,70 @@ BAD_INPUT = [
     ("gateway-outside", _conf(gateway="10.244.2.1"), 7, ["gateway", "outside"]),
     ("gateway-broadcast", _conf(gateway="10.244.1.255"), 7, ["gateway", "broadcast"]),
     ("rangestart-outside", _conf(rangeStart="10.244.9.10"), 7, ["rangeStart", "outside"]),
-    ("rangestart-after-end", _conf(rangeStart="10.244.1.100", rangeEnd="10.244.1.50"), 7,
-     ["rangeStart", "rangeEnd"]),
-    ("ranges-mixed-families", _conf(subnet=None, ranges=[[
-        {"subnet": "10.244.1.0/24"}, {"subnet": "fd00:10:244:1::/64"}]]), 7,
-     ["ranges[0]", "IPv6"]),
+    (
+        "rangestart-after-end",
+        _conf(rangeStart="10.244.1.100", rangeEnd="10.244.1.50"),
+        7,
+        ["rangeStart", "rangeEnd"],
+    ),
+    (
+        "ranges-mixed-families",
+        _conf(
+            subnet=None, ranges=[[{"subnet": "10.244.1.0/24"}, {"subnet": "fd00:10:244:1::/64"}]]
+        ),
+        7,
+        ["ranges[0]", "IPv6"],
+    ),
     ("ranges-and-subnet", _conf(ranges=[[{"subnet": "10.244.1.0/24"}]]), 7, ["subnet"]),
-    ("ranges-two-v4-sets", _conf(subnet=None, ranges=[
-        [{"subnet": "10.244.1.0/24"}], [{"subnet": "10.244.2.0/24"}]]), 7, ["ranges"]),
+    (
+        "ranges-two-v4-sets",
+        _conf(subnet=None, ranges=[[{"subnet": "10.244.1.0/24"}], [{"subnet": "10.244.2.0/24"}]]),
+        7,
+        ["ranges"],
+    ),
     ("ipam-type-dhcp", _conf(ipam={"type": "dhcp"}), 7, ["ipam.type", "dhcp"]),
     ("ipam-not-object", _conf(ipam="host-local"), 7, ["ipam"]),
     ("routes-bad-dst", _conf(routes=[{"dst": "10.0.0.0/33"}]), 7, ["routes[0].dst"]),
     ("routes-no-dst", _conf(routes=[{"gw": "10.244.1.1"}]), 7, ["routes[0]"]),
-    ("routes-bad-gw", _conf(routes=[{"dst": "10.0.0.0/8", "gw": "nope"}]), 7,
-     ["routes[0].gw"]),
+    ("routes-bad-gw", _conf(routes=[{"dst": "10.0.0.0/8", "gw": "nope"}]), 7, ["routes[0].gw"]),
     ("routes-not-list", _conf(routes={"dst": "10.0.0.0/8"}), 7, ["routes"]),
-    ("dns-bad-nameserver", _conf(dns={"nameservers": ["dns.example"]}), 7,
-     ["dns.nameservers", "dns.example"]),
-    ("dns-nameservers-string", _conf(dns={"nameservers": "10.96.0.10"}), 7,
-     ["dns.nameservers"]),
+    (
+        "dns-bad-nameserver",
+        _conf(dns={"nameservers": ["dns.example"]}),
+        7,
+        ["dns.nameservers", "dns.example"],
+    ),
+    ("dns-nameservers-string", _conf(dns={"nameservers": "10.96.0.10"}), 7, ["dns.nameservers"]),
     ("datadir-relative", _conf(dataDir="var/lib/pycni"), 7, ["dataDir", "absolute"]),
-    ("datadir-dotdot", lambda n, p, t: {"conf": n.conf(dataDir=n.root + "/../escape")}, 7,
-     ["dataDir", ".."]),
+    (
+        "datadir-dotdot",
+        lambda n, p, t: {"conf": n.conf(dataDir=n.root + "/../escape")},
+        7,
+        ["dataDir", ".."],
+    ),
     ("loglevel-bogus", _conf(logLevel="chatty"), 7, ["logLevel"]),
-    ("runtimeconfig-ips-not-list", _conf(runtimeConfig={"ips": "10.244.1.9"}), 7,
-     ["runtimeConfig.ips"]),
+    (
+        "runtimeconfig-ips-not-list",
+        _conf(runtimeConfig={"ips": "10.244.1.9"}),
+        7,
+        ["runtimeConfig.ips"],
+    ),
     ("cni-args-no-equals", _env(env={"CNI_ARGS": "IgnoreUnknown=1;IP"}), 4, ["CNI_ARGS"]),
     ("cni-args-empty-key", _env(env={"CNI_ARGS": "=10.244.1.9"}), 4, ["CNI_ARGS"]),
     ("cni-args-bad-ip", _env(env={"CNI_ARGS": "IP=10.244.1.999"}), 7, ["CNI_ARGS IP"]),
     ("prevresult-not-object", _conf(prevResult=[1]), 6, ["prevResult"]),
-    ("prevresult-bad-ip", _conf(prevResult={"cniVersion": "1.1.0",
-                                            "ips": [{"address": "nope"}]}), 6, ["prevResult"]),
+    (
+        "prevresult-bad-ip",
+        _conf(prevResult={"cniVersion": "1.1.0", "ips": [{"address": "nope"}]}),
+        6,
+        ["prevResult"],
+    ),
 ]
 
 
-@pytest.mark.parametrize("build, code, words", [c[1:] for c in BAD_INPUT],
-                         ids=[c[0] for c in BAD_INPUT])
+@pytest.mark.parametrize(
+    "build, code, words", [c[1:] for c in BAD_INPUT], ids=[c[0] for c in BAD_INPUT]
+)
 def test_bad_input_is_refused_cleanly(node, tmp_path, build, code, words):
     pod = node.pod()
     before = node.links()
@@ -320,8 +384,11 @@ def test_bad_input_is_refused_cleanly(node, tmp_path, build, code, words):
 def test_truly_absent_cni_command_is_code_4(node):
     pod = node.pod()
     before = node.links()
-    reply = raw_run(node, {"CNI_CONTAINERID": "c1", "CNI_IFNAME": "eth0", "CNI_NETNS": pod},
-                    json.dumps(node.conf()).encode())
+    reply = raw_run(
+        node,
+        {"CNI_CONTAINERID": "c1", "CNI_IFNAME": "eth0", "CNI_NETNS": pod},
+        json.dumps(node.conf()).encode(),
+    )
     assert_error(reply, 4, "CNI_COMMAND")
     assert_nothing_left(node, pod, before)
 
@@ -333,16 +400,24 @@ def test_absent_everything_but_command_is_code_4(node):
 
 @pytest.mark.parametrize("command", ["DEL", "CHECK"])
 def test_bad_environment_is_refused_for_del_and_check_too(node, command):
-    reply = node.run(command, node.conf(prevResult={"cniVersion": "1.1.0"}),
-                     container_id="../../etc", netns=node.pod())
+    reply = node.run(
+        command,
+        node.conf(prevResult={"cniVersion": "1.1.0"}),
+        container_id="../../etc",
+        netns=node.pod(),
+    )
     assert_error(reply, 4, "CNI_CONTAINERID")
 
 
 def test_unknown_keys_are_ignored(node):
     pod = node.pod()
-    conf = node.conf(someFutureKey={"nested": [1, 2]}, capabilities={"portMappings": True},
-                     runtimeConfig={"portMappings": [], "bandwidth": {}}, disableCheck=False,
-                     args={"labels": [{"key": "app", "value": "x"}]})
+    conf = node.conf(
+        someFutureKey={"nested": [1, 2]},
+        capabilities={"portMappings": True},
+        runtimeConfig={"portMappings": [], "bandwidth": {}},
+        disableCheck=False,
+        args={"labels": [{"key": "app", "value": "x"}]},
+    )
     out = node.add(pod, "c1", conf)
     assert out["ips"][0]["address"] == FIRST
     ping_gateway(node, pod)
@@ -404,8 +479,11 @@ def test_del_of_never_added_container(node):
     assert_ok(node.run("DEL", container_id="never", netns="/run/netns/pycni-no-such-ns"))
 
 
-@pytest.mark.parametrize("prev", [{"cniVersion": "1.1.0", "ips": [{"address": "nope"}]},
-                                  [1, 2], "garbage"], ids=["bad-ip", "list", "string"])
+@pytest.mark.parametrize(
+    "prev",
+    [{"cniVersion": "1.1.0", "ips": [{"address": "nope"}]}, [1, 2], "garbage"],
+    ids=["bad-ip", "list", "string"],
+)
 def test_del_with_damaged_prev_result_still_cleans_up(node, prev):
     """DEL never needs prevResult; a damaged one must not strand the pod's resources (the
     runtime would retry that DEL forever)."""
@@ -430,8 +508,11 @@ def test_del_with_or_without_prev_result(node):
     probe_free(node, "10.244.1.3")
 
 
-@pytest.mark.parametrize("edit", [{"subnet": None}, {"subnet": "10.244.1.0/31"},
-                                  {"mtu": "big"}], ids=["subnet-removed", "subnet-bad", "mtu-bad"])
+@pytest.mark.parametrize(
+    "edit",
+    [{"subnet": None}, {"subnet": "10.244.1.0/31"}, {"mtu": "big"}],
+    ids=["subnet-removed", "subnet-bad", "mtu-bad"],
+)
 def test_del_cleans_up_even_when_the_config_no_longer_validates(node, edit):
     """Operators edit configs under running pods; DEL needs only the name and dataDir."""
     pod = node.pod()
@@ -485,10 +566,14 @@ def test_same_container_second_ifname(node):
     ping_gateway(node, pod)
 
 
-@pytest.mark.parametrize("ifname, setup", [
-    ("eth0", ("ip", "link", "add", "eth0", "type", "veth", "peer", "name", "peer0")),
-    ("lo", None),
-], ids=["eth0-exists", "lo"])
+@pytest.mark.parametrize(
+    "ifname, setup",
+    [
+        ("eth0", ("ip", "link", "add", "eth0", "type", "veth", "peer", "name", "peer0")),
+        ("lo", None),
+    ],
+    ids=["eth0-exists", "lo"],
+)
 def test_add_onto_existing_pod_interface_fails_cleanly(node, ifname, setup):
     pod = node.pod()
     if setup:
@@ -586,8 +671,19 @@ def test_gc_releases_what_is_not_listed(node):
     assert node.add(pod1, "c1")["ips"][0]["address"] == FIRST
     assert node.add(pod2, "c2")["ips"][0]["address"] == "10.244.1.3/24"
     h1, h2 = (host_veth_name(node.name, c, "eth0") for c in ("c1", "c2"))
-    assert_ok(node.run("GC", node.conf(**{VALID: [{"containerID": "c1", "ifname": "eth0"},
-                                                  {"containerID": "other", "ifname": "eth0"}]})))
+    assert_ok(
+        node.run(
+            "GC",
+            node.conf(
+                **{
+                    VALID: [
+                        {"containerID": "c1", "ifname": "eth0"},
+                        {"containerID": "other", "ifname": "eth0"},
+                    ]
+                }
+            ),
+        )
+    )
     links = node.links()
     assert h1 in links and h2 not in links
     assert pod_links(node, pod2) == ["lo"]
@@ -597,8 +693,9 @@ def test_gc_releases_what_is_not_listed(node):
     out = node.add(pod3, "c3", node.conf(runtimeConfig={"ips": ["10.244.1.3"]}))
     assert out["ips"][0]["address"] == "10.244.1.3/24"
     # c1's is still held.
-    reply = node.run("ADD", node.conf(runtimeConfig={"ips": ["10.244.1.2"]}),
-                     container_id="c4", netns=node.pod())
+    reply = node.run(
+        "ADD", node.conf(runtimeConfig={"ips": ["10.244.1.2"]}), container_id="c4", netns=node.pod()
+    )
     assert_error(reply, 101, "10.244.1.2", "c1")
     # c2 is now unknown to the store: DEL still succeeds.
     assert_ok(node.run("DEL", container_id="c2", netns=pod2))
@@ -616,8 +713,9 @@ def test_gc_without_valid_attachments_is_7_and_removes_nothing(node):
     ping_gateway(node, pod1)
     ping_gateway(node, pod2)
     for addr in ("10.244.1.2", "10.244.1.3"):
-        reply = node.run("ADD", node.conf(runtimeConfig={"ips": [addr]}), container_id="c9",
-                         netns=node.pod())
+        reply = node.run(
+            "ADD", node.conf(runtimeConfig={"ips": [addr]}), container_id="c9", netns=node.pod()
+        )
         assert_error(reply, 101, addr)
 
 
@@ -679,7 +777,10 @@ def test_add_chains_prev_result(node):
     out = node.add(pod, "c1", node.conf(prevResult=prev, dns={"search": ["svc.local"]}))
     assert out["interfaces"][0] == prev["interfaces"][0]
     assert [i["name"] for i in out["interfaces"]][1:] == [
-        "cni0", host_veth_name(node.name, "c1", "eth0"), "eth0"]
+        "cni0",
+        host_veth_name(node.name, "c1", "eth0"),
+        "eth0",
+    ]
     assert out["ips"][0] == prev["ips"][0]
     assert out["ips"][1] == {"address": FIRST, "gateway": GW, "interface": 3}
     assert out["interfaces"][out["ips"][1]["interface"]]["sandbox"] == pod
@@ -692,8 +793,11 @@ def test_add_chains_prev_result(node):
 
 def test_add_chains_legacy_prev_result(node):
     pod = node.pod()
-    prev = {"cniVersion": "0.3.1", "interfaces": [{"name": "tap0", "sandbox": pod}],
-            "ips": [{"version": "4", "address": "192.168.50.5/24", "interface": 0}]}
+    prev = {
+        "cniVersion": "0.3.1",
+        "interfaces": [{"name": "tap0", "sandbox": pod}],
+        "ips": [{"version": "4", "address": "192.168.50.5/24", "interface": 0}],
+    }
     out = node.add(pod, "c1", node.conf(cniVersion="0.3.1", prevResult=prev))
     assert out["cniVersion"] == "0.3.1"
     assert out["ips"][0] == prev["ips"][0]
@@ -706,8 +810,11 @@ def test_add_chains_legacy_prev_result(node):
 REQUESTS = {
     "runtimeConfig.ips": {"conf": {"runtimeConfig": {"ips": ["10.244.1.77/24"]}}},
     "args.cni.ips": {"conf": {"args": {"cni": {"ips": ["10.244.1.77"]}}}},
-    "CNI_ARGS": {"env": {"CNI_ARGS": "IgnoreUnknown=1;K8S_POD_NAMESPACE=default;"
-                                     "K8S_POD_NAME=web;IP=10.244.1.77"}},
+    "CNI_ARGS": {
+        "env": {
+            "CNI_ARGS": "IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME=web;IP=10.244.1.77"
+        }
+    },
 }
 
 
@@ -734,11 +841,16 @@ def test_requested_address_is_honoured(node, how):
     ping_gateway(node, pod)
 
 
-@pytest.mark.parametrize("ip, words", [("10.244.2.5", ["10.244.2.5", "not in any range"]),
-                                       ("10.244.1.1", ["reserved"]),
-                                       ("10.244.1.255", ["10.244.1.255", "not in any range"]),
-                                       ("fd00::5", ["fd00::5"])],
-                         ids=["other-subnet", "gateway", "broadcast", "wrong-family"])
+@pytest.mark.parametrize(
+    "ip, words",
+    [
+        ("10.244.2.5", ["10.244.2.5", "not in any range"]),
+        ("10.244.1.1", ["reserved"]),
+        ("10.244.1.255", ["10.244.1.255", "not in any range"]),
+        ("fd00::5", ["fd00::5"]),
+    ],
+    ids=["other-subnet", "gateway", "broadcast", "wrong-family"],
+)
 def test_requested_address_outside_range_is_101(node, ip, words):
     pod = node.pod()
     before = node.links()
@@ -751,8 +863,9 @@ def test_requested_address_outside_range_is_101(node, ip, words):
 def test_requested_address_outside_range_start_end_is_101(node):
     pod = node.pod()
     before = node.links()
-    conf = node.conf(rangeStart="10.244.1.10", rangeEnd="10.244.1.20",
-                     runtimeConfig={"ips": ["10.244.1.5"]})
+    conf = node.conf(
+        rangeStart="10.244.1.10", rangeEnd="10.244.1.20", runtimeConfig={"ips": ["10.244.1.5"]}
+    )
     assert_error(node.run("ADD", conf, container_id="c1", netns=pod), 101, "10.244.1.5")
     assert node.links() == before
     assert pod_links(node, pod) == ["lo"]
@@ -770,8 +883,11 @@ def test_runtime_config_mac_is_honoured(node):
     assert_ok(node.run("CHECK", node.conf(prevResult=out), container_id="c1", netns=pod))
 
 
-@pytest.mark.parametrize("mac", ["zz:58:0a:f4:01:99", "0a:58:0a:f4:01", "01:00:5e:00:00:01", 42],
-                         ids=["not-hex", "short", "multicast", "int"])
+@pytest.mark.parametrize(
+    "mac",
+    ["zz:58:0a:f4:01:99", "0a:58:0a:f4:01", "01:00:5e:00:00:01", 42],
+    ids=["not-hex", "short", "multicast", "int"],
+)
 def test_invalid_mac_is_7(node, mac):
     pod = node.pod()
     before = node.links()

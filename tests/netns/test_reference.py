@@ -34,16 +34,29 @@ MAC = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")
 
 
 def pycni_conf(root: str, version: str, subnet: str, masq: bool) -> dict:
-    return {"cniVersion": version, "name": NAME, "type": "pycni", "bridge": "cni0",
-            "subnet": subnet, "ipMasq": masq, "dataDir": os.path.join(root, "data"),
-            "logFile": os.path.join(root, "pycni.log")}
+    return {
+        "cniVersion": version,
+        "name": NAME,
+        "type": "pycni",
+        "bridge": "cni0",
+        "subnet": subnet,
+        "ipMasq": masq,
+        "dataDir": os.path.join(root, "data"),
+        "logFile": os.path.join(root, "pycni.log"),
+    }
 
 
 def reference_conf(root: str, version: str, subnet: str, masq: bool) -> dict:
-    return {"cniVersion": version, "name": NAME, "type": "bridge", "bridge": "cni0",
-            "isGateway": True, "isDefaultGateway": True, "ipMasq": masq,
-            "ipam": {"type": "host-local", "subnet": subnet,
-                     "dataDir": os.path.join(root, "ipam")}}
+    return {
+        "cniVersion": version,
+        "name": NAME,
+        "type": "bridge",
+        "bridge": "cni0",
+        "isGateway": True,
+        "isDefaultGateway": True,
+        "ipMasq": masq,
+        "ipam": {"type": "host-local", "subnet": subnet, "dataDir": os.path.join(root, "ipam")},
+    }
 
 
 @dataclass
@@ -90,8 +103,13 @@ def make_side(label: str, spaces: Namespaces, plugin: str, root: str, make_conf)
 @pytest.fixture
 def sides(netns, plugin_bin, reference_plugins, tmp_path) -> tuple[Side, Side]:
     py = make_side("pycni", netns, plugin_bin, str(tmp_path / "pycni"), pycni_conf)
-    ref = make_side("reference", netns, os.path.join(reference_plugins, "bridge"),
-                    str(tmp_path / "reference"), reference_conf)
+    ref = make_side(
+        "reference",
+        netns,
+        os.path.join(reference_plugins, "bridge"),
+        str(tmp_path / "reference"),
+        reference_conf,
+    )
     return py, ref
 
 
@@ -103,13 +121,15 @@ def configure(sides: tuple[Side, Side], **kw) -> None:
 
 # --- comparing results -------------------------------------------------------------------------
 
+
 def _keys(obj) -> list[str]:
     return sorted(obj) if isinstance(obj, dict) else [f"<{type(obj).__name__}>"]
 
 
 def _routes(routes) -> list[tuple]:
-    return sorted((r.get("dst"), r.get("gw"), tuple(sorted(set(r) - {"dst", "gw"})))
-                  for r in routes or [])
+    return sorted(
+        (r.get("dst"), r.get("gw"), tuple(sorted(set(r) - {"dst", "gw"}))) for r in routes or []
+    )
 
 
 def result_differences(py: dict, ref: dict, py_pod: str, ref_pod: str, version: str) -> list[str]:
@@ -134,8 +154,10 @@ def result_differences(py: dict, ref: dict, py_pod: str, ref_pod: str, version: 
 
     pi, ri = py.get("interfaces") or [], ref.get("interfaces") or []
     differ("interfaces count", len(pi), len(ri))
-    sandboxed = ([i for i, x in enumerate(pi) if x.get("sandbox")],
-                 [i for i, x in enumerate(ri) if x.get("sandbox")])
+    sandboxed = (
+        [i for i, x in enumerate(pi) if x.get("sandbox")],
+        [i for i, x in enumerate(ri) if x.get("sandbox")],
+    )
     differ("indexes of interfaces carrying sandbox", *sandboxed)
     for n, (a, b) in enumerate(zip(pi, ri, strict=False)):
         differ(f"interfaces[{n}] keys", _keys(a), _keys(b))
@@ -150,8 +172,10 @@ def result_differences(py: dict, ref: dict, py_pod: str, ref_pod: str, version: 
     for side, ifaces, pod in (("pycni", pi, py_pod), ("reference", ri, ref_pod)):
         for i in sandboxed[0 if side == "pycni" else 1]:
             if ifaces[i].get("sandbox") != pod:
-                diffs.append(f"{side} interfaces[{i}].sandbox={ifaces[i].get('sandbox')!r}, "
-                             f"expected the pod's netns {pod!r}")
+                diffs.append(
+                    f"{side} interfaces[{i}].sandbox={ifaces[i].get('sandbox')!r}, "
+                    f"expected the pod's netns {pod!r}"
+                )
 
     pips, rips = py.get("ips") or [], ref.get("ips") or []
     differ("ips count", len(pips), len(rips))
@@ -161,10 +185,15 @@ def result_differences(py: dict, ref: dict, py_pod: str, ref_pod: str, version: 
             differ(f"ips[{n}].{key}", a.get(key), b.get(key))
         for side, ip, ifaces in (("pycni", a, pi), ("reference", b, ri)):
             idx = ip.get("interface")
-            if not isinstance(idx, int) or not 0 <= idx < len(ifaces) or \
-                    not ifaces[idx].get("sandbox"):
-                diffs.append(f"{side} ips[{n}].interface={idx!r} does not point at the sandbox "
-                             f"interface (interfaces: {ifaces})")
+            if (
+                not isinstance(idx, int)
+                or not 0 <= idx < len(ifaces)
+                or not ifaces[idx].get("sandbox")
+            ):
+                diffs.append(
+                    f"{side} ips[{n}].interface={idx!r} does not point at the sandbox "
+                    f"interface (interfaces: {ifaces})"
+                )
     differ("routes (dst, gw, other keys)", _routes(py.get("routes")), _routes(ref.get("routes")))
     return diffs
 
@@ -180,8 +209,10 @@ def pod_state(side: Side, pod: str) -> dict:
         "addresses": sorted(f"{a['local']}/{a['prefixlen']}" for a in addrs[0]["addr_info"]),
         # The routes' protocol field is left out: how a route was added (kernel/boot/static)
         # is bookkeeping, not forwarding behaviour.
-        "routes": sorted((r["dst"], r.get("gateway"), r.get("dev"), r.get("scope"),
-                          r.get("prefsrc")) for r in routes),
+        "routes": sorted(
+            (r["dst"], r.get("gateway"), r.get("dev"), r.get("scope"), r.get("prefsrc"))
+            for r in routes
+        ),
     }
 
 
@@ -199,8 +230,11 @@ def node_state(side: Side) -> dict:
 
 
 def dict_differences(what: str, py: dict, ref: dict) -> list[str]:
-    return [f"{what} {key}: pycni={py.get(key)!r} reference={ref.get(key)!r}"
-            for key in sorted(set(py) | set(ref)) if py.get(key) != ref.get(key)]
+    return [
+        f"{what} {key}: pycni={py.get(key)!r} reference={ref.get(key)!r}"
+        for key in sorted(set(py) | set(ref))
+        if py.get(key) != ref.get(key)
+    ]
 
 
 def fail_with(diffs: list[str]) -> None:
@@ -208,6 +242,7 @@ def fail_with(diffs: list[str]) -> None:
 
 
 # --- the tests ---------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("masq", [False, True], ids=["nomasq", "masq"])
 @pytest.mark.parametrize("version", VERSIONS)
@@ -221,17 +256,22 @@ def test_results_and_pod_state_match(sides, version, masq):
         cid = f"ctr{n}"
         py_pod, py_out = py.add_ok(cid)
         ref_pod, ref_out = ref.add_ok(cid)
-        diffs += [f"ADD #{n + 1}: {d}"
-                  for d in result_differences(py_out, ref_out, py_pod, ref_pod, version)]
-        diffs += [f"ADD #{n + 1}: {d}" for d in
-                  dict_differences("pod", pod_state(py, py_pod), pod_state(ref, ref_pod))]
+        diffs += [
+            f"ADD #{n + 1}: {d}"
+            for d in result_differences(py_out, ref_out, py_pod, ref_pod, version)
+        ]
+        diffs += [
+            f"ADD #{n + 1}: {d}"
+            for d in dict_differences("pod", pod_state(py, py_pod), pod_state(ref, ref_pod))
+        ]
         for side, out in (("pycni", py_out), ("reference", ref_out)):
             ips = out.get("ips") or [{"address": (out.get("ip4") or {}).get("ip")}]
             addresses[side].append(ips[0]["address"])
     diffs += dict_differences("node", node_state(py), node_state(ref))
     if addresses["pycni"] != addresses["reference"]:
-        diffs.append(f"address sequence: pycni={addresses['pycni']} "
-                     f"reference={addresses['reference']}")
+        diffs.append(
+            f"address sequence: pycni={addresses['pycni']} reference={addresses['reference']}"
+        )
     fail_with(diffs)
     assert addresses["pycni"] == ["10.244.1.2/24", "10.244.1.3/24", "10.244.1.4/24"]
 
@@ -283,8 +323,9 @@ def test_reserved_addresses_and_exhaustion(sides, version):
         pod, reply = side.add("ctr-again")
         assert reply.rc == 0, (side.label, reply)
         out = reply.out
-        again[side.label] = (out.get("ips") or [{"address": (out.get("ip4") or {}).get("ip")}])[
-            0]["address"]
+        again[side.label] = (out.get("ips") or [{"address": (out.get("ip4") or {}).get("ip")}])[0][
+            "address"
+        ]
     assert again == {"pycni": "10.244.9.4/29", "reference": "10.244.9.4/29"}, again
 
 
@@ -316,8 +357,10 @@ ECHO_SERVER = textwrap.dedent("""
     data, peer = s.recvfrom(100)
     print(peer[0], flush=True)
 """)
-SEND = ("import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); "
-        "s.sendto(b'hi', ('192.0.2.2', 9999))")
+SEND = (
+    "import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); "
+    "s.sendto(b'hi', ('192.0.2.2', 9999))"
+)
 
 
 @pytest.mark.parametrize("masq", [False, True], ids=["nomasq", "masq"])
@@ -340,8 +383,12 @@ def test_masquerade_seen_from_outside(sides, masq, netns):
         # Replies to an unmasqueraded pod address need a way back.
         netns.exec(out, "ip", "route", "add", SUBNET, "via", "192.0.2.1")
         pod, result = side.add_ok("ctr1")
-        server = subprocess.Popen(["ip", "netns", "exec", out, "python3", "-c", ECHO_SERVER],
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        server = subprocess.Popen(
+            ["ip", "netns", "exec", out, "python3", "-c", ECHO_SERVER],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         try:
             time.sleep(0.3)
             side.pod_exec(pod, "python3", "-c", SEND)

@@ -17,8 +17,22 @@ pytestmark = pytest.mark.netns
 
 def test_soak_small():
     pid, status, stdout, stderr = run_bench(
-        "soak", "--ops", "300", "--containers", "30", "--in-flight", "8", "--kill-every", "150",
-        "--check-every", "100", "--seed", "7", "--json", timeout=600)
+        "soak",
+        "--ops",
+        "300",
+        "--containers",
+        "30",
+        "--in-flight",
+        "8",
+        "--kill-every",
+        "150",
+        "--check-every",
+        "100",
+        "--seed",
+        "7",
+        "--json",
+        timeout=600,
+    )
     # Its namespaces and temporary directory are named after its pid: none may be left.
     assert namespaces_named(f"pycnib{pid}") == []
     assert glob.glob(f"{tempfile.gettempdir()}/pycni-soak-{pid}-*") == []

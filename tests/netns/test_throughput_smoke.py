@@ -14,9 +14,14 @@ from conftest import namespaces_named, run_bench
 
 pytestmark = [pytest.mark.netns, pytest.mark.reference]
 
-PATHS = {"baseline-veth", "pycni-same-node", "pycni-host-gw", "pycni-vxlan",
-         "reference-same-node", "reference-host-gw"}
-
+PATHS = {
+    "baseline-veth",
+    "pycni-same-node",
+    "pycni-host-gw",
+    "pycni-vxlan",
+    "reference-same-node",
+    "reference-host-gw",
+}
 
 
 def _iperf_servers(names: list[str]) -> list[str]:
@@ -28,8 +33,16 @@ def test_throughput_tiny(reference_plugins):
     from pycni.ctl.bench.throughput import format_table
 
     before = set(glob.glob("/tmp/pycni-bench-throughput-*"))
-    pid, status, stdout, stderr = run_bench("throughput", "--seconds", "1", "--repeat", "1",
-                                            "--json", "--reference-dir", reference_plugins)
+    pid, status, stdout, stderr = run_bench(
+        "throughput",
+        "--seconds",
+        "1",
+        "--repeat",
+        "1",
+        "--json",
+        "--reference-dir",
+        reference_plugins,
+    )
     # Its namespaces (the labs' included) are named after its pid: none may be left.
     assert namespaces_named(f"pycnib{pid}") == []
     assert set(glob.glob("/tmp/pycni-bench-throughput-*")) <= before
@@ -51,7 +64,9 @@ def test_throughput_tiny(reference_plugins):
     assert len(targets) == 6 and all(isinstance(t["pass"], bool) for t in targets)
     assert all(t["value"] > 0 for t in targets)
     assert {(v["pycni"], v["reference"]) for v in report["versus_reference"]} == {
-        ("pycni-same-node", "reference-same-node"), ("pycni-host-gw", "reference-host-gw")}
+        ("pycni-same-node", "reference-same-node"),
+        ("pycni-host-gw", "reference-host-gw"),
+    }
     assert all(v["ratio"] > 0 for v in report["versus_reference"])
 
     table = format_table(report)

@@ -52,17 +52,23 @@ from pycni.node_config import CONFLIST_NAME, node_conflist, write_conflist
 pytestmark = [
     pytest.mark.netns,
     pytest.mark.runtimes,
-    pytest.mark.skipif(not os.path.exists("/usr/bin/containerd") or not have("ctr")
-                       or not have("runc"),
-                       reason="containerd is not installed (Debian packages containerd, runc)"),
-    pytest.mark.skipif(not have("podman") or not os.path.exists("/bin/busybox"),
-                       reason="the pause image is built with podman from busybox (Debian "
-                       "packages podman, busybox-static)"),
-    pytest.mark.skipif(importlib.util.find_spec("grpc") is None,
-                       reason="grpcio is needed to speak CRI (pip install pycni[runtimes])"),
-    pytest.mark.skipif(not os.path.exists("/usr/lib/cni/loopback"),
-                       reason="containerd needs the loopback plugin "
-                       "(Debian package containernetworking-plugins)"),
+    pytest.mark.skipif(
+        not os.path.exists("/usr/bin/containerd") or not have("ctr") or not have("runc"),
+        reason="containerd is not installed (Debian packages containerd, runc)",
+    ),
+    pytest.mark.skipif(
+        not have("podman") or not os.path.exists("/bin/busybox"),
+        reason="the pause image is built with podman from busybox (Debian "
+        "packages podman, busybox-static)",
+    ),
+    pytest.mark.skipif(
+        importlib.util.find_spec("grpc") is None,
+        reason="grpcio is needed to speak CRI (pip install pycni[runtimes])",
+    ),
+    pytest.mark.skipif(
+        not os.path.exists("/usr/lib/cni/loopback"),
+        reason="containerd needs the loopback plugin (Debian package containernetworking-plugins)",
+    ),
 ]
 
 IMAGE = "localhost/pycni-busybox:test"  # the pause image, and the pods' busybox
@@ -141,9 +147,13 @@ class CriNode:
         """A PodSandboxConfig as kubelet fills it in."""
         uid = str(uuid.uuid4())
         return pod_sandbox_config(
-            name, "pycni-test", uid,
+            name,
+            "pycni-test",
+            uid,
             os.path.join(self.root, "pods", f"pycni-test_{name}_{uid}"),
-            self.containerd.cgroup_parent, port_mappings)
+            self.containerd.cgroup_parent,
+            port_mappings,
+        )
 
     def run_pod(self, name: str, port_mappings: list[dict] | None = None) -> tuple[str, dict]:
         config = self.sandbox_config(name, port_mappings)
@@ -184,8 +194,15 @@ def write_node_bin(bin_dir: str, record_log: str) -> None:
 
 
 def node_conf(network: str, root: str, agent_socket: str) -> dict:
-    conf = node_conflist(network, SUBNET, None, bridge="cni0", dataDir=os.path.join(root, "data"),
-                         logFile=os.path.join(root, "pycni.log"), agentSocket=agent_socket)
+    conf = node_conflist(
+        network,
+        SUBNET,
+        None,
+        bridge="cni0",
+        dataDir=os.path.join(root, "data"),
+        logFile=os.path.join(root, "pycni.log"),
+        agentSocket=agent_socket,
+    )
     conf["cniVersion"] = LIBCNI_VERSION
     conf["plugins"].append({"type": "record", "capabilities": {"portMappings": True}})
     return conf
@@ -205,13 +222,20 @@ def private_node(root: str, archive: str, conf_for=node_conf):
         os.makedirs(root, exist_ok=True)
         bin_dir, conf_dir = os.path.join(root, "bin"), os.path.join(root, "net.d")
         write_node_bin(bin_dir, os.path.join(root, "recorded.jsonl"))
-        agent = AgentProcess(Node(ns=ns, root=root, plugin=os.path.join(bin_dir, "pycni"),
-                                  spaces=spaces, bridge="cni0")).start()
+        agent = AgentProcess(
+            Node(
+                ns=ns,
+                root=root,
+                plugin=os.path.join(bin_dir, "pycni"),
+                spaces=spaces,
+                bridge="cni0",
+            )
+        ).start()
         network = unique("crinet")
-        write_conflist(os.path.join(conf_dir, CONFLIST_NAME), conf_for(network, root,
-                                                                        agent.socket))
-        containerd = Containerd(os.path.join(root, "containerd"), ns, bin_dir, conf_dir,
-                                sandbox_image=IMAGE)
+        write_conflist(os.path.join(conf_dir, CONFLIST_NAME), conf_for(network, root, agent.socket))
+        containerd = Containerd(
+            os.path.join(root, "containerd"), ns, bin_dir, conf_dir, sandbox_image=IMAGE
+        )
         containerd.start()
         containerd.import_image(archive)
         yield CriNode(ns, root, network, bin_dir, conf_dir, containerd, spaces)
@@ -265,19 +289,26 @@ def test_run_pod_sandbox_gets_pycnis_address(crinode, pods):
     assert attachment.ifname == "eth0"
     assert attachment.netns.startswith("/var/run/netns/cni-")
     assert attachment.host_veth in crinode.veths()
-    shown = sh("nsenter", f"--net={attachment.netns}", "ip", "-o", "-4", "addr", "show",
-               "eth0").stdout
+    shown = sh(
+        "nsenter", f"--net={attachment.netns}", "ip", "-o", "-4", "addr", "show", "eth0"
+    ).stdout
     assert f"inet {ip}/24 " in shown
-    assert f"default via {GATEWAY} dev eth0" in sh(
-        "nsenter", f"--net={attachment.netns}", "ip", "route", "show", "default").stdout
+    assert (
+        f"default via {GATEWAY} dev eth0"
+        in sh("nsenter", f"--net={attachment.netns}", "ip", "route", "show", "default").stdout
+    )
 
     # What containerd handed the chain: the pod's identity in CNI_ARGS, its netns, eth0.
     (add,) = [r for r in crinode.records(sid) if r["CNI_COMMAND"] == "ADD"]
     assert add["CNI_NETNS"] == attachment.netns and add["CNI_IFNAME"] == "eth0"
     args = _cni_args(add)
-    assert args == {"IgnoreUnknown": "1", "K8S_POD_NAMESPACE": "pycni-test",
-                    "K8S_POD_NAME": "web", "K8S_POD_INFRA_CONTAINER_ID": sid,
-                    "K8S_POD_UID": config["metadata"]["uid"]}
+    assert args == {
+        "IgnoreUnknown": "1",
+        "K8S_POD_NAMESPACE": "pycni-test",
+        "K8S_POD_NAME": "web",
+        "K8S_POD_INFRA_CONTAINER_ID": sid,
+        "K8S_POD_UID": config["metadata"]["uid"],
+    }
     assert add["prevResult"], "pycni's result reached the next plugin in the chain"
 
 
@@ -336,8 +367,9 @@ def test_twenty_concurrent_sandboxes(crinode, pods):
     ips = {sid: crinode.pod_ip(sid) for sid in made}
     assert len(set(ips.values())) == 20
     stored = crinode.attachments()
-    assert {sid: [str(a.ip) for a in stored[sid].allocations] for sid in made} == \
-        {sid: [ip] for sid, ip in ips.items()}
+    assert {sid: [str(a.ip) for a in stored[sid].allocations] for sid in made} == {
+        sid: [ip] for sid, ip in ips.items()
+    }
     assert len(crinode.veths()) == 20
     netns_paths = [stored[sid].netns for sid in made]
 
@@ -359,11 +391,25 @@ def _try(fn, *args):
 
 def test_port_mapping_reaches_the_pod(crinode, pods, netns):
     plugin = json.load(open(os.path.join(crinode.conf_dir, CONFLIST_NAME)))["plugins"][0]
-    assert plugin.get("capabilities", {}).get("portMappings") is True, \
+    assert plugin.get("capabilities", {}).get("portMappings") is True, (
         "node_conflist must advertise portMappings, else containerd never sends them"
+    )
     client = netns.make("cricli")
-    sh("ip", "-n", crinode.ns, "link", "add", "eth1", "type", "veth", "peer", "name", "eth0",
-       "netns", client)
+    sh(
+        "ip",
+        "-n",
+        crinode.ns,
+        "link",
+        "add",
+        "eth1",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "eth0",
+        "netns",
+        client,
+    )
     try:
         sh("ip", "-n", crinode.ns, "addr", "add", f"{NODE_ADDR}/24", "dev", "eth1")
         sh("ip", "-n", crinode.ns, "link", "set", "eth1", "up")
@@ -375,10 +421,15 @@ def test_port_mapping_reaches_the_pod(crinode, pods, netns):
         pods.append(sid)
         (add,) = [r for r in crinode.records(sid) if r["CNI_COMMAND"] == "ADD"]
         assert add["runtimeConfig"]["portMappings"] == [
-            {"HostPort": HOST_PORT, "ContainerPort": 8080, "Protocol": "tcp", "HostIP": ""}]
-        crinode.start_busybox(sid, config, "sh", "-c",
-                              "echo hello-from-pod > /var/www/index.html"
-                              " && exec httpd -f -p 8080 -h /var/www")
+            {"HostPort": HOST_PORT, "ContainerPort": 8080, "Protocol": "tcp", "HostIP": ""}
+        ]
+        crinode.start_busybox(
+            sid,
+            config,
+            "sh",
+            "-c",
+            "echo hello-from-pod > /var/www/index.html && exec httpd -f -p 8080 -h /var/www",
+        )
         assert _fetch(client, NODE_ADDR) == "hello-from-pod"  # from outside
         assert _fetch(crinode.ns, NODE_ADDR) == "hello-from-pod"  # from the node
 
@@ -408,8 +459,19 @@ def _fetch(ns: str, host: str, attempts: int = 20) -> str | None:
     """The body of GET /index.html at host:HOST_PORT from inside `ns` (the server may still be
     starting). Not busybox wget: the static one segfaults outside a container here."""
     for _ in range(attempts):
-        out = sh("ip", "netns", "exec", ns, sys.executable, "-I", "-c", _GET, host,
-                 str(HOST_PORT), check=False)
+        out = sh(
+            "ip",
+            "netns",
+            "exec",
+            ns,
+            sys.executable,
+            "-I",
+            "-c",
+            _GET,
+            host,
+            str(HOST_PORT),
+            check=False,
+        )
         if out.returncode == 0:
             return out.stdout.strip()
         time.sleep(0.2)
@@ -420,8 +482,9 @@ def _fetch(ns: str, host: str, attempts: int = 20) -> str | None:
 def test_cleanup_leaves_nothing_behind(crinode, image_archive, tmp_path, how):
     """A second containerd on the same node, with a pod and a container running, removed by
     cleanup() while it answers or after a SIGKILL (nothing then stops the pod through CRI)."""
-    ctd = Containerd(str(tmp_path / "ctd"), crinode.ns, crinode.bin_dir, crinode.conf_dir,
-                     sandbox_image=IMAGE)
+    ctd = Containerd(
+        str(tmp_path / "ctd"), crinode.ns, crinode.bin_dir, crinode.conf_dir, sandbox_image=IMAGE
+    )
     try:
         ctd.start()
         ctd.import_image(image_archive)
@@ -443,14 +506,22 @@ def test_cleanup_leaves_nothing_behind(crinode, image_archive, tmp_path, how):
         ctd.cleanup()
 
     assert not os.path.exists(ctd.workdir) and mounts_below(ctd.workdir) == []
-    _wait_for(lambda: not [p for p in shims + pod_pids if _alive(p)],
-              "the shim, pause and busybox processes are gone", timeout=5)
+    _wait_for(
+        lambda: not [p for p in shims + pod_pids if _alive(p)],
+        "the shim, pause and busybox processes are gone",
+        timeout=5,
+    )
     assert not [p for p in pids() if ctd.socket.encode() in cmdline(p)]
     assert not os.path.exists(attachment.netns)
-    assert not any(os.path.isdir(f"/sys/fs/cgroup/{h}{ctd.cgroup_parent}")
-                   for h in os.listdir("/sys/fs/cgroup"))
-    assert not [n for n in os.listdir(CNI_CACHE_RESULTS) if sid in n] \
-        if os.path.isdir(CNI_CACHE_RESULTS) else True
+    assert not any(
+        os.path.isdir(f"/sys/fs/cgroup/{h}{ctd.cgroup_parent}")
+        for h in os.listdir("/sys/fs/cgroup")
+    )
+    assert (
+        not [n for n in os.listdir(CNI_CACHE_RESULTS) if sid in n]
+        if os.path.isdir(CNI_CACHE_RESULTS)
+        else True
+    )
     _wait_for(lambda: attachment.host_veth not in crinode.veths(), "the pod's host veth goes")
     if how == "running":
         assert sid not in crinode.attachments(), "cleanup stopped the pod through CRI"
@@ -458,13 +529,23 @@ def test_cleanup_leaves_nothing_behind(crinode, image_archive, tmp_path, how):
         # Nothing ran DEL: what kubelet's runtime does after a restart, pycni accepts with the
         # netns long gone.
         assert sid in crinode.attachments()
-        env = {"PATH": os.environ["PATH"], "CNI_COMMAND": "DEL", "CNI_CONTAINERID": sid,
-               "CNI_IFNAME": "eth0", "CNI_NETNS": "", "CNI_PATH": crinode.bin_dir}
+        env = {
+            "PATH": os.environ["PATH"],
+            "CNI_COMMAND": "DEL",
+            "CNI_CONTAINERID": sid,
+            "CNI_IFNAME": "eth0",
+            "CNI_NETNS": "",
+            "CNI_PATH": crinode.bin_dir,
+        }
         plugin = json.load(open(os.path.join(crinode.conf_dir, CONFLIST_NAME)))["plugins"][0]
         conf = dict(plugin, name=crinode.network, cniVersion=LIBCNI_VERSION)
         plugin_exe = os.path.join(crinode.bin_dir, "pycni")
-        proc = subprocess.run(["ip", "netns", "exec", crinode.ns, plugin_exe],
-                              input=json.dumps(conf).encode(), env=env, capture_output=True)
+        proc = subprocess.run(
+            ["ip", "netns", "exec", crinode.ns, plugin_exe],
+            input=json.dumps(conf).encode(),
+            env=env,
+            capture_output=True,
+        )
         assert proc.returncode == 0, proc
         assert sid not in crinode.attachments()
 
@@ -501,8 +582,14 @@ def test_node_conflist_as_written(image_archive, tmp_path):
     install` write), unmodified, is one containerd 1.6 can use."""
 
     def as_written(network: str, root: str, agent_socket: str) -> dict:
-        return node_conflist(network, SUBNET, None, dataDir=os.path.join(root, "data"),
-                             logFile=os.path.join(root, "pycni.log"), agentSocket=agent_socket)
+        return node_conflist(
+            network,
+            SUBNET,
+            None,
+            dataDir=os.path.join(root, "data"),
+            logFile=os.path.join(root, "pycni.log"),
+            agentSocket=agent_socket,
+        )
 
     with private_node(str(tmp_path / "node"), image_archive, as_written) as n:
         sid, _ = n.run_pod("as-written")
@@ -513,8 +600,9 @@ def test_node_conflist_as_written(image_archive, tmp_path):
 
 
 def test_bench_cri_smoke():
-    pid, rc, out, err = run_bench("cri", "--pods", "2", "--burst", "3", "--repeat", "1",
-                                  timeout=600)
+    pid, rc, out, err = run_bench(
+        "cri", "--pods", "2", "--burst", "3", "--repeat", "1", timeout=600
+    )
     assert rc == 0, out + err
     for row in ("pycni-agent", "reference", "RunPodSandbox", "burst"):
         assert row in out, out

@@ -27,10 +27,14 @@ from pycni.node_config import CONFLIST_NAME, node_conflist, write_conflist
 pytestmark = [
     pytest.mark.netns,
     pytest.mark.runtimes,
-    pytest.mark.skipif(shutil.which("podman") is None, reason="podman is not installed "
-                       "(Debian packages podman, runc, busybox-static)"),
-    pytest.mark.skipif(not os.path.exists("/bin/busybox"),
-                       reason="/bin/busybox is not installed (Debian package busybox-static)"),
+    pytest.mark.skipif(
+        shutil.which("podman") is None,
+        reason="podman is not installed (Debian packages podman, runc, busybox-static)",
+    ),
+    pytest.mark.skipif(
+        not os.path.exists("/bin/busybox"),
+        reason="/bin/busybox is not installed (Debian package busybox-static)",
+    ),
 ]
 
 SUBNET = "10.88.7.0/24"
@@ -66,8 +70,10 @@ class PodmanNode:
         if not os.path.exists(os.path.join(self.data_dir, "pycni.db")):
             return {}
         with Store(self.data_dir) as store:
-            return {a.container_id: [str(x.ip) for x in a.allocations]
-                    for a in store.list_attachments(self.network)}
+            return {
+                a.container_id: [str(x.ip) for x in a.allocations]
+                for a in store.list_attachments(self.network)
+            }
 
     def veths(self) -> list[str]:
         out = self.node.exec("ip", "-o", "link", "show", "type", "veth").stdout
@@ -87,13 +93,23 @@ class PodmanNode:
 def pnode(request, netns, plugin_bin, tmp_path):
     ns = netns.make("pmnode")
     netns.exec(ns, "ip", "link", "set", "lo", "up")
-    node = Node(ns=ns, root=str(tmp_path / "node"), plugin=plugin_bin, spaces=netns,
-                bridge="cni0", subnet=SUBNET, name=unique("pmnet"))
+    node = Node(
+        ns=ns,
+        root=str(tmp_path / "node"),
+        plugin=plugin_bin,
+        spaces=netns,
+        bridge="cni0",
+        subnet=SUBNET,
+        name=unique("pmnet"),
+    )
     os.makedirs(node.root)
     conf_dir = str(tmp_path / "net.d")
-    podman = Podman(str(tmp_path / "podman"), netns=ns,
-                    cni_plugin_dirs=[os.path.dirname(plugin_bin), "/usr/lib/cni"],
-                    cni_config_dir=conf_dir)
+    podman = Podman(
+        str(tmp_path / "podman"),
+        netns=ns,
+        cni_plugin_dirs=[os.path.dirname(plugin_bin), "/usr/lib/cni"],
+        cni_config_dir=conf_dir,
+    )
     with contextlib.ExitStack() as stack:
         if request.param == "agent":
             stack.enter_context(agent_for(node))
@@ -137,8 +153,16 @@ def test_containers_get_pycni_addresses_and_reach_each_other(pnode):
     podman.run("exec", b["Id"], "ping", "-c1", "-W3", ip_a)
 
     # A --rm container: its address comes from the store too, and is freed when it exits.
-    out = podman.run("run", "--rm", "--network", pnode.network, pnode.image,
-                     "sh", "-c", f"ip -o -4 addr show eth0 && ping -c1 -W3 {ip_a}").stdout
+    out = podman.run(
+        "run",
+        "--rm",
+        "--network",
+        pnode.network,
+        pnode.image,
+        "sh",
+        "-c",
+        f"ip -o -4 addr show eth0 && ping -c1 -W3 {ip_a}",
+    ).stdout
     ip_c = out.split("inet ")[1].split("/")[0]
     assert _in_subnet(ip_c) and ip_c not in (ip_a, ip_b, GATEWAY)
     assert pnode.attachments() == {a["Id"]: [ip_a], b["Id"]: [ip_b]}
@@ -176,21 +200,40 @@ def test_removal_frees_everything(pnode):
 
 def test_port_mapping(pnode, netns):
     plugin = pnode.conflist()["plugins"][0]
-    assert plugin.get("capabilities", {}).get("portMappings") is True, \
+    assert plugin.get("capabilities", {}).get("portMappings") is True, (
         "node_conflist must advertise portMappings, else podman never sends them"
+    )
     client = netns.make("pmcli")
     node_ns = pnode.node.ns
-    sh("ip", "-n", node_ns, "link", "add", "eth1", "type", "veth", "peer", "name", "eth0",
-       "netns", client)
+    sh(
+        "ip",
+        "-n",
+        node_ns,
+        "link",
+        "add",
+        "eth1",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "eth0",
+        "netns",
+        client,
+    )
     sh("ip", "-n", node_ns, "addr", "add", f"{NODE_ADDR}/24", "dev", "eth1")
     sh("ip", "-n", node_ns, "link", "set", "eth1", "up")
     sh("ip", "-n", client, "addr", "add", f"{CLIENT_ADDR}/24", "dev", "eth0")
     sh("ip", "-n", client, "link", "set", "eth0", "up")
     sh("ip", "-n", client, "link", "set", "lo", "up")
 
-    server = pnode.start("-p", f"{HOST_PORT}:8080", pnode.image, "sh", "-c",
-                         "echo hello-from-pod > /var/www/index.html && "
-                         "exec httpd -f -p 8080 -h /var/www")
+    server = pnode.start(
+        "-p",
+        f"{HOST_PORT}:8080",
+        pnode.image,
+        "sh",
+        "-c",
+        "echo hello-from-pod > /var/www/index.html && exec httpd -f -p 8080 -h /var/www",
+    )
     # pycni's own rules forward the port (podman only holds the host port open, unanswered).
     assert str(HOST_PORT) in netns.exec(node_ns, "nft", "list", "ruleset").stdout
     url = f"http://{{}}:{HOST_PORT}/index.html"
@@ -227,8 +270,9 @@ def test_cleanup_removes_containers_processes_mounts_and_namespaces(pnode):
 @pytest.mark.parametrize("pnode", ["agent"], indirect=True)
 def test_image_archive(pnode, tmp_path):
     path = pnode.podman.save_docker_archive(pnode.image, str(tmp_path / "bb.tar"))
-    listed = subprocess.run(["tar", "-tf", path], capture_output=True, text=True,
-                            check=True).stdout.split()
+    listed = subprocess.run(
+        ["tar", "-tf", path], capture_output=True, text=True, check=True
+    ).stdout.split()
     assert "manifest.json" in listed
     assert pnode.podman.import_busybox() == pnode.image  # already there: a no-op
 

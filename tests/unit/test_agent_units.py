@@ -57,8 +57,11 @@ def test_read_call_good_request():
     stdin = b'{"cniVersion": "1.1.0", "name": "n"}\n'
     call = read_from(frame(env, stdin))
     assert call.op == "CNI"
-    assert call.environ == {"CNI_COMMAND": "ADD", "CNI_CONTAINERID": "c1",
-                            "CNI_ARGS": "IgnoreUnknown=1;IP=10.0.0.9"}
+    assert call.environ == {
+        "CNI_COMMAND": "ADD",
+        "CNI_CONTAINERID": "c1",
+        "CNI_ARGS": "IgnoreUnknown=1;IP=10.0.0.9",
+    }
     assert call.stdin == stdin
 
 
@@ -94,29 +97,49 @@ def test_read_call_accepts_the_largest_config_the_plugin_reads():
     assert read_from(frame(b"", stdin)).stdin == stdin
 
 
-@pytest.mark.parametrize("data, words", [
-    (b"", "before a complete header"),
-    (b"PYCNI/1 CNI 0 0", "before a complete header"),  # no newline, then EOF
-    (b"X" * 200, "too long"),
-    (b"PYCNI/1 CNI " + b"9" * 200 + b" 0\n", "too long"),
-    (b"GET / HTTP/1.0\r\n\r\n", "malformed header"),
-    (b"PYCNI/1 CNI 0\n", "malformed header"),
-    (b"PYCNI/1 CNI 0 0 0\n", "malformed header"),
-    (b"PYCNI/2 CNI 0 0\n", "malformed header"),
-    (b"PYCNI/1 CNI -1 0\n", "malformed header"),
-    (b"PYCNI/1 CNI 0x10 0\n", "malformed header"),
-    (b"PYCNI/1 FROB 0 0\n", "unknown operation"),
-    (b"PYCNI/1 cni 0 0\n", "unknown operation"),
-    (b"PYCNI/1 CNI %d 0\n" % (protocol.MAX_ENV_BYTES + 1), "too large"),
-    (b"PYCNI/1 CNI 0 %d\n" % (MAX_CONFIG_BYTES + 2), "too large"),
-    (b"PYCNI/1 CNI 10 0\nA=1", "7 of 10 bytes unread"),  # truncated environment
-    (b"PYCNI/1 CNI 3 10\nA=1{}", "8 of 10 bytes unread"),  # truncated stdin
-    (frame(b"NOEQUALS", b""), "malformed environment entry"),
-    (frame(b"A=1\0\0B=2", b""), "malformed environment entry"),
-], ids=["empty", "no-newline", "long-garbage", "long-digits", "http", "three-fields",
-        "five-fields", "wrong-magic", "negative", "hex", "unknown-op", "lowercase-op",
-        "env-too-large", "stdin-too-large", "truncated-env", "truncated-stdin",
-        "env-no-equals", "env-empty-entry"])
+@pytest.mark.parametrize(
+    "data, words",
+    [
+        (b"", "before a complete header"),
+        (b"PYCNI/1 CNI 0 0", "before a complete header"),  # no newline, then EOF
+        (b"X" * 200, "too long"),
+        (b"PYCNI/1 CNI " + b"9" * 200 + b" 0\n", "too long"),
+        (b"GET / HTTP/1.0\r\n\r\n", "malformed header"),
+        (b"PYCNI/1 CNI 0\n", "malformed header"),
+        (b"PYCNI/1 CNI 0 0 0\n", "malformed header"),
+        (b"PYCNI/2 CNI 0 0\n", "malformed header"),
+        (b"PYCNI/1 CNI -1 0\n", "malformed header"),
+        (b"PYCNI/1 CNI 0x10 0\n", "malformed header"),
+        (b"PYCNI/1 FROB 0 0\n", "unknown operation"),
+        (b"PYCNI/1 cni 0 0\n", "unknown operation"),
+        (b"PYCNI/1 CNI %d 0\n" % (protocol.MAX_ENV_BYTES + 1), "too large"),
+        (b"PYCNI/1 CNI 0 %d\n" % (MAX_CONFIG_BYTES + 2), "too large"),
+        (b"PYCNI/1 CNI 10 0\nA=1", "7 of 10 bytes unread"),  # truncated environment
+        (b"PYCNI/1 CNI 3 10\nA=1{}", "8 of 10 bytes unread"),  # truncated stdin
+        (frame(b"NOEQUALS", b""), "malformed environment entry"),
+        (frame(b"A=1\0\0B=2", b""), "malformed environment entry"),
+    ],
+    ids=[
+        "empty",
+        "no-newline",
+        "long-garbage",
+        "long-digits",
+        "http",
+        "three-fields",
+        "five-fields",
+        "wrong-magic",
+        "negative",
+        "hex",
+        "unknown-op",
+        "lowercase-op",
+        "env-too-large",
+        "stdin-too-large",
+        "truncated-env",
+        "truncated-stdin",
+        "env-no-equals",
+        "env-empty-entry",
+    ],
+)
 def test_read_call_refuses(data, words):
     with pytest.raises(protocol.ProtocolError) as exc:
         read_from(data)
@@ -145,20 +168,35 @@ def test_reply_format():
 # --- shim: socket choice, client side ------------------------------------------------------
 
 
-@pytest.mark.parametrize("stdin, expected", [
-    (b"", shim.DEFAULT_SOCKET),
-    (b'{"cniVersion": "1.1.0", "name": "n"}', shim.DEFAULT_SOCKET),
-    (b'{"agentSocket": "/run/x/a.sock", "name": "n"}', "/run/x/a.sock"),
-    (b'{"agentSocket": ""}', ""),
-    (b'{"agentSocket": null}', shim.DEFAULT_SOCKET),
-    (b'{"agentSocket": 5}', shim.DEFAULT_SOCKET),
-    (b'{"agentSocket": "/a.sock", ', shim.DEFAULT_SOCKET),  # bad JSON
-    (b'["agentSocket"]', shim.DEFAULT_SOCKET),  # not an object
-    (b'{"args": {"agentSocket": "/nested.sock"}}', shim.DEFAULT_SOCKET),
-    (b'{"name": "n", "x": "\\"agentSocket\\""}', shim.DEFAULT_SOCKET),
-    (b'\xff\xfe{"agentSocket": "/a"}', shim.DEFAULT_SOCKET),
-], ids=["empty", "no-key", "given", "standalone", "null", "number", "bad-json", "list",
-        "nested", "in-a-string", "undecodable"])
+@pytest.mark.parametrize(
+    "stdin, expected",
+    [
+        (b"", shim.DEFAULT_SOCKET),
+        (b'{"cniVersion": "1.1.0", "name": "n"}', shim.DEFAULT_SOCKET),
+        (b'{"agentSocket": "/run/x/a.sock", "name": "n"}', "/run/x/a.sock"),
+        (b'{"agentSocket": ""}', ""),
+        (b'{"agentSocket": null}', shim.DEFAULT_SOCKET),
+        (b'{"agentSocket": 5}', shim.DEFAULT_SOCKET),
+        (b'{"agentSocket": "/a.sock", ', shim.DEFAULT_SOCKET),  # bad JSON
+        (b'["agentSocket"]', shim.DEFAULT_SOCKET),  # not an object
+        (b'{"args": {"agentSocket": "/nested.sock"}}', shim.DEFAULT_SOCKET),
+        (b'{"name": "n", "x": "\\"agentSocket\\""}', shim.DEFAULT_SOCKET),
+        (b'\xff\xfe{"agentSocket": "/a"}', shim.DEFAULT_SOCKET),
+    ],
+    ids=[
+        "empty",
+        "no-key",
+        "given",
+        "standalone",
+        "null",
+        "number",
+        "bad-json",
+        "list",
+        "nested",
+        "in-a-string",
+        "undecodable",
+    ],
+)
 def test_socket_path(stdin, expected):
     assert shim.socket_path(stdin) == expected
 
@@ -173,31 +211,44 @@ sys.stdout.write(shim.try_again(data, "x").decode())
 """
 
 
-@pytest.mark.parametrize("stdin", [
-    b'{"agentSocket": "/a.sock", ', b'{"agentSocket": "/a.sock", "x": "unterminated',
-    b'["agentSocket"', b'{"agentSocket": "/a.sock"} trailing',
-    b'{"agentSocket": "/a", "padding": "' + b"a" * (MAX_CONFIG_BYTES + 1),
-], ids=["cut", "unterminated-string", "open-list", "trailing", "huge-truncated"])
+@pytest.mark.parametrize(
+    "stdin",
+    [
+        b'{"agentSocket": "/a.sock", ',
+        b'{"agentSocket": "/a.sock", "x": "unterminated',
+        b'["agentSocket"',
+        b'{"agentSocket": "/a.sock"} trailing',
+        b'{"agentSocket": "/a", "padding": "' + b"a" * (MAX_CONFIG_BYTES + 1),
+    ],
+    ids=["cut", "unterminated-string", "open-list", "trailing", "huge-truncated"],
+)
 def test_socket_path_on_bad_json_in_a_fresh_interpreter(stdin):
     """As the launcher runs it (-IS, nothing imported yet): a config that is not JSON goes
     to the default socket and never raises (pytest has imported json already, which hides
     problems of a hand-rolled decoder)."""
     src = os.path.join(os.path.dirname(__file__), "..", "..", "src")
-    proc = subprocess.run([sys.executable, "-IS", "-c", SHIM_IN_A_FRESH_PROCESS, src],
-                          input=stdin[:MAX_CONFIG_BYTES + 1], capture_output=True, timeout=30)
+    proc = subprocess.run(
+        [sys.executable, "-IS", "-c", SHIM_IN_A_FRESH_PROCESS, src],
+        input=stdin[: MAX_CONFIG_BYTES + 1],
+        capture_output=True,
+        timeout=30,
+    )
     assert proc.returncode == 0 and proc.stderr == b"", proc.stderr.decode()[-2000:]
     path, err = proc.stdout.decode().split("\n", 1)
     assert path == shim.DEFAULT_SOCKET
     assert json.loads(err) == {"cniVersion": versions.LATEST, "code": 11, "msg": "x; try again"}
 
 
-@pytest.mark.parametrize("stdin, version", [
-    (b'{"cniVersion": "0.4.0"}', "0.4.0"),
-    (b'{"cniVersion": "9.9.9"}', versions.LATEST),
-    (b"not json", versions.LATEST),
-    (b"[1]", versions.LATEST),
-    (b"", versions.LATEST),
-])
+@pytest.mark.parametrize(
+    "stdin, version",
+    [
+        (b'{"cniVersion": "0.4.0"}', "0.4.0"),
+        (b'{"cniVersion": "9.9.9"}', versions.LATEST),
+        (b"not json", versions.LATEST),
+        (b"[1]", versions.LATEST),
+        (b"", versions.LATEST),
+    ],
+)
 def test_try_again_is_code_11_in_the_asked_version(stdin, version):
     out = shim.try_again(stdin, "lost it")
     assert out.endswith(b"\n") and out.count(b"\n") == 1
@@ -241,8 +292,12 @@ def test_call_agent_round_trip_forwards_only_cni_variables(fake_agent, monkeypat
     assert shim.call_agent(server.path, stdin) == (7, b'{"x": 1}\n')
     assert len(seen) == 1
     assert seen[0].op == "CNI" and seen[0].stdin == stdin
-    assert seen[0].environ == {"CNI_COMMAND": "ADD", "CNI_ARGS": "A=1;B=2", "DEBUG": "1",
-                               "PYCNI_FAIL_AFTER": "ipam"}
+    assert seen[0].environ == {
+        "CNI_COMMAND": "ADD",
+        "CNI_ARGS": "A=1;B=2",
+        "DEBUG": "1",
+        "PYCNI_FAIL_AFTER": "ipam",
+    }
 
 
 def test_call_agent_without_a_listener_is_none(tmp_path):
@@ -255,8 +310,11 @@ def test_call_agent_without_a_listener_is_none(tmp_path):
     assert shim.call_agent(str(tmp_path / "file.sock"), b"{}") is None
 
 
-@pytest.mark.parametrize("answer", [b"", b"0", b"hello\n{}", b"-1\n{}", b" 0\n{}"],
-                         ids=["nothing", "no-newline", "garbage", "negative", "space"])
+@pytest.mark.parametrize(
+    "answer",
+    [b"", b"0", b"hello\n{}", b"-1\n{}", b" 0\n{}"],
+    ids=["nothing", "no-newline", "garbage", "negative", "space"],
+)
 def test_call_agent_bad_answers_are_try_again(fake_agent, answer):
     def behave(conn):
         protocol.read_call(conn)
@@ -321,6 +379,7 @@ def test_keyed_locks_serialise_one_key_and_not_others():
         def go():
             with locks.hold(key):
                 track.work(key, f"{key}{i}")
+
         return go
 
     run_threads([worker(k, i) for i in range(8) for k in ("a", "b", "c")])
@@ -405,8 +464,7 @@ def test_agent_execute_reports_to_observers(tmp_path, fake_handle):
     seen = []
     agent.observers.append(lambda *a: (_ for _ in ()).throw(RuntimeError("broken observer")))
     agent.observers.append(lambda cmd, code, secs: seen.append((cmd, code, secs >= 0)))
-    assert agent.execute({"CNI_COMMAND": "ADD", "CNI_CONTAINERID": "c"}, b"") == (
-        {"ok": "c"}, 0)
+    assert agent.execute({"CNI_COMMAND": "ADD", "CNI_CONTAINERID": "c"}, b"") == ({"ok": "c"}, 0)
     assert agent.execute({"CNI_COMMAND": "FAIL", "CNI_CONTAINERID": "c"}, b"")[1] == 1
     assert seen == [("ADD", 0, True), ("FAIL", 102, True)]
 
@@ -500,8 +558,9 @@ def test_stop_answers_every_call_already_connected(tmp_path, monkeypatch):
 
 
 def test_served_agent_answers_health_and_survives_bad_requests(tmp_path, monkeypatch):
-    monkeypatch.setattr(plugin, "handle", lambda env, stdin, on_config=None: (
-        {"cmd": env.get("CNI_COMMAND")}, 0))
+    monkeypatch.setattr(
+        plugin, "handle", lambda env, stdin, on_config=None: ({"cmd": env.get("CNI_COMMAND")}, 0)
+    )
     path = str(tmp_path / "agent.sock")
     agent = Agent(path, workers=2)
     agent.bind()
@@ -539,8 +598,13 @@ with Store(sys.argv[1]) as s:
 
 def one_shot(data_dir: str) -> str:
     """Another process opens the store, reads, closes: what an in-process plugin does."""
-    out = subprocess.run([sys.executable, "-c", ONE_SHOT, data_dir], capture_output=True,
-                         text=True, timeout=30, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", ONE_SHOT, data_dir],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
     return out.stdout.strip()
 
 

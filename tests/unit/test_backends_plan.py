@@ -28,8 +28,9 @@ UL = 2  # underlay ifindex
 VT = 9  # VTEP ifindex
 UNDERLAY = Underlay(UL, (ip_network("192.168.1.0/24"), ip_network("fd00:1::/64")), 1500)
 VTEP = VtepInfo(VT, vtep_mac("n1"))
-LOCAL = NodeRecord("n1", ("192.168.1.1", "fd00:1::1"), ("10.244.1.0/24", "fd00:244:1::/64"),
-                   VTEP.mac)
+LOCAL = NodeRecord(
+    "n1", ("192.168.1.1", "fd00:1::1"), ("10.244.1.0/24", "fd00:244:1::/64"), VTEP.mac
+)
 MAC2, MAC3 = "0a:00:00:00:00:02", "0a:00:00:00:00:03"
 N2 = NodeRecord("n2", ("192.168.1.2",), ("10.244.2.0/24",), MAC2)
 N3 = NodeRecord("n3", ("192.168.2.3",), ("10.244.3.0/24",), MAC3)  # off the underlay's nets
@@ -50,11 +51,14 @@ def tunnel(subnet: str, mac: str, remote: str) -> set:
 
 # ---- modes -----------------------------------------------------------------------------------
 
+
 def test_host_gw_routes_via_node_ips():
     n4 = NodeRecord("n4", ("192.168.1.4",), ("10.244.4.0/24",))
     want = desired(LOCAL, [LOCAL, N2, n4], "host-gw", UNDERLAY, None)
-    assert want.routes == {hostgw("10.244.2.0/24", "192.168.1.2"),
-                           hostgw("10.244.4.0/24", "192.168.1.4")}
+    assert want.routes == {
+        hostgw("10.244.2.0/24", "192.168.1.2"),
+        hostgw("10.244.4.0/24", "192.168.1.4"),
+    }
     assert not want.neighbours and not want.fdb and not want.skipped
 
 
@@ -68,7 +72,8 @@ def test_host_gw_skips_off_link_peer():
 def test_vxlan_flannel_scheme():
     want = desired(LOCAL, [LOCAL, N2, N3], "vxlan", UNDERLAY, VTEP)
     assert want.entries() == tunnel("10.244.2.0/24", MAC2, "192.168.1.2") | tunnel(
-        "10.244.3.0/24", MAC3, "192.168.2.3")
+        "10.244.3.0/24", MAC3, "192.168.2.3"
+    )
     assert not want.skipped
 
 
@@ -89,17 +94,20 @@ def test_vxlan_peer_without_mac_is_skipped_with_reason():
 def test_mac_is_normalised_to_lower_case():
     upper = NodeRecord("n2", ("192.168.1.2",), ("10.244.2.0/24",), MAC2.upper())
     assert desired(LOCAL, [upper], "vxlan", UNDERLAY, VTEP).entries() == tunnel(
-        "10.244.2.0/24", MAC2, "192.168.1.2")
+        "10.244.2.0/24", MAC2, "192.168.1.2"
+    )
 
 
 def test_auto_mixes_host_gw_on_link_and_vxlan_off_link():
     want = desired(LOCAL, [N2, N3], "auto", UNDERLAY, VTEP)
     assert want.entries() == {hostgw("10.244.2.0/24", "192.168.1.2")} | tunnel(
-        "10.244.3.0/24", MAC3, "192.168.2.3")
+        "10.244.3.0/24", MAC3, "192.168.2.3"
+    )
     # On-link peers need no MAC in auto mode.
     no_mac = NodeRecord("n2", ("192.168.1.2",), ("10.244.2.0/24",))
     assert desired(LOCAL, [no_mac], "auto", UNDERLAY, VTEP).routes == {
-        hostgw("10.244.2.0/24", "192.168.1.2")}
+        hostgw("10.244.2.0/24", "192.168.1.2")
+    }
 
 
 def test_auto_without_vtep_keeps_host_gw_and_skips_off_link():
@@ -114,6 +122,7 @@ def test_unknown_mode():
 
 
 # ---- skipping ------------------------------------------------------------------------------
+
 
 def test_local_is_skipped_by_name_even_if_its_record_changed():
     other_me = NodeRecord("n1", ("192.168.1.99",), ("10.244.9.0/24",), MAC2)
@@ -137,7 +146,9 @@ def test_duplicate_subnet_and_overlap_with_local_are_skipped():
     # Sorted by name: n2 claims 10.244.2.0/24 first, whatever the input order.
     assert want.routes == {hostgw("10.244.2.0/24", "192.168.1.2")}
     assert {s.node: s.reason for s in want.skipped} == {
-        "n7": "subnet 10.244.2.0/24 is also n2's", "n8": "subnet 10.244.1.0/25 is also n1's"}
+        "n7": "subnet 10.244.2.0/24 is also n2's",
+        "n8": "subnet 10.244.1.0/25 is also n1's",
+    }
 
 
 def test_duplicate_vtep_mac_is_skipped():
@@ -155,8 +166,10 @@ DUAL = NodeRecord("n2", ("192.168.1.2", "fd00:1::2"), ("10.244.2.0/24", "fd00:24
 
 def test_dual_stack_host_gw_uses_the_gateway_of_each_family():
     want = desired(LOCAL, [DUAL], "host-gw", UNDERLAY, None)
-    assert want.routes == {hostgw("10.244.2.0/24", "192.168.1.2"),
-                           hostgw("fd00:244:2::/64", "fd00:1::2")}
+    assert want.routes == {
+        hostgw("10.244.2.0/24", "192.168.1.2"),
+        hostgw("fd00:244:2::/64", "fd00:1::2"),
+    }
 
 
 def test_host_gw_peer_without_address_of_the_family_skips_that_subnet_only():
@@ -169,10 +182,14 @@ def test_host_gw_peer_without_address_of_the_family_skips_that_subnet_only():
 def test_dual_stack_vxlan_one_fdb_entry_to_the_outer_family():
     want = desired(LOCAL, [DUAL], "vxlan", UNDERLAY, VTEP)
     assert want.fdb == {Fdb(MAC2, "192.168.1.2", VT)}  # outer family = LOCAL's first address
-    assert want.routes == {Route(net("10.244.2.0/24"), "10.244.2.0", VT, True),
-                           Route(net("fd00:244:2::/64"), "fd00:244:2::", VT, True)}
-    assert want.neighbours == {Neighbour("10.244.2.0", MAC2, VT),
-                               Neighbour("fd00:244:2::", MAC2, VT)}
+    assert want.routes == {
+        Route(net("10.244.2.0/24"), "10.244.2.0", VT, True),
+        Route(net("fd00:244:2::/64"), "fd00:244:2::", VT, True),
+    }
+    assert want.neighbours == {
+        Neighbour("10.244.2.0", MAC2, VT),
+        Neighbour("fd00:244:2::", MAC2, VT),
+    }
 
 
 def test_ipv6_underlay_sends_vxlan_to_the_ipv6_address():
@@ -188,13 +205,16 @@ def test_auto_per_family():
     # v4 gateway on link, no v6 address: v4 direct, v6 through the tunnel.
     peer = NodeRecord("n2", ("192.168.1.2",), ("10.244.2.0/24", "fd00:244:2::/64"), MAC2)
     want = desired(LOCAL, [peer], "auto", UNDERLAY, VTEP)
-    assert want.routes == {hostgw("10.244.2.0/24", "192.168.1.2"),
-                           Route(net("fd00:244:2::/64"), "fd00:244:2::", VT, True)}
+    assert want.routes == {
+        hostgw("10.244.2.0/24", "192.168.1.2"),
+        Route(net("fd00:244:2::/64"), "fd00:244:2::", VT, True),
+    }
     assert want.neighbours == {Neighbour("fd00:244:2::", MAC2, VT)}
     assert want.fdb == {Fdb(MAC2, "192.168.1.2", VT)}
 
 
 # ---- helpers -------------------------------------------------------------------------------
+
 
 def test_vtep_mtu():
     assert vtep_mtu(1500, 4) == 1450
@@ -203,8 +223,10 @@ def test_vtep_mtu():
 
 
 def test_vtep_addresses_are_host_addresses_of_the_subnet_network_address():
-    assert vtep_addresses(LOCAL) == (ip_interface("10.244.1.0/32"),
-                                     ip_interface("fd00:244:1::/128"))
+    assert vtep_addresses(LOCAL) == (
+        ip_interface("10.244.1.0/32"),
+        ip_interface("fd00:244:1::/128"),
+    )
     assert vtep_addresses(NodeRecord("x", ("10.0.0.1",))) == ()
 
 
@@ -223,6 +245,7 @@ def test_state_is_hashable_and_skipped_does_not_count_in_equality():
 
 
 # ---- diff ----------------------------------------------------------------------------------
+
 
 def test_diff_from_empty_adds_everything_in_dependency_order():
     want = desired(LOCAL, [N2, N3], "vxlan", UNDERLAY, VTEP)
@@ -249,18 +272,24 @@ def test_diff_removed_node_removes_route_neighbour_fdb_in_reverse_order():
 
 def test_diff_changed_ip_replaces_fdb_only_in_vxlan_and_route_in_host_gw():
     moved = NodeRecord("n2", ("192.168.1.22",), ("10.244.2.0/24",), MAC2)
-    d = diff(desired(LOCAL, [moved], "vxlan", UNDERLAY, VTEP),
-             desired(LOCAL, [N2], "vxlan", UNDERLAY, VTEP))
+    d = diff(
+        desired(LOCAL, [moved], "vxlan", UNDERLAY, VTEP),
+        desired(LOCAL, [N2], "vxlan", UNDERLAY, VTEP),
+    )
     assert d == Diff(replace=(Fdb(MAC2, "192.168.1.22", VT),))
-    d = diff(desired(LOCAL, [moved], "host-gw", UNDERLAY, VTEP),
-             desired(LOCAL, [N2], "host-gw", UNDERLAY, VTEP))
+    d = diff(
+        desired(LOCAL, [moved], "host-gw", UNDERLAY, VTEP),
+        desired(LOCAL, [N2], "host-gw", UNDERLAY, VTEP),
+    )
     assert d == Diff(replace=(hostgw("10.244.2.0/24", "192.168.1.22"),))
 
 
 def test_diff_changed_mac_replaces_neighbour_and_swaps_fdb():
     remac = NodeRecord("n2", ("192.168.1.2",), ("10.244.2.0/24",), "0a:00:00:00:00:22")
-    d = diff(desired(LOCAL, [remac], "vxlan", UNDERLAY, VTEP),
-             desired(LOCAL, [N2], "vxlan", UNDERLAY, VTEP))
+    d = diff(
+        desired(LOCAL, [remac], "vxlan", UNDERLAY, VTEP),
+        desired(LOCAL, [N2], "vxlan", UNDERLAY, VTEP),
+    )
     assert d.replace == (Neighbour("10.244.2.0", "0a:00:00:00:00:22", VT),)
     assert d.add == (Fdb("0a:00:00:00:00:22", "192.168.1.2", VT),)
     assert d.remove == (Fdb(MAC2, "192.168.1.2", VT),)
@@ -285,5 +314,6 @@ def test_diff_stale_extra_entries_are_removed():
 
 def test_str_of_entries_is_readable():
     assert str(Route(net("10.244.2.0/24"), "10.244.2.0", 9, True)) == (
-        "route 10.244.2.0/24 via 10.244.2.0 dev 9 onlink")
+        "route 10.244.2.0/24 via 10.244.2.0 dev 9 onlink"
+    )
     assert str(Fdb(MAC2, "", 9)) == f"fdb {MAC2} dst - dev 9"

@@ -44,16 +44,23 @@ def test_no_bandwidth_means_no_shaping():
 
 
 def test_runtime_config_both_directions():
-    got = shaping({"ingressRate": 10 * M, "ingressBurst": 80_000,
-                   "egressRate": 20 * M, "egressBurst": 160_000})
+    got = shaping(
+        {
+            "ingressRate": 10 * M,
+            "ingressBurst": 80_000,
+            "egressRate": 20 * M,
+            "egressBurst": 160_000,
+        }
+    )
     assert got == Bandwidth(ingress=Shaping(10 * M, 80_000), egress=Shaping(20 * M, 160_000))
 
 
 def test_containerd_capitalised_keys_and_its_zeros_for_the_unset_direction():
     # containerd (go-cni) marshals its BandWidth struct without JSON tags, all four keys,
     # with 2^32-1 as the burst of an annotated direction and zeros for the other.
-    got = shaping({"IngressRate": 5 * M, "IngressBurst": 2**32 - 1,
-                   "EgressRate": 0, "EgressBurst": 0})
+    got = shaping(
+        {"IngressRate": 5 * M, "IngressBurst": 2**32 - 1, "EgressRate": 0, "EgressBurst": 0}
+    )
     assert got == Bandwidth(ingress=Shaping(5 * M, 2**32 - 1), egress=None)
 
 
@@ -69,8 +76,13 @@ def test_static_keys_at_the_top_level():
 
 
 def test_runtime_config_wins_per_direction():
-    got = shaping({"ingressRate": 7 * M, "ingressBurst": 70_000},
-                  ingressRate=1 * M, ingressBurst=10_000, egressRate=2 * M, egressBurst=20_000)
+    got = shaping(
+        {"ingressRate": 7 * M, "ingressBurst": 70_000},
+        ingressRate=1 * M,
+        ingressBurst=10_000,
+        egressRate=2 * M,
+        egressBurst=20_000,
+    )
     assert got == Bandwidth(ingress=Shaping(7 * M, 70_000), egress=Shaping(2 * M, 20_000))
 
 

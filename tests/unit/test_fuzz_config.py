@@ -45,13 +45,23 @@ from pycni.cni.errors import CniError
 
 VALID = netconf.VALID_ATTACHMENTS
 BASE = {
-    "cniVersion": "1.1.0", "name": "fuzznet", "type": "pycni", "bridge": "cni0",
-    "network": "10.244.0.0/16", "subnet": "10.244.1.0/24",
+    "cniVersion": "1.1.0",
+    "name": "fuzznet",
+    "type": "pycni",
+    "bridge": "cni0",
+    "network": "10.244.0.0/16",
+    "subnet": "10.244.1.0/24",
     # Never touched: the core is replaced and logging goes nowhere (see offline()).
-    "dataDir": "/nonexistent/pycni-fuzz/data", "logFile": "",
+    "dataDir": "/nonexistent/pycni-fuzz/data",
+    "logFile": "",
 }
-ENV = {"CNI_COMMAND": "ADD", "CNI_CONTAINERID": "c1", "CNI_NETNS": "/run/netns/fuzz",
-       "CNI_IFNAME": "eth0", "CNI_PATH": "/opt/cni/bin"}
+ENV = {
+    "CNI_COMMAND": "ADD",
+    "CNI_CONTAINERID": "c1",
+    "CNI_NETNS": "/run/netns/fuzz",
+    "CNI_IFNAME": "eth0",
+    "CNI_PATH": "/opt/cni/bin",
+}
 
 
 @contextlib.contextmanager
@@ -102,27 +112,40 @@ def put(conf: dict, path: tuple, value) -> dict:
 maybe = st.one_of(st.none(), environment_text())  # None: the variable is absent
 commands = st.one_of(st.sampled_from(COMMANDS), environment_text(8))
 cni_args = st.one_of(
-    st.none(), environment_text(40),
+    st.none(),
+    environment_text(40),
     st.lists(st.tuples(environment_text(8), environment_text(12)), max_size=3).map(
-        lambda kv: ";".join(f"{k}={v}" for k, v in kv)),
+        lambda kv: ";".join(f"{k}={v}" for k, v in kv)
+    ),
 )
 
 
 @fuzz_settings(400)
-@given(command=commands, cid=maybe, netns=st.one_of(maybe, environment_text().map(
-    lambda s: "/run/netns/" + s)), ifname=maybe, args=cni_args, path=maybe)
-@example(command="ADD", cid="c1", netns="/run/netns/x", ifname="eth\udcff", args=None,
-         path=None)  # was: 199 UnicodeEncodeError (undecodable byte in CNI_IFNAME)
-@example(command="ADD", cid="c1", netns="/run/netns/x", ifname="eth%d", args=None,
-         path=None)  # was: accepted; the kernel names the pod interface eth0 instead
-@example(command="ADD", cid="../../etc", netns="/run/netns/x", ifname="eth0", args=None,
-         path=None)
-@example(command="DEL", cid="c1", netns="/run/netns/../../etc", ifname="..", args=None,
-         path=None)
+@given(
+    command=commands,
+    cid=maybe,
+    netns=st.one_of(maybe, environment_text().map(lambda s: "/run/netns/" + s)),
+    ifname=maybe,
+    args=cni_args,
+    path=maybe,
+)
+@example(
+    command="ADD", cid="c1", netns="/run/netns/x", ifname="eth\udcff", args=None, path=None
+)  # was: 199 UnicodeEncodeError (undecodable byte in CNI_IFNAME)
+@example(
+    command="ADD", cid="c1", netns="/run/netns/x", ifname="eth%d", args=None, path=None
+)  # was: accepted; the kernel names the pod interface eth0 instead
+@example(command="ADD", cid="../../etc", netns="/run/netns/x", ifname="eth0", args=None, path=None)
+@example(command="DEL", cid="c1", netns="/run/netns/../../etc", ifname="..", args=None, path=None)
 def test_environment_is_parsed_or_refused_with_code_4(command, cid, netns, ifname, args, path):
     environ = {"CNI_COMMAND": command}
-    for key, value in (("CNI_CONTAINERID", cid), ("CNI_NETNS", netns), ("CNI_IFNAME", ifname),
-                       ("CNI_ARGS", args), ("CNI_PATH", path)):
+    for key, value in (
+        ("CNI_CONTAINERID", cid),
+        ("CNI_NETNS", netns),
+        ("CNI_IFNAME", ifname),
+        ("CNI_ARGS", args),
+        ("CNI_PATH", path),
+    ):
         if value is not None:
             environ[key] = value
     try:
@@ -139,12 +162,10 @@ def test_environment_is_parsed_or_refused_with_code_4(command, cid, netns, ifnam
         return
     netns_ok = spec_netns(netns) if netns else command == "DEL"
     args_ok = all("=" in p and not p.startswith("=") for p in (args or "").split(";") if p)
-    expect_ok = (spec_container_id(cid or "") and spec_ifname(ifname or "") and netns_ok
-                 and args_ok)
+    expect_ok = spec_container_id(cid or "") and spec_ifname(ifname or "") and netns_ok and args_ok
     assert (request is not None) == expect_ok, (environ, request)
     if request is not None:
-        assert (request.container_id, request.ifname, request.netns) == (cid, ifname,
-                                                                          netns or "")
+        assert (request.container_id, request.ifname, request.netns) == (cid, ifname, netns or "")
 
 
 @fuzz_settings(400)
@@ -164,16 +185,36 @@ def test_interface_names_follow_the_spec(name):
 # --- (a) the network config -----------------------------------------------------------------
 
 NO_VERSION = {k: v for k, v in BASE.items() if k != "cniVersion"}
-IPAM_STYLE = {**{k: v for k, v in BASE.items() if k not in ("subnet", "dataDir")},
-              "ipam": {"type": "host-local", "subnet": "10.244.1.0/24",
-                       "dataDir": "/nonexistent/pycni-fuzz/data"}}
-RANGES = {**{k: v for k, v in BASE.items() if k != "subnet"},
-          "ranges": [[{"subnet": "10.244.1.0/24", "gateway": "10.244.1.1"}]]}
+IPAM_STYLE = {
+    **{k: v for k, v in BASE.items() if k not in ("subnet", "dataDir")},
+    "ipam": {
+        "type": "host-local",
+        "subnet": "10.244.1.0/24",
+        "dataDir": "/nonexistent/pycni-fuzz/data",
+    },
+}
+RANGES = {
+    **{k: v for k, v in BASE.items() if k != "subnet"},
+    "ranges": [[{"subnet": "10.244.1.0/24", "gateway": "10.244.1.1"}]],
+}
 ROUTES = {**BASE, "routes": [{"dst": "10.96.0.0/12", "gw": "10.244.1.1", "mtu": 1400}]}
-RUNTIME = {**BASE, "runtimeConfig": {"ips": ["10.244.1.9"], "mac": "0a:58:0a:f4:01:09",
-                                     "bandwidth": {"ingressRate": 1000000}}}
-DNS = {**BASE, "dns": {"nameservers": ["10.96.0.10"], "domain": "cluster.local",
-                       "search": ["svc.cluster.local"], "options": ["ndots:5"]}}
+RUNTIME = {
+    **BASE,
+    "runtimeConfig": {
+        "ips": ["10.244.1.9"],
+        "mac": "0a:58:0a:f4:01:09",
+        "bandwidth": {"ingressRate": 1000000},
+    },
+}
+DNS = {
+    **BASE,
+    "dns": {
+        "nameservers": ["10.96.0.10"],
+        "domain": "cluster.local",
+        "search": ["svc.cluster.local"],
+        "options": ["ndots:5"],
+    },
+}
 GC = {**BASE, VALID: [{"containerID": "c1", "ifname": "eth0"}]}
 NONE = type(None)
 
@@ -233,8 +274,14 @@ TYPED = [
     (DNS, ("dns", "domain"), (str,), 7),
 ]
 # DEL cleans up even when the config no longer validates; it needs only these.
-DEL_NEEDS = {("cniVersion",), ("cniVersions",), ("name",), ("dataDir",), ("logFile",),
-             ("ipam", "dataDir")}
+DEL_NEEDS = {
+    ("cniVersion",),
+    ("cniVersions",),
+    ("name",),
+    ("dataDir",),
+    ("logFile",),
+    ("ipam", "dataDir"),
+}
 
 
 @st.composite
@@ -246,14 +293,23 @@ def wrongly_typed(draw):
 
 @fuzz_settings(600)
 @given(case=wrongly_typed(), command=st.sampled_from(["ADD", "CHECK", "DEL"]))
-@example(case=(put(ROUTES, ("routes", 0, "gw"), 5), ("routes", 0, "gw"), 7),
-         command="ADD")  # was: accepted as 0.0.0.5 (ip_address() takes ints)
-@example(case=(put(ROUTES, ("routes", 0, "gw"), True), ("routes", 0, "gw"), 7),
-         command="ADD")  # was: accepted as 0.0.0.1
-@example(case=(put(ROUTES, ("routes", 0, "mtu"), "x"), ("routes", 0, "mtu"), 7),
-         command="ADD")  # was: passed to netlink and into the result
-@example(case=(put(BASE, ("prevResult",), {"interfaces": [{"name": "a", "mtu": float("inf")}]}),
-               ("prevResult",), 6), command="ADD")  # was: 199 OverflowError
+@example(
+    case=(put(ROUTES, ("routes", 0, "gw"), 5), ("routes", 0, "gw"), 7), command="ADD"
+)  # was: accepted as 0.0.0.5 (ip_address() takes ints)
+@example(
+    case=(put(ROUTES, ("routes", 0, "gw"), True), ("routes", 0, "gw"), 7), command="ADD"
+)  # was: accepted as 0.0.0.1
+@example(
+    case=(put(ROUTES, ("routes", 0, "mtu"), "x"), ("routes", 0, "mtu"), 7), command="ADD"
+)  # was: passed to netlink and into the result
+@example(
+    case=(
+        put(BASE, ("prevResult",), {"interfaces": [{"name": "a", "mtu": float("inf")}]}),
+        ("prevResult",),
+        6,
+    ),
+    command="ADD",
+)  # was: 199 OverflowError
 def test_a_wrongly_typed_key_is_refused_with_its_code(case, command):
     conf, path, code = case
     out, status, calls = handle({**ENV, "CNI_COMMAND": command}, conf)
@@ -269,20 +325,30 @@ def test_a_wrongly_typed_key_is_refused_with_its_code(case, command):
 
 path_like = st.one_of(
     environment_text(),
-    st.lists(st.sampled_from(["", ".", "..", "a", "é", "\udcff", "\ud800", " ", "\x00", "%d",
-                              "pycni", "..."]), max_size=5).map(lambda p: "/".join(p)),
+    st.lists(
+        st.sampled_from(
+            ["", ".", "..", "a", "é", "\udcff", "\ud800", " ", "\x00", "%d", "pycni", "..."]
+        ),
+        max_size=5,
+    ).map(lambda p: "/".join(p)),
     st.lists(st.sampled_from(["", ".", "..", "a", "\x00", "\ud800"]), max_size=4).map(
-        lambda p: "/" + "/".join(p)),
+        lambda p: "/" + "/".join(p)
+    ),
 )
-STRING_KEYS = {"name": spec_name, "bridge": spec_ifname,
-               "dataDir": lambda v: spec_path(v, False),
-               "logFile": lambda v: spec_path(v, True),
-               "agentSocket": lambda v: spec_path(v, True)}
+STRING_KEYS = {
+    "name": spec_name,
+    "bridge": spec_ifname,
+    "dataDir": lambda v: spec_path(v, False),
+    "logFile": lambda v: spec_path(v, True),
+    "agentSocket": lambda v: spec_path(v, True),
+}
 
 
 @fuzz_settings(500)
-@given(key=st.sampled_from(sorted(STRING_KEYS)), value=st.one_of(path_like, st.text(max_size=20),
-                                                                  st.sampled_from(HOSTILE_NAMES)))
+@given(
+    key=st.sampled_from(sorted(STRING_KEYS)),
+    value=st.one_of(path_like, st.text(max_size=20), st.sampled_from(HOSTILE_NAMES)),
+)
 @example(key="name", value="../../x")
 @example(key="dataDir", value="/tmp/\ud800")  # was: 199 UnicodeEncodeError in makedirs
 @example(key="logFile", value="/tmp/\ud800/log")  # was: 199 UnicodeEncodeError
@@ -296,8 +362,19 @@ def test_names_and_paths_in_the_config_follow_the_rules(key, value):
     if STRING_KEYS[key](value):
         assert status == 0 and calls, (key, value, out)
         conf = calls[0][1]
-        assert getattr(conf, {"name": "name", "bridge": "bridge", "dataDir": "data_dir",
-                              "logFile": "log_file", "agentSocket": "agent_socket"}[key]) == value
+        assert (
+            getattr(
+                conf,
+                {
+                    "name": "name",
+                    "bridge": "bridge",
+                    "dataDir": "data_dir",
+                    "logFile": "log_file",
+                    "agentSocket": "agent_socket",
+                }[key],
+            )
+            == value
+        )
     else:
         assert status == 1 and out["code"] == 7 and key in out["msg"], (key, value, out)
 
@@ -307,18 +384,25 @@ def test_names_and_paths_in_the_config_follow_the_rules(key, value):
 VALID_BYTES = json.dumps(BASE).encode()
 environments = st.fixed_dictionaries(
     {"CNI_COMMAND": st.one_of(st.sampled_from(COMMANDS), environment_text(6))},
-    optional={"CNI_CONTAINERID": st.one_of(st.just("c1"), environment_text()),
-              "CNI_NETNS": st.one_of(st.just("/run/netns/fuzz"), environment_text()),
-              "CNI_IFNAME": st.one_of(st.just("eth0"), environment_text()),
-              "CNI_ARGS": st.one_of(st.just("IgnoreUnknown=1;IP=10.244.1.9"), environment_text()),
-              "DEBUG": st.sampled_from(["1", "", "true"])},
+    optional={
+        "CNI_CONTAINERID": st.one_of(st.just("c1"), environment_text()),
+        "CNI_NETNS": st.one_of(st.just("/run/netns/fuzz"), environment_text()),
+        "CNI_IFNAME": st.one_of(st.just("eth0"), environment_text()),
+        "CNI_ARGS": st.one_of(st.just("IgnoreUnknown=1;IP=10.244.1.9"), environment_text()),
+        "DEBUG": st.sampled_from(["1", "", "true"]),
+    },
 )
 
 
 @fuzz_settings(400)
-@given(environ=environments, stdin=st.one_of(
-    byte_mutation(VALID_BYTES), st.binary(max_size=64),
-    json_values.map(lambda v: json.dumps(v).encode())))
+@given(
+    environ=environments,
+    stdin=st.one_of(
+        byte_mutation(VALID_BYTES),
+        st.binary(max_size=64),
+        json_values.map(lambda v: json.dumps(v).encode()),
+    ),
+)
 @example(environ=dict(ENV), stdin=deep(100_000))  # was: RecursionError escaped handle()
 @example(environ=dict(ENV, CNI_COMMAND="VERSION"), stdin=deep(100_000, "{"))  # same
 @example(environ=dict(ENV), stdin=VALID_BYTES + b" " * MAX_CONFIG_BYTES)
@@ -335,15 +419,28 @@ def damaged_documents(draw):
     """A config whose known keys (and a few unknown ones) hold arbitrary JSON."""
     base = draw(st.sampled_from([BASE, IPAM_STYLE, RANGES, ROUTES, RUNTIME, DNS, GC]))
     conf = copy.deepcopy(base)
-    keys = sorted({path[0] for _, path, _, _ in TYPED} | {"portMappings", "capabilities",
-                                                          "cni.dev/attachments", "plugins"})
+    keys = sorted(
+        {path[0] for _, path, _, _ in TYPED}
+        | {"portMappings", "capabilities", "cni.dev/attachments", "plugins"}
+    )
     for key in draw(st.lists(st.sampled_from(keys), max_size=4, unique=True)):
         conf[key] = draw(json_values)
     rc = conf.get("runtimeConfig")
     if isinstance(rc, dict) and draw(st.booleans()):
-        rc["portMappings"] = draw(st.one_of(json_values, st.lists(st.dictionaries(
-            st.sampled_from(["hostPort", "containerPort", "protocol", "hostIP", "HostPort"]),
-            json_values), max_size=2)))
+        rc["portMappings"] = draw(
+            st.one_of(
+                json_values,
+                st.lists(
+                    st.dictionaries(
+                        st.sampled_from(
+                            ["hostPort", "containerPort", "protocol", "hostIP", "HostPort"]
+                        ),
+                        json_values,
+                    ),
+                    max_size=2,
+                ),
+            )
+        )
     return conf
 
 
@@ -380,8 +477,9 @@ def test_log_setup_never_blocks_or_fails(tmp_path, make):
         path = str(tmp_path / "a" / "b" / "pycni.log")
     else:
         path = os.devnull
-    proc = subprocess.run([sys.executable, "-c", LOG_SETUP, SRC, path], capture_output=True,
-                          text=True, timeout=20)
+    proc = subprocess.run(
+        [sys.executable, "-c", LOG_SETUP, SRC, path], capture_output=True, text=True, timeout=20
+    )
     assert proc.returncode == 0, proc.stderr
     kind, target = proc.stdout.split()
     if make in ("directory", "fifo"):
@@ -395,13 +493,19 @@ def test_log_setup_never_blocks_or_fails(tmp_path, make):
 @pytest.mark.parametrize("log_file", ["/dev/stdout", "/proc/self/fd/1"])
 def test_a_log_file_that_is_stdout_is_not_used(tmp_path, log_file):
     """Was: every log line went to stdout ahead of the CNI error object."""
-    conf = {**BASE, "cniVersion": "0.3.1", "logFile": log_file,
-            "dataDir": str(tmp_path / "data")}
+    conf = {**BASE, "cniVersion": "0.3.1", "logFile": log_file, "dataDir": str(tmp_path / "data")}
     proc = subprocess.run(
-        [sys.executable, "-c", "import sys; sys.path.insert(0, sys.argv[1]);"
-         "from pycni.plugin import main; main()", SRC],
-        input=json.dumps(conf).encode(), capture_output=True, timeout=30,
-        env={**ENV, "CNI_COMMAND": "CHECK", "PATH": os.environ.get("PATH", "")})
+        [
+            sys.executable,
+            "-c",
+            "import sys; sys.path.insert(0, sys.argv[1]);from pycni.plugin import main; main()",
+            SRC,
+        ],
+        input=json.dumps(conf).encode(),
+        capture_output=True,
+        timeout=30,
+        env={**ENV, "CNI_COMMAND": "CHECK", "PATH": os.environ.get("PATH", "")},
+    )
     out = check_stdout(proc.returncode, proc.stdout, proc.stderr)
     assert out["code"] == 1, out  # CHECK needs 0.4.0: an error after the log was set up
     assert b"WARNING" in proc.stderr  # the log went to stderr instead

@@ -37,27 +37,47 @@ from pycni.agent.server import Agent
 from pycni.cni import MAX_CONFIG_BYTES, result, versions
 
 READ_TIMEOUT = 0.5  # the agent's deadline for a whole request, shortened for the tests
-CONF = {"cniVersion": "1.1.0", "name": "fuzznet", "subnet": "10.244.1.0/24",
-        "dataDir": "/nonexistent/pycni-fuzz/data", "logFile": ""}
-ENV = {"CNI_COMMAND": "ADD", "CNI_CONTAINERID": "c1", "CNI_NETNS": "/run/netns/fuzz",
-       "CNI_IFNAME": "eth0"}
+CONF = {
+    "cniVersion": "1.1.0",
+    "name": "fuzznet",
+    "subnet": "10.244.1.0/24",
+    "dataDir": "/nonexistent/pycni-fuzz/data",
+    "logFile": "",
+}
+ENV = {
+    "CNI_COMMAND": "ADD",
+    "CNI_CONTAINERID": "c1",
+    "CNI_NETNS": "/run/netns/fuzz",
+    "CNI_IFNAME": "eth0",
+}
 
 
-def frame(env: bytes, stdin: bytes, op: bytes = b"CNI", env_len: int | None = None,
-          stdin_len: int | None = None) -> bytes:
+def frame(
+    env: bytes,
+    stdin: bytes,
+    op: bytes = b"CNI",
+    env_len: int | None = None,
+    stdin_len: int | None = None,
+) -> bytes:
     return b"PYCNI/1 %s %d %d\n%s%s" % (
-        op, len(env) if env_len is None else env_len,
-        len(stdin) if stdin_len is None else stdin_len, env, stdin)
+        op,
+        len(env) if env_len is None else env_len,
+        len(stdin) if stdin_len is None else stdin_len,
+        env,
+        stdin,
+    )
 
 
 def encode_env(environ: dict[str, str]) -> bytes:
-    return b"\0".join(k.encode() + b"=" + v.encode("utf-8", "surrogateescape")
-                      for k, v in environ.items())
+    return b"\0".join(
+        k.encode() + b"=" + v.encode("utf-8", "surrogateescape") for k, v in environ.items()
+    )
 
 
 @contextlib.contextmanager
 def offline_core():
     """The core replaced by a recorder and logging kept in memory (see test_fuzz_config)."""
+
     def fake_run(request, conf):
         return result.Result().to_json(conf.cni_version) if request.command == "ADD" else None
 
@@ -152,20 +172,42 @@ def assert_serving(path: str) -> None:
 
 # --- requests as bytes ------------------------------------------------------------------------
 
-env_entries = st.dictionaries(st.sampled_from(["CNI_COMMAND", "CNI_CONTAINERID", "CNI_NETNS",
-                                               "CNI_IFNAME", "CNI_ARGS", "DEBUG", "X"]),
-                              environment_text(), max_size=5)
-stdin_bytes = st.one_of(st.just(json.dumps(CONF).encode()), st.binary(max_size=40),
-                        json_values.map(lambda v: json.dumps(v).encode()))
+env_entries = st.dictionaries(
+    st.sampled_from(
+        ["CNI_COMMAND", "CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME", "CNI_ARGS", "DEBUG", "X"]
+    ),
+    environment_text(),
+    max_size=5,
+)
+stdin_bytes = st.one_of(
+    st.just(json.dumps(CONF).encode()),
+    st.binary(max_size=40),
+    json_values.map(lambda v: json.dumps(v).encode()),
+)
 header_garbage = st.one_of(
     st.binary(max_size=140),
-    st.sampled_from([b"", b"\n", b"PYCNI/1\n", b"PYCNI/1 CNI\n", b"PYCNI/1 CNI 0\n",
-                     b"PYCNI/1 CNI -1 0\n", b"PYCNI/1 CNI 0 -0\n", b"PYCNI/1 CNI 1e3 0\n",
-                     b"PYCNI/1 CNI \xd9\xa3 0\n", b"PYCNI/1 CNI 0 0 0\n", b"PYCNI/2 CNI 0 0\n",
-                     b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", b"PYCNI/1 CNI 00000000000 0\n",
-                     b"PYCNI/1 CNI 99999999999999999999999999 0\n", b"PYCNI/1 HEALTH 5 5\n",
-                     b"PYCNI/1 CNI 0 %d\n" % (MAX_CONFIG_BYTES + 2), b"PYCNI/1\tCNI\t0\t0\r\n",
-                     b"X" * 129]),
+    st.sampled_from(
+        [
+            b"",
+            b"\n",
+            b"PYCNI/1\n",
+            b"PYCNI/1 CNI\n",
+            b"PYCNI/1 CNI 0\n",
+            b"PYCNI/1 CNI -1 0\n",
+            b"PYCNI/1 CNI 0 -0\n",
+            b"PYCNI/1 CNI 1e3 0\n",
+            b"PYCNI/1 CNI \xd9\xa3 0\n",
+            b"PYCNI/1 CNI 0 0 0\n",
+            b"PYCNI/2 CNI 0 0\n",
+            b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
+            b"PYCNI/1 CNI 00000000000 0\n",
+            b"PYCNI/1 CNI 99999999999999999999999999 0\n",
+            b"PYCNI/1 HEALTH 5 5\n",
+            b"PYCNI/1 CNI 0 %d\n" % (MAX_CONFIG_BYTES + 2),
+            b"PYCNI/1\tCNI\t0\t0\r\n",
+            b"X" * 129,
+        ]
+    ),
 )
 
 
@@ -175,8 +217,11 @@ def requests(draw):
     are certainly not, None if that depends on the draw)."""
     environ = draw(env_entries)
     env, stdin = encode_env(environ), draw(stdin_bytes)
-    kind = draw(st.sampled_from(["exact", "lengths-off", "garbage-header", "cut",
-                                 "env-entry-broken", "huge-lengths"]))
+    kind = draw(
+        st.sampled_from(
+            ["exact", "lengths-off", "garbage-header", "cut", "env-entry-broken", "huge-lengths"]
+        )
+    )
     if kind == "exact":
         return frame(env, stdin, draw(st.sampled_from([b"CNI", b"HEALTH"]))), True
     if kind == "lengths-off":
@@ -189,12 +234,16 @@ def requests(draw):
         return draw(header_garbage) + env + stdin, None
     if kind == "cut":
         whole = frame(env, stdin)
-        return whole[:draw(st.integers(0, max(len(whole) - 1, 0)))], False
+        return whole[: draw(st.integers(0, max(len(whole) - 1, 0)))], False
     if kind == "env-entry-broken":
         broken = env + draw(st.sampled_from([b"\0", b"\0NOEQUALS", b"\0\0A=1"]))
         return frame(broken, stdin), False
-    return frame(env, stdin, env_len=draw(st.sampled_from(
-        [protocol.MAX_ENV_BYTES + 1, 2**63, 10**30])), stdin_len=0), False
+    return frame(
+        env,
+        stdin,
+        env_len=draw(st.sampled_from([protocol.MAX_ENV_BYTES + 1, 2**63, 10**30])),
+        stdin_len=0,
+    ), False
 
 
 def split(data: bytes, cuts: list[int]) -> list[bytes]:
@@ -205,8 +254,10 @@ def split(data: bytes, cuts: list[int]) -> list[bytes]:
 @fuzz_settings(300)
 @given(request=requests(), cuts=st.lists(st.integers(0, 10**6), max_size=4))
 @example(request=(b"PYCNI/1 CNI 3 10\nA=1{}", False), cuts=[])
-@example(request=(b"PYCNI/1 CNI 0 %d\n" % (MAX_CONFIG_BYTES + 1)
-                  + b"[" * (MAX_CONFIG_BYTES + 1), True), cuts=[7, 100])
+@example(
+    request=(b"PYCNI/1 CNI 0 %d\n" % (MAX_CONFIG_BYTES + 1) + b"[" * (MAX_CONFIG_BYTES + 1), True),
+    cuts=[7, 100],
+)
 def test_read_call_returns_the_request_or_refuses_it(request, cuts):
     data, well_formed = request
     ours, theirs = socket.socketpair()
@@ -232,7 +283,7 @@ def test_read_call_returns_the_request_or_refuses_it(request, cuts):
     if well_formed:
         assert call is not None
         assert call.op in ("CNI", "HEALTH")
-        assert encode_env(call.environ) + call.stdin == data[data.index(b"\n") + 1:]
+        assert encode_env(call.environ) + call.stdin == data[data.index(b"\n") + 1 :]
     elif well_formed is False:
         assert call is None
 
@@ -244,7 +295,7 @@ def test_read_call_returns_the_request_or_refuses_it(request, cuts):
 def test_the_agent_answers_every_request(served, request, cuts):
     data, well_formed = request
     reply = exchange(served.path, split(data, cuts), "shutdown")
-    if reply.startswith(b"0\n{\"status\""):
+    if reply.startswith(b'0\n{"status"'):
         assert well_formed is not False
         check_health(reply)  # a HEALTH request, or garbage that happens to read as one
         return
@@ -254,10 +305,17 @@ def test_the_agent_answers_every_request(served, request, cuts):
 
 
 @fuzz_settings(150)
-@given(environ=st.fixed_dictionaries({"CNI_COMMAND": st.sampled_from(COMMANDS)},
-                                     optional={k: st.one_of(st.just(v), environment_text())
-                                               for k, v in ENV.items() if k != "CNI_COMMAND"}),
-       stdin=stdin_bytes)
+@given(
+    environ=st.fixed_dictionaries(
+        {"CNI_COMMAND": st.sampled_from(COMMANDS)},
+        optional={
+            k: st.one_of(st.just(v), environment_text())
+            for k, v in ENV.items()
+            if k != "CNI_COMMAND"
+        },
+    ),
+    stdin=stdin_bytes,
+)
 @example(environ=dict(ENV, CNI_IFNAME="eth\udcff"), stdin=json.dumps(CONF).encode())
 def test_the_agent_answers_as_the_plugin_would(served, environ, stdin):
     """One core, two ways to run it: the agent's answer is plugin.handle's, byte for byte."""
@@ -272,7 +330,7 @@ def test_the_agent_answers_as_the_plugin_would(served, environ, stdin):
 @given(request=requests(), cut=st.integers(0, 10**6))
 def test_callers_hanging_up_midway_do_not_hurt_the_agent(served, request, cut):
     data, _ = request
-    exchange(served.path, [data[:cut % (len(data) + 1)]], "close")
+    exchange(served.path, [data[: cut % (len(data) + 1)]], "close")
     wait_idle(served.agent)
     assert_serving(served.path)
 
@@ -335,9 +393,12 @@ def test_a_status_refused_for_an_unready_node_answers_in_a_version_pycni_speaks(
             return "this node has no pod subnet yet"
 
     agent.cluster = Unready()
-    for stdin, version in [(b'{"cniVersion": "9.9.9"}', versions.LATEST),
-                           (deep(100_000), versions.LATEST), (b"[1]", versions.LATEST),
-                           (b'{"cniVersion": "0.4.0"}', "0.4.0")]:
+    for stdin, version in [
+        (b'{"cniVersion": "9.9.9"}', versions.LATEST),
+        (deep(100_000), versions.LATEST),
+        (b"[1]", versions.LATEST),
+        (b'{"cniVersion": "0.4.0"}', "0.4.0"),
+    ]:
         out, status = agent.execute({"CNI_COMMAND": "STATUS"}, stdin)
         assert check_answer(out, status)["code"] == 50
         assert out["cniVersion"] == version, out
@@ -345,14 +406,20 @@ def test_a_status_refused_for_an_unready_node_answers_in_a_version_pycni_speaks(
 
 # --- the shim's choice of socket ------------------------------------------------------------
 
-agent_socket_values = st.one_of(json_values, st.sampled_from(HOSTILE_NAMES), environment_text(),
-                                st.sampled_from(["\u0000pycni", "agent.sock", "./a", "/run/x",
-                                                 "/run/\ud800", "/a\u0000b", "//x", "/"]))
+agent_socket_values = st.one_of(
+    json_values,
+    st.sampled_from(HOSTILE_NAMES),
+    environment_text(),
+    st.sampled_from(
+        ["\u0000pycni", "agent.sock", "./a", "/run/x", "/run/\ud800", "/a\u0000b", "//x", "/"]
+    ),
+)
 
 
 @fuzz_settings(300)
-@given(value=agent_socket_values, extra=st.dictionaries(st.text(max_size=5), json_values,
-                                                       max_size=2))
+@given(
+    value=agent_socket_values, extra=st.dictionaries(st.text(max_size=5), json_values, max_size=2)
+)
 @example(value="\u0000pycni-agent", extra={})  # was: connected to an abstract socket
 @example(value="agent.sock", extra={})  # was: connected to a socket in the runtime's cwd
 @example(value="/run/\ud800", extra={})  # was: a traceback (UnicodeEncodeError) in the shim
@@ -367,13 +434,20 @@ def test_the_shim_picks_only_an_absolute_socket_path(value, extra):
         assert path == shim.DEFAULT_SOCKET
     if path:
         # Nothing listens there: the shim falls back to running the core itself.
-        assert shim.call_agent(path if path != shim.DEFAULT_SOCKET else "/nonexistent/s",
-                               stdin) is None
+        assert (
+            shim.call_agent(path if path != shim.DEFAULT_SOCKET else "/nonexistent/s", stdin)
+            is None
+        )
 
 
 @fuzz_settings(200)
-@given(stdin=st.one_of(st.binary(max_size=80), json_values.map(
-    lambda v: json.dumps(v).encode()), st.sampled_from([deep(100_000), deep(50_000, "{")])))
+@given(
+    stdin=st.one_of(
+        st.binary(max_size=80),
+        json_values.map(lambda v: json.dumps(v).encode()),
+        st.sampled_from([deep(100_000), deep(50_000, "{")]),
+    )
+)
 def test_the_shim_never_raises_on_any_stdin(stdin):
     shim.socket_path(stdin)
     err = json.loads(shim.try_again(stdin, "x"))
@@ -398,10 +472,20 @@ def test_the_shim_never_connects_to_an_abstract_socket():
 
 
 SHIM_CORPUS = [
-    b"", b"{", b"[" * 100_000, b'{"a":' * 50_000, b'{"agentSocket": "\\ud800"}',
-    b'{"agentSocket": "\\u0000x"}', b'{"agentSocket": ["/x"]}', b'{"agentSocket": "/x"',
-    b"\xff\xfe" + b'{"agentSocket": "/x"}', b'{"agentSocket": 1e400}', b"NaN", b'"agentSocket"',
-    b'{"agentSocket": "/x", "agentSocket": "\\u0000y"}', b'{"cniVersion": {"a": 1}}',
+    b"",
+    b"{",
+    b"[" * 100_000,
+    b'{"a":' * 50_000,
+    b'{"agentSocket": "\\ud800"}',
+    b'{"agentSocket": "\\u0000x"}',
+    b'{"agentSocket": ["/x"]}',
+    b'{"agentSocket": "/x"',
+    b"\xff\xfe" + b'{"agentSocket": "/x"}',
+    b'{"agentSocket": 1e400}',
+    b"NaN",
+    b'"agentSocket"',
+    b'{"agentSocket": "/x", "agentSocket": "\\u0000y"}',
+    b'{"cniVersion": {"a": 1}}',
 ]
 SHIM_RUNNER = r"""
 import sys
@@ -420,7 +504,10 @@ def test_the_shim_survives_hostile_configs_as_the_launcher_runs_it():
     """-IS and nothing imported, as runtimes exec it: pytest has json imported, which hides
     problems of the shim's import-free decoder."""
     src = os.path.join(os.path.dirname(__file__), "..", "..", "src")
-    proc = subprocess.run([sys.executable, "-IS", "-c", SHIM_RUNNER, src],
-                          input=b"\0\0\0SEP\0\0\0".join(SHIM_CORPUS), capture_output=True,
-                          timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-IS", "-c", SHIM_RUNNER, src],
+        input=b"\0\0\0SEP\0\0\0".join(SHIM_CORPUS),
+        capture_output=True,
+        timeout=60,
+    )
     assert proc.returncode == 0 and proc.stdout == b"ok\n", proc.stderr.decode()[-3000:]

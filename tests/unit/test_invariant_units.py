@@ -38,19 +38,33 @@ PODS = 3
 
 
 def attachment(i: int, network: str = NET) -> StoredAttachment:
-    return StoredAttachment(DATA, i + 1, network, f"cid{i}", "eth0",
-                            names.host_veth_name(network, f"cid{i}", "eth0"), f"/run/netns/p{i}")
+    return StoredAttachment(
+        DATA,
+        i + 1,
+        network,
+        f"cid{i}",
+        "eth0",
+        names.host_veth_name(network, f"cid{i}", "eth0"),
+        f"/run/netns/p{i}",
+    )
 
 
-def allocation(i: int, ip: str | None = None, gateway: str | None = "10.244.1.1",
-               attachment_id: int | None = None, range_set: str = RS) -> StoredAllocation:
-    return StoredAllocation(DATA, attachment_id or i + 1, NET, ip or f"10.244.1.{i + 2}", 24,
-                            gateway, range_set)
+def allocation(
+    i: int,
+    ip: str | None = None,
+    gateway: str | None = "10.244.1.1",
+    attachment_id: int | None = None,
+    range_set: str = RS,
+) -> StoredAllocation:
+    return StoredAllocation(
+        DATA, attachment_id or i + 1, NET, ip or f"10.244.1.{i + 2}", 24, gateway, range_set
+    )
 
 
 def masq() -> table.MasqRule:
-    return table.MasqRule(ip_network("10.244.1.0/24"),
-                          (ip_network("10.244.1.0/24"), ip_network("10.244.0.0/16")))
+    return table.MasqRule(
+        ip_network("10.244.1.0/24"), (ip_network("10.244.1.0/24"), ip_network("10.244.0.0/16"))
+    )
 
 
 def rules(**changes) -> table.RuleSet:
@@ -77,21 +91,44 @@ def healthy() -> NodeSnapshot:
     }
     netns = {}
     for i, att in enumerate(atts):
-        links[att.veth] = Link(att.veth, 10 + i, "veth", True, master=BRIDGE,
-                               alias=names.host_veth_alias(NET, att.container_id, "eth0"),
-                               peer=2)
-        netns[att.netns] = NetnsView(att.netns, links={
-            "lo": Link("lo", 1),
-            "eth0": Link("eth0", 2, "veth", True, peer=10 + i,
-                         addresses=frozenset({f"10.244.1.{i + 2}/24"}))})
-    store = StoreSnapshot(DATA, atts, [allocation(i) for i in range(PODS)],
-                          {NET: {"bridge": "cni0", "ipMasq": True,
-                                 "subnets": ["10.244.1.0/24"]}})
+        links[att.veth] = Link(
+            att.veth,
+            10 + i,
+            "veth",
+            True,
+            master=BRIDGE,
+            alias=names.host_veth_alias(NET, att.container_id, "eth0"),
+            peer=2,
+        )
+        netns[att.netns] = NetnsView(
+            att.netns,
+            links={
+                "lo": Link("lo", 1),
+                "eth0": Link(
+                    "eth0",
+                    2,
+                    "veth",
+                    True,
+                    peer=10 + i,
+                    addresses=frozenset({f"10.244.1.{i + 2}/24"}),
+                ),
+            },
+        )
+    store = StoreSnapshot(
+        DATA,
+        atts,
+        [allocation(i) for i in range(PODS)],
+        {NET: {"bridge": "cni0", "ipMasq": True, "subnets": ["10.244.1.0/24"]}},
+    )
     return NodeSnapshot(
-        stores=[store], links=links, netns=netns,
+        stores=[store],
+        links=links,
+        netns=netns,
         rules=RulesView("nft", rules(), rules()),
-        cluster=ClusterView("n1", "vxlan", True, "", CLUSTER_STATE, CLUSTER_STATE, "pycni.1",
-                            VTEP_MAC))
+        cluster=ClusterView(
+            "n1", "vxlan", True, "", CLUSTER_STATE, CLUSTER_STATE, "pycni.1", VTEP_MAC
+        ),
+    )
 
 
 def kinds(snap: NodeSnapshot, live=None) -> list[str]:
@@ -135,10 +172,17 @@ def test_findings_render_on_one_line_and_as_json():
     snap = healthy()
     set_link(snap, veth(0), up=False)
     f = one(snap, m.HOST_VETH_DOWN)
-    assert str(f) == (f"host-veth-down: network net, container cid0 eth0: expected {veth(0)} "
-                      f"up; found down; repair: ip link set {veth(0)} up")
-    assert f.to_json() == {"kind": "host-veth-down", "subject": f.subject, "expected": f.expected,
-                           "actual": "down", "hint": f.hint}
+    assert str(f) == (
+        f"host-veth-down: network net, container cid0 eth0: expected {veth(0)} "
+        f"up; found down; repair: ip link set {veth(0)} up"
+    )
+    assert f.to_json() == {
+        "kind": "host-veth-down",
+        "subject": f.subject,
+        "expected": f.expected,
+        "actual": "down",
+        "hint": f.hint,
+    }
 
 
 # --- attachments --------------------------------------------------------------------------
@@ -175,19 +219,23 @@ def test_missing_host_veth():
 def test_a_recorded_veth_name_is_the_one_expected():
     snap = healthy()
     att = snap.stores[0].attachments[0] = dataclasses.replace(
-        snap.stores[0].attachments[0], host_veth="vethrenamed")
+        snap.stores[0].attachments[0], host_veth="vethrenamed"
+    )
     snap.links["vethrenamed"] = dataclasses.replace(snap.links.pop(veth(0)), name="vethrenamed")
     assert compare(snap) == []
     assert att.veth == "vethrenamed"
 
 
-@pytest.mark.parametrize(("changes", "kind", "actual"), [
-    ({"kind": "dummy"}, m.HOST_VETH_NOT_VETH, "a dummy"),
-    ({"alias": ""}, m.HOST_VETH_ALIAS, "no alias"),
-    ({"master": None}, m.HOST_VETH_DETACHED, "on no bridge"),
-    ({"master": UNDERLAY}, m.HOST_VETH_DETACHED, "attached to eth0"),
-    ({"up": False}, m.HOST_VETH_DOWN, "down"),
-])
+@pytest.mark.parametrize(
+    ("changes", "kind", "actual"),
+    [
+        ({"kind": "dummy"}, m.HOST_VETH_NOT_VETH, "a dummy"),
+        ({"alias": ""}, m.HOST_VETH_ALIAS, "no alias"),
+        ({"master": None}, m.HOST_VETH_DETACHED, "on no bridge"),
+        ({"master": UNDERLAY}, m.HOST_VETH_DETACHED, "attached to eth0"),
+        ({"up": False}, m.HOST_VETH_DOWN, "down"),
+    ],
+)
 def test_host_veth_wrong(changes, kind, actual):
     snap = healthy()
     set_link(snap, veth(2), **changes)
@@ -201,10 +249,13 @@ def test_pod_interface_missing():
     assert f.actual == "no eth0 in /run/netns/p2"
 
 
-@pytest.mark.parametrize(("changes", "kind"), [
-    ({"peer": 99}, m.POD_INTERFACE_NOT_PEER),
-    ({"up": False}, m.POD_INTERFACE_DOWN),
-])
+@pytest.mark.parametrize(
+    ("changes", "kind"),
+    [
+        ({"peer": 99}, m.POD_INTERFACE_NOT_PEER),
+        ({"up": False}, m.POD_INTERFACE_DOWN),
+    ],
+)
 def test_pod_interface_wrong(changes, kind):
     snap = healthy()
     set_pod_link(snap, 1, **changes)
@@ -247,11 +298,11 @@ def test_orphan_veth_by_name_on_a_pycni_bridge():
 def test_orphan_ifb():
     snap = healthy()
     owned = names.ifb_name(NET, "cid0", "eth0")
-    snap.links[owned] = Link(owned, 60, "ifb", True,
-                             alias=names.ifb_alias(NET, "cid0", "eth0"))
+    snap.links[owned] = Link(owned, 60, "ifb", True, alias=names.ifb_alias(NET, "cid0", "eth0"))
     assert compare(snap) == []
-    snap.links["ifbghost"] = Link("ifbghost", 61, "ifb", True,
-                                  alias=names.ifb_alias(NET, "ghost", "eth0"))
+    snap.links["ifbghost"] = Link(
+        "ifbghost", 61, "ifb", True, alias=names.ifb_alias(NET, "ghost", "eth0")
+    )
     assert one(snap, m.ORPHAN_IFB).subject == "ifb ifbghost"
 
 
@@ -259,8 +310,10 @@ def test_no_orphans_when_a_store_could_not_be_read():
     snap = healthy()
     snap.links["vethzz"] = Link("vethzz", 50, "veth", True, alias="pycni other ghost eth0")
     snap.stores_complete = False
-    assert compare(snap, {("ghost", "eth0"), ("cid0", "eth0"), ("cid1", "eth0"),
-                          ("cid2", "eth0")}) == []
+    assert (
+        compare(snap, {("ghost", "eth0"), ("cid0", "eth0"), ("cid1", "eth0"), ("cid2", "eth0")})
+        == []
+    )
 
 
 # --- allocations --------------------------------------------------------------------------
@@ -294,24 +347,35 @@ def test_gateway_allocation():
     assert one(snap, m.ALLOCATION_RESERVED).actual == "10.244.1.1 is the gateway of 10.244.1.0/24"
 
 
-@pytest.mark.parametrize(("ip", "problem"), [
-    ("10.244.1.0", (m.ALLOCATION_RESERVED, "10.244.1.0 is the network address of 10.244.1.0/24")),
-    ("10.244.1.255",
-     (m.ALLOCATION_RESERVED, "10.244.1.255 is the broadcast address of 10.244.1.0/24")),
-    ("10.244.1.9", (m.ALLOCATION_RESERVED, "10.244.1.9 is the gateway of 10.244.1.0/24")),
-    ("10.244.1.10", None),
-    ("not-an-ip", (m.ALLOCATION_OUT_OF_RANGE, "'not-an-ip' is not an IP address")),
-])
+@pytest.mark.parametrize(
+    ("ip", "problem"),
+    [
+        (
+            "10.244.1.0",
+            (m.ALLOCATION_RESERVED, "10.244.1.0 is the network address of 10.244.1.0/24"),
+        ),
+        (
+            "10.244.1.255",
+            (m.ALLOCATION_RESERVED, "10.244.1.255 is the broadcast address of 10.244.1.0/24"),
+        ),
+        ("10.244.1.9", (m.ALLOCATION_RESERVED, "10.244.1.9 is the gateway of 10.244.1.0/24")),
+        ("10.244.1.10", None),
+        ("not-an-ip", (m.ALLOCATION_OUT_OF_RANGE, "'not-an-ip' is not an IP address")),
+    ],
+)
 def test_allocation_problem(ip, problem):
     wide = "10.244.1.0/24:10.244.1.0-10.244.1.255"  # a range no config allows; a store may
-    assert allocation_problem(allocation(0, ip, range_set=wide), {ip_address("10.244.1.9")}) \
-        == problem
+    assert (
+        allocation_problem(allocation(0, ip, range_set=wide), {ip_address("10.244.1.9")}) == problem
+    )
 
 
 def test_range_set_keys_with_ipv6_and_several_ranges():
     key = "fd00::/64:fd00::2-fd00::ff,fd01::/64:fd01::1-fd01::1"
     assert [(str(s), str(a), str(b)) for s, a, b in parse_range_set_key(key)] == [
-        ("fd00::/64", "fd00::2", "fd00::ff"), ("fd01::/64", "fd01::1", "fd01::1")]
+        ("fd00::/64", "fd00::2", "fd00::ff"),
+        ("fd01::/64", "fd01::1", "fd01::1"),
+    ]
     with pytest.raises(ValueError):
         parse_range_set_key("10.244.1.0/24")
     ok = StoredAllocation(DATA, 1, NET, "fd01::1", 64, None, key)
@@ -331,14 +395,29 @@ def test_one_address_held_twice():
 def test_one_address_held_in_two_data_dirs():
     snap = healthy()
     other = StoredAttachment("/other", 1, "other", "cidx", "eth0", "vethx", "/run/netns/px")
-    snap.stores.append(StoreSnapshot("/other", [other], [
-        StoredAllocation("/other", 1, "other", "10.244.1.3", 24, "10.244.1.1", RS)],
-        {"other": {"bridge": "cni0"}}))
-    snap.links["vethx"] = Link("vethx", 40, "veth", True, master=BRIDGE,
-                               alias=names.host_veth_alias("other", "cidx", "eth0"), peer=2)
-    snap.netns["/run/netns/px"] = NetnsView("/run/netns/px", links={
-        "eth0": Link("eth0", 2, "veth", True, peer=40,
-                     addresses=frozenset({"10.244.1.3/24"}))})
+    snap.stores.append(
+        StoreSnapshot(
+            "/other",
+            [other],
+            [StoredAllocation("/other", 1, "other", "10.244.1.3", 24, "10.244.1.1", RS)],
+            {"other": {"bridge": "cni0"}},
+        )
+    )
+    snap.links["vethx"] = Link(
+        "vethx",
+        40,
+        "veth",
+        True,
+        master=BRIDGE,
+        alias=names.host_veth_alias("other", "cidx", "eth0"),
+        peer=2,
+    )
+    snap.netns["/run/netns/px"] = NetnsView(
+        "/run/netns/px",
+        links={
+            "eth0": Link("eth0", 2, "veth", True, peer=40, addresses=frozenset({"10.244.1.3/24"}))
+        },
+    )
     f = one(snap, m.DUPLICATE_ADDRESS)
     assert "(dataDir /other)" in f.actual and f"(dataDir {DATA})" in f.actual
 
@@ -351,7 +430,8 @@ def test_the_runtimes_view():
     found = compare(healthy(), live)
     assert [(f.kind, f.subject) for f in found] == [
         (m.UNKNOWN_TO_RUNTIME, "network net, container cid2 eth0"),
-        (m.MISSING_IN_STORE, "container ghost eth0")]
+        (m.MISSING_IN_STORE, "container ghost eth0"),
+    ]
 
 
 def test_parse_live():
@@ -379,11 +459,14 @@ def test_a_missing_bridge_is_one_finding_not_one_per_pod():
     assert "its 3 pod(s)" in f.actual
 
 
-@pytest.mark.parametrize(("changes", "kind"), [
-    ({"kind": "dummy"}, m.BRIDGE_NOT_BRIDGE),
-    ({"up": False}, m.BRIDGE_DOWN),
-    ({"addresses": frozenset()}, m.BRIDGE_GATEWAY_MISSING),
-])
+@pytest.mark.parametrize(
+    ("changes", "kind"),
+    [
+        ({"kind": "dummy"}, m.BRIDGE_NOT_BRIDGE),
+        ({"up": False}, m.BRIDGE_DOWN),
+        ({"addresses": frozenset()}, m.BRIDGE_GATEWAY_MISSING),
+    ],
+)
 def test_bridge_wrong(changes, kind):
     snap = healthy()
     set_link(snap, "cni0", **changes)
@@ -444,17 +527,45 @@ def test_cluster_not_ready():
     assert one(snap, m.CLUSTER_NOT_READY).actual == "not ready: no free /24"
 
 
-@pytest.mark.parametrize(("have", "kind"), [
-    (State(frozenset(), frozenset({PEER_NEIGH}), frozenset({PEER_FDB})), "route-missing"),
-    (State(frozenset({dataclasses.replace(PEER_ROUTE, gateway="192.168.1.2", dev=UNDERLAY,
-                                          onlink=False)}),
-           frozenset({PEER_NEIGH}), frozenset({PEER_FDB})), "route-differs"),
-    (State(frozenset({PEER_ROUTE, Route(ip_network("10.244.9.0/24"), "10.244.9.0", VTEP, True)}),
-           frozenset({PEER_NEIGH}), frozenset({PEER_FDB})), "route-extra"),
-    (State(frozenset({PEER_ROUTE}), frozenset(), frozenset({PEER_FDB})), "neighbour-missing"),
-    (State(frozenset({PEER_ROUTE}), frozenset({PEER_NEIGH}),
-           frozenset({PEER_FDB, Fdb("0a:00:00:00:00:09", "192.168.1.9", VTEP)})), "fdb-extra"),
-])
+@pytest.mark.parametrize(
+    ("have", "kind"),
+    [
+        (State(frozenset(), frozenset({PEER_NEIGH}), frozenset({PEER_FDB})), "route-missing"),
+        (
+            State(
+                frozenset(
+                    {
+                        dataclasses.replace(
+                            PEER_ROUTE, gateway="192.168.1.2", dev=UNDERLAY, onlink=False
+                        )
+                    }
+                ),
+                frozenset({PEER_NEIGH}),
+                frozenset({PEER_FDB}),
+            ),
+            "route-differs",
+        ),
+        (
+            State(
+                frozenset(
+                    {PEER_ROUTE, Route(ip_network("10.244.9.0/24"), "10.244.9.0", VTEP, True)}
+                ),
+                frozenset({PEER_NEIGH}),
+                frozenset({PEER_FDB}),
+            ),
+            "route-extra",
+        ),
+        (State(frozenset({PEER_ROUTE}), frozenset(), frozenset({PEER_FDB})), "neighbour-missing"),
+        (
+            State(
+                frozenset({PEER_ROUTE}),
+                frozenset({PEER_NEIGH}),
+                frozenset({PEER_FDB, Fdb("0a:00:00:00:00:09", "192.168.1.9", VTEP)}),
+            ),
+            "fdb-extra",
+        ),
+    ],
+)
 def test_cluster_entries(have, kind):
     snap = healthy()
     snap.cluster.have = have
@@ -499,16 +610,20 @@ def test_read_store_sees_every_row_and_writes_nothing(tmp_path):
         store.add_attachment(NET, "cid0", "eth0", "vethzero", "/run/netns/p0", [rs], [])
         store.set_network(NET, {"bridge": "br9", "ipMasq": True, "subnets": ["10.244.1.0/24"]})
     with sqlite3.connect(os.path.join(data, "pycni.db")) as conn:  # foreign keys are off here
-        conn.execute("INSERT INTO allocations VALUES (42, 0, ?, '10.244.1.50', 24, NULL, ?)",
-                     (NET, rs.key))
+        conn.execute(
+            "INSERT INTO allocations VALUES (42, 0, ?, '10.244.1.50', 24, NULL, ?)", (NET, rs.key)
+        )
     path = os.path.join(data, "pycni.db")
     before = hashlib.sha256(open(path, "rb").read()).hexdigest()
 
     snap, desired = read_store(data)
-    assert snap.attachments == [StoredAttachment(data, 1, NET, "cid0", "eth0", "vethzero",
-                                                 "/run/netns/p0")]
-    assert [(a.attachment_id, a.ip) for a in snap.allocations] == [(1, "10.244.1.2"),
-                                                                  (42, "10.244.1.50")]
+    assert snap.attachments == [
+        StoredAttachment(data, 1, NET, "cid0", "eth0", "vethzero", "/run/netns/p0")
+    ]
+    assert [(a.attachment_id, a.ip) for a in snap.allocations] == [
+        (1, "10.244.1.2"),
+        (42, "10.244.1.50"),
+    ]
     assert snap.networks[NET]["bridge"] == "br9"
     assert [str(r.source) for r in desired.masquerade] == ["10.244.1.0/24"]
     with ReadOnlyStore(data) as ro, pytest.raises(Exception, match="readonly"):

@@ -34,8 +34,9 @@ def make_store(tmp_path, clock):
 
     def make(cidrs=("10.244.0.0/16",), sizes=None, ttl=60.0):
         settings = ClusterSettings(tuple(cidrs), sizes or {4: 24, 6: 64})
-        store = LeaseDatastore(SqliteKV(str(tmp_path / "cluster.db"), ttl, clock=clock),
-                               settings, "sqlite")
+        store = LeaseDatastore(
+            SqliteKV(str(tmp_path / "cluster.db"), ttl, clock=clock), settings, "sqlite"
+        )
         made.append(store)
         return store
 
@@ -113,8 +114,9 @@ def test_release_by_name_without_register(tmp_path, clock):
     settings = ClusterSettings(("10.244.0.0/16",))
     owner = LeaseDatastore(SqliteKV(str(tmp_path / "c.db"), 60, clock=clock), settings, "sqlite")
     owner.register(node("a"))
-    leaver = LeaseDatastore(SqliteKV(str(tmp_path / "c.db"), 60, clock=clock), settings,
-                            "sqlite", node_name="a")
+    leaver = LeaseDatastore(
+        SqliteKV(str(tmp_path / "c.db"), 60, clock=clock), settings, "sqlite", node_name="a"
+    )
     leaver.release()
     assert owner.nodes() == []
     owner.close()
@@ -168,7 +170,10 @@ def test_resized_cluster_moves_the_node_and_frees_the_old_subnet(make_store):
     assert c.subnets == (net("10.244.0.128/25"),)  # never inside b's /24
     keys = make_store().kv.list("/pycni/subnets/")[0]
     assert sorted(str(key_subnet("/pycni/", k)) for k in keys) == [
-        "10.244.0.0/25", "10.244.0.128/25", "10.244.1.0/24"]
+        "10.244.0.0/25",
+        "10.244.0.128/25",
+        "10.244.1.0/24",
+    ]
 
 
 def test_racing_agents_never_share_a_subnet(make_store):

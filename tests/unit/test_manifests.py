@@ -73,9 +73,10 @@ def test_every_document_is_a_valid_object_with_no_field_lost(path):
         # vanish silently on a real cluster too. Round trip = the same document.
         assert api.sanitize_for_serialization(obj) == doc, doc["kind"]
         kinds.append(doc["kind"])
-    assert sorted(kinds) == sorted(["ClusterRole", "ClusterRoleBinding", "DaemonSet",
-                                    "ServiceAccount"] + (["ConfigMap"] if path == MANIFEST
-                                                         else []))
+    assert sorted(kinds) == sorted(
+        ["ClusterRole", "ClusterRoleBinding", "DaemonSet", "ServiceAccount"]
+        + (["ConfigMap"] if path == MANIFEST else [])
+    )
 
 
 def containers(ds: dict) -> list[dict]:
@@ -134,7 +135,7 @@ def host_path(ds: dict, container: dict, path: str) -> str | None:
                 best = (where, volumes[mount["name"]]["hostPath"]["path"])
     if best is None:
         return None
-    return best[1].rstrip("/") + path[len(best[0]):]
+    return best[1].rstrip("/") + path[len(best[0]) :]
 
 
 def mount(container: dict, path: str) -> dict:
@@ -173,8 +174,10 @@ def test_the_agent_runs_with_the_cluster_settings_and_the_hosts_paths():
     assert pod["hostNetwork"] is True and agent["securityContext"]["privileged"] is True
     assert pod["priorityClassName"] == "system-node-critical"
     assert {"operator": "Exists"} in pod["tolerations"]  # control plane, not-ready nodes
-    assert ds["spec"]["updateStrategy"] == {"type": "RollingUpdate",
-                                            "rollingUpdate": {"maxUnavailable": 1}}
+    assert ds["spec"]["updateStrategy"] == {
+        "type": "RollingUpdate",
+        "rollingUpdate": {"maxUnavailable": 1},
+    }
     assert agent["resources"]["requests"]
 
 
@@ -205,12 +208,20 @@ def containerfile_native_build():
     native = [s for s in stages if s.split("\n", 1)[0].split()[-2:] == ["AS", "native"]]
     assert len(native) == 1, "a build stage named native"
     assert "gcc" in native[0] and "libc6-dev" in native[0]
-    runs = [cmd for line in native[0].splitlines() if line.startswith("RUN ")
-            for cmd in line[4:].split("&&") if cmd.split()[:2] == ["pycnictl", "install"]]
+    runs = [
+        cmd
+        for line in native[0].splitlines()
+        if line.startswith("RUN ")
+        for cmd in line[4:].split("&&")
+        if cmd.split()[:2] == ["pycnictl", "install"]
+    ]
     assert len(runs) == 1, runs
     parsed = build_parser().parse_args(shlex.split(runs[0])[1:])
-    copies = [line.split()[2:] for line in stages[-1].splitlines()
-              if line.startswith("COPY --from=native ")]
+    copies = [
+        line.split()[2:]
+        for line in stages[-1].splitlines()
+        if line.startswith("COPY --from=native ")
+    ]
     assert len(copies) == 1 and len(copies[0]) == 2, copies
     return parsed, tuple(copies[0])
 
@@ -261,13 +272,22 @@ def datastore_methods_used(path: str, owner: str, skip: tuple[str, ...] = ()) ->
     """Methods called as `<owner>.store.<m>` (or `self.store.<m>`) in `path`."""
     with open(path) as f:
         tree = ast.parse(f.read())
-    skipped = {id(n) for fn in ast.walk(tree) if isinstance(fn, ast.FunctionDef)
-               and fn.name in skip for n in ast.walk(fn)}
+    skipped = {
+        id(n)
+        for fn in ast.walk(tree)
+        if isinstance(fn, ast.FunctionDef) and fn.name in skip
+        for n in ast.walk(fn)
+    }
     used = set()
     for node in ast.walk(tree):
-        if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Attribute)
-                and node.value.attr == "store" and isinstance(node.value.value, ast.Name)
-                and node.value.value.id == owner and id(node) not in skipped):
+        if (
+            isinstance(node, ast.Attribute)
+            and isinstance(node.value, ast.Attribute)
+            and node.value.attr == "store"
+            and isinstance(node.value.value, ast.Name)
+            and node.value.value.id == owner
+            and id(node) not in skipped
+        ):
             used.add(node.attr)
     return used
 
@@ -284,15 +304,25 @@ def api_verbs(entry_points: set[str]) -> set[str]:
             continue
         seen.add(name)
         for node in ast.walk(methods[name]):
-            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Attribute) \
-                    and node.value.attr == "_api":
+            if (
+                isinstance(node, ast.Attribute)
+                and isinstance(node.value, ast.Attribute)
+                and node.value.attr == "_api"
+            ):
                 assert node.attr in API_VERBS, f"{node.attr}: which RBAC verb? extend API_VERBS"
                 verbs.add(API_VERBS[node.attr])
-            elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) \
-                    and node.value.id == "self" and node.attr in methods:
+            elif (
+                isinstance(node, ast.Attribute)
+                and isinstance(node.value, ast.Name)
+                and node.value.id == "self"
+                and node.attr in methods
+            ):
                 todo.append(node.attr)
-            elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) \
-                    and node.func.attr == "stream":
+            elif (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute)
+                and node.func.attr == "stream"
+            ):
                 verbs.add("watch")  # Watch().stream(list_node, ...)
     return verbs
 
@@ -304,17 +334,22 @@ def rbac_verbs(path: str) -> set[str]:
 
 
 def test_rbac_grants_exactly_what_the_agent_calls():
-    used = datastore_methods_used(os.path.join(SRC, "agent", "cluster.py"), "self",
-                                  skip=("leave",))  # leave runs outside the DaemonSet
+    used = datastore_methods_used(
+        os.path.join(SRC, "agent", "cluster.py"), "self", skip=("leave",)
+    )  # leave runs outside the DaemonSet
     assert {"register", "nodes", "wait", "keepalive"} <= used
     assert rbac_verbs(MANIFEST) == api_verbs(used) == {"get", "list", "watch", "patch"}
     binding = one(MANIFEST, "ClusterRoleBinding")
     account = one(MANIFEST, "ServiceAccount")
     ds = one(MANIFEST, "DaemonSet")
     assert binding["roleRef"]["name"] == one(MANIFEST, "ClusterRole")["metadata"]["name"]
-    assert binding["subjects"] == [{"kind": "ServiceAccount",
-                                    "name": account["metadata"]["name"],
-                                    "namespace": account["metadata"]["namespace"]}]
+    assert binding["subjects"] == [
+        {
+            "kind": "ServiceAccount",
+            "name": account["metadata"]["name"],
+            "namespace": account["metadata"]["namespace"],
+        }
+    ]
     assert ds["spec"]["template"]["spec"]["serviceAccountName"] == account["metadata"]["name"]
     assert ds["metadata"]["namespace"] == account["metadata"]["namespace"] == "kube-system"
 
@@ -326,8 +361,10 @@ def test_rbac_grants_exactly_what_uninstall_calls():
     binding = one(UNINSTALL, "ClusterRoleBinding")
     account = one(UNINSTALL, "ServiceAccount")
     assert binding["subjects"][0]["name"] == account["metadata"]["name"]
-    assert one(UNINSTALL, "DaemonSet")["spec"]["template"]["spec"]["serviceAccountName"] \
+    assert (
+        one(UNINSTALL, "DaemonSet")["spec"]["template"]["spec"]["serviceAccountName"]
         == account["metadata"]["name"]
+    )
 
 
 def test_datastore_entry_points_exist():

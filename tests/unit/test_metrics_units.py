@@ -54,7 +54,8 @@ def test_health_follows_the_agent_life_cycle(served):
         assert get(server, "/healthz")[0] == 200
         status, body = get(server, "/readyz")
         assert status == 200 and json.loads(body)["stores"] == {
-            next(iter(agent.data_dirs)): "none yet"}
+            next(iter(agent.data_dirs)): "none yet"
+        }
     finally:
         agent.stop()
     status, body = get(server, "/healthz")
@@ -75,8 +76,11 @@ def test_pool_gauges_and_broken_stores(served, tmp_path):
 
     status, text = get(server, "/metrics")
     assert status == 200
-    got = {(s.name, tuple(sorted(s.labels.items()))): s.value
-           for f in text_string_to_metric_families(text) for s in f.samples}
+    got = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for f in text_string_to_metric_families(text)
+        for s in f.samples
+    }
     pool = (("network", "n1"), ("range", sets[0].key))
     assert got[("pycni_ipam_addresses", (*pool, ("state", "allocated")))] == 1
     assert got[("pycni_ipam_addresses", (*pool, ("state", "free")))] == 4

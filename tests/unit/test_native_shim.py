@@ -33,19 +33,28 @@ from pycni.cni import MAX_CONFIG_BYTES, versions
 from pycni.ctl import install, uninstall
 from pycni.native import FALLBACK_NAME, build
 
-pytestmark = pytest.mark.skipif(build.compiler() is None,
-                                reason="no C compiler (cc): the native executable cannot be "
-                                "built here (apt-get install gcc libc6-dev)")
+pytestmark = pytest.mark.skipif(
+    build.compiler() is None,
+    reason="no C compiler (cc): the native executable cannot be "
+    "built here (apt-get install gcc libc6-dev)",
+)
 
 SANITIZE = os.environ.get("PYCNI_NATIVE_SANITIZE") == "1"
 PYCNICTL = os.path.join(os.path.dirname(sys.executable), "pycnictl")
-HINT = (": this node's pycni executable is the standalone launcher, which needs the node "
-        "agent (is the pycni pod running on this node?)")
+HINT = (
+    ": this node's pycni executable is the standalone launcher, which needs the node "
+    "agent (is the pycni pod running on this node?)"
+)
 LIMITS = build.interpreter_limits()
 DEPTH = LIMITS[0]
-BASE_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "CNI_COMMAND": "ADD",
-            "CNI_CONTAINERID": "c" * 64, "CNI_IFNAME": "eth0", "CNI_NETNS": "/run/netns/x",
-            "CNI_PATH": "/opt/cni/bin"}
+BASE_ENV = {
+    "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
+    "CNI_COMMAND": "ADD",
+    "CNI_CONTAINERID": "c" * 64,
+    "CNI_IFNAME": "eth0",
+    "CNI_NETNS": "/run/netns/x",
+    "CNI_PATH": "/opt/cni/bin",
+}
 
 RECORDER_C = r"""
 #include <stdio.h>
@@ -77,13 +86,13 @@ int main(int argc, char **argv) {
 class Builds:
     root: str
     default_socket: str
-    standalone: str          # no fallback: error 11 without an agent
-    to_recorder: str         # falls back to `recorder`
+    standalone: str  # no fallback: error 11 without an agent
+    to_recorder: str  # falls back to `recorder`
     recorder: str
-    to_launcher: str         # falls back to the real Python launcher
-    short_timeout: str       # standalone, 0.3 s timeout
-    python_launcher: str     # shim.main() as `pycnictl install` writes it
-    python_standalone: str   # the standalone Python launcher
+    to_launcher: str  # falls back to the real Python launcher
+    short_timeout: str  # standalone, 0.3 s timeout
+    python_launcher: str  # shim.main() as `pycnictl install` writes it
+    python_standalone: str  # the standalone Python launcher
 
 
 def _python_launcher(default_socket: str) -> str:
@@ -92,8 +101,9 @@ def _python_launcher(default_socket: str) -> str:
     text = install.launcher_text()
     old = "from pycni.shim import main\nmain()\n"
     assert old in text
-    return text.replace(old, f"from pycni import shim\nshim.DEFAULT_SOCKET = "
-                             f"{default_socket!r}\nshim.main()\n")
+    return text.replace(
+        old, f"from pycni import shim\nshim.DEFAULT_SOCKET = {default_socket!r}\nshim.main()\n"
+    )
 
 
 @pytest.fixture(scope="session")
@@ -104,8 +114,9 @@ def native(tmp_path_factory) -> Builds:
 
     def make(name: str, fallback: str | None = None, **more) -> str:
         path = os.path.join(root, name)
-        build.build(path, fallback, sanitize=SANITIZE, limits=LIMITS,
-                    overrides={**overrides, **more})
+        build.build(
+            path, fallback, sanitize=SANITIZE, limits=LIMITS, overrides={**overrides, **more}
+        )
         return path
 
     with open(os.path.join(root, "recorder.c"), "w") as f:
@@ -123,9 +134,17 @@ def native(tmp_path_factory) -> Builds:
         f.write(text.replace(old, f"DEFAULT_SOCKET = {default!r}\n"))
     for path in (python_launcher, python_standalone):
         os.chmod(path, 0o755)
-    return Builds(root, default, make("standalone"), make("to-recorder", recorder), recorder,
-                  make("to-launcher", python_launcher), make("short", PYCNI_TIMEOUT_MS="300"),
-                  python_launcher, python_standalone)
+    return Builds(
+        root,
+        default,
+        make("standalone"),
+        make("to-recorder", recorder),
+        recorder,
+        make("to-launcher", python_launcher),
+        make("short", PYCNI_TIMEOUT_MS="300"),
+        python_launcher,
+        python_standalone,
+    )
 
 
 @pytest.fixture
@@ -135,11 +154,17 @@ def default_socket(native, monkeypatch):
     return native.default_socket
 
 
-def run(exe: str, stdin: bytes, env: dict | None = None, argv0: str | None = None,
-        timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run([argv0 or exe], executable=exe, input=stdin,
-                          env=BASE_ENV if env is None else env, capture_output=True,
-                          timeout=timeout)
+def run(
+    exe: str, stdin: bytes, env: dict | None = None, argv0: str | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [argv0 or exe],
+        executable=exe,
+        input=stdin,
+        env=BASE_ENV if env is None else env,
+        capture_output=True,
+        timeout=timeout,
+    )
 
 
 def native_run(exe: str, stdin: bytes, **kw) -> subprocess.CompletedProcess:
@@ -219,11 +244,14 @@ def fake_agent(tmp_path):
 
 
 def test_compiles_without_a_warning_even_pedantic(tmp_path):
-    build.build(str(tmp_path / "pycni"), str(tmp_path / "fallback"), static=False,
-                limits=LIMITS, extra_flags=("-Werror", "-Wpedantic", "-Wshadow",
-                                            "-Wconversion", "-Wsign-conversion"))
-    assert build.marker_of(str(tmp_path / "pycni")).endswith(
-        f" fallback={tmp_path / 'fallback'}")
+    build.build(
+        str(tmp_path / "pycni"),
+        str(tmp_path / "fallback"),
+        static=False,
+        limits=LIMITS,
+        extra_flags=("-Werror", "-Wpedantic", "-Wshadow", "-Wconversion", "-Wsign-conversion"),
+    )
+    assert build.marker_of(str(tmp_path / "pycni")).endswith(f" fallback={tmp_path / 'fallback'}")
 
 
 def has_interpreter(path: str) -> bool:
@@ -234,23 +262,36 @@ def has_interpreter(path: str) -> bool:
         data = f.read()
     assert data[:4] == b"\x7fELF" and data[4] == 2, "a 64-bit ELF"
     order = "<" if data[5] == 1 else ">"
-    phoff, = struct.unpack_from(order + "Q", data, 0x20)
+    (phoff,) = struct.unpack_from(order + "Q", data, 0x20)
     phentsize, phnum = struct.unpack_from(order + "HH", data, 0x36)
-    return any(struct.unpack_from(order + "I", data, phoff + i * phentsize)[0] == 3
-               for i in range(phnum))
+    return any(
+        struct.unpack_from(order + "I", data, phoff + i * phentsize)[0] == 3 for i in range(phnum)
+    )
 
 
 def test_the_default_build_is_static_where_libc_allows(tmp_path):
     linkage = build.build(str(tmp_path / "pycni"), limits=LIMITS)
     assert (linkage == "dynamic") == has_interpreter(str(tmp_path / "pycni"))
-    static_libc = any(os.path.exists(os.path.join(d, "libc.a")) for d in (
-        "/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib", "/usr/lib64"))
+    static_libc = any(
+        os.path.exists(os.path.join(d, "libc.a"))
+        for d in (
+            "/usr/lib/x86_64-linux-gnu",
+            "/usr/lib/aarch64-linux-gnu",
+            "/usr/lib",
+            "/usr/lib64",
+        )
+    )
     assert linkage == ("static" if static_libc else "dynamic")
 
 
 def pycnictl(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([PYCNICTL, *args], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, **(env or {})})
+    return subprocess.run(
+        [PYCNICTL, *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, **(env or {})},
+    )
 
 
 def without_shebang(text: str) -> str:
@@ -263,8 +304,7 @@ def test_install_native_is_idempotent_and_replaces_only_its_own(tmp_path):
     dirs = ("--bin-dir", bin_dir, "--conf-dir", conf_dir)
     first = pycnictl("install", "--native", *dirs)
     assert first.returncode == 0, first.stderr
-    assert f"installed {target} (" in first.stdout and f"falling back to {fallback}" \
-        in first.stdout
+    assert f"installed {target} (" in first.stdout and f"falling back to {fallback}" in first.stdout
     with open(fallback) as f:  # the in-process launcher (pycnictl's interpreter in its #!)
         assert without_shebang(f.read()) == without_shebang(install.launcher_text())
     assert build.marker_of(target) == build.wanted_marker(fallback)
@@ -293,8 +333,13 @@ def test_install_native_is_idempotent_and_replaces_only_its_own(tmp_path):
 
 
 def test_install_native_without_a_compiler_says_what_to_do(tmp_path):
-    proc = pycnictl("install", "--native", "--bin-dir", str(tmp_path / "bin"),
-                    env={"CC": str(tmp_path / "no-such-cc")})
+    proc = pycnictl(
+        "install",
+        "--native",
+        "--bin-dir",
+        str(tmp_path / "bin"),
+        env={"CC": str(tmp_path / "no-such-cc")},
+    )
     assert proc.returncode == 1
     assert "install gcc or drop --native" in proc.stderr
     assert not os.path.exists(tmp_path / "bin" / "pycni")
@@ -304,9 +349,11 @@ def test_install_native_from_copies_only_a_standalone_native_build(tmp_path, nat
     bin_dir = str(tmp_path / "bin")
     target = os.path.join(bin_dir, "pycni")
     args = ("--standalone", "--bin-dir", bin_dir)
-    for bad, said in ((native.to_recorder, "copy only a --standalone build"),
-                      ("/bin/true", "is not a pycni native executable"),
-                      (native.python_launcher, "is not a pycni native executable")):
+    for bad, said in (
+        (native.to_recorder, "copy only a --standalone build"),
+        ("/bin/true", "is not a pycni native executable"),
+        (native.python_launcher, "is not a pycni native executable"),
+    ):
         proc = pycnictl("install", "--native-from", bad, *args)
         assert proc.returncode == 1 and said in proc.stderr, proc.stderr
         assert not os.path.exists(target)
@@ -314,8 +361,10 @@ def test_install_native_from_copies_only_a_standalone_native_build(tmp_path, nat
     assert proc.returncode == 0, proc.stderr
     with open(target, "rb") as a, open(native.standalone, "rb") as b:
         assert a.read() == b.read()
-    assert pycnictl("install", "--native-from", native.standalone,
-                    *args).stdout == f"{target} is up to date\n"
+    assert (
+        pycnictl("install", "--native-from", native.standalone, *args).stdout
+        == f"{target} is up to date\n"
+    )
     both = pycnictl("install", "--native", "--native-from", native.standalone, *args)
     assert both.returncode == 1 and "not both" in both.stderr
 
@@ -326,22 +375,20 @@ def test_uninstall_removes_the_native_executable_and_its_fallback_only(tmp_path,
     shutil.copy(native.to_launcher, bin_dir / "pycni")
     with open(bin_dir / FALLBACK_NAME, "w") as f:
         f.write(install.launcher_text())
-    args = SimpleNamespace(bin_dir=str(bin_dir), conf_dir=str(tmp_path / "net.d"),
-                           run_dir=str(tmp_path / "run"))
-    known = uninstall.Known([], [str(tmp_path / "data")], [], {}, str(tmp_path / "subnet.env"),
-                            {})
+    args = SimpleNamespace(
+        bin_dir=str(bin_dir), conf_dir=str(tmp_path / "net.d"), run_dir=str(tmp_path / "run")
+    )
+    known = uninstall.Known([], [str(tmp_path / "data")], [], {}, str(tmp_path / "subnet.env"), {})
     report = uninstall.Report()
     uninstall.remove_files(args, known, report)
-    assert sorted(report.removed) == sorted([str(bin_dir / "pycni"),
-                                             str(bin_dir / FALLBACK_NAME)])
+    assert sorted(report.removed) == sorted([str(bin_dir / "pycni"), str(bin_dir / FALLBACK_NAME)])
     assert os.listdir(bin_dir) == []
     # An ELF that is not pycni's, under both names, stays.
     for name in ("pycni", FALLBACK_NAME):
         shutil.copy("/bin/true", bin_dir / name)
     report = uninstall.Report()
     uninstall.remove_files(args, known, report)
-    assert report.removed == [] and sorted(os.listdir(bin_dir)) == sorted(["pycni",
-                                                                         FALLBACK_NAME])
+    assert report.removed == [] and sorted(os.listdir(bin_dir)) == sorted(["pycni", FALLBACK_NAME])
 
 
 # --- the socket, and the answer without an agent ----------------------------------------------
@@ -349,8 +396,12 @@ def test_uninstall_removes_the_native_executable_and_its_fallback_only(tmp_path,
 
 def nested(depth: int) -> bytes:
     """A config whose deepest value nests `depth` containers (the object itself is one)."""
-    return (b'{"cniVersion": "0.4.0", "agentSocket": "/nowhere/deep.sock", "x": '
-            + b"[" * (depth - 1) + b"]" * (depth - 1) + b"}")
+    return (
+        b'{"cniVersion": "0.4.0", "agentSocket": "/nowhere/deep.sock", "x": '
+        + b"[" * (depth - 1)
+        + b"]" * (depth - 1)
+        + b"}"
+    )
 
 
 EDGE_CASES = {
@@ -371,7 +422,7 @@ EDGE_CASES = {
     "relative": b'{"agentSocket": "run/a.sock"}',
     "nul": b'{"agentSocket": "/nowhere/a\\u0000b"}',
     "escaped-key": b'{"agent\\u0053ocket": "/nowhere/esc.sock", "agentSocket": 1, '
-                   b'"agent\\u0053ocket": "/nowhere/last.sock"}',
+    b'"agent\\u0053ocket": "/nowhere/last.sock"}',
     "escaped-key-only": b'{"agent\\u0053ocket": "/nowhere/esc.sock"}',
     "duplicate-last-wins": b'{"agentSocket": "/nowhere/1", "agentSocket": "/nowhere/2"}',
     "duplicate-last-not-a-string": b'{"agentSocket": "/nowhere/1", "agentSocket": false}',
@@ -387,8 +438,9 @@ EDGE_CASES = {
     "raw-control-elsewhere": b'{"agentSocket": "/nowhere/a", "x": "\x01"}',
     "too-long-for-sun-path": b'{"agentSocket": "/nowhere/' + b"a" * 120 + b'"}',
     "sun-path-exactly": b'{"agentSocket": "/nowhere/' + b"a" * 98 + b'"}',
-    "python-whitespace-around": ' \x0b\x1c\u2028\u3000{"agentSocket": "/nowhere/ws"}\x85\xa0 '
-                                .encode(),
+    "python-whitespace-around": (
+        ' \x0b\x1c\u2028\u3000{"agentSocket": "/nowhere/ws"}\x85\xa0 '.encode()
+    ),
     "json-whitespace-inside": b'{ \t\n\r"agentSocket"\r\n :\t "/nowhere/ws" \n}',
     "vertical-tab-inside": b'{"agentSocket":\x0b"/nowhere/ws"}',
     "bom": b'\xef\xbb\xbf{"agentSocket": "/nowhere/bom"}',
@@ -399,11 +451,11 @@ EDGE_CASES = {
     "trailing-comma-array": b'{"agentSocket": "/nowhere/a", "x": [1,]}',
     "empty-containers": b'{"x": {}, "y": [], "agentSocket": "/nowhere/a", "z": [{}, [[]]]}',
     "constants": b'{"a": NaN, "b": Infinity, "c": -Infinity, "d": [true, false, null], '
-                 b'"agentSocket": "/nowhere/a"}',
+    b'"agentSocket": "/nowhere/a"}',
     "bad-constants": b'{"a": nan, "agentSocket": "/nowhere/a"}',
     "minus-nan": b'{"a": -NaN, "agentSocket": "/nowhere/a"}',
     "numbers": b'{"a": [0, -0, 1.5, -2e10, 3E+2, 4e-2, 0.0e0, 12345678901234567890], '
-               b'"agentSocket": "/nowhere/a"}',
+    b'"agentSocket": "/nowhere/a"}',
     "leading-zero": b'{"a": 01, "agentSocket": "/nowhere/a"}',
     "dot-without-digits": b'{"a": 1., "agentSocket": "/nowhere/a"}',
     "exponent-without-digits": b'{"a": 1e, "agentSocket": "/nowhere/a"}',
@@ -422,8 +474,7 @@ EDGE_CASES = {
     "version-nested": b'{"x": {"cniVersion": "0.3.1"}, "agentSocket": "/nowhere/a"}',
     "version-duplicate": b'{"cniVersion": "0.3.1", "cniVersion": "0.2.0"}',
     "huge": b'{"agentSocket": "/nowhere/a", "pad": "' + b"a" * MAX_CONFIG_BYTES + b'"}',
-    "huge-valid": b'{"cniVersion": "0.4.0", "pad": "'
-                           + b"a" * (MAX_CONFIG_BYTES - 38) + b'"}',
+    "huge-valid": b'{"cniVersion": "0.4.0", "pad": "' + b"a" * (MAX_CONFIG_BYTES - 38) + b'"}',
     "binary": bytes(range(256)),
 }
 
@@ -439,13 +490,27 @@ def test_without_an_agent_it_answers_as_the_standalone_launcher(native, default_
     socket_path() and try_again() (so the socket and version it chose are the shim's)."""
     proc = native_run(native.standalone, data)
     assert proc.returncode == 1
-    assert proc.stdout == standalone_answer(data[:MAX_CONFIG_BYTES + 1])
+    assert proc.stdout == standalone_answer(data[: MAX_CONFIG_BYTES + 1])
 
 
-@pytest.mark.parametrize("name", ["given", "standalone", "escapes", "lone-high-surrogate",
-                                  "too-long-for-sun-path", "python-whitespace-around",
-                                  "int-past-digit-limit", "depth-limit", "past-depth-limit",
-                                  "version-unsupported", "binary", "empty", "huge"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "given",
+        "standalone",
+        "escapes",
+        "lone-high-surrogate",
+        "too-long-for-sun-path",
+        "python-whitespace-around",
+        "int-past-digit-limit",
+        "depth-limit",
+        "past-depth-limit",
+        "version-unsupported",
+        "binary",
+        "empty",
+        "huge",
+    ],
+)
 def test_without_an_agent_it_equals_the_real_standalone_launcher(native, name):
     """The same, against the standalone Python launcher exec'd as runtimes exec it: the
     hint's wording, and the interpreter's own limits (nesting depth, integer digits)."""
@@ -458,10 +523,16 @@ def test_without_an_agent_it_equals_the_real_standalone_launcher(native, name):
 
 # Random configs: JSON objects of any shape, serialised in several ways, sometimes broken.
 SCALARS = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text()
-VALUES = st.recursive(SCALARS, lambda inner: st.lists(inner, max_size=4)
-                      | st.dictionaries(st.text(max_size=8), inner, max_size=4), max_leaves=12)
+VALUES = st.recursive(
+    SCALARS,
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
 SOCKET_TEXT = st.text(st.characters(blacklist_categories=("Cs",)), max_size=40).filter(
-    lambda t: ".." not in t)
+    lambda t: ".." not in t
+)
 
 
 @st.composite
@@ -482,31 +553,45 @@ def socket_values(draw, root: str):
 def configs(draw, root: str) -> bytes:
     obj = draw(st.dictionaries(st.text(max_size=12), VALUES, max_size=5))
     pairs = list(obj.items())
-    for key, value in (("agentSocket", draw(socket_values(root))),
-                       ("cniVersion", draw(st.sampled_from([*versions.SUPPORTED, "2.0.0", 1])))):
+    for key, value in (
+        ("agentSocket", draw(socket_values(root))),
+        ("cniVersion", draw(st.sampled_from([*versions.SUPPORTED, "2.0.0", 1]))),
+    ):
         if value is not None:
             pairs.insert(draw(st.integers(0, len(pairs))), (key, value))
     if pairs and draw(st.booleans()):  # a duplicate key: the last one counts
         pairs.append((draw(st.sampled_from([k for k, _ in pairs])), draw(VALUES)))
     ascii_only = draw(st.booleans())
     separators = draw(st.sampled_from([(", ", ": "), (",", ":"), (" ,\n", " :\t")]))
-    body = "{" + separators[0].join(
-        json.dumps(k, ensure_ascii=ascii_only) + separators[1]
-        + json.dumps(v, ensure_ascii=ascii_only) for k, v in pairs) + "}"
+    body = (
+        "{"
+        + separators[0].join(
+            json.dumps(k, ensure_ascii=ascii_only)
+            + separators[1]
+            + json.dumps(v, ensure_ascii=ascii_only)
+            for k, v in pairs
+        )
+        + "}"
+    )
     space = st.text(st.sampled_from(" \t\n\r\x0b\x0c\x1c\x85\xa0\u2028\u3000"), max_size=3)
     data = (draw(space) + body + draw(space)).encode()
     mutation = draw(st.sampled_from(["none"] * 6 + ["cut", "byte", "insert"]))
     if mutation == "cut" and data:
-        data = data[:draw(st.integers(0, len(data) - 1))]
+        data = data[: draw(st.integers(0, len(data) - 1))]
     elif mutation in ("byte", "insert") and data:
         at = draw(st.integers(0, len(data) - 1))
         byte = bytes([draw(st.integers(0, 255))])
-        data = data[:at] + byte + data[at + (mutation == "byte"):]
+        data = data[:at] + byte + data[at + (mutation == "byte") :]
     return data
 
 
-@settings(max_examples=300, deadline=None, derandomize=True, database=None,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=300,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
 @given(data=st.data())
 def test_random_configs_pick_the_shims_socket_and_version(native, default_socket, data):
     stdin = data.draw(configs(os.path.join(native.root, "nowhere")))
@@ -518,10 +603,19 @@ def test_random_configs_pick_the_shims_socket_and_version(native, default_socket
 # --- through an agent: the request, and the reply --------------------------------------------
 
 
-FORWARD_ENV = {**BASE_ENV, "CNI_ARGS": "IgnoreUnknown=1;K8S_POD_NAME=é", "DEBUG": "1",
-               "DEBUGGER": "yes", "PYCNI_FAIL_AFTER": "ipam", "PYCNI_": "", "CNI_EMPTY": "",
-               "CNIX": "not forwarded", "HOME": "/root", "pycni_lower": "not forwarded",
-               "CNI_NL": "a\nb"}
+FORWARD_ENV = {
+    **BASE_ENV,
+    "CNI_ARGS": "IgnoreUnknown=1;K8S_POD_NAME=é",
+    "DEBUG": "1",
+    "DEBUGGER": "yes",
+    "PYCNI_FAIL_AFTER": "ipam",
+    "PYCNI_": "",
+    "CNI_EMPTY": "",
+    "CNIX": "not forwarded",
+    "HOME": "/root",
+    "pycni_lower": "not forwarded",
+    "CNI_NL": "a\nb",
+}
 
 REPLIES = {
     "result": b'0\n{"cniVersion": "1.0.0", "ips": []}\n',
@@ -566,8 +660,9 @@ def test_the_request_is_what_the_agent_reads(native, fake_agent):
         left.shutdown(socket.SHUT_WR)
         call = protocol.read_call(right)
     assert call.op == "CNI" and call.stdin == stdin
-    assert call.environ == {k: v for k, v in FORWARD_ENV.items()
-                            if k.startswith(("CNI_", "DEBUG", "PYCNI_"))}
+    assert call.environ == {
+        k: v for k, v in FORWARD_ENV.items() if k.startswith(("CNI_", "DEBUG", "PYCNI_"))
+    }
 
 
 @pytest.mark.parametrize("size", [10, 1 << 20], ids=["small", "bigger-than-the-buffer"])
@@ -577,8 +672,7 @@ def test_an_answer_given_without_reading_the_request_passes(native, fake_agent, 
     stdin = config(agent.path, pad="a" * size)
     ours = native_run(native.standalone, stdin)
     theirs = run(native.python_launcher, stdin)
-    assert (ours.returncode, ours.stdout) == (theirs.returncode, theirs.stdout) \
-        == (1, refusal[2:])
+    assert (ours.returncode, ours.stdout) == (theirs.returncode, theirs.stdout) == (1, refusal[2:])
 
 
 @pytest.mark.parametrize("version", ["0.4.0", "9.9.9"])
@@ -622,7 +716,11 @@ def test_a_socket_of_another_user_is_not_an_agent(native, tmp_path):
     if os.geteuid() != 0:
         pytest.skip("needs root to listen as another user")
     path = str(tmp_path / "squatted.sock")
-    squatter = subprocess.Popen([sys.executable, "-c", """
+    squatter = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            """
 import os, socket, sys
 s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
 s.bind(sys.argv[1])
@@ -634,7 +732,11 @@ while True:
     conn, _ = s.accept()
     conn.sendall(b'0\\n{"squatter": true}')
     conn.close()
-""", path], stdout=subprocess.PIPE)
+""",
+            path,
+        ],
+        stdout=subprocess.PIPE,
+    )
     try:
         assert squatter.stdout.readline() == b"ready\n"
         stdin = config(path)
@@ -665,14 +767,20 @@ def no_agent_paths(tmp_path) -> dict[str, str | None]:
     stale.bind(str(tmp_path / "stale.sock"))
     stale.close()  # the file stays, nobody listens
     (tmp_path / "file.sock").write_text("")
-    return {"absent": str(tmp_path / "absent.sock"), "stale": str(tmp_path / "stale.sock"),
-            "not-a-socket": str(tmp_path / "file.sock"), "empty": "",
-            "unencodable": str(tmp_path) + "/\ud800", "too-long": "/" + "a" * 200,
-            "default": None}
+    return {
+        "absent": str(tmp_path / "absent.sock"),
+        "stale": str(tmp_path / "stale.sock"),
+        "not-a-socket": str(tmp_path / "file.sock"),
+        "empty": "",
+        "unencodable": str(tmp_path) + "/\ud800",
+        "too-long": "/" + "a" * 200,
+        "default": None,
+    }
 
 
-@pytest.mark.parametrize("case", ["absent", "stale", "not-a-socket", "empty", "unencodable",
-                                  "too-long", "default"])
+@pytest.mark.parametrize(
+    "case", ["absent", "stale", "not-a-socket", "empty", "unencodable", "too-long", "default"]
+)
 def test_without_an_agent_it_execs_the_fallback_with_the_same_stdin(native, tmp_path, case):
     sock = no_agent_paths(tmp_path)[case]
     stdin = config(sock, pad="\0é" * 1000) if sock is not None else config(pad="x")
@@ -686,8 +794,11 @@ def test_without_an_agent_it_execs_the_fallback_with_the_same_stdin(native, tmp_
     assert got_env == {k.encode(): v.encode() for k, v in env.items()}
 
 
-@pytest.mark.parametrize("size", [1 << 20, MAX_CONFIG_BYTES + 1, MAX_CONFIG_BYTES + 100],
-                         ids=["1MiB", "limit-plus-one", "past-the-limit"])
+@pytest.mark.parametrize(
+    "size",
+    [1 << 20, MAX_CONFIG_BYTES + 1, MAX_CONFIG_BYTES + 100],
+    ids=["1MiB", "limit-plus-one", "past-the-limit"],
+)
 def test_the_fallback_gets_big_stdin_as_the_shim_reads_it(native, tmp_path, size):
     """Up to one byte past the limit, as shim.main() reads it (the core then reports the
     config as too large)."""
@@ -696,15 +807,22 @@ def test_the_fallback_gets_big_stdin_as_the_shim_reads_it(native, tmp_path, size
     record = str(tmp_path / "rec")
     proc = native_run(native.to_recorder, stdin[:size], env={**BASE_ENV, "RECORD_TO": record})
     assert proc.returncode == 3
-    assert recorded(record)[1] == stdin[:min(size, MAX_CONFIG_BYTES + 1)]
+    assert recorded(record)[1] == stdin[: min(size, MAX_CONFIG_BYTES + 1)]
 
 
-@pytest.mark.parametrize("command, stdin", [
-    ("VERSION", b'{"cniVersion": "0.4.0", "agentSocket": ""}'),
-    ("ADD", b'{"cniVersion": "0.4.0", "agentSocket": "", "name": "n", "type": "pycni", '
-            b'"subnet": "not a subnet"}'),
-    ("ADD", b"not json"),
-], ids=["version", "bad-config", "garbage"])
+@pytest.mark.parametrize(
+    "command, stdin",
+    [
+        ("VERSION", b'{"cniVersion": "0.4.0", "agentSocket": ""}'),
+        (
+            "ADD",
+            b'{"cniVersion": "0.4.0", "agentSocket": "", "name": "n", "type": "pycni", '
+            b'"subnet": "not a subnet"}',
+        ),
+        ("ADD", b"not json"),
+    ],
+    ids=["version", "bad-config", "garbage"],
+)
 def test_the_fallback_runs_the_plugin_as_the_python_launcher_does(native, command, stdin):
     env = {**BASE_ENV, "CNI_COMMAND": command}
     ours = run(native.to_launcher, stdin, env=env)
@@ -717,8 +835,13 @@ def test_the_fallback_runs_the_plugin_as_the_python_launcher_does(native, comman
 def test_a_missing_fallback_is_try_again_naming_it(tmp_path):
     missing = str(tmp_path / "gone" / FALLBACK_NAME)
     exe = str(tmp_path / "pycni")
-    build.build(exe, missing, sanitize=SANITIZE, limits=LIMITS,
-                overrides={"PYCNI_DEFAULT_SOCKET": build.c_string(str(tmp_path / "d.sock"))})
+    build.build(
+        exe,
+        missing,
+        sanitize=SANITIZE,
+        limits=LIMITS,
+        overrides={"PYCNI_DEFAULT_SOCKET": build.c_string(str(tmp_path / "d.sock"))},
+    )
     proc = native_run(exe, b'{"cniVersion": "0.4.0", "agentSocket": ""}')
     assert proc.returncode == 1
     err = json.loads(proc.stdout)

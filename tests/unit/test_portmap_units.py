@@ -25,8 +25,10 @@ from pycni.rules import table as t
 
 REQ = cnienv.Request("ADD", "c1", "/run/netns/p", "eth0")
 BASE = {"cniVersion": "1.1.0", "name": "net", "type": "pycni", "subnet": "10.244.1.0/24"}
-DUAL = {"subnet": None, "ranges": [[{"subnet": "10.244.1.0/24"}],
-                                   [{"subnet": "fd00:10:244:1::/64"}]]}
+DUAL = {
+    "subnet": None,
+    "ranges": [[{"subnet": "10.244.1.0/24"}], [{"subnet": "fd00:10:244:1::/64"}]],
+}
 PREAMBLE = "table inet pycni {}\ndelete table inet pycni\n"
 
 
@@ -54,53 +56,64 @@ def test_absent_means_none():
 
 def test_podman_spelling_and_defaults():
     assert parse({"hostPort": 8080, "containerPort": 80}) == [PortMapping(8080, 80, "tcp", None)]
-    assert parse({"hostPort": 53, "containerPort": 5353, "protocol": "udp",
-                  "hostIP": "10.0.0.5"}) == [PortMapping(53, 5353, "udp", ip_address("10.0.0.5"))]
+    assert parse(
+        {"hostPort": 53, "containerPort": 5353, "protocol": "udp", "hostIP": "10.0.0.5"}
+    ) == [PortMapping(53, 5353, "udp", ip_address("10.0.0.5"))]
 
 
 def test_containerd_spelling():
-    got = parse({"HostPort": 8080, "ContainerPort": 80, "Protocol": "TCP", "HostIP": ""},
-                {"HostPort": 8080, "ContainerPort": 80, "Protocol": "Udp"})
+    got = parse(
+        {"HostPort": 8080, "ContainerPort": 80, "Protocol": "TCP", "HostIP": ""},
+        {"HostPort": 8080, "ContainerPort": 80, "Protocol": "Udp"},
+    )
     assert got == [PortMapping(8080, 80, "tcp", None), PortMapping(8080, 80, "udp", None)]
 
 
 def test_unknown_keys_and_nulls_are_ignored():
-    assert parse({"hostPort": 8080, "containerPort": 80, "hostIP": None, "range": 1,
-                  "protocol": None}) == [PortMapping(8080, 80, "tcp", None)]
+    assert parse(
+        {"hostPort": 8080, "containerPort": 80, "hostIP": None, "range": 1, "protocol": None}
+    ) == [PortMapping(8080, 80, "tcp", None)]
 
 
 def test_unspecified_host_ip_is_kept_per_family():
-    got = parse({"hostPort": 1, "containerPort": 1, "hostIP": "0.0.0.0"},
-                {"hostPort": 2, "containerPort": 2, "hostIP": "::"}, **DUAL)
+    got = parse(
+        {"hostPort": 1, "containerPort": 1, "hostIP": "0.0.0.0"},
+        {"hostPort": 2, "containerPort": 2, "hostIP": "::"},
+        **DUAL,
+    )
     assert [m.host_ip for m in got] == [ip_address("0.0.0.0"), ip_address("::")]
 
 
 def test_exact_repeats_are_dropped():
     item = {"hostPort": 8080, "containerPort": 80}
     assert parse(item, dict(item), {"HostPort": 8080, "ContainerPort": 80}) == [
-        PortMapping(8080, 80)]
+        PortMapping(8080, 80)
+    ]
 
 
-@pytest.mark.parametrize("item, words", [
-    ({"containerPort": 80}, "hostPort: is required"),
-    ({"hostPort": 8080}, "containerPort: is required"),
-    ({"hostPort": 0, "containerPort": 80}, "hostPort: 0 is not a port"),
-    ({"hostPort": 65536, "containerPort": 80}, "65536 is not a port"),
-    ({"hostPort": 8080, "containerPort": -1}, "containerPort: -1 is not a port"),
-    ({"hostPort": True, "containerPort": 80}, "True is not a port"),
-    ({"hostPort": "8080", "containerPort": 80}, "'8080' is not a port"),
-    ({"HostPort": 1.5, "containerPort": 80}, "HostPort: 1.5 is not a port"),
-    ({"hostPort": 8080, "containerPort": 80, "protocol": "sctp"}, "'sctp' is not supported"),
-    ({"hostPort": 8080, "containerPort": 80, "Protocol": 6}, "Protocol: 6 is not supported"),
-    ({"hostPort": 8080, "containerPort": 80, "hostIP": "nonsense"}, "is not an IP address"),
-    ({"hostPort": 8080, "containerPort": 80, "hostIP": 5}, "not an IP address string"),
-    ({"hostPort": 8080, "containerPort": 80, "hostIP": "224.0.0.1"}, "multicast"),
-    ({"hostPort": 8080, "containerPort": 80, "hostIP": "::1"}, "route_localnet"),
-    ({"hostPort": 8080, "containerPort": 80, "hostIP": "fd00::1"}, "gets no IPv6 address"),
-    ({"hostPort": 8080, "containerPort": 80, "hostIP": "::"}, "gets no IPv6 address"),
-    ({"hostPort": 8080, "HostPort": 8081, "containerPort": 80}, "given twice"),
-    ("8080:80", "must be an object"),
-])
+@pytest.mark.parametrize(
+    "item, words",
+    [
+        ({"containerPort": 80}, "hostPort: is required"),
+        ({"hostPort": 8080}, "containerPort: is required"),
+        ({"hostPort": 0, "containerPort": 80}, "hostPort: 0 is not a port"),
+        ({"hostPort": 65536, "containerPort": 80}, "65536 is not a port"),
+        ({"hostPort": 8080, "containerPort": -1}, "containerPort: -1 is not a port"),
+        ({"hostPort": True, "containerPort": 80}, "True is not a port"),
+        ({"hostPort": "8080", "containerPort": 80}, "'8080' is not a port"),
+        ({"HostPort": 1.5, "containerPort": 80}, "HostPort: 1.5 is not a port"),
+        ({"hostPort": 8080, "containerPort": 80, "protocol": "sctp"}, "'sctp' is not supported"),
+        ({"hostPort": 8080, "containerPort": 80, "Protocol": 6}, "Protocol: 6 is not supported"),
+        ({"hostPort": 8080, "containerPort": 80, "hostIP": "nonsense"}, "is not an IP address"),
+        ({"hostPort": 8080, "containerPort": 80, "hostIP": 5}, "not an IP address string"),
+        ({"hostPort": 8080, "containerPort": 80, "hostIP": "224.0.0.1"}, "multicast"),
+        ({"hostPort": 8080, "containerPort": 80, "hostIP": "::1"}, "route_localnet"),
+        ({"hostPort": 8080, "containerPort": 80, "hostIP": "fd00::1"}, "gets no IPv6 address"),
+        ({"hostPort": 8080, "containerPort": 80, "hostIP": "::"}, "gets no IPv6 address"),
+        ({"hostPort": 8080, "HostPort": 8081, "containerPort": 80}, "given twice"),
+        ("8080:80", "must be an object"),
+    ],
+)
 def test_refusals_name_the_entry(item, words):
     msg = refused({"hostPort": 1, "containerPort": 1}, item)
     assert "runtimeConfig.portMappings[1]" in msg and words in msg, msg
@@ -112,16 +125,19 @@ def test_not_a_list():
     assert info.value.code == INVALID_NETWORK_CONFIG and "must be a list" in info.value.msg
 
 
-@pytest.mark.parametrize("a, b, clash", [
-    ({"hostIP": ""}, {"hostIP": "10.0.0.5"}, True),
-    ({"hostIP": "0.0.0.0"}, {"hostIP": "10.0.0.5"}, True),
-    ({"hostIP": "10.0.0.5"}, {"hostIP": "10.0.0.5", "containerPort": 81}, True),
-    ({"hostIP": "10.0.0.5"}, {"hostIP": "10.0.0.6"}, False),
-    ({"hostIP": "0.0.0.0"}, {"hostIP": "::"}, False),
-    ({"hostIP": ""}, {"hostIP": "::"}, True),
-    ({"protocol": "tcp"}, {"protocol": "udp"}, False),
-    ({"hostPort": 8080}, {"hostPort": 8081}, False),
-])
+@pytest.mark.parametrize(
+    "a, b, clash",
+    [
+        ({"hostIP": ""}, {"hostIP": "10.0.0.5"}, True),
+        ({"hostIP": "0.0.0.0"}, {"hostIP": "10.0.0.5"}, True),
+        ({"hostIP": "10.0.0.5"}, {"hostIP": "10.0.0.5", "containerPort": 81}, True),
+        ({"hostIP": "10.0.0.5"}, {"hostIP": "10.0.0.6"}, False),
+        ({"hostIP": "0.0.0.0"}, {"hostIP": "::"}, False),
+        ({"hostIP": ""}, {"hostIP": "::"}, True),
+        ({"protocol": "tcp"}, {"protocol": "udp"}, False),
+        ({"hostPort": 8080}, {"hostPort": 8081}, False),
+    ],
+)
 def test_one_pod_taking_a_port_twice(a, b, clash):
     items = [{"hostPort": 8080, "containerPort": 80, **x} for x in (a, b)]
     if clash:
@@ -183,9 +199,11 @@ def test_ruleset_sorts_dedups_and_digests():
 
 
 HP = t.RuleSet(
-    hostports=[t.HostPort("tcp", 8080, "10.244.1.2", 80),
-               t.HostPort("udp", 53, "10.244.1.2", 5353, "192.0.2.1"),
-               t.HostPort("tcp", 8080, "fd00::2", 80)],
+    hostports=[
+        t.HostPort("tcp", 8080, "10.244.1.2", 80),
+        t.HostPort("udp", 53, "10.244.1.2", 5353, "192.0.2.1"),
+        t.HostPort("tcp", 8080, "fd00::2", 80),
+    ],
     hairpin=["10.244.1.2/24", "fd00::2/64"],
 )
 
@@ -227,8 +245,12 @@ def test_nft_hostports():
 
 
 def test_nft_hostports_beside_forward_and_masquerade():
-    rules = t.RuleSet([t.MasqRule("10.244.1.0/24", ("10.244.0.0/16",))], ["10.244.0.0/16"],
-                      HP.hostports, HP.hairpin)
+    rules = t.RuleSet(
+        [t.MasqRule("10.244.1.0/24", ("10.244.0.0/16",))],
+        ["10.244.0.0/16"],
+        HP.hostports,
+        HP.hairpin,
+    )
     lines = [x.strip() for x in t.render_nft(rules).splitlines()]
     fwd = lines.index("chain forward {")
     assert lines[fwd + 2] == "ct status dnat counter accept"  # before the cluster accepts
@@ -285,90 +307,196 @@ def test_iptables_hostports():
 def test_iptables_hooks():
     dnat = [h for h in t.HOOKS if h.chain == t.IPT_HOSTPORT_CHAIN]
     assert [(h.table, h.parent) for h in dnat] == [("nat", "PREROUTING"), ("nat", "OUTPUT")]
-    assert dnat[0].jump == ["-m", "addrtype", "--dst-type", "LOCAL", "-m", "comment",
-                            "--comment", "pycni", "-j", "PYCNI-HOSTPORTS"]
+    assert dnat[0].jump == [
+        "-m",
+        "addrtype",
+        "--dst-type",
+        "LOCAL",
+        "-m",
+        "comment",
+        "--comment",
+        "pycni",
+        "-j",
+        "PYCNI-HOSTPORTS",
+    ]
     assert t.INPUT_HOOK.parent == "INPUT" and t.INPUT_HOOK.first
 
 
 # --------------------------------------------------------------------------- read back
 
 # `nft -j list table inet pycni` as nft 1.0.6 prints the rules of HP (chains left out).
-_NFT_JSON = {"nftables": [{"rule": {"chain": c, "expr": e}} for c, e in [
-    ("forward", [{"match": {"op": "in", "left": {"ct": {"key": "status"}}, "right": "dnat"}},
-                 {"counter": {"packets": 0, "bytes": 0}}, {"accept": None}]),
-    ("hostports", [{"match": {"op": "==", "left": {"payload": {"protocol": "ip6",
-                                                                "field": "daddr"}},
-                              "right": "::1"}}, {"return": None}]),
-    ("hostports", [{"match": {"op": "==", "left": {"meta": {"key": "nfproto"}},
-                              "right": "ipv4"}},
-                   {"match": {"op": "==", "left": {"payload": {"protocol": "tcp",
-                                                                "field": "dport"}},
-                              "right": 8080}},
-                   {"dnat": {"family": "ip", "addr": "10.244.1.2", "port": 80}}]),
-    ("hostports", [{"match": {"op": "==", "left": {"payload": {"protocol": "ip",
-                                                                "field": "daddr"}},
-                              "right": "192.0.2.1"}},
-                   {"match": {"op": "==", "left": {"payload": {"protocol": "udp",
-                                                                "field": "dport"}},
-                              "right": 53}},
-                   {"dnat": {"family": "ip", "addr": "10.244.1.2", "port": 5353}}]),
-    ("hostports", [{"match": {"op": "==", "left": {"meta": {"key": "nfproto"}},
-                              "right": "ipv6"}},
-                   {"match": {"op": "==", "left": {"payload": {"protocol": "tcp",
-                                                                "field": "dport"}},
-                              "right": 8080}},
-                   {"dnat": {"family": "ip6", "addr": "fd00::2", "port": 80}}]),
-    ("prerouting", [{"match": {"op": "==", "left": {"fib": {"result": "type",
-                                                            "flags": ["daddr"]}},
-                               "right": "local"}}, {"jump": {"target": "hostports"}}]),
-    ("postrouting", [{"match": {"op": "in", "left": {"ct": {"key": "status"}},
-                                "right": "dnat"}},
-                     {"match": {"op": "==", "left": {"payload": {"protocol": "ip",
-                                                                  "field": "saddr"}},
-                                "right": {"prefix": {"addr": "127.0.0.0", "len": 8}}}},
-                     {"masquerade": None}]),
-    ("postrouting", [{"match": {"op": "in", "left": {"ct": {"key": "status"}},
-                                "right": "dnat"}},
-                     {"match": {"op": "==", "left": {"payload": {"protocol": "ip",
-                                                                  "field": "saddr"}},
-                                "right": {"prefix": {"addr": "10.244.1.0", "len": 24}}}},
-                     {"match": {"op": "==", "left": {"payload": {"protocol": "ip",
-                                                                  "field": "daddr"}},
-                                "right": "10.244.1.2"}},
-                     {"masquerade": None}]),
-    ("postrouting", [{"match": {"op": "in", "left": {"ct": {"key": "status"}},
-                                "right": "dnat"}},
-                     {"match": {"op": "==", "left": {"payload": {"protocol": "ip6",
-                                                                  "field": "saddr"}},
-                                "right": {"prefix": {"addr": "fd00::", "len": 64}}}},
-                     {"match": {"op": "==", "left": {"payload": {"protocol": "ip6",
-                                                                  "field": "daddr"}},
-                                "right": "fd00::2"}},
-                     {"masquerade": None}]),
-]]}
+_NFT_JSON = {
+    "nftables": [
+        {"rule": {"chain": c, "expr": e}}
+        for c, e in [
+            (
+                "forward",
+                [
+                    {"match": {"op": "in", "left": {"ct": {"key": "status"}}, "right": "dnat"}},
+                    {"counter": {"packets": 0, "bytes": 0}},
+                    {"accept": None},
+                ],
+            ),
+            (
+                "hostports",
+                [
+                    {
+                        "match": {
+                            "op": "==",
+                            "left": {"payload": {"protocol": "ip6", "field": "daddr"}},
+                            "right": "::1",
+                        }
+                    },
+                    {"return": None},
+                ],
+            ),
+            (
+                "hostports",
+                [
+                    {"match": {"op": "==", "left": {"meta": {"key": "nfproto"}}, "right": "ipv4"}},
+                    {
+                        "match": {
+                            "op": "==",
+                            "left": {"payload": {"protocol": "tcp", "field": "dport"}},
+                            "right": 8080,
+                        }
+                    },
+                    {"dnat": {"family": "ip", "addr": "10.244.1.2", "port": 80}},
+                ],
+            ),
+            (
+                "hostports",
+                [
+                    {
+                        "match": {
+                            "op": "==",
+                            "left": {"payload": {"protocol": "ip", "field": "daddr"}},
+                            "right": "192.0.2.1",
+                        }
+                    },
+                    {
+                        "match": {
+                            "op": "==",
+                            "left": {"payload": {"protocol": "udp", "field": "dport"}},
+                            "right": 53,
+                        }
+                    },
+                    {"dnat": {"family": "ip", "addr": "10.244.1.2", "port": 5353}},
+                ],
+            ),
+            (
+                "hostports",
+                [
+                    {"match": {"op": "==", "left": {"meta": {"key": "nfproto"}}, "right": "ipv6"}},
+                    {
+                        "match": {
+                            "op": "==",
+                            "left": {"payload": {"protocol": "tcp", "field": "dport"}},
+                            "right": 8080,
+                        }
+                    },
+                    {"dnat": {"family": "ip6", "addr": "fd00::2", "port": 80}},
+                ],
+            ),
+            (
+                "prerouting",
+                [
+                    {
+                        "match": {
+                            "op": "==",
+                            "left": {"fib": {"result": "type", "flags": ["daddr"]}},
+                            "right": "local",
+                        }
+                    },
+                    {"jump": {"target": "hostports"}},
+                ],
+            ),
+            (
+                "postrouting",
+                [
+                    {"match": {"op": "in", "left": {"ct": {"key": "status"}}, "right": "dnat"}},
+                    {
+                        "match": {
+                            "op": "==",
+                            "left": {"payload": {"protocol": "ip", "field": "saddr"}},
+                            "right": {"prefix": {"addr": "127.0.0.0", "len": 8}},
+                        }
+                    },
+                    {"masquerade": None},
+                ],
+            ),
+            (
+                "postrouting",
+                [
+                    {"match": {"op": "in", "left": {"ct": {"key": "status"}}, "right": "dnat"}},
+                    {
+                        "match": {
+                            "op": "==",
+                            "left": {"payload": {"protocol": "ip", "field": "saddr"}},
+                            "right": {"prefix": {"addr": "10.244.1.0", "len": 24}},
+                        }
+                    },
+                    {
+                        "match": {
+                            "op": "==",
+                            "left": {"payload": {"protocol": "ip", "field": "daddr"}},
+                            "right": "10.244.1.2",
+                        }
+                    },
+                    {"masquerade": None},
+                ],
+            ),
+            (
+                "postrouting",
+                [
+                    {"match": {"op": "in", "left": {"ct": {"key": "status"}}, "right": "dnat"}},
+                    {
+                        "match": {
+                            "op": "==",
+                            "left": {"payload": {"protocol": "ip6", "field": "saddr"}},
+                            "right": {"prefix": {"addr": "fd00::", "len": 64}},
+                        }
+                    },
+                    {
+                        "match": {
+                            "op": "==",
+                            "left": {"payload": {"protocol": "ip6", "field": "daddr"}},
+                            "right": "fd00::2",
+                        }
+                    },
+                    {"masquerade": None},
+                ],
+            ),
+        ]
+    ]
+}
 
 # `iptables -S <chain>` / `ip6tables -S <chain>` for HP, as iptables 1.8.9 prints them.
 _IPT_S = {
     (4, "PYCNI-FWD"): "-N PYCNI-FWD\n-A PYCNI-FWD -m conntrack --ctstate DNAT -j ACCEPT\n",
     (4, "PYCNI-INPUT"): "-N PYCNI-INPUT\n-A PYCNI-INPUT -d 127.0.0.0/8 ! -i lo -m conntrack"
-                        " ! --ctstate RELATED,ESTABLISHED -j DROP\n",
+    " ! --ctstate RELATED,ESTABLISHED -j DROP\n",
     (4, "PYCNI-HOSTPORTS"): (
         "-N PYCNI-HOSTPORTS\n"
         "-A PYCNI-HOSTPORTS -p tcp -m tcp --dport 8080 -j DNAT --to-destination 10.244.1.2:80\n"
         "-A PYCNI-HOSTPORTS -d 192.0.2.1/32 -p udp -m udp --dport 53 -j DNAT"
-        " --to-destination 10.244.1.2:5353\n"),
+        " --to-destination 10.244.1.2:5353\n"
+    ),
     (4, "PYCNI-MASQ"): (
         "-N PYCNI-MASQ\n"
         "-A PYCNI-MASQ -s 127.0.0.0/8 -m conntrack --ctstate DNAT -j MASQUERADE\n"
         "-A PYCNI-MASQ -s 10.244.1.0/24 -d 10.244.1.2/32 -m conntrack --ctstate DNAT"
-        " -j MASQUERADE\n"),
+        " -j MASQUERADE\n"
+    ),
     (6, "PYCNI-FWD"): "-N PYCNI-FWD\n-A PYCNI-FWD -m conntrack --ctstate DNAT -j ACCEPT\n",
     (6, "PYCNI-HOSTPORTS"): (
         "-N PYCNI-HOSTPORTS\n-A PYCNI-HOSTPORTS -d ::1/128 -j RETURN\n"
-        "-A PYCNI-HOSTPORTS -p tcp -m tcp --dport 8080 -j DNAT --to-destination [fd00::2]:80\n"),
+        "-A PYCNI-HOSTPORTS -p tcp -m tcp --dport 8080 -j DNAT --to-destination [fd00::2]:80\n"
+    ),
     (6, "PYCNI-MASQ"): (
         "-N PYCNI-MASQ\n"
-        "-A PYCNI-MASQ -s fd00::/64 -d fd00::2/128 -m conntrack --ctstate DNAT -j MASQUERADE\n"),
+        "-A PYCNI-MASQ -s fd00::/64 -d fd00::2/128 -m conntrack --ctstate DNAT -j MASQUERADE\n"
+    ),
 }
 
 
@@ -403,13 +531,17 @@ def store(tmp_path):
 
 
 def _attach(store, cid, mappings, sets=(SET4, SET6), network=NET):
-    return store.add_attachment(network, cid, "eth0", f"veth{cid}", f"/proc/1/ns/{cid}",
-                                list(sets), [], mappings)
+    return store.add_attachment(
+        network, cid, "eth0", f"veth{cid}", f"/proc/1/ns/{cid}", list(sets), [], mappings
+    )
 
 
 def test_store_keeps_mappings_with_the_attachment(store):
-    want = [PortMapping(8080, 80), PortMapping(53, 5353, "udp", ip_address("10.0.0.5")),
-            PortMapping(9, 9, "tcp", ip_address("::"))]
+    want = [
+        PortMapping(8080, 80),
+        PortMapping(53, 5353, "udp", ip_address("10.0.0.5")),
+        PortMapping(9, 9, "tcp", ip_address("::")),
+    ]
     _attach(store, "c1", want)
     _attach(store, "c2", [])
     assert store.get_attachment(NET, "c1", "eth0").port_mappings == want
@@ -420,19 +552,38 @@ def test_store_keeps_mappings_with_the_attachment(store):
     assert store.conn.execute("SELECT COUNT(*) FROM port_mappings").fetchone()[0] == 0
 
 
-@pytest.mark.parametrize("first, second, sets2, clash", [
-    (PortMapping(8080, 80), PortMapping(8080, 81), (SET4,), True),
-    (PortMapping(8080, 80), PortMapping(8080, 80, "udp"), (SET4,), False),
-    (PortMapping(8080, 80), PortMapping(8080, 80, host_ip=ip_address("10.0.0.5")), (SET4,),
-     True),
-    (PortMapping(8080, 80, host_ip=ip_address("10.0.0.6")),
-     PortMapping(8080, 80, host_ip=ip_address("10.0.0.5")), (SET4,), False),
-    (PortMapping(8080, 80, host_ip=ip_address("0.0.0.0")),
-     PortMapping(8080, 80, host_ip=ip_address("::")), (SET6,), False),
-    # A pod with only IPv6 addresses does not take the IPv4 port.
-    (PortMapping(8080, 80, host_ip=ip_address("0.0.0.0")), PortMapping(8080, 80), (SET6,),
-     False),
-])
+@pytest.mark.parametrize(
+    "first, second, sets2, clash",
+    [
+        (PortMapping(8080, 80), PortMapping(8080, 81), (SET4,), True),
+        (PortMapping(8080, 80), PortMapping(8080, 80, "udp"), (SET4,), False),
+        (
+            PortMapping(8080, 80),
+            PortMapping(8080, 80, host_ip=ip_address("10.0.0.5")),
+            (SET4,),
+            True,
+        ),
+        (
+            PortMapping(8080, 80, host_ip=ip_address("10.0.0.6")),
+            PortMapping(8080, 80, host_ip=ip_address("10.0.0.5")),
+            (SET4,),
+            False,
+        ),
+        (
+            PortMapping(8080, 80, host_ip=ip_address("0.0.0.0")),
+            PortMapping(8080, 80, host_ip=ip_address("::")),
+            (SET6,),
+            False,
+        ),
+        # A pod with only IPv6 addresses does not take the IPv4 port.
+        (
+            PortMapping(8080, 80, host_ip=ip_address("0.0.0.0")),
+            PortMapping(8080, 80),
+            (SET6,),
+            False,
+        ),
+    ],
+)
 def test_store_refuses_a_port_taken_twice(store, first, second, sets2, clash):
     _attach(store, "c1", [first])
     if not clash:
@@ -454,8 +605,10 @@ def test_store_made_before_port_mappings_gains_them(tmp_path):
     data.mkdir(mode=0o700)
     conn = sqlite3.connect(data / "pycni.db")
     conn.executescript(store_mod._SCHEMA + "PRAGMA user_version=1;")
-    conn.execute("INSERT INTO attachments (network, container_id, ifname, host_veth, netns,"
-                 " created) VALUES ('pods', 'old', 'eth0', 'veth0', '/proc/1/ns/net', 1.0)")
+    conn.execute(
+        "INSERT INTO attachments (network, container_id, ifname, host_veth, netns,"
+        " created) VALUES ('pods', 'old', 'eth0', 'veth0', '/proc/1/ns/net', 1.0)"
+    )
     conn.commit()
     conn.close()
     with Store(str(data)) as s:
@@ -471,25 +624,46 @@ def test_store_made_before_port_mappings_gains_them(tmp_path):
 
 
 def test_desired_rules_from_the_store(store):
-    store.set_network(NET, {"ipMasq": False, "subnets": ["10.244.1.0/24", "fd00:10:244:1::/64"],
-                            "bridge": "br-test"})
+    store.set_network(
+        NET,
+        {"ipMasq": False, "subnets": ["10.244.1.0/24", "fd00:10:244:1::/64"], "bridge": "br-test"},
+    )
     assert core.desired_rules(store) == t.RuleSet()
-    _attach(store, "c1", [PortMapping(8080, 80),
-                          PortMapping(53, 53, "udp", ip_address("192.0.2.1")),
-                          PortMapping(443, 8443, "tcp", ip_address("::"))])
+    _attach(
+        store,
+        "c1",
+        [
+            PortMapping(8080, 80),
+            PortMapping(53, 53, "udp", ip_address("192.0.2.1")),
+            PortMapping(443, 8443, "tcp", ip_address("::")),
+        ],
+    )
     _attach(store, "c2", [])
-    _attach(store, "c3", [PortMapping(9090, 90, "tcp", ip_address("0.0.0.0"))], sets=(SET4B,),
-            network="v4only")
+    _attach(
+        store,
+        "c3",
+        [PortMapping(9090, 90, "tcp", ip_address("0.0.0.0"))],
+        sets=(SET4B,),
+        network="v4only",
+    )
     rules = core.desired_rules(store)
-    assert rules.hostports == tuple(sorted([
-        t.HostPort("tcp", 8080, "10.244.1.2", 80),
-        t.HostPort("udp", 53, "10.244.1.2", 53, "192.0.2.1"),
-        t.HostPort("tcp", 8080, "fd00:10:244:1::2", 80),
-        t.HostPort("tcp", 443, "fd00:10:244:1::2", 8443),
-        t.HostPort("tcp", 9090, "10.244.2.2", 90),
-    ], key=t.HostPort.sort_key))
-    assert rules.hairpin == (ip_interface("10.244.1.2/24"), ip_interface("10.244.2.2/24"),
-                             ip_interface("fd00:10:244:1::2/64"))
+    assert rules.hostports == tuple(
+        sorted(
+            [
+                t.HostPort("tcp", 8080, "10.244.1.2", 80),
+                t.HostPort("udp", 53, "10.244.1.2", 53, "192.0.2.1"),
+                t.HostPort("tcp", 8080, "fd00:10:244:1::2", 80),
+                t.HostPort("tcp", 443, "fd00:10:244:1::2", 8443),
+                t.HostPort("tcp", 9090, "10.244.2.2", 90),
+            ],
+            key=t.HostPort.sort_key,
+        )
+    )
+    assert rules.hairpin == (
+        ip_interface("10.244.1.2/24"),
+        ip_interface("10.244.2.2/24"),
+        ip_interface("fd00:10:244:1::2/64"),
+    )
     assert rules.masquerade == () and rules.forward == ()
     store.remove_attachment(NET, "c1", "eth0")
     store.remove_attachment("v4only", "c3", "eth0")
@@ -498,13 +672,16 @@ def test_desired_rules_from_the_store(store):
 
 def test_sync_sets_route_localnet_around_the_guard(store, monkeypatch):
     calls: list = []
-    monkeypatch.setattr(t, "apply", lambda rules, backend=None: calls.append(
-        ("apply", rules.guards_localnet())) or "nft")
-    monkeypatch.setattr(core.sysctl, "set_route_localnet",
-                        lambda bridge, on: calls.append((bridge, on)))
+    monkeypatch.setattr(
+        t,
+        "apply",
+        lambda rules, backend=None: calls.append(("apply", rules.guards_localnet())) or "nft",
+    )
+    monkeypatch.setattr(
+        core.sysctl, "set_route_localnet", lambda bridge, on: calls.append((bridge, on))
+    )
     store.set_network(NET, {"ipMasq": False, "subnets": ["10.244.1.0/24"], "bridge": "br-a"})
-    store.set_network("six", {"ipMasq": False, "subnets": ["fd00:10:244:1::/64"],
-                              "bridge": "br-b"})
+    store.set_network("six", {"ipMasq": False, "subnets": ["fd00:10:244:1::/64"], "bridge": "br-b"})
     _attach(store, "c1", [PortMapping(8080, 80)], sets=(SET4,))
     _attach(store, "c2", [PortMapping(8080, 80)], sets=(SET6,), network="six")
     core.sync(store)

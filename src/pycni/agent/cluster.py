@@ -123,8 +123,7 @@ class ClusterNode:
                     next_keepalive = time.monotonic() + renew
                 self.reconcile()
                 backoff = 0.5
-                self._wait(max(0.05, min(self.options.resync,
-                                         next_keepalive - time.monotonic())))
+                self._wait(max(0.05, min(self.options.resync, next_keepalive - time.monotonic())))
             except ClusterError as exc:
                 # No subnet to be had yet (no podCIDR, none free): retry when the datastore
                 # changes (a podCIDR is allocated, a lease is released) or after the backoff.
@@ -156,8 +155,9 @@ class ClusterNode:
         self.iface = opts.iface or default_route_iface(self._ipr)
         node_ips = opts.node_ips or iface_addresses(self._ipr, self.iface)
         if not node_ips:
-            raise ClusterError(f"underlay interface {self.iface} has no address to publish; "
-                               "give --node-ip")
+            raise ClusterError(
+                f"underlay interface {self.iface} has no address to publish; give --node-ip"
+            )
         mac = vtep_mac(opts.node_name) if opts.backend != "host-gw" else ""
         local = NodeRecord(opts.node_name, tuple(node_ips), self._previous_subnets(), mac)
         self._adopt(self.store.register(local))
@@ -182,15 +182,22 @@ class ClusterNode:
         if record == self.record:
             return
         if self.record is not None and record.subnets != self.record.subnets:
-            log.warning("node %s: subnets changed from %s to %s", record.name,
-                        ", ".join(map(str, self.record.subnets)),
-                        ", ".join(map(str, record.subnets)))
+            log.warning(
+                "node %s: subnets changed from %s to %s",
+                record.name,
+                ", ".join(map(str, self.record.subnets)),
+                ", ".join(map(str, record.subnets)),
+            )
         self._write_rules()
         self._write_files(record)
         self.record, self.reason = record, ""
-        log.info("node %s: subnets %s, addresses %s, backend %s", record.name,
-                 ", ".join(map(str, record.subnets)), ", ".join(record.node_ips),
-                 self.options.backend)
+        log.info(
+            "node %s: subnets %s, addresses %s, backend %s",
+            record.name,
+            ", ".join(map(str, record.subnets)),
+            ", ".join(record.node_ips),
+            self.options.backend,
+        )
 
     def _write_rules(self) -> None:
         from ..core import masquerade
@@ -198,8 +205,9 @@ class ClusterNode:
 
         opts = self.options
         with Store(opts.data_dir) as store:
-            masquerade.record_cluster(store, [str(c) for c in opts.settings.cluster_cidrs],
-                                      list(opts.masq_exclude))
+            masquerade.record_cluster(
+                store, [str(c) for c in opts.settings.cluster_cidrs], list(opts.masq_exclude)
+            )
             masquerade.sync(store)
 
     def mtu(self, record: NodeRecord) -> int:
@@ -218,19 +226,31 @@ class ClusterNode:
         cidrs = [str(c) for c in opts.settings.cluster_cidrs]
         mtu = self.mtu(record)
         v4, v6 = record.subnet(4), record.subnet(6)
-        env = {"NETWORK": str(opts.settings.cidr(4) or ""), "SUBNET": str(v4 or ""),
-               "NODE": record.name, "NODE_IPS": ",".join(record.node_ips),
-               "BACKEND": opts.backend, "IPMASQ": str(opts.ip_masq).lower(), "MTU": str(mtu)}
+        env = {
+            "NETWORK": str(opts.settings.cidr(4) or ""),
+            "SUBNET": str(v4 or ""),
+            "NODE": record.name,
+            "NODE_IPS": ",".join(record.node_ips),
+            "BACKEND": opts.backend,
+            "IPMASQ": str(opts.ip_masq).lower(),
+            "MTU": str(mtu),
+        }
         if v6 is not None:
             env["IPV6_NETWORK"] = str(opts.settings.cidr(6))
             env["IPV6_SUBNET"] = str(v6)
         write_subnet_env(opts.subnet_file, env)
-        extra = {"bridge": opts.bridge, "ipMasq": opts.ip_masq, "dataDir": opts.data_dir,
-                 "mtu": mtu, **opts.conf_extra}
+        extra = {
+            "bridge": opts.bridge,
+            "ipMasq": opts.ip_masq,
+            "dataDir": opts.data_dir,
+            "mtu": mtu,
+            **opts.conf_extra,
+        }
         if opts.agent_socket:
             extra["agentSocket"] = opts.agent_socket
-        write_conflist(opts.conflist_path, node_conflist(opts.network_name, subnets, cidrs,
-                                                         **extra))
+        write_conflist(
+            opts.conflist_path, node_conflist(opts.network_name, subnets, cidrs, **extra)
+        )
 
     # --- routes ----------------------------------------------------------------------------
 
@@ -241,14 +261,16 @@ class ClusterNode:
         assert self.record is not None
         started = time.perf_counter()
         nodes = self.store.nodes()
-        if not _same_node(self.record, next((n for n in nodes if n.name == self.record.name),
-                                            None)):
+        if not _same_node(
+            self.record, next((n for n in nodes if n.name == self.record.name), None)
+        ):
             # Someone changed this node's entry (a new podCIDR, annotations or a lease removed
             # by hand): claim and publish again now rather than at the next keepalive.
             self._adopt(self.store.keepalive())
             nodes = self.store.nodes()
-        changes = reconcile_once(self._ipr, self.record, nodes, self.options.backend,
-                                 self.iface, self.vxlan())
+        changes = reconcile_once(
+            self._ipr, self.record, nodes, self.options.backend, self.iface, self.vxlan()
+        )
         self.nodes = nodes  # what the kernel now holds routes for (status shows it)
         for error in changes.errors:
             log.warning("reconcile: %s", error)
@@ -264,8 +286,9 @@ class ClusterNode:
     def vxlan(self):
         from ..backends import VxlanSettings
 
-        return VxlanSettings(name=f"pycni.{self.options.vni}", vni=self.options.vni,
-                             port=self.options.vxlan_port)
+        return VxlanSettings(
+            name=f"pycni.{self.options.vni}", vni=self.options.vni, port=self.options.vxlan_port
+        )
 
     def status(self) -> dict:
         record = self.record
@@ -345,11 +368,20 @@ def iface_addresses(ipr, ifname: str) -> list[str]:
 def _changes(changes) -> dict:
     if changes is None:
         return {}
-    return {"added": changes.added, "replaced": changes.replaced, "removed": changes.removed,
-            "errors": list(changes.errors), "skipped": [str(s) for s in changes.skipped]}
+    return {
+        "added": changes.added,
+        "replaced": changes.replaced,
+        "removed": changes.removed,
+        "errors": list(changes.errors),
+        "skipped": [str(s) for s in changes.skipped],
+    }
 
 
 def _same_node(mine: NodeRecord, seen: NodeRecord | None) -> bool:
     """Whether the datastore shows this node as it was registered (subnet order aside)."""
-    return seen is not None and set(seen.subnets) == set(mine.subnets) \
-        and seen.node_ips == mine.node_ips and seen.vtep_mac == mine.vtep_mac
+    return (
+        seen is not None
+        and set(seen.subnets) == set(mine.subnets)
+        and seen.node_ips == mine.node_ips
+        and seen.vtep_mac == mine.vtep_mac
+    )

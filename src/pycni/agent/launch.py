@@ -19,8 +19,18 @@ def pycnictl_argv() -> list[str]:
 def agent_argv(socket: str, data_dir: str, log_file: str, metrics_port: int = 0) -> list[str]:
     """The command line of an agent with private socket, data dir and log, from the same
     installation as the caller (its pycnictl script, so `ps` shows `pycnictl agent`)."""
-    return [*pycnictl_argv(), "agent", "--socket", socket, "--data-dir", data_dir,
-            "--log-file", log_file, "--metrics-port", str(metrics_port)]
+    return [
+        *pycnictl_argv(),
+        "agent",
+        "--socket",
+        socket,
+        "--data-dir",
+        data_dir,
+        "--log-file",
+        log_file,
+        "--metrics-port",
+        str(metrics_port),
+    ]
 
 
 def wait_until_listening(proc: subprocess.Popen, socket: str, timeout: float = 15.0) -> None:

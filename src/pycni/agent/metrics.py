@@ -32,8 +32,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 log = logging.getLogger("pycni")
 
 # CNI calls take from about a millisecond (VERSION, a warm DEL) to seconds (a busy node).
-DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
-                    10.0)
+DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
@@ -44,13 +43,16 @@ def start(agent, addr: str, port: int, *, allow_remote: bool = False) -> Threadi
     endpoint is unauthenticated and shows pod counts and addresses.
     """
     if not allow_remote and not is_loopback(addr):
-        raise ValueError(f"metrics address {addr} is not loopback; give it explicitly to "
-                         "serve metrics beyond this host")
+        raise ValueError(
+            f"metrics address {addr} is not loopback; give it explicitly to "
+            "serve metrics beyond this host"
+        )
     registry = build_registry(agent)
     handler = type("Handler", (_Handler,), {"agent": agent, "registry": registry})
     family = socket.AF_INET6 if ":" in addr else socket.AF_INET
-    server_class = type("Server", (ThreadingHTTPServer,), {"address_family": family,
-                                                           "daemon_threads": True})
+    server_class = type(
+        "Server", (ThreadingHTTPServer,), {"address_family": family, "daemon_threads": True}
+    )
     server = server_class((addr, port), handler)
     thread = threading.Thread(target=server.serve_forever, name="metrics", daemon=True)
     thread.start()
@@ -64,7 +66,8 @@ def is_loopback(addr: str) -> bool:
     except OSError:
         return False
     return bool(infos) and all(
-        ipaddress.ip_address(info[4][0].split("%")[0]).is_loopback for info in infos)
+        ipaddress.ip_address(info[4][0].split("%")[0]).is_loopback for info in infos
+    )
 
 
 # --- the registry ------------------------------------------------------------------------
@@ -73,17 +76,27 @@ def is_loopback(addr: str) -> bool:
 def build_registry(agent) -> CollectorRegistry:
     registry = CollectorRegistry()
     duration = Histogram(
-        "pycni_cni_request_duration_seconds", "CNI calls served by the agent, by outcome",
-        ["command", "result"], buckets=DURATION_BUCKETS, registry=registry)
+        "pycni_cni_request_duration_seconds",
+        "CNI calls served by the agent, by outcome",
+        ["command", "result"],
+        buckets=DURATION_BUCKETS,
+        registry=registry,
+    )
     errors = Counter(
-        "pycni_cni_errors_total", "CNI calls that failed, by CNI error code",
-        ["command", "code"], registry=registry)
-    Gauge("pycni_cni_requests_in_flight", "Connections the agent is serving now",
-          registry=registry).set_function(lambda: agent.inflight)
-    Gauge("pycni_agent_resident_memory_bytes", "Resident set size of the agent",
-          registry=registry).set_function(resident_memory)
-    Gauge("pycni_agent_uptime_seconds", "Seconds since the agent started",
-          registry=registry).set_function(lambda: time.time() - agent.started)
+        "pycni_cni_errors_total",
+        "CNI calls that failed, by CNI error code",
+        ["command", "code"],
+        registry=registry,
+    )
+    Gauge(
+        "pycni_cni_requests_in_flight", "Connections the agent is serving now", registry=registry
+    ).set_function(lambda: agent.inflight)
+    Gauge(
+        "pycni_agent_resident_memory_bytes", "Resident set size of the agent", registry=registry
+    ).set_function(resident_memory)
+    Gauge(
+        "pycni_agent_uptime_seconds", "Seconds since the agent started", registry=registry
+    ).set_function(lambda: time.time() - agent.started)
     ProcessCollector(registry=registry)
     registry.register(IpamCollector(agent))
 
@@ -105,18 +118,35 @@ RECONCILE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.
 
 
 def _cluster_metrics(cluster, registry: CollectorRegistry) -> None:
-    Gauge("pycni_cluster_ready", "1 once this node has its subnet and its CNI config is written",
-          registry=registry).set_function(lambda: 1.0 if cluster.ready else 0.0)
-    Gauge("pycni_cluster_remote_nodes", "Other nodes the last reconcile routed to",
-          registry=registry).set_function(
-              lambda: sum(1 for n in cluster.nodes
-                          if cluster.record is None or n.name != cluster.record.name))
-    duration = Histogram("pycni_reconcile_duration_seconds", "Reconcile passes (datastore read "
-                         "and kernel apply)", buckets=RECONCILE_BUCKETS, registry=registry)
-    changes = Counter("pycni_reconcile_changes_total", "Routes, neighbours, FDB entries and "
-                      "VTEP changes made by reconcile", ["action"], registry=registry)
-    errors = Counter("pycni_reconcile_errors_total", "Entries reconcile failed to apply (retried "
-                     "next pass)", registry=registry)
+    Gauge(
+        "pycni_cluster_ready",
+        "1 once this node has its subnet and its CNI config is written",
+        registry=registry,
+    ).set_function(lambda: 1.0 if cluster.ready else 0.0)
+    Gauge(
+        "pycni_cluster_remote_nodes", "Other nodes the last reconcile routed to", registry=registry
+    ).set_function(
+        lambda: sum(
+            1 for n in cluster.nodes if cluster.record is None or n.name != cluster.record.name
+        )
+    )
+    duration = Histogram(
+        "pycni_reconcile_duration_seconds",
+        "Reconcile passes (datastore read and kernel apply)",
+        buckets=RECONCILE_BUCKETS,
+        registry=registry,
+    )
+    changes = Counter(
+        "pycni_reconcile_changes_total",
+        "Routes, neighbours, FDB entries and VTEP changes made by reconcile",
+        ["action"],
+        registry=registry,
+    )
+    errors = Counter(
+        "pycni_reconcile_errors_total",
+        "Entries reconcile failed to apply (retried next pass)",
+        registry=registry,
+    )
 
     def observe(seconds: float, result) -> None:
         duration.observe(seconds)
@@ -161,8 +191,10 @@ class IpamCollector:
         from ..ipam.store import Store
 
         gauge = GaugeMetricFamily(
-            "pycni_ipam_addresses", "Pool addresses per network and range set, by state",
-            labels=["network", "range", "state"])
+            "pycni_ipam_addresses",
+            "Pool addresses per network and range set, by state",
+            labels=["network", "range", "state"],
+        )
         seen: set[tuple[str, str]] = set()
         for data_dir in sorted(self.agent.data_dirs):
             if not _has_store(data_dir):
@@ -184,8 +216,10 @@ class IpamCollector:
                     gauge.add_metric([network, key, "free"], max(capacity - used, 0))
         yield gauge
         counter = CounterMetricFamily(
-            "pycni_ipam_scrape_errors", "Data dirs skipped while computing pool gauges",
-            labels=["reason"])
+            "pycni_ipam_scrape_errors",
+            "Data dirs skipped while computing pool gauges",
+            labels=["reason"],
+        )
         with self._lock:
             for reason, count in sorted(self.errors.items()):
                 counter.add_metric([reason], count)
@@ -210,8 +244,9 @@ def pool_usage(store) -> Iterator[tuple[str, str, int, int | None]]:
             per_key[alloc.range_set] = per_key.get(alloc.range_set, 0) + 1
     for network in sorted(set(networks) | set(attached)):
         used = attached.get(network, {})
-        known = {rs["key"]: int(rs["capacity"])
-                 for rs in networks.get(network, {}).get("rangeSets", [])}
+        known = {
+            rs["key"]: int(rs["capacity"]) for rs in networks.get(network, {}).get("rangeSets", [])
+        }
         for key in sorted(set(known) | set(used)):
             yield network, key, used.get(key, 0), known.get(key)
 

@@ -215,8 +215,9 @@ class Agent:
         at start-up too, so a restart repairs at once. Returns how many it applied again."""
         from ..core import masquerade, resources
 
-        dirs = [d for d in sorted(self.data_dirs)
-                if os.path.exists(os.path.join(d, "pycni.db"))]  # never create a store
+        dirs = [
+            d for d in sorted(self.data_dirs) if os.path.exists(os.path.join(d, "pycni.db"))
+        ]  # never create a store
         if len(dirs) > 1 and self._shared_table(dirs):
             return 0
         repaired = 0
@@ -224,8 +225,11 @@ class Agent:
             with resources.store(data_dir) as store:
                 if masquerade.repair(store):
                     repaired += 1
-                    log.warning("packet rules differed from what %s wants (removed or changed "
-                                "by someone else): applied them again", data_dir)
+                    log.warning(
+                        "packet rules differed from what %s wants (removed or changed "
+                        "by someone else): applied them again",
+                        data_dir,
+                    )
         return repaired
 
     def _shared_table(self, dirs: list[str]) -> bool:
@@ -238,8 +242,10 @@ class Agent:
             with resources.store(data_dir) as store:
                 wanting += bool(masquerade.desired_rules(store))
         if wanting > 1 and not self._told_shared_table:
-            log.warning("several data dirs (%s) want packet rules in pycni's one table: not "
-                        "repairing them", ", ".join(dirs))
+            log.warning(
+                "several data dirs (%s) want packet rules in pycni's one table: not repairing them",
+                ", ".join(dirs),
+            )
             self._told_shared_table = True
         return wanting > 1
 

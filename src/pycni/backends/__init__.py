@@ -12,7 +12,22 @@ from .reconcile import VxlanSettings, read_underlay, reconcile_once
 from .vxlan import BackendError, delete_vtep, ensure_vtep, vtep_index
 
 __all__ = [
-    "MODES", "RTPROT_PYCNI", "BackendError", "Changes", "Desired", "Underlay", "VtepInfo",
-    "VxlanSettings", "apply", "delete_vtep", "desired", "ensure_vtep", "read_state",
-    "read_underlay", "reconcile_once", "vtep_index", "vtep_mac", "vtep_mtu",
+    "MODES",
+    "RTPROT_PYCNI",
+    "BackendError",
+    "Changes",
+    "Desired",
+    "Underlay",
+    "VtepInfo",
+    "VxlanSettings",
+    "apply",
+    "delete_vtep",
+    "desired",
+    "ensure_vtep",
+    "read_state",
+    "read_underlay",
+    "reconcile_once",
+    "vtep_index",
+    "vtep_mac",
+    "vtep_mtu",
 ]

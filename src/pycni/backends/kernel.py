@@ -51,7 +51,8 @@ def read_state(ipr: IPRoute, vtep_ifindex: int | None) -> State:
     """pycni's routes (both families), and the permanent neighbours and FDB entries on the
     VTEP when there is one."""
     routes = frozenset(
-        _route(msg) for family in (AF_INET, AF_INET6)
+        _route(msg)
+        for family in (AF_INET, AF_INET6)
         for msg in ipr.route("dump", family=family, table=MAIN_TABLE, proto=RTPROT_PYCNI)
         if msg["proto"] == RTPROT_PYCNI and _table(msg) == MAIN_TABLE
     )
@@ -59,15 +60,21 @@ def read_state(ipr: IPRoute, vtep_ifindex: int | None) -> State:
     fdb: set[Fdb] = set()
     if vtep_ifindex is not None:
         for msg in ipr.neigh("dump", ifindex=vtep_ifindex):
-            if (msg["ifindex"] == vtep_ifindex and msg["family"] in (AF_INET, AF_INET6)
-                    and msg["state"] & NUD_PERMANENT and msg.get("NDA_DST")):
-                neighbours.add(Neighbour(_ip(msg.get("NDA_DST")),
-                                         (msg.get("NDA_LLADDR") or "").lower(), vtep_ifindex))
+            if (
+                msg["ifindex"] == vtep_ifindex
+                and msg["family"] in (AF_INET, AF_INET6)
+                and msg["state"] & NUD_PERMANENT
+                and msg.get("NDA_DST")
+            ):
+                neighbours.add(
+                    Neighbour(
+                        _ip(msg.get("NDA_DST")), (msg.get("NDA_LLADDR") or "").lower(), vtep_ifindex
+                    )
+                )
         for msg in ipr.fdb("dump", ifindex=vtep_ifindex):
             if msg["ifindex"] == vtep_ifindex and msg.get("NDA_LLADDR"):
                 dst = msg.get("NDA_DST")
-                fdb.add(Fdb(msg.get("NDA_LLADDR").lower(), _ip(dst) if dst else "",
-                            vtep_ifindex))
+                fdb.add(Fdb(msg.get("NDA_LLADDR").lower(), _ip(dst) if dst else "", vtep_ifindex))
     return State(routes, frozenset(neighbours), frozenset(fdb))
 
 
@@ -83,8 +90,12 @@ def _route(msg) -> Route:
     family_any = "0.0.0.0" if msg["family"] == AF_INET else "::"
     dst = ipaddress.ip_network(f"{msg.get('RTA_DST') or family_any}/{msg['dst_len']}")
     gateway = msg.get("RTA_GATEWAY")
-    return Route(dst, _ip(gateway) if gateway else "", msg.get("RTA_OIF") or 0,
-                 bool(msg["flags"] & RTNH_F_ONLINK))
+    return Route(
+        dst,
+        _ip(gateway) if gateway else "",
+        msg.get("RTA_OIF") or 0,
+        bool(msg["flags"] & RTNH_F_ONLINK),
+    )
 
 
 def apply(ipr: IPRoute, want: State, have: State) -> Changes:
@@ -118,8 +129,9 @@ def _do(ipr: IPRoute, op: str, entry: Entry, errors: list[str]) -> int:
             return 0
         if op == "add" and is_exists(exc) and isinstance(entry, Route):
             # A route to the same destination that pycni did not make: somebody's; leave it.
-            errors.append(f"{entry}: a route to {entry.dst} that pycni did not make is in "
-                          "the way; left alone")
+            errors.append(
+                f"{entry}: a route to {entry.dst} that pycni did not make is in the way; left alone"
+            )
             return 0
         errors.append(f"{op} {entry}: {exc}")
         return 0
@@ -148,8 +160,12 @@ def _write_neighbour(ipr: IPRoute, op: str, n: Neighbour) -> None:
 
 
 def _write_fdb(ipr: IPRoute, op: str, f: Fdb) -> None:
-    spec: dict = {"ifindex": f.dev, "lladdr": f.lladdr, "state": NUD_PERMANENT | NUD_NOARP,
-                  "flags": NTF_SELF}
+    spec: dict = {
+        "ifindex": f.dev,
+        "lladdr": f.lladdr,
+        "state": NUD_PERMANENT | NUD_NOARP,
+        "flags": NTF_SELF,
+    }
     if f.dst:
         spec["dst"] = f.dst
     ipr.fdb("del" if op == "del" else "replace", **spec)

@@ -41,7 +41,8 @@ class Route:
 
     def __str__(self) -> str:
         return f"route {self.dst} via {self.gateway} dev {self.dev}" + (
-            " onlink" if self.onlink else "")
+            " onlink" if self.onlink else ""
+        )
 
 
 @dataclass(frozen=True)
@@ -151,8 +152,9 @@ def _ordered(entries, reverse: bool = False) -> tuple[Entry, ...]:
     return tuple(sorted(entries, key=lambda e: (_RANK[type(e)], str(e)), reverse=reverse))
 
 
-def desired(local: NodeRecord, nodes: list[NodeRecord], mode: str, underlay: Underlay,
-            vtep: VtepInfo | None) -> State:
+def desired(
+    local: NodeRecord, nodes: list[NodeRecord], mode: str, underlay: Underlay, vtep: VtepInfo | None
+) -> State:
     """The state this node should hold for `nodes` (the local node among them is ignored).
 
     VXLAN frames go to the remote node's address of the family of this node's first address
@@ -177,8 +179,13 @@ def desired(local: NodeRecord, nodes: list[NodeRecord], mode: str, underlay: Und
         tunnelled: list[Network] = []
         for subnet in node.subnets:
             clash = owner.get(subnet) or next(
-                (local.name for s in local.subnets
-                 if s.version == subnet.version and s.overlaps(subnet)), None)
+                (
+                    local.name
+                    for s in local.subnets
+                    if s.version == subnet.version and s.overlaps(subnet)
+                ),
+                None,
+            )
             if clash:
                 skipped.append(Skipped(node.name, f"subnet {subnet} is also {clash}'s"))
                 continue
@@ -188,11 +195,17 @@ def desired(local: NodeRecord, nodes: list[NodeRecord], mode: str, underlay: Und
             if mode == "vxlan" or (mode == "auto" and not direct):
                 tunnelled.append(subnet)
             elif gw is None:
-                skipped.append(Skipped(node.name, f"no IPv{subnet.version} node address "
-                                                  f"to route {subnet} via"))
+                skipped.append(
+                    Skipped(node.name, f"no IPv{subnet.version} node address to route {subnet} via")
+                )
             elif not direct:
-                skipped.append(Skipped(node.name, f"{gw} is on no network of the underlay "
-                                                  "interface (host-gw needs one L2 segment)"))
+                skipped.append(
+                    Skipped(
+                        node.name,
+                        f"{gw} is on no network of the underlay "
+                        "interface (host-gw needs one L2 segment)",
+                    )
+                )
             else:
                 routes.add(Route(subnet, gw, underlay.ifindex))
         if not tunnelled:
@@ -200,10 +213,14 @@ def desired(local: NodeRecord, nodes: list[NodeRecord], mode: str, underlay: Und
         mac = node.vtep_mac.lower()
         remote = node.node_ip(outer) if outer else None
         reason = (
-            "no local VTEP" if vtep is None
-            else "publishes no VTEP MAC" if not mac
-            else f"no IPv{outer} node address to send VXLAN to" if remote is None
-            else f"VTEP MAC {mac} is also {mac_owner[mac]}'s" if mac in mac_owner
+            "no local VTEP"
+            if vtep is None
+            else "publishes no VTEP MAC"
+            if not mac
+            else f"no IPv{outer} node address to send VXLAN to"
+            if remote is None
+            else f"VTEP MAC {mac} is also {mac_owner[mac]}'s"
+            if mac in mac_owner
             else ""
         )
         if reason:
@@ -227,8 +244,9 @@ def vtep_mtu(underlay_mtu: int, family: int) -> int:
 def vtep_addresses(local: NodeRecord) -> tuple[IPv4Interface | IPv6Interface, ...]:
     """The VTEP's addresses: each local subnet's network address as a host address, the
     gateway the other nodes' routes name (and the source of node-to-remote-pod traffic)."""
-    return tuple(ipaddress.ip_interface(f"{s.network_address}/{s.max_prefixlen}")
-                 for s in local.subnets)
+    return tuple(
+        ipaddress.ip_interface(f"{s.network_address}/{s.max_prefixlen}") for s in local.subnets
+    )
 
 
 def vtep_mac(node_name: str) -> str:

@@ -33,8 +33,14 @@ def read_underlay(ipr: IPRoute, ifname: str) -> Underlay:
     return Underlay(link["index"], tuple(networks), link.get("IFLA_MTU") or 1500)
 
 
-def reconcile_once(ipr: IPRoute, local: NodeRecord, nodes: list[NodeRecord], mode: str,
-                   underlay_ifname: str, vxlan: VxlanSettings | None = None) -> Changes:
+def reconcile_once(
+    ipr: IPRoute,
+    local: NodeRecord,
+    nodes: list[NodeRecord],
+    mode: str,
+    underlay_ifname: str,
+    vxlan: VxlanSettings | None = None,
+) -> Changes:
     """Make this node's routes, neighbours and FDB match `nodes` under `mode`.
 
     The VTEP exists in vxlan and auto mode whatever the peers (they need our MAC, published
@@ -63,8 +69,7 @@ def reconcile_once(ipr: IPRoute, local: NodeRecord, nodes: list[NodeRecord], mod
     try:
         have = read_state(ipr, vtep.ifindex if vtep else stale)
     except NetlinkError as exc:
-        return Changes(errors=[*errors, f"reading routes: {exc}"], skipped=want.skipped,
-                       vtep=vtep)
+        return Changes(errors=[*errors, f"reading routes: {exc}"], skipped=want.skipped, vtep=vtep)
     # Stale entries go before a leftover VTEP does, so they are counted like any other.
     changes = apply(ipr, want, have)
     changes.errors[:0] = errors
@@ -81,13 +86,21 @@ def reconcile_once(ipr: IPRoute, local: NodeRecord, nodes: list[NodeRecord], mod
     return changes
 
 
-def _ensure(ipr: IPRoute, local: NodeRecord, underlay: Underlay,
-            vxlan: VxlanSettings) -> tuple[VtepInfo, str]:
+def _ensure(
+    ipr: IPRoute, local: NodeRecord, underlay: Underlay, vxlan: VxlanSettings
+) -> tuple[VtepInfo, str]:
     local_ip = local.node_ip()
     if local_ip is None:
         raise BackendError(f"node {local.name} has no address to send VXLAN from")
     family = ipaddress.ip_address(local_ip).version
     return ensure_vtep_action(
-        ipr, vxlan.name, vxlan.vni, local_ip, underlay.ifindex, vtep_mac(local.name),
-        port=vxlan.port, mtu=vxlan.mtu or vtep_mtu(underlay.mtu, family),
-        addresses=vtep_addresses(local))
+        ipr,
+        vxlan.name,
+        vxlan.vni,
+        local_ip,
+        underlay.ifindex,
+        vtep_mac(local.name),
+        port=vxlan.port,
+        mtu=vxlan.mtu or vtep_mtu(underlay.mtu, family),
+        addresses=vtep_addresses(local),
+    )

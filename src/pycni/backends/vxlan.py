@@ -20,18 +20,36 @@ class BackendError(Exception):
     """The VTEP cannot be made: the round goes on without VXLAN and says why."""
 
 
-def ensure_vtep(ipr: IPRoute, name: str, vni: int, local_ip: str, underlay_ifindex: int,
-                mac: str, *, port: int = DEFAULT_PORT, mtu: int | None = None,
-                addresses: Iterable[IPv4Interface | IPv6Interface] = ()) -> VtepInfo:
+def ensure_vtep(
+    ipr: IPRoute,
+    name: str,
+    vni: int,
+    local_ip: str,
+    underlay_ifindex: int,
+    mac: str,
+    *,
+    port: int = DEFAULT_PORT,
+    mtu: int | None = None,
+    addresses: Iterable[IPv4Interface | IPv6Interface] = (),
+) -> VtepInfo:
     """Create or fix the VTEP `name`; return its index and MAC."""
-    return ensure_vtep_action(ipr, name, vni, local_ip, underlay_ifindex, mac, port=port,
-                              mtu=mtu, addresses=addresses)[0]
+    return ensure_vtep_action(
+        ipr, name, vni, local_ip, underlay_ifindex, mac, port=port, mtu=mtu, addresses=addresses
+    )[0]
 
 
-def ensure_vtep_action(ipr: IPRoute, name: str, vni: int, local_ip: str, underlay_ifindex: int,
-                       mac: str, *, port: int = DEFAULT_PORT, mtu: int | None = None,
-                       addresses: Iterable[IPv4Interface | IPv6Interface] = (),
-                       ) -> tuple[VtepInfo, str]:
+def ensure_vtep_action(
+    ipr: IPRoute,
+    name: str,
+    vni: int,
+    local_ip: str,
+    underlay_ifindex: int,
+    mac: str,
+    *,
+    port: int = DEFAULT_PORT,
+    mtu: int | None = None,
+    addresses: Iterable[IPv4Interface | IPv6Interface] = (),
+) -> tuple[VtepInfo, str]:
     """ensure_vtep, also saying what it did: "", "created", "recreated" or "updated".
 
     Learning off, no remote, no group: the FDB is written from the node list alone. The
@@ -48,10 +66,18 @@ def ensure_vtep_action(ipr: IPRoute, name: str, vni: int, local_ip: str, underla
             _delete(ipr, link["index"])
             link, action = None, "recreated"
     if link is None:
-        spec: dict = {"ifname": name, "kind": "vxlan", "vxlan_id": vni, "vxlan_port": port,
-                      "vxlan_link": underlay_ifindex, "vxlan_learning": 0, "address": mac}
-        spec["vxlan_local" if ipaddress.ip_address(local_ip).version == 4
-             else "vxlan_local6"] = local_ip
+        spec: dict = {
+            "ifname": name,
+            "kind": "vxlan",
+            "vxlan_id": vni,
+            "vxlan_port": port,
+            "vxlan_link": underlay_ifindex,
+            "vxlan_learning": 0,
+            "address": mac,
+        }
+        spec["vxlan_local" if ipaddress.ip_address(local_ip).version == 4 else "vxlan_local6"] = (
+            local_ip
+        )
         if mtu:
             spec["mtu"] = mtu
         try:
@@ -120,15 +146,19 @@ def _kind(link) -> str | None:
 def _same_tunnel(link, vni: int, local_ip: str, underlay_ifindex: int, port: int) -> bool:
     data = link.get("IFLA_LINKINFO").get("IFLA_INFO_DATA") or {}
     local = data.get("IFLA_VXLAN_LOCAL") or data.get("IFLA_VXLAN_LOCAL6")
-    return (data.get("IFLA_VXLAN_ID") == vni and data.get("IFLA_VXLAN_PORT") == port
-            and data.get("IFLA_VXLAN_LINK") == underlay_ifindex
-            and not data.get("IFLA_VXLAN_LEARNING")
-            and local is not None
-            and ipaddress.ip_address(local) == ipaddress.ip_address(local_ip))
+    return (
+        data.get("IFLA_VXLAN_ID") == vni
+        and data.get("IFLA_VXLAN_PORT") == port
+        and data.get("IFLA_VXLAN_LINK") == underlay_ifindex
+        and not data.get("IFLA_VXLAN_LEARNING")
+        and local is not None
+        and ipaddress.ip_address(local) == ipaddress.ip_address(local_ip)
+    )
 
 
-def _sync_addresses(ipr: IPRoute, index: int,
-                    wanted: Iterable[IPv4Interface | IPv6Interface]) -> bool:
+def _sync_addresses(
+    ipr: IPRoute, index: int, wanted: Iterable[IPv4Interface | IPv6Interface]
+) -> bool:
     """Give the VTEP exactly `wanted` (the device is ours; link-local addresses are the
     kernel's and stay). True if anything changed."""
     want = {(str(a.ip), a.network.prefixlen) for a in wanted}
@@ -146,8 +176,7 @@ def _sync_addresses(ipr: IPRoute, index: int,
     for ip, plen in want - have:
         try:
             # NODAD (0x02): the address is unique by allocation; usable at once.
-            ipr.addr("add", index=index, address=ip, prefixlen=plen,
-                     flags=0x02 if ":" in ip else 0)
+            ipr.addr("add", index=index, address=ip, prefixlen=plen, flags=0x02 if ":" in ip else 0)
         except NetlinkError as exc:
             if not is_exists(exc):
                 raise

@@ -1,14 +1,14 @@
 """The interface every datastore implements, as the agent uses it.
 
-    store = open_datastore(...)            # cluster.factory
-    me = store.register(local)             # this node's record, with its subnet(s)
-    while running:
-        nodes = store.nodes()              # every node, this one included
-        ...reconcile routes...
-        store.wait(timeout)                # returns early when the node list changes
-        store.keepalive()                  # renews this node's claim; re-claims if it was lost
-    store.close()                          # agent restart: the claim stays
-    store.release()                        # clean node removal: the subnet is freed
+store = open_datastore(...)            # cluster.factory
+me = store.register(local)             # this node's record, with its subnet(s)
+while running:
+    nodes = store.nodes()              # every node, this one included
+    ...reconcile routes...
+    store.wait(timeout)                # returns early when the node list changes
+    store.keepalive()                  # renews this node's claim; re-claims if it was lost
+store.close()                          # agent restart: the claim stays
+store.release()                        # clean node removal: the subnet is freed
 """
 
 from __future__ import annotations

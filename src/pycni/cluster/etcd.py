@@ -88,9 +88,10 @@ class EtcdKV(KV):
         self.ttl = float(ttl)
         self.timeout = timeout
         # The gateway answers at /v3/ from etcd 3.4 on; naming it saves a /version round trip.
-        self._clients = [Etcd3Client(host=host, port=port, protocol=proto, timeout=timeout,
-                                     api_path="/v3/")
-                         for proto, host, port in parse_endpoints(endpoints)]
+        self._clients = [
+            Etcd3Client(host=host, port=port, protocol=proto, timeout=timeout, api_path="/v3/")
+            for proto, host, port in parse_endpoints(endpoints)
+        ]
         self._current = 0  # the endpoint that answered last
         self._lease: int | None = None
         self._lost = False  # a write found our lease gone: keepalive must report it
@@ -111,14 +112,19 @@ class EtcdKV(KV):
             client = self._clients[(start + i) % n]
             try:
                 result = fn(client)
-            except (ConnectionFailedError, ConnectionTimeoutError,
-                    requests.exceptions.ConnectionError, requests.exceptions.Timeout) as exc:
+            except (
+                ConnectionFailedError,
+                ConnectionTimeoutError,
+                requests.exceptions.ConnectionError,
+                requests.exceptions.Timeout,
+            ) as exc:
                 detail = exc.detail_text if isinstance(exc, Etcd3Exception) else exc
                 errors.append(f"{self._name(client)}: {_short(detail or exc)}")
                 continue
             except Etcd3Exception as exc:
-                raise KVError(f"etcd at {self._name(client)}: {what} failed: "
-                              f"{_gateway_error(exc)}") from exc
+                raise KVError(
+                    f"etcd at {self._name(client)}: {what} failed: {_gateway_error(exc)}"
+                ) from exc
             except requests.exceptions.RequestException as exc:
                 raise KVError(f"etcd at {self._name(client)}: {what} failed: {exc}") from exc
             self._current = (start + i) % n
@@ -134,8 +140,13 @@ class EtcdKV(KV):
             raise Etcd3Exception(result["error"], "lease grant refused")
         return int(result["ID"])
 
-    def _write(self, what: str, key: str, ops: Callable[[int], dict[str, Any]],
-               done: Callable[[dict[str, Any], int], bool]) -> bool:
+    def _write(
+        self,
+        what: str,
+        key: str,
+        ops: Callable[[int], dict[str, Any]],
+        done: Callable[[dict[str, Any], int], bool],
+    ) -> bool:
         """Run the txn ``ops(lease)``; a lease etcd no longer knows is replaced once."""
         for attempt in range(2):
             with self._lock:
@@ -143,8 +154,9 @@ class EtcdKV(KV):
                     self._lease = self._call("lease grant", self._grant)
                 lease = self._lease
             try:
-                result = self._call(f"{what} {key}",
-                                    lambda c, lease=lease: self._post(c, "/kv/txn", ops(lease)))
+                result = self._call(
+                    f"{what} {key}", lambda c, lease=lease: self._post(c, "/kv/txn", ops(lease))
+                )
             except KVError as exc:
                 if attempt == 0 and "lease not found" in str(exc):
                     with self._lock:
@@ -161,17 +173,22 @@ class EtcdKV(KV):
         body = {"key": _b64(prefix), "range_end": _b64(_range_end(prefix))}
         result = self._call(f"list {prefix}", lambda c: self._post(c, "/kv/range", body))
         kvs = result.get("kvs", [])
-        return ({_unb64(kv["key"]): _unb64(kv.get("value")) for kv in kvs},
-                int(result["header"]["revision"]))
+        return (
+            {_unb64(kv["key"]): _unb64(kv.get("value")) for kv in kvs},
+            int(result["header"]["revision"]),
+        )
 
     def create(self, key: str, value: str) -> bool:
         k, v = _b64(key), _b64(value)
 
         def ops(lease: int) -> dict[str, Any]:
-            return {"compare": [{"key": k, "result": "EQUAL", "target": "CREATE",
-                                 "create_revision": 0}],
-                    "success": [{"request_put": {"key": k, "value": v, "lease": lease}}],
-                    "failure": [{"request_range": {"key": k}}]}
+            return {
+                "compare": [
+                    {"key": k, "result": "EQUAL", "target": "CREATE", "create_revision": 0}
+                ],
+                "success": [{"request_put": {"key": k, "value": v, "lease": lease}}],
+                "failure": [{"request_range": {"key": k}}],
+            }
 
         return self._write("create", key, ops, lambda r, lease: _won(r, v, lease))
 
@@ -180,18 +197,26 @@ class EtcdKV(KV):
 
         def ops(lease: int) -> dict[str, Any]:
             # The put names our lease: the key now lives as long as this client does.
-            return {"compare": [{"key": k, "result": "EQUAL", "target": "VALUE", "value": o}],
-                    "success": [{"request_put": {"key": k, "value": n, "lease": lease}}],
-                    "failure": [{"request_range": {"key": k}}]}
+            return {
+                "compare": [{"key": k, "result": "EQUAL", "target": "VALUE", "value": o}],
+                "success": [{"request_put": {"key": k, "value": n, "lease": lease}}],
+                "failure": [{"request_range": {"key": k}}],
+            }
 
         return self._write("replace", key, ops, lambda r, lease: _won(r, n, lease))
 
     def delete(self, key: str, old: str | None = None) -> bool:
         k = _b64(key)
-        compare = [] if old is None else [
-            {"key": k, "result": "EQUAL", "target": "VALUE", "value": _b64(old)}]
-        body = {"compare": compare, "success": [{"request_delete_range": {"key": k}}],
-                "failure": []}
+        compare = (
+            []
+            if old is None
+            else [{"key": k, "result": "EQUAL", "target": "VALUE", "value": _b64(old)}]
+        )
+        body = {
+            "compare": compare,
+            "success": [{"request_delete_range": {"key": k}}],
+            "failure": [],
+        }
         result = self._call(f"delete {key}", lambda c: self._post(c, "/kv/txn", body))
         if not result.get("succeeded"):
             return False
@@ -203,8 +228,7 @@ class EtcdKV(KV):
             lease, lost, self._lost = self._lease, self._lost, False
         if lease is None:
             return not lost  # nothing granted yet (or already forgotten): nothing to renew
-        result = self._call("keepalive", lambda c: self._post(c, "/lease/keepalive",
-                                                              {"ID": lease}))
+        result = self._call("keepalive", lambda c: self._post(c, "/lease/keepalive", {"ID": lease}))
         # An expired lease answers without TTL (zero values are left out of the JSON).
         if int(result.get("result", {}).get("TTL", 0)) <= 0:
             with self._lock:
@@ -216,21 +240,30 @@ class EtcdKV(KV):
     def wait(self, prefix: str, revision: int, timeout: float) -> int:
         """A watch from ``revision + 1``: past changes are replayed, so none is missed.
         Returns ``revision`` itself when nothing under ``prefix`` changed in time."""
-        body = {"create_request": {"key": _b64(prefix), "range_end": _b64(_range_end(prefix)),
-                                   "start_revision": revision + 1}}
+        body = {
+            "create_request": {
+                "key": _b64(prefix),
+                "range_end": _b64(_range_end(prefix)),
+                "start_revision": revision + 1,
+            }
+        }
         deadline = time.monotonic() + timeout
-        return self._call(f"watch {prefix}",
-                          lambda c: self._watch(c, body, revision, deadline))
+        return self._call(f"watch {prefix}", lambda c: self._watch(c, body, revision, deadline))
 
-    def _watch(self, client: Etcd3Client, body: dict[str, Any], revision: int,
-               deadline: float) -> int:
+    def _watch(
+        self, client: Etcd3Client, body: dict[str, Any], revision: int, deadline: float
+    ) -> int:
         # Not etcd3gw's watch: it has no timeout, leaves a thread reading the stream, and its
         # stop() closes every pooled connection of the session. Here the stream is read in
         # this thread, with the socket's read timeout as the wait's timeout.
         read_timeout = max(deadline - time.monotonic(), 0.05)
         try:
-            resp = client.session.post(client.get_url("/watch"), json=body, stream=True,
-                                       timeout=(self.timeout, read_timeout))
+            resp = client.session.post(
+                client.get_url("/watch"),
+                json=body,
+                stream=True,
+                timeout=(self.timeout, read_timeout),
+            )
         except requests.exceptions.ReadTimeout:
             return revision  # connected, but the timeout ran out before the first answer
         with contextlib.closing(resp):  # closes the socket: the server drops the watch
@@ -262,8 +295,9 @@ class EtcdKV(KV):
 
 
 def _is_read_timeout(exc: BaseException) -> bool:
-    return any(isinstance(a, urllib3.exceptions.ReadTimeoutError) for a in exc.args) or \
-        isinstance(exc, requests.exceptions.ReadTimeout)
+    return any(isinstance(a, urllib3.exceptions.ReadTimeoutError) for a in exc.args) or isinstance(
+        exc, requests.exceptions.ReadTimeout
+    )
 
 
 def _won(result: dict[str, Any], value: str, lease: int) -> bool:

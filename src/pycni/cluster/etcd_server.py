@@ -51,9 +51,15 @@ def _kill_group(proc: subprocess.Popen) -> None:
 class EtcdServer:
     """``etcd`` with one member named ``t``, data in ``data_dir``, listening on ``client_url``."""
 
-    def __init__(self, data_dir: str, client_url: str | None = None,
-                 peer_url: str | None = None, netns: str | None = None,
-                 log_path: str | None = None, etcd: str = ETCD) -> None:
+    def __init__(
+        self,
+        data_dir: str,
+        client_url: str | None = None,
+        peer_url: str | None = None,
+        netns: str | None = None,
+        log_path: str | None = None,
+        etcd: str = ETCD,
+    ) -> None:
         self.data_dir = os.path.abspath(data_dir)
         self.client_url = client_url or f"http://127.0.0.1:{free_port()}"
         self.peer_url = peer_url or f"http://127.0.0.1:{free_port()}"
@@ -71,12 +77,23 @@ class EtcdServer:
         return self._proc is not None and self._proc.poll() is None
 
     def argv(self) -> list[str]:
-        argv = [self.etcd, "--name", "t", "--data-dir", self.data_dir,
-                "--listen-client-urls", self.client_url,
-                "--advertise-client-urls", self.client_url,
-                "--listen-peer-urls", self.peer_url,
-                "--initial-advertise-peer-urls", self.peer_url,
-                "--initial-cluster", f"t={self.peer_url}"]
+        argv = [
+            self.etcd,
+            "--name",
+            "t",
+            "--data-dir",
+            self.data_dir,
+            "--listen-client-urls",
+            self.client_url,
+            "--advertise-client-urls",
+            self.client_url,
+            "--listen-peer-urls",
+            self.peer_url,
+            "--initial-advertise-peer-urls",
+            self.peer_url,
+            "--initial-cluster",
+            f"t={self.peer_url}",
+        ]
         # `ip netns exec` execs etcd, so our child's pid is the server's.
         return ["ip", "netns", "exec", self.netns, *argv] if self.netns else argv
 
@@ -88,8 +105,13 @@ class EtcdServer:
         os.makedirs(self.data_dir, mode=0o700, exist_ok=True)
         os.chmod(self.data_dir, 0o700)  # etcd insists on it
         with open(self.log_path, "ab") as log:
-            self._proc = subprocess.Popen(self.argv(), stdin=subprocess.DEVNULL, stdout=log,
-                                          stderr=subprocess.STDOUT, start_new_session=True)
+            self._proc = subprocess.Popen(
+                self.argv(),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         self._finalizer = weakref.finalize(self, _kill_group, self._proc)
         try:
             self._wait_healthy(timeout)
@@ -107,8 +129,19 @@ class EtcdServer:
 
     def _healthy(self) -> bool:
         if self.netns:
-            probe = subprocess.run(["ip", "netns", "exec", self.netns, sys.executable, "-c",
-                                    _HEALTH_PROBE, self.client_url], capture_output=True)
+            probe = subprocess.run(
+                [
+                    "ip",
+                    "netns",
+                    "exec",
+                    self.netns,
+                    sys.executable,
+                    "-c",
+                    _HEALTH_PROBE,
+                    self.client_url,
+                ],
+                capture_output=True,
+            )
             return probe.returncode == 0
         try:
             with urllib.request.urlopen(self.client_url + "/health", timeout=1) as resp:
@@ -121,13 +154,16 @@ class EtcdServer:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
-                raise EtcdServerError(f"etcd exited with status {self._proc.returncode} "
-                                      f"while starting:\n{self.log_tail()}")
+                raise EtcdServerError(
+                    f"etcd exited with status {self._proc.returncode} "
+                    f"while starting:\n{self.log_tail()}"
+                )
             if self._healthy():
                 return
             time.sleep(0.1)
-        raise EtcdServerError(f"etcd at {self.client_url} not healthy after {timeout:g} s:\n"
-                              f"{self.log_tail()}")
+        raise EtcdServerError(
+            f"etcd at {self.client_url} not healthy after {timeout:g} s:\n{self.log_tail()}"
+        )
 
     def log_tail(self, lines: int = 15) -> str:
         try:

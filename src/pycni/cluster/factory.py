@@ -10,10 +10,17 @@ DEFAULT_SQLITE_PATH = "/var/lib/pycni/cluster.db"
 DEFAULT_LEASE_TTL = 3600.0
 
 
-def open_datastore(kind: str, settings: ClusterSettings, node_name: str, *,
-                   path: str = DEFAULT_SQLITE_PATH, etcd_endpoints: str = "",
-                   etcd_prefix: str = "/pycni/", kubeconfig: str | None = None,
-                   lease_ttl: float = DEFAULT_LEASE_TTL) -> Datastore:
+def open_datastore(
+    kind: str,
+    settings: ClusterSettings,
+    node_name: str,
+    *,
+    path: str = DEFAULT_SQLITE_PATH,
+    etcd_endpoints: str = "",
+    etcd_prefix: str = "/pycni/",
+    kubeconfig: str | None = None,
+    lease_ttl: float = DEFAULT_LEASE_TTL,
+) -> Datastore:
     if kind == "sqlite":
         from .leases import LeaseDatastore
         from .sqlite import SqliteKV
@@ -25,8 +32,13 @@ def open_datastore(kind: str, settings: ClusterSettings, node_name: str, *,
 
         if not etcd_endpoints:
             raise ValueError("the etcd datastore needs --etcd-endpoints")
-        return LeaseDatastore(EtcdKV(etcd_endpoints.split(","), lease_ttl), settings, kind,
-                              prefix=etcd_prefix, node_name=node_name)
+        return LeaseDatastore(
+            EtcdKV(etcd_endpoints.split(","), lease_ttl),
+            settings,
+            kind,
+            prefix=etcd_prefix,
+            node_name=node_name,
+        )
     if kind == "kubernetes":
         from .kubernetes import KubernetesDatastore
 

@@ -48,8 +48,9 @@ class KubernetesDatastore(Datastore):
     # agent's loop for the kernel's TCP timeout.
     request_timeout: tuple[float, float] = (5.0, 30.0)
 
-    def __init__(self, node_name: str, kubeconfig: str | None = None,
-                 api_client: ApiClient | None = None) -> None:
+    def __init__(
+        self, node_name: str, kubeconfig: str | None = None, api_client: ApiClient | None = None
+    ) -> None:
         from kubernetes import client
 
         self.node_name = node_name
@@ -94,9 +95,11 @@ class KubernetesDatastore(Datastore):
         # The server ends the watch after timeoutSeconds (whole seconds); the read timeout
         # ends it at ``timeout`` when nothing at all arrives.
         events = self._watch.stream(
-            self._api.list_node, resource_version=self._rv,
+            self._api.list_node,
+            resource_version=self._rv,
             timeout_seconds=max(1, math.ceil(timeout)),
-            _request_timeout=(self.request_timeout[0], timeout))
+            _request_timeout=(self.request_timeout[0], timeout),
+        )
         try:
             for event in events:
                 changed = self._apply(event)
@@ -127,8 +130,13 @@ class KubernetesDatastore(Datastore):
         # The Node object and its podCIDR are Kubernetes's; we only take back what we wrote.
         body = {"metadata": {"annotations": {ANN_NODE_IPS: None, ANN_VTEP_MAC: None}}}
         try:
-            self._call("remove annotations", self._api.patch_node, self.node_name, body,
-                       _content_type=MERGE_PATCH)
+            self._call(
+                "remove annotations",
+                self._api.patch_node,
+                self.node_name,
+                body,
+                _content_type=MERGE_PATCH,
+            )
         except ClusterError:
             pass  # the node is gone already, and its annotations with it
 
@@ -147,15 +155,23 @@ class KubernetesDatastore(Datastore):
             raise ClusterError(NO_POD_CIDR.format(name=self.node_name))
         ips = self._local.node_ips or internal_ips(node)
         if not ips:
-            raise ClusterError(f"node {self.node_name} reports no InternalIP address; "
-                               "give the agent this node's IP address(es) explicitly")
+            raise ClusterError(
+                f"node {self.node_name} reports no InternalIP address; "
+                "give the agent this node's IP address(es) explicitly"
+            )
         want = {ANN_NODE_IPS: ",".join(ips), ANN_VTEP_MAC: self._local.vtep_mac or None}
         have = node.metadata.annotations or {}
         if any(have.get(k) != v for k, v in want.items()):
-            self._call("publish annotations", self._api.patch_node, self.node_name,
-                       {"metadata": {"annotations": want}}, _content_type=MERGE_PATCH)
-        return NodeRecord(name=self.node_name, node_ips=ips, subnets=subnets,
-                          vtep_mac=self._local.vtep_mac)
+            self._call(
+                "publish annotations",
+                self._api.patch_node,
+                self.node_name,
+                {"metadata": {"annotations": want}},
+                _content_type=MERGE_PATCH,
+            )
+        return NodeRecord(
+            name=self.node_name, node_ips=ips, subnets=subnets, vtep_mac=self._local.vtep_mac
+        )
 
     def _apply(self, event: dict[str, Any]) -> bool:
         """Fold one watch event into _known; True if it changed what nodes() would return."""
@@ -187,8 +203,10 @@ class KubernetesDatastore(Datastore):
 
     def _unreachable(self, what: str, e: Exception) -> str:
         reason = getattr(e, "reason", None) or e  # MaxRetryError wraps the useful part
-        return (f"cannot reach the kubernetes API server at {self._client.configuration.host} "
-                f"({what}): {reason}")
+        return (
+            f"cannot reach the kubernetes API server at {self._client.configuration.host} "
+            f"({what}): {reason}"
+        )
 
 
 def _load_config(kubeconfig: str | None) -> Configuration:
@@ -198,13 +216,17 @@ def _load_config(kubeconfig: str | None) -> Configuration:
     try:
         if kubeconfig:
             # persist_config=False: never rewrite the operator's file (token refreshes)
-            config.load_kube_config(config_file=kubeconfig, client_configuration=cfg,
-                                    persist_config=False)
+            config.load_kube_config(
+                config_file=kubeconfig, client_configuration=cfg, persist_config=False
+            )
         else:
             config.load_incluster_config(client_configuration=cfg)
     except Exception as e:  # ConfigException, OSError, YAML errors: all mean "bad config"
-        where = f"kubeconfig {kubeconfig}" if kubeconfig else (
-            "in-cluster config (not running in a pod? give a kubeconfig)")
+        where = (
+            f"kubeconfig {kubeconfig}"
+            if kubeconfig
+            else ("in-cluster config (not running in a pod? give a kubeconfig)")
+        )
         raise ClusterError(f"cannot load {where}: {e}") from e
     return cfg
 
@@ -258,5 +280,6 @@ def node_record(node: V1Node) -> NodeRecord | None:
     ann = node.metadata.annotations or {}
     # A garbled annotation falls back to the addresses the kubelet reports.
     ips = _one_per_family(ann.get(ANN_NODE_IPS, "").split(",")) or internal_ips(node)
-    return NodeRecord(name=node.metadata.name, node_ips=ips, subnets=subnets,
-                      vtep_mac=ann.get(ANN_VTEP_MAC, ""))
+    return NodeRecord(
+        name=node.metadata.name, node_ips=ips, subnets=subnets, vtep_mac=ann.get(ANN_VTEP_MAC, "")
+    )

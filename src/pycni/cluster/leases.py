@@ -31,7 +31,7 @@ def subnet_key(prefix: str, subnet: Network) -> str:
 
 def key_subnet(prefix: str, key: str) -> Network | None:
     """The subnet a key names, or None for a key that is not a subnet lease."""
-    tail = key[len(prefix):].split("/")
+    tail = key[len(prefix) :].split("/")
     if len(tail) != 3 or tail[0] != "subnets":
         return None
     try:
@@ -41,8 +41,10 @@ def key_subnet(prefix: str, key: str) -> Network | None:
 
 
 def _value(record: NodeRecord) -> str:
-    return json.dumps({"node": record.name, "nodeIPs": list(record.node_ips),
-                       "vtepMAC": record.vtep_mac}, sort_keys=True)
+    return json.dumps(
+        {"node": record.name, "nodeIPs": list(record.node_ips), "vtepMAC": record.vtep_mac},
+        sort_keys=True,
+    )
 
 
 def _owner(value: str) -> str | None:
@@ -53,8 +55,9 @@ def _owner(value: str) -> str | None:
     return data.get("node") if isinstance(data, dict) else None
 
 
-def free_subnets(cidr: Network, prefixlen: int, taken: set[Network],
-                 wish: Network | None = None) -> Iterator[Network]:
+def free_subnets(
+    cidr: Network, prefixlen: int, taken: set[Network], wish: Network | None = None
+) -> Iterator[Network]:
     """Candidate subnets of ``cidr`` in the order to try them: the wish first (the subnet this
     node had before, when it is still free), then every free one in address order."""
     # Leases of another size (the cluster was resized) must not overlap a new one either.
@@ -71,8 +74,14 @@ def free_subnets(cidr: Network, prefixlen: int, taken: set[Network],
 
 
 class LeaseDatastore(Datastore):
-    def __init__(self, kv: KV, settings: ClusterSettings, kind: str,
-                 prefix: str = DEFAULT_PREFIX, node_name: str = "") -> None:
+    def __init__(
+        self,
+        kv: KV,
+        settings: ClusterSettings,
+        kind: str,
+        prefix: str = DEFAULT_PREFIX,
+        node_name: str = "",
+    ) -> None:
         self.kv = kv
         self.node_name = node_name  # lets release() work without register() (pycnictl leave)
         self.settings = settings
@@ -106,9 +115,15 @@ class LeaseDatastore(Datastore):
             except (ValueError, KeyError, TypeError):
                 log.warning("ignoring an unreadable subnet lease for %s: %r", subnet, value)
                 continue
-            entry = by_name.setdefault(name, {"name": name, "nodeIPs": data.get("nodeIPs", []),
-                                               "vtepMAC": data.get("vtepMAC", ""),
-                                               "subnets": []})
+            entry = by_name.setdefault(
+                name,
+                {
+                    "name": name,
+                    "nodeIPs": data.get("nodeIPs", []),
+                    "vtepMAC": data.get("vtepMAC", ""),
+                    "subnets": [],
+                },
+            )
             if all(ipaddress.ip_network(s).version != subnet.version for s in entry["subnets"]):
                 entry["subnets"].append(str(subnet))
         records = []
@@ -136,12 +151,19 @@ class LeaseDatastore(Datastore):
         prefixlen = self.settings.prefixlen(cidr.version)
         for _ in range(_CLAIM_ATTEMPTS):
             leases = self._leases()
-            mine = sorted((s for s, v in leases.items()
-                           if s.version == cidr.version and _owner(v) == local.name), key=str)
+            mine = sorted(
+                (
+                    s
+                    for s, v in leases.items()
+                    if s.version == cidr.version and _owner(v) == local.name
+                ),
+                key=str,
+            )
             if mine:
                 keep = self._keep(mine, cidr, prefixlen, local)
-                if keep is not None and self.kv.replace(subnet_key(self.prefix, keep),
-                                                        leases[keep], value):
+                if keep is not None and self.kv.replace(
+                    subnet_key(self.prefix, keep), leases[keep], value
+                ):
                     for extra in mine:  # left by an earlier claim race or a resized cluster
                         if extra != keep:
                             self.kv.delete(subnet_key(self.prefix, extra), leases[extra])
@@ -161,13 +183,17 @@ class LeaseDatastore(Datastore):
                 raise SubnetsExhausted(
                     f"cluster CIDR {cidr} has no free /{prefixlen} subnet for node {local.name}: "
                     f"all {in_use} are leased to other nodes; remove nodes that are gone or "
-                    "choose a larger cluster CIDR or a smaller subnet size")
-        raise SubnetsExhausted(f"could not lease a subnet of {cidr} for node {local.name} after "
-                               f"{_CLAIM_ATTEMPTS} attempts: too many nodes claiming at once")
+                    "choose a larger cluster CIDR or a smaller subnet size"
+                )
+        raise SubnetsExhausted(
+            f"could not lease a subnet of {cidr} for node {local.name} after "
+            f"{_CLAIM_ATTEMPTS} attempts: too many nodes claiming at once"
+        )
 
     @staticmethod
-    def _keep(mine: list[Network], cidr: Network, prefixlen: int,
-              local: NodeRecord) -> Network | None:
+    def _keep(
+        mine: list[Network], cidr: Network, prefixlen: int, local: NodeRecord
+    ) -> Network | None:
         """Of the subnets leased to this node, the one to keep: one that still fits the
         cluster's settings, preferring the one it asked for."""
         fitting = [s for s in mine if s.prefixlen == prefixlen and s.subnet_of(cidr)]
@@ -183,8 +209,10 @@ class LeaseDatastore(Datastore):
             value = _value(self.me)
             if all(leases.get(s) == value for s in self.me.subnets):
                 return self.me
-            log.warning("the lease of node %s was changed or removed by someone else; "
-                        "claiming again", self.me.name)
+            log.warning(
+                "the lease of node %s was changed or removed by someone else; claiming again",
+                self.me.name,
+            )
         else:
             log.warning("the lease of node %s expired; claiming its subnets again", self.me.name)
         return self.register(self.me)

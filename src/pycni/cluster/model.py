@@ -39,10 +39,10 @@ class NodeRecord:
     vtep_mac: str = ""
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "subnets",
-                           tuple(ipaddress.ip_network(s) for s in self.subnets))
-        object.__setattr__(self, "node_ips",
-                           tuple(str(ipaddress.ip_address(a)) for a in self.node_ips))
+        object.__setattr__(self, "subnets", tuple(ipaddress.ip_network(s) for s in self.subnets))
+        object.__setattr__(
+            self, "node_ips", tuple(str(ipaddress.ip_address(a)) for a in self.node_ips)
+        )
 
     def subnet(self, version: int) -> Network | None:
         return next((s for s in self.subnets if s.version == version), None)
@@ -55,13 +55,21 @@ class NodeRecord:
         return None
 
     def to_json(self) -> dict:
-        return {"name": self.name, "nodeIPs": list(self.node_ips),
-                "subnets": [str(s) for s in self.subnets], "vtepMAC": self.vtep_mac}
+        return {
+            "name": self.name,
+            "nodeIPs": list(self.node_ips),
+            "subnets": [str(s) for s in self.subnets],
+            "vtepMAC": self.vtep_mac,
+        }
 
     @classmethod
     def from_json(cls, data: dict) -> NodeRecord:
-        return cls(name=str(data["name"]), node_ips=tuple(data.get("nodeIPs", ())),
-                   subnets=tuple(data.get("subnets", ())), vtep_mac=str(data.get("vtepMAC", "")))
+        return cls(
+            name=str(data["name"]),
+            node_ips=tuple(data.get("nodeIPs", ())),
+            subnets=tuple(data.get("subnets", ())),
+            vtep_mac=str(data.get("vtepMAC", "")),
+        )
 
 
 @dataclass(frozen=True)
@@ -81,8 +89,10 @@ class ClusterSettings:
         for c in cidrs:
             n = self.prefixlen(c.version)
             if not c.prefixlen < n <= c.max_prefixlen - 2:
-                raise ValueError(f"node subnet size /{n} does not fit cluster CIDR {c} "
-                                 f"(want /{c.prefixlen + 1} to /{c.max_prefixlen - 2})")
+                raise ValueError(
+                    f"node subnet size /{n} does not fit cluster CIDR {c} "
+                    f"(want /{c.prefixlen + 1} to /{c.max_prefixlen - 2})"
+                )
 
     def prefixlen(self, version: int) -> int:
         return self.subnet_len.get(version, DEFAULT_SUBNET_LEN[version])

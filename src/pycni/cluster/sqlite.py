@@ -37,8 +37,10 @@ CREATE INDEX IF NOT EXISTS kv_lease ON kv (lease);
 """
 
 # A key is live when it has a value and its lease row exists and has not expired.
-_LIVE = ("kv.value IS NOT NULL AND EXISTS "
-         "(SELECT 1 FROM leases l WHERE l.id = kv.lease AND l.expires > ?)")
+_LIVE = (
+    "kv.value IS NOT NULL AND EXISTS "
+    "(SELECT 1 FROM leases l WHERE l.id = kv.lease AND l.expires > ?)"
+)
 _UNDER = "substr(kv.key, 1, ?) = ?"
 
 
@@ -70,8 +72,9 @@ class SqliteKV(KV):
         # Create the file ourselves so that it is 0600 whatever the umask; SQLite gives the
         # -wal and -shm files the database's mode.
         os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
-        conn = sqlite3.connect(path, timeout=_BUSY_MS / 1000, isolation_level=None,
-                               check_same_thread=False)
+        conn = sqlite3.connect(
+            path, timeout=_BUSY_MS / 1000, isolation_level=None, check_same_thread=False
+        )
         try:
             conn.execute(f"PRAGMA busy_timeout = {_BUSY_MS}")
             conn.execute("PRAGMA journal_mode = WAL")
@@ -125,14 +128,15 @@ class SqliteKV(KV):
 
     def _ensure_lease(self, txn: _Txn) -> str:
         """This client's lease, live: a fresh one when the old one expired under us."""
-        row = txn.conn.execute("SELECT expires FROM leases WHERE id = ?",
-                               (self._lease,)).fetchone()
+        row = txn.conn.execute("SELECT expires FROM leases WHERE id = ?", (self._lease,)).fetchone()
         if row is None or row[0] <= txn.now:
             if self._bound:
                 # Its keys are gone (purged above); keepalive() tells the owner.
                 self._lease, self._lost = _new_lease(), True
-            txn.conn.execute("INSERT OR REPLACE INTO leases (id, expires) VALUES (?, ?)",
-                             (self._lease, txn.now + self.ttl))
+            txn.conn.execute(
+                "INSERT OR REPLACE INTO leases (id, expires) VALUES (?, ?)",
+                (self._lease, txn.now + self.ttl),
+            )
         self._bound = True
         return self._lease
 
@@ -143,7 +147,8 @@ class SqliteKV(KV):
             with self._read() as conn:
                 rows = conn.execute(
                     f"SELECT key, value, {_LIVE} FROM kv WHERE kv.value IS NOT NULL AND {_UNDER}",
-                    (self._clock(), len(prefix), prefix)).fetchall()
+                    (self._clock(), len(prefix), prefix),
+                ).fetchall()
                 rev = conn.execute("SELECT rev FROM meta").fetchone()[0]
             if all(live for _, _, live in rows):
                 break
@@ -184,7 +189,8 @@ class SqliteKV(KV):
                 return not lost  # nothing bound yet: nothing to lose
             renewed = txn.conn.execute(
                 "UPDATE leases SET expires = ? WHERE id = ? AND expires > ?",
-                (txn.now + self.ttl, self._lease, txn.now)).rowcount
+                (txn.now + self.ttl, self._lease, txn.now),
+            ).rowcount
             if not renewed:
                 # Expired (and purged with its keys): the next create binds to a fresh lease.
                 self._lease, self._bound = _new_lease(), False
@@ -201,15 +207,18 @@ class SqliteKV(KV):
                 rev = conn.execute("SELECT rev FROM meta").fetchone()[0]
                 if rev != seen_rev:  # something changed somewhere: was it under prefix?
                     seen_rev = rev
-                    changed = conn.execute(f"SELECT max(mod) FROM kv WHERE {_UNDER}",
-                                           (len(prefix), prefix)).fetchone()[0]
+                    changed = conn.execute(
+                        f"SELECT max(mod) FROM kv WHERE {_UNDER}", (len(prefix), prefix)
+                    ).fetchone()[0]
                     if changed is not None and changed > revision:
                         return rev
                 if time.monotonic() >= next_expiry_scan:
                     next_expiry_scan = time.monotonic() + _EXPIRY_POLL
                     expired = conn.execute(
                         f"SELECT 1 FROM kv WHERE kv.value IS NOT NULL AND {_UNDER} AND "
-                        f"NOT ({_LIVE}) LIMIT 1", (len(prefix), prefix, self._clock())).fetchone()
+                        f"NOT ({_LIVE}) LIMIT 1",
+                        (len(prefix), prefix, self._clock()),
+                    ).fetchone()
             if expired:
                 # Nobody wrote since that key expired: purge it ourselves, which is the change.
                 with self._write():
@@ -242,23 +251,28 @@ class _Txn:
         self.conn.execute(
             "INSERT INTO kv (key, value, lease, mod) VALUES (?, ?, ?, ?) ON CONFLICT (key) "
             "DO UPDATE SET value = excluded.value, lease = excluded.lease, mod = excluded.mod",
-            (key, value, lease, self.rev()))
+            (key, value, lease, self.rev()),
+        )
 
     def tombstone(self, where: str, args: tuple) -> int:
         return self.conn.execute(
             "UPDATE kv SET value = NULL, lease = NULL, mod = ? "
             f"WHERE value IS NOT NULL AND {where}",
-            (self.rev(), *args)).rowcount
+            (self.rev(), *args),
+        ).rowcount
 
     def purge(self) -> None:
         """Remove the keys of expired leases (and the leases)."""
         dead = self.conn.execute(
             "SELECT 1 FROM kv WHERE value IS NOT NULL AND NOT EXISTS "
             "(SELECT 1 FROM leases l WHERE l.id = kv.lease AND l.expires > ?) LIMIT 1",
-            (self.now,)).fetchone()
+            (self.now,),
+        ).fetchone()
         if dead:
-            self.tombstone("NOT EXISTS (SELECT 1 FROM leases l WHERE l.id = kv.lease "
-                           "AND l.expires > ?)", (self.now,))
+            self.tombstone(
+                "NOT EXISTS (SELECT 1 FROM leases l WHERE l.id = kv.lease AND l.expires > ?)",
+                (self.now,),
+            )
         self.conn.execute("DELETE FROM leases WHERE expires <= ?", (self.now,))
 
     def finish(self) -> None:

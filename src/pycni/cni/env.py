@@ -61,8 +61,9 @@ def validate_ifname(name: str, what: str = "CNI_IFNAME") -> None:
     # The kernel reads a '%' as a pattern ("eth%d" becomes eth0, eth1...): the interface would
     # get another name than the one asked for.
     if any(c in "/:%" or c.isspace() or not c.isprintable() for c in name):
-        raise _bad(f"{what} {name!r} must not contain '/', ':', '%', whitespace or control "
-                   "characters")
+        raise _bad(
+            f"{what} {name!r} must not contain '/', ':', '%', whitespace or control characters"
+        )
 
 
 def validate_netns(path: str) -> None:
@@ -114,9 +115,11 @@ def from_environ(environ: os._Environ | dict) -> Request:
 
 
 def _faults(environ) -> dict[str, str]:
-    return {"fail_after": environ.get(FAIL_AFTER_ENV, ""),
-            "kill_at": environ.get(KILL_AT_ENV, ""),
-            "pause_at": environ.get(PAUSE_AT_ENV, "")}
+    return {
+        "fail_after": environ.get(FAIL_AFTER_ENV, ""),
+        "kill_at": environ.get(KILL_AT_ENV, ""),
+        "pause_at": environ.get(PAUSE_AT_ENV, ""),
+    }
 
 
 def _path(environ) -> tuple[str, ...]:

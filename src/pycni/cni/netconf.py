@@ -188,10 +188,12 @@ def parse_for_delete(conf: dict, request: Request) -> NetConf:
         nc = NetConf(cni_version=versions.from_config(conf), name=_name(conf), type="pycni")
         ipam = conf.get("ipam") if isinstance(conf.get("ipam"), dict) else {}
         try:
-            nc.data_dir = _abs_path(conf.get("dataDir", ipam.get("dataDir")), "dataDir",
-                                    DEFAULT_DATA_DIR)
-            nc.log_file = _abs_path(conf.get("logFile"), "logFile", DEFAULT_LOG_FILE,
-                                    allow_empty=True)
+            nc.data_dir = _abs_path(
+                conf.get("dataDir", ipam.get("dataDir")), "dataDir", DEFAULT_DATA_DIR
+            )
+            nc.log_file = _abs_path(
+                conf.get("logFile"), "logFile", DEFAULT_LOG_FILE, allow_empty=True
+            )
         except CniError:
             raise exc from None
         nc.raw = conf
@@ -205,8 +207,9 @@ def _name(conf: dict) -> str:
         raise config_error("name", "is required and must be a non-empty string")
     if len(name) > 128 or not _NAME.fullmatch(name):
         raise config_error(
-            "name", f"{name[:80]!r} must start with a letter or digit and use only "
-            "letters, digits, '_', '.' and '-' (at most 128)"
+            "name",
+            f"{name[:80]!r} must start with a letter or digit and use only "
+            "letters, digits, '_', '.' and '-' (at most 128)",
         )
     return name
 
@@ -222,8 +225,13 @@ def _opt(conf: dict, key: str, kind: type, default: Any) -> Any:
 
 
 def _kind_name(kind: type) -> str:
-    return {str: "string", bool: "boolean (true or false)", int: "integer", list: "list",
-            dict: "JSON object"}.get(kind, kind.__name__)
+    return {
+        str: "string",
+        bool: "boolean (true or false)",
+        int: "integer",
+        list: "list",
+        dict: "JSON object",
+    }.get(kind, kind.__name__)
 
 
 def _ipam_section(conf: dict) -> dict:
@@ -231,8 +239,9 @@ def _ipam_section(conf: dict) -> dict:
     kind = ipam.get("type", "")
     if kind not in ("", "pycni", "host-local"):
         raise config_error(
-            "ipam.type", f"{kind!r} is not supported: pycni has its own IPAM; put subnet or "
-            "ranges at the top level (or under ipam with type host-local)"
+            "ipam.type",
+            f"{kind!r} is not supported: pycni has its own IPAM; put subnet or "
+            "ranges at the top level (or under ipam with type host-local)",
         )
     return ipam
 
@@ -248,8 +257,9 @@ def _range_sets(conf: dict, pick) -> list[RangeSet]:
                 raise config_error(key, "belongs inside a range when ranges is used")
         return sets
     if subnet is None:
-        raise config_error("subnet", "is required (this node's pod CIDR, e.g. 10.244.1.0/24), "
-                           "or give ranges")
+        raise config_error(
+            "subnet", "is required (this node's pod CIDR, e.g. 10.244.1.0/24), or give ranges"
+        )
     obj = {"subnet": subnet}
     for key in ("rangeStart", "rangeEnd", "gateway"):
         if pick(key) is not None:
@@ -277,12 +287,12 @@ def _routes(value: Any, where: str) -> list[Route]:
     if value is None:
         return []
     if not isinstance(value, list):
-        raise config_error(where, "must be a list of {\"dst\": CIDR, \"gw\": address}")
+        raise config_error(where, 'must be a list of {"dst": CIDR, "gw": address}')
     out = []
     for i, item in enumerate(value):
         key = f"{where}[{i}]"
         if not isinstance(item, dict) or not isinstance(item.get("dst"), str):
-            raise config_error(key, "must be an object with a \"dst\" CIDR string")
+            raise config_error(key, 'must be an object with a "dst" CIDR string')
         try:
             dst = ipaddress.ip_network(item["dst"])
         except ValueError as exc:
@@ -403,8 +413,11 @@ def _valid_attachments(value: Any) -> set[tuple[str, str]]:
         raise config_error(VALID_ATTACHMENTS, "must be a list of {containerID, ifname}")
     out = set()
     for i, item in enumerate(value):
-        if (not isinstance(item, dict) or not isinstance(item.get("containerID"), str)
-                or not isinstance(item.get("ifname"), str)):
+        if (
+            not isinstance(item, dict)
+            or not isinstance(item.get("containerID"), str)
+            or not isinstance(item.get("ifname"), str)
+        ):
             raise config_error(f"{VALID_ATTACHMENTS}[{i}]", "needs string containerID and ifname")
         out.add((item["containerID"], item["ifname"]))
     return out
@@ -417,13 +430,17 @@ def _bandwidth(conf: dict) -> Bandwidth | None:
     rc = _opt(conf, "runtimeConfig", dict, {})
     runtime = rc.get("bandwidth")
     if runtime is not None and not isinstance(runtime, dict):
-        raise config_error("runtimeConfig.bandwidth", "must be a JSON object with ingressRate, "
-                           "ingressBurst, egressRate, egressBurst")
+        raise config_error(
+            "runtimeConfig.bandwidth",
+            "must be a JSON object with ingressRate, ingressBurst, egressRate, egressBurst",
+        )
     static = {d: _shaping(conf, "", d) for d in ("ingress", "egress")}
-    given = {d: _shaping(runtime or {}, "runtimeConfig.bandwidth.", d)
-             for d in ("ingress", "egress")}
-    out = Bandwidth(ingress=given["ingress"] or static["ingress"],
-                    egress=given["egress"] or static["egress"])
+    given = {
+        d: _shaping(runtime or {}, "runtimeConfig.bandwidth.", d) for d in ("ingress", "egress")
+    }
+    out = Bandwidth(
+        ingress=given["ingress"] or static["ingress"], egress=given["egress"] or static["egress"]
+    )
     return out if out.ingress or out.egress else None
 
 
@@ -432,23 +449,31 @@ def _shaping(obj: dict, where: str, direction: str) -> Shaping | None:
     without an annotation)."""
     for key in ("unshapedSubnets", "shapedSubnets"):
         if obj.get(key):
-            raise config_error(f"{where}{key}", "is not supported: pycni shapes all of a "
-                               "pod's traffic")
+            raise config_error(
+                f"{where}{key}", "is not supported: pycni shapes all of a pod's traffic"
+            )
     rate_key, rate = _bandwidth_value(obj, where, f"{direction}Rate")
     burst_key, burst = _bandwidth_value(obj, where, f"{direction}Burst")
     if not rate:
         if burst:
-            raise config_error(burst_key, f"is set but {direction}Rate is not: a burst needs "
-                               "a rate")
+            raise config_error(
+                burst_key, f"is set but {direction}Rate is not: a burst needs a rate"
+            )
         return None
     if not MIN_BANDWIDTH_BITS <= rate <= MAX_RATE_BITS:
-        raise config_error(rate_key, f"{rate} bits/s is outside {MIN_BANDWIDTH_BITS}.."
-                           f"{MAX_RATE_BITS} (tc's tbf takes at most 2^32-1 bytes/s)")
+        raise config_error(
+            rate_key,
+            f"{rate} bits/s is outside {MIN_BANDWIDTH_BITS}.."
+            f"{MAX_RATE_BITS} (tc's tbf takes at most 2^32-1 bytes/s)",
+        )
     if not burst:
         burst = max(int(rate * DEFAULT_BURST_SECONDS), MIN_DEFAULT_BURST_BITS)
     elif not MIN_BANDWIDTH_BITS <= burst <= MAX_BURST_BITS:
-        raise config_error(burst_key, f"{burst} bits is outside {MIN_BANDWIDTH_BITS}.."
-                           f"{MAX_BURST_BITS} (tc's tbf takes at most 2^32-1 bytes)")
+        raise config_error(
+            burst_key,
+            f"{burst} bits is outside {MIN_BANDWIDTH_BITS}.."
+            f"{MAX_BURST_BITS} (tc's tbf takes at most 2^32-1 bytes)",
+        )
     return Shaping(rate=rate, burst=burst)
 
 
@@ -459,17 +484,25 @@ def _bandwidth_value(obj: dict, where: str, key: str) -> tuple[str, int]:
     if not found:
         return f"{where}{key}", 0
     if len(found) == 2 and obj[found[0]] != obj[found[1]]:
-        raise config_error(f"{where}{key}", f"is given twice, as {found[0]} and {found[1]}, "
-                           "with different values")
+        raise config_error(
+            f"{where}{key}", f"is given twice, as {found[0]} and {found[1]}, with different values"
+        )
     name, value = f"{where}{found[0]}", obj[found[0]]
     if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise config_error(name, f"{value!r} is not a non-negative integer "
-                           f"({'bits/s' if key.endswith('Rate') else 'bits'})")
+        raise config_error(
+            name,
+            f"{value!r} is not a non-negative integer "
+            f"({'bits/s' if key.endswith('Rate') else 'bits'})",
+        )
     return name, value
 
 
-_PORT_MAPPING_KEYS = {"hostport": "hostPort", "containerport": "containerPort",
-                      "protocol": "protocol", "hostip": "hostIP"}
+_PORT_MAPPING_KEYS = {
+    "hostport": "hostPort",
+    "containerport": "containerPort",
+    "protocol": "protocol",
+    "hostip": "hostIP",
+}
 
 
 def _port_mappings(conf: dict, families: set[int]) -> list[PortMapping]:
@@ -487,10 +520,14 @@ def _port_mappings(conf: dict, families: set[int]) -> list[PortMapping]:
         if mapping in out:
             continue
         for j, other in enumerate(out):
-            if (other.protocol, other.host_port) == (mapping.protocol, mapping.host_port) and \
-                    port_mappings_conflict(other.claims(families), mapping.claims(families)):
-                raise config_error(f"{where}[{i}]", f"{mapping.protocol} port "
-                                   f"{mapping.host_port} is already mapped by entry {j}")
+            if (other.protocol, other.host_port) == (
+                mapping.protocol,
+                mapping.host_port,
+            ) and port_mappings_conflict(other.claims(families), mapping.claims(families)):
+                raise config_error(
+                    f"{where}[{i}]",
+                    f"{mapping.protocol} port {mapping.host_port} is already mapped by entry {j}",
+                )
         out.append(mapping)
     return out
 
@@ -504,8 +541,10 @@ def _port_mapping(item: Any, where: str, families: set[int]) -> PortMapping:
         if name is None or value is None:
             continue  # containerd and podman may add keys of their own
         if name in given and given[name][1] != value:
-            raise config_error(f"{where}.{name}", f"is given twice, as {given[name][0]} and "
-                               f"{key}, with different values")
+            raise config_error(
+                f"{where}.{name}",
+                f"is given twice, as {given[name][0]} and {key}, with different values",
+            )
         given[name] = (key, value)
     ports = {}
     for name in ("hostPort", "containerPort"):
@@ -517,8 +556,9 @@ def _port_mapping(item: Any, where: str, families: set[int]) -> PortMapping:
         ports[name] = value
     key, protocol = given.get("protocol", ("protocol", "tcp"))
     if not isinstance(protocol, str) or protocol.lower() not in PORT_PROTOCOLS:
-        raise config_error(f"{where}.{key}", f"{protocol!r} is not supported: "
-                           f"use {' or '.join(PORT_PROTOCOLS)}")
+        raise config_error(
+            f"{where}.{key}", f"{protocol!r} is not supported: use {' or '.join(PORT_PROTOCOLS)}"
+        )
     key, host = given.get("hostIP", ("hostIP", ""))
     host_ip = _host_ip(host, f"{where}.{key}", families)
     return PortMapping(ports["hostPort"], ports["containerPort"], protocol.lower(), host_ip)
@@ -537,9 +577,14 @@ def _host_ip(value: Any, where: str, families: set[int]):
         raise config_error(where, f"{ip} is a multicast address")
     if ip.version == 6 and ip.is_loopback:
         # IPv6 has no route_localnet: the kernel never routes ::1 to another host.
-        raise config_error(where, "::1 cannot be forwarded to a pod (IPv6 has no "
-                           "route_localnet); use 127.0.0.1 or leave hostIP empty")
+        raise config_error(
+            where,
+            "::1 cannot be forwarded to a pod (IPv6 has no "
+            "route_localnet); use 127.0.0.1 or leave hostIP empty",
+        )
     if ip.version not in families:
-        raise config_error(where, f"{ip} is IPv{ip.version} but the pod gets no "
-                           f"IPv{ip.version} address in this network")
+        raise config_error(
+            where,
+            f"{ip} is IPv{ip.version} but the pod gets no IPv{ip.version} address in this network",
+        )
     return ip

@@ -36,7 +36,7 @@ def from_config(conf: dict) -> str:
     if "cniVersion" in conf:
         version = conf["cniVersion"]
         if not isinstance(version, str):
-            raise config_error("cniVersion", "must be a string such as \"1.0.0\"")
+            raise config_error("cniVersion", 'must be a string such as "1.0.0"')
         return check_supported(version)
     if "cniVersions" in conf:
         versions = conf["cniVersions"]

@@ -42,13 +42,25 @@ def _add(request: Request, conf: NetConf, store: Store) -> Result:
     try:
         with netns_fd(request.netns) as nsfd, resources.host_netlink() as ipr:
             allocations = store.add_attachment(
-                conf.name, request.container_id, request.ifname, host_name, request.netns,
-                conf.range_sets, conf.requested_ips, conf.port_mappings,
+                conf.name,
+                request.container_id,
+                request.ifname,
+                host_name,
+                request.netns,
+                conf.range_sets,
+                conf.requested_ips,
+                conf.port_mappings,
             )
-            undo.push("allocation", lambda: store.remove_attachment(
-                conf.name, request.container_id, request.ifname))
-            log.info("ADD %s/%s: allocated %s", request.container_id, request.ifname,
-                     ", ".join(str(a.ip) for a in allocations))
+            undo.push(
+                "allocation",
+                lambda: store.remove_attachment(conf.name, request.container_id, request.ifname),
+            )
+            log.info(
+                "ADD %s/%s: allocated %s",
+                request.container_id,
+                request.ifname,
+                ", ".join(str(a.ip) for a in allocations),
+            )
             checkpoint(request, "ipam")
 
             gateways = _gateways(allocations)
@@ -62,7 +74,8 @@ def _add(request: Request, conf: NetConf, store: Store) -> Result:
             # Undo runs after the `with` has released ipr: it takes the handle again.
             undo.push(f"veth {host_name}", lambda: _delete_host_veth(host_name))
             br, (host_index, host_mac) = _make_pair(
-                ipr, conf, request, host_name, nsfd, br, gateways, on_made)
+                ipr, conf, request, host_name, nsfd, br, gateways, on_made
+            )
             checkpoint(request, "veth")
 
             ifb = _shape(ipr, conf, request, host_index, host_name, undo)
@@ -97,8 +110,9 @@ def _add(request: Request, conf: NetConf, store: Store) -> Result:
     return result
 
 
-def _make_pair(ipr, conf: NetConf, request: Request, host_name: str, nsfd: int, br, gateways,
-               on_made):
+def _make_pair(
+    ipr, conf: NetConf, request: Request, host_name: str, nsfd: int, br, gateways, on_made
+):
     """Create the veth pair. If that fails, cure the two causes a retry can cure, then try
     once more: a host veth of this name left by a crashed ADD whose DEL never came (the store
     had no attachment, so it holds nothing), and a bridge this agent thread remembered that is
@@ -106,8 +120,9 @@ def _make_pair(ipr, conf: NetConf, request: Request, host_name: str, nsfd: int, 
     alias = names.host_veth_alias(conf.name, request.container_id, request.ifname)
 
     def create(bridge):
-        return veth.create_pair(ipr, host_name, alias, request.ifname, nsfd, conf.mtu, conf.mac,
-                                bridge["index"])
+        return veth.create_pair(
+            ipr, host_name, alias, request.ifname, nsfd, conf.mtu, conf.mac, bridge["index"]
+        )
 
     try:
         return br, create(br)
@@ -127,8 +142,11 @@ def _reattach(ipr, store: Store, conf: NetConf, request: Request, moved: list, l
     """The bridge was down, so made just now. If someone had deleted it, the kernel took every
     port off it: put this network's other pods' host veths back on it (with their hairpin
     mode), so they are reachable again without being recreated."""
-    others = [a for a in store.list_attachments(conf.name)
-              if (a.container_id, a.ifname) != (request.container_id, request.ifname)]
+    others = [
+        a
+        for a in store.list_attachments(conf.name)
+        if (a.container_id, a.ifname) != (request.container_id, request.ifname)
+    ]
     if not others:
         return  # the node's first pod: nothing was cut off
     links = {m.get("IFLA_IFNAME"): m for m in ipr.link("dump")}
@@ -145,8 +163,13 @@ def _reattach(ipr, store: Store, conf: NetConf, request: Request, moved: list, l
             log.warning("could not put %s back on bridge %s: %s", name, conf.bridge, exc)
             continue
         moved.append(att)
-        log.warning("bridge %s was made again: put %s (%s/%s) back on it", conf.bridge, name,
-                    att.container_id, att.ifname)
+        log.warning(
+            "bridge %s was made again: put %s (%s/%s) back on it",
+            conf.bridge,
+            name,
+            att.container_id,
+            att.ifname,
+        )
 
 
 def _require_same_netns(path: str, nsfd: int) -> None:
@@ -162,8 +185,9 @@ def _require_same_netns(path: str, nsfd: int) -> None:
         raise CniError(UNKNOWN_CONTAINER, f"network namespace {path} disappeared during ADD")
 
 
-def _shape(ipr, conf: NetConf, request: Request, host_index: int, host_name: str,
-           undo: UndoStack) -> Interface | None:
+def _shape(
+    ipr, conf: NetConf, request: Request, host_index: int, host_name: str, undo: UndoStack
+) -> Interface | None:
     """Traffic shaping (capability `bandwidth`), before the pod has an address: no traffic
     passes unshaped. Return the ifb when egress shaping made one."""
     if conf.bandwidth is None:
@@ -197,7 +221,8 @@ def _resync_quietly(store: Store) -> None:
 def _gateways(allocations: list[Allocation]) -> list:
     return [
         ipaddress.ip_interface(f"{a.gateway}/{a.prefixlen}")
-        for a in allocations if a.gateway is not None
+        for a in allocations
+        if a.gateway is not None
     ]
 
 
@@ -214,8 +239,9 @@ def pod_routes(conf: NetConf, allocations: list[Allocation]) -> list[Route]:
         if r.dst.version not in gw_by_family and r.gw is None:
             continue  # no address of that family: the route could not work
         route = Route(r.dst, r.gw or gw_by_family.get(r.dst.version), dict(r.extras))
-        if not any(o.dst == route.dst and o.extras.get("table") == route.extras.get("table")
-                   for o in out):
+        if not any(
+            o.dst == route.dst and o.extras.get("table") == route.extras.get("table") for o in out
+        ):
             out.append(route)
     return out
 
@@ -224,12 +250,14 @@ def _result(conf, request, br, host_name, host_mac, pod_mac, allocations, routes
     prev = conf.prev_result or Result()
     base = len(prev.interfaces)
     res = Result(
-        interfaces=list(prev.interfaces) + [
+        interfaces=list(prev.interfaces)
+        + [
             Interface(name=conf.bridge, mac=br.get("IFLA_ADDRESS") or ""),
             Interface(name=host_name, mac=host_mac or ""),
             Interface(name=request.ifname, mac=pod_mac or "", sandbox=request.netns, mtu=conf.mtu),
         ],
-        ips=list(prev.ips) + [
+        ips=list(prev.ips)
+        + [
             IPConfig(ipaddress.ip_interface(f"{a.ip}/{a.prefixlen}"), a.gateway, base + 2)
             for a in allocations
         ],

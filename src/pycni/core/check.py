@@ -24,18 +24,26 @@ def _drift(what: str) -> CniError:
 def cmd_check(request: Request, conf: NetConf) -> None:
     prev = conf.prev_result
     if prev is None:
-        raise CniError(INVALID_NETWORK_CONFIG, "invalid network config: prevResult: "
-                       "CHECK needs the result of the ADD")
+        raise CniError(
+            INVALID_NETWORK_CONFIG,
+            "invalid network config: prevResult: CHECK needs the result of the ADD",
+        )
     with resources.store(conf.data_dir) as store:
         att = store.get_attachment(conf.name, request.container_id, request.ifname)
     if att is None:
-        raise CniError(UNKNOWN_CONTAINER, f"no attachment of container {request.container_id} "
-                       f"on {request.ifname} in network {conf.name}")
-    pod_index = next((i for i, itf in enumerate(prev.interfaces)
-                      if itf.name == request.ifname and itf.sandbox), None)
+        raise CniError(
+            UNKNOWN_CONTAINER,
+            f"no attachment of container {request.container_id} "
+            f"on {request.ifname} in network {conf.name}",
+        )
+    pod_index = next(
+        (i for i, itf in enumerate(prev.interfaces) if itf.name == request.ifname and itf.sandbox),
+        None,
+    )
     pod_iface = prev.interfaces[pod_index] if pod_index is not None else None
-    expected = {str(ip.address) for ip in prev.ips
-                if pod_index is None or ip.interface in (None, pod_index)}
+    expected = {
+        str(ip.address) for ip in prev.ips if pod_index is None or ip.interface in (None, pod_index)
+    }
     stored = {f"{a.ip}/{a.prefixlen}" for a in att.allocations}
     if not stored <= expected:
         raise _drift(f"store holds {sorted(stored)} but prevResult says {sorted(expected)}")
@@ -55,12 +63,15 @@ def _check_hostports(att: Attachment) -> None:
     missing = set(wanted) - set(have.hostports if have is not None else ())
     if missing:
         hp = min(missing, key=table.HostPort.sort_key)
-        raise _drift(f"hostPort {hp.host_port}/{hp.protocol} to {hp.pod_ip}:{hp.pod_port} "
-                     "is missing from the node's packet rules")
+        raise _drift(
+            f"hostPort {hp.host_port}/{hp.protocol} to {hp.pod_ip}:{hp.pod_port} "
+            "is missing from the node's packet rules"
+        )
 
 
-def _check_host_side(ipr: IPRoute, conf: NetConf, request: Request, host_name: str,
-                     allocations) -> None:
+def _check_host_side(
+    ipr: IPRoute, conf: NetConf, request: Request, host_name: str, allocations
+) -> None:
     host_name = host_name or names.host_veth_name(conf.name, request.container_id, request.ifname)
     br = veth.lookup(ipr, conf.bridge)
     if br is None:
@@ -69,7 +80,8 @@ def _check_host_side(ipr: IPRoute, conf: NetConf, request: Request, host_name: s
     for a in allocations:
         if a.gateway is not None and (str(a.gateway), a.prefixlen) not in have:
             raise _drift(
-                f"bridge {conf.bridge} lacks the gateway address {a.gateway}/{a.prefixlen}")
+                f"bridge {conf.bridge} lacks the gateway address {a.gateway}/{a.prefixlen}"
+            )
     index = veth.lookup(ipr, host_name)
     if index is None:
         raise _drift(f"host veth {host_name} is missing")
@@ -94,8 +106,7 @@ def _check_pod_side(nsipr, conf, request, pod_iface, stored, att) -> None:
         raise _drift(f"{request.ifname} is down")
     mac = link.get("IFLA_ADDRESS")
     if pod_iface is not None and pod_iface.mac and mac != pod_iface.mac.lower():
-        raise _drift(f"{request.ifname} has MAC {mac}, "
-                     f"prevResult says {pod_iface.mac}")
+        raise _drift(f"{request.ifname} has MAC {mac}, prevResult says {pod_iface.mac}")
     have = {f"{a.get('IFA_ADDRESS')}/{a['prefixlen']}" for a in nsipr.addr("dump", index=index)}
     missing = stored - have
     if missing:

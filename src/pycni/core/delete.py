@@ -29,8 +29,7 @@ def cmd_del(request: Request, conf: NetConf) -> None:
         try:
             with resources.store(conf.data_dir) as store:
                 with resources.host_netlink() as ipr:
-                    release(store, ipr, conf.name, request.container_id, request.ifname,
-                            request)
+                    release(store, ipr, conf.name, request.container_id, request.ifname, request)
                 if store.get_network(conf.name) is not None:
                     masquerade.sync(store)
                 checkpoint(request, "del-rules")
@@ -51,12 +50,18 @@ def _del_without_store(request: Request, conf: NetConf, exc: StoreError) -> NoRe
         deleted += [ifb] if bandwidth.delete_ifb(ipr, ifb) else []
     for name in deleted:
         log.info("DEL %s/%s: deleted %s (the store cannot be used)", cid, ifname, name)
-    raise StoreError(exc.code, f"{exc.msg}; DEL removed the pod's interfaces, its addresses "
-                     "stay held until a DEL succeeds", exc.details, exc.kind) from None
+    raise StoreError(
+        exc.code,
+        f"{exc.msg}; DEL removed the pod's interfaces, its addresses "
+        "stay held until a DEL succeeds",
+        exc.details,
+        exc.kind,
+    ) from None
 
 
-def release(store: Store, ipr: IPRoute, network: str, container_id: str, ifname: str,
-            request: Request) -> None:
+def release(
+    store: Store, ipr: IPRoute, network: str, container_id: str, ifname: str, request: Request
+) -> None:
     """Remove one attachment: its host veth (by name, and by the name recorded at ADD in case the
     naming ever changes; its qdiscs go with it), its ifb if shaped, and its allocations. The
     kernel objects go first: a crash in between leaves an attachment that the next DEL or GC
@@ -75,6 +80,10 @@ def release(store: Store, ipr: IPRoute, network: str, container_id: str, ifname:
     checkpoint(request, "del-ifb")
     removed = store.remove_attachment(network, container_id, ifname)
     if removed is not None:
-        log.info("DEL %s/%s: released %s", container_id, ifname,
-                 ", ".join(str(a.ip) for a in removed.allocations))
+        log.info(
+            "DEL %s/%s: released %s",
+            container_id,
+            ifname,
+            ", ".join(str(a.ip) for a in removed.allocations),
+        )
     checkpoint(request, "del-store")

@@ -31,9 +31,14 @@ def cmd_gc(request: Request, conf: NetConf) -> None:
         _gc(request, conf, conf.valid_attachments)
     except StoreError as exc:
         _sweep_without_store(conf, conf.valid_attachments)
-        raise StoreError(exc.code, f"{exc.msg}; GC removed the interfaces of pods the runtime "
-                         "no longer has, their addresses stay held until a GC or DEL "
-                         "succeeds", exc.details, exc.kind) from None
+        raise StoreError(
+            exc.code,
+            f"{exc.msg}; GC removed the interfaces of pods the runtime "
+            "no longer has, their addresses stay held until a GC or DEL "
+            "succeeds",
+            exc.details,
+            exc.kind,
+        ) from None
 
 
 def _sweep_without_store(conf: NetConf, valid: set[tuple[str, str]]) -> None:
@@ -62,8 +67,11 @@ def _gc(request: Request, conf: NetConf, valid: set[tuple[str, str]]) -> None:
                 if name not in keep:
                     log.info("GC: deleting orphan veth %s", name)
                     veth.delete_host_veth(ipr, name)
-            _sweep_ifbs(ipr, conf.name, valid | {
-                (a.container_id, a.ifname) for a in store.list_attachments(conf.name)})
+            _sweep_ifbs(
+                ipr,
+                conf.name,
+                valid | {(a.container_id, a.ifname) for a in store.list_attachments(conf.name)},
+            )
             checkpoint(request, "gc-veths")
         if store.get_network(conf.name) is not None:
             masquerade.sync(store)

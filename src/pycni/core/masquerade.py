@@ -115,10 +115,15 @@ def hostport_rules(attachments: list[Attachment]) -> tuple[list[table.HostPort],
     hostports, hairpin = [], []
     for att in attachments:
         for a in att.allocations:
-            mapped = [m for m in att.port_mappings
-                      if m.host_ip is None or m.host_ip.version == a.ip.version]
-            hostports += [table.HostPort(m.protocol, m.host_port, a.ip, m.container_port,
-                                         m.host_ip) for m in mapped]
+            mapped = [
+                m
+                for m in att.port_mappings
+                if m.host_ip is None or m.host_ip.version == a.ip.version
+            ]
+            hostports += [
+                table.HostPort(m.protocol, m.host_port, a.ip, m.container_port, m.host_ip)
+                for m in mapped
+            ]
             if mapped:
                 hairpin.append(ipaddress.ip_interface(f"{a.ip}/{a.prefixlen}"))
     return hostports, hairpin
@@ -131,8 +136,11 @@ def _localnet_bridges(store: Store) -> tuple[set[str], set[str]]:
     wanted = set()
     for att in store.attachments_with_port_mappings():
         bridge = networks.get(att.network, {}).get("bridge")
-        if bridge and any(a.ip.version == 4 for a in att.allocations) and any(
-                m.host_ip is None or m.host_ip.version == 4 for m in att.port_mappings):
+        if (
+            bridge
+            and any(a.ip.version == 4 for a in att.allocations)
+            and any(m.host_ip is None or m.host_ip.version == 4 for m in att.port_mappings)
+        ):
             wanted.add(bridge)
     every = {info["bridge"] for info in networks.values() if info.get("bridge")}
     return wanted, every

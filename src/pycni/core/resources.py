@@ -78,8 +78,14 @@ def host_netlink():
 BRIDGE_TTL = 5.0
 
 
-def bridge(ipr, name: str, gateways: list, mtu: int | None, fresh: bool = False,
-           on_made: Callable[[dict], None] | None = None):
+def bridge(
+    ipr,
+    name: str,
+    gateways: list,
+    mtu: int | None,
+    fresh: bool = False,
+    on_made: Callable[[dict], None] | None = None,
+):
     """The bridge's link message, made and addressed as needed (dataplane.bridge). `on_made`
     is called with it when it was down, i.e. made just now (or set down by someone)."""
     if not _warm or fresh:
@@ -90,8 +96,11 @@ def bridge(ipr, name: str, gateways: list, mtu: int | None, fresh: bool = False,
             _bridges()[name] = (link, frozenset(map(str, gateways)), time.monotonic())
         return link
     cached = _bridges().get(name)
-    if (cached is not None and cached[1] >= frozenset(map(str, gateways))
-            and time.monotonic() - cached[2] < BRIDGE_TTL):
+    if (
+        cached is not None
+        and cached[1] >= frozenset(map(str, gateways))
+        and time.monotonic() - cached[2] < BRIDGE_TTL
+    ):
         return cached[0]
     return bridge(ipr, name, gateways, mtu, fresh=True, on_made=on_made)
 

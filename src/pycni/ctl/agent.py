@@ -18,72 +18,138 @@ BACKENDS = ("host-gw", "vxlan", "auto")  # pycni.backends.MODES (not imported: p
 
 def register(sub) -> None:
     cluster = cluster_options()
-    p = sub.add_parser("agent", parents=[cluster],
-                       help="run the node agent (serves CNI calls; with --cluster-cidr also "
-                       "leases the node's subnet and routes to the other nodes)")
+    p = sub.add_parser(
+        "agent",
+        parents=[cluster],
+        help="run the node agent (serves CNI calls; with --cluster-cidr also "
+        "leases the node's subnet and routes to the other nodes)",
+    )
     p.add_argument("--socket", default=DEFAULT_SOCKET, help="unix socket to serve on")
-    p.add_argument("--data-dir", default=DEFAULT_DATA_DIR,
-                   help="the plugin's dataDir (for metrics and status before any call)")
+    p.add_argument(
+        "--data-dir",
+        default=DEFAULT_DATA_DIR,
+        help="the plugin's dataDir (for metrics and status before any call)",
+    )
     p.add_argument("--workers", type=int, default=32, help="calls served at once")
     p.add_argument("--log-file", default=DEFAULT_LOG, help="'' logs to stderr")
-    p.add_argument("--log-level", default="info",
-                   choices=("debug", "info", "warning", "error"))
-    p.add_argument("--metrics-addr", default=None,
-                   help="metrics and health listen address (default 127.0.0.1; a non-loopback "
-                   "address serves them unauthenticated beyond this host)")
-    p.add_argument("--metrics-port", type=int, default=DEFAULT_METRICS_PORT,
-                   help="Prometheus /metrics and /healthz port; 0 turns them off")
+    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    p.add_argument(
+        "--metrics-addr",
+        default=None,
+        help="metrics and health listen address (default 127.0.0.1; a non-loopback "
+        "address serves them unauthenticated beyond this host)",
+    )
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        default=DEFAULT_METRICS_PORT,
+        help="Prometheus /metrics and /healthz port; 0 turns them off",
+    )
     p.set_defaults(func=run_agent)
-    leave = sub.add_parser("leave", parents=[cluster],
-                           help="remove this node from the cluster: release its subnet (the "
-                           "other nodes drop their routes to it) and remove its own routes")
-    leave.add_argument("--data-dir", default=DEFAULT_DATA_DIR,
-                       help="the agent's --data-dir (its packet-rule state)")
+    leave = sub.add_parser(
+        "leave",
+        parents=[cluster],
+        help="remove this node from the cluster: release its subnet (the "
+        "other nodes drop their routes to it) and remove its own routes",
+    )
+    leave.add_argument(
+        "--data-dir",
+        default=DEFAULT_DATA_DIR,
+        help="the agent's --data-dir (its packet-rule state)",
+    )
     leave.set_defaults(func=run_leave)
 
 
 def cluster_options() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
     g = p.add_argument_group("cluster (on when --cluster-cidr is given)")
-    g.add_argument("--cluster-cidr", action="append", default=[],
-                   help="the cluster's pod CIDR, e.g. 10.244.0.0/16; repeat once with an IPv6 "
-                   "CIDR for dual stack")
-    g.add_argument("--subnet-size", type=int, default=24, help="prefix length of each node's "
-                   "IPv4 subnet (24)")
+    g.add_argument(
+        "--cluster-cidr",
+        action="append",
+        default=[],
+        help="the cluster's pod CIDR, e.g. 10.244.0.0/16; repeat once with an IPv6 "
+        "CIDR for dual stack",
+    )
+    g.add_argument(
+        "--subnet-size", type=int, default=24, help="prefix length of each node's IPv4 subnet (24)"
+    )
     g.add_argument("--subnet-size-v6", type=int, default=64, help="... IPv6 subnet (64)")
-    g.add_argument("--datastore", choices=KINDS, default="sqlite",
-                   help="where node subnets are leased (sqlite, the embedded default)")
-    g.add_argument("--datastore-path", default=DEFAULT_SQLITE_PATH,
-                   help=f"the sqlite datastore's file, shared by the nodes ({DEFAULT_SQLITE_PATH})")
+    g.add_argument(
+        "--datastore",
+        choices=KINDS,
+        default="sqlite",
+        help="where node subnets are leased (sqlite, the embedded default)",
+    )
+    g.add_argument(
+        "--datastore-path",
+        default=DEFAULT_SQLITE_PATH,
+        help=f"the sqlite datastore's file, shared by the nodes ({DEFAULT_SQLITE_PATH})",
+    )
     g.add_argument("--etcd-endpoints", default="", help="comma-separated etcd client URLs")
     g.add_argument("--etcd-prefix", default="/pycni/", help="key prefix in etcd (/pycni/)")
-    g.add_argument("--kubeconfig", default=None,
-                   help="kubernetes datastore: kubeconfig (default: in-cluster config)")
-    g.add_argument("--lease-ttl", type=float, default=DEFAULT_LEASE_TTL,
-                   help="seconds a node's subnet outlives its agent (sqlite and etcd; 3600)")
+    g.add_argument(
+        "--kubeconfig",
+        default=None,
+        help="kubernetes datastore: kubeconfig (default: in-cluster config)",
+    )
+    g.add_argument(
+        "--lease-ttl",
+        type=float,
+        default=DEFAULT_LEASE_TTL,
+        help="seconds a node's subnet outlives its agent (sqlite and etcd; 3600)",
+    )
     g.add_argument("--node-name", default=socket.gethostname(), help="this node's name")
-    g.add_argument("--node-ip", action="append", default=[],
-                   help="address other nodes reach this node at (default: the underlay "
-                   "interface's address); repeat for dual stack")
-    g.add_argument("--iface", default="", help="underlay interface (default: the one "
-                   "holding the default route)")
-    g.add_argument("--backend", choices=BACKENDS, default="vxlan",
-                   help="how pods reach other nodes' pods (vxlan)")
+    g.add_argument(
+        "--node-ip",
+        action="append",
+        default=[],
+        help="address other nodes reach this node at (default: the underlay "
+        "interface's address); repeat for dual stack",
+    )
+    g.add_argument(
+        "--iface",
+        default="",
+        help="underlay interface (default: the one holding the default route)",
+    )
+    g.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default="vxlan",
+        help="how pods reach other nodes' pods (vxlan)",
+    )
     g.add_argument("--vni", type=int, default=1, help="VXLAN network identifier (1)")
     g.add_argument("--vxlan-port", type=int, default=8472, help="VXLAN UDP port (8472)")
-    g.add_argument("--conf-dir", default="/etc/cni/net.d",
-                   help="where the node's CNI config list is written once its subnet is known")
-    g.add_argument("--subnet-file", default="/run/pycni/subnet.env",
-                   help="the node's subnet.env (/run/pycni/subnet.env)")
+    g.add_argument(
+        "--conf-dir",
+        default="/etc/cni/net.d",
+        help="where the node's CNI config list is written once its subnet is known",
+    )
+    g.add_argument(
+        "--subnet-file",
+        default="/run/pycni/subnet.env",
+        help="the node's subnet.env (/run/pycni/subnet.env)",
+    )
     g.add_argument("--network-name", default="pycni", help="CNI network name (pycni)")
     g.add_argument("--bridge", default="cni0", help="the node's pod bridge (cni0)")
-    g.add_argument("--no-ip-masq", dest="ip_masq", action="store_false",
-                   help="do not masquerade pod traffic leaving the cluster CIDR")
-    g.add_argument("--masq-exclude", action="append", default=[],
-                   help="a destination CIDR pod traffic reaches without masquerade (e.g. the "
-                   "node network); repeatable")
-    g.add_argument("--resync", type=float, default=10.0,
-                   help="seconds between periodic reconciles (besides datastore events)")
+    g.add_argument(
+        "--no-ip-masq",
+        dest="ip_masq",
+        action="store_false",
+        help="do not masquerade pod traffic leaving the cluster CIDR",
+    )
+    g.add_argument(
+        "--masq-exclude",
+        action="append",
+        default=[],
+        help="a destination CIDR pod traffic reaches without masquerade (e.g. the "
+        "node network); repeatable",
+    )
+    g.add_argument(
+        "--resync",
+        type=float,
+        default=10.0,
+        help="seconds between periodic reconciles (besides datastore events)",
+    )
     return p
 
 
@@ -97,21 +163,40 @@ def cluster_node(args, data_dir: str, agent_socket: str):
     from ..cluster.model import ClusterError, ClusterSettings
 
     try:
-        settings = ClusterSettings(tuple(args.cluster_cidr),
-                                   {4: args.subnet_size, 6: args.subnet_size_v6})
+        settings = ClusterSettings(
+            tuple(args.cluster_cidr), {4: args.subnet_size, 6: args.subnet_size_v6}
+        )
     except ValueError as exc:
         raise SystemExit(f"pycnictl: {exc}") from None
     options = ClusterOptions(
-        settings=settings, node_name=args.node_name, backend=args.backend, iface=args.iface,
-        node_ips=tuple(args.node_ip), conf_dir=args.conf_dir, subnet_file=args.subnet_file,
-        network_name=args.network_name, bridge=args.bridge, ip_masq=args.ip_masq,
-        masq_exclude=tuple(args.masq_exclude), data_dir=data_dir, agent_socket=agent_socket,
-        resync=args.resync, vni=args.vni, vxlan_port=args.vxlan_port)
+        settings=settings,
+        node_name=args.node_name,
+        backend=args.backend,
+        iface=args.iface,
+        node_ips=tuple(args.node_ip),
+        conf_dir=args.conf_dir,
+        subnet_file=args.subnet_file,
+        network_name=args.network_name,
+        bridge=args.bridge,
+        ip_masq=args.ip_masq,
+        masq_exclude=tuple(args.masq_exclude),
+        data_dir=data_dir,
+        agent_socket=agent_socket,
+        resync=args.resync,
+        vni=args.vni,
+        vxlan_port=args.vxlan_port,
+    )
     try:
-        store = open_datastore(args.datastore, settings, args.node_name,
-                               path=args.datastore_path, etcd_endpoints=args.etcd_endpoints,
-                               etcd_prefix=args.etcd_prefix, kubeconfig=args.kubeconfig,
-                               lease_ttl=args.lease_ttl)
+        store = open_datastore(
+            args.datastore,
+            settings,
+            args.node_name,
+            path=args.datastore_path,
+            etcd_endpoints=args.etcd_endpoints,
+            etcd_prefix=args.etcd_prefix,
+            kubeconfig=args.kubeconfig,
+            lease_ttl=args.lease_ttl,
+        )
     except (ValueError, ClusterError, KVError) as exc:
         raise SystemExit(f"pycnictl: {args.datastore} datastore: {exc}") from None
     return ClusterNode(options, store)
@@ -133,8 +218,12 @@ def run_agent(args) -> int:
     if args.metrics_port:
         from ..agent import metrics
 
-        metrics.start(agent, args.metrics_addr or "127.0.0.1", args.metrics_port,
-                      allow_remote=args.metrics_addr is not None)
+        metrics.start(
+            agent,
+            args.metrics_addr or "127.0.0.1",
+            args.metrics_port,
+            allow_remote=args.metrics_addr is not None,
+        )
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: agent.stop())
     agent.bind()
@@ -154,6 +243,8 @@ def run_leave(args) -> int:
     log.setup("", "info")
     node = cluster_node(args, args.data_dir, "")
     if node is None:
-        raise SystemExit("pycnictl leave: give the cluster settings the agent ran with "
-                         "(--cluster-cidr, --datastore, ...)")
+        raise SystemExit(
+            "pycnictl leave: give the cluster settings the agent ran with "
+            "(--cluster-cidr, --datastore, ...)"
+        )
     return node.leave()

@@ -10,8 +10,11 @@ from ..cni.netconf import DEFAULT_DATA_DIR
 
 def register(sub) -> None:
     p = sub.add_parser("cleanup", help="remove pycni's packet rules (nftables / iptables)")
-    p.add_argument("--data-dir", default=DEFAULT_DATA_DIR,
-                   help="the plugin's dataDir, so it forgets what it had installed")
+    p.add_argument(
+        "--data-dir",
+        default=DEFAULT_DATA_DIR,
+        help="the plugin's dataDir, so it forgets what it had installed",
+    )
     p.set_defaults(func=_cleanup)
 
 

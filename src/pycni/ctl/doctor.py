@@ -22,24 +22,45 @@ checked (and nothing was found)."""
 
 
 def register(sub) -> None:
-    p = sub.add_parser("doctor", help="check store, kernel, rules and routes agree; say how to "
-                       "repair what does not", description=_HELP)
-    p.add_argument("--data-dir", action="append", dest="data_dirs", metavar="DIR",
-                   help="the plugin's dataDir (repeatable; default: the running agent's data "
-                   f"dirs, else {DEFAULT_DATA_DIR})")
-    p.add_argument("--socket", default=DEFAULT_SOCKET,
-                   help=f"the agent to ask for the cluster's node list (default {DEFAULT_SOCKET})")
-    p.add_argument("--live-from", metavar="FILE",
-                   help="JSON: the runtime's live attachments, a list of {\"containerID\", "
-                   "\"ifname\"} (or a CNI GC config holding cni.dev/valid-attachments)")
+    p = sub.add_parser(
+        "doctor",
+        help="check store, kernel, rules and routes agree; say how to repair what does not",
+        description=_HELP,
+    )
+    p.add_argument(
+        "--data-dir",
+        action="append",
+        dest="data_dirs",
+        metavar="DIR",
+        help="the plugin's dataDir (repeatable; default: the running agent's data "
+        f"dirs, else {DEFAULT_DATA_DIR})",
+    )
+    p.add_argument(
+        "--socket",
+        default=DEFAULT_SOCKET,
+        help=f"the agent to ask for the cluster's node list (default {DEFAULT_SOCKET})",
+    )
+    p.add_argument(
+        "--live-from",
+        metavar="FILE",
+        help='JSON: the runtime\'s live attachments, a list of {"containerID", '
+        '"ifname"} (or a CNI GC config holding cni.dev/valid-attachments)',
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object, for scripts")
-    p.add_argument("--rebuild-store", action="store_true",
-                   help="first record the pods found on the node in a new IPAM store, after a "
-                   "damaged one was moved aside (README: \"When the IPAM store cannot be "
-                   "used\"); never touches a store that holds attachments")
-    p.add_argument("--conf", action="append", metavar="FILE",
-                   help="with --rebuild-store: a CNI config (.conf or .conflist) of the "
-                   "networks to rebuild (repeatable; default: those in /etc/cni/net.d)")
+    p.add_argument(
+        "--rebuild-store",
+        action="store_true",
+        help="first record the pods found on the node in a new IPAM store, after a "
+        'damaged one was moved aside (README: "When the IPAM store cannot be '
+        'used"); never touches a store that holds attachments',
+    )
+    p.add_argument(
+        "--conf",
+        action="append",
+        metavar="FILE",
+        help="with --rebuild-store: a CNI config (.conf or .conflist) of the "
+        "networks to rebuild (repeatable; default: those in /etc/cni/net.d)",
+    )
     p.set_defaults(func=run_doctor)
 
 
@@ -81,14 +102,17 @@ def _rebuild(args, data_dirs: list[str]) -> str | None:
     from ..doctor.rebuild import RebuildError, confs_from_files, rebuild_store
 
     files = args.conf or sorted(
-        f for f in glob.glob("/etc/cni/net.d/*") if f.endswith((".conf", ".conflist", ".json")))
+        f for f in glob.glob("/etc/cni/net.d/*") if f.endswith((".conf", ".conflist", ".json"))
+    )
     out = sys.stderr if args.json else sys.stdout
     for data_dir in data_dirs:
         try:
             confs = confs_from_files(files, data_dir)
             if not confs:
-                return (f"rebuild: no pycni network with dataDir {data_dir} in "
-                        f"{', '.join(files) or 'no config file'}")
+                return (
+                    f"rebuild: no pycni network with dataDir {data_dir} in "
+                    f"{', '.join(files) or 'no config file'}"
+                )
             done = rebuild_store(data_dir, confs)
         except RebuildError as exc:
             return f"rebuild: {exc}"
@@ -98,8 +122,11 @@ def _rebuild(args, data_dirs: list[str]) -> str | None:
             print(f"restored: {line}", file=out)
         for line in done.skipped:
             print(f"left alone: {line}", file=out)
-        print(f"rebuilt {os.path.join(data_dir, 'pycni.db')}: {len(done.restored)} "
-              f"attachments restored, {len(done.skipped)} veths left alone", file=out)
+        print(
+            f"rebuilt {os.path.join(data_dir, 'pycni.db')}: {len(done.restored)} "
+            f"attachments restored, {len(done.skipped)} veths left alone",
+            file=out,
+        )
     return None
 
 
@@ -114,11 +141,14 @@ def _cannot(args, report) -> int:
 def render(report) -> str:
     out = [f"cannot check: {e}" for e in report.errors]
     out += [str(f) for f in report.findings]
-    counts = (f"{report.attachments} attachment{'s' * (report.attachments != 1)}, "
-              f"{report.addresses} address{'es' * (report.addresses != 1)}")
+    counts = (
+        f"{report.attachments} attachment{'s' * (report.attachments != 1)}, "
+        f"{report.addresses} address{'es' * (report.addresses != 1)}"
+    )
     if report.findings:
-        out.append(f"{len(report.findings)} finding{'s' * (len(report.findings) != 1)} "
-                   f"({counts} checked)")
+        out.append(
+            f"{len(report.findings)} finding{'s' * (len(report.findings) != 1)} ({counts} checked)"
+        )
     elif not report.errors:
         out.append(f"ok: {counts}, rules and routes as desired")
     out += [f"note: {n}" for n in report.notes]

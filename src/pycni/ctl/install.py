@@ -52,7 +52,7 @@ STANDALONE_HEAD = """#!{python} -IS
 """
 
 # Replaces the shim's main(), whose fallback (the core, in-process) is not in this file.
-STANDALONE_MAIN = '''
+STANDALONE_MAIN = """
 
 def main() -> None:
     stdin = b"" if sys.stdin.isatty() else sys.stdin.buffer.read(MAX_CONFIG_BYTES + 1)
@@ -70,7 +70,7 @@ def main() -> None:
 
 
 main()
-'''
+"""
 
 
 def launcher_text() -> str:
@@ -137,11 +137,19 @@ def _inline(node, tree) -> list[str]:
         except AttributeError:  # a submodule nobody imported yet
             value = importlib.import_module(f"{module.__name__}.{alias.name}")
         if isinstance(value, types.ModuleType):
-            used = sorted({n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)
-                           and isinstance(n.value, ast.Name) and n.value.id == name})
+            used = sorted(
+                {
+                    n.attr
+                    for n in ast.walk(tree)
+                    if isinstance(n, ast.Attribute)
+                    and isinstance(n.value, ast.Name)
+                    and n.value.id == name
+                }
+            )
             attrs = "".join(f"    {a} = {_literal(getattr(value, a), a)}\n" for a in used)
-            out.append(f"\n\nclass {name}:  # pycni.{value.__name__.removeprefix('pycni.')}\n"
-                       f"{attrs}")
+            out.append(
+                f"\n\nclass {name}:  # pycni.{value.__name__.removeprefix('pycni.')}\n{attrs}"
+            )
         else:
             out.append(f"{name} = {_literal(value, name)}\n")
     return out
@@ -156,8 +164,10 @@ def _literal(value, name: str) -> str:
     except (ValueError, SyntaxError):  # a function, an object: no literal
         same = False
     if not same:
-        raise RuntimeError(f"the shim imports {name} from pycni, which is not a literal: the "
-                           "standalone launcher cannot carry it")
+        raise RuntimeError(
+            f"the shim imports {name} from pycni, which is not a literal: the "
+            "standalone launcher cannot carry it"
+        )
     return text
 
 
@@ -189,41 +199,61 @@ def is_pycni_conflist(path: str) -> bool:
         return False
     plugins = conf.get("plugins") if isinstance(conf, dict) else None
     return isinstance(plugins, list) and any(
-        isinstance(p, dict) and p.get("type") == PLUGIN_NAME for p in plugins)
+        isinstance(p, dict) and p.get("type") == PLUGIN_NAME for p in plugins
+    )
 
 
 def register(sub) -> None:
     p = sub.add_parser(
-        "install", help="install the plugin executable (and, with --subnet, a network config)",
+        "install",
+        help="install the plugin executable (and, with --subnet, a network config)",
         description="Write the plugin executable into --bin-dir and, with --subnet, the node's "
         f"config list {CONFLIST_NAME} into --conf-dir. Idempotent; refuses to overwrite files "
-        "pycni did not write.")
+        "pycni did not write.",
+    )
     p.add_argument("--bin-dir", default=DEFAULT_BIN_DIR, help="where runtimes look for plugins")
     p.add_argument("--conf-dir", default=DEFAULT_CONF_DIR, help="where runtimes find configs")
     p.add_argument("--subnet", help="this node's pod CIDR; with it a config list is written")
     p.add_argument("--network", help="the cluster CIDR (never masqueraded); needs --subnet")
     p.add_argument("--name", default="pycni", help="network name")
-    p.add_argument("--data-dir", default=None,
-                   help="the config's dataDir (default: the plugin's, /var/lib/pycni)")
-    p.add_argument("--standalone", action="store_true",
-                   help=f"a self-contained executable for {STANDALONE_PYTHON} that only "
-                   "forwards to the node agent (for hosts without pycni's packages)")
-    p.add_argument("--native", action="store_true",
-                   help="compile the executable from C (needs cc): no Python start-up per "
-                   "call; without --standalone, when no agent listens it runs the plugin "
-                   f"through the Python launcher it writes as <bin-dir>/{FALLBACK_NAME}")
-    p.add_argument("--native-from", metavar="PATH",
-                   help="install this prebuilt native executable (made by `pycnictl install "
-                   "--native --standalone`, as the pycni image carries it) instead")
-    p.add_argument("--force", action="store_true",
-                   help="overwrite an executable or config list pycni did not write")
+    p.add_argument(
+        "--data-dir",
+        default=None,
+        help="the config's dataDir (default: the plugin's, /var/lib/pycni)",
+    )
+    p.add_argument(
+        "--standalone",
+        action="store_true",
+        help=f"a self-contained executable for {STANDALONE_PYTHON} that only "
+        "forwards to the node agent (for hosts without pycni's packages)",
+    )
+    p.add_argument(
+        "--native",
+        action="store_true",
+        help="compile the executable from C (needs cc): no Python start-up per "
+        "call; without --standalone, when no agent listens it runs the plugin "
+        f"through the Python launcher it writes as <bin-dir>/{FALLBACK_NAME}",
+    )
+    p.add_argument(
+        "--native-from",
+        metavar="PATH",
+        help="install this prebuilt native executable (made by `pycnictl install "
+        "--native --standalone`, as the pycni image carries it) instead",
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="overwrite an executable or config list pycni did not write",
+    )
     p.set_defaults(func=_install)
 
 
 def _install(args) -> int:
     if (args.network or args.data_dir) and not args.subnet:
-        _refuse("--network and --data-dir need --subnet (they go into the config list, which "
-                "is written only with --subnet)")
+        _refuse(
+            "--network and --data-dir need --subnet (they go into the config list, which "
+            "is written only with --subnet)"
+        )
     if args.native and args.native_from:
         _refuse("give --native (compile here) or --native-from (copy a build), not both")
     conf = _conflist(args) if args.subnet else None
@@ -237,12 +267,20 @@ def _install(args) -> int:
         _write(target, text, 0o755, args.force, is_pycni_launcher, "executable")
     if conf is not None:
         path = os.path.join(args.conf_dir, CONFLIST_NAME)
-        _write(path, json.dumps(conf, indent=2) + "\n", 0o644, args.force, is_pycni_conflist,
-               "config list")
+        _write(
+            path,
+            json.dumps(conf, indent=2) + "\n",
+            0o644,
+            args.force,
+            is_pycni_conflist,
+            "config list",
+        )
         for earlier in configs_before(args.conf_dir, CONFLIST_NAME):
-            print(f"note: {os.path.join(args.conf_dir, earlier)} sorts before {CONFLIST_NAME}: "
-                  "runtimes use the first config by name, so they will use that one",
-                  file=sys.stderr)
+            print(
+                f"note: {os.path.join(args.conf_dir, earlier)} sorts before {CONFLIST_NAME}: "
+                "runtimes use the first config by name, so they will use that one",
+                file=sys.stderr,
+            )
     return 0
 
 
@@ -265,8 +303,10 @@ def _conflist(args) -> dict:
         subnet = ipaddress.ip_network(args.subnet)
         network = ipaddress.ip_network(args.network)
         if subnet.version != network.version or not subnet.subnet_of(network):
-            _refuse(f"--subnet {subnet} is not inside --network {network} (the node's pod "
-                    "CIDR is a part of the cluster CIDR)")
+            _refuse(
+                f"--subnet {subnet} is not inside --network {network} (the node's pod "
+                "CIDR is a part of the cluster CIDR)"
+            )
     return conf
 
 
@@ -281,8 +321,10 @@ def _write(path: str, text: str, mode: int, force: bool, ours, what: str) -> Non
     except (OSError, UnicodeDecodeError):
         pass  # unreadable or binary: decided below
     if os.path.lexists(path) and not force and not ours(path):
-        _refuse(f"{path} exists and was not written by pycnictl install; remove it or give "
-                f"--force to replace it")
+        _refuse(
+            f"{path} exists and was not written by pycnictl install; remove it or give "
+            f"--force to replace it"
+        )
     try:
         atomic_write(path, text, mode)
     except OSError as exc:
@@ -296,8 +338,9 @@ def configs_before(conf_dir: str, name: str) -> list[str]:
         entries = os.listdir(conf_dir)
     except OSError:
         return []
-    return sorted(e for e in entries
-                  if e < name and e.endswith(CONFIG_SUFFIXES) and not e.startswith("."))
+    return sorted(
+        e for e in entries if e < name and e.endswith(CONFIG_SUFFIXES) and not e.startswith(".")
+    )
 
 
 def _refuse(msg: str):

@@ -28,14 +28,23 @@ given explicitly."""
 
 
 def register(sub) -> None:
-    p = sub.add_parser("status", help="show the agent, networks, pools and pods; flag drift",
-                       description=_HELP)
-    p.add_argument("--data-dir", action="append", dest="data_dirs", metavar="DIR",
-                   help="the plugin's dataDir (repeatable; default: the running agent's data "
-                   f"dirs, else {DEFAULT_DATA_DIR})")
-    p.add_argument("--socket", default=None,
-                   help=f"the agent's socket (default {DEFAULT_SOCKET}); naming it makes a "
-                   "missing agent a problem")
+    p = sub.add_parser(
+        "status", help="show the agent, networks, pools and pods; flag drift", description=_HELP
+    )
+    p.add_argument(
+        "--data-dir",
+        action="append",
+        dest="data_dirs",
+        metavar="DIR",
+        help="the plugin's dataDir (repeatable; default: the running agent's data "
+        f"dirs, else {DEFAULT_DATA_DIR})",
+    )
+    p.add_argument(
+        "--socket",
+        default=None,
+        help=f"the agent's socket (default {DEFAULT_SOCKET}); naming it makes a "
+        "missing agent a problem",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object, for scripts")
     p.set_defaults(func=run_status)
 
@@ -76,8 +85,11 @@ def agent_health(path: str, timeout: float = HEALTH_TIMEOUT) -> dict:
     except ValueError:
         health = None
     if head != b"0" or not isinstance(health, dict):
-        return {"running": True, "health": health if isinstance(health, dict) else None,
-                "error": f"unexpected reply: {b''.join(chunks)[:200]!r}"}
+        return {
+            "running": True,
+            "health": health if isinstance(health, dict) else None,
+            "error": f"unexpected reply: {b''.join(chunks)[:200]!r}",
+        }
     return {"running": True, "health": health, "error": None}
 
 
@@ -116,8 +128,10 @@ def masquerade_present() -> tuple[str | None, bool | None]:
     if not shutil.which(argvs[0][0]):
         return backend, None
     try:
-        rcs = [subprocess.run(a, capture_output=True, timeout=10, check=False).returncode
-               for a in argvs]
+        rcs = [
+            subprocess.run(a, capture_output=True, timeout=10, check=False).returncode
+            for a in argvs
+        ]
     except (OSError, subprocess.TimeoutExpired):
         return backend, None
     return backend, 0 in rcs
@@ -154,18 +168,22 @@ def read_store(data_dir: str, kernel: Kernel) -> tuple[dict, list[dict], bool]:
         for network, key, used, capacity in usage:
             if network == name:
                 pct = round(100.0 * used / capacity, 1) if capacity else None
-                pools.append({"key": key, "allocated": used, "capacity": capacity,
-                              "percent": pct})
-        networks.append({
-            "name": name,
-            "dataDir": data_dir,
-            "bridge": {"name": bridge, "exists": link is not None,
-                       "up": bool(link and link["up"])},
-            "ipMasq": bool(info.get("ipMasq")),
-            "subnets": info.get("subnets", []),
-            "rangeSets": pools,
-            "pods": pods,
-        })
+                pools.append({"key": key, "allocated": used, "capacity": capacity, "percent": pct})
+        networks.append(
+            {
+                "name": name,
+                "dataDir": data_dir,
+                "bridge": {
+                    "name": bridge,
+                    "exists": link is not None,
+                    "up": bool(link and link["up"]),
+                },
+                "ipMasq": bool(info.get("ipMasq")),
+                "subnets": info.get("subnets", []),
+                "rangeSets": pools,
+                "pods": pods,
+            }
+        )
     return summary, networks, wants_masq
 
 
@@ -234,8 +252,14 @@ def collect(data_dirs: list[str] | None, socket_path: str | None) -> dict:
     if wants_masq and present is False:
         problems.append(f"masquerade rules ({backend}) are missing (drift)")
 
-    return {"healthy": not problems, "problems": problems, "agent": agent, "stores": stores,
-            "networks": networks, "masquerade": masq}
+    return {
+        "healthy": not problems,
+        "problems": problems,
+        "agent": agent,
+        "stores": stores,
+        "networks": networks,
+        "masquerade": masq,
+    }
 
 
 # --- text ---------------------------------------------------------------------------------
@@ -243,17 +267,23 @@ def collect(data_dirs: list[str] | None, socket_path: str | None) -> dict:
 
 def _render_cluster(c: dict) -> list[str]:
     state = "ready" if c.get("ready") else f"NOT READY ({c.get('reason')})"
-    out = [f"cluster: node {c.get('node')}, {state}, datastore {c.get('datastore')}, "
-           f"backend {c.get('backend')}",
-           f"  subnets  {', '.join(c.get('subnets') or []) or '-'} "
-           f"(node addresses {', '.join(c.get('nodeIPs') or []) or '-'}"
-           f"{', VTEP ' + c['vtepMAC'] if c.get('vtepMAC') else ''})"]
+    out = [
+        f"cluster: node {c.get('node')}, {state}, datastore {c.get('datastore')}, "
+        f"backend {c.get('backend')}",
+        f"  subnets  {', '.join(c.get('subnets') or []) or '-'} "
+        f"(node addresses {', '.join(c.get('nodeIPs') or []) or '-'}"
+        f"{', VTEP ' + c['vtepMAC'] if c.get('vtepMAC') else ''})",
+    ]
     remote = c.get("remoteNodes") or []
-    out.append(f"  routes   to {len(remote)} other node(s); {c.get('reconciles', 0)} reconcile "
-               f"passes, the last {1000 * (c.get('lastReconcileSeconds') or 0):.1f} ms")
+    out.append(
+        f"  routes   to {len(remote)} other node(s); {c.get('reconciles', 0)} reconcile "
+        f"passes, the last {1000 * (c.get('lastReconcileSeconds') or 0):.1f} ms"
+    )
     for node in remote:
-        out.append(f"    {node['name']:<16} {', '.join(node['subnets']):<36} via "
-                   f"{', '.join(node['nodeIPs'])}")
+        out.append(
+            f"    {node['name']:<16} {', '.join(node['subnets']):<36} via "
+            f"{', '.join(node['nodeIPs'])}"
+        )
     return out
 
 
@@ -262,9 +292,11 @@ def render(report: dict) -> str:
     agent = report["agent"]
     if agent["running"] and agent["health"]:
         h = agent["health"]
-        out.append(f"agent: {h.get('status')} (pid {h.get('pid')}, version {h.get('version')}, "
-                   f"up {_duration(h.get('uptime', 0))}, {h.get('inflight', 0)} in flight) "
-                   f"on {agent['socket']}")
+        out.append(
+            f"agent: {h.get('status')} (pid {h.get('pid')}, version {h.get('version')}, "
+            f"up {_duration(h.get('uptime', 0))}, {h.get('inflight', 0)} in flight) "
+            f"on {agent['socket']}"
+        )
     elif agent["running"]:
         out.append(f"agent: answering oddly on {agent['socket']}: {agent['error']}")
     else:
@@ -278,16 +310,17 @@ def render(report: dict) -> str:
             out.append(f"store {store['dataDir']}: {store['error']}")
     for net in report["networks"]:
         out.append("")
-        out.append(f"network {net['name']} (data dir {net['dataDir']}"
-                   f"{', ipMasq' if net['ipMasq'] else ''})")
+        out.append(
+            f"network {net['name']} (data dir {net['dataDir']}"
+            f"{', ipMasq' if net['ipMasq'] else ''})"
+        )
         br = net["bridge"]
         state = "up" if br["up"] else ("DOWN" if br["exists"] else "MISSING")
         out.append(f"  bridge   {br['name']}: {state}")
         out.append(f"  subnets  {', '.join(net['subnets']) or '-'}")
         for pool in net["rangeSets"]:
             if pool["capacity"]:
-                use = (f"{pool['allocated']}/{pool['capacity']} allocated "
-                       f"({pool['percent']:g}%)")
+                use = f"{pool['allocated']}/{pool['capacity']} allocated ({pool['percent']:g}%)"
             else:
                 use = f"{pool['allocated']} allocated (capacity unknown)"
             out.append(f"  pool     {pool['key']}: {use}")
@@ -297,8 +330,15 @@ def render(report: dict) -> str:
             for pod in net["pods"]:
                 veth = pod["hostVeth"] + ("" if pod["hostVethExists"] else " MISSING (drift)")
                 netns = pod["netns"] + ("" if pod["netnsExists"] else " (gone)")
-                rows.append((pod["containerId"][:12], pod["ifname"],
-                             ", ".join(pod["addresses"]), veth, netns))
+                rows.append(
+                    (
+                        pod["containerId"][:12],
+                        pod["ifname"],
+                        ", ".join(pod["addresses"]),
+                        veth,
+                        netns,
+                    )
+                )
             widths = [max(len(r[i]) for r in rows) for i in range(4)]
             for r in rows:
                 cells = [c.ljust(w) for c, w in zip(r[:4], widths, strict=True)]

@@ -42,24 +42,31 @@ DEFAULT_RUN_DIR = os.path.dirname(DEFAULT_SOCKET)
 TMP_PREFIX = ".pycni-"  # node_config.atomic_write's temporary files
 VTEP_NAME = re.compile(r"pycni\.\d+")  # ClusterNode.vxlan(): pycni.<vni>
 SQLITE_SUFFIXES = ("", "-wal", "-shm", "-journal")
-DATA_FILES = (*(f"pycni.db{s}" for s in SQLITE_SUFFIXES), "gc.lock",
-              *(f"cluster.db{s}" for s in SQLITE_SUFFIXES))
+DATA_FILES = (
+    *(f"pycni.db{s}" for s in SQLITE_SUFFIXES),
+    "gc.lock",
+    *(f"cluster.db{s}" for s in SQLITE_SUFFIXES),
+)
 
 
 def register(sub) -> None:
     p = sub.add_parser(
-        "uninstall", parents=[cluster_options()],
+        "uninstall",
+        parents=[cluster_options()],
         help="remove everything pycni put on this node (stop the agent first)",
         description="Remove everything pycni put on this node: the executable, the config "
         "list, pods' veths and ifbs, the bridge, pycni's routes and VTEP, its packet rules and "
         "its state. Stop the agent first. With --datastore (and the agent's other cluster "
         "options; the cluster CIDR and node name default to subnet.env's) it also releases "
-        "the node's subnet, as `pycnictl leave` does. Idempotent.")
-    p.add_argument("--bin-dir", default=DEFAULT_BIN_DIR,
-                   help="where the executable was installed")
+        "the node's subnet, as `pycnictl leave` does. Idempotent.",
+    )
+    p.add_argument("--bin-dir", default=DEFAULT_BIN_DIR, help="where the executable was installed")
     p.add_argument("--data-dir", default=DEFAULT_DATA_DIR, help="the plugin's dataDir")
-    p.add_argument("--run-dir", default=DEFAULT_RUN_DIR,
-                   help=f"the agent's socket and subnet.env directory ({DEFAULT_RUN_DIR})")
+    p.add_argument(
+        "--run-dir",
+        default=DEFAULT_RUN_DIR,
+        help=f"the agent's socket and subnet.env directory ({DEFAULT_RUN_DIR})",
+    )
     # Explicit or not: release only when asked; node and subnets default to subnet.env's.
     p.set_defaults(func=run_uninstall, datastore=None, node_name=None, subnet_file=None)
 
@@ -97,16 +104,21 @@ def run_uninstall(args) -> int:
     known = survey(args)
     running = [path for path in known.sockets if agent_answers(path)]
     if running:
-        raise SystemExit(f"pycnictl uninstall: the pycni agent answers at {running[0]}: stop "
-                         "it first (kubectl delete -f pycni.yaml, or stop `pycnictl agent`), "
-                         "or it would put back what this removes")
+        raise SystemExit(
+            f"pycnictl uninstall: the pycni agent answers at {running[0]}: stop "
+            "it first (kubectl delete -f pycni.yaml, or stop `pycnictl agent`), "
+            "or it would put back what this removes"
+        )
     report = Report()
     if args.datastore:
         release_lease(args, known, report)
     elif known.subnet_env.get("SUBNET") or known.subnet_env.get("IPV6_SUBNET"):
-        print(f"note: node {known.subnet_env.get('NODE', '?')} keeps its subnet lease in the "
-              "cluster datastore: give --datastore and the agent's cluster options to release "
-              "it (a sqlite or etcd lease otherwise expires after its TTL)", file=sys.stderr)
+        print(
+            f"note: node {known.subnet_env.get('NODE', '?')} keeps its subnet lease in the "
+            "cluster datastore: give --datastore and the agent's cluster options to release "
+            "it (a sqlite or etcd lease otherwise expires after its TTL)",
+            file=sys.stderr,
+        )
     remove_kernel_objects(known, report)
     try:
         if remove_packet_rules(known.data_dirs[0]):
@@ -137,10 +149,10 @@ def survey(args) -> Known:
     for data_dir in data_dirs:
         for info in store_networks(data_dir).values():
             bridges.setdefault(info.get("bridge") or DEFAULT_BRIDGE, set()).update(
-                info.get("subnets", []))
+                info.get("subnets", [])
+            )
     subnet_file = args.subnet_file or os.path.join(args.run_dir, "subnet.env")
-    return Known(conflists, data_dirs, sockets, bridges, subnet_file,
-                 read_subnet_env(subnet_file))
+    return Known(conflists, data_dirs, sockets, bridges, subnet_file, read_subnet_env(subnet_file))
 
 
 def plugin_entries(conflists: list[str]) -> list[dict]:
@@ -149,8 +161,11 @@ def plugin_entries(conflists: list[str]) -> list[dict]:
     out = []
     for path in conflists:
         with open(path) as f:
-            out.extend(p for p in json.load(f)["plugins"]
-                       if isinstance(p, dict) and p.get("type") == PLUGIN_NAME)
+            out.extend(
+                p
+                for p in json.load(f)["plugins"]
+                if isinstance(p, dict) and p.get("type") == PLUGIN_NAME
+            )
     return out
 
 
@@ -164,8 +179,11 @@ def store_networks(data_dir: str) -> dict[str, dict]:
         with Store(data_dir) as store:
             return store.list_networks()
     except Exception as exc:
-        print(f"note: cannot read the IPAM store in {data_dir} ({exc}): bridges are "
-              "recognised by their MAC only", file=sys.stderr)
+        print(
+            f"note: cannot read the IPAM store in {data_dir} ({exc}): bridges are "
+            "recognised by their MAC only",
+            file=sys.stderr,
+        )
         return {}
 
 
@@ -196,8 +214,11 @@ def release_lease(args, known: Known, report: Report) -> None:
         # Subnets are the API server's podCIDRs there: any cluster CIDR opens the datastore.
         args.cluster_cidr = [str(c) for c in ClusterSettings().cluster_cidrs]
     if not args.cluster_cidr:
-        print("note: no lease to release is known (no subnet.env); give --cluster-cidr to "
-              "release one anyway", file=sys.stderr)
+        print(
+            "note: no lease to release is known (no subnet.env); give --cluster-cidr to "
+            "release one anyway",
+            file=sys.stderr,
+        )
         return
     if args.datastore == "sqlite" and not os.path.exists(args.datastore_path):
         return  # opening it would create it: no database, no lease
@@ -208,18 +229,21 @@ def release_lease(args, known: Known, report: Report) -> None:
         node.store.release()
         node.store.close()
     except (Exception, SystemExit) as exc:
-        report.failed(f"could not release node {args.node_name}'s lease in the "
-                      f"{args.datastore} datastore: {exc} (the other nodes keep their routes "
-                      "to it until it expires, or run `pycnictl leave` later)")
+        report.failed(
+            f"could not release node {args.node_name}'s lease in the "
+            f"{args.datastore} datastore: {exc} (the other nodes keep their routes "
+            "to it until it expires, or run `pycnictl leave` later)"
+        )
         return
     for record in held:
         subnets = ", ".join(map(str, record.subnets))
         if args.datastore == "kubernetes":
-            report.did(f"pycni's annotations from node {record.name} (its podCIDR {subnets} "
-                       "is Kubernetes's)")
+            report.did(
+                f"pycni's annotations from node {record.name} (its podCIDR {subnets} "
+                "is Kubernetes's)"
+            )
         else:
-            report.did(f"node {record.name}'s lease of {subnets} in the {args.datastore} "
-                       "datastore")
+            report.did(f"node {record.name}'s lease of {subnets} in the {args.datastore} datastore")
 
 
 # --- 2-4. kernel objects ---------------------------------------------------------------------
@@ -263,10 +287,17 @@ def remove_routes(ipr, report: Report) -> None:
         for msg in ipr.route("dump", family=family, proto=RTPROT_PYCNI):
             if msg["proto"] != RTPROT_PYCNI:
                 continue
-            dst = f"{msg.get('RTA_DST') or ('0.0.0.0' if family == socket.AF_INET else '::')}" \
-                  f"/{msg['dst_len']}"
-            spec = {"family": family, "dst": dst, "proto": RTPROT_PYCNI, "scope": msg["scope"],
-                    "table": msg.get("RTA_TABLE") or msg["table"]}
+            dst = (
+                f"{msg.get('RTA_DST') or ('0.0.0.0' if family == socket.AF_INET else '::')}"
+                f"/{msg['dst_len']}"
+            )
+            spec = {
+                "family": family,
+                "dst": dst,
+                "proto": RTPROT_PYCNI,
+                "scope": msg["scope"],
+                "table": msg.get("RTA_TABLE") or msg["table"],
+            }
             for key, attr in (("oif", "RTA_OIF"), ("gateway", "RTA_GATEWAY")):
                 if msg.get(attr):
                     spec[key] = msg.get(attr)
@@ -296,14 +327,16 @@ def remove_bridges(ipr, bridges: dict[str, set[str]], report: Report) -> None:
         if _kind(link) != "bridge":
             continue
         if not is_pycni_bridge(ipr, link, bridges[name]):
-            report.kept(f"bridge {name}: not made by pycni (no 0a:58 MAC of its gateway "
-                        "address, not in pycni's store)")
+            report.kept(
+                f"bridge {name}: not made by pycni (no 0a:58 MAC of its gateway "
+                "address, not in pycni's store)"
+            )
             continue
-        ports = [p.get("IFLA_IFNAME") for p in ipr.link("dump")
-                 if p.get("IFLA_MASTER") == link["index"]]
+        ports = [
+            p.get("IFLA_IFNAME") for p in ipr.link("dump") if p.get("IFLA_MASTER") == link["index"]
+        ]
         if ports:
-            report.kept(f"bridge {name}: it still has ports pycni did not make: "
-                        f"{', '.join(ports)}")
+            report.kept(f"bridge {name}: it still has ports pycni did not make: {', '.join(ports)}")
             continue
         _delete_link(ipr, link, "(pod bridge)", report)
 
@@ -380,7 +413,8 @@ def remove_files(args, known: Known, report: Report) -> None:
     socket_dirs: dict[str, set[str]] = {os.path.normpath(args.run_dir): set()}
     for sock in known.sockets:
         socket_dirs.setdefault(os.path.normpath(os.path.dirname(sock)), set()).add(
-            os.path.basename(sock))
+            os.path.basename(sock)
+        )
     for directory, socks in socket_dirs.items():
         if directory == os.path.normpath(args.run_dir):
             remove_own_dir(directory, tuple(socks), report, tmp=tuple(f"{s}." for s in socks))
@@ -392,8 +426,9 @@ def remove_files(args, known: Known, report: Report) -> None:
         remove_own_dir(data_dir, DATA_FILES, report)
 
 
-def remove_own_dir(directory: str, names: tuple[str, ...], report: Report,
-                   tmp: tuple[str, ...] = ()) -> None:
+def remove_own_dir(
+    directory: str, names: tuple[str, ...], report: Report, tmp: tuple[str, ...] = ()
+) -> None:
     """Remove pycni's files in `directory`, and the directory if nothing else is in it."""
     try:
         entries = os.listdir(directory)

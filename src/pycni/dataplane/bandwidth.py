@@ -54,8 +54,15 @@ def tbf_for(shaping: Shaping) -> Tbf:
     return Tbf(rate=rate, burst=burst, limit=limit)
 
 
-def shape(ipr: IPRoute, host_index: int, host_name: str, bandwidth: Bandwidth, ifb: str,
-          ifb_alias: str, mtu: int | None) -> tuple[int, str] | None:
+def shape(
+    ipr: IPRoute,
+    host_index: int,
+    host_name: str,
+    bandwidth: Bandwidth,
+    ifb: str,
+    ifb_alias: str,
+    mtu: int | None,
+) -> tuple[int, str] | None:
     """Shape the attachment both ways; return the ifb's (index, MAC) when egress made one.
     The caller registers the ifb's removal before calling: a failure may leave it half made."""
     if bandwidth.ingress is not None:
@@ -68,10 +75,22 @@ def shape(ipr: IPRoute, host_index: int, host_name: str, bandwidth: Bandwidth, i
     step = f"redirecting {host_name}'s ingress to {ifb}"
     try:
         ipr.tc("add", "ingress", host_index, INGRESS_HANDLE)
-        ipr.tc("add-filter", "u32", host_index, parent=INGRESS_HANDLE, prio=1,
-               protocol=ETH_P_ALL, keys=[U32_MATCH_ALL], target=ROOT_HANDLE | 1,
-               action={"kind": "mirred", "direction": "egress", "action": "redirect",
-                       "ifindex": ifb_index})
+        ipr.tc(
+            "add-filter",
+            "u32",
+            host_index,
+            parent=INGRESS_HANDLE,
+            prio=1,
+            protocol=ETH_P_ALL,
+            keys=[U32_MATCH_ALL],
+            target=ROOT_HANDLE | 1,
+            action={
+                "kind": "mirred",
+                "direction": "egress",
+                "action": "redirect",
+                "ifindex": ifb_index,
+            },
+        )
     except NetlinkError as exc:
         raise dataplane_error(step, exc) from None
     return ifb_index, ifb_mac
@@ -79,8 +98,7 @@ def shape(ipr: IPRoute, host_index: int, host_name: str, bandwidth: Bandwidth, i
 
 def _add_tbf(ipr: IPRoute, index: int, tbf: Tbf, step: str) -> None:
     try:
-        ipr.tc("add", "tbf", index, ROOT_HANDLE, rate=tbf.rate, burst=tbf.burst,
-               limit=tbf.limit)
+        ipr.tc("add", "tbf", index, ROOT_HANDLE, rate=tbf.rate, burst=tbf.burst, limit=tbf.limit)
     except NetlinkError as exc:
         raise dataplane_error(step, exc) from None
 
@@ -125,14 +143,14 @@ def ifbs_with_alias(ipr: IPRoute, prefix: str) -> list[str]:
     for link in ipr.link("dump"):
         alias = link.get("IFLA_IFALIAS")
         info = link.get("IFLA_LINKINFO")
-        if alias and alias.startswith(prefix) and info and info.get(
-                "IFLA_INFO_KIND") == "ifb":
+        if alias and alias.startswith(prefix) and info and info.get("IFLA_INFO_KIND") == "ifb":
             out.append(link.get("IFLA_IFNAME"))
     return out
 
 
-def drift(ipr: IPRoute, host_index: int, host_name: str, bandwidth: Bandwidth,
-          ifb: str) -> str | None:
+def drift(
+    ipr: IPRoute, host_index: int, host_name: str, bandwidth: Bandwidth, ifb: str
+) -> str | None:
     """What differs from the shaping ADD set up, or None (CHECK)."""
     host = _qdiscs(ipr, host_index)
     if bandwidth.ingress is not None:

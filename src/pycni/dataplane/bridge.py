@@ -21,7 +21,9 @@ def link_kind(link) -> str | None:
 
 
 def ensure_bridge(
-    ipr: IPRoute, name: str, gateways: list[ipaddress.IPv4Interface | ipaddress.IPv6Interface],
+    ipr: IPRoute,
+    name: str,
+    gateways: list[ipaddress.IPv4Interface | ipaddress.IPv6Interface],
     mtu: int | None,
 ):
     """Return the bridge's link message, creating and addressing it as needed.
@@ -53,7 +55,10 @@ def ensure_bridge(
             continue
         with tolerating_exists(f"adding {gw} to bridge {name}"):
             ipr.addr(
-                "add", index=index, address=str(gw.ip), prefixlen=gw.network.prefixlen,
+                "add",
+                index=index,
+                address=str(gw.ip),
+                prefixlen=gw.network.prefixlen,
                 flags=IFA_F_NODAD if gw.version == 6 else 0,
             )
     if not link["flags"] & 1:  # IFF_UP

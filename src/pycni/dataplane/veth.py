@@ -29,15 +29,26 @@ def delete_host_veth(ipr: IPRoute, name: str) -> bool:
 
 
 def create_pair(
-    ipr: IPRoute, host_name: str, alias: str, ifname: str, netns_fd: int,
-    mtu: int | None, mac: str | None, bridge_index: int,
+    ipr: IPRoute,
+    host_name: str,
+    alias: str,
+    ifname: str,
+    netns_fd: int,
+    mtu: int | None,
+    mac: str | None,
+    bridge_index: int,
 ) -> tuple[int, str]:
     """Create the pair with the pod end born inside the netns under its final name (nothing to
     rename, no temporary name to collide with) and the host end already on the bridge and up,
     in one request. Return the host end's index and MAC."""
     peer: dict = {"ifname": ifname, "net_ns_fd": netns_fd}
-    host: dict = {"ifname": host_name, "kind": "veth", "peer": peer,
-                  "master": bridge_index, "state": "up"}
+    host: dict = {
+        "ifname": host_name,
+        "kind": "veth",
+        "peer": peer,
+        "master": bridge_index,
+        "state": "up",
+    }
     if mtu:
         host["mtu"] = peer["mtu"] = mtu
     if mac:
@@ -49,8 +60,9 @@ def create_pair(
         if is_exists(exc):
             raise dataplane_error(
                 f"creating veth {host_name} / {ifname}",
-                Exception(f"{ifname} already exists in the pod's namespace, or {host_name} "
-                          "on the node"),
+                Exception(
+                    f"{ifname} already exists in the pod's namespace, or {host_name} on the node"
+                ),
             ) from None
         raise dataplane_error(f"creating veth {host_name} / {ifname}", exc) from None
     # The kernel ignores an alias in the create request: set it after.
@@ -62,7 +74,8 @@ LOOPBACK_INDEX = 1  # lo is the first device of every network namespace
 
 
 def configure_pod(
-    nsipr: IPRoute, ifname: str,
+    nsipr: IPRoute,
+    ifname: str,
     addresses: list[ipaddress.IPv4Interface | ipaddress.IPv6Interface],
     routes: list[Route],
 ) -> str:
@@ -76,7 +89,10 @@ def configure_pod(
     nsipr.link("set", index=index, state="up")
     for addr in addresses:
         nsipr.addr(
-            "add", index=index, address=str(addr.ip), prefixlen=addr.network.prefixlen,
+            "add",
+            index=index,
+            address=str(addr.ip),
+            prefixlen=addr.network.prefixlen,
             # Pod addresses are unique by allocation: skip DAD so v6 works at once.
             flags=IFA_F_NODAD if addr.version == 6 else 0,
         )

@@ -23,8 +23,11 @@ from .model import DoctorError, Finding, Report
 __all__ = ["DoctorError", "Finding", "Report", "check", "examine", "parse_live"]
 
 
-def examine(data_dirs: str | list[str], live: set[tuple[str, str]] | None = None,
-            agent_socket: str | None = None) -> Report:
+def examine(
+    data_dirs: str | list[str],
+    live: set[tuple[str, str]] | None = None,
+    agent_socket: str | None = None,
+) -> Report:
     """Check this network namespace against `data_dirs` (one or several dataDirs).
 
     `live`: the (container ID, ifname) pairs the runtime considers live, or None to leave the
@@ -38,14 +41,24 @@ def examine(data_dirs: str | list[str], live: set[tuple[str, str]] | None = None
     dirs = list({os.path.realpath(d): d for d in given}.values())
     snap, errors, notes = snapshot(dirs, agent_socket)
     owned = {a.key for a in snap.attachments()}
-    addresses = sum(1 for s in snap.stores for a in s.allocations
-                    if (a.data_dir, a.attachment_id) in owned)
-    return Report(findings=compare(snap, live), errors=errors, notes=notes, data_dirs=dirs,
-                  attachments=len(owned), addresses=addresses)
+    addresses = sum(
+        1 for s in snap.stores for a in s.allocations if (a.data_dir, a.attachment_id) in owned
+    )
+    return Report(
+        findings=compare(snap, live),
+        errors=errors,
+        notes=notes,
+        data_dirs=dirs,
+        attachments=len(owned),
+        addresses=addresses,
+    )
 
 
-def check(data_dirs: str | list[str], live: set[tuple[str, str]] | None = None,
-          agent_socket: str | None = None) -> list[Finding]:
+def check(
+    data_dirs: str | list[str],
+    live: set[tuple[str, str]] | None = None,
+    agent_socket: str | None = None,
+) -> list[Finding]:
     """The findings of `examine`; DoctorError when something could not be checked, so an
     empty list always means the invariant holds."""
     report = examine(data_dirs, live, agent_socket)
@@ -75,7 +88,9 @@ def parse_live(obj: object) -> set[tuple[str, str]]:
         else:
             pair = (None, None)
         if not all(isinstance(x, str) and x for x in pair):
-            raise ValueError(f"item {i}: want {{\"containerID\": ..., \"ifname\": ...}} or "
-                             f"[containerID, ifname], not {item!r}")
+            raise ValueError(
+                f'item {i}: want {{"containerID": ..., "ifname": ...}} or '
+                f"[containerID, ifname], not {item!r}"
+            )
         out.add(pair)  # type: ignore[arg-type]
     return out

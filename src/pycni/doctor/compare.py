@@ -45,13 +45,17 @@ def compare(snap: NodeSnapshot, live: set[tuple[str, str]] | None = None) -> lis
 
 
 def _del_hint(att: StoredAttachment) -> str:
-    return (f"run DEL for container {att.container_id} with CNI_IFNAME={att.ifname} on network "
-            f"{att.network} (the runtime's DEL or GC does this when it removes the pod)")
+    return (
+        f"run DEL for container {att.container_id} with CNI_IFNAME={att.ifname} on network "
+        f"{att.network} (the runtime's DEL or GC does this when it removes the pod)"
+    )
 
 
 def _recreate_hint(att: StoredAttachment) -> str:
-    return (f"recreate the pod: DEL then ADD container {att.container_id} "
-            f"(CNI_IFNAME={att.ifname}, network {att.network})")
+    return (
+        f"recreate the pod: DEL then ADD container {att.container_id} "
+        f"(CNI_IFNAME={att.ifname}, network {att.network})"
+    )
 
 
 def bridge_of(snap: NodeSnapshot, data_dir: str, network: str) -> str:
@@ -70,21 +74,29 @@ def check_attachments(snap: NodeSnapshot) -> list[Finding]:
         host = snap.links.get(att.veth)
         if ns is not None and not ns.alive:
             still = f"; host veth {att.veth} is still there" if host else ""
-            out.append(Finding(
-                m.STALE_ATTACHMENT, att.label,
-                f"the pod's netns {att.netns} holding {att.ifname}",
-                f"netns {att.netns} {ns.problem}{still}",
-                f"the pod is gone but DEL never came: {_del_hint(att)}"))
+            out.append(
+                Finding(
+                    m.STALE_ATTACHMENT,
+                    att.label,
+                    f"the pod's netns {att.netns} holding {att.ifname}",
+                    f"netns {att.netns} {ns.problem}{still}",
+                    f"the pod is gone but DEL never came: {_del_hint(att)}",
+                )
+            )
             continue
         bridge_name = bridge_of(snap, att.data_dir, att.network)
         if host is None:
             pod_gone = ns is not None and att.ifname not in ns.links
-            out.append(Finding(
-                m.HOST_VETH_MISSING, att.label,
-                f"host veth {att.veth} on bridge {bridge_name}",
-                f"no link {att.veth}"
-                + (f" (and {att.ifname} is gone from {att.netns})" if pod_gone else ""),
-                _recreate_hint(att)))
+            out.append(
+                Finding(
+                    m.HOST_VETH_MISSING,
+                    att.label,
+                    f"host veth {att.veth} on bridge {bridge_name}",
+                    f"no link {att.veth}"
+                    + (f" (and {att.ifname} is gone from {att.netns})" if pod_gone else ""),
+                    _recreate_hint(att),
+                )
+            )
             continue
         out += _check_host_veth(att, host, snap.links.get(bridge_name), bridge_name, by_index)
         if ns is not None:
@@ -92,30 +104,57 @@ def check_attachments(snap: NodeSnapshot) -> list[Finding]:
     return out
 
 
-def _check_host_veth(att: StoredAttachment, host: Link, bridge: Link | None, bridge_name: str,
-                     by_index: dict[int, Link]) -> list[Finding]:
+def _check_host_veth(
+    att: StoredAttachment,
+    host: Link,
+    bridge: Link | None,
+    bridge_name: str,
+    by_index: dict[int, Link],
+) -> list[Finding]:
     if host.kind != "veth":
-        return [Finding(m.HOST_VETH_NOT_VETH, att.label, f"{att.veth} to be a veth",
-                        f"a {host.kind or 'device of unknown kind'}",
-                        f"delete {att.veth} (ip link del {att.veth}), then "
-                        + _recreate_hint(att))]
+        return [
+            Finding(
+                m.HOST_VETH_NOT_VETH,
+                att.label,
+                f"{att.veth} to be a veth",
+                f"a {host.kind or 'device of unknown kind'}",
+                f"delete {att.veth} (ip link del {att.veth}), then " + _recreate_hint(att),
+            )
+        ]
     out = []
     alias = names.host_veth_alias(att.network, att.container_id, att.ifname)
     if host.alias != alias:
-        out.append(Finding(m.HOST_VETH_ALIAS, att.label, f"{att.veth} with alias '{alias}'",
-                           f"alias '{host.alias}'" if host.alias else "no alias",
-                           f"ip link set {att.veth} alias '{alias}' (GC finds veths by it)"))
+        out.append(
+            Finding(
+                m.HOST_VETH_ALIAS,
+                att.label,
+                f"{att.veth} with alias '{alias}'",
+                f"alias '{host.alias}'" if host.alias else "no alias",
+                f"ip link set {att.veth} alias '{alias}' (GC finds veths by it)",
+            )
+        )
     # A missing or foreign bridge is reported once, for the bridge (check_bridges).
     if bridge is not None and bridge.kind == "bridge" and host.master != bridge.index:
         master = by_index.get(host.master) if host.master is not None else None
-        out.append(Finding(
-            m.HOST_VETH_DETACHED, att.label, f"{att.veth} attached to bridge {bridge_name}",
-            f"attached to {master.name}" if master else
-            ("attached to a device that does not exist" if host.master else "on no bridge"),
-            f"ip link set {att.veth} master {bridge_name}"))
+        out.append(
+            Finding(
+                m.HOST_VETH_DETACHED,
+                att.label,
+                f"{att.veth} attached to bridge {bridge_name}",
+                f"attached to {master.name}"
+                if master
+                else (
+                    "attached to a device that does not exist" if host.master else "on no bridge"
+                ),
+                f"ip link set {att.veth} master {bridge_name}",
+            )
+        )
     if not host.up:
-        out.append(Finding(m.HOST_VETH_DOWN, att.label, f"{att.veth} up", "down",
-                           f"ip link set {att.veth} up"))
+        out.append(
+            Finding(
+                m.HOST_VETH_DOWN, att.label, f"{att.veth} up", "down", f"ip link set {att.veth} up"
+            )
+        )
     return out
 
 
@@ -123,41 +162,71 @@ def _nsenter(netns: str, command: str) -> str:
     return f"nsenter --net={netns} {command}"
 
 
-def _check_pod(att: StoredAttachment, host: Link, ns: m.NetnsView,
-               allocations: list[StoredAllocation], gateways) -> list[Finding]:
+def _check_pod(
+    att: StoredAttachment,
+    host: Link,
+    ns: m.NetnsView,
+    allocations: list[StoredAllocation],
+    gateways,
+) -> list[Finding]:
     pod = ns.links.get(att.ifname)
     if pod is None:
-        return [Finding(m.POD_INTERFACE_MISSING, att.label,
-                        f"{att.ifname} in {att.netns}, the peer of {att.veth}",
-                        f"no {att.ifname} in {att.netns}", _recreate_hint(att))]
+        return [
+            Finding(
+                m.POD_INTERFACE_MISSING,
+                att.label,
+                f"{att.ifname} in {att.netns}, the peer of {att.veth}",
+                f"no {att.ifname} in {att.netns}",
+                _recreate_hint(att),
+            )
+        ]
     out = []
     if host.peer is not None and (host.peer != pod.index or pod.peer != host.index):
-        out.append(Finding(m.POD_INTERFACE_NOT_PEER, att.label,
-                           f"{att.ifname} in {att.netns} to be the other end of {att.veth}",
-                           f"{att.veth}'s peer is index {host.peer} there, {att.ifname} is "
-                           f"index {pod.index}"
-                           + (f" (a {pod.kind or 'device'})" if pod.kind != "veth" else ""),
-                           _recreate_hint(att)))
+        out.append(
+            Finding(
+                m.POD_INTERFACE_NOT_PEER,
+                att.label,
+                f"{att.ifname} in {att.netns} to be the other end of {att.veth}",
+                f"{att.veth}'s peer is index {host.peer} there, {att.ifname} is "
+                f"index {pod.index}"
+                + (f" (a {pod.kind or 'device'})" if pod.kind != "veth" else ""),
+                _recreate_hint(att),
+            )
+        )
     if not pod.up:
-        out.append(Finding(m.POD_INTERFACE_DOWN, att.label, f"{att.ifname} in {att.netns} up",
-                           "down", _nsenter(att.netns, f"ip link set {att.ifname} up")))
+        out.append(
+            Finding(
+                m.POD_INTERFACE_DOWN,
+                att.label,
+                f"{att.ifname} in {att.netns} up",
+                "down",
+                _nsenter(att.netns, f"ip link set {att.ifname} up"),
+            )
+        )
     # Allocations that cannot be right are reported as such (check_allocations); the pod is
     # only expected to hold the others, and to hold nothing beyond all of them.
-    valid = {_iface(a.cidr) for a in allocations
-             if allocation_problem(a, gateways.get(_range_key(a), set())) is None}
+    valid = {
+        _iface(a.cidr)
+        for a in allocations
+        if allocation_problem(a, gateways.get(_range_key(a), set())) is None
+    }
     every = {_iface(a.cidr) for a in allocations}
     have = {_iface(a) for a in pod.addresses}
     if (valid - have) or (have - every):
         missing, extra = sorted(valid - have, key=_sort), sorted(have - every, key=_sort)
         what = [f"missing {', '.join(map(str, missing))}"] if missing else []
         what += [f"unexpected {', '.join(map(str, extra))}"] if extra else []
-        out.append(Finding(
-            m.POD_ADDRESSES, att.label,
-            f"{att.ifname} in {att.netns} holding exactly "
-            f"{', '.join(str(a) for a in sorted(every, key=_sort)) or 'nothing'}",
-            f"{', '.join(str(a) for a in sorted(have, key=_sort)) or 'no address'} "
-            f"({'; '.join(what)})",
-            _recreate_hint(att)))
+        out.append(
+            Finding(
+                m.POD_ADDRESSES,
+                att.label,
+                f"{att.ifname} in {att.netns} holding exactly "
+                f"{', '.join(str(a) for a in sorted(every, key=_sort)) or 'nothing'}",
+                f"{', '.join(str(a) for a in sorted(have, key=_sort)) or 'no address'} "
+                f"({'; '.join(what)})",
+                _recreate_hint(att),
+            )
+        )
     return out
 
 
@@ -182,35 +251,48 @@ def check_orphans(snap: NodeSnapshot) -> list[Finding]:
         return []
     atts = snap.attachments()
     owned = {a.veth for a in atts} | {
-        names.host_veth_name(a.network, a.container_id, a.ifname) for a in atts}
+        names.host_veth_name(a.network, a.container_id, a.ifname) for a in atts
+    }
     ifbs = {names.ifb_name(a.network, a.container_id, a.ifname) for a in atts}
     bridges = {snap.links[b].index for b in _bridge_names(snap) if b in snap.links}
     out = []
     for link in sorted(snap.links.values(), key=lambda x: x.name):
-        if link.kind == "veth" and link.name not in owned and (
+        if (
+            link.kind == "veth"
+            and link.name not in owned
+            and (
                 link.alias.startswith(names.ALIAS_PREFIX + " ")
-                or (link.master in bridges and _VETH_NAME.fullmatch(link.name))):
+                or (link.master in bridges and _VETH_NAME.fullmatch(link.name))
+            )
+        ):
             out.append(_orphan(m.ORPHAN_VETH, link, "veth", names.ALIAS_PREFIX))
-        elif link.kind == "ifb" and link.name not in ifbs and link.alias.startswith(
-                names.IFB_ALIAS_PREFIX + " "):
+        elif (
+            link.kind == "ifb"
+            and link.name not in ifbs
+            and link.alias.startswith(names.IFB_ALIAS_PREFIX + " ")
+        ):
             out.append(_orphan(m.ORPHAN_IFB, link, "ifb", names.IFB_ALIAS_PREFIX))
     return out
 
 
 def _orphan(kind: str, link: Link, what: str, prefix: str) -> Finding:
-    parts = link.alias[len(prefix) + 1:].split(" ") if link.alias else []
+    parts = link.alias[len(prefix) + 1 :].split(" ") if link.alias else []
     if len(parts) == 3:
         network, cid, ifname = parts
-        owner = f"alias '{link.alias}': no attachment of container {cid} {ifname} on network " \
-                f"{network}"
-        hint = (f"run DEL for container {cid} with CNI_IFNAME={ifname} on network {network}, "
-                f"or the runtime's GC; by hand: ip link del {link.name} (if the network's "
-                "dataDir was not checked, give it with --data-dir)")
+        owner = (
+            f"alias '{link.alias}': no attachment of container {cid} {ifname} on network {network}"
+        )
+        hint = (
+            f"run DEL for container {cid} with CNI_IFNAME={ifname} on network {network}, "
+            f"or the runtime's GC; by hand: ip link del {link.name} (if the network's "
+            "dataDir was not checked, give it with --data-dir)"
+        )
     else:
         owner = f"alias '{link.alias}'" if link.alias else "no alias, on a pycni bridge"
         hint = f"ip link del {link.name} (the runtime's GC on its network removes it too)"
-    return Finding(kind, f"{what} {link.name}", "a store attachment owning it",
-                   f"none ({owner})", hint)
+    return Finding(
+        kind, f"{what} {link.name}", "a store attachment owning it", f"none ({owner})", hint
+    )
 
 
 # --- the store: every allocation owned, in its range, and held once ----------------------
@@ -246,7 +328,7 @@ def parse_range_set_key(key: str) -> list[tuple]:
         slash = part.index("/")
         colon = part.index(":", slash)  # the subnet ends at the first ':' after its prefix
         subnet = ipaddress.ip_network(part[:colon])
-        first, last = (ipaddress.ip_address(x) for x in part[colon + 1:].split("-"))
+        first, last = (ipaddress.ip_address(x) for x in part[colon + 1 :].split("-"))
         out.append((subnet, first, last))
     return out
 
@@ -282,25 +364,42 @@ def check_allocations(snap: NodeSnapshot) -> list[Finding]:
     holders: dict[object, list[tuple[StoredAllocation, StoredAttachment]]] = defaultdict(list)
     for att in snap.attachments():
         if not by_attachment.get(att.key):
-            out.append(Finding(m.ATTACHMENT_WITHOUT_ADDRESS, att.label,
-                               "at least one allocated address", "none in the store",
-                               _recreate_hint(att)))
+            out.append(
+                Finding(
+                    m.ATTACHMENT_WITHOUT_ADDRESS,
+                    att.label,
+                    "at least one allocated address",
+                    "none in the store",
+                    _recreate_hint(att),
+                )
+            )
     for store in snap.stores:
         for a in store.allocations:
             att = owners.get((a.data_dir, a.attachment_id))
             subject = f"address {a.cidr} of network {a.network} in {a.data_dir}"
             if att is None:
-                out.append(Finding(
-                    m.ORPHAN_ALLOCATION, subject, "an attachment owning it",
-                    f"attachment row {a.attachment_id} does not exist",
-                    f"delete the row: sqlite3 {a.data_dir}/pycni.db \"DELETE FROM allocations "
-                    f"WHERE attachment_id = {a.attachment_id} AND ip = '{a.ip}'\""))
+                out.append(
+                    Finding(
+                        m.ORPHAN_ALLOCATION,
+                        subject,
+                        "an attachment owning it",
+                        f"attachment row {a.attachment_id} does not exist",
+                        f'delete the row: sqlite3 {a.data_dir}/pycni.db "DELETE FROM allocations '
+                        f"WHERE attachment_id = {a.attachment_id} AND ip = '{a.ip}'\"",
+                    )
+                )
                 continue
             problem = allocation_problem(a, gateways.get(_range_key(a), set()))
             if problem is not None:
-                out.append(Finding(problem[0], f"{subject}, held by {att.label}",
-                                   f"an allocatable address of range set {a.range_set}",
-                                   problem[1], _recreate_hint(att)))
+                out.append(
+                    Finding(
+                        problem[0],
+                        f"{subject}, held by {att.label}",
+                        f"an allocatable address of range set {a.range_set}",
+                        problem[1],
+                        _recreate_hint(att),
+                    )
+                )
             try:
                 holders[ipaddress.ip_address(a.ip)].append((a, att))
             except ValueError:
@@ -308,11 +407,16 @@ def check_allocations(snap: NodeSnapshot) -> list[Finding]:
     for ip, held in sorted(holders.items(), key=lambda kv: _sort(kv[0])):
         if len(held) > 1:
             who = [f"{att.label} (dataDir {att.data_dir})" for _, att in held]
-            out.append(Finding(
-                m.DUPLICATE_ADDRESS, f"address {ip}", "one holder",
-                f"{len(held)} holders: {'; '.join(who)}",
-                "recreate all but one of these pods (DEL then ADD); networks on one node "
-                "need subnets that do not overlap"))
+            out.append(
+                Finding(
+                    m.DUPLICATE_ADDRESS,
+                    f"address {ip}",
+                    "one holder",
+                    f"{len(held)} holders: {'; '.join(who)}",
+                    "recreate all but one of these pods (DEL then ADD); networks on one node "
+                    "need subnets that do not overlap",
+                )
+            )
     return out
 
 
@@ -327,16 +431,26 @@ def check_live(snap: NodeSnapshot, live: set[tuple[str, str]]) -> list[Finding]:
         ns = snap.netns.get(att.netns)
         if (att.container_id, att.ifname) in live or (ns is not None and not ns.alive):
             continue  # a stale attachment is reported once, as stale
-        out.append(Finding(m.UNKNOWN_TO_RUNTIME, att.label,
-                           "an attachment the runtime considers live",
-                           "not in the runtime's list of live attachments", _del_hint(att)))
+        out.append(
+            Finding(
+                m.UNKNOWN_TO_RUNTIME,
+                att.label,
+                "an attachment the runtime considers live",
+                "not in the runtime's list of live attachments",
+                _del_hint(att),
+            )
+        )
     dirs = ", ".join(s.data_dir for s in snap.stores) or "no store"
     for cid, ifname in sorted(live - known) if snap.stores_complete else ():
-        out.append(Finding(
-            m.MISSING_IN_STORE, f"container {cid} {ifname}",
-            "an attachment in the store (the runtime considers it live)",
-            f"none in {dirs}",
-            f"recreate the pod (DEL then ADD container {cid}), or check the dataDir"))
+        out.append(
+            Finding(
+                m.MISSING_IN_STORE,
+                f"container {cid} {ifname}",
+                "an attachment in the store (the runtime considers it live)",
+                f"none in {dirs}",
+                f"recreate the pod (DEL then ADD container {cid}), or check the dataDir",
+            )
+        )
     return out
 
 
@@ -364,35 +478,51 @@ def check_bridges(snap: NodeSnapshot) -> list[Finding]:
             att = owners.get((a.data_dir, a.attachment_id))
             if att is not None and a.gateway:
                 gateways[bridge_of(snap, att.data_dir, att.network)].add(
-                    _iface(f"{a.gateway}/{a.prefixlen}"))
+                    _iface(f"{a.gateway}/{a.prefixlen}")
+                )
     for bridge in sorted(networks):
         subject = f"bridge {bridge} (network {', '.join(sorted(networks[bridge]))})"
         link = snap.links.get(bridge)
         want = ", ".join(str(g) for g in sorted(gateways[bridge], key=_sort)) or "no address"
         if link is None:
-            out.append(Finding(
-                m.BRIDGE_MISSING, subject, f"a bridge holding {want}",
-                f"no link {bridge}; the host veths of its {pods[bridge]} pod(s) are on no bridge",
-                "the next ADD on the network makes it again and puts the existing pods' host "
-                "veths back on it"))
+            out.append(
+                Finding(
+                    m.BRIDGE_MISSING,
+                    subject,
+                    f"a bridge holding {want}",
+                    f"no link {bridge}; the host veths of its {pods[bridge]} pod(s) "
+                    "are on no bridge",
+                    "the next ADD on the network makes it again and puts the existing pods' host "
+                    "veths back on it",
+                )
+            )
             continue
         if link.kind != "bridge":
-            out.append(Finding(m.BRIDGE_NOT_BRIDGE, subject, f"{bridge} to be a bridge",
-                               f"a {link.kind or 'device of unknown kind'}",
-                               "remove or rename that device, then recreate the pods"))
+            out.append(
+                Finding(
+                    m.BRIDGE_NOT_BRIDGE,
+                    subject,
+                    f"{bridge} to be a bridge",
+                    f"a {link.kind or 'device of unknown kind'}",
+                    "remove or rename that device, then recreate the pods",
+                )
+            )
             continue
         if not link.up:
-            out.append(Finding(m.BRIDGE_DOWN, subject, "up", "down",
-                               f"ip link set {bridge} up"))
+            out.append(Finding(m.BRIDGE_DOWN, subject, "up", "down", f"ip link set {bridge} up"))
         have = {_iface(a) for a in link.addresses}
         missing = sorted(gateways[bridge] - have, key=_sort)
         if missing:
-            out.append(Finding(
-                m.BRIDGE_GATEWAY_MISSING, subject,
-                f"gateway address {', '.join(map(str, missing))}",
-                ", ".join(str(a) for a in sorted(have, key=_sort)) or "no address",
-                "; ".join(f"ip addr add {g} dev {bridge}" for g in missing)
-                + " (the next ADD on the network adds it too)"))
+            out.append(
+                Finding(
+                    m.BRIDGE_GATEWAY_MISSING,
+                    subject,
+                    f"gateway address {', '.join(map(str, missing))}",
+                    ", ".join(str(a) for a in sorted(have, key=_sort)) or "no address",
+                    "; ".join(f"ip addr add {g} dev {bridge}" for g in missing)
+                    + " (the next ADD on the network adds it too)",
+                )
+            )
     return out
 
 
@@ -407,8 +537,10 @@ def describe_rule(field: str, entry: object) -> str:
         return f"masquerade {p} saddr {source} daddr != {{ {excl} }}"
     if getattr(entry, "host_port", None) is not None:
         host = entry.host_ip or "any address"  # type: ignore[attr-defined]
-        return (f"hostPort {entry.protocol} {host} port {entry.host_port} -> "  # type: ignore
-                f"{entry.pod_ip} port {entry.pod_port}")  # type: ignore[attr-defined]
+        return (
+            f"hostPort {entry.protocol} {host} port {entry.host_port} -> "  # type: ignore
+            f"{entry.pod_ip} port {entry.pod_port}"
+        )  # type: ignore[attr-defined]
     if field == "forward":
         return f"accept forwarded traffic from and to {entry}"
     if field == "hairpin":
@@ -426,19 +558,26 @@ def _rule_key(entry: object) -> object:
 
 
 def check_rules(rules: m.RulesView) -> list[Finding]:
-    where = ("nftables table inet pycni" if rules.backend == "nft"
-             else "pycni's iptables chains")
-    hint = ("a running agent puts the wanted rules back within 10 s (--resync with a cluster); "
-            "without one, pycni rewrites them only when the wanted set changes: run `pycnictl "
-            "cleanup --data-dir DIR` (it forgets what it installed), then the next ADD or DEL "
-            "installs them")
+    where = "nftables table inet pycni" if rules.backend == "nft" else "pycni's iptables chains"
+    hint = (
+        "a running agent puts the wanted rules back within 10 s (--resync with a cluster); "
+        "without one, pycni rewrites them only when the wanted set changes: run `pycnictl "
+        "cleanup --data-dir DIR` (it forgets what it installed), then the next ADD or DEL "
+        "installs them"
+    )
     desired = rules.desired
     if rules.installed is None:
         if not desired:
             return []
-        return [Finding(m.RULES_MISSING, where,
-                        "; ".join(describe_rule(f, e) for f, e in _entries(desired)),
-                        "absent", hint)]
+        return [
+            Finding(
+                m.RULES_MISSING,
+                where,
+                "; ".join(describe_rule(f, e) for f, e in _entries(desired)),
+                "absent",
+                hint,
+            )
+        ]
     out = []
     for f in dataclasses.fields(desired):  # type: ignore[arg-type]
         want = set(getattr(desired, f.name))
@@ -448,14 +587,29 @@ def check_rules(rules: m.RulesView) -> list[Finding]:
             subject = f"{f.name} rule in {where}"
             other = extra.pop(_rule_key(entry), None)
             if other is not None:
-                out.append(Finding(m.RULE_DIFFERS, subject, describe_rule(f.name, entry),
-                                   describe_rule(f.name, other), hint))
+                out.append(
+                    Finding(
+                        m.RULE_DIFFERS,
+                        subject,
+                        describe_rule(f.name, entry),
+                        describe_rule(f.name, other),
+                        hint,
+                    )
+                )
             else:
-                out.append(Finding(m.RULE_MISSING, subject, describe_rule(f.name, entry),
-                                   "absent", hint))
+                out.append(
+                    Finding(m.RULE_MISSING, subject, describe_rule(f.name, entry), "absent", hint)
+                )
         for entry in sorted(extra.values(), key=str):
-            out.append(Finding(m.RULE_EXTRA, f"{f.name} rule in {where}", "absent",
-                               describe_rule(f.name, entry), hint))
+            out.append(
+                Finding(
+                    m.RULE_EXTRA,
+                    f"{f.name} rule in {where}",
+                    "absent",
+                    describe_rule(f.name, entry),
+                    hint,
+                )
+            )
     return out
 
 
@@ -472,24 +626,41 @@ def check_cluster(c: m.ClusterView, links: dict[str, Link]) -> list[Finding]:
     from ..backends.plan import Fdb, Neighbour, diff
 
     subject = f"node {c.node} ({c.backend})"
-    repair = ("the agent reconciles on every datastore change and every --resync seconds; if "
-              "this stays, see the agent's log and `pycnictl status`")
+    repair = (
+        "the agent reconciles on every datastore change and every --resync seconds; if "
+        "this stays, see the agent's log and `pycnictl status`"
+    )
     if not c.ready:
-        return [Finding(m.CLUSTER_NOT_READY, subject, "a leased pod subnet",
-                        c.reason or "not ready", repair)]
+        return [
+            Finding(
+                m.CLUSTER_NOT_READY, subject, "a leased pod subnet", c.reason or "not ready", repair
+            )
+        ]
     out = []
     vtep = links.get(c.vtep_name) if c.vtep_name else None
     if c.backend == "host-gw":
         if vtep is not None and vtep.kind == "vxlan":
-            out.append(Finding(m.VTEP_STALE, subject, "no VXLAN device (backend host-gw)",
-                               f"{c.vtep_name} present", repair))
+            out.append(
+                Finding(
+                    m.VTEP_STALE,
+                    subject,
+                    "no VXLAN device (backend host-gw)",
+                    f"{c.vtep_name} present",
+                    repair,
+                )
+            )
     elif vtep is None or vtep.kind != "vxlan":
         # Its routes, neighbours and FDB entries went with it, and without it the plan has
         # none either (read.read_cluster): one finding, not one per peer.
-        out.append(Finding(
-            m.VTEP_MISSING, subject, f"VXLAN device {c.vtep_name} with MAC {c.vtep_mac}",
-            "absent" if vtep is None else f"{c.vtep_name} is a {vtep.kind or 'device'}",
-            repair))
+        out.append(
+            Finding(
+                m.VTEP_MISSING,
+                subject,
+                f"VXLAN device {c.vtep_name} with MAC {c.vtep_mac}",
+                "absent" if vtep is None else f"{c.vtep_name} is a {vtep.kind or 'device'}",
+                repair,
+            )
+        )
     else:
         wrong = []
         if c.vtep_mac and vtep.mac.lower() != c.vtep_mac.lower():
@@ -497,19 +668,29 @@ def check_cluster(c: m.ClusterView, links: dict[str, Link]) -> list[Finding]:
         if not vtep.up:
             wrong.append("down")
         if wrong:
-            out.append(Finding(m.VTEP_WRONG, subject,
-                               f"{c.vtep_name} up with MAC {c.vtep_mac}", ", ".join(wrong),
-                               repair))
+            out.append(
+                Finding(
+                    m.VTEP_WRONG,
+                    subject,
+                    f"{c.vtep_name} up with MAC {c.vtep_mac}",
+                    ", ".join(wrong),
+                    repair,
+                )
+            )
     if c.want is None or c.have is None:
         return out
     names_by_index = {link.index: link.name for link in links.values()}
     have_by_key = {e.key: e for e in c.have.entries()}  # type: ignore[attr-defined]
     plan = diff(c.want, c.have)  # type: ignore[arg-type]
-    for verb, entries in (("missing", plan.add), ("differs", plan.replace),
-                          ("extra", plan.remove)):
+    for verb, entries in (("missing", plan.add), ("differs", plan.replace), ("extra", plan.remove)):
         for e in entries:
-            kind = "fdb" if isinstance(e, Fdb) else "neighbour" if isinstance(e, Neighbour) \
+            kind = (
+                "fdb"
+                if isinstance(e, Fdb)
+                else "neighbour"
+                if isinstance(e, Neighbour)
                 else "route"
+            )
             text = describe_entry(e, names_by_index)
             if verb == "missing":
                 expected, actual = text, "absent"
@@ -531,5 +712,8 @@ def describe_entry(e: object, names_by_index: dict[int, str]) -> str:
         return f"fdb {e.lladdr} dst {e.dst or '-'} dev {dev(e.dev)}"
     if isinstance(e, Neighbour):
         return f"neighbour {e.ip} lladdr {e.lladdr} dev {dev(e.dev)} permanent"
-    return (f"route {e.dst} via {e.gateway or '-'} dev {dev(e.dev)}"  # type: ignore
-            + (" onlink" if e.onlink else "") + " proto 120")  # type: ignore[attr-defined]
+    return (
+        f"route {e.dst} via {e.gateway or '-'} dev {dev(e.dev)}"  # type: ignore
+        + (" onlink" if e.onlink else "")
+        + " proto 120"
+    )  # type: ignore[attr-defined]

@@ -61,12 +61,19 @@ class Finding:
     hint: str
 
     def to_json(self) -> dict:
-        return {"kind": self.kind, "subject": self.subject, "expected": self.expected,
-                "actual": self.actual, "hint": self.hint}
+        return {
+            "kind": self.kind,
+            "subject": self.subject,
+            "expected": self.expected,
+            "actual": self.actual,
+            "hint": self.hint,
+        }
 
     def __str__(self) -> str:
-        return (f"{self.kind}: {self.subject}: expected {self.expected}; found {self.actual}; "
-                f"repair: {self.hint}")
+        return (
+            f"{self.kind}: {self.subject}: expected {self.expected}; found {self.actual}; "
+            f"repair: {self.hint}"
+        )
 
 
 @dataclass
@@ -86,10 +93,15 @@ class Report:
         return not self.findings and not self.errors
 
     def to_json(self) -> dict:
-        return {"ok": self.ok, "findings": [f.to_json() for f in self.findings],
-                "errors": list(self.errors), "notes": list(self.notes),
-                "dataDirs": list(self.data_dirs), "attachments": self.attachments,
-                "addresses": self.addresses}
+        return {
+            "ok": self.ok,
+            "findings": [f.to_json() for f in self.findings],
+            "errors": list(self.errors),
+            "notes": list(self.notes),
+            "dataDirs": list(self.data_dirs),
+            "attachments": self.attachments,
+            "addresses": self.addresses,
+        }
 
 
 # --- snapshots ---------------------------------------------------------------------------
@@ -125,8 +137,7 @@ class StoredAttachment:
     @property
     def veth(self) -> str:
         """The host veth it should have: the name recorded at ADD, else the derived one."""
-        return self.host_veth or names.host_veth_name(self.network, self.container_id,
-                                                      self.ifname)
+        return self.host_veth or names.host_veth_name(self.network, self.container_id, self.ifname)
 
     @property
     def label(self) -> str:

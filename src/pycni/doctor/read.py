@@ -50,19 +50,27 @@ class ReadOnlyStore(Store):
         self._conn = None
         damage = file_damage(self.path)  # SQLite would read past a damaged log silently
         if damage:
-            raise DoctorError(f"the IPAM database {self.path} {damage}: pycni will not use it "
-                              "(recovery: the README's \"When the IPAM store cannot be used\")")
+            raise DoctorError(
+                f"the IPAM database {self.path} {damage}: pycni will not use it "
+                '(recovery: the README\'s "When the IPAM store cannot be used")'
+            )
         try:
-            self._conn = sqlite3.connect(f"file:{quote(self.path)}?mode=ro", uri=True,
-                                         timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None)
+            self._conn = sqlite3.connect(
+                f"file:{quote(self.path)}?mode=ro",
+                uri=True,
+                timeout=BUSY_TIMEOUT_MS / 1000,
+                isolation_level=None,
+            )
             version = self._conn.execute("PRAGMA user_version").fetchone()[0]
         except sqlite3.Error as exc:
             self.close()
             raise DoctorError(f"cannot read the IPAM database {self.path}: {exc}") from None
         if version != SCHEMA_VERSION:
             self.close()
-            raise DoctorError(f"the IPAM database {self.path} has schema version {version}, "
-                              f"this pycni understands {SCHEMA_VERSION}")
+            raise DoctorError(
+                f"the IPAM database {self.path} has schema version {version}, "
+                f"this pycni understands {SCHEMA_VERSION}"
+            )
 
 
 def read_store(data_dir: str) -> tuple[StoreSnapshot, object | None]:
@@ -79,13 +87,19 @@ def read_store(data_dir: str) -> tuple[StoreSnapshot, object | None]:
             conn.execute("BEGIN")  # the store's own reads below join this snapshot
             try:
                 attachments = [
-                    StoredAttachment(data_dir, *row) for row in conn.execute(
+                    StoredAttachment(data_dir, *row)
+                    for row in conn.execute(
                         "SELECT id, network, container_id, ifname, host_veth, netns"
-                        " FROM attachments ORDER BY network, created, id")]
+                        " FROM attachments ORDER BY network, created, id"
+                    )
+                ]
                 allocations = [
-                    StoredAllocation(data_dir, *row) for row in conn.execute(
+                    StoredAllocation(data_dir, *row)
+                    for row in conn.execute(
                         "SELECT attachment_id, network, ip, prefixlen, gateway, range_set"
-                        " FROM allocations ORDER BY attachment_id, seq")]
+                        " FROM allocations ORDER BY attachment_id, seq"
+                    )
+                ]
                 networks = store.list_networks()
                 desired = masquerade.desired_rules(store)
             finally:
@@ -111,12 +125,16 @@ def read_links(ipr: IPRoute) -> dict[str, Link]:
         info = msg.get("IFLA_LINKINFO")
         name = msg.get("IFLA_IFNAME")
         links[name] = Link(
-            name=name, index=msg["index"],
+            name=name,
+            index=msg["index"],
             kind=(info.get("IFLA_INFO_KIND") if info else None) or "",
-            up=bool(msg["flags"] & IFF_UP), master=msg.get("IFLA_MASTER"),
-            alias=msg.get("IFLA_IFALIAS") or "", peer=msg.get("IFLA_LINK"),
+            up=bool(msg["flags"] & IFF_UP),
+            master=msg.get("IFLA_MASTER"),
+            alias=msg.get("IFLA_IFALIAS") or "",
+            peer=msg.get("IFLA_LINK"),
             mac=(msg.get("IFLA_ADDRESS") or "").lower(),
-            addresses=frozenset(addresses.get(msg["index"], ())))
+            addresses=frozenset(addresses.get(msg["index"], ())),
+        )
     return links
 
 
@@ -154,9 +172,12 @@ def merge_rules(sets: list) -> object:
 
     if not sets:
         return table.RuleSet()
-    return type(sets[0])(**{
-        f.name: tuple(e for s in sets for e in getattr(s, f.name))
-        for f in dataclasses.fields(sets[0])})
+    return type(sets[0])(
+        **{
+            f.name: tuple(e for s in sets for e in getattr(s, f.name))
+            for f in dataclasses.fields(sets[0])
+        }
+    )
 
 
 def read_rules(desired_sets: list) -> RulesView:
@@ -179,8 +200,9 @@ def read_rules(desired_sets: list) -> RulesView:
     return RulesView(backend, desired, installed)
 
 
-def read_cluster(ipr: IPRoute, status: dict, links: dict[str, Link]) -> tuple[ClusterView,
-                                                                            list[str]]:
+def read_cluster(
+    ipr: IPRoute, status: dict, links: dict[str, Link]
+) -> tuple[ClusterView, list[str]]:
     """The agent's node list planned by its backend, and the kernel's routes, neighbours and
     FDB entries; with notes on the peers the plan leaves out."""
     from ..backends import read_state, read_underlay
@@ -192,10 +214,16 @@ def read_cluster(ipr: IPRoute, status: dict, links: dict[str, Link]) -> tuple[Cl
         return ClusterView(node, backend, False, str(status.get("reason") or "")), []
     iface, vtep_name = status.get("iface"), str(status.get("vtep") or "")
     if not iface:
-        raise DoctorError("the agent does not report its underlay interface (an older "
-                          "agent?): cluster routes not checked")
-    local = NodeRecord(node, tuple(status.get("nodeIPs") or ()),
-                       tuple(status.get("subnets") or ()), str(status.get("vtepMAC") or ""))
+        raise DoctorError(
+            "the agent does not report its underlay interface (an older "
+            "agent?): cluster routes not checked"
+        )
+    local = NodeRecord(
+        node,
+        tuple(status.get("nodeIPs") or ()),
+        tuple(status.get("subnets") or ()),
+        str(status.get("vtepMAC") or ""),
+    )
     nodes = [NodeRecord.from_json(n) for n in status.get("remoteNodes") or ()]
     try:
         underlay = read_underlay(ipr, iface)
@@ -212,8 +240,9 @@ def read_cluster(ipr: IPRoute, status: dict, links: dict[str, Link]) -> tuple[Cl
     return view, notes
 
 
-def snapshot(data_dirs: list[str], agent_socket: str | None
-             ) -> tuple[NodeSnapshot, list[str], list[str]]:
+def snapshot(
+    data_dirs: list[str], agent_socket: str | None
+) -> tuple[NodeSnapshot, list[str], list[str]]:
     """(snapshot, errors, notes) of this network namespace and `data_dirs`."""
     errors: list[str] = []
     notes: list[str] = []
@@ -251,18 +280,21 @@ def snapshot(data_dirs: list[str], agent_socket: str | None
     return snap, errors, notes
 
 
-def _cluster(ipr: IPRoute, agent_socket: str | None, links: dict[str, Link]
-             ) -> tuple[ClusterView | None, list[str]]:
+def _cluster(
+    ipr: IPRoute, agent_socket: str | None, links: dict[str, Link]
+) -> tuple[ClusterView | None, list[str]]:
     if agent_socket is None:
         return None, ["cluster routes not checked: no agent socket given"]
     from ..ctl.status import agent_health
 
     answer = agent_health(agent_socket)
     if not answer["running"] or answer["health"] is None:
-        return None, [f"cluster routes not checked: no agent answers at {agent_socket} "
-                      f"({answer['error']})"]
+        return None, [
+            f"cluster routes not checked: no agent answers at {agent_socket} ({answer['error']})"
+        ]
     status = answer["health"].get("cluster")
     if status is None:
-        return None, [f"no cluster routes to check: the agent at {agent_socket} runs no "
-                      "cluster side"]
+        return None, [
+            f"no cluster routes to check: the agent at {agent_socket} runs no cluster side"
+        ]
     return read_cluster(ipr, status, links)

@@ -38,7 +38,7 @@ class RebuildError(Exception):
 @dataclass
 class Rebuilt:
     restored: list[str] = field(default_factory=list)  # one line per attachment recorded
-    skipped: list[str] = field(default_factory=list)   # one line per veth left alone, and why
+    skipped: list[str] = field(default_factory=list)  # one line per veth left alone, and why
 
 
 def rebuild_store(data_dir: str, confs: list[NetConf]) -> Rebuilt:
@@ -58,8 +58,10 @@ def rebuild_store(data_dir: str, confs: list[NetConf]) -> Rebuilt:
             veth = link.get("IFLA_IFNAME")
             conf = by_name.get(network)
             if conf is None:
-                out.skipped.append(f"{veth} ({network} {cid} {ifname}): no config of network "
-                                   f"{network} with dataDir {data_dir} given")
+                out.skipped.append(
+                    f"{veth} ({network} {cid} {ifname}): no config of network "
+                    f"{network} with dataDir {data_dir} given"
+                )
                 continue
             try:
                 line = _restore(store, conf, link, cid, ifname, paths, hostports)
@@ -81,16 +83,20 @@ def _require_new(data_dir: str) -> None:
         return
     damage = file_damage(path)
     if damage:
-        raise RebuildError(f"the IPAM database {path} {damage}: move it aside first, with "
-                           f"{path}-wal and {path}-shm")
+        raise RebuildError(
+            f"the IPAM database {path} {damage}: move it aside first, with "
+            f"{path}-wal and {path}-shm"
+        )
     try:
         with Store(data_dir) as store:
             held = len(store.list_attachments())
     except CniError as exc:
         raise RebuildError(f"{exc.msg}: move it aside first") from None
     if held:
-        raise RebuildError(f"the IPAM database {path} holds {held} attachments: a rebuild only "
-                           "fills a new one (move this one aside first if it is wrong)")
+        raise RebuildError(
+            f"the IPAM database {path} holds {held} attachments: a rebuild only "
+            "fills a new one (move this one aside first if it is wrong)"
+        )
 
 
 def _owner(link) -> tuple[str, str, str] | None:
@@ -143,27 +149,36 @@ def _installed_hostports() -> list:
     return list(installed.hostports) if installed is not None else []
 
 
-def _restore(store: Store, conf: NetConf, link, cid: str, ifname: str,
-             paths: dict[int, str], hostports: list) -> str:
+def _restore(
+    store: Store, conf: NetConf, link, cid: str, ifname: str, paths: dict[int, str], hostports: list
+) -> str:
     nsid = link.get("IFLA_LINK_NETNSID")
     path = paths.get(nsid) if nsid is not None else None
     if path is None:
-        raise RebuildError(f"its peer's network namespace is not bind-mounted under "
-                           f"{' or '.join(NETNS_DIRS)}")
+        raise RebuildError(
+            f"its peer's network namespace is not bind-mounted under {' or '.join(NETNS_DIRS)}"
+        )
     addresses = _pod_addresses(path, ifname, link["index"])
     allocations = []
     for iface in addresses:
         rs = next((rs for rs in conf.range_sets if rs.find(iface.ip) is not None), None)
         if rs is None:
-            raise RebuildError(f"{iface} on {ifname} in {path} is in no range of network "
-                               f"{conf.name}")
+            raise RebuildError(
+                f"{iface} on {ifname} in {path} is in no range of network {conf.name}"
+            )
         r = rs.find(iface.ip)
         allocations.append(Allocation(iface.ip, r.subnet.prefixlen, r.gateway, rs.key))
     if not allocations:
         raise RebuildError(f"{ifname} in {path} has no address")
     ips = {a.ip for a in allocations}
-    mappings = sorted({PortMapping(hp.host_port, hp.pod_port, hp.protocol, hp.host_ip)
-                       for hp in hostports if hp.pod_ip in ips}, key=repr)
+    mappings = sorted(
+        {
+            PortMapping(hp.host_port, hp.pod_port, hp.protocol, hp.host_ip)
+            for hp in hostports
+            if hp.pod_ip in ips
+        },
+        key=repr,
+    )
     veth = link.get("IFLA_IFNAME")
     store.restore_attachment(conf.name, cid, ifname, veth, path, allocations, mappings)
     shown = ", ".join(str(a.ip) for a in allocations)

@@ -174,8 +174,10 @@ class Store:
         if os.path.exists(wal) and os.path.getsize(wal) > 0:
             # SQLite would replay this log, written for some other database file, into the
             # new one: a database moved aside without its log.
-            raise self._corrupt(f"is missing but its write-ahead log {wal} is there: put the "
-                                "database back, or move the log (and -shm) aside too")
+            raise self._corrupt(
+                f"is missing but its write-ahead log {wal} is there: put the "
+                "database back, or move the log (and -shm) aside too"
+            )
         fd, tmp = tempfile.mkstemp(prefix="pycni.db.new.", dir=os.path.dirname(self.path))
         os.close(fd)  # mkstemp makes it 0600; no SQLite connection has it open yet
         try:
@@ -205,8 +207,10 @@ class Store:
     def _has_added_tables(self) -> bool:
         # Checked by reading, so opening a complete database writes nothing (a read-only or
         # full filesystem still lets it be read).
-        names = {row[0] for row in self.conn.execute(
-            "SELECT name FROM sqlite_master WHERE type = 'table'")}
+        names = {
+            row[0]
+            for row in self.conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+        }
         return "port_mappings" in names
 
     def _run_script(self, script: str) -> None:
@@ -251,8 +255,10 @@ class Store:
         as the error and its filesystem tell, and the remedy."""
         if isinstance(e, sqlite3.OperationalError) and _is_busy(e):
             return StoreError(
-                TRY_AGAIN_LATER, f"IPAM database {self.path} is busy ({e}); try again later",
-                kind="busy")
+                TRY_AGAIN_LATER,
+                f"IPAM database {self.path} is busy ({e}); try again later",
+                kind="busy",
+            )
         code = (getattr(e, "sqlite_errorcode", None) or 0) & 0xFF
         err = e.errno if isinstance(e, OSError) else None
         directory = os.path.dirname(self.path)
@@ -264,23 +270,39 @@ class Store:
             return StoreError(
                 IO_FAILURE,
                 f"IPAM database {self.path}: its filesystem is read-only ({cause})",
-                f"remount {_mount_point(directory)} read-write, then retry", kind="read-only")
-        if (code == _SQLITE_FULL or err in (errno.ENOSPC, errno.EDQUOT)
-                or (code in (_SQLITE_IOERR, _SQLITE_CANTOPEN) and free is not None
-                    and free < _NEARLY_FULL)):
+                f"remount {_mount_point(directory)} read-write, then retry",
+                kind="read-only",
+            )
+        if (
+            code == _SQLITE_FULL
+            or err in (errno.ENOSPC, errno.EDQUOT)
+            or (
+                code in (_SQLITE_IOERR, _SQLITE_CANTOPEN)
+                and free is not None
+                and free < _NEARLY_FULL
+            )
+        ):
             return StoreError(
                 TRY_AGAIN_LATER,
                 f"IPAM database {self.path}: no space left on its filesystem ({cause})",
-                f"free space on {_mount_point(directory)}, then retry", kind="full")
-        return StoreError(IO_FAILURE, f"IPAM database {self.path}: {cause}",
-                          "see the pycni log and `pycnictl doctor`")
+                f"free space on {_mount_point(directory)}, then retry",
+                kind="full",
+            )
+        return StoreError(
+            IO_FAILURE,
+            f"IPAM database {self.path}: {cause}",
+            "see the pycni log and `pycnictl doctor`",
+        )
 
     def _corrupt(self, problem: str) -> StoreError:
         return StoreError(
-            IO_FAILURE, f"IPAM database {self.path} {problem}",
-            "pycni will not use it: recover as the README's \"When the IPAM store cannot be used\" "
+            IO_FAILURE,
+            f"IPAM database {self.path} {problem}",
+            'pycni will not use it: recover as the README\'s "When the IPAM store cannot be used" '
             "says (stop the agent, move pycni.db, pycni.db-wal and pycni.db-shm aside, then "
-            "`pycnictl doctor --rebuild-store`)", kind="corrupt")
+            "`pycnictl doctor --rebuild-store`)",
+            kind="corrupt",
+        )
 
     @contextmanager
     def transaction(self) -> Iterator[None]:
@@ -389,22 +411,37 @@ class Store:
         store that was lost). An attachment or address already recorded is refused."""
         with self.transaction():
             if self._attachment_id(network, container_id, ifname) is not None:
-                raise CniError(ATTACHMENT_EXISTS, f"container {container_id} already has an "
-                               f"attachment on interface {ifname} in network {network}")
+                raise CniError(
+                    ATTACHMENT_EXISTS,
+                    f"container {container_id} already has an "
+                    f"attachment on interface {ifname} in network {network}",
+                )
             for a in allocations:
                 row = self.conn.execute(
                     "SELECT at.container_id FROM allocations al JOIN attachments at ON"
                     " at.id = al.attachment_id WHERE al.network = ? AND al.ip = ?",
-                    (network, str(a.ip))).fetchone()
+                    (network, str(a.ip)),
+                ).fetchone()
                 if row is not None:
-                    raise CniError(ADDRESS_UNAVAILABLE, f"address {a.ip} is already held by "
-                                   f"container {row[0]} in network {network}")
-            self._insert(network, container_id, ifname, host_veth, netns, allocations,
-                         port_mappings)
+                    raise CniError(
+                        ADDRESS_UNAVAILABLE,
+                        f"address {a.ip} is already held by "
+                        f"container {row[0]} in network {network}",
+                    )
+            self._insert(
+                network, container_id, ifname, host_veth, netns, allocations, port_mappings
+            )
 
-    def _insert(self, network: str, container_id: str, ifname: str, host_veth: str,
-                netns: str, allocs: list[Allocation],
-                port_mappings: Sequence[PortMapping]) -> None:
+    def _insert(
+        self,
+        network: str,
+        container_id: str,
+        ifname: str,
+        host_veth: str,
+        netns: str,
+        allocs: list[Allocation],
+        port_mappings: Sequence[PortMapping],
+    ) -> None:
         conn = self.conn
         cur = conn.execute(
             "INSERT INTO attachments (network, container_id, ifname, host_veth, netns,"
@@ -420,8 +457,7 @@ class Store:
             )
             # Requested addresses move the cursor too, as in host-local.
             conn.execute(
-                "INSERT OR REPLACE INTO last_reserved (network, range_set, ip)"
-                " VALUES (?, ?, ?)",
+                "INSERT OR REPLACE INTO last_reserved (network, range_set, ip) VALUES (?, ?, ?)",
                 (network, a.range_set, str(a.ip)),
             )
         for m in port_mappings:
@@ -442,11 +478,14 @@ class Store:
         ).fetchall()
         want = mapping.claims(families)
         for att_id, host_ip, container_port, network, container_id in rows:
-            theirs = PortMapping(mapping.host_port, container_port, mapping.protocol,
-                                 _parse_ip(host_ip))
+            theirs = PortMapping(
+                mapping.host_port, container_port, mapping.protocol, _parse_ip(host_ip)
+            )
             their_families = {
-                _family(ip) for (ip,) in self.conn.execute(
-                    "SELECT ip FROM allocations WHERE attachment_id = ?", (att_id,))
+                _family(ip)
+                for (ip,) in self.conn.execute(
+                    "SELECT ip FROM allocations WHERE attachment_id = ?", (att_id,)
+                )
             }
             if port_mappings_conflict(want, theirs.claims(their_families)):
                 where = f" on {mapping.host_ip}" if mapping.host_ip else ""
@@ -558,8 +597,7 @@ class Store:
 
     def attachments_with_port_mappings(self) -> list[Attachment]:
         """Every attachment (of any network) that has port mappings, with them."""
-        return self._select(
-            "WHERE id IN (SELECT attachment_id FROM port_mappings)", ())
+        return self._select("WHERE id IN (SELECT attachment_id FROM port_mappings)", ())
 
     def count_attachments(self, network: str) -> int:
         return self._scalar("SELECT COUNT(*) FROM attachments WHERE network = ?", (network,))
@@ -654,8 +692,11 @@ def _wal_problem(path: str) -> str | None:
                 head = f.read(32)
                 if not any(head):
                     return None
-                if (len(head) < 32 or int.from_bytes(head[:4], "big") not in _WAL_MAGICS
-                        or int.from_bytes(head[4:8], "big") != _WAL_VERSION):
+                if (
+                    len(head) < 32
+                    or int.from_bytes(head[:4], "big") not in _WAL_MAGICS
+                    or int.from_bytes(head[4:8], "big") != _WAL_VERSION
+                ):
                     found = (head, None)
                 else:
                     hole = _wal_hole(f, head)
@@ -667,8 +708,10 @@ def _wal_problem(path: str) -> str | None:
         if found == seen:
             if found[1] is None:
                 return f"has a damaged write-ahead log: {wal} has no SQLite WAL header"
-            return (f"has a damaged write-ahead log: frame {found[1]} of {wal} belongs to it "
-                    "but an earlier one does not (transactions after the damage would be lost)")
+            return (
+                f"has a damaged write-ahead log: frame {found[1]} of {wal} belongs to it "
+                "but an earlier one does not (transactions after the damage would be lost)"
+            )
         seen = found
         time.sleep(0.01)
     return None  # changing under us all along: being written, not damaged

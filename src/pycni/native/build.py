@@ -27,8 +27,12 @@ from . import FALLBACK_NAME, MARKER_PREFIX
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "shim.c")
 CFLAGS = ("-std=c99", "-O2", "-Wall", "-Wextra")
 RELEASE_FLAGS = ("-s",)  # stripped: the marker is data, it stays
-SANITIZE_FLAGS = ("-fsanitize=address,undefined", "-fno-sanitize-recover=all",
-                  "-fno-omit-frame-pointer", "-g")
+SANITIZE_FLAGS = (
+    "-fsanitize=address,undefined",
+    "-fno-sanitize-recover=all",
+    "-fno-omit-frame-pointer",
+    "-g",
+)
 MARKER_SCAN_BYTES = 64 << 20  # a static executable is well under 1 MiB
 PROBE_DEPTH_CAP = 1 << 16
 
@@ -66,8 +70,12 @@ def compiler() -> list[str] | None:
 def interpreter_limits(python: str = sys.executable) -> tuple[int, int]:
     """(deepest nesting, most integer digits) shim.decode_object accepts under `python`."""
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    proc = subprocess.run([python, "-IS", "-c", LIMITS_PROBE, root, str(PROBE_DEPTH_CAP)],
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [python, "-IS", "-c", LIMITS_PROBE, root, str(PROBE_DEPTH_CAP)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     if proc.returncode != 0:
         raise BuildError(f"cannot measure {python}'s JSON limits: {proc.stderr.strip()}")
     depth, digits = proc.stdout.split()
@@ -110,14 +118,19 @@ def defines(fallback: str | None, limits: tuple[int, int] | None = None) -> dict
     return out
 
 
-def wanted_marker(fallback: str | None, sanitize: bool = False,
-                  limits: tuple[int, int] | None = None) -> str:
+def wanted_marker(
+    fallback: str | None, sanitize: bool = False, limits: tuple[int, int] | None = None
+) -> str:
     """The marker a build with these settings carries (no compiler needed)."""
     return _plan(fallback, sanitize, limits, None)[1]
 
 
-def _plan(fallback: str | None, sanitize: bool, limits: tuple[int, int] | None,
-          overrides: dict[str, str] | None) -> tuple[list[str], str]:
+def _plan(
+    fallback: str | None,
+    sanitize: bool,
+    limits: tuple[int, int] | None,
+    overrides: dict[str, str] | None,
+) -> tuple[list[str], str]:
     """(compiler flags with -D's, marker) for a build."""
     flags = [*CFLAGS, *(SANITIZE_FLAGS if sanitize else RELEASE_FLAGS)]
     values = {**defines(fallback, limits), **(overrides or {})}
@@ -129,9 +142,16 @@ def _plan(fallback: str | None, sanitize: bool, limits: tuple[int, int] | None,
     return flags, f"{MARKER_PREFIX.decode()}{digest} {kind}"
 
 
-def build(output: str, fallback: str | None = None, *, sanitize: bool = False,
-          static: bool = True, limits: tuple[int, int] | None = None,
-          overrides: dict[str, str] | None = None, extra_flags: tuple[str, ...] = ()) -> str:
+def build(
+    output: str,
+    fallback: str | None = None,
+    *,
+    sanitize: bool = False,
+    static: bool = True,
+    limits: tuple[int, int] | None = None,
+    overrides: dict[str, str] | None = None,
+    extra_flags: tuple[str, ...] = (),
+) -> str:
     """Compile shim.c into `output`, replacing it atomically. Static when the C library
     allows (sanitized builds never are). Returns "static" or "dynamic". `overrides` replaces
     -D values and `extra_flags` adds compiler flags: for tests (a private default socket, a
@@ -150,8 +170,7 @@ def build(output: str, fallback: str | None = None, *, sanitize: bool = False,
         linkages = ["static", "dynamic"] if static and not sanitize else ["dynamic"]
         errors = []
         for linkage in linkages:
-            argv = [*cc, *flags, *(["-static"] if linkage == "static" else []), "-o", tmp,
-                    SOURCE]
+            argv = [*cc, *flags, *(["-static"] if linkage == "static" else []), "-o", tmp, SOURCE]
             proc = subprocess.run(argv, capture_output=True, text=True, timeout=300)
             if proc.returncode == 0:
                 break
@@ -179,7 +198,7 @@ def marker_of(path: str) -> str | None:
     if at < 0:
         return None
     end = data.find(b"\0", at)
-    return data[at:end if end >= 0 else len(data)].decode("utf-8", "surrogateescape")
+    return data[at : end if end >= 0 else len(data)].decode("utf-8", "surrogateescape")
 
 
 def is_standalone(marker: str) -> bool:
@@ -189,8 +208,9 @@ def is_standalone(marker: str) -> bool:
 # --- pycnictl install --native / --native-from ---------------------------------------------
 
 
-def install_native(bin_dir: str, target: str, standalone: bool, native_from: str | None,
-                   force: bool) -> None:
+def install_native(
+    bin_dir: str, target: str, standalone: bool, native_from: str | None, force: bool
+) -> None:
     """The native executable at `target`: copied from `native_from`, or compiled here (with,
     unless `standalone`, the Python launcher it falls back to, FALLBACK_NAME in `bin_dir`)."""
     from ..ctl.install import _refuse, _write, is_pycni_launcher, launcher_text
@@ -204,8 +224,7 @@ def install_native(bin_dir: str, target: str, standalone: bool, native_from: str
     if not standalone:
         fallback = os.path.join(os.path.abspath(bin_dir), FALLBACK_NAME)
         # First: the executable must never name a launcher that is not there yet.
-        _write(fallback, launcher_text(), 0o755, force, is_pycni_launcher,
-               "in-process launcher")
+        _write(fallback, launcher_text(), 0o755, force, is_pycni_launcher, "in-process launcher")
     try:
         want = wanted_marker(fallback)
         if marker_of(target) == want and _mode(target) == 0o755:
@@ -217,8 +236,10 @@ def install_native(bin_dir: str, target: str, standalone: bool, native_from: str
         _refuse(str(exc))
     except OSError as exc:
         _refuse(f"cannot write the executable {target}: {exc.strerror or exc}")
-    print(f"installed {target} ({linkage} native executable"
-          f"{'' if fallback is None else ', falling back to ' + fallback})")
+    print(
+        f"installed {target} ({linkage} native executable"
+        f"{'' if fallback is None else ', falling back to ' + fallback})"
+    )
 
 
 def _copy_prebuilt(source: str, target: str, force: bool) -> None:
@@ -226,11 +247,15 @@ def _copy_prebuilt(source: str, target: str, force: bool) -> None:
 
     marker = marker_of(source)
     if marker is None:
-        _refuse(f"{source} is not a pycni native executable (build one with "
-                "`pycnictl install --native --standalone`)")
+        _refuse(
+            f"{source} is not a pycni native executable (build one with "
+            "`pycnictl install --native --standalone`)"
+        )
     if not is_standalone(marker):
-        _refuse(f"{source} was built to fall back to a launcher at a path of its own build "
-                "host; copy only a --standalone build")
+        _refuse(
+            f"{source} was built to fall back to a launcher at a path of its own build "
+            "host; copy only a --standalone build"
+        )
     with open(source, "rb") as f:
         data = f.read()
     try:
@@ -263,8 +288,10 @@ def _check_ours(target: str, force: bool) -> None:
     from ..ctl.install import _refuse, is_pycni_launcher
 
     if os.path.lexists(target) and not force and not is_pycni_launcher(target):
-        _refuse(f"{target} exists and was not written by pycnictl install; remove it or give "
-                "--force to replace it")
+        _refuse(
+            f"{target} exists and was not written by pycnictl install; remove it or give "
+            "--force to replace it"
+        )
 
 
 def _mode(path: str) -> int | None:

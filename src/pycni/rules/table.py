@@ -219,8 +219,10 @@ class HostPort:
         pod_ip = _addr(self.pod_ip, "pod address")
         host_ip = None if self.host_ip is None else _addr(self.host_ip, "host address")
         if host_ip is not None and host_ip.version != pod_ip.version:
-            raise ValueError(f"packet rules: host address {host_ip} is not IPv{pod_ip.version} "
-                             f"like the pod address {pod_ip}")
+            raise ValueError(
+                f"packet rules: host address {host_ip} is not IPv{pod_ip.version} "
+                f"like the pod address {pod_ip}"
+            )
         if host_ip is not None and host_ip.is_unspecified:
             host_ip = None
         object.__setattr__(self, "pod_ip", pod_ip)
@@ -232,8 +234,15 @@ class HostPort:
 
     def sort_key(self) -> tuple:
         # Specific host addresses before "any": should both exist, the narrower one wins.
-        return (self.version, self.protocol, self.host_port, self.host_ip is None,
-                int(self.host_ip or 0), int(self.pod_ip), self.pod_port)
+        return (
+            self.version,
+            self.protocol,
+            self.host_port,
+            self.host_ip is None,
+            int(self.host_ip or 0),
+            int(self.pod_ip),
+            self.pod_port,
+        )
 
 
 def _interface(value: object) -> Interface:
@@ -246,8 +255,12 @@ def _interface(value: object) -> Interface:
 
 
 def _interface_key(iface: Interface) -> tuple:
-    return (iface.version, int(iface.network.network_address), iface.network.prefixlen,
-            int(iface.ip))
+    return (
+        iface.version,
+        int(iface.network.network_address),
+        iface.network.prefixlen,
+        int(iface.ip),
+    )
 
 
 @dataclass(frozen=True)
@@ -276,10 +289,13 @@ class RuleSet:
         object.__setattr__(self, "masquerade", tuple(normalize(self.masquerade)))
         object.__setattr__(self, "forward", collapse(self.forward))
         object.__setattr__(
-            self, "hostports", tuple(sorted(set(self.hostports), key=HostPort.sort_key)))
+            self, "hostports", tuple(sorted(set(self.hostports), key=HostPort.sort_key))
+        )
         object.__setattr__(
-            self, "hairpin", tuple(sorted({_interface(i) for i in self.hairpin},
-                                          key=_interface_key)))
+            self,
+            "hairpin",
+            tuple(sorted({_interface(i) for i in self.hairpin}, key=_interface_key)),
+        )
 
     def __bool__(self) -> bool:
         return bool(self.masquerade or self.forward or self.hostports or self.hairpin)
@@ -316,8 +332,10 @@ def render_nft(rules: RuleSet) -> str:
     if rules.guards_localnet():
         lines.append(f"\tchain {INPUT_CHAIN} {{")
         lines.append("\t\ttype filter hook input priority filter; policy accept;")
-        lines.append(f'\t\tiifname != "lo" ip daddr {LOCALNET}'
-                     " ct state != { established, related } counter drop")
+        lines.append(
+            f'\t\tiifname != "lo" ip daddr {LOCALNET}'
+            " ct state != { established, related } counter drop"
+        )
         lines.append("\t}")
     if rules.hostports:
         lines.append(f"\tchain {HOSTPORT_CHAIN} {{")
@@ -326,8 +344,10 @@ def render_nft(rules: RuleSet) -> str:
         lines += [f"\t\t{_nft_dnat(hp)}" for hp in rules.hostports]
         lines.append("\t}")
         # The output hook has no symbolic dstnat priority; -100 is its value.
-        for chain, hook, prio in ((PREROUTING_CHAIN, "prerouting", "dstnat"),
-                                  (OUTPUT_CHAIN, "output", "-100")):
+        for chain, hook, prio in (
+            (PREROUTING_CHAIN, "prerouting", "dstnat"),
+            (OUTPUT_CHAIN, "output", "-100"),
+        ):
             lines.append(f"\tchain {chain} {{")
             lines.append(f"\t\ttype nat hook {hook} priority {prio}; policy accept;")
             lines.append(f"\t\tfib daddr type local jump {HOSTPORT_CHAIN}")
@@ -341,8 +361,9 @@ def render_nft(rules: RuleSet) -> str:
             lines.append(f"\t\tct status dnat ip saddr {LOCALNET} masquerade")
         for iface in rules.hairpin:
             p = _proto(iface.version)
-            lines.append(f"\t\tct status dnat {p} saddr {iface.network} {p} daddr {iface.ip}"
-                         " masquerade")
+            lines.append(
+                f"\t\tct status dnat {p} saddr {iface.network} {p} daddr {iface.ip} masquerade"
+            )
         for rule in rules.masquerade:
             p = _proto(rule.version)
             excl = ", ".join(str(e) for e in rule.exclude)
@@ -402,8 +423,10 @@ _DNATED = "-m conntrack --ctstate DNAT"
 def _ipt_dnat(hp: HostPort) -> str:
     dst = f" -d {hp.host_ip}" if hp.host_ip else ""
     to = f"{hp.pod_ip}:{hp.pod_port}" if hp.version == 4 else f"[{hp.pod_ip}]:{hp.pod_port}"
-    return (f"-A {IPT_HOSTPORT_CHAIN}{dst} -p {hp.protocol} -m {hp.protocol}"
-            f" --dport {hp.host_port} -j DNAT --to-destination {to}")
+    return (
+        f"-A {IPT_HOSTPORT_CHAIN}{dst} -p {hp.protocol} -m {hp.protocol}"
+        f" --dport {hp.host_port} -j DNAT --to-destination {to}"
+    )
 
 
 def _ipt_bodies(rules: RuleSet, family: int) -> dict[str, list[str]]:
@@ -417,10 +440,14 @@ def _ipt_bodies(rules: RuleSet, family: int) -> dict[str, list[str]]:
         for flag in ("-s", "-d")
     ]
     guard = family == 4 and bool(hostports)
-    guard_input = [
-        f"-A {IPT_INPUT_CHAIN} -d {LOCALNET} ! -i lo"
-        " -m conntrack ! --ctstate RELATED,ESTABLISHED -j DROP"
-    ] if guard else []
+    guard_input = (
+        [
+            f"-A {IPT_INPUT_CHAIN} -d {LOCALNET} ! -i lo"
+            " -m conntrack ! --ctstate RELATED,ESTABLISHED -j DROP"
+        ]
+        if guard
+        else []
+    )
     masq = [f"-A {IPT_MASQ_CHAIN} -s {LOCALNET} {_DNATED} -j MASQUERADE"] if guard else []
     masq += [
         f"-A {IPT_MASQ_CHAIN} -s {iface.network} -d {iface.ip} {_DNATED} -j MASQUERADE"
@@ -700,8 +727,9 @@ def _installed_nft() -> RuleSet | None:
                 if op == "==" and len(nets) == 1:
                     accepted[f].add(nets[0])
     # A cluster CIDR counts as forwarded only with both directions accepted.
-    return RuleSet(tuple(masq), tuple(accepted["saddr"] & accepted["daddr"]), tuple(hostports),
-                   tuple(hairpin))
+    return RuleSet(
+        tuple(masq), tuple(accepted["saddr"] & accepted["daddr"]), tuple(hostports), tuple(hairpin)
+    )
 
 
 def _hairpin_of(source: Network, dest: Network) -> Interface:
@@ -765,8 +793,9 @@ def _installed_ipt() -> RuleSet | None:
             masq_rules.extend(MasqRule(s, tuple(excludes.get(s, ()))) for s in masq)
     if not found:
         return None
-    return RuleSet(tuple(masq_rules), tuple(accepted["-s"] & accepted["-d"]), tuple(hostports),
-                   tuple(hairpin))
+    return RuleSet(
+        tuple(masq_rules), tuple(accepted["-s"] & accepted["-d"]), tuple(hostports), tuple(hairpin)
+    )
 
 
 def installed(backend: str | None = None) -> RuleSet | None:

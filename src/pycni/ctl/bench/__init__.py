@@ -22,9 +22,11 @@ from . import convergence, cri, latency, podman, reconcile, soak, throughput
 def register(sub) -> None:
     bench = latency.register(sub)
     # Optional: plain `pycnictl bench [options]` keeps running the latency benchmark.
-    forms = bench.add_subparsers(dest="bench_form",
-                                 metavar="{throughput,convergence,reconcile,cri,podman,soak}",
-                                 title="other benchmarks")
+    forms = bench.add_subparsers(
+        dest="bench_form",
+        metavar="{throughput,convergence,reconcile,cri,podman,soak}",
+        title="other benchmarks",
+    )
     throughput.register(forms)
     convergence.register(forms)
     reconcile.register(forms)

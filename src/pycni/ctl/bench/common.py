@@ -29,9 +29,14 @@ def _raise_interrupt(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-def run_and_print(command: str, measure: Callable[[Callable[[str], None]], dict],
-                  format_table: Callable[[dict], str], as_json: bool,
-                  errors: tuple[type[Exception], ...], on_interrupt: str) -> int:
+def run_and_print(
+    command: str,
+    measure: Callable[[Callable[[str], None]], dict],
+    format_table: Callable[[dict], str],
+    as_json: bool,
+    errors: tuple[type[Exception], ...],
+    on_interrupt: str,
+) -> int:
     """``measure(progress)`` -> report (with "ok"); 0 when ok, 1 on failure, 130 when stopped."""
     old = {s: signal.signal(s, _raise_interrupt) for s in (signal.SIGTERM, signal.SIGHUP)}
     try:

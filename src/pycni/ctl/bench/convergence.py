@@ -103,6 +103,7 @@ class BenchError(Exception):
 
 # --- watching the node's kernel ----------------------------------------------------------------
 
+
 @dataclass
 class Phase:
     """Kernel events of one measured phase, timestamped on arrival (monotonic seconds)."""
@@ -220,11 +221,11 @@ class KernelWatch:
             length, kind = NLMSG.unpack_from(data, offset)[:2]
             if length < NLMSG.size:
                 break
-            body = data[offset + NLMSG.size:offset + length]
+            body = data[offset + NLMSG.size : offset + length]
             offset += (length + 3) & ~3
             if kind in (RTM_NEWROUTE, RTM_DELROUTE) and len(body) >= RTMSG.size:
                 family, dst_len, _, _, table, proto = RTMSG.unpack_from(body)[:6]
-                attrs = _attrs(body[RTMSG.size:])
+                attrs = _attrs(body[RTMSG.size :])
                 if RTA_TABLE in attrs:
                     table = struct.unpack("=I", attrs[RTA_TABLE][:4])[0]
                 if proto == 120 and table == MAIN_TABLE and family in (2, 10):
@@ -234,7 +235,7 @@ class KernelWatch:
                 family, ifindex, state = NDMSG.unpack_from(body)[:3]
                 if ifindex != self.vtep_index or self.vtep_index is None:
                     continue
-                attrs = _attrs(body[NDMSG.size:])
+                attrs = _attrs(body[NDMSG.size :])
                 if family == AF_BRIDGE and NDA_LLADDR in attrs:
                     mac = ":".join(f"{b:02x}" for b in attrs[NDA_LLADDR])
                     yield kind == RTM_NEWNEIGH, ("fdb", mac)
@@ -250,7 +251,7 @@ def _attrs(data: bytes) -> dict[int, bytes]:
         length, kind = RTATTR.unpack_from(data, offset)
         if length < RTATTR.size:
             break
-        out[kind & 0x3FFF] = data[offset + RTATTR.size:offset + length]
+        out[kind & 0x3FFF] = data[offset + RTATTR.size : offset + length]
         offset += (length + 3) & ~3
     return out
 
@@ -272,14 +273,17 @@ def kernel_entries(netns: str, vtep_index: int | None) -> set[tuple[str, str]]:
         state = read_state(ipr, vtep_index)
     finally:
         ipr.close()
-    return ({("route", str(r.dst)) for r in state.routes}
-            | {("neigh", n.ip) for n in state.neighbours}
-            | {("fdb", f.lladdr.lower()) for f in state.fdb})
+    return (
+        {("route", str(r.dst)) for r in state.routes}
+        | {("neigh", n.ip) for n in state.neighbours}
+        | {("fdb", f.lladdr.lower()) for f in state.fdb}
+    )
 
 
 def link_index(netns: str, name: str) -> int | None:
-    proc = subprocess.run(["ip", "-n", netns, "-j", "link", "show", "dev", name],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        ["ip", "-n", netns, "-j", "link", "show", "dev", name], capture_output=True, text=True
+    )
     if proc.returncode != 0:
         return None
     links = json.loads(proc.stdout or "[]")
@@ -287,6 +291,7 @@ def link_index(netns: str, name: str) -> int | None:
 
 
 # --- the other nodes ---------------------------------------------------------------------------
+
 
 def fake_records(count: int, backend: str) -> list[NodeRecord]:
     """N nodes on the agent's underlay (on-link 10.99.1.x), as they would describe themselves;
@@ -297,8 +302,7 @@ def fake_records(count: int, backend: str) -> list[NodeRecord]:
     for i in range(count):
         name = f"fake-{i:03d}"
         ip = UNDERLAY[256 * (1 + i // 250) + 1 + i % 250]
-        out.append(NodeRecord(name, (str(ip),), (), vtep_mac(name) if backend != "host-gw"
-                              else ""))
+        out.append(NodeRecord(name, (str(ip),), (), vtep_mac(name) if backend != "host-gw" else ""))
     return out
 
 
@@ -390,6 +394,7 @@ class BatchFleet(Fleet):
 
 # --- one world: namespaces, agent, measurements -----------------------------------------------
 
+
 def _sh(*argv: str, stdin: str | None = None) -> str:
     proc = subprocess.run(argv, input=stdin, capture_output=True, text=True, timeout=60)
     if proc.returncode != 0:
@@ -431,26 +436,62 @@ class World:
         for ns in (self.node_ns, self.peer_ns):
             self.namespaces.append(ns)  # before creating: a half-made one is still removed
             _sh("ip", "netns", "add", ns)
-        _sh("ip", "-n", self.node_ns, "-batch", "-", stdin=(
-            f"link set lo up\nlink add eth0 type veth peer name eth0 netns {self.peer_ns}\n"
-            f"addr add {NODE_IP}/{UNDERLAY.prefixlen} dev eth0\nlink set eth0 up\n"
-            f"route add default via {PEER_IP}\n"))
-        _sh("ip", "-n", self.peer_ns, "-batch", "-", stdin=(
-            f"link set lo up\naddr add {PEER_IP}/{UNDERLAY.prefixlen} dev eth0\n"
-            "link set eth0 up\n"))
+        _sh(
+            "ip",
+            "-n",
+            self.node_ns,
+            "-batch",
+            "-",
+            stdin=(
+                f"link set lo up\nlink add eth0 type veth peer name eth0 netns {self.peer_ns}\n"
+                f"addr add {NODE_IP}/{UNDERLAY.prefixlen} dev eth0\nlink set eth0 up\n"
+                f"route add default via {PEER_IP}\n"
+            ),
+        )
+        _sh(
+            "ip",
+            "-n",
+            self.peer_ns,
+            "-batch",
+            "-",
+            stdin=(
+                f"link set lo up\naddr add {PEER_IP}/{UNDERLAY.prefixlen} dev eth0\n"
+                "link set eth0 up\n"
+            ),
+        )
         self.start_agent(timeout)
 
     def start_agent(self, timeout: float) -> None:
         argv = agent_argv(self.socket, os.path.join(self.root, "data"), self.log_file) + [
-            "--cluster-cidr", str(CLUSTER_CIDR), "--datastore", "sqlite",
-            "--datastore-path", self.db, "--lease-ttl", str(LEASE_TTL),
-            "--backend", self.backend, "--iface", "eth0", "--node-name", NODE_NAME,
-            "--conf-dir", os.path.dirname(self.conflist),
-            "--subnet-file", os.path.join(self.root, "subnet.env"), "--resync", str(RESYNC)]
+            "--cluster-cidr",
+            str(CLUSTER_CIDR),
+            "--datastore",
+            "sqlite",
+            "--datastore-path",
+            self.db,
+            "--lease-ttl",
+            str(LEASE_TTL),
+            "--backend",
+            self.backend,
+            "--iface",
+            "eth0",
+            "--node-name",
+            NODE_NAME,
+            "--conf-dir",
+            os.path.dirname(self.conflist),
+            "--subnet-file",
+            os.path.join(self.root, "subnet.env"),
+            "--resync",
+            str(RESYNC),
+        ]
         with open(os.path.join(self.root, "agent.stderr"), "wb") as err:
-            self.agent = subprocess.Popen(["ip", "netns", "exec", self.node_ns, *argv],
-                                          stdin=subprocess.DEVNULL, stdout=err, stderr=err,
-                                          start_new_session=True)
+            self.agent = subprocess.Popen(
+                ["ip", "netns", "exec", self.node_ns, *argv],
+                stdin=subprocess.DEVNULL,
+                stdout=err,
+                stderr=err,
+                start_new_session=True,
+            )
         try:
             wait_until_listening(self.agent, self.socket, AGENT_START_TIMEOUT)
         except RuntimeError as exc:
@@ -498,8 +539,9 @@ class World:
                 self.agent.kill()
                 self.agent.wait()
         for ns in reversed(self.namespaces):
-            for pid in subprocess.run(["ip", "netns", "pids", ns], capture_output=True,
-                                      text=True).stdout.split():
+            for pid in subprocess.run(
+                ["ip", "netns", "pids", ns], capture_output=True, text=True
+            ).stdout.split():
                 try:
                     os.kill(int(pid), signal.SIGKILL)
                 except (ProcessLookupError, ValueError):
@@ -514,8 +556,7 @@ class World:
 
 def expected_entries(db: str, backend: str) -> set[tuple[str, str]]:
     """What the node's kernel must hold for the datastore's other nodes, as the plan says."""
-    store = LeaseDatastore(SqliteKV(db, LEASE_TTL), ClusterSettings((str(CLUSTER_CIDR),)),
-                           "sqlite")
+    store = LeaseDatastore(SqliteKV(db, LEASE_TTL), ClusterSettings((str(CLUSTER_CIDR),)), "sqlite")
     try:
         nodes = [n for n in store.nodes() if n.name != NODE_NAME]
     finally:
@@ -534,11 +575,15 @@ def _ms(t: float | None, t0: float) -> float | None:
     return None if t is None else round((t - t0) * 1000, 2)
 
 
-def measure_phase(world: World, watch: KernelWatch, write: Callable[[], None], remote: int,
-                  timeout: float) -> dict:
+def measure_phase(
+    world: World, watch: KernelWatch, write: Callable[[], None], remote: int, timeout: float
+) -> dict:
     """Time one datastore write (all nodes appear, or all leave) until the kernel agrees."""
-    per_node = {"route": remote} if world.backend == "host-gw" else {
-        "route": remote, "neigh": remote, "fdb": remote}
+    per_node = (
+        {"route": remote}
+        if world.backend == "host-gw"
+        else {"route": remote, "neigh": remote, "fdb": remote}
+    )
     # The agent polls the sqlite file every SQLITE_POLL seconds from the end of its last pass,
     # which the steps before this one follow at a nearly fixed distance: a random pause puts
     # t0 at a random point of that period, as a real node's arrival would be.
@@ -549,13 +594,21 @@ def measure_phase(world: World, watch: KernelWatch, write: Callable[[], None], r
     written = time.monotonic()
     converged = watch.wait_done(phase, timeout)
     watch.end()
-    result = {"written_ms": _ms(written, phase.t0), "first_ms": _ms(phase.first, phase.t0),
-              "all_ms": _ms(phase.done, phase.t0), "events": phase.events, "problems": []}
-    result["lag_ms"] = (None if phase.done is None
-                        else round(max(0.0, phase.done - written) * 1000, 2))
+    result = {
+        "written_ms": _ms(written, phase.t0),
+        "first_ms": _ms(phase.first, phase.t0),
+        "all_ms": _ms(phase.done, phase.t0),
+        "events": phase.events,
+        "problems": [],
+    }
+    result["lag_ms"] = (
+        None if phase.done is None else round(max(0.0, phase.done - written) * 1000, 2)
+    )
     if not converged:
-        result["problems"].append(f"not converged after {timeout:.0f} s: kernel holds "
-                                  f"{dict(watch.counts())}, want {per_node}")
+        result["problems"].append(
+            f"not converged after {timeout:.0f} s: kernel holds "
+            f"{dict(watch.counts())}, want {per_node}"
+        )
     # The agent's view: its health lists the remote nodes once the pass that made the
     # entries has finished; a short settle lets it record that pass's duration.
     deadline = time.monotonic() + timeout
@@ -568,21 +621,25 @@ def measure_phase(world: World, watch: KernelWatch, write: Callable[[], None], r
     result["passes"] = cluster.get("reconciles", 0) - before
     result["last_pass_ms"] = round(cluster.get("lastReconcileSeconds", 0.0) * 1000, 2)
     if len(cluster.get("remoteNodes", [])) != remote:
-        result["problems"].append(f"the agent reports {len(cluster.get('remoteNodes', []))} "
-                                  f"remote nodes, want {remote}")
+        result["problems"].append(
+            f"the agent reports {len(cluster.get('remoteNodes', []))} remote nodes, want {remote}"
+        )
     have = kernel_entries(world.node_ns, watch.vtep_index)
     want = expected_entries(world.db, world.backend)
     if have != want or len(want) != sum(per_node.values()):
-        result["problems"].append(f"kernel differs from the datastore: missing "
-                                  f"{sorted(want - have)[:3]}, extra {sorted(have - want)[:3]}")
+        result["problems"].append(
+            f"kernel differs from the datastore: missing "
+            f"{sorted(want - have)[:3]}, extra {sorted(have - want)[:3]}"
+        )
     if watch.overrun:
         result["problems"].append("the kernel watch lost events (socket overrun)")
     result["converged"] = not result["problems"]
     return result
 
 
-def measure_noop(world: World, watch: KernelWatch, fleet: Fleet, samples: int,
-                 timeout: float) -> list[dict]:
+def measure_noop(
+    world: World, watch: KernelWatch, fleet: Fleet, samples: int, timeout: float
+) -> list[dict]:
     """No-op passes with the nodes present, each woken by an unchanged lease rewrite."""
     out = []
     for _ in range(samples):
@@ -599,8 +656,11 @@ def measure_noop(world: World, watch: KernelWatch, fleet: Fleet, samples: int,
         seen = time.monotonic()
         time.sleep(0.02)  # lets the watch read what that pass may have written, if anything
         watch.end()
-        sample = {"pass_ms": round(cluster.get("lastReconcileSeconds", 0.0) * 1000, 2),
-                  "wake_ms": _ms(seen, poked), "problems": []}
+        sample = {
+            "pass_ms": round(cluster.get("lastReconcileSeconds", 0.0) * 1000, 2),
+            "wake_ms": _ms(seen, poked),
+            "problems": [],
+        }
         if cluster.get("reconciles", 0) <= before:
             sample["problems"].append(f"no reconcile pass within {timeout:.0f} s of the write")
         if phase.events:
@@ -609,8 +669,15 @@ def measure_noop(world: World, watch: KernelWatch, fleet: Fleet, samples: int,
     return out
 
 
-def run_world(tag: str, backend: str, fleet_mode: str, nodes: int, noop_samples: int,
-              timeout: float, progress: Callable[[str], None]) -> dict:
+def run_world(
+    tag: str,
+    backend: str,
+    fleet_mode: str,
+    nodes: int,
+    noop_samples: int,
+    timeout: float,
+    progress: Callable[[str], None],
+) -> dict:
     world = World(tag, backend)
     watch: KernelWatch | None = None
     fleet: Fleet | None = None
@@ -625,15 +692,20 @@ def run_world(tag: str, backend: str, fleet_mode: str, nodes: int, noop_samples:
         fleet = (ClientsFleet if fleet_mode == "clients" else BatchFleet)(world.db, records)
         progress(f"  {backend} {fleet_mode} {tag}: {nodes} nodes appear")
         add = measure_phase(world, watch, fleet.add_all, nodes, timeout)
-        noop = measure_noop(world, watch, fleet, noop_samples, timeout) if add["converged"] \
-            else []
+        noop = measure_noop(world, watch, fleet, noop_samples, timeout) if add["converged"] else []
         progress(f"  {backend} {fleet_mode} {tag}: {nodes} nodes leave")
         remove = measure_phase(world, watch, fleet.release_all, 0, timeout)
         if world.agent is None or world.agent.poll() is not None:
             remove["problems"].append("the agent exited")
             remove["converged"] = False
-        return {"backend": backend, "register": fleet_mode, "add": add, "noop": noop,
-                "remove": remove, "agent_log_problems": world.log_problems()[:10]}
+        return {
+            "backend": backend,
+            "register": fleet_mode,
+            "add": add,
+            "noop": noop,
+            "remove": remove,
+            "agent_log_problems": world.log_problems()[:10],
+        }
     finally:
         if watch is not None:
             watch.stop()
@@ -654,8 +726,11 @@ def _stat(values: list) -> dict | None:
     values = [v for v in values if v is not None]
     if not values:
         return None
-    return {"median": round(statistics.median(values), 2), "max": round(max(values), 2),
-            "n": len(values)}
+    return {
+        "median": round(statistics.median(values), 2),
+        "max": round(max(values), 2),
+        "n": len(values),
+    }
 
 
 def summarize(runs: list[dict]) -> dict:
@@ -669,22 +744,37 @@ def summarize(runs: list[dict]) -> dict:
         for mode, group in modes.items():
             entry = summary.setdefault(backend, {})[mode] = {}
             for phase in ("add", "remove"):
-                entry[phase] = {m: _stat([r[phase].get(m) for r in group])
-                                for m in PHASE_METRICS}
+                entry[phase] = {m: _stat([r[phase].get(m) for r in group]) for m in PHASE_METRICS}
             samples = [s for r in group for s in r["noop"]]
             entry["noop"] = {m: _stat([s[m] for s in samples]) for m in NOOP_METRICS}
     return summary
 
 
-def bench(nodes: int, repeat: int, backends: tuple[str, ...], modes: tuple[str, ...],
-          noop_samples: int, timeout: float, progress: Callable[[str], None]) -> dict:
+def bench(
+    nodes: int,
+    repeat: int,
+    backends: tuple[str, ...],
+    modes: tuple[str, ...],
+    noop_samples: int,
+    timeout: float,
+    progress: Callable[[str], None],
+) -> dict:
     runs = []
     tag = f"pycnicv{os.getpid()}"
     for backend in backends:
         for mode in modes:
             for i in range(repeat):
-                runs.append(run_world(f"{tag}-{backend[0]}{mode[0]}{i}", backend, mode, nodes,
-                                      noop_samples, timeout, progress))
+                runs.append(
+                    run_world(
+                        f"{tag}-{backend[0]}{mode[0]}{i}",
+                        backend,
+                        mode,
+                        nodes,
+                        noop_samples,
+                        timeout,
+                        progress,
+                    )
+                )
     problems = []
     for run in runs:
         where = f"{run['backend']} {run['register']}"
@@ -692,10 +782,19 @@ def bench(nodes: int, repeat: int, backends: tuple[str, ...], modes: tuple[str, 
             problems += [f"{where} {phase}: {p}" for p in run[phase]["problems"]]
         problems += [f"{where} noop: {p}" for s in run["noop"] for p in s["problems"]]
         problems += [f"{where} agent log: {line}" for line in run["agent_log_problems"]]
-    return {"nodes": nodes, "repeat": repeat, "backends": list(backends),
-            "register": list(modes), "resync_s": RESYNC, "datastore": "sqlite",
-            "noop_samples": noop_samples, "ok": not problems, "problems": problems,
-            "summary": summarize(runs), "runs": runs}
+    return {
+        "nodes": nodes,
+        "repeat": repeat,
+        "backends": list(backends),
+        "register": list(modes),
+        "resync_s": RESYNC,
+        "datastore": "sqlite",
+        "noop_samples": noop_samples,
+        "ok": not problems,
+        "problems": problems,
+        "summary": summarize(runs),
+        "runs": runs,
+    }
 
 
 def _cell(stat: dict | None, digits: int = 1) -> str:
@@ -713,52 +812,94 @@ def format_table(report: dict) -> str:
         "register: clients = one LeaseDatastore client per node, register()/release() in turn;"
         " batch = all leases in one transaction",
         "",
-        f"{'backend':<8} {'register':<8} {'phase':<7}" + "".join(
-            f"{h:>17}" for h in ("written", "first entry", "all entries", "all - written",
-                                 "passes", "last pass")),
+        f"{'backend':<8} {'register':<8} {'phase':<7}"
+        + "".join(
+            f"{h:>17}"
+            for h in (
+                "written",
+                "first entry",
+                "all entries",
+                "all - written",
+                "passes",
+                "last pass",
+            )
+        ),
     ]
     for backend, modes in report["summary"].items():
         for mode, entry in modes.items():
             for phase in ("add", "remove"):
                 stats = entry[phase]
                 cells = [_cell(stats[m], 0 if m == "passes" else 1) for m in PHASE_METRICS]
-                lines.append(f"{backend:<8} {mode:<8} {phase:<7}"
-                             + "".join(f"{c:>17}" for c in cells))
-    lines += ["", f"steady state with {n} remote nodes: one no-op pass (the agent's "
-              "lastReconcileSeconds), and an unchanged lease rewrite -> that pass done",
-              f"{'backend':<8} {'register':<8} {'samples':>8}{'no-op pass':>17}"
-              f"{'write -> done':>17}"]
+                lines.append(
+                    f"{backend:<8} {mode:<8} {phase:<7}" + "".join(f"{c:>17}" for c in cells)
+                )
+    lines += [
+        "",
+        f"steady state with {n} remote nodes: one no-op pass (the agent's "
+        "lastReconcileSeconds), and an unchanged lease rewrite -> that pass done",
+        f"{'backend':<8} {'register':<8} {'samples':>8}{'no-op pass':>17}{'write -> done':>17}",
+    ]
     for backend, modes in report["summary"].items():
         for mode, entry in modes.items():
             noop = entry["noop"]
             count = noop["pass_ms"]["n"] if noop["pass_ms"] else 0
-            lines.append(f"{backend:<8} {mode:<8} {count:>8}{_cell(noop['pass_ms'], 2):>17}"
-                         f"{_cell(noop['wake_ms']):>17}")
+            lines.append(
+                f"{backend:<8} {mode:<8} {count:>8}{_cell(noop['pass_ms'], 2):>17}"
+                f"{_cell(noop['wake_ms']):>17}"
+            )
     lines.append("")
-    lines.append("OK: every phase converged, the kernel matched the datastore" if report["ok"]
-                 else "PROBLEMS:")
+    lines.append(
+        "OK: every phase converged, the kernel matched the datastore"
+        if report["ok"]
+        else "PROBLEMS:"
+    )
     lines += [f"  {p}" for p in report["problems"][:20]]
     return "\n".join(lines)
 
 
 # --- command line ------------------------------------------------------------------------------
 
+
 def add_arguments(parser) -> None:
-    parser.add_argument("--nodes", type=int, default=100,
-                        help=f"remote nodes that appear and leave at once (default 100, at most "
-                        f"{MAX_NODES})")
-    parser.add_argument("--repeat", type=int, default=3,
-                        help="fresh agent and namespaces per repetition (default 3)")
-    parser.add_argument("--backend", action="append", choices=BACKENDS, dest="backends",
-                        help="backend to measure (repeatable; default host-gw and vxlan)")
-    parser.add_argument("--register", choices=(*REGISTER_MODES, "both"), default="both",
-                        help="how the remote nodes write the datastore: clients (one lease "
-                        "client each, in turn, as real agents), batch (one transaction), or "
-                        "both (default)")
-    parser.add_argument("--noop-samples", type=int, default=5,
-                        help="no-op passes measured per repetition (default 5)")
-    parser.add_argument("--timeout", type=float, default=60.0,
-                        help="seconds a phase may take before it counts as not converged")
+    parser.add_argument(
+        "--nodes",
+        type=int,
+        default=100,
+        help=f"remote nodes that appear and leave at once (default 100, at most {MAX_NODES})",
+    )
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=3,
+        help="fresh agent and namespaces per repetition (default 3)",
+    )
+    parser.add_argument(
+        "--backend",
+        action="append",
+        choices=BACKENDS,
+        dest="backends",
+        help="backend to measure (repeatable; default host-gw and vxlan)",
+    )
+    parser.add_argument(
+        "--register",
+        choices=(*REGISTER_MODES, "both"),
+        default="both",
+        help="how the remote nodes write the datastore: clients (one lease "
+        "client each, in turn, as real agents), batch (one transaction), or "
+        "both (default)",
+    )
+    parser.add_argument(
+        "--noop-samples",
+        type=int,
+        default=5,
+        help="no-op passes measured per repetition (default 5)",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=60.0,
+        help="seconds a phase may take before it counts as not converged",
+    )
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
 
 
@@ -767,8 +908,11 @@ def run(args) -> int:
         print("pycnictl bench convergence: needs root (network namespaces)", file=sys.stderr)
         return 2
     if not 1 <= args.nodes <= MAX_NODES or args.repeat < 1 or args.noop_samples < 0:
-        print(f"pycnictl bench convergence: --nodes 1..{MAX_NODES}, --repeat at least 1, "
-              "--noop-samples at least 0", file=sys.stderr)
+        print(
+            f"pycnictl bench convergence: --nodes 1..{MAX_NODES}, --repeat at least 1, "
+            "--noop-samples at least 0",
+            file=sys.stderr,
+        )
         return 2
     backends = tuple(dict.fromkeys(args.backends or BACKENDS))
     modes = REGISTER_MODES if args.register == "both" else (args.register,)
@@ -778,15 +922,29 @@ def run(args) -> int:
     try:
         return run_and_print(
             "pycnictl bench convergence",
-            lambda progress: bench(args.nodes, args.repeat, backends, modes, args.noop_samples,
-                                   args.timeout, progress=progress),
-            format_table, args.json, (BenchError,), "agent stopped, namespaces removed")
+            lambda progress: bench(
+                args.nodes,
+                args.repeat,
+                backends,
+                modes,
+                args.noop_samples,
+                args.timeout,
+                progress=progress,
+            ),
+            format_table,
+            args.json,
+            (BenchError,),
+            "agent stopped, namespaces removed",
+        )
     finally:
         sys.setswitchinterval(interval)
 
 
 def register(forms) -> None:
-    p = forms.add_parser("convergence", help="how long the agent's reconcile loop takes when "
-                         "100 remote nodes appear at once, and leave at once")
+    p = forms.add_parser(
+        "convergence",
+        help="how long the agent's reconcile loop takes when "
+        "100 remote nodes appear at once, and leave at once",
+    )
     add_arguments(p)
     p.set_defaults(func=run)

@@ -73,18 +73,38 @@ class Row:
 def pycni_conflist(root: str, subnet: str, agent_socket: str) -> dict:
     from ...node_config import node_conflist
 
-    conf = node_conflist(NAME, subnet, None, bridge="cni0",
-                         dataDir=os.path.join(root, "data"),
-                         logFile=os.path.join(root, "pycni.log"), agentSocket=agent_socket)
+    conf = node_conflist(
+        NAME,
+        subnet,
+        None,
+        bridge="cni0",
+        dataDir=os.path.join(root, "data"),
+        logFile=os.path.join(root, "pycni.log"),
+        agentSocket=agent_socket,
+    )
     conf["cniVersion"] = LIBCNI_VERSION
     return conf
 
 
 def reference_conflist(root: str, subnet: str) -> dict:
-    return {"cniVersion": LIBCNI_VERSION, "name": NAME, "plugins": [{
-        "type": "bridge", "bridge": "cni0", "isGateway": True, "ipMasq": True,
-        "ipam": {"type": "host-local", "subnet": subnet, "routes": [{"dst": "0.0.0.0/0"}],
-                 "dataDir": os.path.join(root, "ipam")}}]}
+    return {
+        "cniVersion": LIBCNI_VERSION,
+        "name": NAME,
+        "plugins": [
+            {
+                "type": "bridge",
+                "bridge": "cni0",
+                "isGateway": True,
+                "ipMasq": True,
+                "ipam": {
+                    "type": "host-local",
+                    "subnet": subnet,
+                    "routes": [{"dst": "0.0.0.0/0"}],
+                    "dataDir": os.path.join(root, "ipam"),
+                },
+            }
+        ],
+    }
 
 
 def _stats(samples: list[float]) -> dict:
@@ -92,26 +112,31 @@ def _stats(samples: list[float]) -> dict:
         return {"median": None, "p90": None, "n": 0}
     ordered = sorted(samples)
     p90 = nearest_rank(ordered, 0.9)
-    return {"median": round(statistics.median(ordered), 1), "p90": round(p90, 1),
-            "n": len(ordered)}
+    return {"median": round(statistics.median(ordered), 1), "p90": round(p90, 1), "n": len(ordered)}
 
 
 # --- one pod -----------------------------------------------------------------------------------
+
 
 def _sandbox_config(row: Row, name: str) -> dict:
     from ..runtimes.cri import pod_sandbox_config
 
     uid = str(uuid.uuid4())
-    return pod_sandbox_config(name, "bench", uid,
-                              os.path.join(row.root, "pods", f"bench_{name}_{uid}"),
-                              row.containerd.cgroup_parent)
+    return pod_sandbox_config(
+        name,
+        "bench",
+        uid,
+        os.path.join(row.root, "pods", f"bench_{name}_{uid}"),
+        row.containerd.cgroup_parent,
+    )
 
 
 def _address(row: Row, sandbox_id: str, subnet: str) -> str:
     ip = row.containerd.cri().pod_sandbox_status(sandbox_id).status.network.ip
     if not ip or ipaddress.ip_address(ip) not in ipaddress.ip_network(subnet):
-        raise BenchError(f"{row.plugin}: sandbox {sandbox_id[:12]} has address {ip!r}, "
-                         f"not one in {subnet}")
+        raise BenchError(
+            f"{row.plugin}: sandbox {sandbox_id[:12]} has address {ip!r}, not one in {subnet}"
+        )
     return ip
 
 
@@ -139,6 +164,7 @@ def _pod_lifecycle(row: Row, name: str, subnet: str, timed: bool = True) -> None
 
 
 # --- the burst ---------------------------------------------------------------------------------
+
 
 def _all_at_once(n: int, work) -> tuple[float, list]:
     """work(i) in n threads released together; (wall ms from release to the last return,
@@ -176,8 +202,9 @@ def _burst(row: Row, n: int, subnet: str, k: int) -> None:
     failed = [s for s in made if not isinstance(s, str)]
     row.burst["failures"] = row.burst.get("failures", 0) + len(failed)
     if failed:
-        row.problems.append(f"burst {k}: {len(failed)} of {n} RunPodSandbox failed; first: "
-                            f"{failed[0]}")
+        row.problems.append(
+            f"burst {k}: {len(failed)} of {n} RunPodSandbox failed; first: {failed[0]}"
+        )
     addresses = []
     for sid in sandboxes:
         try:
@@ -198,13 +225,16 @@ def _burst(row: Row, n: int, subnet: str, k: int) -> None:
     failed = [d for d in done if d is not None]
     row.burst["failures"] += len(failed)
     if failed:
-        row.problems.append(f"burst {k}: {len(failed)} of {len(sandboxes)} "
-                            f"Stop+RemovePodSandbox failed; first: {failed[0]}")
+        row.problems.append(
+            f"burst {k}: {len(failed)} of {len(sandboxes)} "
+            f"Stop+RemovePodSandbox failed; first: {failed[0]}"
+        )
     freed = _check_freed(row, f"burst {k}")
     row.burst["freed"] = row.burst.get("freed", True) and freed
 
 
 # --- checks ------------------------------------------------------------------------------------
+
 
 def _veths(ns: str) -> int:
     return len(Spaces().exec(ns, "ip", "-o", "link", "show", "type", "veth").splitlines())
@@ -227,8 +257,16 @@ def _check_freed(row: Row, phase: str) -> bool:
 
 # --- the run -----------------------------------------------------------------------------------
 
-def _make_row(row: Row, spaces: Spaces, launcher: Launcher, archive: str, subnet: str,
-              reference_dir: str, plugin_launcher: str = "python") -> None:
+
+def _make_row(
+    row: Row,
+    spaces: Spaces,
+    launcher: Launcher,
+    archive: str,
+    subnet: str,
+    reference_dir: str,
+    plugin_launcher: str = "python",
+) -> None:
     from ...node_config import CONFLIST_NAME, write_conflist
     from ..install import write_launcher
     from ..runtimes.containerd import Containerd
@@ -257,21 +295,31 @@ def _make_row(row: Row, spaces: Spaces, launcher: Launcher, archive: str, subnet
         row.agent.start(launcher, row.ns)
         conf = pycni_conflist(row.root, subnet, row.agent.socket)
     write_conflist(os.path.join(conf_dir, CONFLIST_NAME), conf)
-    row.containerd = Containerd(os.path.join(row.root, "containerd"), row.ns, bin_dir,
-                                conf_dir, sandbox_image=IMAGE)
+    row.containerd = Containerd(
+        os.path.join(row.root, "containerd"), row.ns, bin_dir, conf_dir, sandbox_image=IMAGE
+    )
     row.containerd.start()
     row.containerd.import_image(archive)
 
 
-def bench(pods: int, burst: int, reference_dir: str, subnet: str, repeat: int = 3,
-          progress=None, plugin_launcher: str = "python") -> dict:
+def bench(
+    pods: int,
+    burst: int,
+    reference_dir: str,
+    subnet: str,
+    repeat: int = 3,
+    progress=None,
+    plugin_launcher: str = "python",
+) -> dict:
     for plugin in ("bridge", "host-local", "loopback"):
         if not os.access(os.path.join(reference_dir, plugin), os.X_OK):
             raise BenchError(f"the reference {plugin} plugin is not in {reference_dir}")
     for tool in ("containerd", "ctr", "runc", "podman"):
         if shutil.which(tool) is None:
-            raise BenchError(f"{tool} is not installed (Debian packages containerd, runc, "
-                             "podman, busybox-static)")
+            raise BenchError(
+                f"{tool} is not installed (Debian packages containerd, runc, "
+                "podman, busybox-static)"
+            )
     if burst > ipaddress.ip_network(subnet).num_addresses - 3:
         raise BenchError(f"a burst of {burst} does not fit in {subnet}")
     import compileall
@@ -307,8 +355,10 @@ def bench(pods: int, burst: int, reference_dir: str, subnet: str, repeat: int = 
             _check_freed(row, "sequential")
 
         if burst:
-            say(f"{repeat} bursts per row: {burst} RunPodSandbox at once, then Stop+Remove at "
-                "once; the rows take turns")
+            say(
+                f"{repeat} bursts per row: {burst} RunPodSandbox at once, then Stop+Remove at "
+                "once; the rows take turns"
+            )
             for k in range(repeat):
                 for row in rows if k % 2 == 0 else rows[::-1]:
                     _burst(row, burst, subnet, k)
@@ -336,41 +386,60 @@ def bench(pods: int, burst: int, reference_dir: str, subnet: str, repeat: int = 
             signal.signal(signal.SIGINT, old)
 
 
-def _report(rows: list[Row], pods: int, burst: int, repeat: int, subnet: str,
-            version: str) -> dict:
+def _report(rows: list[Row], pods: int, burst: int, repeat: int, subnet: str, version: str) -> dict:
     ref = next(r for r in rows if r.plugin == "reference")
     out = []
     for row in rows:
-        stats = {"run": _stats(row.run_ms), "stop": _stats(row.stop_ms),
-                 "remove": _stats(row.remove_ms), "teardown": _stats(row.teardown_ms)}
+        stats = {
+            "run": _stats(row.run_ms),
+            "stop": _stats(row.stop_ms),
+            "remove": _stats(row.remove_ms),
+            "teardown": _stats(row.teardown_ms),
+        }
         ref_stats = {"run": _stats(ref.run_ms), "teardown": _stats(ref.teardown_ms)}
         b = dict(row.burst)
         if burst:
             for k in ("run", "teardown"):
                 b[f"{k}_wall_ms"] = _stats(getattr(row, f"burst_{k}_ms"))["median"]
-            b["ratio"] = {k: ratio(b[f"{k}_wall_ms"],
-                                    _stats(getattr(ref, f"burst_{k}_ms"))["median"])
-                          for k in ("run", "teardown")}
-        out.append({
-            "plugin": row.plugin, **stats,
-            "ratio": {k: ratio(stats[k]["median"], ref_stats[k]["median"])
-                      for k in ("run", "teardown")},
-            "burst": b, "ok": not row.problems, "problems": row.problems,
-            "samples": {"run": [round(x, 2) for x in row.run_ms],
-                        "stop": [round(x, 2) for x in row.stop_ms],
-                        "remove": [round(x, 2) for x in row.remove_ms],
-                        "burst_run": [round(x, 2) for x in row.burst_run_ms],
-                        "burst_teardown": [round(x, 2) for x in row.burst_teardown_ms]},
-        })
-    return {"pods": pods, "burst": burst, "repeat": repeat, "subnet": subnet,
-            "containerd": version,
-            "cniVersion": LIBCNI_VERSION, "rows": out, "ok": all(r["ok"] for r in out)}
+            b["ratio"] = {
+                k: ratio(b[f"{k}_wall_ms"], _stats(getattr(ref, f"burst_{k}_ms"))["median"])
+                for k in ("run", "teardown")
+            }
+        out.append(
+            {
+                "plugin": row.plugin,
+                **stats,
+                "ratio": {
+                    k: ratio(stats[k]["median"], ref_stats[k]["median"])
+                    for k in ("run", "teardown")
+                },
+                "burst": b,
+                "ok": not row.problems,
+                "problems": row.problems,
+                "samples": {
+                    "run": [round(x, 2) for x in row.run_ms],
+                    "stop": [round(x, 2) for x in row.stop_ms],
+                    "remove": [round(x, 2) for x in row.remove_ms],
+                    "burst_run": [round(x, 2) for x in row.burst_run_ms],
+                    "burst_teardown": [round(x, 2) for x in row.burst_teardown_ms],
+                },
+            }
+        )
+    return {
+        "pods": pods,
+        "burst": burst,
+        "repeat": repeat,
+        "subnet": subnet,
+        "containerd": version,
+        "cniVersion": LIBCNI_VERSION,
+        "rows": out,
+        "ok": all(r["ok"] for r in out),
+    }
 
 
 def format_table(report: dict) -> str:
     def f(x) -> str:
         return "-" if x is None else f"{x:.1f}"
-
 
     lines = [
         f"pycnictl bench cri: containerd {report['containerd']} over CRI, {report['pods']} "
@@ -383,18 +452,28 @@ def format_table(report: dict) -> str:
         f"{'':<12} {'med / p90':>17} {'med / p90':>17} {'med / p90':>17} {'med / p90':>17}",
     ]
     for row in report["rows"]:
-        cells = [f"{f(row[k]['median'])} / {f(row[k]['p90'])}"
-                 for k in ("run", "stop", "remove", "teardown")]
-        lines.append(f"{row['plugin']:<12} " + " ".join(f"{c:>17}" for c in cells)
-                     + f" {show_ratio(row['ratio']['run']):>9}"
-                     f" {show_ratio(row['ratio']['teardown']):>13}  "
-                     f"{'yes' if row['ok'] else 'NO'}")
-    lines.append("times in ms of each CRI call as containerd answers it; ratio = pycni median "
-                 "/ reference median")
+        cells = [
+            f"{f(row[k]['median'])} / {f(row[k]['p90'])}"
+            for k in ("run", "stop", "remove", "teardown")
+        ]
+        lines.append(
+            f"{row['plugin']:<12} "
+            + " ".join(f"{c:>17}" for c in cells)
+            + f" {show_ratio(row['ratio']['run']):>9}"
+            f" {show_ratio(row['ratio']['teardown']):>13}  "
+            f"{'yes' if row['ok'] else 'NO'}"
+        )
+    lines.append(
+        "times in ms of each CRI call as containerd answers it; ratio = pycni median "
+        "/ reference median"
+    )
     if report["burst"]:
-        lines += ["", f"{'burst of ' + str(report['burst']):<12} {'Run wall':>9} "
-                  f"{'Stop+Rm wall':>12} {'Run ratio':>9} {'Stop+Rm ratio':>13} {'failed':>6} "
-                  f"{'distinct':>8} {'freed':>5}"]
+        lines += [
+            "",
+            f"{'burst of ' + str(report['burst']):<12} {'Run wall':>9} "
+            f"{'Stop+Rm wall':>12} {'Run ratio':>9} {'Stop+Rm ratio':>13} {'failed':>6} "
+            f"{'distinct':>8} {'freed':>5}",
+        ]
         for row in report["rows"]:
             b = row["burst"]
             failed = b.get("failures") or 0
@@ -404,9 +483,12 @@ def format_table(report: dict) -> str:
                 f"{show_ratio(b.get('ratio', {}).get('run')):>9} "
                 f"{show_ratio(b.get('ratio', {}).get('teardown')):>13} {failed:>6} "
                 f"{'yes' if b.get('addresses_distinct') else 'NO':>8} "
-                f"{'yes' if b.get('freed') else 'NO':>5}")
-        lines.append(f"burst: wall ms from the release of all threads to the last answer, "
-                     f"median of {report['repeat']}; failed = calls that failed")
+                f"{'yes' if b.get('freed') else 'NO':>5}"
+            )
+        lines.append(
+            f"burst: wall ms from the release of all threads to the last answer, "
+            f"median of {report['repeat']}; failed = calls that failed"
+        )
     for row in report["rows"]:
         for problem in row["problems"][:10]:
             lines.append(f"PROBLEM {row['plugin']}: {problem}")
@@ -414,20 +496,40 @@ def format_table(report: dict) -> str:
 
 
 def register(sub) -> None:
-    p = sub.add_parser("cri", help="RunPodSandbox / StopPodSandbox latency through containerd's "
-                       "CRI: pycni (agent) against the reference bridge + host-local")
-    p.add_argument("--pods", type=int, default=DEFAULT_PODS,
-                   help=f"sequential pods per row (default {DEFAULT_PODS})")
-    p.add_argument("--burst", type=int, default=DEFAULT_BURST,
-                   help=f"pods started at once per row (default {DEFAULT_BURST}); 0 skips it")
-    p.add_argument("--repeat", type=int, default=3,
-                   help="bursts per row, the median reported (default 3)")
-    p.add_argument("--reference-dir", default="/usr/lib/cni",
-                   help="where the reference bridge, host-local and loopback are")
+    p = sub.add_parser(
+        "cri",
+        help="RunPodSandbox / StopPodSandbox latency through containerd's "
+        "CRI: pycni (agent) against the reference bridge + host-local",
+    )
+    p.add_argument(
+        "--pods",
+        type=int,
+        default=DEFAULT_PODS,
+        help=f"sequential pods per row (default {DEFAULT_PODS})",
+    )
+    p.add_argument(
+        "--burst",
+        type=int,
+        default=DEFAULT_BURST,
+        help=f"pods started at once per row (default {DEFAULT_BURST}); 0 skips it",
+    )
+    p.add_argument(
+        "--repeat", type=int, default=3, help="bursts per row, the median reported (default 3)"
+    )
+    p.add_argument(
+        "--reference-dir",
+        default="/usr/lib/cni",
+        help="where the reference bridge, host-local and loopback are",
+    )
     p.add_argument("--subnet", default="10.244.1.0/24", help="the node's pod subnet")
-    p.add_argument("--launcher", dest="plugin_launcher", choices=("python", "native"),
-                   default="python", help="pycni's executable: the Python launcher (default) "
-                   "or the native one (`pycnictl install --native`; needs cc)")
+    p.add_argument(
+        "--launcher",
+        dest="plugin_launcher",
+        choices=("python", "native"),
+        default="python",
+        help="pycni's executable: the Python launcher (default) "
+        "or the native one (`pycnictl install --native`; needs cc)",
+    )
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=_bench)
 
@@ -437,26 +539,38 @@ def _bench(args) -> int:
         print("pycnictl bench cri: needs root (network namespaces)", file=sys.stderr)
         return 2
     if args.pods < 1 or args.burst < 0 or args.repeat < 1:
-        print("pycnictl bench cri: --pods and --repeat must be at least 1, --burst at least 0",
-              file=sys.stderr)
+        print(
+            "pycnictl bench cri: --pods and --repeat must be at least 1, --burst at least 0",
+            file=sys.stderr,
+        )
         return 2
     try:
         import grpc  # noqa: F401
     except ImportError:
-        print("pycnictl bench cri: needs grpcio and protobuf (pip install pycni[runtimes])",
-              file=sys.stderr)
+        print(
+            "pycnictl bench cri: needs grpcio and protobuf (pip install pycni[runtimes])",
+            file=sys.stderr,
+        )
         return 2
     from ..runtimes.containerd import ContainerdError
     from ..runtimes.cri import CriError
 
     return run_and_print(
         "pycnictl bench cri",
-        lambda progress: bench(args.pods, args.burst, args.reference_dir, args.subnet,
-                               args.repeat, progress=progress,
-                               plugin_launcher=args.plugin_launcher),
-        format_table, args.json,
+        lambda progress: bench(
+            args.pods,
+            args.burst,
+            args.reference_dir,
+            args.subnet,
+            args.repeat,
+            progress=progress,
+            plugin_launcher=args.plugin_launcher,
+        ),
+        format_table,
+        args.json,
         (BenchError, ContainerdError, CriError, subprocess.CalledProcessError),
-        "containerds, pods, agents and namespaces removed")
+        "containerds, pods, agents and namespaces removed",
+    )
 
 
 __all__ = ["register", "bench", "format_table"]

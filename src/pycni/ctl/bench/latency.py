@@ -83,6 +83,7 @@ class BenchError(Exception):
 
 # --- entering the node namespace ---------------------------------------------------------------
 
+
 class Launcher:
     """Runs a command in a named network namespace, by one of LAUNCH_METHODS."""
 
@@ -124,8 +125,9 @@ class Launcher:
             return ["ip", "netns", "exec", ns, *argv]
         return list(argv)
 
-    def run(self, ns: str, argv: list[str], stdin: bytes = b"",
-            env: dict | None = None) -> tuple[float, subprocess.CompletedProcess]:
+    def run(
+        self, ns: str, argv: list[str], stdin: bytes = b"", env: dict | None = None
+    ) -> tuple[float, subprocess.CompletedProcess]:
         """Run once; return (milliseconds, process). Only the spawn-to-exit is timed."""
         full = self.argv(ns, argv)
         with self.inside(ns):
@@ -153,6 +155,7 @@ class Launcher:
 
 # --- namespaces --------------------------------------------------------------------------------
 
+
 class Spaces:
     """Network namespaces made by this run, all removed by cleanup()."""
 
@@ -174,8 +177,9 @@ class Spaces:
         for name in reversed(self.names):
             if not os.path.exists(os.path.join(NETNS_DIR, name)):
                 continue
-            pids = subprocess.run(["ip", "netns", "pids", name], capture_output=True,
-                                  text=True).stdout.split()
+            pids = subprocess.run(
+                ["ip", "netns", "pids", name], capture_output=True, text=True
+            ).stdout.split()
             for pid in pids:
                 try:
                     os.kill(int(pid), signal.SIGKILL)
@@ -196,6 +200,7 @@ def _sh(*argv: str) -> str:
 
 # --- the agent ---------------------------------------------------------------------------------
 
+
 class AgentRunner:
     """A `pycnictl agent` in a row's node namespace, with private socket, log and data dir."""
 
@@ -214,9 +219,15 @@ class AgentRunner:
     def start(self, launcher: Launcher, ns: str) -> None:
         argv = agent_argv(self.socket, self.data_dir, self.log_file)
         with open(self.stderr_file, "wb") as err:
-            self.proc = launcher.popen(ns, argv, stdin=subprocess.DEVNULL,
-                                       stdout=subprocess.DEVNULL, stderr=err,
-                                       env={"PATH": PATH}, start_new_session=True)
+            self.proc = launcher.popen(
+                ns,
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=err,
+                env={"PATH": PATH},
+                start_new_session=True,
+            )
         try:
             wait_until_listening(self.proc, self.socket, AGENT_START_TIMEOUT)
         except RuntimeError as exc:
@@ -262,9 +273,10 @@ class AgentRunner:
 
 # --- the rows ----------------------------------------------------------------------------------
 
+
 @dataclass
 class Row:
-    plugin: str           # one of PLUGINS
+    plugin: str  # one of PLUGINS
     masq: bool
     exe: str
     cni_path: str
@@ -289,22 +301,43 @@ class Row:
         return json.dumps(self.conf).encode()
 
     def env(self, command: str, cid: str, netns: str) -> dict:
-        return {"PATH": PATH, "CNI_COMMAND": command, "CNI_CONTAINERID": cid,
-                "CNI_NETNS": netns, "CNI_IFNAME": "eth0", "CNI_PATH": self.cni_path}
+        return {
+            "PATH": PATH,
+            "CNI_COMMAND": command,
+            "CNI_CONTAINERID": cid,
+            "CNI_NETNS": netns,
+            "CNI_IFNAME": "eth0",
+            "CNI_PATH": self.cni_path,
+        }
 
 
 def pycni_conf(root: str, version: str, subnet: str, masq: bool, agent_socket: str) -> dict:
-    return {"cniVersion": version, "name": NAME, "type": "pycni", "bridge": "cni0",
-            "isGateway": True, "isDefaultGateway": True, "subnet": subnet, "ipMasq": masq,
-            "dataDir": os.path.join(root, "data"), "logFile": os.path.join(root, "pycni.log"),
-            "agentSocket": agent_socket}
+    return {
+        "cniVersion": version,
+        "name": NAME,
+        "type": "pycni",
+        "bridge": "cni0",
+        "isGateway": True,
+        "isDefaultGateway": True,
+        "subnet": subnet,
+        "ipMasq": masq,
+        "dataDir": os.path.join(root, "data"),
+        "logFile": os.path.join(root, "pycni.log"),
+        "agentSocket": agent_socket,
+    }
 
 
 def reference_conf(root: str, version: str, subnet: str, masq: bool) -> dict:
-    return {"cniVersion": version, "name": NAME, "type": "bridge", "bridge": "cni0",
-            "isGateway": True, "isDefaultGateway": True, "ipMasq": masq,
-            "ipam": {"type": "host-local", "subnet": subnet,
-                     "dataDir": os.path.join(root, "ipam")}}
+    return {
+        "cniVersion": version,
+        "name": NAME,
+        "type": "bridge",
+        "bridge": "cni0",
+        "isGateway": True,
+        "isDefaultGateway": True,
+        "ipMasq": masq,
+        "ipam": {"type": "host-local", "subnet": subnet, "dataDir": os.path.join(root, "ipam")},
+    }
 
 
 def _cid(i: int, storm: bool = False) -> str:
@@ -316,8 +349,13 @@ def _stats(samples: list[float]) -> dict:
         return {"median": None, "p95": None, "min": None, "max": None, "n": 0}
     ordered = sorted(samples)
     p95 = nearest_rank(ordered, 0.95)
-    return {"median": round(statistics.median(ordered), 2), "p95": round(p95, 2),
-            "min": round(ordered[0], 2), "max": round(ordered[-1], 2), "n": len(ordered)}
+    return {
+        "median": round(statistics.median(ordered), 2),
+        "p95": round(p95, 2),
+        "min": round(ordered[0], 2),
+        "max": round(ordered[-1], 2),
+        "n": len(ordered),
+    }
 
 
 def _veths(spaces: Spaces, ns: str) -> int:
@@ -325,8 +363,9 @@ def _veths(spaces: Spaces, ns: str) -> int:
 
 
 def _masq_rules(spaces: Spaces, ns: str) -> int:
-    out = subprocess.run(["ip", "netns", "exec", ns, "nft", "list", "ruleset"],
-                         capture_output=True, text=True).stdout
+    out = subprocess.run(
+        ["ip", "netns", "exec", ns, "nft", "list", "ruleset"], capture_output=True, text=True
+    ).stdout
     return sum("masquerade" in line for line in out.splitlines())
 
 
@@ -337,8 +376,9 @@ def held_addresses(row) -> list[str]:
         d = os.path.join(row.root, "ipam", NAME)
         if not os.path.isdir(d):
             return []
-        return sorted(f for f in os.listdir(d)
-                      if f not in ("lock",) and not f.startswith("last_reserved_ip"))
+        return sorted(
+            f for f in os.listdir(d) if f not in ("lock",) and not f.startswith("last_reserved_ip")
+        )
     from ...ipam.store import Store
 
     store = Store(os.path.join(row.root, "data"))
@@ -367,8 +407,9 @@ def measure_floor(launcher_methods, ns: str, runs: int) -> dict[str, float]:
 
 
 def _describe(rc, stdout: bytes, stderr: bytes) -> str:
-    return (f"rc {rc}: {stdout.decode(errors='replace')[:300]}"
-            f"{stderr.decode(errors='replace')[:300]}").strip()
+    return (
+        f"rc {rc}: {stdout.decode(errors='replace')[:300]}{stderr.decode(errors='replace')[:300]}"
+    ).strip()
 
 
 def _address(rc: int, stdout: bytes) -> str | None:
@@ -385,13 +426,18 @@ def _address(rc: int, stdout: bytes) -> str | None:
 
 
 def _do(launcher: Launcher, row: Row, command: str, i: int) -> subprocess.CompletedProcess:
-    ms, proc = launcher.run(row.node, [row.exe], row.stdin,
-                            row.env(command, _cid(i), os.path.join(NETNS_DIR, row.pods[i])))
+    ms, proc = launcher.run(
+        row.node,
+        [row.exe],
+        row.stdin,
+        row.env(command, _cid(i), os.path.join(NETNS_DIR, row.pods[i])),
+    )
     (row.add_ms if command == "ADD" else row.del_ms).append(ms)
     return proc
 
 
 # --- the storm ---------------------------------------------------------------------------------
+
 
 def storm(launcher: Launcher, row: Row, command: str, n: int) -> dict:
     """Launch `n` execs of `command` at once (spawn all, then wait for all).
@@ -413,9 +459,14 @@ def storm(launcher: Launcher, row: Row, command: str, n: int) -> dict:
                 out, err = tempfile.TemporaryFile(), tempfile.TemporaryFile()
                 try:
                     proc = subprocess.Popen(
-                        launcher.argv(row.node, [row.exe]), stdin=rfd, stdout=out, stderr=err,
-                        env=row.env(command, _cid(i, storm=True),
-                                    os.path.join(NETNS_DIR, row.pods[i])))
+                        launcher.argv(row.node, [row.exe]),
+                        stdin=rfd,
+                        stdout=out,
+                        stderr=err,
+                        env=row.env(
+                            command, _cid(i, storm=True), os.path.join(NETNS_DIR, row.pods[i])
+                        ),
+                    )
                 except BaseException:
                     out.close()
                     err.close()
@@ -435,8 +486,9 @@ def storm(launcher: Launcher, row: Row, command: str, n: int) -> dict:
             results.append((proc.returncode, out.read(), err.read()))
         return {"wall_ms": wall * 1000, "spawn_ms": (spawned - t0) * 1000, "results": results}
     except subprocess.TimeoutExpired as exc:
-        raise BenchError(f"{row.label}: a storm {command} took longer than "
-                         f"{STORM_TIMEOUT:.0f} s") from exc
+        raise BenchError(
+            f"{row.label}: a storm {command} took longer than {STORM_TIMEOUT:.0f} s"
+        ) from exc
     finally:
         for proc, out, err in procs:
             if proc.poll() is None:
@@ -457,26 +509,32 @@ def _check_storm_add(spaces: Spaces, row: Row, n: int, result: dict) -> None:
     row.storm["add_failures"] = len(failures)
     row.storm["addresses_distinct"] = len(set(addresses)) == len(addresses)
     if failures:
-        row.problems.append(f"storm: {len(failures)} of {n} concurrent ADDs failed; first: "
-                            f"{failures[0]}")
+        row.problems.append(
+            f"storm: {len(failures)} of {n} concurrent ADDs failed; first: {failures[0]}"
+        )
     if not row.storm["addresses_distinct"]:
         dups = sorted({a for a in addresses if addresses.count(a) > 1})
         row.problems.append(f"storm: addresses handed out twice: {dups}")
     veths = _veths(spaces, row.node)
     if veths != n - len(failures):
-        row.problems.append(f"storm: {veths} veths in the node after {n - len(failures)} "
-                            f"successful concurrent ADDs")
+        row.problems.append(
+            f"storm: {veths} veths in the node after {n - len(failures)} successful concurrent ADDs"
+        )
     if row.masq and not failures and not _masq_rules(spaces, row.node):
         row.problems.append("storm: no masquerade rule after the ADDs")
 
 
 def _check_storm_del(row: Row, n: int, result: dict) -> None:
-    failures = [f"#{i} {_describe(rc, out, err)}"
-                for i, (rc, out, err) in enumerate(result["results"]) if rc != 0]
+    failures = [
+        f"#{i} {_describe(rc, out, err)}"
+        for i, (rc, out, err) in enumerate(result["results"])
+        if rc != 0
+    ]
     row.storm["del_failures"] = len(failures)
     if failures:
-        row.problems.append(f"storm: {len(failures)} of {n} concurrent DELs failed; first: "
-                            f"{failures[0]}")
+        row.problems.append(
+            f"storm: {len(failures)} of {n} concurrent DELs failed; first: {failures[0]}"
+        )
 
 
 def _check_freed(spaces: Spaces, row: Row, phase: str) -> bool:
@@ -507,13 +565,22 @@ def _check_agent(row: Row, moment: str) -> None:
 
 # --- the run -----------------------------------------------------------------------------------
 
-def bench(pods: int, launch: str, reference_dir: str, version: str, subnet: str,
-          storm_size: int = DEFAULT_STORM, progress=None) -> dict:
+
+def bench(
+    pods: int,
+    launch: str,
+    reference_dir: str,
+    version: str,
+    subnet: str,
+    storm_size: int = DEFAULT_STORM,
+    progress=None,
+) -> dict:
     from ..install import write_launcher
 
     ref_bridge = os.path.join(reference_dir, "bridge")
     if not os.access(ref_bridge, os.X_OK) or not os.access(
-            os.path.join(reference_dir, "host-local"), os.X_OK):
+        os.path.join(reference_dir, "host-local"), os.X_OK
+    ):
         raise BenchError(f"the reference bridge and host-local are not in {reference_dir}")
     import ipaddress
 
@@ -543,8 +610,16 @@ def bench(pods: int, launch: str, reference_dir: str, version: str, subnet: str,
                 root = os.path.join(tmp, f"{name}-{'masq' if masq else 'nomasq'}")
                 os.makedirs(root)
                 if name == "reference":
-                    rows.append(Row(name, masq, ref_bridge, reference_dir,
-                                    reference_conf(root, version, subnet, masq), root))
+                    rows.append(
+                        Row(
+                            name,
+                            masq,
+                            ref_bridge,
+                            reference_dir,
+                            reference_conf(root, version, subnet, masq),
+                            root,
+                        )
+                    )
                     continue
                 agent = None
                 if name in AGENT_ROWS:
@@ -553,8 +628,17 @@ def bench(pods: int, launch: str, reference_dir: str, version: str, subnet: str,
                 else:
                     sock = os.path.join(root, "no-agent", "agent.sock")  # nothing listens
                 exe = native if name == "pycni-native" else plugin
-                rows.append(Row(name, masq, exe, os.path.dirname(exe),
-                                pycni_conf(root, version, subnet, masq, sock), root, agent))
+                rows.append(
+                    Row(
+                        name,
+                        masq,
+                        exe,
+                        os.path.dirname(exe),
+                        pycni_conf(root, version, subnet, masq, sock),
+                        root,
+                        agent,
+                    )
+                )
 
         _say(progress, f"making {len(rows)} node and {len(rows) * needed} pod namespaces")
         for n, row in enumerate(rows):
@@ -570,11 +654,17 @@ def bench(pods: int, launch: str, reference_dir: str, version: str, subnet: str,
                 row.agent.start(launcher, row.node)
         for row in rows:  # warm the page cache and the agent's connection path (not timed)
             for _ in range(2):
-                _, proc = launcher.run(row.node, [row.exe], b'{"cniVersion":"1.0.0"}',
-                                       {"PATH": PATH, "CNI_COMMAND": "VERSION"})
+                _, proc = launcher.run(
+                    row.node,
+                    [row.exe],
+                    b'{"cniVersion":"1.0.0"}',
+                    {"PATH": PATH, "CNI_COMMAND": "VERSION"},
+                )
                 if proc.returncode != 0:
-                    raise BenchError(f"{row.label}: VERSION failed: "
-                                     f"{_describe(proc.returncode, proc.stdout, proc.stderr)}")
+                    raise BenchError(
+                        f"{row.label}: VERSION failed: "
+                        f"{_describe(proc.returncode, proc.stdout, proc.stderr)}"
+                    )
             _check_agent(row, "start")
 
         _say(progress, f"{pods} sequential ADDs per row")
@@ -584,8 +674,9 @@ def bench(pods: int, launch: str, reference_dir: str, version: str, subnet: str,
                 proc = _do(launcher, row, "ADD", i)
                 address = _address(proc.returncode, proc.stdout)
                 if address is None:
-                    row.problems.append(f"ADD #{i} failed: "
-                                        f"{_describe(proc.returncode, proc.stdout, proc.stderr)}")
+                    row.problems.append(
+                        f"ADD #{i} failed: {_describe(proc.returncode, proc.stdout, proc.stderr)}"
+                    )
                 else:
                     row.addresses.append(address)
         for row in rows:
@@ -604,8 +695,9 @@ def bench(pods: int, launch: str, reference_dir: str, version: str, subnet: str,
             for row in rows[k:] + rows[:k]:
                 proc = _do(launcher, row, "DEL", i)
                 if proc.returncode != 0:
-                    row.problems.append(f"DEL #{i} failed: "
-                                        f"{_describe(proc.returncode, proc.stdout, proc.stderr)}")
+                    row.problems.append(
+                        f"DEL #{i} failed: {_describe(proc.returncode, proc.stdout, proc.stderr)}"
+                    )
         for row in rows:
             _check_freed(spaces, row, "sequential")
             _check_agent(row, "sequential")
@@ -617,14 +709,19 @@ def bench(pods: int, launch: str, reference_dir: str, version: str, subnet: str,
             turns = sorted(rows, key=lambda r: (r.masq, STORM_ORDER.index(r.plugin)))
             for row in turns:
                 result = storm(launcher, row, "ADD", storm_size)
-                row.storm.update(n=storm_size, add_wall_ms=round(result["wall_ms"], 2),
-                                 add_spawn_ms=round(result["spawn_ms"], 2))
+                row.storm.update(
+                    n=storm_size,
+                    add_wall_ms=round(result["wall_ms"], 2),
+                    add_spawn_ms=round(result["spawn_ms"], 2),
+                )
                 _check_storm_add(spaces, row, storm_size, result)
                 time.sleep(0.5)  # let the kernel settle before the next row's storm
             for row in turns:
                 result = storm(launcher, row, "DEL", storm_size)
-                row.storm.update(del_wall_ms=round(result["wall_ms"], 2),
-                                 del_spawn_ms=round(result["spawn_ms"], 2))
+                row.storm.update(
+                    del_wall_ms=round(result["wall_ms"], 2),
+                    del_spawn_ms=round(result["spawn_ms"], 2),
+                )
                 _check_storm_del(row, storm_size, result)
                 row.storm["freed"] = _check_freed(spaces, row, "storm")
                 _check_agent(row, "storm")
@@ -634,8 +731,7 @@ def bench(pods: int, launch: str, reference_dir: str, version: str, subnet: str,
                 _check_agent(row, "end")
                 rc = row.agent.stop()
                 if rc not in (0, None):
-                    row.problems.append(f"the agent exited {rc} on SIGTERM: "
-                                        f"{row.agent.stderr()}")
+                    row.problems.append(f"the agent exited {rc} on SIGTERM: {row.agent.stderr()}")
         return _report(rows, pods, storm_size, launch, floors, version, subnet)
     finally:
         # No second Ctrl-C may interrupt the cleanup.
@@ -674,8 +770,15 @@ def _native_executable(path: str, fallback: str, progress) -> str | None:
     return path
 
 
-def _report(rows: list[Row], pods: int, storm_size: int, launch: str, floors: dict,
-            version: str, subnet: str) -> dict:
+def _report(
+    rows: list[Row],
+    pods: int,
+    storm_size: int,
+    launch: str,
+    floors: dict,
+    version: str,
+    subnet: str,
+) -> dict:
     out_rows = []
     for row in rows:
         ref = next(r for r in rows if r.plugin == "reference" and r.masq == row.masq)
@@ -685,27 +788,48 @@ def _report(rows: list[Row], pods: int, storm_size: int, launch: str, floors: di
         if storm_size:
             storm_out["ratio"] = {
                 "add": ratio(row.storm.get("add_wall_ms"), ref.storm.get("add_wall_ms")),
-                "del": ratio(row.storm.get("del_wall_ms"), ref.storm.get("del_wall_ms"))}
+                "del": ratio(row.storm.get("del_wall_ms"), ref.storm.get("del_wall_ms")),
+            }
         agent = None
         if row.agent is not None:
-            agent = {"pid": row.agent.pid, "memory_kb": row.memory,
-                     "rss_mb_after_storm": _mb(row.memory.get("storm" if storm_size
-                                                              else "sequential"))}
-        out_rows.append({
-            "plugin": row.plugin, "ipMasq": row.masq, "add": add, "del": dele,
-            "ratio": {"add": ratio(add["median"], radd["median"]),
-                      "del": ratio(dele["median"], rdel["median"])},
-            "storm": storm_out, "agent": agent,
-            "ok": not row.problems, "problems": row.problems,
-            "samples": {"add": [round(x, 3) for x in row.add_ms],
-                        "del": [round(x, 3) for x in row.del_ms]},
-        })
+            agent = {
+                "pid": row.agent.pid,
+                "memory_kb": row.memory,
+                "rss_mb_after_storm": _mb(row.memory.get("storm" if storm_size else "sequential")),
+            }
+        out_rows.append(
+            {
+                "plugin": row.plugin,
+                "ipMasq": row.masq,
+                "add": add,
+                "del": dele,
+                "ratio": {
+                    "add": ratio(add["median"], radd["median"]),
+                    "del": ratio(dele["median"], rdel["median"]),
+                },
+                "storm": storm_out,
+                "agent": agent,
+                "ok": not row.problems,
+                "problems": row.problems,
+                "samples": {
+                    "add": [round(x, 3) for x in row.add_ms],
+                    "del": [round(x, 3) for x in row.del_ms],
+                },
+            }
+        )
     order = {p: n for n, p in enumerate(PLUGINS)}
     out_rows.sort(key=lambda r: (r["ipMasq"], order[r["plugin"]]))
-    return {"pods": pods, "storm": storm_size, "cniVersion": version, "subnet": subnet,
-            "launch": launch, "exec_floor_ms": floors, "rows": out_rows,
-            "targets": _targets(out_rows),
-            "ok": all(r["ok"] for r in out_rows)}
+    return {
+        "pods": pods,
+        "storm": storm_size,
+        "cniVersion": version,
+        "subnet": subnet,
+        "launch": launch,
+        "exec_floor_ms": floors,
+        "rows": out_rows,
+        "targets": _targets(out_rows),
+        "ok": all(r["ok"] for r in out_rows),
+    }
 
 
 def _mb(mem: dict | None) -> float | None:
@@ -715,8 +839,7 @@ def _mb(mem: dict | None) -> float | None:
 def _targets(rows: list[dict]) -> list[dict]:
     out = []
     for what, masq, metric, limit in TARGETS:
-        row = next((r for r in rows if r["plugin"] == "pycni-agent" and r["ipMasq"] == masq),
-                   None)
+        row = next((r for r in rows if r["plugin"] == "pycni-agent" and r["ipMasq"] == masq), None)
         value = None
         if row is not None:
             if metric == "rss":
@@ -725,9 +848,18 @@ def _targets(rows: list[dict]) -> list[dict]:
                 value = row["storm"].get("ratio", {}).get("add")
             else:
                 value = row["ratio"][metric]
-        out.append({"target": what, "ipMasq": masq, "metric": metric, "limit": limit,
-                    "value": value, "pass": value is not None and value <= limit
-                    if metric != "rss" else value is not None and value < limit})
+        out.append(
+            {
+                "target": what,
+                "ipMasq": masq,
+                "metric": metric,
+                "limit": limit,
+                "value": value,
+                "pass": value is not None and value <= limit
+                if metric != "rss"
+                else value is not None and value < limit,
+            }
+        )
     return out
 
 
@@ -735,14 +867,14 @@ def format_table(report: dict) -> str:
     def f(x) -> str:
         return "-" if x is None else f"{x:.1f}"
 
-
     floors = report["exec_floor_ms"]
     lines = [
         f"pycnictl bench: {report['pods']} sequential ADDs then DELs per row (rows interleaved)"
         f"; storm of {report['storm']} concurrent ADDs then DELs; cniVersion "
         f"{report['cniVersion']}, subnet {report['subnet']}",
         f"launch: {report['launch']} (exec floor, median of /bin/true: "
-        + ", ".join(f"{k} {v:.1f} ms" for k, v in floors.items()) + "; included in the times)",
+        + ", ".join(f"{k} {v:.1f} ms" for k, v in floors.items())
+        + "; included in the times)",
         "",
         f"{'plugin':<16} {'ipMasq':<6} {'ADD med':>8} {'ADD p95':>8} {'DEL med':>8} "
         f"{'DEL p95':>8} {'ADD ratio':>9} {'DEL ratio':>9}  ok",
@@ -753,7 +885,8 @@ def format_table(report: dict) -> str:
             f"{f(row['add']['median']):>8} {f(row['add']['p95']):>8} "
             f"{f(row['del']['median']):>8} {f(row['del']['p95']):>8} "
             f"{show_ratio(row['ratio']['add']):>9} {show_ratio(row['ratio']['del']):>9}  "
-            f"{'yes' if row['ok'] else 'NO'}")
+            f"{'yes' if row['ok'] else 'NO'}"
+        )
     lines.append("sequential times in ms; ratio = pycni median / reference median, same ipMasq")
     if report["storm"]:
         lines += [
@@ -773,9 +906,12 @@ def format_table(report: dict) -> str:
                 f"{show_ratio(s.get('ratio', {}).get('del')):>9} "
                 f"{failed:>7} {'yes' if s.get('addresses_distinct') else 'NO':>8} "
                 f"{'yes' if s.get('freed') else 'NO':>5} "
-                f"{'-' if rss is None else f'{rss:.1f} MB':>9}")
-        lines.append("storm: wall ms from the first spawn to the last exit; failed = ADDs + DELs "
-                     "that failed; agent RSS = VmRSS after the storm")
+                f"{'-' if rss is None else f'{rss:.1f} MB':>9}"
+            )
+        lines.append(
+            "storm: wall ms from the first spawn to the last exit; failed = ADDs + DELs "
+            "that failed; agent RSS = VmRSS after the storm"
+        )
     lines += ["", "targets (pycni-agent):"]
     for t in report["targets"]:
         value, limit = t["value"], t["limit"]
@@ -783,8 +919,10 @@ def format_table(report: dict) -> str:
             shown, bound = f(value) + " MB", f"< {limit:.0f} MB"
         else:
             shown, bound = show_ratio(value), f"<= {limit:.1f}x"
-        lines.append(f"  {t['target'] + ', ipMasq ' + ('on' if t['ipMasq'] else 'off'):<48} "
-                     f"{shown:>9} {bound:>9}  {'PASS' if t['pass'] else 'FAIL'}")
+        lines.append(
+            f"  {t['target'] + ', ipMasq ' + ('on' if t['ipMasq'] else 'off'):<48} "
+            f"{shown:>9} {bound:>9}  {'PASS' if t['pass'] else 'FAIL'}"
+        )
     for row in report["rows"]:
         for problem in row["problems"][:10]:
             lines.append(f"PROBLEM {row['plugin']} ipMasq={row['ipMasq']}: {problem}")
@@ -792,19 +930,37 @@ def format_table(report: dict) -> str:
 
 
 def register(sub) -> argparse.ArgumentParser:
-    p = sub.add_parser("bench", help="ADD/DEL latency of pycni (agent, standalone) against the "
-                       "reference bridge; `bench throughput`: TCP throughput of pod paths")
-    p.add_argument("--pods", type=int, default=DEFAULT_PODS,
-                   help=f"sequential ADDs (then DELs) per row (default {DEFAULT_PODS})")
-    p.add_argument("--storm", type=int, default=DEFAULT_STORM,
-                   help=f"concurrent ADDs (then DELs) per row (default {DEFAULT_STORM}, "
-                   "kubelet's max pods per node); 0 skips the storm")
+    p = sub.add_parser(
+        "bench",
+        help="ADD/DEL latency of pycni (agent, standalone) against the "
+        "reference bridge; `bench throughput`: TCP throughput of pod paths",
+    )
+    p.add_argument(
+        "--pods",
+        type=int,
+        default=DEFAULT_PODS,
+        help=f"sequential ADDs (then DELs) per row (default {DEFAULT_PODS})",
+    )
+    p.add_argument(
+        "--storm",
+        type=int,
+        default=DEFAULT_STORM,
+        help=f"concurrent ADDs (then DELs) per row (default {DEFAULT_STORM}, "
+        "kubelet's max pods per node); 0 skips the storm",
+    )
     p.add_argument("--json", action="store_true", help="print the report as JSON")
-    p.add_argument("--launch", choices=LAUNCH_METHODS, default="setns",
-                   help="how plugins are exec'd in the node namespace (default: setns, the "
-                   "cheapest; all three floors are measured and reported)")
-    p.add_argument("--reference-dir", default="/usr/lib/cni",
-                   help="where the reference bridge and host-local are")
+    p.add_argument(
+        "--launch",
+        choices=LAUNCH_METHODS,
+        default="setns",
+        help="how plugins are exec'd in the node namespace (default: setns, the "
+        "cheapest; all three floors are measured and reported)",
+    )
+    p.add_argument(
+        "--reference-dir",
+        default="/usr/lib/cni",
+        help="where the reference bridge and host-local are",
+    )
     p.add_argument("--cni-version", default="1.0.0", help="cniVersion of all configs")
     p.add_argument("--subnet", default="10.244.1.0/24", help="the node's pod subnet")
     p.set_defaults(func=_bench)
@@ -820,6 +976,17 @@ def _bench(args) -> int:
         return 2
     return run_and_print(
         "pycnictl bench",
-        lambda progress: bench(args.pods, args.launch, args.reference_dir, args.cni_version,
-                               args.subnet, args.storm, progress=progress),
-        format_table, args.json, (BenchError,), "agents stopped, namespaces removed")
+        lambda progress: bench(
+            args.pods,
+            args.launch,
+            args.reference_dir,
+            args.cni_version,
+            args.subnet,
+            args.storm,
+            progress=progress,
+        ),
+        format_table,
+        args.json,
+        (BenchError,),
+        "agents stopped, namespaces removed",
+    )

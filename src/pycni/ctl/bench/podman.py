@@ -54,8 +54,12 @@ CNI_VERSION = "1.0.0"  # podman 4.3's libcni 1.1 cannot parse results of 1.1.0
 WARMUP = 2
 SERVER_WAIT = 10.0  # seconds for a published server to answer
 # The node setups: tag -> (pycni or reference network subnet, its bridge)
-SUBNETS = {"agent": "10.88.1.0/24", "standalone": "10.88.2.0/24", "reference": "10.88.3.0/24",
-           "reference-portmap": "10.88.4.0/24"}
+SUBNETS = {
+    "agent": "10.88.1.0/24",
+    "standalone": "10.88.2.0/24",
+    "reference": "10.88.3.0/24",
+    "reference-portmap": "10.88.4.0/24",
+}
 
 
 @dataclass
@@ -90,32 +94,46 @@ class Row:
 
 # --- the node setups ---------------------------------------------------------------------------
 
+
 def _pycni_conflist(name: str, subnet: str, root: str, agent_socket: str) -> dict:
     from ...node_config import node_conflist
 
-    conf = node_conflist(name, subnet, None, bridge="cni0",
-                         dataDir=os.path.join(root, "data"),
-                         logFile=os.path.join(root, "pycni.log"), agentSocket=agent_socket)
+    conf = node_conflist(
+        name,
+        subnet,
+        None,
+        bridge="cni0",
+        dataDir=os.path.join(root, "data"),
+        logFile=os.path.join(root, "pycni.log"),
+        agentSocket=agent_socket,
+    )
     conf["cniVersion"] = CNI_VERSION
     plugin = conf["plugins"][0]
     plugin.setdefault("capabilities", {})["portMappings"] = True
     return conf
 
 
-def _reference_conflist(name: str, subnet: str, bridge: str, root: str,
-                        portmap: bool) -> dict:
-    plugins: list[dict] = [{
-        "type": "bridge", "bridge": bridge, "isGateway": True, "ipMasq": True,
-        "ipam": {"type": "host-local", "ranges": [[{"subnet": subnet}]],
-                 "routes": [{"dst": "0.0.0.0/0"}],
-                 "dataDir": os.path.join(root, "ipam")}}]
+def _reference_conflist(name: str, subnet: str, bridge: str, root: str, portmap: bool) -> dict:
+    plugins: list[dict] = [
+        {
+            "type": "bridge",
+            "bridge": bridge,
+            "isGateway": True,
+            "ipMasq": True,
+            "ipam": {
+                "type": "host-local",
+                "ranges": [[{"subnet": subnet}]],
+                "routes": [{"dst": "0.0.0.0/0"}],
+                "dataDir": os.path.join(root, "ipam"),
+            },
+        }
+    ]
     if portmap:
         plugins.append({"type": "portmap", "capabilities": {"portMappings": True}})
     return {"cniVersion": CNI_VERSION, "name": name, "plugins": plugins}
 
 
-def _make_setup(tag: str, spaces: Spaces, tmp: str, plugin_dir: str,
-                reference_dir: str) -> Setup:
+def _make_setup(tag: str, spaces: Spaces, tmp: str, plugin_dir: str, reference_dir: str) -> Setup:
     from ...node_config import write_conflist
     from ..runtimes.podman import Podman
 
@@ -124,8 +142,12 @@ def _make_setup(tag: str, spaces: Spaces, tmp: str, plugin_dir: str,
     root = os.path.join(tmp, tag)
     conf_dir = os.path.join(root, "net.d")
     os.makedirs(conf_dir)
-    podman = Podman(os.path.join(root, "podman"), netns=ns,
-                    cni_plugin_dirs=[plugin_dir, reference_dir], cni_config_dir=conf_dir)
+    podman = Podman(
+        os.path.join(root, "podman"),
+        netns=ns,
+        cni_plugin_dirs=[plugin_dir, reference_dir],
+        cni_config_dir=conf_dir,
+    )
     setup = Setup(tag, ns, root, podman)
     if tag in ("agent", "standalone"):
         name = f"bench-{tag}"
@@ -133,15 +155,21 @@ def _make_setup(tag: str, spaces: Spaces, tmp: str, plugin_dir: str,
         if tag == "agent":
             setup.agent = AgentRunner(root, os.path.join(root, "data"))
             socket = setup.agent.socket
-        write_conflist(os.path.join(conf_dir, f"{name}.conflist"),
-                       _pycni_conflist(name, SUBNETS[tag], root, socket))
+        write_conflist(
+            os.path.join(conf_dir, f"{name}.conflist"),
+            _pycni_conflist(name, SUBNETS[tag], root, socket),
+        )
         setup.networks[name] = SUBNETS[tag]
     elif tag == "reference":
-        for key, bridge, portmap in (("reference", "cni0", False),
-                                     ("reference-portmap", "cni1", True)):
+        for key, bridge, portmap in (
+            ("reference", "cni0", False),
+            ("reference-portmap", "cni1", True),
+        ):
             name = f"bench-{key}"
-            write_conflist(os.path.join(conf_dir, f"{name}.conflist"),
-                           _reference_conflist(name, SUBNETS[key], bridge, root, portmap))
+            write_conflist(
+                os.path.join(conf_dir, f"{name}.conflist"),
+                _reference_conflist(name, SUBNETS[key], bridge, root, portmap),
+            )
             setup.networks[name] = SUBNETS[key]
     return setup
 
@@ -164,35 +192,52 @@ def _reference_of(row: Row) -> str:
 
 # --- checks ------------------------------------------------------------------------------------
 
+
 def _verify(row: Row) -> None:
     """The row's network is real: an address from its subnet; with -p, the server answers."""
     import ipaddress
 
     podman = row.setup.podman
     if row.network is not None:
-        out = podman.run(*row.args(row.setup.image, "ip", "-o", "-4", "addr", "show", "eth0"),
-                         check=False)
+        out = podman.run(
+            *row.args(row.setup.image, "ip", "-o", "-4", "addr", "show", "eth0"), check=False
+        )
         subnet = ipaddress.ip_network(row.setup.networks[row.network])
         addresses = [w.split("/")[0] for w in out.stdout.split() if "/" in w]
         if out.returncode != 0 or not any(
-                ipaddress.ip_address(a) in subnet for a in addresses if "." in a):
-            row.problems.append(f"no address from {subnet} in the container: rc "
-                                f"{out.returncode} {out.stdout.strip()} {out.stderr.strip()}")
+            ipaddress.ip_address(a) in subnet for a in addresses if "." in a
+        ):
+            row.problems.append(
+                f"no address from {subnet} in the container: rc "
+                f"{out.returncode} {out.stdout.strip()} {out.stderr.strip()}"
+            )
     if not row.publish:
         return
     name = f"bench-server-{row.setup.tag}"
-    server = ["run", "-d", "--name", name, "--network", row.network, "-p",
-              f"{HOST_PORT}:{CONTAINER_PORT}", row.setup.image, "sh", "-c",
-              f"echo pycni-bench > /var/www/index.html && "
-              f"exec httpd -f -p {CONTAINER_PORT} -h /var/www"]
+    server = [
+        "run",
+        "-d",
+        "--name",
+        name,
+        "--network",
+        row.network,
+        "-p",
+        f"{HOST_PORT}:{CONTAINER_PORT}",
+        row.setup.image,
+        "sh",
+        "-c",
+        f"echo pycni-bench > /var/www/index.html && exec httpd -f -p {CONTAINER_PORT} -h /var/www",
+    ]
     started = podman.run(*server, check=False)
     try:
         if started.returncode != 0:
             row.problems.append(f"-p server did not start: {started.stderr.strip()}")
             return
         if fetch(row.setup.ns, f"http://127.0.0.1:{HOST_PORT}/index.html") != "pycni-bench":
-            row.problems.append(f"nothing answers on 127.0.0.1:{HOST_PORT} in the node with "
-                                f"-p {HOST_PORT}:{CONTAINER_PORT}")
+            row.problems.append(
+                f"nothing answers on 127.0.0.1:{HOST_PORT} in the node with "
+                f"-p {HOST_PORT}:{CONTAINER_PORT}"
+            )
     finally:
         podman.run("rm", "--force", "--time", "0", name, check=False)
 
@@ -209,8 +254,12 @@ def fetch(ns: str, url: str, wait: float = SERVER_WAIT) -> str | None:
     container may still be starting); None when nothing answered."""
     deadline = time.monotonic() + wait
     while True:
-        out = subprocess.run(["nsenter", f"--net=/run/netns/{ns}", sys.executable, "-I", "-c",
-                              FETCH, url], capture_output=True, text=True, timeout=30)
+        out = subprocess.run(
+            ["nsenter", f"--net=/run/netns/{ns}", sys.executable, "-I", "-c", FETCH, url],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
         if out.returncode == 0:
             return out.stdout.strip()
         if time.monotonic() >= deadline:
@@ -234,8 +283,11 @@ def _check_freed(spaces: Spaces, setup: Setup) -> None:
         ipam = os.path.join(setup.root, "ipam")
         for name in setup.networks:
             d = os.path.join(ipam, name)
-            held = [f for f in os.listdir(d) if f != "lock"
-                    and not f.startswith("last_reserved_ip")] if os.path.isdir(d) else []
+            held = (
+                [f for f in os.listdir(d) if f != "lock" and not f.startswith("last_reserved_ip")]
+                if os.path.isdir(d)
+                else []
+            )
             if held:
                 setup.problems.append(f"host-local still holds {held} in {name}")
     if setup.agent is not None and not setup.agent.alive():
@@ -243,6 +295,7 @@ def _check_freed(spaces: Spaces, setup: Setup) -> None:
 
 
 # --- the run -----------------------------------------------------------------------------------
+
 
 def bench(runs: int, reference_dir: str, progress=None, plugin_launcher: str = "python") -> dict:
     from ..install import write_launcher
@@ -303,8 +356,9 @@ def bench(runs: int, reference_dir: str, progress=None, plugin_launcher: str = "
                 if out.returncode == 0:
                     row.samples.append(elapsed)
                 else:
-                    row.problems.append(f"run #{i} failed (rc {out.returncode}): "
-                                        f"{out.stderr.strip()[-300:]}")
+                    row.problems.append(
+                        f"run #{i} failed (rc {out.returncode}): {out.stderr.strip()[-300:]}"
+                    )
         for setup in setups.values():
             _check_freed(spaces, setup)
         return {**_report(rows, setups, runs), "launcher": plugin_launcher}
@@ -319,8 +373,7 @@ def bench(runs: int, reference_dir: str, progress=None, plugin_launcher: str = "
             left = spaces.cleanup()
             shutil.rmtree(tmp, ignore_errors=True)
             if left:
-                print(f"pycnictl bench podman: could not remove namespaces {left}",
-                      file=sys.stderr)
+                print(f"pycnictl bench podman: could not remove namespaces {left}", file=sys.stderr)
         finally:
             signal.signal(signal.SIGINT, old)
 
@@ -338,8 +391,12 @@ def _podman_version() -> str:
 def _stats(samples: list[float]) -> dict:
     if not samples:
         return {"median": None, "min": None, "max": None, "n": 0}
-    return {"median": round(statistics.median(samples), 1), "min": round(min(samples), 1),
-            "max": round(max(samples), 1), "n": len(samples)}
+    return {
+        "median": round(statistics.median(samples), 1),
+        "min": round(min(samples), 1),
+        "max": round(max(samples), 1),
+        "n": len(samples),
+    }
 
 
 def _report(rows: list[Row], setups: dict[str, Setup], runs: int) -> dict:
@@ -350,17 +407,28 @@ def _report(rows: list[Row], setups: dict[str, Setup], runs: int) -> dict:
         stats = _stats(row.samples)
         ref = _reference_of(row)
         over = _minus(stats["median"], floor)
-        out_rows.append({
-            "row": row.name, "network": row.network, "publish": row.publish, **stats,
-            "over_none": over,
-            "ratio": ratio(stats["median"], medians[ref]) if row.network else None,
-            "cost_ratio": ratio(over, _minus(medians[ref], floor)) if row.network else None,
-            "problems": row.problems + row.setup.problems,
-            "ok": not row.problems and not row.setup.problems,
-            "samples": [round(x, 1) for x in row.samples],
-        })
-    return {"runs": runs, "podman": _podman_version(), "cniVersion": CNI_VERSION,
-            "host_port": HOST_PORT, "rows": out_rows, "ok": all(r["ok"] for r in out_rows)}
+        out_rows.append(
+            {
+                "row": row.name,
+                "network": row.network,
+                "publish": row.publish,
+                **stats,
+                "over_none": over,
+                "ratio": ratio(stats["median"], medians[ref]) if row.network else None,
+                "cost_ratio": ratio(over, _minus(medians[ref], floor)) if row.network else None,
+                "problems": row.problems + row.setup.problems,
+                "ok": not row.problems and not row.setup.problems,
+                "samples": [round(x, 1) for x in row.samples],
+            }
+        )
+    return {
+        "runs": runs,
+        "podman": _podman_version(),
+        "cniVersion": CNI_VERSION,
+        "host_port": HOST_PORT,
+        "rows": out_rows,
+        "ok": all(r["ok"] for r in out_rows),
+    }
 
 
 def _minus(a: float | None, b: float | None) -> float | None:
@@ -370,7 +438,6 @@ def _minus(a: float | None, b: float | None) -> float | None:
 def format_table(report: dict) -> str:
     def f(x) -> str:
         return "-" if x is None else f"{x:.0f}"
-
 
     lines = [
         f"pycnictl bench podman: `podman run --rm [-p {report['host_port']}:{CONTAINER_PORT}] "
@@ -386,7 +453,8 @@ def format_table(report: dict) -> str:
             f"{row['row']:<20} {f(row['median']):>7} {f(row['min']):>6} {f(row['max']):>6} "
             f"{f(row['over_none']):>9} {show_ratio(row['ratio']):>6} "
             f"{show_ratio(row['cost_ratio']):>10}  "
-            f"{'yes' if row['ok'] else 'NO'}")
+            f"{'yes' if row['ok'] else 'NO'}"
+        )
     lines += [
         "times in ms (wall time of the podman command); ratio = median / the reference's "
         "median with the same -p;",
@@ -400,17 +468,32 @@ def format_table(report: dict) -> str:
 
 
 def register(forms) -> None:
-    p = forms.add_parser("podman", help="`podman run --rm ... true` with pycni (agent, "
-                         "standalone) against the Go bridge + host-local (+ portmap), and "
-                         "--network none")
-    p.add_argument("--runs", type=int, default=DEFAULT_RUNS,
-                   help=f"timed runs per row (default {DEFAULT_RUNS})")
+    p = forms.add_parser(
+        "podman",
+        help="`podman run --rm ... true` with pycni (agent, "
+        "standalone) against the Go bridge + host-local (+ portmap), and "
+        "--network none",
+    )
+    p.add_argument(
+        "--runs",
+        type=int,
+        default=DEFAULT_RUNS,
+        help=f"timed runs per row (default {DEFAULT_RUNS})",
+    )
     p.add_argument("--json", action="store_true", help="print the report as JSON")
-    p.add_argument("--reference-dir", default="/usr/lib/cni",
-                   help="where the reference bridge, host-local and portmap are")
-    p.add_argument("--launcher", dest="plugin_launcher", choices=("python", "native"),
-                   default="python", help="pycni's executable: the Python launcher (default) "
-                   "or the native one (`pycnictl install --native`; needs cc)")
+    p.add_argument(
+        "--reference-dir",
+        default="/usr/lib/cni",
+        help="where the reference bridge, host-local and portmap are",
+    )
+    p.add_argument(
+        "--launcher",
+        dest="plugin_launcher",
+        choices=("python", "native"),
+        default="python",
+        help="pycni's executable: the Python launcher (default) "
+        "or the native one (`pycnictl install --native`; needs cc)",
+    )
     p.set_defaults(func=_main)
 
 
@@ -423,10 +506,14 @@ def _main(args: argparse.Namespace) -> int:
         return 2
     return run_and_print(
         "pycnictl bench podman",
-        lambda progress: bench(args.runs, args.reference_dir, progress=progress,
-                               plugin_launcher=args.plugin_launcher),
-        format_table, args.json, (BenchError, subprocess.SubprocessError, OSError),
-        "containers, agents, namespaces and files removed")
+        lambda progress: bench(
+            args.runs, args.reference_dir, progress=progress, plugin_launcher=args.plugin_launcher
+        ),
+        format_table,
+        args.json,
+        (BenchError, subprocess.SubprocessError, OSError),
+        "containers, agents, namespaces and files removed",
+    )
 
 
 __all__ = ["bench", "format_table", "register"]

@@ -31,8 +31,10 @@ def fake_nodes(count: int) -> tuple[NodeRecord, list[NodeRecord]]:
     """The local node and `count` peers on its underlay prefix, one /24 each, random MACs."""
     subnets = PODS.subnets(new_prefix=24)
     local = NodeRecord("bench-local", (str(UNDERLAY[1]),), (next(subnets),))
-    peers = [NodeRecord(f"bench-{i}", (str(UNDERLAY[i + 2]),), (next(subnets),), _mac())
-             for i in range(count)]
+    peers = [
+        NodeRecord(f"bench-{i}", (str(UNDERLAY[i + 2]),), (next(subnets),), _mac())
+        for i in range(count)
+    ]
     return local, peers
 
 
@@ -58,9 +60,16 @@ def run_once(mode: str, count: int, tag: str) -> dict[str, float]:
         for ns in (node, wire):
             _ip("netns", "add", ns)
             made.append(ns)
-        _ip("-n", node, "-batch", "-", stdin=(
-            f"link set lo up\nlink add eth0 type veth peer name eth0 netns {wire}\n"
-            f"link set eth0 up\naddr add {UNDERLAY[1]}/{UNDERLAY.prefixlen} dev eth0\n"))
+        _ip(
+            "-n",
+            node,
+            "-batch",
+            "-",
+            stdin=(
+                f"link set lo up\nlink add eth0 type veth peer name eth0 netns {wire}\n"
+                f"link set eth0 up\naddr add {UNDERLAY[1]}/{UNDERLAY.prefixlen} dev eth0\n"
+            ),
+        )
         _ip("-n", wire, "link", "set", "eth0", "up")
         local, peers = fake_nodes(count)
         per_peer = 1 if mode == "host-gw" else 3  # route (+ neighbour + FDB entry)
@@ -79,8 +88,9 @@ def run_once(mode: str, count: int, tag: str) -> dict[str, float]:
                 out[phase] = (time.perf_counter() - start) * 1000
                 got = (changes.added, changes.replaced, changes.removed)
                 if changes.errors or got != want:
-                    raise RuntimeError(f"{mode} {phase}: want {want} got {got}, errors "
-                                       f"{changes.errors[:3]}")
+                    raise RuntimeError(
+                        f"{mode} {phase}: want {want} got {got}, errors {changes.errors[:3]}"
+                    )
             return out
         finally:
             ipr.close()
@@ -89,8 +99,7 @@ def run_once(mode: str, count: int, tag: str) -> dict[str, float]:
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)
 
 
-def bench(count: int = 100, repeat: int = 3,
-          modes: tuple[str, ...] = ("host-gw", "vxlan")) -> dict:
+def bench(count: int = 100, repeat: int = 3, modes: tuple[str, ...] = ("host-gw", "vxlan")) -> dict:
     """{mode: {phase: median ms}} over `repeat` fresh runs, plus the run's parameters."""
     report: dict = {"nodes": count, "repeat": repeat}
     for mode in modes:
@@ -100,8 +109,10 @@ def bench(count: int = 100, repeat: int = 3,
 
 
 def format_report(report: dict) -> str:
-    lines = [f"reconcile_once with {report['nodes']} peers (median of {report['repeat']}, ms)",
-             f"{'mode':<10}" + "".join(f"{p:>10}" for p in PHASES)]
+    lines = [
+        f"reconcile_once with {report['nodes']} peers (median of {report['repeat']}, ms)",
+        f"{'mode':<10}" + "".join(f"{p:>10}" for p in PHASES),
+    ]
     for mode in ("host-gw", "vxlan"):
         if mode in report:
             lines.append(f"{mode:<10}" + "".join(f"{report[mode][p]:>10.1f}" for p in PHASES))
@@ -109,8 +120,11 @@ def format_report(report: dict) -> str:
 
 
 def register(forms) -> None:
-    p = forms.add_parser("reconcile", help="the route backends alone: one reconcile_once pass "
-                         "from empty to N peers, a no-op pass, and removing them all")
+    p = forms.add_parser(
+        "reconcile",
+        help="the route backends alone: one reconcile_once pass "
+        "from empty to N peers, a no-op pass, and removing them all",
+    )
     p.add_argument("--nodes", type=int, default=100, help="fake peers (1-250; 100)")
     p.add_argument("--repeat", type=int, default=3, help="fresh namespaces per run (3)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -127,5 +141,8 @@ def _main(args) -> int:
     return run_and_print(
         "pycnictl bench reconcile",
         lambda progress: {**bench(args.nodes, args.repeat), "ok": True},
-        format_report, args.json, (RuntimeError, subprocess.CalledProcessError),
-        "namespaces removed")
+        format_report,
+        args.json,
+        (RuntimeError, subprocess.CalledProcessError),
+        "namespaces removed",
+    )

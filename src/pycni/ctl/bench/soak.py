@@ -42,9 +42,9 @@ NAME = "soaknet"
 SUBNET = "10.244.8.0/24"
 COMMANDS = ("ADD", "DEL", "CHECK", "GC")
 TRY_AGAIN = 11
-GC_SHARE = 0.02     # of the operations
+GC_SHARE = 0.02  # of the operations
 CHECK_SHARE = 0.35  # of the operations on a live container (the rest are DELs)
-MAX_RETRIES = 20    # a DEL failing this often is a problem, not bad luck
+MAX_RETRIES = 20  # a DEL failing this often is a problem, not bad luck
 CALL_TIMEOUT = 120.0
 
 
@@ -70,8 +70,9 @@ class Stats:
     latency: dict[str, list[float]] = field(default_factory=lambda: {c: [] for c in COMMANDS})
     ops: int = 0
     calls: int = 0
-    retried: dict[str, int] = field(default_factory=lambda: {"DEL after failed ADD": 0,
-                                                            "DEL again": 0})
+    retried: dict[str, int] = field(
+        default_factory=lambda: {"DEL after failed ADD": 0, "DEL again": 0}
+    )
     try_again: dict[str, int] = field(default_factory=lambda: {c: 0 for c in COMMANDS})
     while_down: int = 0
     kills: int = 0
@@ -82,8 +83,16 @@ class Stats:
 
 
 class Soak:
-    def __init__(self, ops: int, containers: int, in_flight: int, kill_every: int,
-                 check_every: int, seed: int, progress=None):
+    def __init__(
+        self,
+        ops: int,
+        containers: int,
+        in_flight: int,
+        kill_every: int,
+        check_every: int,
+        seed: int,
+        progress=None,
+    ):
         self.ops, self.containers, self.in_flight = ops, containers, in_flight
         self.kill_every, self.check_every, self.seed = kill_every, check_every, seed
         self.progress = progress or (lambda msg: None)
@@ -114,8 +123,10 @@ class Soak:
         self.node = self.spaces.make("node")
         self.spaces.exec(self.node, "ip", "link", "set", "lo", "up")
         self.progress(f"making {self.containers} pod namespaces")
-        self.slots = [Slot(i, os.path.join(NETNS_DIR, self.spaces.make(f"p{i}")))
-                      for i in range(self.containers)]
+        self.slots = [
+            Slot(i, os.path.join(NETNS_DIR, self.spaces.make(f"p{i}")))
+            for i in range(self.containers)
+        ]
         self.agent = AgentRunner(self.tmp, self.data_dir)
         self.agent.start(self._launcher(), self.node)
 
@@ -138,8 +149,7 @@ class Soak:
                 self._keep_logs()
                 shutil.rmtree(self.tmp, ignore_errors=True)
             if left:
-                print(f"pycnictl bench soak: could not remove namespaces {left}",
-                      file=sys.stderr)
+                print(f"pycnictl bench soak: could not remove namespaces {left}", file=sys.stderr)
         finally:
             signal.signal(signal.SIGINT, old)
 
@@ -165,10 +175,19 @@ class Soak:
     # --- one call, as a runtime makes it ----------------------------------------------
 
     def conf(self, slot: Slot, prev: dict | None = None, valid: list | None = None) -> dict:
-        conf = {"cniVersion": "1.1.0", "name": NAME, "type": "pycni", "bridge": "cni0",
-                "isGateway": True, "isDefaultGateway": True, "subnet": SUBNET, "ipMasq": True,
-                "dataDir": self.data_dir, "logFile": os.path.join(self.tmp, "pycni.log"),
-                "agentSocket": self.agent.socket}
+        conf = {
+            "cniVersion": "1.1.0",
+            "name": NAME,
+            "type": "pycni",
+            "bridge": "cni0",
+            "isGateway": True,
+            "isDefaultGateway": True,
+            "subnet": SUBNET,
+            "ipMasq": True,
+            "dataDir": self.data_dir,
+            "logFile": os.path.join(self.tmp, "pycni.log"),
+            "agentSocket": self.agent.socket,
+        }
         if valid is not None:
             conf["cni.dev/valid-attachments"] = valid
             return conf
@@ -176,11 +195,16 @@ class Soak:
         # every kind of state pycni keeps is exercised.
         runtime: dict = {}
         if slot.index % 4 == 0:
-            runtime["portMappings"] = [{"hostPort": 30000 + slot.index, "containerPort": 80,
-                                        "protocol": "tcp"}]
+            runtime["portMappings"] = [
+                {"hostPort": 30000 + slot.index, "containerPort": 80, "protocol": "tcp"}
+            ]
         if slot.index % 8 == 1:
-            runtime["bandwidth"] = {"ingressRate": 10**8, "ingressBurst": 10**6,
-                                    "egressRate": 10**8, "egressBurst": 10**6}
+            runtime["bandwidth"] = {
+                "ingressRate": 10**8,
+                "ingressBurst": 10**6,
+                "egressRate": 10**8,
+                "egressBurst": 10**6,
+            }
         if runtime:
             conf["runtimeConfig"] = runtime
         if prev is not None:
@@ -195,8 +219,7 @@ class Soak:
         if self.agent_down.is_set():
             with self.lock:
                 self.stats.while_down += 1
-        ms, proc = self._launcher().run(self.node, [self.plugin], json.dumps(conf).encode(),
-                                        env)
+        ms, proc = self._launcher().run(self.node, [self.plugin], json.dumps(conf).encode(), env)
         raw = (proc.stdout + proc.stderr).decode(errors="replace").strip()
         try:
             out = json.loads(proc.stdout) if proc.stdout.strip() else None
@@ -242,7 +265,7 @@ class Soak:
                 self._problem(f"DEL {slot.cid}", rc, raw)
             with self.lock:
                 self.stats.retried["DEL again"] += 1
-            time.sleep(min(0.05 * 2 ** attempt, 1.0))
+            time.sleep(min(0.05 * 2**attempt, 1.0))
         with self.lock:
             self.stats.errors.append(f"DEL {slot.cid} failed {MAX_RETRIES} times")
             slot.live = False  # the runtime gave up on it: the invariant check will tell
@@ -293,8 +316,10 @@ class Soak:
         random point of its stretch."""
         if not self.kill_every:
             return set()
-        return {k * self.kill_every - 1 - self.rng.randrange(max(1, self.kill_every // 2))
-                for k in range(1, self.ops // self.kill_every + 1)}
+        return {
+            k * self.kill_every - 1 - self.rng.randrange(max(1, self.kill_every // 2))
+            for k in range(1, self.ops // self.kill_every + 1)
+        }
 
     def kill_agent(self) -> None:
         """SIGKILL the agent; a supervisor starts it again at once (in the background: the
@@ -338,8 +363,10 @@ class Soak:
         self.stats.check_seconds += time.perf_counter() - started
         self.stats.checks += 1
         self.stats.violations += [f"after op {at}: {f}" for f in findings]
-        self.progress(f"op {at}/{self.ops}: {len(live)} live, invariant "
-                      f"{'holds' if not findings else f'VIOLATED ({len(findings)} findings)'}")
+        self.progress(
+            f"op {at}/{self.ops}: {len(live)} live, invariant "
+            f"{'holds' if not findings else f'VIOLATED ({len(findings)} findings)'}"
+        )
 
     def run(self) -> dict:
         from concurrent.futures import ThreadPoolExecutor
@@ -359,8 +386,9 @@ class Soak:
                         # list of live containers.
                         self._quiesce()
                         self.stats.ops += 1
-                        self.gc([{"containerID": s.cid, "ifname": "eth0"}
-                                 for s in self.slots if s.live])
+                        self.gc(
+                            [{"containerID": s.cid, "ifname": "eth0"} for s in self.slots if s.live]
+                        )
                         continue
                     with self.lock:
                         while self.inflight >= self.in_flight:
@@ -382,15 +410,24 @@ class Soak:
         s = self.stats
         working = max(elapsed - s.check_seconds, 1e-9)
         return {
-            "ops": s.ops, "calls": s.calls, "containers": self.containers,
-            "in_flight": self.in_flight, "kill_every": self.kill_every,
-            "check_every": self.check_every, "seed": self.seed,
-            "seconds": round(elapsed, 1), "check_seconds": round(s.check_seconds, 1),
+            "ops": s.ops,
+            "calls": s.calls,
+            "containers": self.containers,
+            "in_flight": self.in_flight,
+            "kill_every": self.kill_every,
+            "check_every": self.check_every,
+            "seed": self.seed,
+            "seconds": round(elapsed, 1),
+            "check_seconds": round(s.check_seconds, 1),
             "ops_per_second": round(s.ops / working, 1),
             "latency_ms": {c: _percentiles(v) for c, v in s.latency.items()},
-            "kills": s.kills, "try_again": s.try_again,
-            "ran_while_agent_down": s.while_down, "retried": s.retried,
-            "checks": s.checks, "violations": s.violations, "errors": s.errors,
+            "kills": s.kills,
+            "try_again": s.try_again,
+            "ran_while_agent_down": s.while_down,
+            "retried": s.retried,
+            "checks": s.checks,
+            "violations": s.violations,
+            "errors": s.errors,
             "live_at_end": sum(1 for slot in self.slots if slot.live),
             "ok": not s.violations and not s.errors,
         }
@@ -404,12 +441,24 @@ def _percentiles(samples: list[float]) -> dict:
     def rank(p: float) -> float:
         return round(nearest_rank(ordered, p), 1)
 
-    return {"n": len(ordered), "p50": rank(0.5), "p90": rank(0.9), "p99": rank(0.99),
-            "max": round(ordered[-1], 1)}
+    return {
+        "n": len(ordered),
+        "p50": rank(0.5),
+        "p90": rank(0.9),
+        "p99": rank(0.99),
+        "max": round(ordered[-1], 1),
+    }
 
 
-def soak(ops: int, containers: int, in_flight: int, kill_every: int, check_every: int,
-         seed: int, progress=None) -> dict:
+def soak(
+    ops: int,
+    containers: int,
+    in_flight: int,
+    kill_every: int,
+    check_every: int,
+    seed: int,
+    progress=None,
+) -> dict:
     run = Soak(ops, containers, in_flight, kill_every, check_every, seed, progress)
     try:
         run.setup()
@@ -432,8 +481,10 @@ def format_report(r: dict) -> str:
         f"{'command':<8} {'calls':>6} {'p50':>8} {'p90':>8} {'p99':>8} {'max':>8}  (ms)",
     ]
     for command, p in r["latency_ms"].items():
-        lines.append(f"{command:<8} {p['n']:>6} {f(p['p50']):>8} {f(p['p90']):>8} "
-                     f"{f(p['p99']):>8} {f(p['max']):>8}")
+        lines.append(
+            f"{command:<8} {p['n']:>6} {f(p['p50']):>8} {f(p['p90']):>8} "
+            f"{f(p['p99']):>8} {f(p['max']):>8}"
+        )
     retried = r["retried"]
     lines += [
         "",
@@ -441,7 +492,8 @@ def format_report(r: dict) -> str:
         + ", ".join(f"{c} {n}" for c, n in r["try_again"].items())
         + f"; calls made while the agent was down (in-process): {r['ran_while_agent_down']}",
         f"retried operations: {sum(retried.values())} ("
-        + ", ".join(f"{k}: {v}" for k, v in retried.items()) + ")",
+        + ", ".join(f"{k}: {v}" for k, v in retried.items())
+        + ")",
         f"invariant checks: {r['checks']}; violations: {len(r['violations'])}; "
         f"unexpected errors: {len(r['errors'])}; live at the end: {r['live_at_end']}",
     ]
@@ -453,15 +505,26 @@ def format_report(r: dict) -> str:
 
 
 def register(forms) -> None:
-    p = forms.add_parser("soak", help="random ADD/DEL/CHECK/GC against a node whose agent "
-                         "keeps being SIGKILLed, pycni's invariant checked at quiet points")
+    p = forms.add_parser(
+        "soak",
+        help="random ADD/DEL/CHECK/GC against a node whose agent "
+        "keeps being SIGKILLed, pycni's invariant checked at quiet points",
+    )
     p.add_argument("--ops", type=int, default=10000, help="operations (10000)")
     p.add_argument("--containers", type=int, default=200, help="container slots (200)")
     p.add_argument("--in-flight", type=int, default=16, help="calls at once (16)")
-    p.add_argument("--kill-every", type=int, default=1000,
-                   help="SIGKILL the agent about every N operations (1000; 0 = never)")
-    p.add_argument("--check-every", type=int, default=500,
-                   help="check the invariant every N operations (500; 0 = only at the end)")
+    p.add_argument(
+        "--kill-every",
+        type=int,
+        default=1000,
+        help="SIGKILL the agent about every N operations (1000; 0 = never)",
+    )
+    p.add_argument(
+        "--check-every",
+        type=int,
+        default=500,
+        help="check the invariant every N operations (500; 0 = only at the end)",
+    )
     p.add_argument("--seed", type=int, default=1, help="of the random choices (1)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=_main)
@@ -471,14 +534,33 @@ def _main(args) -> int:
     if os.geteuid() != 0:
         print("pycnictl bench soak: needs root (network namespaces)", file=sys.stderr)
         return 2
-    if (args.ops < 1 or not 1 <= args.containers <= 250 or args.in_flight < 1
-            or args.in_flight > args.containers or args.kill_every < 0 or args.check_every < 0):
-        print("pycnictl bench soak: --ops at least 1, --containers 1..250, --in-flight "
-              "1..containers, --kill-every and --check-every at least 0", file=sys.stderr)
+    if (
+        args.ops < 1
+        or not 1 <= args.containers <= 250
+        or args.in_flight < 1
+        or args.in_flight > args.containers
+        or args.kill_every < 0
+        or args.check_every < 0
+    ):
+        print(
+            "pycnictl bench soak: --ops at least 1, --containers 1..250, --in-flight "
+            "1..containers, --kill-every and --check-every at least 0",
+            file=sys.stderr,
+        )
         return 2
     return run_and_print(
         "pycnictl bench soak",
-        lambda progress: soak(args.ops, args.containers, args.in_flight, args.kill_every,
-                              args.check_every, args.seed, progress),
-        format_report, args.json, (BenchError, subprocess.CalledProcessError),
-        "agent stopped, namespaces removed")
+        lambda progress: soak(
+            args.ops,
+            args.containers,
+            args.in_flight,
+            args.kill_every,
+            args.check_every,
+            args.seed,
+            progress,
+        ),
+        format_report,
+        args.json,
+        (BenchError, subprocess.CalledProcessError),
+        "agent stopped, namespaces removed",
+    )

@@ -53,8 +53,14 @@ BASELINE_NET = "10.250.0"  # .1 client, .2 server
 UNDERLAY_NET = "192.0.2"  # the reference nodes: .1 and .2
 REF_SUBNETS = ("10.244.1.0/24", "10.244.2.0/24")  # the reference nodes' pod CIDRs
 # Printed in this order: each pycni path next to what it is compared with.
-PATH_ORDER = ("baseline-veth", "pycni-same-node", "reference-same-node", "pycni-host-gw",
-              "reference-host-gw", "pycni-vxlan")
+PATH_ORDER = (
+    "baseline-veth",
+    "pycni-same-node",
+    "reference-same-node",
+    "pycni-host-gw",
+    "reference-host-gw",
+    "pycni-vxlan",
+)
 # (pycni path, minimum ratio to the baseline at the same stream count)
 TARGETS = (("pycni-same-node", 0.95), ("pycni-host-gw", 0.95), ("pycni-vxlan", 0.80))
 VERSUS = (("pycni-same-node", "reference-same-node"), ("pycni-host-gw", "reference-host-gw"))
@@ -78,6 +84,7 @@ class Path:
 
 # --- the paths ---------------------------------------------------------------------------------
 
+
 def _mtu(ns: str) -> int | None:
     words = _sh("ip", "-n", ns, "-o", "link", "show", IFNAME).split()
     return int(words[words.index("mtu") + 1]) if "mtu" in words else None
@@ -91,40 +98,81 @@ def baseline(spaces: Spaces) -> Path:
     client, server = spaces.make("vetha"), spaces.make("vethb")
     for ns in (client, server):
         _up(ns)
-    _sh("ip", "-n", client, "link", "add", IFNAME, "type", "veth", "peer", "name", IFNAME,
-        "netns", server)
+    _sh(
+        "ip",
+        "-n",
+        client,
+        "link",
+        "add",
+        IFNAME,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        IFNAME,
+        "netns",
+        server,
+    )
     for ns, host in ((client, 1), (server, 2)):
         _sh("ip", "-n", ns, "addr", "add", f"{BASELINE_NET}.{host}/24", "dev", IFNAME)
         _sh("ip", "-n", ns, "link", "set", IFNAME, "up")
-    return Path("baseline-veth", "a bare veth pair between two namespaces", client, server,
-                f"{BASELINE_NET}.2")
+    return Path(
+        "baseline-veth",
+        "a bare veth pair between two namespaces",
+        client,
+        server,
+        f"{BASELINE_NET}.2",
+    )
 
 
 def _ref_add(node: str, pod: str, subnet: str, exe: str, reference_dir: str, tmp: str) -> str:
     """ADD `pod` with the reference bridge + host-local, exec'd in `node` as a runtime would."""
     tag = str(os.getpid())
-    conf = {"cniVersion": "1.0.0", "name": f"pycnitput{tag}", "type": "bridge",
-            "bridge": f"rb{tag}"[:15], "isGateway": True, "ipMasq": False,
-            "ipam": {"type": "host-local", "subnet": subnet, "routes": [{"dst": "0.0.0.0/0"}],
-                     "dataDir": os.path.join(tmp, "ipam", node)}}
-    env = {"PATH": PATH, "CNI_COMMAND": "ADD", "CNI_CONTAINERID": pod,
-           "CNI_NETNS": f"/run/netns/{pod}", "CNI_IFNAME": IFNAME, "CNI_PATH": reference_dir}
-    proc = subprocess.run(["ip", "netns", "exec", node, exe], input=json.dumps(conf).encode(),
-                          env=env, capture_output=True, timeout=60)
+    conf = {
+        "cniVersion": "1.0.0",
+        "name": f"pycnitput{tag}",
+        "type": "bridge",
+        "bridge": f"rb{tag}"[:15],
+        "isGateway": True,
+        "ipMasq": False,
+        "ipam": {
+            "type": "host-local",
+            "subnet": subnet,
+            "routes": [{"dst": "0.0.0.0/0"}],
+            "dataDir": os.path.join(tmp, "ipam", node),
+        },
+    }
+    env = {
+        "PATH": PATH,
+        "CNI_COMMAND": "ADD",
+        "CNI_CONTAINERID": pod,
+        "CNI_NETNS": f"/run/netns/{pod}",
+        "CNI_IFNAME": IFNAME,
+        "CNI_PATH": reference_dir,
+    }
+    proc = subprocess.run(
+        ["ip", "netns", "exec", node, exe],
+        input=json.dumps(conf).encode(),
+        env=env,
+        capture_output=True,
+        timeout=60,
+    )
     try:
         result = json.loads(proc.stdout or b"null")
         return result["ips"][0]["address"].split("/")[0]
     except (ValueError, KeyError, IndexError, TypeError):
-        raise BenchError(f"reference ADD of {pod} failed (exit {proc.returncode}): "
-                         f"{(proc.stdout or proc.stderr).decode(errors='replace')[:500]}"
-                         ) from None
+        raise BenchError(
+            f"reference ADD of {pod} failed (exit {proc.returncode}): "
+            f"{(proc.stdout or proc.stderr).decode(errors='replace')[:500]}"
+        ) from None
 
 
 def reference(spaces: Spaces, reference_dir: str, tmp: str) -> tuple[Path, Path]:
     """Two reference nodes on a bridge underlay; two pods on node 1, one on node 2."""
     exe = os.path.join(reference_dir, "bridge")
-    if not all(os.access(os.path.join(reference_dir, p), os.X_OK)
-               for p in ("bridge", "host-local")):
+    if not all(
+        os.access(os.path.join(reference_dir, p), os.X_OK) for p in ("bridge", "host-local")
+    ):
         raise BenchError(f"the reference bridge and host-local are not in {reference_dir}")
     switch = spaces.make("rswitch")
     nodes = [spaces.make("rnode1"), spaces.make("rnode2")]
@@ -133,23 +181,50 @@ def reference(spaces: Spaces, reference_dir: str, tmp: str) -> tuple[Path, Path]
     _sh("ip", "-n", switch, "link", "set", "lan0", "up")
     for i, node in enumerate(nodes, 1):
         _up(node)
-        _sh("ip", "-n", node, "link", "add", IFNAME, "type", "veth", "peer", "name", f"port{i}",
-            "netns", switch)
+        _sh(
+            "ip",
+            "-n",
+            node,
+            "link",
+            "add",
+            IFNAME,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            f"port{i}",
+            "netns",
+            switch,
+        )
         _sh("ip", "-n", switch, "link", "set", f"port{i}", "master", "lan0", "up")
         _sh("ip", "-n", node, "addr", "add", f"{UNDERLAY_NET}.{i}/24", "dev", IFNAME)
         _sh("ip", "-n", node, "link", "set", IFNAME, "up")
         spaces.exec(node, "sysctl", "-q", "-w", "net.ipv4.ip_forward=1")
     pods = [spaces.make("rn1pod1"), spaces.make("rn1pod2"), spaces.make("rn2pod1")]
     homes = (0, 0, 1)  # the node of each pod
-    ips = [_ref_add(nodes[n], pod, REF_SUBNETS[n], exe, reference_dir, tmp)
-           for pod, n in zip(pods, homes, strict=True)]
+    ips = [
+        _ref_add(nodes[n], pod, REF_SUBNETS[n], exe, reference_dir, tmp)
+        for pod, n in zip(pods, homes, strict=True)
+    ]
     # The seed system's static routes: each node reaches the other's pod CIDR via its address.
     _sh("ip", "-n", nodes[0], "route", "add", REF_SUBNETS[1], "via", f"{UNDERLAY_NET}.2")
     _sh("ip", "-n", nodes[1], "route", "add", REF_SUBNETS[0], "via", f"{UNDERLAY_NET}.1")
-    return (Path("reference-same-node", "Go bridge + host-local, pod to pod on one node",
-                 pods[0], pods[1], ips[1]),
-            Path("reference-host-gw", "Go bridge + host-local on two nodes, static routes "
-                 "via the other node", pods[0], pods[2], ips[2]))
+    return (
+        Path(
+            "reference-same-node",
+            "Go bridge + host-local, pod to pod on one node",
+            pods[0],
+            pods[1],
+            ips[1],
+        ),
+        Path(
+            "reference-host-gw",
+            "Go bridge + host-local on two nodes, static routes via the other node",
+            pods[0],
+            pods[2],
+            ips[2],
+        ),
+    )
 
 
 def pycni_lab(prefix: str, state_dir: str, backend: str, pods: int):
@@ -168,13 +243,15 @@ def pycni_lab(prefix: str, state_dir: str, backend: str, pods: int):
 
 # --- measuring ---------------------------------------------------------------------------------
 
+
 def _wait_listening(server: subprocess.Popen, ns: str) -> None:
     deadline = time.monotonic() + LISTEN_TIMEOUT
     while True:
         if server.poll() is not None:
             raise SampleError(f"iperf3 -s in {ns} exited {server.returncode}")
-        out = subprocess.run(["ss", "-N", ns, "-Hltn", f"sport = :{PORT}"],
-                             capture_output=True, text=True).stdout
+        out = subprocess.run(
+            ["ss", "-N", ns, "-Hltn", f"sport = :{PORT}"], capture_output=True, text=True
+        ).stdout
         if out.strip():
             return
         if time.monotonic() > deadline:
@@ -185,15 +262,32 @@ def _wait_listening(server: subprocess.Popen, ns: str) -> None:
 def iperf(path: Path, streams: int, seconds: int) -> float:
     """One measurement: bits per second received by the server."""
     # `ip netns exec` execs iperf3 in place, so the pid killed below is the server's.
-    server = subprocess.Popen(["ip", "netns", "exec", path.server, "iperf3", "-s", "-1",
-                               "-p", str(PORT)], stdin=subprocess.DEVNULL,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                              start_new_session=True)
+    server = subprocess.Popen(
+        ["ip", "netns", "exec", path.server, "iperf3", "-s", "-1", "-p", str(PORT)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     done = False
     try:
         _wait_listening(server, path.server)
-        argv = ["ip", "netns", "exec", path.client, "iperf3", "-c", path.address,
-                "-p", str(PORT), "-t", str(seconds), "-J", "--connect-timeout", "5000"]
+        argv = [
+            "ip",
+            "netns",
+            "exec",
+            path.client,
+            "iperf3",
+            "-c",
+            path.address,
+            "-p",
+            str(PORT),
+            "-t",
+            str(seconds),
+            "-J",
+            "--connect-timeout",
+            "5000",
+        ]
         if streams > 1:
             argv += ["-P", str(streams)]
         try:
@@ -224,11 +318,17 @@ def iperf(path: Path, streams: int, seconds: int) -> float:
 
 def _check_path(path: Path) -> None:
     """A ping first: a broken path fails fast and clearly, and ARP is warm before timing."""
-    proc = subprocess.run(["ip", "netns", "exec", path.client, "ping", "-c", "1", "-W", "3",
-                           path.address], capture_output=True, text=True, timeout=30)
+    proc = subprocess.run(
+        ["ip", "netns", "exec", path.client, "ping", "-c", "1", "-W", "3", path.address],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     if proc.returncode != 0:
-        raise BenchError(f"{path.name}: {path.client} cannot ping {path.address}: "
-                         f"{(proc.stdout + proc.stderr).strip()[-300:]}")
+        raise BenchError(
+            f"{path.name}: {path.client} cannot ping {path.address}: "
+            f"{(proc.stdout + proc.stderr).strip()[-300:]}"
+        )
 
 
 def schedule(paths: list[str], repeat: int) -> list[tuple[str, int]]:
@@ -244,8 +344,13 @@ def schedule(paths: list[str], repeat: int) -> list[tuple[str, int]]:
 
 # --- the run -----------------------------------------------------------------------------------
 
-def bench(seconds: int = DEFAULT_SECONDS, repeat: int = DEFAULT_REPEAT,
-          reference_dir: str = "/usr/lib/cni", progress: Progress = None) -> dict:
+
+def bench(
+    seconds: int = DEFAULT_SECONDS,
+    repeat: int = DEFAULT_REPEAT,
+    reference_dir: str = "/usr/lib/cni",
+    progress: Progress = None,
+) -> dict:
     if shutil.which("iperf3") is None:
         raise BenchError("iperf3 is not installed (apt-get install iperf3)")
     spaces = Spaces()
@@ -262,11 +367,25 @@ def bench(seconds: int = DEFAULT_SECONDS, repeat: int = DEFAULT_REPEAT,
             src = lab.nodes[0].pods[0]
             if backend == "host-gw":
                 dst = lab.nodes[0].pods[1]
-                paths.append(Path("pycni-same-node", "pycni (lab, host-gw), n1pod1 -> n1pod2",
-                                  src.netns, dst.netns, dst.ip))
+                paths.append(
+                    Path(
+                        "pycni-same-node",
+                        "pycni (lab, host-gw), n1pod1 -> n1pod2",
+                        src.netns,
+                        dst.netns,
+                        dst.ip,
+                    )
+                )
             dst = lab.nodes[1].pods[0]
-            paths.append(Path(f"pycni-{backend}", f"pycni (lab, {backend}), n1pod1 -> n2pod1",
-                              src.netns, dst.netns, dst.ip))
+            paths.append(
+                Path(
+                    f"pycni-{backend}",
+                    f"pycni (lab, {backend}), n1pod1 -> n2pod1",
+                    src.netns,
+                    dst.netns,
+                    dst.ip,
+                )
+            )
         paths.sort(key=lambda p: PATH_ORDER.index(p.name))
         by_name = {p.name: p for p in paths}
         for path in paths:
@@ -281,8 +400,7 @@ def bench(seconds: int = DEFAULT_SECONDS, repeat: int = DEFAULT_REPEAT,
             try:
                 gbps = iperf(by_name[name], streams, seconds) / 1e9
                 samples.setdefault((name, streams), []).append(gbps)
-                _say(progress, f"[{n}/{len(order)}] {name}, {streams} stream(s): "
-                     f"{gbps:.2f} Gbit/s")
+                _say(progress, f"[{n}/{len(order)}] {name}, {streams} stream(s): {gbps:.2f} Gbit/s")
             except SampleError as exc:
                 errors.setdefault((name, streams), []).append(str(exc))
                 _say(progress, f"[{n}/{len(order)}] {name}, {streams} stream(s): {exc}")
@@ -328,30 +446,63 @@ def _report(paths: list[Path], samples: dict, errors: dict, seconds: int, repeat
         base = medians[("baseline-veth", streams)]
         for path in paths:
             med = medians[(path.name, streams)]
-            results.append({
-                "path": path.name, "streams": streams,
-                "gbps": None if med is None else round(med, 3),
-                "ratio": ratio(med, base),
-                "samples": [round(x, 3) for x in samples.get((path.name, streams), [])],
-                "errors": errors.get((path.name, streams), [])})
+            results.append(
+                {
+                    "path": path.name,
+                    "streams": streams,
+                    "gbps": None if med is None else round(med, 3),
+                    "ratio": ratio(med, base),
+                    "samples": [round(x, 3) for x in samples.get((path.name, streams), [])],
+                    "errors": errors.get((path.name, streams), []),
+                }
+            )
     targets = []
     for name, limit in TARGETS:
         for streams in STREAMS:
             med, base = medians.get((name, streams)), medians[("baseline-veth", streams)]
             raw = med / base if med is not None and base else None
             # Judged unrounded: a rounded 0.95 may be 0.946.
-            targets.append({"path": name, "streams": streams, "limit": limit,
-                            "value": None if raw is None else round(raw, 3),
-                            "pass": raw is not None and raw >= limit})
-    versus = [{"pycni": mine, "reference": ref, "streams": streams,
-               "ratio": ratio(medians.get((mine, streams)), medians.get((ref, streams)))}
-              for mine, ref in VERSUS for streams in STREAMS]
-    return {"tool": "iperf3", "seconds": seconds, "repeat": repeat, "statistic": "median",
-            "order": "round robin over every path and stream count",
-            "paths": [{"name": p.name, "what": p.what, "client": p.client, "server": p.server,
-                       "address": p.address, "mtu": p.mtu} for p in paths],
-            "results": results, "targets": targets, "versus_reference": versus,
-            "ok": all(not r["errors"] and r["gbps"] is not None for r in results)}
+            targets.append(
+                {
+                    "path": name,
+                    "streams": streams,
+                    "limit": limit,
+                    "value": None if raw is None else round(raw, 3),
+                    "pass": raw is not None and raw >= limit,
+                }
+            )
+    versus = [
+        {
+            "pycni": mine,
+            "reference": ref,
+            "streams": streams,
+            "ratio": ratio(medians.get((mine, streams)), medians.get((ref, streams))),
+        }
+        for mine, ref in VERSUS
+        for streams in STREAMS
+    ]
+    return {
+        "tool": "iperf3",
+        "seconds": seconds,
+        "repeat": repeat,
+        "statistic": "median",
+        "order": "round robin over every path and stream count",
+        "paths": [
+            {
+                "name": p.name,
+                "what": p.what,
+                "client": p.client,
+                "server": p.server,
+                "address": p.address,
+                "mtu": p.mtu,
+            }
+            for p in paths
+        ],
+        "results": results,
+        "targets": targets,
+        "versus_reference": versus,
+        "ok": all(not r["errors"] and r["gbps"] is not None for r in results),
+    }
 
 
 def format_table(report: dict) -> str:
@@ -369,23 +520,32 @@ def format_table(report: dict) -> str:
         f"{'path':<20} {'streams':>7} {'Gbit/s':>7} {'vs baseline':>11}  samples (Gbit/s)",
     ]
     for row in report["results"]:
-        lines.append(f"{row['path']:<20} {row['streams']:>7} {g(row['gbps']):>7} "
-                     f"{show_ratio(row['ratio']):>11}  "
-                     + " ".join(f"{x:.2f}" for x in row["samples"])
-                     + (f"  ({len(row['errors'])} failed)" if row["errors"] else ""))
-    lines += ["vs baseline = median / baseline-veth median at the same stream count", "",
-              "paths (client -> server, client MTU):"]
+        lines.append(
+            f"{row['path']:<20} {row['streams']:>7} {g(row['gbps']):>7} "
+            f"{show_ratio(row['ratio']):>11}  "
+            + " ".join(f"{x:.2f}" for x in row["samples"])
+            + (f"  ({len(row['errors'])} failed)" if row["errors"] else "")
+        )
+    lines += [
+        "vs baseline = median / baseline-veth median at the same stream count",
+        "",
+        "paths (client -> server, client MTU):",
+    ]
     for p in report["paths"]:
         lines.append(f"  {p['name']:<20} {p['what']} (MTU {p['mtu']})")
     lines += ["", "targets (ratio to the baseline, same stream count):"]
     for t in report["targets"]:
         value = "-" if t["value"] is None else f"{t['value']:.3f}x"
-        lines.append(f"  {t['path'] + ', ' + s(t['streams']):<30} {value:>7} "
-                     f">= {t['limit']:.2f}x  {'PASS' if t['pass'] else 'FAIL'}")
+        lines.append(
+            f"  {t['path'] + ', ' + s(t['streams']):<30} {value:>7} "
+            f">= {t['limit']:.2f}x  {'PASS' if t['pass'] else 'FAIL'}"
+        )
     lines += ["", "pycni / reference (same path, same stream count):"]
     for v in report["versus_reference"]:
-        lines.append(f"  {v['pycni'] + ' / ' + v['reference'] + ', ' + s(v['streams']):<56} "
-                     f"{show_ratio(v['ratio']):>7}")
+        lines.append(
+            f"  {v['pycni'] + ' / ' + v['reference'] + ', ' + s(v['streams']):<56} "
+            f"{show_ratio(v['ratio']):>7}"
+        )
     for row in report["results"]:
         for err in row["errors"][:3]:
             lines.append(f"PROBLEM {row['path']}, {s(row['streams'])}: {err}")
@@ -394,17 +554,32 @@ def format_table(report: dict) -> str:
 
 # --- the command -------------------------------------------------------------------------------
 
+
 def register(forms) -> argparse.ArgumentParser:
-    p = forms.add_parser("throughput", help="TCP throughput (iperf3) of pod paths: pycni same "
-                         "node, host-gw and VXLAN against a bare veth and the Go reference")
-    p.add_argument("--seconds", type=int, default=DEFAULT_SECONDS,
-                   help=f"length of each iperf3 measurement (default {DEFAULT_SECONDS})")
-    p.add_argument("--repeat", type=int, default=DEFAULT_REPEAT,
-                   help=f"measurements per path and stream count, the median is reported "
-                   f"(default {DEFAULT_REPEAT})")
+    p = forms.add_parser(
+        "throughput",
+        help="TCP throughput (iperf3) of pod paths: pycni same "
+        "node, host-gw and VXLAN against a bare veth and the Go reference",
+    )
+    p.add_argument(
+        "--seconds",
+        type=int,
+        default=DEFAULT_SECONDS,
+        help=f"length of each iperf3 measurement (default {DEFAULT_SECONDS})",
+    )
+    p.add_argument(
+        "--repeat",
+        type=int,
+        default=DEFAULT_REPEAT,
+        help=f"measurements per path and stream count, the median is reported "
+        f"(default {DEFAULT_REPEAT})",
+    )
     p.add_argument("--json", action="store_true", help="print the report as JSON")
-    p.add_argument("--reference-dir", default="/usr/lib/cni",
-                   help="where the reference bridge and host-local are")
+    p.add_argument(
+        "--reference-dir",
+        default="/usr/lib/cni",
+        help="where the reference bridge and host-local are",
+    )
     p.set_defaults(func=_main)
     return p
 
@@ -414,10 +589,15 @@ def _main(args) -> int:
         print("pycnictl bench throughput: needs root (network namespaces)", file=sys.stderr)
         return 2
     if args.seconds < 1 or args.repeat < 1:
-        print("pycnictl bench throughput: --seconds and --repeat must be at least 1",
-              file=sys.stderr)
+        print(
+            "pycnictl bench throughput: --seconds and --repeat must be at least 1", file=sys.stderr
+        )
         return 2
     return run_and_print(
         "pycnictl bench throughput",
         lambda progress: bench(args.seconds, args.repeat, args.reference_dir, progress=progress),
-        format_table, args.json, (BenchError,), "everything made was removed")
+        format_table,
+        args.json,
+        (BenchError,),
+        "everything made was removed",
+    )

@@ -66,8 +66,17 @@ def _forwarding(netns: str, ipv6: bool = False) -> None:
     # Lab links are new and their link-local addresses would be tentative (DAD) for a second
     # or two, during which the kernel cannot resolve neighbours for forwarded IPv6 packets.
     v6 = ["net.ipv6.conf.all.forwarding=1", "net.ipv6.conf.default.accept_dad=0"]
-    run("ip", "netns", "exec", netns, "sysctl", "-q", "-w", "net.ipv4.ip_forward=1",
-        *(v6 if ipv6 else []))
+    run(
+        "ip",
+        "netns",
+        "exec",
+        netns,
+        "sysctl",
+        "-q",
+        "-w",
+        "net.ipv4.ip_forward=1",
+        *(v6 if ipv6 else []),
+    )
 
 
 # ----------------------------------------------------------------------------- underlay
@@ -77,26 +86,53 @@ def build_router_and_outside(lab: Lab) -> None:
     make_netns(lab.router)
     _forwarding(lab.router, lab.ipv6)
     commands = []
-    for i, lan in enumerate(map(ipaddress.ip_network, UNDERLAYS[:lab.underlays])):
+    for i, lan in enumerate(map(ipaddress.ip_network, UNDERLAYS[: lab.underlays])):
         # A fixed MAC: a bridge otherwise takes its lowest port's, which changes when that
         # node leaves, and every node's ARP entry for the router goes stale (seen in tests).
         mac = "0a:58:" + ":".join(f"{b:02x}" for b in lan[254].packed)
-        commands += [f"link add lan{i} address {mac} type bridge mcast_snooping 0",
-                     f"addr add {lan[254]}/{lan.prefixlen} dev lan{i}", f"link set lan{i} up"]
+        commands += [
+            f"link add lan{i} address {mac} type bridge mcast_snooping 0",
+            f"addr add {lan[254]}/{lan.prefixlen} dev lan{i}",
+            f"link set lan{i} up",
+        ]
         if lab.ipv6:
             lan6 = ipaddress.ip_network(UNDERLAYS6[i])
             commands.append(f"addr add {lan6[254]}/{lan6.prefixlen} dev lan{i} nodad")
     ip_batch(lab.router, commands)
     make_netns(lab.outside)
-    run("ip", "-n", lab.router, "link", "add", "wan0", "type", "veth", "peer", "name", "eth0",
-        "netns", lab.outside)
+    run(
+        "ip",
+        "-n",
+        lab.router,
+        "link",
+        "add",
+        "wan0",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "eth0",
+        "netns",
+        lab.outside,
+    )
     ip_batch(lab.router, [f"addr add {WAN[1]}/{WAN.prefixlen} dev wan0", "link set wan0 up"])
-    ip_batch(lab.outside, [f"addr add {WAN[254]}/{WAN.prefixlen} dev eth0", "link set eth0 up",
-                           f"route add default via {WAN[1]}"])
+    ip_batch(
+        lab.outside,
+        [
+            f"addr add {WAN[254]}/{WAN.prefixlen} dev eth0",
+            "link set eth0 up",
+            f"route add default via {WAN[1]}",
+        ],
+    )
     if lab.ipv6:
         ip_batch(lab.router, [f"addr add {WAN6[1]}/{WAN6.prefixlen} dev wan0 nodad"])
-        ip_batch(lab.outside, [f"addr add {WAN6[254]}/{WAN6.prefixlen} dev eth0 nodad",
-                               f"route add default via {WAN6[1]}"])
+        ip_batch(
+            lab.outside,
+            [
+                f"addr add {WAN6[254]}/{WAN6.prefixlen} dev eth0 nodad",
+                f"route add default via {WAN6[1]}",
+            ],
+        )
 
 
 def _lan_bridge(node: Node) -> str:
@@ -110,15 +146,39 @@ def build_node(lab: Lab, node: Node) -> None:
     _forwarding(node.netns, lab.ipv6)
     port = f"{node.name}"  # the node's port on the router's bridge
     lan = ipaddress.ip_network(node.lan)
-    run("ip", "-n", node.netns, "link", "add", "eth0", "type", "veth",
-        "peer", "name", port, "netns", lab.router)
+    run(
+        "ip",
+        "-n",
+        node.netns,
+        "link",
+        "add",
+        "eth0",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        port,
+        "netns",
+        lab.router,
+    )
     ip_batch(lab.router, [f"link set {port} master {_lan_bridge(node)}", f"link set {port} up"])
-    ip_batch(node.netns, [f"addr add {node.lan_ip}/{lan.prefixlen} dev eth0", "link set eth0 up",
-                          f"route add default via {node.router_ip}"])
+    ip_batch(
+        node.netns,
+        [
+            f"addr add {node.lan_ip}/{lan.prefixlen} dev eth0",
+            "link set eth0 up",
+            f"route add default via {node.router_ip}",
+        ],
+    )
     if node.lan6_ip:
         lan6 = ipaddress.ip_network(node.lan6)
-        ip_batch(node.netns, [f"addr add {node.lan6_ip}/{lan6.prefixlen} dev eth0 nodad",
-                              f"route add default via {node.router6_ip}"])
+        ip_batch(
+            node.netns,
+            [
+                f"addr add {node.lan6_ip}/{lan6.prefixlen} dev eth0 nodad",
+                f"route add default via {node.router6_ip}",
+            ],
+        )
     write_launcher(node.plugin)
     start_agent(lab, node)
 
@@ -126,11 +186,25 @@ def build_node(lab: Lab, node: Node) -> None:
 def agent_args(lab: Lab, node: Node) -> list[str]:
     """The cluster half of the node agent's command line (shared with `pycnictl leave`)."""
     cidrs = [lab.network, lab.network6] if lab.ipv6 else [lab.network]
-    args = [*(a for c in cidrs for a in ("--cluster-cidr", c)),
-            "--node-name", node.name, "--iface", "eth0",
-            "--backend", lab.backend, "--datastore", lab.datastore,
-            "--conf-dir", node.conf_dir, "--subnet-file", node.subnet_file,
-            "--network-name", NETWORK_NAME, "--resync", str(AGENT_RESYNC)]
+    args = [
+        *(a for c in cidrs for a in ("--cluster-cidr", c)),
+        "--node-name",
+        node.name,
+        "--iface",
+        "eth0",
+        "--backend",
+        lab.backend,
+        "--datastore",
+        lab.datastore,
+        "--conf-dir",
+        node.conf_dir,
+        "--subnet-file",
+        node.subnet_file,
+        "--network-name",
+        NETWORK_NAME,
+        "--resync",
+        str(AGENT_RESYNC),
+    ]
     if lab.datastore == "etcd":
         args += ["--etcd-endpoints", lab.etcd_url]
     else:
@@ -144,13 +218,18 @@ def start_agent(lab: Lab, node: Node) -> None:
     node until `lab down`. Metrics and health on the node's own loopback."""
     from ...agent.launch import agent_argv, wait_until_listening
 
-    argv = agent_argv(node.agent_socket, node.data_dir, node.agent_log,
-                      metrics_port=AGENT_METRICS_PORT) + agent_args(lab, node)
+    argv = agent_argv(
+        node.agent_socket, node.data_dir, node.agent_log, metrics_port=AGENT_METRICS_PORT
+    ) + agent_args(lab, node)
     os.makedirs(node.root, exist_ok=True)
     with open(node.agent_log, "ab") as log:
-        proc = subprocess.Popen(["ip", "netns", "exec", node.netns, *argv],
-                                stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            ["ip", "netns", "exec", node.netns, *argv],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
+        )
     try:
         wait_until_listening(proc, node.agent_socket)
     except RuntimeError as exc:
@@ -164,8 +243,10 @@ def wait_ready(node: Node, timeout: float = CONFIG_TIMEOUT) -> None:
     deadline = time.monotonic() + timeout
     while not os.path.exists(node.conflist_path):
         if time.monotonic() > deadline:
-            raise LabError(f"{node.name}: no CNI config after {timeout:.0f} s: the agent has no "
-                           f"subnet (see {node.agent_log})")
+            raise LabError(
+                f"{node.name}: no CNI config after {timeout:.0f} s: the agent has no "
+                f"subnet (see {node.agent_log})"
+            )
         time.sleep(0.05)
     env = read_subnet_env(node.subnet_file)
     node.subnet, node.subnet6 = env.get("SUBNET", ""), env.get("IPV6_SUBNET", "")
@@ -191,9 +272,11 @@ def wait_converged(lab: Lab, timeout: float = CONFIG_TIMEOUT) -> None:
             pending.pop(0)
             continue
         if time.monotonic() > deadline:
-            raise LabError(f"{node.name}: routes to {', '.join(sorted(want - seen))} missing "
-                           f"(and to {', '.join(sorted(seen - want)) or 'nothing'} extra) after "
-                           f"{timeout:.0f} s; see {node.agent_log}")
+            raise LabError(
+                f"{node.name}: routes to {', '.join(sorted(want - seen))} missing "
+                f"(and to {', '.join(sorted(seen - want)) or 'nothing'} extra) after "
+                f"{timeout:.0f} s; see {node.agent_log}"
+            )
         time.sleep(0.05)
 
 
@@ -246,8 +329,13 @@ def start_etcd(lab: Lab):
     from ...cluster.etcd_server import EtcdServer
 
     host = ipaddress.ip_network(UNDERLAYS[0])[254]
-    server = EtcdServer(lab.etcd_dir, client_url=lab.etcd_url, peer_url=f"http://{host}:2380",
-                        netns=lab.router, log_path=os.path.join(lab.state_dir, "etcd.log"))
+    server = EtcdServer(
+        lab.etcd_dir,
+        client_url=lab.etcd_url,
+        peer_url=f"http://{host}:2380",
+        netns=lab.router,
+        log_path=os.path.join(lab.state_dir, "etcd.log"),
+    )
     server.start()
     server.detach()
     return server
@@ -273,21 +361,29 @@ def _alive(pid: int) -> bool:
 
 
 def etcd_pids(lab: Lab) -> list[int]:
-    return [pid for pid in netns_pids(lab.router)
-            if os.path.basename(next(iter(_argv(pid)), b"")) == b"etcd"]
+    return [
+        pid
+        for pid in netns_pids(lab.router)
+        if os.path.basename(next(iter(_argv(pid)), b"")) == b"etcd"
+    ]
 
 
 # ----------------------------------------------------------------------------- pods
 
 
 def cni_args(pod: Pod) -> list[tuple[str, str]]:
-    return [("IgnoreUnknown", "1"), ("K8S_POD_NAMESPACE", POD_NAMESPACE),
-            ("K8S_POD_NAME", pod.k8s_name), ("K8S_POD_INFRA_CONTAINER_ID", pod.container_id),
-            ("K8S_POD_UID", pod.uid)]
+    return [
+        ("IgnoreUnknown", "1"),
+        ("K8S_POD_NAMESPACE", POD_NAMESPACE),
+        ("K8S_POD_NAME", pod.k8s_name),
+        ("K8S_POD_INFRA_CONTAINER_ID", pod.container_id),
+        ("K8S_POD_UID", pod.uid),
+    ]
 
 
-def exec_plugin(node: Node, pod: Pod, command: str, extra: dict | None = None,
-                netns_path: str | None = None) -> subprocess.CompletedProcess:
+def exec_plugin(
+    node: Node, pod: Pod, command: str, extra: dict | None = None, netns_path: str | None = None
+) -> subprocess.CompletedProcess:
     """Run the installed plugin inside the node as a runtime (libcni) would: CNI_* environment,
     the conflist's plugin entry with name and cniVersion injected on stdin."""
     with open(node.conflist_path) as f:
@@ -295,8 +391,9 @@ def exec_plugin(node: Node, pod: Pod, command: str, extra: dict | None = None,
     conf = dict(conflist["plugins"][0])
     conf["name"] = conflist["name"]
     # As libcni >= 1.2 does: the highest version the list offers (we speak them all).
-    conf["cniVersion"] = max(conflist.get("cniVersions") or [conflist["cniVersion"]],
-                             key=versions.parse)
+    conf["cniVersion"] = max(
+        conflist.get("cniVersions") or [conflist["cniVersion"]], key=versions.parse
+    )
     conf.update(extra or {})
     env = {
         "PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
@@ -309,8 +406,14 @@ def exec_plugin(node: Node, pod: Pod, command: str, extra: dict | None = None,
     }
     # The plugin's file name equals the config's type, found along CNI_PATH.
     plugin = os.path.join(node.bin_dir, conf["type"])
-    return subprocess.run(["ip", "netns", "exec", node.netns, plugin], env=env,
-                          input=json.dumps(conf), capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        ["ip", "netns", "exec", node.netns, plugin],
+        env=env,
+        input=json.dumps(conf),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 def cache_path(node: Node, pod: Pod) -> str:
@@ -326,16 +429,22 @@ def add_pod(node: Node, pod: Pod) -> None:
     except ValueError:
         result = None
     if proc.returncode != 0 or not isinstance(result, dict) or "ips" not in result:
-        raise LabError(f"ADD of {pod.netns} failed (exit {proc.returncode}): "
-                       f"{(proc.stdout or proc.stderr).strip()}")
+        raise LabError(
+            f"ADD of {pod.netns} failed (exit {proc.returncode}): "
+            f"{(proc.stdout or proc.stderr).strip()}"
+        )
     pod.cache = cache_path(node, pod)
     with open(node.conflist_path, "rb") as f:
         config = f.read()
     cached = {
-        "kind": "cniCacheV1", "containerId": pod.container_id,
-        "config": base64.b64encode(config).decode(), "ifName": pod.ifname,
-        "networkName": NETWORK_NAME, "netns": pod.netns_path,
-        "cniArgs": [list(kv) for kv in cni_args(pod)], "result": result,
+        "kind": "cniCacheV1",
+        "containerId": pod.container_id,
+        "config": base64.b64encode(config).decode(),
+        "ifName": pod.ifname,
+        "networkName": NETWORK_NAME,
+        "netns": pod.netns_path,
+        "cniArgs": [list(kv) for kv in cni_args(pod)],
+        "result": result,
     }
     atomic_write(pod.cache, json.dumps(cached, indent=2) + "\n", 0o600)
     ip = result["ips"][0]
@@ -345,8 +454,9 @@ def add_pod(node: Node, pod: Pod) -> None:
     if isinstance(ip.get("interface"), int) and ip["interface"] < len(ifaces):
         pod.mac = ifaces[ip["interface"]].get("mac", "")
     bridge = json.loads(config)["plugins"][0].get("bridge", "cni0")
-    pod.host_veth = next((i["name"] for i in ifaces
-                          if not i.get("sandbox") and i["name"] != bridge), "")
+    pod.host_veth = next(
+        (i["name"] for i in ifaces if not i.get("sandbox") and i["name"] != bridge), ""
+    )
 
 
 def del_pod(node: Node, pod: Pod, live: set[str]) -> str | None:

@@ -38,19 +38,34 @@ def up(args) -> int:
         return 1
     present = sorted(n for n in netns_list() if lab_netns_re(prefix).fullmatch(n))
     if present:
-        print(f"lab namespaces already exist ({', '.join(present)}); run `{hint}` first",
-              file=sys.stderr)
+        print(
+            f"lab namespaces already exist ({', '.join(present)}); run `{hint}` first",
+            file=sys.stderr,
+        )
         return 1
     if os.path.isdir(state_dir) and os.listdir(state_dir):
-        print(f"{state_dir} is not empty and holds no lab: choose another --state-dir",
-              file=sys.stderr)
+        print(
+            f"{state_dir} is not empty and holds no lab: choose another --state-dir",
+            file=sys.stderr,
+        )
         return 1
     if args.backend == "host-gw" and args.underlays > 1:
-        print("host-gw needs every node on one L2 segment: use --underlays 1, or --backend "
-              "auto (host-gw on-link, VXLAN across the router)", file=sys.stderr)
+        print(
+            "host-gw needs every node on one L2 segment: use --underlays 1, or --backend "
+            "auto (host-gw on-link, VXLAN across the router)",
+            file=sys.stderr,
+        )
         return 1
-    lab = Lab.plan(prefix, state_dir, args.nodes, args.pods, backend=args.backend,
-                   datastore=args.datastore, underlays=args.underlays, ipv6=args.ipv6)
+    lab = Lab.plan(
+        prefix,
+        state_dir,
+        args.nodes,
+        args.pods,
+        backend=args.backend,
+        datastore=args.datastore,
+        underlays=args.underlays,
+        ipv6=args.ipv6,
+    )
     try:
         bring_up(lab)
     except BaseException as exc:
@@ -68,35 +83,55 @@ def up(args) -> int:
         print(f"{len(failed)} of {len(probes)} paths FAILED; the lab is left up for inspection")
     else:
         print(f"all {len(probes)} paths OK")
-    print(f"lab up in {time.monotonic() - started:.1f} s (network built in {built:.1f} s); "
-          f"remove it with `{hint}`")
+    print(
+        f"lab up in {time.monotonic() - started:.1f} s (network built in {built:.1f} s); "
+        f"remove it with `{hint}`"
+    )
     return 1 if failed else 0
 
 
 def _down_hint(prefix: str, state_dir: str) -> str:
-    return ("pycnictl lab down" + ("" if prefix == DEFAULT_PREFIX else f" --prefix {prefix}")
-            + ("" if state_dir == DEFAULT_STATE_DIR else f" --state-dir {state_dir}"))
+    return (
+        "pycnictl lab down"
+        + ("" if prefix == DEFAULT_PREFIX else f" --prefix {prefix}")
+        + ("" if state_dir == DEFAULT_STATE_DIR else f" --state-dir {state_dir}")
+    )
 
 
 def print_lab(lab: Lab) -> None:
-    store = (f"etcd at {lab.etcd_url} (in {lab.router})" if lab.datastore == "etcd"
-             else f"sqlite {lab.cluster_db}")
+    store = (
+        f"etcd at {lab.etcd_url} (in {lab.router})"
+        if lab.datastore == "etcd"
+        else f"sqlite {lab.cluster_db}"
+    )
     cidrs = f"{lab.network} and {lab.network6}" if lab.ipv6 else lab.network
     print(f"cluster CIDR {cidrs}, backend {lab.backend}, datastore {store}")
     outside = f"{lab.outside_ip} and {lab.outside_ip6}" if lab.ipv6 else lab.outside_ip
-    print(f"outside: netns {lab.outside}, {outside} (no route to any pod); "
-          f"router: netns {lab.router}")
+    print(
+        f"outside: netns {lab.outside}, {outside} (no route to any pod); router: netns {lab.router}"
+    )
     print()
     v6 = lab.ipv6
     rows = [("NODE", "NETNS", "UNDERLAY IP", "POD SUBNET", "GATEWAY", "AGENT SOCKET")]
-    rows += [(n.name, n.netns, n.lan_ip + (f" {n.lan6_ip}" if v6 else ""),
-              n.subnet + (f" {n.subnet6}" if v6 else ""), n.gateway, n.agent_socket)
-             for n in lab.nodes]
+    rows += [
+        (
+            n.name,
+            n.netns,
+            n.lan_ip + (f" {n.lan6_ip}" if v6 else ""),
+            n.subnet + (f" {n.subnet6}" if v6 else ""),
+            n.gateway,
+            n.agent_socket,
+        )
+        for n in lab.nodes
+    ]
     _table(rows)
     print()
     rows = [("POD", "NODE", "ADDRESS", "MAC", "HOST VETH")]
-    rows += [(p.k8s_name, n.name, p.address + (f" {p.address6}" if v6 else ""), p.mac,
-              p.host_veth) for n in lab.nodes for p in n.pods]
+    rows += [
+        (p.k8s_name, n.name, p.address + (f" {p.address6}" if v6 else ""), p.mac, p.host_veth)
+        for n in lab.nodes
+        for p in n.pods
+    ]
     _table(rows)
     print()
 
@@ -127,16 +162,17 @@ def down(args) -> int:
 def _prefix(value: str) -> str:
     if not PREFIX_RE.fullmatch(value):
         raise argparse.ArgumentTypeError(
-            f"{value!r}: use 1-20 lowercase letters and digits, starting with a letter")
+            f"{value!r}: use 1-20 lowercase letters and digits, starting with a letter"
+        )
     return value
 
 
 def _bounded(name: str, high: int):
     def parse(value: str) -> int:
         if not value.isdigit() or not 1 <= int(value) <= high:
-            raise argparse.ArgumentTypeError(f"{value!r}: give a number of {name} from 1 to "
-                                             f"{high}")
+            raise argparse.ArgumentTypeError(f"{value!r}: give a number of {name} from 1 to {high}")
         return int(value)
+
     return parse
 
 
@@ -144,30 +180,63 @@ def register(sub) -> None:
     p = sub.add_parser("lab", help="a cluster in a box: nodes, pods, an outside, measurements")
     lsub = p.add_subparsers(dest="lab_command", required=True)
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--state-dir", default=DEFAULT_STATE_DIR,
-                        help=f"where the lab keeps its nodes' plugin, config and state "
-                        f"({DEFAULT_STATE_DIR})")
-    common.add_argument("--prefix", type=_prefix, default=DEFAULT_PREFIX,
-                        help="namespace name prefix, so labs can run side by side "
-                        f"(lowercase letters and digits; {DEFAULT_PREFIX})")
-    u = lsub.add_parser("up", parents=[common], help="build the cluster, network pods through "
-                        "each node's plugin, print subnets and the measured connectivity")
-    u.add_argument("--nodes", type=_bounded("nodes", MAX_NODES), default=3,
-                   help=f"nodes (1-{MAX_NODES}; 3)")
-    u.add_argument("--pods", type=_bounded("pods", MAX_PODS), default=2,
-                   help=f"pods per node (1-{MAX_PODS}; 2)")
-    u.add_argument("--backend", choices=BACKENDS, default="vxlan",
-                   help="how nodes reach each other's pods (vxlan)")
-    u.add_argument("--datastore", choices=("sqlite", "etcd"), default="sqlite",
-                   help="where subnets are leased: a shared sqlite file, or an etcd the lab "
-                   "starts (sqlite)")
-    u.add_argument("--underlays", type=int, choices=(1, 2), default=1,
-                   help="underlay subnets joined by the router; with 2 and --backend auto, "
-                   "nodes mix host-gw and VXLAN (1)")
-    u.add_argument("--ipv6", action="store_true",
-                   help=f"dual stack: IPv6 underlays, a {CLUSTER_CIDR6} cluster CIDR beside the "
-                   "IPv4 one, and every path measured over both")
+    common.add_argument(
+        "--state-dir",
+        default=DEFAULT_STATE_DIR,
+        help=f"where the lab keeps its nodes' plugin, config and state ({DEFAULT_STATE_DIR})",
+    )
+    common.add_argument(
+        "--prefix",
+        type=_prefix,
+        default=DEFAULT_PREFIX,
+        help="namespace name prefix, so labs can run side by side "
+        f"(lowercase letters and digits; {DEFAULT_PREFIX})",
+    )
+    u = lsub.add_parser(
+        "up",
+        parents=[common],
+        help="build the cluster, network pods through "
+        "each node's plugin, print subnets and the measured connectivity",
+    )
+    u.add_argument(
+        "--nodes", type=_bounded("nodes", MAX_NODES), default=3, help=f"nodes (1-{MAX_NODES}; 3)"
+    )
+    u.add_argument(
+        "--pods",
+        type=_bounded("pods", MAX_PODS),
+        default=2,
+        help=f"pods per node (1-{MAX_PODS}; 2)",
+    )
+    u.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default="vxlan",
+        help="how nodes reach each other's pods (vxlan)",
+    )
+    u.add_argument(
+        "--datastore",
+        choices=("sqlite", "etcd"),
+        default="sqlite",
+        help="where subnets are leased: a shared sqlite file, or an etcd the lab starts (sqlite)",
+    )
+    u.add_argument(
+        "--underlays",
+        type=int,
+        choices=(1, 2),
+        default=1,
+        help="underlay subnets joined by the router; with 2 and --backend auto, "
+        "nodes mix host-gw and VXLAN (1)",
+    )
+    u.add_argument(
+        "--ipv6",
+        action="store_true",
+        help=f"dual stack: IPv6 underlays, a {CLUSTER_CIDR6} cluster CIDR beside the "
+        "IPv4 one, and every path measured over both",
+    )
     u.set_defaults(func=up)
-    d = lsub.add_parser("down", parents=[common],
-                        help="DEL every pod through the plugin and remove everything the lab made")
+    d = lsub.add_parser(
+        "down",
+        parents=[common],
+        help="DEL every pod through the plugin and remove everything the lab made",
+    )
     d.set_defaults(func=down)

@@ -144,10 +144,26 @@ class Lab:
     nodes: list[Node] = field(default_factory=list)
 
     @classmethod
-    def plan(cls, prefix: str, state_dir: str, nodes: int, pods: int, backend: str = "vxlan",
-             datastore: str = "sqlite", underlays: int = 1, ipv6: bool = False) -> Lab:
-        lab = cls(prefix=prefix, state_dir=os.path.abspath(state_dir), backend=backend,
-                  datastore=datastore, underlays=underlays, pods_per_node=pods, ipv6=ipv6)
+    def plan(
+        cls,
+        prefix: str,
+        state_dir: str,
+        nodes: int,
+        pods: int,
+        backend: str = "vxlan",
+        datastore: str = "sqlite",
+        underlays: int = 1,
+        ipv6: bool = False,
+    ) -> Lab:
+        lab = cls(
+            prefix=prefix,
+            state_dir=os.path.abspath(state_dir),
+            backend=backend,
+            datastore=datastore,
+            underlays=underlays,
+            pods_per_node=pods,
+            ipv6=ipv6,
+        )
         if datastore == "etcd":
             lab.etcd_url = f"http://{ipaddress.ip_network(UNDERLAYS[0])[254]}:2379"
         for _ in range(nodes):
@@ -160,13 +176,24 @@ class Lab:
         lan = ipaddress.ip_network(UNDERLAYS[(i - 1) % self.underlays])
         host = (i - 1) // self.underlays + 1
         name = f"node{i}"
-        node = Node(name=name, netns=f"{self.prefix}-{name}", lan=str(lan),
-                    lan_ip=str(lan[host]), root=os.path.join(self.state_dir, "nodes", name))
+        node = Node(
+            name=name,
+            netns=f"{self.prefix}-{name}",
+            lan=str(lan),
+            lan_ip=str(lan[host]),
+            root=os.path.join(self.state_dir, "nodes", name),
+        )
         if self.ipv6:
             node.lan6_ip = str(ipaddress.ip_network(node.lan6)[host])
         for j in range(1, self.pods_per_node + 1):
-            node.pods.append(Pod(netns=f"{self.prefix}-n{i}pod{j}", k8s_name=f"n{i}pod{j}",
-                                 container_id=secrets.token_hex(32), uid=str(uuid.uuid4())))
+            node.pods.append(
+                Pod(
+                    netns=f"{self.prefix}-n{i}pod{j}",
+                    k8s_name=f"n{i}pod{j}",
+                    container_id=secrets.token_hex(32),
+                    uid=str(uuid.uuid4()),
+                )
+            )
         self.nodes.append(node)
         return node
 
@@ -218,8 +245,10 @@ class Lab:
         except FileNotFoundError:
             return None
         except (ValueError, KeyError, TypeError) as exc:
-            raise LabError(f"{path} is unreadable ({exc}); remove the lab's namespaces with "
-                           "`ip netns del` and the directory by hand") from None
+            raise LabError(
+                f"{path} is unreadable ({exc}); remove the lab's namespaces with "
+                "`ip netns del` and the directory by hand"
+            ) from None
 
     def namespaces(self) -> list[str]:
         out = [p.netns for n in self.nodes for p in n.pods]

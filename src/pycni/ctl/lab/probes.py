@@ -114,8 +114,9 @@ def _plan(lab: Lab, family: int) -> list[Probe]:
         for nb, b in pods:
             if a is not b:
                 kind = "pod->pod" + tag + ("" if na is nb else " x-node")
-                probes.append(Probe(kind, a.k8s_name, a.netns, b.k8s_name, b.netns, ip(b),
-                                    expect=(ip(a),)))
+                probes.append(
+                    Probe(kind, a.k8s_name, a.netns, b.k8s_name, b.netns, ip(b), expect=(ip(a),))
+                )
     for node in lab.nodes:
         # A node reaches its own pods from the bridge's gateway address; other nodes' pods
         # from its underlay address (host-gw) or its VTEP's address (vxlan): never NATed.
@@ -123,12 +124,29 @@ def _plan(lab: Lab, family: int) -> list[Probe]:
         gateway = node.gateway6 if v6 else node.gateway
         own = (gateway, node.lan6_ip if v6 else node.lan_ip, str(subnet.network_address))
         for nb, b in pods:
-            probes.append(Probe("node->pod" + tag, node.name, node.netns, b.k8s_name, b.netns,
-                                ip(b), expect=(gateway,) if nb is node else own))
+            probes.append(
+                Probe(
+                    "node->pod" + tag,
+                    node.name,
+                    node.netns,
+                    b.k8s_name,
+                    b.netns,
+                    ip(b),
+                    expect=(gateway,) if nb is node else own,
+                )
+            )
     for node, a in pods:
-        probes.append(Probe("pod->outside" + tag, a.k8s_name, a.netns, "outside", lab.outside,
-                            lab.outside_ip6 if v6 else lab.outside_ip,
-                            expect=(node.lan6_ip if v6 else node.lan_ip,)))
+        probes.append(
+            Probe(
+                "pod->outside" + tag,
+                a.k8s_name,
+                a.netns,
+                "outside",
+                lab.outside,
+                lab.outside_ip6 if v6 else lab.outside_ip,
+                expect=(node.lan6_ip if v6 else node.lan_ip,),
+            )
+        )
     return probes
 
 
@@ -147,9 +165,21 @@ def _tcp(src: str, probes: list[Probe], ports: dict[str, int]) -> None:
         return
     targets = [f"{i},{p.dst_ip},{ports[p.dst_netns]}" for i, p in enumerate(probes)]
     try:
-        proc = _run("ip", "netns", "exec", src, sys.executable, "-I", "-S", "-c", _CLIENT,
-                    str(_PROBE_TIMEOUT), *targets, check=False,
-                    timeout=_PROBE_TIMEOUT * 5 * len(probes) + 10)
+        proc = _run(
+            "ip",
+            "netns",
+            "exec",
+            src,
+            sys.executable,
+            "-I",
+            "-S",
+            "-c",
+            _CLIENT,
+            str(_PROBE_TIMEOUT),
+            *targets,
+            check=False,
+            timeout=_PROBE_TIMEOUT * 5 * len(probes) + 10,
+        )
     except subprocess.TimeoutExpired:
         for p in probes:
             p.error = "client timed out"
@@ -176,9 +206,21 @@ class Servers:
         try:
             for ns in self.namespaces:
                 self.procs[ns] = subprocess.Popen(
-                    ["ip", "netns", "exec", ns, sys.executable, "-I", "-S", "-c", _SERVER,
-                     str(self.lifetime)],
-                    stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                    [
+                        "ip",
+                        "netns",
+                        "exec",
+                        ns,
+                        sys.executable,
+                        "-I",
+                        "-S",
+                        "-c",
+                        _SERVER,
+                        str(self.lifetime),
+                    ],
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
                     text=True,
                 )
             for ns, proc in self.procs.items():
@@ -226,8 +268,9 @@ def measure(lab: Lab) -> list[Probe]:
                 p.retried = True
             _tcp(src, again, servers.ports)
 
-        threads = [threading.Thread(target=run_source, args=(src, mine))
-                   for src, mine in by_source.items()]
+        threads = [
+            threading.Thread(target=run_source, args=(src, mine)) for src, mine in by_source.items()
+        ]
         for t in threads:
             t.start()
         for t in threads:
@@ -236,8 +279,10 @@ def measure(lab: Lab) -> list[Probe]:
 
 
 def print_table(probes: list[Probe]) -> None:
-    print("connectivity, measured (ICMP: ping -c1 -W1; TCP: connect time, and the source "
-          "address the server saw):")
+    print(
+        "connectivity, measured (ICMP: ping -c1 -W1; TCP: connect time, and the source "
+        "address the server saw):"
+    )
     rows = [("PATH", "FROM", "TO", "ICMP", "ms", "TCP", "ms", "SEEN AS", "")]
 
     def ms(v: float | None) -> str:
@@ -255,14 +300,24 @@ def print_table(probes: list[Probe]) -> None:
             note = p.error
         if p.retried:
             note = f"{note}, on a 2nd try" if note else "on a 2nd try"
-        rows.append((p.kind, p.src_label, f"{p.dst_label} {p.dst_ip}",
-                     "OK" if p.icmp_ok else "FAIL", ms(p.icmp_rtt),
-                     "OK" if p.tcp_ok else "FAIL", ms(p.tcp_rtt), p.peer or "-", note))
+        rows.append(
+            (
+                p.kind,
+                p.src_label,
+                f"{p.dst_label} {p.dst_ip}",
+                "OK" if p.icmp_ok else "FAIL",
+                ms(p.icmp_rtt),
+                "OK" if p.tcp_ok else "FAIL",
+                ms(p.tcp_rtt),
+                p.peer or "-",
+                note,
+            )
+        )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     right = {4, 6}
     for r in rows:
-        cells = [c.rjust(w) if i in right else c.ljust(w)
-                 for i, (c, w) in enumerate(zip(r, widths, strict=True))]
+        cells = [
+            c.rjust(w) if i in right else c.ljust(w)
+            for i, (c, w) in enumerate(zip(r, widths, strict=True))
+        ]
         print("  " + "  ".join(cells).rstrip())
-
-

@@ -36,9 +36,12 @@ STOP_TIMEOUT = 15.0
 CLEANUP_CALL_TIMEOUT = 60.0
 # Plugins that only slow start-up (and log errors) on this machine.
 DISABLED_PLUGINS = (
-    "io.containerd.snapshotter.v1.aufs", "io.containerd.snapshotter.v1.btrfs",
-    "io.containerd.snapshotter.v1.devmapper", "io.containerd.snapshotter.v1.zfs",
-    "io.containerd.tracing.processor.v1.otlp", "io.containerd.internal.v1.tracing",
+    "io.containerd.snapshotter.v1.aufs",
+    "io.containerd.snapshotter.v1.btrfs",
+    "io.containerd.snapshotter.v1.devmapper",
+    "io.containerd.snapshotter.v1.zfs",
+    "io.containerd.tracing.processor.v1.otlp",
+    "io.containerd.internal.v1.tracing",
 )
 
 
@@ -53,8 +56,16 @@ def _q(value: str) -> str:
 class Containerd:
     """A private containerd in network namespace `netns` (a name under /run/netns)."""
 
-    def __init__(self, workdir: str, netns: str, cni_bin_dir: str, cni_conf_dir: str, *,
-                 sandbox_image: str, binary: str = CONTAINERD) -> None:
+    def __init__(
+        self,
+        workdir: str,
+        netns: str,
+        cni_bin_dir: str,
+        cni_conf_dir: str,
+        *,
+        sandbox_image: str,
+        binary: str = CONTAINERD,
+    ) -> None:
         self.workdir = os.path.abspath(workdir)
         self.netns = netns
         self.cni_bin_dir = os.path.abspath(cni_bin_dir)
@@ -117,12 +128,23 @@ disabled_plugins = [{", ".join(_q(p) for p in DISABLED_PLUGINS)}]
             os.makedirs(directory, exist_ok=True)
         with open(self.config, "w") as f:
             f.write(self.config_text())
-        argv = ["nsenter", f"--net=/run/netns/{self.netns}", "--",
-                self.binary, "--config", self.config]
+        argv = [
+            "nsenter",
+            f"--net=/run/netns/{self.netns}",
+            "--",
+            self.binary,
+            "--config",
+            self.config,
+        ]
         with open(self.log_file, "ab") as log:
             # nsenter execs containerd: the pid is containerd's own.
-            self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log,
-                                         stderr=subprocess.STDOUT, start_new_session=True)
+            self.proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         try:
             self._wait_ready(timeout)
         except BaseException:
@@ -135,22 +157,28 @@ disabled_plugins = [{", ".join(_q(p) for p in DISABLED_PLUGINS)}]
         last = "no socket yet"
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise ContainerdError(f"containerd exited with status {self.proc.returncode}: "
-                                      f"{self.log_tail()}")
+                raise ContainerdError(
+                    f"containerd exited with status {self.proc.returncode}: {self.log_tail()}"
+                )
             if os.path.exists(self.socket):
                 try:
-                    conditions = {c.type: c for c in self.cri().runtime(
-                        "Status", {}, timeout=5).status.conditions}
+                    conditions = {
+                        c.type: c
+                        for c in self.cri().runtime("Status", {}, timeout=5).status.conditions
+                    }
                     network = conditions.get("NetworkReady")
                     if network is not None and network.status:
                         return
-                    last = f"network not ready: {network.reason if network else '?'} " \
-                           f"{network.message if network else ''}"
+                    last = (
+                        f"network not ready: {network.reason if network else '?'} "
+                        f"{network.message if network else ''}"
+                    )
                 except CriError as exc:
                     last = str(exc)
             time.sleep(0.05)
-        raise ContainerdError(f"containerd not ready within {timeout:.0f} s ({last}): "
-                              f"{self.log_tail()}")
+        raise ContainerdError(
+            f"containerd not ready within {timeout:.0f} s ({last}): {self.log_tail()}"
+        )
 
     def cri(self) -> CriClient:
         if self._client is None:
@@ -210,10 +238,14 @@ disabled_plugins = [{", ".join(_q(p) for p in DISABLED_PLUGINS)}]
             sandboxes = cri.list_pod_sandbox()
         except CriError as exc:
             return [str(exc)]
-        steps = [(step, c.id) for c in containers
-                 for step in (cri.stop_container, cri.remove_container)]
-        steps += [(step, s.id) for s in sandboxes
-                  for step in (cri.stop_pod_sandbox, cri.remove_pod_sandbox)]
+        steps = [
+            (step, c.id) for c in containers for step in (cri.stop_container, cri.remove_container)
+        ]
+        steps += [
+            (step, s.id)
+            for s in sandboxes
+            for step in (cri.stop_pod_sandbox, cri.remove_pod_sandbox)
+        ]
         for step, item in steps:
             try:
                 step(item)
@@ -309,8 +341,9 @@ disabled_plugins = [{", ".join(_q(p) for p in DISABLED_PLUGINS)}]
                 continue
             for ns in spec.get("linux", {}).get("namespaces", []):
                 path = ns.get("path", "")
-                if ns.get("type") == "network" and path.startswith(("/var/run/netns/",
-                                                                   "/run/netns/")):
+                if ns.get("type") == "network" and path.startswith(
+                    ("/var/run/netns/", "/run/netns/")
+                ):
                     found.append(path)
         return found
 
@@ -346,8 +379,9 @@ disabled_plugins = [{", ".join(_q(p) for p in DISABLED_PLUGINS)}]
         if not os.path.isdir(d):
             return
         for cid in os.listdir(d):
-            subprocess.run([RUNC, "--root", d, "delete", "--force", cid], capture_output=True,
-                           timeout=30)
+            subprocess.run(
+                [RUNC, "--root", d, "delete", "--force", cid], capture_output=True, timeout=30
+            )
 
     def _remove_cgroups(self) -> None:
         if not os.path.isdir(CGROUP_ROOT):

@@ -47,7 +47,7 @@ def embedded_files(binary: str = CONTAINERD) -> list:
     while at != -1:
         inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
         try:
-            raw = inflater.decompress(data[at:at + _MAX_MEMBER])
+            raw = inflater.decompress(data[at : at + _MAX_MEMBER])
         except zlib.error:
             raw = b""  # the magic bytes by chance, not a gzip member
         if inflater.eof and raw:
@@ -72,8 +72,14 @@ def cri_file_set(binary: str = CONTAINERD):
     from google.protobuf import descriptor_pb2
 
     files = embedded_files(binary)
-    api = next((f for f in files if f.package == CRI_PACKAGE
-                and any(s.name == "RuntimeService" for s in f.service)), None)
+    api = next(
+        (
+            f
+            for f in files
+            if f.package == CRI_PACKAGE and any(s.name == "RuntimeService" for s in f.service)
+        ),
+        None,
+    )
     if api is None:
         raise CriError("schema", "NOT_FOUND", f"{binary} embeds no {CRI_PACKAGE} RuntimeService")
     by_name = {f.name: f for f in files}
@@ -87,8 +93,9 @@ def cri_file_set(binary: str = CONTAINERD):
             seen.add(dep)
             found = by_name.get(dep) or _by_base_name(files, dep)
             if found is None:
-                raise CriError("schema", "NOT_FOUND", f"{fd.name} imports {dep}, which "
-                               f"{binary} does not embed")
+                raise CriError(
+                    "schema", "NOT_FOUND", f"{fd.name} imports {dep}, which {binary} does not embed"
+                )
             copy = descriptor_pb2.FileDescriptorProto()
             copy.CopyFrom(found)
             copy.name = dep
@@ -136,8 +143,10 @@ class Schema:
         desc = self.pool.FindServiceByName(service).methods_by_name.get(name)
         if desc is None:
             raise CriError(name, "UNIMPLEMENTED", f"{service} has no method {name}")
-        return (self.message_class(desc.input_type.full_name),
-                self.message_class(desc.output_type.full_name))
+        return (
+            self.message_class(desc.input_type.full_name),
+            self.message_class(desc.output_type.full_name),
+        )
 
 
 _schemas: dict[str, Schema] = {}
@@ -159,29 +168,43 @@ def to_dict(message) -> dict:
     from google.protobuf import json_format
 
     try:
-        return json_format.MessageToDict(message, preserving_proto_field_name=True,
-                                         always_print_fields_with_no_presence=True)
+        return json_format.MessageToDict(
+            message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+        )
     except TypeError:  # protobuf before 5.26 named it differently
-        return json_format.MessageToDict(message, preserving_proto_field_name=True,
-                                         including_default_value_fields=True)
+        return json_format.MessageToDict(
+            message, preserving_proto_field_name=True, including_default_value_fields=True
+        )
 
 
-def pod_sandbox_config(name: str, namespace: str, uid: str, log_directory: str,
-                       cgroup_parent: str = "", port_mappings: list[dict] | None = None) -> dict:
+def pod_sandbox_config(
+    name: str,
+    namespace: str,
+    uid: str,
+    log_directory: str,
+    cgroup_parent: str = "",
+    port_mappings: list[dict] | None = None,
+) -> dict:
     """A PodSandboxConfig as kubelet fills it in for a pod on the pod network."""
     config = {
         "metadata": {"name": name, "uid": uid, "namespace": namespace, "attempt": 0},
         "hostname": name,
         "log_directory": log_directory,
-        "dns_config": {"servers": ["10.96.0.10"], "options": ["ndots:5"],
-                       "searches": [f"{namespace}.svc.cluster.local", "svc.cluster.local",
-                                    "cluster.local"]},
-        "labels": {"io.kubernetes.pod.name": name, "io.kubernetes.pod.namespace": namespace,
-                   "io.kubernetes.pod.uid": uid},
+        "dns_config": {
+            "servers": ["10.96.0.10"],
+            "options": ["ndots:5"],
+            "searches": [f"{namespace}.svc.cluster.local", "svc.cluster.local", "cluster.local"],
+        },
+        "labels": {
+            "io.kubernetes.pod.name": name,
+            "io.kubernetes.pod.namespace": namespace,
+            "io.kubernetes.pod.uid": uid,
+        },
         "linux": {
             "cgroup_parent": cgroup_parent,
-            "security_context": {"namespace_options": {"network": "POD", "pid": "CONTAINER",
-                                                       "ipc": "POD"}},
+            "security_context": {
+                "namespace_options": {"network": "POD", "pid": "CONTAINER", "ipc": "POD"}
+            },
         },
     }
     if port_mappings:
@@ -196,8 +219,9 @@ def container_config(name: str, image: str, command: list[str]) -> dict:
         "image": {"image": image},
         "command": command,
         "log_path": f"{name}/0.log",
-        "linux": {"security_context": {"namespace_options": {"network": "POD",
-                                                             "pid": "CONTAINER"}}},
+        "linux": {
+            "security_context": {"namespace_options": {"network": "POD", "pid": "CONTAINER"}}
+        },
     }
 
 
@@ -206,8 +230,9 @@ class CriClient:
     .proto's field names (or its JSON names); answers are the response messages.
     Thread-safe: one gRPC channel, shared by every caller."""
 
-    def __init__(self, socket: str, binary: str = CONTAINERD,
-                 timeout: float = DEFAULT_TIMEOUT) -> None:
+    def __init__(
+        self, socket: str, binary: str = CONTAINERD, timeout: float = DEFAULT_TIMEOUT
+    ) -> None:
         import grpc
 
         self.socket = socket
@@ -227,8 +252,9 @@ class CriClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def call(self, service: str, method: str, request: dict | None = None,
-             timeout: float | None = None):
+    def call(
+        self, service: str, method: str, request: dict | None = None, timeout: float | None = None
+    ):
         from google.protobuf import json_format
 
         request_cls, response_cls = self.schema.method(service, method)
@@ -236,8 +262,10 @@ class CriClient:
             stub = self._stubs.get((service, method))
             if stub is None:
                 stub = self._stubs[(service, method)] = self._channel.unary_unary(
-                    f"/{service}/{method}", request_serializer=request_cls.SerializeToString,
-                    response_deserializer=response_cls.FromString)
+                    f"/{service}/{method}",
+                    request_serializer=request_cls.SerializeToString,
+                    response_deserializer=response_cls.FromString,
+                )
         message = request_cls()
         if request:
             try:
@@ -261,13 +289,13 @@ class CriClient:
         return self.runtime("Version", {"version": "v1"}, timeout)
 
     def run_pod_sandbox(self, config: dict, runtime_handler: str = "") -> str:
-        reply = self.runtime("RunPodSandbox", {"config": config,
-                                               "runtime_handler": runtime_handler})
+        reply = self.runtime(
+            "RunPodSandbox", {"config": config, "runtime_handler": runtime_handler}
+        )
         return reply.pod_sandbox_id
 
     def pod_sandbox_status(self, sandbox_id: str, verbose: bool = False):
-        return self.runtime("PodSandboxStatus", {"pod_sandbox_id": sandbox_id,
-                                                 "verbose": verbose})
+        return self.runtime("PodSandboxStatus", {"pod_sandbox_id": sandbox_id, "verbose": verbose})
 
     def list_pod_sandbox(self, label_selector: dict[str, str] | None = None) -> list:
         request = {"filter": {"label_selector": label_selector}} if label_selector else {}
@@ -280,9 +308,10 @@ class CriClient:
         self.runtime("RemovePodSandbox", {"pod_sandbox_id": sandbox_id})
 
     def create_container(self, sandbox_id: str, config: dict, sandbox_config: dict) -> str:
-        reply = self.runtime("CreateContainer", {"pod_sandbox_id": sandbox_id,
-                                                 "config": config,
-                                                 "sandbox_config": sandbox_config})
+        reply = self.runtime(
+            "CreateContainer",
+            {"pod_sandbox_id": sandbox_id, "config": config, "sandbox_config": sandbox_config},
+        )
         return reply.container_id
 
     def start_container(self, container_id: str) -> None:
@@ -290,10 +319,16 @@ class CriClient:
 
     def exec_sync(self, container_id: str, cmd: list[str], timeout: int = 10):
         """(exit code, stdout, stderr) of cmd run in the container."""
-        reply = self.runtime("ExecSync", {"container_id": container_id, "cmd": cmd,
-                                          "timeout": str(timeout)}, timeout=timeout + 30)
-        return reply.exit_code, reply.stdout.decode(errors="replace"), \
-            reply.stderr.decode(errors="replace")
+        reply = self.runtime(
+            "ExecSync",
+            {"container_id": container_id, "cmd": cmd, "timeout": str(timeout)},
+            timeout=timeout + 30,
+        )
+        return (
+            reply.exit_code,
+            reply.stdout.decode(errors="replace"),
+            reply.stderr.decode(errors="replace"),
+        )
 
     def list_containers(self, sandbox_id: str | None = None) -> list:
         request = {"filter": {"pod_sandbox_id": sandbox_id}} if sandbox_id else {}

@@ -48,8 +48,14 @@ class Podman:
     deep; see _short_runroot. cleanup() removes both.)
     """
 
-    def __init__(self, workdir: str, *, netns: str | None = None,
-                 cni_plugin_dirs: Sequence[str] = (), cni_config_dir: str | None = None):
+    def __init__(
+        self,
+        workdir: str,
+        *,
+        netns: str | None = None,
+        cni_plugin_dirs: Sequence[str] = (),
+        cni_config_dir: str | None = None,
+    ):
         self.workdir = os.path.abspath(workdir)
         self.netns = netns
         self.cni_plugin_dirs = list(cni_plugin_dirs) or ["/usr/lib/cni"]
@@ -119,9 +125,11 @@ runroot = {json.dumps(self.runroot)}
 
     def env(self) -> dict[str, str]:
         env = dict(os.environ)
-        env.update(CONTAINERS_CONF=self.containers_conf,
-                   CONTAINERS_STORAGE_CONF=self.storage_conf,
-                   TMPDIR=self._path("tmp"))
+        env.update(
+            CONTAINERS_CONF=self.containers_conf,
+            CONTAINERS_STORAGE_CONF=self.storage_conf,
+            TMPDIR=self._path("tmp"),
+        )
         return env
 
     def argv(self, *args: str) -> list[str]:
@@ -132,29 +140,51 @@ runroot = {json.dumps(self.runroot)}
         # namespace, hiding the netns files podman bind-mounts under /run/netns.
         return ["nsenter", f"--net=/run/netns/{self.netns}", "--", *podman]
 
-    def run(self, *args: str, check: bool = True, timeout: float = 120,
-            input: bytes | None = None) -> subprocess.CompletedProcess:
+    def run(
+        self, *args: str, check: bool = True, timeout: float = 120, input: bytes | None = None
+    ) -> subprocess.CompletedProcess:
         """`podman ARGS` in the node; output decoded as text."""
         return self._run(self.argv(*args), check, timeout, input)
 
-    def run_image_copy(self, *args: str, check: bool = True,
-                       timeout: float = 120) -> subprocess.CompletedProcess:
+    def run_image_copy(
+        self, *args: str, check: bool = True, timeout: float = 120
+    ) -> subprocess.CompletedProcess:
         """`podman ARGS` for a command that copies images (import, save, load): in a private
         mount namespace with an empty /var/lib, because containers/image keeps a blob cache
         in /var/lib/containers/cache whatever the storage paths say."""
         script = 'mount -t tmpfs pycni-podman /var/lib && exec "$@"'
-        argv = ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", script,
-                "sh", "podman", *args]
+        argv = [
+            "unshare",
+            "--mount",
+            "--propagation",
+            "private",
+            "--",
+            "sh",
+            "-c",
+            script,
+            "sh",
+            "podman",
+            *args,
+        ]
         return self._run(argv, check, timeout, None)
 
-    def _run(self, argv: list[str], check: bool, timeout: float,
-             input: bytes | None) -> subprocess.CompletedProcess:
-        proc = subprocess.run(argv, input=input, capture_output=True, env=self.env(),
-                              timeout=timeout, stdin=None if input is not None
-                              else subprocess.DEVNULL)
-        out = subprocess.CompletedProcess(argv, proc.returncode,
-                                          proc.stdout.decode(errors="replace"),
-                                          proc.stderr.decode(errors="replace"))
+    def _run(
+        self, argv: list[str], check: bool, timeout: float, input: bytes | None
+    ) -> subprocess.CompletedProcess:
+        proc = subprocess.run(
+            argv,
+            input=input,
+            capture_output=True,
+            env=self.env(),
+            timeout=timeout,
+            stdin=None if input is not None else subprocess.DEVNULL,
+        )
+        out = subprocess.CompletedProcess(
+            argv,
+            proc.returncode,
+            proc.stdout.decode(errors="replace"),
+            proc.stderr.decode(errors="replace"),
+        )
         if check and out.returncode != 0:
             raise PodmanError(out.returncode, argv, out.stdout, out.stderr)
         return out
@@ -204,8 +234,10 @@ runroot = {json.dumps(self.runroot)}
         if os.path.exists(self.storage_conf) and shutil.which("podman"):
             ids = self.container_ids()
             sandboxes = self._sandbox_keys(ids)
-            for args in (("pod", "rm", "--all", "--force", "--time", "0"),
-                         ("rm", "--all", "--force", "--time", "0")):
+            for args in (
+                ("pod", "rm", "--all", "--force", "--time", "0"),
+                ("rm", "--all", "--force", "--time", "0"),
+            ):
                 try:
                     self.run(*args, check=False, timeout=CLEANUP_TIMEOUT)
                 except subprocess.TimeoutExpired:
@@ -225,8 +257,16 @@ runroot = {json.dumps(self.runroot)}
     def _sandbox_keys(self, ids: list[str]) -> list[str]:
         if not ids:
             return []
-        out = self.run("inspect", "--type", "container", "--format",
-                       "{{.NetworkSettings.SandboxKey}}", *ids, check=False, timeout=30)
+        out = self.run(
+            "inspect",
+            "--type",
+            "container",
+            "--format",
+            "{{.NetworkSettings.SandboxKey}}",
+            *ids,
+            check=False,
+            timeout=30,
+        )
         return [line for line in out.stdout.split() if line.startswith("/run/netns/")]
 
     def _kill_processes(self) -> None:
@@ -255,12 +295,21 @@ runroot = {json.dumps(self.runroot)}
 
 def write_busybox_rootfs(path: str, busybox: str = BUSYBOX) -> str:
     """A root filesystem tar: /bin/busybox, a link per applet, /etc/passwd and /etc/group."""
-    applets = subprocess.run([busybox, "--list"], capture_output=True, text=True,
-                             check=True).stdout.split()
+    applets = subprocess.run(
+        [busybox, "--list"], capture_output=True, text=True, check=True
+    ).stdout.split()
     with tarfile.open(path, "w") as tar:
-        for directory, mode in (("bin", 0o755), ("etc", 0o755), ("root", 0o700),
-                                ("tmp", 0o1777), ("proc", 0o555), ("sys", 0o555),
-                                ("dev", 0o755), ("var", 0o755), ("var/www", 0o755)):
+        for directory, mode in (
+            ("bin", 0o755),
+            ("etc", 0o755),
+            ("root", 0o700),
+            ("tmp", 0o1777),
+            ("proc", 0o555),
+            ("sys", 0o555),
+            ("dev", 0o755),
+            ("var", 0o755),
+            ("var/www", 0o755),
+        ):
             info = tarfile.TarInfo(directory)
             info.type, info.mode = tarfile.DIRTYPE, mode
             tar.addfile(info)
@@ -271,8 +320,10 @@ def write_busybox_rootfs(path: str, busybox: str = BUSYBOX) -> str:
             info = tarfile.TarInfo(f"bin/{applet}")
             info.type, info.linkname, info.mode = tarfile.SYMTYPE, "busybox", 0o777
             tar.addfile(info)
-        for name, text in (("etc/passwd", "root:x:0:0:root:/root:/bin/sh\n"),
-                           ("etc/group", "root:x:0:\n")):
+        for name, text in (
+            ("etc/passwd", "root:x:0:0:root:/root:/bin/sh\n"),
+            ("etc/group", "root:x:0:\n"),
+        ):
             data = text.encode()
             info = tarfile.TarInfo(name)
             info.size, info.mode = len(data), 0o644
@@ -286,8 +337,13 @@ def mounts_below(directory: str) -> list[str]:
     found = []
     with open("/proc/self/mountinfo") as f:
         for line in f:
-            point = line.split()[4].replace("\\040", " ").replace("\\011", "\t") \
-                .replace("\\012", "\n").replace("\\134", "\\")
+            point = (
+                line.split()[4]
+                .replace("\\040", " ")
+                .replace("\\011", "\t")
+                .replace("\\012", "\n")
+                .replace("\\134", "\\")
+            )
             if point == prefix or point.startswith(prefix + "/"):
                 found.append(point)
     return sorted(found, key=len, reverse=True)
