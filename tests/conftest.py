@@ -598,7 +598,7 @@ class UnixServer:
 
 def tear_down_labs(made: list[tuple[str, str]]) -> None:
     """Tear down the labs a test made, as (prefix, state dir), and assert none left anything."""
-    from pycni.ctl.lab import lifecycle
+    from pycni.lab import lifecycle
 
     for prefix, state in made:
         problems = lifecycle.teardown(prefix, state)

@@ -32,7 +32,7 @@ def _alive(pid: int) -> bool:
 
 
 def test_bench_tiny(reference_plugins):
-    from pycni.ctl.bench.latency import format_table
+    from pycni.bench.latency import format_table
 
     pid, status, stdout, stderr = run_bench(
         "--pods", "3", "--storm", "5", "--json", "--reference-dir", reference_plugins

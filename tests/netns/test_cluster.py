@@ -16,10 +16,10 @@ import time
 import pytest
 
 from conftest import sh, tear_down_labs, unique
-from pycni.ctl.lab import build, lifecycle
-from pycni.ctl.lab.model import Lab
-from pycni.ctl.lab.probes import measure
 from pycni.ctl.status import agent_health
+from pycni.lab import build, lifecycle
+from pycni.lab.model import Lab
+from pycni.lab.probes import measure
 
 pytestmark = pytest.mark.netns
 

@@ -31,7 +31,7 @@ PHASE_KEYS = {
 
 
 def test_convergence_tiny():
-    from pycni.ctl.bench.convergence import format_table
+    from pycni.bench.convergence import format_table
 
     pid, status, stdout, stderr = run_bench(
         "convergence",

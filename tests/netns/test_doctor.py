@@ -365,8 +365,8 @@ def test_a_lab_node_is_sound_and_route_drift_is_found(make_lab, backend, ipv6):
 @pytest.fixture
 def make_lab():
     """make_lab(backend, nodes, pods, ipv6) -> a running Lab, torn down whatever happens."""
-    from pycni.ctl.lab import lifecycle
-    from pycni.ctl.lab.model import Lab
+    from pycni.lab import lifecycle
+    from pycni.lab.model import Lab
 
     made: list[tuple[str, str]] = []
 

@@ -30,7 +30,7 @@ def _iperf_servers(names: list[str]) -> list[str]:
 
 
 def test_throughput_tiny(reference_plugins):
-    from pycni.ctl.bench.throughput import format_table
+    from pycni.bench.throughput import format_table
 
     before = set(glob.glob("/tmp/pycni-bench-throughput-*"))
     pid, status, stdout, stderr = run_bench(

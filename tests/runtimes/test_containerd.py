@@ -31,21 +31,21 @@ import pytest
 
 from conftest import AgentProcess, Namespaces, Node, have, namespaces_named, run_bench, sh, unique
 from pycni.ctl.install import write_launcher
-from pycni.ctl.runtimes.containerd import (
+from pycni.harness.containerd import (
     CNI_CACHE_RESULTS,
     Containerd,
     build_pause_image,
     cmdline,
     pids,
 )
-from pycni.ctl.runtimes.cri import (
+from pycni.harness.cri import (
     CriClient,
     CriError,
     container_config,
     pod_sandbox_config,
     to_dict,
 )
-from pycni.ctl.runtimes.podman import mounts_below
+from pycni.harness.podman import mounts_below
 from pycni.ipam.store import Store
 from pycni.node_config import CONFLIST_NAME, node_conflist, write_conflist
 

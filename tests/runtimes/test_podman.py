@@ -19,8 +19,8 @@ import subprocess
 import pytest
 
 from conftest import Node, agent_for, namespaces_named, run_bench, sh, unique
-from pycni.ctl.bench.podman import fetch
-from pycni.ctl.runtimes.podman import CNI_CACHE_RESULTS, Podman, mounts_below, process_alive
+from pycni.bench.podman import fetch
+from pycni.harness.podman import CNI_CACHE_RESULTS, Podman, mounts_below, process_alive
 from pycni.ipam.store import Store
 from pycni.node_config import CONFLIST_NAME, node_conflist, write_conflist
 

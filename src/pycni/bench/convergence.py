@@ -51,8 +51,8 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from ...agent.launch import agent_argv, wait_until_listening
-from ...cluster.leases import (
+from ..agent.launch import agent_argv, wait_until_listening
+from ..cluster.leases import (
     DEFAULT_PREFIX,
     LeaseDatastore,
     _value,
@@ -60,9 +60,9 @@ from ...cluster.leases import (
     key_subnet,
     subnet_key,
 )
-from ...cluster.model import ClusterSettings, NodeRecord
-from ...cluster.sqlite import _POLL as SQLITE_POLL
-from ...cluster.sqlite import SqliteKV
+from ..cluster.model import ClusterSettings, NodeRecord
+from ..cluster.sqlite import _POLL as SQLITE_POLL
+from ..cluster.sqlite import SqliteKV
 from .common import run_and_print
 
 BACKENDS = ("host-gw", "vxlan")
@@ -264,8 +264,8 @@ def _addr(raw: bytes | None, family: int) -> str:
 
 def kernel_entries(netns: str, vtep_index: int | None) -> set[tuple[str, str]]:
     """The same keys as KernelWatch, from a dump (pycni's own reader of its state)."""
-    from ...backends import read_state
-    from ...dataplane.netns import netlink_in, netns_fd
+    from ..backends import read_state
+    from ..dataplane.netns import netlink_in, netns_fd
 
     with netns_fd(os.path.join(NETNS_DIR, netns)) as fd:
         ipr = netlink_in(fd)
@@ -296,7 +296,7 @@ def link_index(netns: str, name: str) -> int | None:
 def fake_records(count: int, backend: str) -> list[NodeRecord]:
     """N nodes on the agent's underlay (on-link 10.99.1.x), as they would describe themselves;
     a host-gw agent publishes no VTEP MAC."""
-    from ...backends import vtep_mac
+    from ..backends import vtep_mac
 
     out = []
     for i in range(count):
@@ -505,7 +505,7 @@ class World:
             time.sleep(0.02)
 
     def cluster(self) -> dict:
-        from ..status import agent_health
+        from ..ctl.status import agent_health
 
         health = agent_health(self.socket).get("health") or {}
         return health.get("cluster") or {}

@@ -13,7 +13,7 @@ import os
 import sys
 import time
 
-from ..agent import BACKENDS
+from ..ctl.agent import BACKENDS
 from .build import netns_list
 from .lifecycle import bring_up, teardown
 from .model import (

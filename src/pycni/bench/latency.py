@@ -51,7 +51,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from ...agent.launch import agent_argv, wait_until_listening
+from ..agent.launch import agent_argv, wait_until_listening
 from .common import nearest_rank, ratio, run_and_print, show_ratio
 
 CLONE_NEWNET = 0x40000000
@@ -379,7 +379,7 @@ def held_addresses(row) -> list[str]:
         return sorted(
             f for f in os.listdir(d) if f not in ("lock",) and not f.startswith("last_reserved_ip")
         )
-    from ...ipam.store import Store
+    from ..ipam.store import Store
 
     store = Store(os.path.join(row.root, "data"))
     try:
@@ -575,7 +575,7 @@ def bench(
     storm_size: int = DEFAULT_STORM,
     progress=None,
 ) -> dict:
-    from ..install import write_launcher
+    from ..ctl.install import write_launcher
 
     ref_bridge = os.path.join(reference_dir, "bridge")
     if not os.access(ref_bridge, os.X_OK) or not os.access(
@@ -758,7 +758,7 @@ def _say(progress, msg: str) -> None:
 def _native_executable(path: str, fallback: str, progress) -> str | None:
     """The native executable as `pycnictl install --native` builds it (falling back to the
     Python launcher `fallback`), or None without a C compiler."""
-    from ...native import build
+    from ..native import build
 
     if build.compiler() is None:
         _say(progress, "no C compiler (cc): no pycni-native rows")

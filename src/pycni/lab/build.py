@@ -20,9 +20,9 @@ import os
 import subprocess
 import time
 
-from ...cni import versions
-from ...node_config import atomic_write, read_subnet_env
-from ..install import write_launcher
+from ..cni import versions
+from ..ctl.install import write_launcher
+from ..node_config import atomic_write, read_subnet_env
 from .model import (
     NETWORK_NAME,
     POD_NAMESPACE,
@@ -216,7 +216,7 @@ def agent_args(lab: Lab, node: Node) -> list[str]:
 def start_agent(lab: Lab, node: Node) -> None:
     """`pycnictl agent` inside the node's namespace, detached from this command: it serves the
     node until `lab down`. Metrics and health on the node's own loopback."""
-    from ...agent.launch import agent_argv, wait_until_listening
+    from ..agent.launch import agent_argv, wait_until_listening
 
     argv = agent_argv(
         node.agent_socket, node.data_dir, node.agent_log, metrics_port=AGENT_METRICS_PORT
@@ -255,7 +255,7 @@ def wait_ready(node: Node, timeout: float = CONFIG_TIMEOUT) -> None:
 def wait_converged(lab: Lab, timeout: float = CONFIG_TIMEOUT) -> None:
     """Until every node's agent has reconciled routes towards every other node (its health
     lists them as remote nodes): a probe sent earlier could find a route still missing."""
-    from ..status import agent_health
+    from ..ctl.status import agent_health
 
     deadline = time.monotonic() + timeout
     pending = list(lab.nodes)
@@ -314,7 +314,7 @@ def stop_agent(node: Node, sig: int = 15, wait: float = 10.0) -> None:
 
 def leave(lab: Lab, node: Node) -> None:
     """Clean node removal: `pycnictl leave` in the node after its agent stopped."""
-    from ...agent.launch import pycnictl_argv
+    from ..agent.launch import pycnictl_argv
 
     argv = [*pycnictl_argv(), "leave", "--data-dir", node.data_dir, *agent_args(lab, node)]
     run("ip", "netns", "exec", node.netns, *argv, timeout=60)
@@ -326,7 +326,7 @@ def leave(lab: Lab, node: Node) -> None:
 def start_etcd(lab: Lab):
     """etcd in the router's namespace, on the first underlay's router address (every node
     reaches it, whichever underlay it is on). Detached: it runs until `lab down`."""
-    from ...cluster.etcd_server import EtcdServer
+    from ..cluster.etcd_server import EtcdServer
 
     host = ipaddress.ip_network(UNDERLAYS[0])[254]
     server = EtcdServer(

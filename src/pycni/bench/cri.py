@@ -71,7 +71,7 @@ class Row:
 
 
 def pycni_conflist(root: str, subnet: str, agent_socket: str) -> dict:
-    from ...node_config import node_conflist
+    from ..node_config import node_conflist
 
     conf = node_conflist(
         NAME,
@@ -119,7 +119,7 @@ def _stats(samples: list[float]) -> dict:
 
 
 def _sandbox_config(row: Row, name: str) -> dict:
-    from ..runtimes.cri import pod_sandbox_config
+    from ..harness.cri import pod_sandbox_config
 
     uid = str(uuid.uuid4())
     return pod_sandbox_config(
@@ -141,7 +141,7 @@ def _address(row: Row, sandbox_id: str, subnet: str) -> str:
 
 
 def _pod_lifecycle(row: Row, name: str, subnet: str, timed: bool = True) -> None:
-    from ..runtimes.cri import CriError
+    from ..harness.cri import CriError
 
     cri = row.containerd.cri()
     try:
@@ -267,9 +267,9 @@ def _make_row(
     reference_dir: str,
     plugin_launcher: str = "python",
 ) -> None:
-    from ...node_config import CONFLIST_NAME, write_conflist
-    from ..install import write_launcher
-    from ..runtimes.containerd import Containerd
+    from ..ctl.install import write_launcher
+    from ..harness.containerd import Containerd
+    from ..node_config import CONFLIST_NAME, write_conflist
 
     row.ns = spaces.make(row.plugin)
     spaces.exec(row.ns, "ip", "link", "set", "lo", "up")
@@ -283,7 +283,7 @@ def _make_row(
         conf = reference_conflist(row.root, subnet)
     else:
         if plugin_launcher == "native":
-            from ...native.build import BuildError, write_native
+            from ..native.build import BuildError, write_native
 
             try:
                 write_native(os.path.join(bin_dir, "pycni"))
@@ -326,7 +326,7 @@ def bench(
 
     import pycni
 
-    from ..runtimes.containerd import build_pause_image
+    from ..harness.containerd import build_pause_image
 
     say = progress or (lambda msg: None)
     spaces = Spaces()
@@ -552,8 +552,8 @@ def _bench(args) -> int:
             file=sys.stderr,
         )
         return 2
-    from ..runtimes.containerd import ContainerdError
-    from ..runtimes.cri import CriError
+    from ..harness.containerd import ContainerdError
+    from ..harness.cri import CriError
 
     return run_and_print(
         "pycnictl bench cri",

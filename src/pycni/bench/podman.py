@@ -2,7 +2,7 @@
 as its network, against the Go reference plugins and against no network at all.
 
 podman 4.3 (CNI backend) runs inside a node network namespace of its own per setup, with its
-storage, state and CNI config dir private to this run (ctl/runtimes/podman.py):
+storage, state and CNI config dir private to this run (harness/podman.py):
 
 - none: `--network none`, the floor: everything podman does except networking;
 - pycni-agent: pycni's config list (ipMasq on, capability portMappings) naming the socket of a
@@ -45,7 +45,7 @@ from .common import ratio, run_and_print, show_ratio
 from .latency import AgentRunner, BenchError, Launcher, Spaces
 
 if TYPE_CHECKING:
-    from ..runtimes.podman import Podman
+    from ..harness.podman import Podman
 
 DEFAULT_RUNS = 15
 HOST_PORT = 18080
@@ -96,7 +96,7 @@ class Row:
 
 
 def _pycni_conflist(name: str, subnet: str, root: str, agent_socket: str) -> dict:
-    from ...node_config import node_conflist
+    from ..node_config import node_conflist
 
     conf = node_conflist(
         name,
@@ -134,8 +134,8 @@ def _reference_conflist(name: str, subnet: str, bridge: str, root: str, portmap:
 
 
 def _make_setup(tag: str, spaces: Spaces, tmp: str, plugin_dir: str, reference_dir: str) -> Setup:
-    from ...node_config import write_conflist
-    from ..runtimes.podman import Podman
+    from ..harness.podman import Podman
+    from ..node_config import write_conflist
 
     ns = spaces.make(tag)
     spaces.exec(ns, "ip", "link", "set", "lo", "up")
@@ -272,7 +272,7 @@ def _check_freed(spaces: Spaces, setup: Setup) -> None:
     if veths:
         setup.problems.append(f"{len(veths)} veths left in the node")
     if setup.tag in ("agent", "standalone"):
-        from ...ipam.store import Store
+        from ..ipam.store import Store
 
         if os.path.exists(os.path.join(setup.root, "data", "pycni.db")):
             with Store(os.path.join(setup.root, "data")) as store:
@@ -298,7 +298,7 @@ def _check_freed(spaces: Spaces, setup: Setup) -> None:
 
 
 def bench(runs: int, reference_dir: str, progress=None, plugin_launcher: str = "python") -> dict:
-    from ..install import write_launcher
+    from ..ctl.install import write_launcher
 
     for plugin in ("bridge", "host-local", "portmap"):
         if not os.access(os.path.join(reference_dir, plugin), os.X_OK):
@@ -320,7 +320,7 @@ def bench(runs: int, reference_dir: str, progress=None, plugin_launcher: str = "
 
         compileall.compile_dir(os.path.dirname(pycni.__file__), quiet=1)
         if plugin_launcher == "native":
-            from ...native.build import BuildError, write_native
+            from ..native.build import BuildError, write_native
 
             try:
                 plugin = write_native(os.path.join(tmp, "bin", "pycni"))

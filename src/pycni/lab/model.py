@@ -11,7 +11,7 @@ import secrets
 import uuid
 from dataclasses import asdict, dataclass, field
 
-from ...node_config import CONFLIST_NAME, atomic_write
+from ..node_config import CONFLIST_NAME, atomic_write
 
 DEFAULT_STATE_DIR = "/run/pycni-lab"
 DEFAULT_PREFIX = "pycnilab"

@@ -116,7 +116,7 @@ class Soak:
     # --- set-up and clean-up -----------------------------------------------------------
 
     def setup(self) -> None:
-        from ..install import write_launcher
+        from ..ctl.install import write_launcher
 
         self.tmp = tempfile.mkdtemp(prefix=f"pycni-soak-{os.getpid()}-")
         self.plugin = write_launcher(os.path.join(self.tmp, "bin", "pycni"))
@@ -349,7 +349,7 @@ class Soak:
 
     def invariant(self, at: int) -> None:
         """pycni.doctor.check in the node namespace, with the runtime's live set."""
-        from ...doctor import DoctorError, check
+        from ..doctor import DoctorError, check
 
         for t in self.restarts:
             t.join()  # a quiet point has the agent back

@@ -19,7 +19,7 @@ import subprocess
 import sys
 import time
 
-from ...cluster.model import NodeRecord
+from ..cluster.model import NodeRecord
 from .common import run_and_print
 
 UNDERLAY = ipaddress.ip_network("172.20.0.0/16")
@@ -51,8 +51,8 @@ def _ip(*argv: str, stdin: str | None = None) -> None:
 def run_once(mode: str, count: int, tag: str) -> dict[str, float]:
     """One converge / noop / remove cycle in fresh namespaces; milliseconds per phase."""
     # Imported here: pyroute2 costs every other pycnictl command ~80 ms at start-up.
-    from ...backends import reconcile_once
-    from ...dataplane.netns import netlink_in, netns_fd
+    from ..backends import reconcile_once
+    from ..dataplane.netns import netlink_in, netns_fd
 
     node, wire = f"pycni-bbe-{tag}-n", f"pycni-bbe-{tag}-w"
     made: list[str] = []
