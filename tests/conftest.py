@@ -89,7 +89,7 @@ def netns():
 @pytest.fixture(scope="session")
 def plugin_bin(tmp_path_factory) -> str:
     """The plugin as `pycnictl install` writes it, in a private bin dir."""
-    from pycni.ctl.install import write_launcher
+    from pycni.install.launchers import write_launcher
 
     src = os.path.join(os.path.dirname(__file__), "..", "src")
     subprocess.run([sys.executable, "-m", "compileall", "-q", src], check=True, capture_output=True)

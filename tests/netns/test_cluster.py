@@ -16,7 +16,7 @@ import time
 import pytest
 
 from conftest import sh, tear_down_labs, unique
-from pycni.ctl.status import agent_health
+from pycni.agent.client import agent_health
 from pycni.lab import build, lifecycle
 from pycni.lab.model import Lab
 from pycni.lab.probes import measure

@@ -23,7 +23,7 @@ import pytest
 
 from conftest import AgentProcess, Node, sh
 from pycni.cni.netconf import NetConf
-from pycni.ctl.install import MARKER, STANDALONE_PYTHON, standalone_text
+from pycni.install.launchers import MARKER, STANDALONE_PYTHON, standalone_text
 from pycni.node_config import CONFLIST_NAME
 
 pytestmark = pytest.mark.netns

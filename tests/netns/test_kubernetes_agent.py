@@ -20,10 +20,10 @@ import pytest
 
 from conftest import sh
 from k8s_fake_api import make_node
+from pycni.agent.client import agent_health
 from pycni.agent.launch import agent_argv, wait_until_listening
 from pycni.backends.plan import vtep_mac
 from pycni.cluster.kubernetes import ANN_NODE_IPS, ANN_VTEP_MAC
-from pycni.ctl.status import agent_health
 from pycni.node_config import read_subnet_env
 
 pytestmark = pytest.mark.netns

@@ -13,7 +13,7 @@ import sys
 import pytest
 
 from conftest import AgentProcess, Node, sh
-from pycni.ctl.install import launcher_text
+from pycni.install.launchers import launcher_text
 from pycni.native import FALLBACK_NAME, build
 from pycni.node_config import CONFLIST_NAME
 

@@ -30,7 +30,6 @@ from dataclasses import dataclass
 import pytest
 
 from conftest import AgentProcess, Namespaces, Node, have, namespaces_named, run_bench, sh, unique
-from pycni.ctl.install import write_launcher
 from pycni.harness.containerd import (
     CNI_CACHE_RESULTS,
     Containerd,
@@ -46,6 +45,7 @@ from pycni.harness.cri import (
     to_dict,
 )
 from pycni.harness.podman import mounts_below
+from pycni.install.launchers import write_launcher
 from pycni.ipam.store import Store
 from pycni.node_config import CONFLIST_NAME, node_conflist, write_conflist
 

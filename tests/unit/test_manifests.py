@@ -25,6 +25,7 @@ from pycni.cni.netconf import DEFAULT_DATA_DIR  # noqa: E402
 from pycni.ctl import install, uninstall  # noqa: E402
 from pycni.ctl.agent import BACKENDS, run_agent  # noqa: E402
 from pycni.ctl.main import build_parser  # noqa: E402
+from pycni.install.launchers import PLUGIN_NAME  # noqa: E402
 
 ROOT = os.path.join(os.path.dirname(__file__), "..", "..")
 DEPLOY = os.path.join(ROOT, "deploy")
@@ -193,7 +194,7 @@ def test_the_init_container_installs_the_standalone_launcher_on_the_host():
     assert build_args.func is install._install and build_args.native
     assert build_args.standalone and build_args.native_from is None
     source, destination = copied
-    assert source == os.path.join(build_args.bin_dir, install.PLUGIN_NAME)
+    assert source == os.path.join(build_args.bin_dir, PLUGIN_NAME)
     assert args.native_from == destination
 
 
@@ -355,7 +356,7 @@ def test_rbac_grants_exactly_what_the_agent_calls():
 
 
 def test_rbac_grants_exactly_what_uninstall_calls():
-    used = datastore_methods_used(os.path.join(SRC, "ctl", "uninstall.py"), "node")
+    used = datastore_methods_used(os.path.join(SRC, "install", "uninstall.py"), "node")
     assert "release" in used
     assert rbac_verbs(UNINSTALL) == api_verbs(used)
     binding = one(UNINSTALL, "ClusterRoleBinding")

@@ -30,7 +30,7 @@ from conftest import UnixServer
 from pycni import shim
 from pycni.agent import protocol
 from pycni.cni import MAX_CONFIG_BYTES, versions
-from pycni.ctl import install, uninstall
+from pycni.install import launchers, uninstall
 from pycni.native import FALLBACK_NAME, build
 
 pytestmark = pytest.mark.skipif(
@@ -96,9 +96,9 @@ class Builds:
 
 
 def _python_launcher(default_socket: str) -> str:
-    """install.launcher_text() with the test's default socket, set at module level (no extra
+    """launchers.launcher_text() with the test's default socket, set at module level (no extra
     frame: the same JSON depth limit as the real launcher)."""
-    text = install.launcher_text()
+    text = launchers.launcher_text()
     old = "from pycni.shim import main\nmain()\n"
     assert old in text
     return text.replace(
@@ -127,7 +127,7 @@ def native(tmp_path_factory) -> Builds:
     with open(python_launcher, "w") as f:
         f.write(_python_launcher(default))
     python_standalone = os.path.join(root, "python-standalone")
-    text = install.standalone_text()
+    text = launchers.standalone_text()
     old = f"DEFAULT_SOCKET = {json.dumps(shim.DEFAULT_SOCKET)}\n"
     assert text.count(old) == 1
     with open(python_standalone, "w") as f:
@@ -306,10 +306,10 @@ def test_install_native_is_idempotent_and_replaces_only_its_own(tmp_path):
     assert first.returncode == 0, first.stderr
     assert f"installed {target} (" in first.stdout and f"falling back to {fallback}" in first.stdout
     with open(fallback) as f:  # the in-process launcher (pycnictl's interpreter in its #!)
-        assert without_shebang(f.read()) == without_shebang(install.launcher_text())
+        assert without_shebang(f.read()) == without_shebang(launchers.launcher_text())
     assert build.marker_of(target) == build.wanted_marker(fallback)
     assert stat.S_IMODE(os.stat(target).st_mode) == 0o755
-    assert install.is_pycni_launcher(target) and install.is_pycni_launcher(fallback)
+    assert launchers.is_pycni_launcher(target) and launchers.is_pycni_launcher(fallback)
     before = os.stat(target).st_mtime_ns
     again = pycnictl("install", "--native", *dirs)
     assert again.returncode == 0 and f"{target} is up to date" in again.stdout
@@ -320,15 +320,15 @@ def test_install_native_is_idempotent_and_replaces_only_its_own(tmp_path):
     back = pycnictl("install", *dirs)  # the Python launcher replaces the native executable
     assert back.returncode == 0
     with open(target) as f:
-        assert without_shebang(f.read()) == without_shebang(install.launcher_text())
+        assert without_shebang(f.read()) == without_shebang(launchers.launcher_text())
 
     os.unlink(target)
     shutil.copy("/bin/true", target)  # an executable that is not pycni's
     refused = pycnictl("install", "--native", *dirs)
     assert refused.returncode == 1 and "was not written by pycnictl install" in refused.stderr
-    assert not install.is_pycni_launcher(target)
+    assert not launchers.is_pycni_launcher(target)
     forced = pycnictl("install", "--native", "--force", *dirs)
-    assert forced.returncode == 0 and install.is_pycni_launcher(target)
+    assert forced.returncode == 0 and launchers.is_pycni_launcher(target)
     assert [n for n in os.listdir(bin_dir) if n.startswith(".pycni-")] == []  # no temporaries
 
 
@@ -374,7 +374,7 @@ def test_uninstall_removes_the_native_executable_and_its_fallback_only(tmp_path,
     bin_dir.mkdir()
     shutil.copy(native.to_launcher, bin_dir / "pycni")
     with open(bin_dir / FALLBACK_NAME, "w") as f:
-        f.write(install.launcher_text())
+        f.write(launchers.launcher_text())
     args = SimpleNamespace(
         bin_dir=str(bin_dir), conf_dir=str(tmp_path / "net.d"), run_dir=str(tmp_path / "run")
     )

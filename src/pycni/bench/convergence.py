@@ -505,7 +505,7 @@ class World:
             time.sleep(0.02)
 
     def cluster(self) -> dict:
-        from ..ctl.status import agent_health
+        from ..agent.client import agent_health
 
         health = agent_health(self.socket).get("health") or {}
         return health.get("cluster") or {}
@@ -860,49 +860,6 @@ def format_table(report: dict) -> str:
 # --- command line ------------------------------------------------------------------------------
 
 
-def add_arguments(parser) -> None:
-    parser.add_argument(
-        "--nodes",
-        type=int,
-        default=100,
-        help=f"remote nodes that appear and leave at once (default 100, at most {MAX_NODES})",
-    )
-    parser.add_argument(
-        "--repeat",
-        type=int,
-        default=3,
-        help="fresh agent and namespaces per repetition (default 3)",
-    )
-    parser.add_argument(
-        "--backend",
-        action="append",
-        choices=BACKENDS,
-        dest="backends",
-        help="backend to measure (repeatable; default host-gw and vxlan)",
-    )
-    parser.add_argument(
-        "--register",
-        choices=(*REGISTER_MODES, "both"),
-        default="both",
-        help="how the remote nodes write the datastore: clients (one lease "
-        "client each, in turn, as real agents), batch (one transaction), or "
-        "both (default)",
-    )
-    parser.add_argument(
-        "--noop-samples",
-        type=int,
-        default=5,
-        help="no-op passes measured per repetition (default 5)",
-    )
-    parser.add_argument(
-        "--timeout",
-        type=float,
-        default=60.0,
-        help="seconds a phase may take before it counts as not converged",
-    )
-    parser.add_argument("--json", action="store_true", help="print the report as JSON")
-
-
 def run(args) -> int:
     if os.geteuid() != 0:
         print("pycnictl bench convergence: needs root (network namespaces)", file=sys.stderr)
@@ -938,13 +895,3 @@ def run(args) -> int:
         )
     finally:
         sys.setswitchinterval(interval)
-
-
-def register(forms) -> None:
-    p = forms.add_parser(
-        "convergence",
-        help="how long the agent's reconcile loop takes when "
-        "100 remote nodes appear at once, and leave at once",
-    )
-    add_arguments(p)
-    p.set_defaults(func=run)

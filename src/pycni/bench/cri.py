@@ -267,8 +267,8 @@ def _make_row(
     reference_dir: str,
     plugin_launcher: str = "python",
 ) -> None:
-    from ..ctl.install import write_launcher
     from ..harness.containerd import Containerd
+    from ..install.launchers import write_launcher
     from ..node_config import CONFLIST_NAME, write_conflist
 
     row.ns = spaces.make(row.plugin)
@@ -283,7 +283,7 @@ def _make_row(
         conf = reference_conflist(row.root, subnet)
     else:
         if plugin_launcher == "native":
-            from ..native.build import BuildError, write_native
+            from ..install.native import BuildError, write_native
 
             try:
                 write_native(os.path.join(bin_dir, "pycni"))
@@ -495,46 +495,7 @@ def format_table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def register(sub) -> None:
-    p = sub.add_parser(
-        "cri",
-        help="RunPodSandbox / StopPodSandbox latency through containerd's "
-        "CRI: pycni (agent) against the reference bridge + host-local",
-    )
-    p.add_argument(
-        "--pods",
-        type=int,
-        default=DEFAULT_PODS,
-        help=f"sequential pods per row (default {DEFAULT_PODS})",
-    )
-    p.add_argument(
-        "--burst",
-        type=int,
-        default=DEFAULT_BURST,
-        help=f"pods started at once per row (default {DEFAULT_BURST}); 0 skips it",
-    )
-    p.add_argument(
-        "--repeat", type=int, default=3, help="bursts per row, the median reported (default 3)"
-    )
-    p.add_argument(
-        "--reference-dir",
-        default="/usr/lib/cni",
-        help="where the reference bridge, host-local and loopback are",
-    )
-    p.add_argument("--subnet", default="10.244.1.0/24", help="the node's pod subnet")
-    p.add_argument(
-        "--launcher",
-        dest="plugin_launcher",
-        choices=("python", "native"),
-        default="python",
-        help="pycni's executable: the Python launcher (default) "
-        "or the native one (`pycnictl install --native`; needs cc)",
-    )
-    p.add_argument("--json", action="store_true", help="print the report as JSON")
-    p.set_defaults(func=_bench)
-
-
-def _bench(args) -> int:
+def run(args) -> int:
     if os.geteuid() != 0:
         print("pycnictl bench cri: needs root (network namespaces)", file=sys.stderr)
         return 2
@@ -573,4 +534,4 @@ def _bench(args) -> int:
     )
 
 
-__all__ = ["register", "bench", "format_table"]
+__all__ = ["bench", "format_table", "run"]

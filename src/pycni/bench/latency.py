@@ -36,7 +36,6 @@ targets are reported beside the results, pass or fail, and do not change the exi
 
 from __future__ import annotations
 
-import argparse
 import ctypes
 import json
 import os
@@ -575,7 +574,7 @@ def bench(
     storm_size: int = DEFAULT_STORM,
     progress=None,
 ) -> dict:
-    from ..ctl.install import write_launcher
+    from ..install.launchers import write_launcher
 
     ref_bridge = os.path.join(reference_dir, "bridge")
     if not os.access(ref_bridge, os.X_OK) or not os.access(
@@ -929,45 +928,7 @@ def format_table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def register(sub) -> argparse.ArgumentParser:
-    p = sub.add_parser(
-        "bench",
-        help="ADD/DEL latency of pycni (agent, standalone) against the "
-        "reference bridge; `bench throughput`: TCP throughput of pod paths",
-    )
-    p.add_argument(
-        "--pods",
-        type=int,
-        default=DEFAULT_PODS,
-        help=f"sequential ADDs (then DELs) per row (default {DEFAULT_PODS})",
-    )
-    p.add_argument(
-        "--storm",
-        type=int,
-        default=DEFAULT_STORM,
-        help=f"concurrent ADDs (then DELs) per row (default {DEFAULT_STORM}, "
-        "kubelet's max pods per node); 0 skips the storm",
-    )
-    p.add_argument("--json", action="store_true", help="print the report as JSON")
-    p.add_argument(
-        "--launch",
-        choices=LAUNCH_METHODS,
-        default="setns",
-        help="how plugins are exec'd in the node namespace (default: setns, the "
-        "cheapest; all three floors are measured and reported)",
-    )
-    p.add_argument(
-        "--reference-dir",
-        default="/usr/lib/cni",
-        help="where the reference bridge and host-local are",
-    )
-    p.add_argument("--cni-version", default="1.0.0", help="cniVersion of all configs")
-    p.add_argument("--subnet", default="10.244.1.0/24", help="the node's pod subnet")
-    p.set_defaults(func=_bench)
-    return p
-
-
-def _bench(args) -> int:
+def run(args) -> int:
     if os.geteuid() != 0:
         print("pycnictl bench: needs root (network namespaces)", file=sys.stderr)
         return 2

@@ -298,7 +298,7 @@ def _check_freed(spaces: Spaces, setup: Setup) -> None:
 
 
 def bench(runs: int, reference_dir: str, progress=None, plugin_launcher: str = "python") -> dict:
-    from ..ctl.install import write_launcher
+    from ..install.launchers import write_launcher
 
     for plugin in ("bridge", "host-local", "portmap"):
         if not os.access(os.path.join(reference_dir, plugin), os.X_OK):
@@ -320,7 +320,7 @@ def bench(runs: int, reference_dir: str, progress=None, plugin_launcher: str = "
 
         compileall.compile_dir(os.path.dirname(pycni.__file__), quiet=1)
         if plugin_launcher == "native":
-            from ..native.build import BuildError, write_native
+            from ..install.native import BuildError, write_native
 
             try:
                 plugin = write_native(os.path.join(tmp, "bin", "pycni"))
@@ -467,37 +467,7 @@ def format_table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def register(forms) -> None:
-    p = forms.add_parser(
-        "podman",
-        help="`podman run --rm ... true` with pycni (agent, "
-        "standalone) against the Go bridge + host-local (+ portmap), and "
-        "--network none",
-    )
-    p.add_argument(
-        "--runs",
-        type=int,
-        default=DEFAULT_RUNS,
-        help=f"timed runs per row (default {DEFAULT_RUNS})",
-    )
-    p.add_argument("--json", action="store_true", help="print the report as JSON")
-    p.add_argument(
-        "--reference-dir",
-        default="/usr/lib/cni",
-        help="where the reference bridge, host-local and portmap are",
-    )
-    p.add_argument(
-        "--launcher",
-        dest="plugin_launcher",
-        choices=("python", "native"),
-        default="python",
-        help="pycni's executable: the Python launcher (default) "
-        "or the native one (`pycnictl install --native`; needs cc)",
-    )
-    p.set_defaults(func=_main)
-
-
-def _main(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     if os.geteuid() != 0:
         print("pycnictl bench podman: needs root (network namespaces)", file=sys.stderr)
         return 2
@@ -516,4 +486,4 @@ def _main(args: argparse.Namespace) -> int:
     )
 
 
-__all__ = ["bench", "format_table", "register"]
+__all__ = ["bench", "format_table", "run"]

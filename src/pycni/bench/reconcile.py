@@ -119,19 +119,7 @@ def format_report(report: dict) -> str:
     return "\n".join(lines)
 
 
-def register(forms) -> None:
-    p = forms.add_parser(
-        "reconcile",
-        help="the route backends alone: one reconcile_once pass "
-        "from empty to N peers, a no-op pass, and removing them all",
-    )
-    p.add_argument("--nodes", type=int, default=100, help="fake peers (1-250; 100)")
-    p.add_argument("--repeat", type=int, default=3, help="fresh namespaces per run (3)")
-    p.add_argument("--json", action="store_true", help="print the report as JSON")
-    p.set_defaults(func=_main)
-
-
-def _main(args) -> int:
+def run(args) -> int:
     if os.geteuid() != 0:
         print("pycnictl bench reconcile: needs root (network namespaces)", file=sys.stderr)
         return 2

@@ -116,7 +116,7 @@ class Soak:
     # --- set-up and clean-up -----------------------------------------------------------
 
     def setup(self) -> None:
-        from ..ctl.install import write_launcher
+        from ..install.launchers import write_launcher
 
         self.tmp = tempfile.mkdtemp(prefix=f"pycni-soak-{os.getpid()}-")
         self.plugin = write_launcher(os.path.join(self.tmp, "bin", "pycni"))
@@ -504,33 +504,7 @@ def format_report(r: dict) -> str:
     return "\n".join(lines)
 
 
-def register(forms) -> None:
-    p = forms.add_parser(
-        "soak",
-        help="random ADD/DEL/CHECK/GC against a node whose agent "
-        "keeps being SIGKILLed, pycni's invariant checked at quiet points",
-    )
-    p.add_argument("--ops", type=int, default=10000, help="operations (10000)")
-    p.add_argument("--containers", type=int, default=200, help="container slots (200)")
-    p.add_argument("--in-flight", type=int, default=16, help="calls at once (16)")
-    p.add_argument(
-        "--kill-every",
-        type=int,
-        default=1000,
-        help="SIGKILL the agent about every N operations (1000; 0 = never)",
-    )
-    p.add_argument(
-        "--check-every",
-        type=int,
-        default=500,
-        help="check the invariant every N operations (500; 0 = only at the end)",
-    )
-    p.add_argument("--seed", type=int, default=1, help="of the random choices (1)")
-    p.add_argument("--json", action="store_true", help="print the report as JSON")
-    p.set_defaults(func=_main)
-
-
-def _main(args) -> int:
+def run(args) -> int:
     if os.geteuid() != 0:
         print("pycnictl bench soak: needs root (network namespaces)", file=sys.stderr)
         return 2

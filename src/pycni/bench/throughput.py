@@ -27,7 +27,6 @@ are reported, pass or fail, and do not change the exit status.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -555,36 +554,7 @@ def format_table(report: dict) -> str:
 # --- the command -------------------------------------------------------------------------------
 
 
-def register(forms) -> argparse.ArgumentParser:
-    p = forms.add_parser(
-        "throughput",
-        help="TCP throughput (iperf3) of pod paths: pycni same "
-        "node, host-gw and VXLAN against a bare veth and the Go reference",
-    )
-    p.add_argument(
-        "--seconds",
-        type=int,
-        default=DEFAULT_SECONDS,
-        help=f"length of each iperf3 measurement (default {DEFAULT_SECONDS})",
-    )
-    p.add_argument(
-        "--repeat",
-        type=int,
-        default=DEFAULT_REPEAT,
-        help=f"measurements per path and stream count, the median is reported "
-        f"(default {DEFAULT_REPEAT})",
-    )
-    p.add_argument("--json", action="store_true", help="print the report as JSON")
-    p.add_argument(
-        "--reference-dir",
-        default="/usr/lib/cni",
-        help="where the reference bridge and host-local are",
-    )
-    p.set_defaults(func=_main)
-    return p
-
-
-def _main(args) -> int:
+def run(args) -> int:
     if os.geteuid() != 0:
         print("pycnictl bench throughput: needs root (network namespaces)", file=sys.stderr)
         return 2

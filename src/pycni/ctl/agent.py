@@ -153,57 +153,9 @@ def cluster_options() -> argparse.ArgumentParser:
     return p
 
 
-def cluster_node(args, data_dir: str, agent_socket: str):
-    """The agent's cluster side from the command line, or None without --cluster-cidr."""
-    if not args.cluster_cidr:
-        return None
-    from ..agent.cluster import ClusterNode, ClusterOptions
-    from ..cluster.factory import open_datastore
-    from ..cluster.kv import KVError
-    from ..cluster.model import ClusterError, ClusterSettings
-
-    try:
-        settings = ClusterSettings(
-            tuple(args.cluster_cidr), {4: args.subnet_size, 6: args.subnet_size_v6}
-        )
-    except ValueError as exc:
-        raise SystemExit(f"pycnictl: {exc}") from None
-    options = ClusterOptions(
-        settings=settings,
-        node_name=args.node_name,
-        backend=args.backend,
-        iface=args.iface,
-        node_ips=tuple(args.node_ip),
-        conf_dir=args.conf_dir,
-        subnet_file=args.subnet_file,
-        network_name=args.network_name,
-        bridge=args.bridge,
-        ip_masq=args.ip_masq,
-        masq_exclude=tuple(args.masq_exclude),
-        data_dir=data_dir,
-        agent_socket=agent_socket,
-        resync=args.resync,
-        vni=args.vni,
-        vxlan_port=args.vxlan_port,
-    )
-    try:
-        store = open_datastore(
-            args.datastore,
-            settings,
-            args.node_name,
-            path=args.datastore_path,
-            etcd_endpoints=args.etcd_endpoints,
-            etcd_prefix=args.etcd_prefix,
-            kubeconfig=args.kubeconfig,
-            lease_ttl=args.lease_ttl,
-        )
-    except (ValueError, ClusterError, KVError) as exc:
-        raise SystemExit(f"pycnictl: {args.datastore} datastore: {exc}") from None
-    return ClusterNode(options, store)
-
-
 def run_agent(args) -> int:
     from .. import log
+    from ..agent.options import cluster_node
     from ..agent.server import Agent
 
     log.setup(args.log_file, args.log_level)
@@ -239,6 +191,7 @@ def run_agent(args) -> int:
 
 def run_leave(args) -> int:
     from .. import log
+    from ..agent.options import cluster_node
 
     log.setup("", "info")
     node = cluster_node(args, args.data_dir, "")

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import shutil
-
 from ..cni.netconf import DEFAULT_DATA_DIR
 
 
@@ -19,36 +16,10 @@ def register(sub) -> None:
 
 
 def _cleanup(args) -> int:
+    from ..install.cleanup import remove_packet_rules
+
     if remove_packet_rules(args.data_dir):
         print("removed pycni's packet rules")
     else:
         print("no packet rules of pycni's here")
     return 0
-
-
-def packet_rules_present() -> bool:
-    """Whether pycni has rules in this network namespace (nft table or iptables chains)."""
-    from ..rules import table
-
-    return any(table.installed(b) is not None for b in table.BACKENDS if shutil.which(b))
-
-
-def remove_packet_rules(data_dir: str) -> bool:
-    """Remove pycni's rules whatever the store says (it forgets what it had applied, so the
-    next ADD or sync puts back what is still wanted). True if there were any."""
-    from ..core import masquerade
-    from ..ipam.store import Store, StoreError
-
-    present = packet_rules_present()
-    store = None
-    if os.path.exists(os.path.join(data_dir, "pycni.db")):
-        try:
-            store = Store(data_dir)
-        except StoreError:
-            pass  # damaged (or full, read-only): the rules go all the same
-    try:
-        masquerade.remove(store)
-    finally:
-        if store is not None:
-            store.close()
-    return present

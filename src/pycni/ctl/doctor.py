@@ -65,8 +65,8 @@ def register(sub) -> None:
 
 
 def run_doctor(args) -> int:
+    from ..agent.client import agent_health
     from ..doctor import Report, examine, parse_live
-    from .status import agent_health
 
     live = None
     if args.live_from:

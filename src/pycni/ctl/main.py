@@ -10,8 +10,7 @@ import sys
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pycnictl", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    from .. import bench, lab
-    from . import agent, cleanup, doctor, install, status, uninstall
+    from . import agent, bench, cleanup, doctor, install, lab, status, uninstall
 
     for module in (agent, lab, install, uninstall, cleanup, bench, status, doctor):
         module.register(sub)

@@ -285,7 +285,7 @@ def _cluster(
 ) -> tuple[ClusterView | None, list[str]]:
     if agent_socket is None:
         return None, ["cluster routes not checked: no agent socket given"]
-    from ..ctl.status import agent_health
+    from ..agent.client import agent_health
 
     answer = agent_health(agent_socket)
     if not answer["running"] or answer["health"] is None:

@@ -21,7 +21,7 @@ import subprocess
 import time
 
 from ..cni import versions
-from ..ctl.install import write_launcher
+from ..install.launchers import write_launcher
 from ..node_config import atomic_write, read_subnet_env
 from .model import (
     NETWORK_NAME,
@@ -255,7 +255,7 @@ def wait_ready(node: Node, timeout: float = CONFIG_TIMEOUT) -> None:
 def wait_converged(lab: Lab, timeout: float = CONFIG_TIMEOUT) -> None:
     """Until every node's agent has reconciled routes towards every other node (its health
     lists them as remote nodes): a probe sent earlier could find a route still missing."""
-    from ..ctl.status import agent_health
+    from ..agent.client import agent_health
 
     deadline = time.monotonic() + timeout
     pending = list(lab.nodes)

@@ -1,4 +1,4 @@
-"""`pycnictl lab`: a cluster in a box, built from network namespaces.
+"""`pycnictl lab up` and `down`: a cluster in a box, built from network namespaces.
 
 `lab up` makes N nodes on one or two underlay subnets, an "outside" standing for the internet,
 a pycni agent per node (leasing subnets from the embedded sqlite datastore, or etcd), and pods
@@ -8,21 +8,15 @@ measured connectivity matrix. `lab down` removes everything it made.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
 
-from ..ctl.agent import BACKENDS
 from .build import netns_list
 from .lifecycle import bring_up, teardown
 from .model import (
-    CLUSTER_CIDR6,
     DEFAULT_PREFIX,
     DEFAULT_STATE_DIR,
-    MAX_NODES,
-    MAX_PODS,
-    PREFIX_RE,
     Lab,
     lab_netns_re,
 )
@@ -154,89 +148,3 @@ def down(args) -> int:
         print(f"warning: {problem}", file=sys.stderr)
     print("lab is down" if not problems else "lab is down, with warnings")
     return 1 if problems else 0
-
-
-# ----------------------------------------------------------------------------- arguments
-
-
-def _prefix(value: str) -> str:
-    if not PREFIX_RE.fullmatch(value):
-        raise argparse.ArgumentTypeError(
-            f"{value!r}: use 1-20 lowercase letters and digits, starting with a letter"
-        )
-    return value
-
-
-def _bounded(name: str, high: int):
-    def parse(value: str) -> int:
-        if not value.isdigit() or not 1 <= int(value) <= high:
-            raise argparse.ArgumentTypeError(f"{value!r}: give a number of {name} from 1 to {high}")
-        return int(value)
-
-    return parse
-
-
-def register(sub) -> None:
-    p = sub.add_parser("lab", help="a cluster in a box: nodes, pods, an outside, measurements")
-    lsub = p.add_subparsers(dest="lab_command", required=True)
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument(
-        "--state-dir",
-        default=DEFAULT_STATE_DIR,
-        help=f"where the lab keeps its nodes' plugin, config and state ({DEFAULT_STATE_DIR})",
-    )
-    common.add_argument(
-        "--prefix",
-        type=_prefix,
-        default=DEFAULT_PREFIX,
-        help="namespace name prefix, so labs can run side by side "
-        f"(lowercase letters and digits; {DEFAULT_PREFIX})",
-    )
-    u = lsub.add_parser(
-        "up",
-        parents=[common],
-        help="build the cluster, network pods through "
-        "each node's plugin, print subnets and the measured connectivity",
-    )
-    u.add_argument(
-        "--nodes", type=_bounded("nodes", MAX_NODES), default=3, help=f"nodes (1-{MAX_NODES}; 3)"
-    )
-    u.add_argument(
-        "--pods",
-        type=_bounded("pods", MAX_PODS),
-        default=2,
-        help=f"pods per node (1-{MAX_PODS}; 2)",
-    )
-    u.add_argument(
-        "--backend",
-        choices=BACKENDS,
-        default="vxlan",
-        help="how nodes reach each other's pods (vxlan)",
-    )
-    u.add_argument(
-        "--datastore",
-        choices=("sqlite", "etcd"),
-        default="sqlite",
-        help="where subnets are leased: a shared sqlite file, or an etcd the lab starts (sqlite)",
-    )
-    u.add_argument(
-        "--underlays",
-        type=int,
-        choices=(1, 2),
-        default=1,
-        help="underlay subnets joined by the router; with 2 and --backend auto, "
-        "nodes mix host-gw and VXLAN (1)",
-    )
-    u.add_argument(
-        "--ipv6",
-        action="store_true",
-        help=f"dual stack: IPv6 underlays, a {CLUSTER_CIDR6} cluster CIDR beside the "
-        "IPv4 one, and every path measured over both",
-    )
-    u.set_defaults(func=up)
-    d = lsub.add_parser(
-        "down",
-        parents=[common],
-        help="DEL every pod through the plugin and remove everything the lab made",
-    )
-    d.set_defaults(func=down)

@@ -1,0 +1,257 @@
+"""`pycnictl bench`: the arguments of every benchmark; the measurements are pycni.bench's.
+
+- `pycnictl bench [options]`: ADD/DEL latency and storms (bench/latency.py);
+- `pycnictl bench throughput`: TCP throughput of pod paths with iperf3 (bench/throughput.py);
+- `pycnictl bench convergence`: the agent's reconcile loop when nodes appear and leave at once;
+- `pycnictl bench reconcile`: the route backends alone;
+- `pycnictl bench cri`: RunPodSandbox / StopPodSandbox through containerd's CRI;
+- `pycnictl bench podman`: `podman run --rm ... true` with pycni against the reference;
+- `pycnictl bench soak`: random ADD/DEL/CHECK/GC with the agent SIGKILLed now and then.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from ..bench import convergence, cri, latency, podman, reconcile, soak, throughput
+
+
+def register(sub) -> None:
+    bench = _latency(sub)
+    # Optional: plain `pycnictl bench [options]` keeps running the latency benchmark.
+    forms = bench.add_subparsers(
+        dest="bench_form",
+        metavar="{throughput,convergence,reconcile,cri,podman,soak}",
+        title="other benchmarks",
+    )
+    for add in (_throughput, _convergence, _reconcile, _cri, _podman, _soak):
+        add(forms)
+
+
+def _latency(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "bench",
+        help="ADD/DEL latency of pycni (agent, standalone) against the "
+        "reference bridge; `bench throughput`: TCP throughput of pod paths",
+    )
+    p.add_argument(
+        "--pods",
+        type=int,
+        default=latency.DEFAULT_PODS,
+        help=f"sequential ADDs (then DELs) per row (default {latency.DEFAULT_PODS})",
+    )
+    p.add_argument(
+        "--storm",
+        type=int,
+        default=latency.DEFAULT_STORM,
+        help=f"concurrent ADDs (then DELs) per row (default {latency.DEFAULT_STORM}, "
+        "kubelet's max pods per node); 0 skips the storm",
+    )
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument(
+        "--launch",
+        choices=latency.LAUNCH_METHODS,
+        default="setns",
+        help="how plugins are exec'd in the node namespace (default: setns, the "
+        "cheapest; all three floors are measured and reported)",
+    )
+    p.add_argument(
+        "--reference-dir",
+        default="/usr/lib/cni",
+        help="where the reference bridge and host-local are",
+    )
+    p.add_argument("--cni-version", default="1.0.0", help="cniVersion of all configs")
+    p.add_argument("--subnet", default="10.244.1.0/24", help="the node's pod subnet")
+    p.set_defaults(func=latency.run)
+    return p
+
+
+def _throughput(forms) -> argparse.ArgumentParser:
+    p = forms.add_parser(
+        "throughput",
+        help="TCP throughput (iperf3) of pod paths: pycni same "
+        "node, host-gw and VXLAN against a bare veth and the Go reference",
+    )
+    p.add_argument(
+        "--seconds",
+        type=int,
+        default=throughput.DEFAULT_SECONDS,
+        help=f"length of each iperf3 measurement (default {throughput.DEFAULT_SECONDS})",
+    )
+    p.add_argument(
+        "--repeat",
+        type=int,
+        default=throughput.DEFAULT_REPEAT,
+        help=f"measurements per path and stream count, the median is reported "
+        f"(default {throughput.DEFAULT_REPEAT})",
+    )
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument(
+        "--reference-dir",
+        default="/usr/lib/cni",
+        help="where the reference bridge and host-local are",
+    )
+    p.set_defaults(func=throughput.run)
+    return p
+
+
+def _convergence_arguments(parser) -> None:
+    parser.add_argument(
+        "--nodes",
+        type=int,
+        default=100,
+        help="remote nodes that appear and leave at once "
+        f"(default 100, at most {convergence.MAX_NODES})",
+    )
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=3,
+        help="fresh agent and namespaces per repetition (default 3)",
+    )
+    parser.add_argument(
+        "--backend",
+        action="append",
+        choices=convergence.BACKENDS,
+        dest="backends",
+        help="backend to measure (repeatable; default host-gw and vxlan)",
+    )
+    parser.add_argument(
+        "--register",
+        choices=(*convergence.REGISTER_MODES, "both"),
+        default="both",
+        help="how the remote nodes write the datastore: clients (one lease "
+        "client each, in turn, as real agents), batch (one transaction), or "
+        "both (default)",
+    )
+    parser.add_argument(
+        "--noop-samples",
+        type=int,
+        default=5,
+        help="no-op passes measured per repetition (default 5)",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=60.0,
+        help="seconds a phase may take before it counts as not converged",
+    )
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+
+
+def _convergence(forms) -> None:
+    p = forms.add_parser(
+        "convergence",
+        help="how long the agent's reconcile loop takes when "
+        "100 remote nodes appear at once, and leave at once",
+    )
+    _convergence_arguments(p)
+    p.set_defaults(func=convergence.run)
+
+
+def _reconcile(forms) -> None:
+    p = forms.add_parser(
+        "reconcile",
+        help="the route backends alone: one reconcile_once pass "
+        "from empty to N peers, a no-op pass, and removing them all",
+    )
+    p.add_argument("--nodes", type=int, default=100, help="fake peers (1-250; 100)")
+    p.add_argument("--repeat", type=int, default=3, help="fresh namespaces per run (3)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=reconcile.run)
+
+
+def _cri(sub) -> None:
+    p = sub.add_parser(
+        "cri",
+        help="RunPodSandbox / StopPodSandbox latency through containerd's "
+        "CRI: pycni (agent) against the reference bridge + host-local",
+    )
+    p.add_argument(
+        "--pods",
+        type=int,
+        default=cri.DEFAULT_PODS,
+        help=f"sequential pods per row (default {cri.DEFAULT_PODS})",
+    )
+    p.add_argument(
+        "--burst",
+        type=int,
+        default=cri.DEFAULT_BURST,
+        help=f"pods started at once per row (default {cri.DEFAULT_BURST}); 0 skips it",
+    )
+    p.add_argument(
+        "--repeat", type=int, default=3, help="bursts per row, the median reported (default 3)"
+    )
+    p.add_argument(
+        "--reference-dir",
+        default="/usr/lib/cni",
+        help="where the reference bridge, host-local and loopback are",
+    )
+    p.add_argument("--subnet", default="10.244.1.0/24", help="the node's pod subnet")
+    p.add_argument(
+        "--launcher",
+        dest="plugin_launcher",
+        choices=("python", "native"),
+        default="python",
+        help="pycni's executable: the Python launcher (default) "
+        "or the native one (`pycnictl install --native`; needs cc)",
+    )
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=cri.run)
+
+
+def _podman(forms) -> None:
+    p = forms.add_parser(
+        "podman",
+        help="`podman run --rm ... true` with pycni (agent, "
+        "standalone) against the Go bridge + host-local (+ portmap), and "
+        "--network none",
+    )
+    p.add_argument(
+        "--runs",
+        type=int,
+        default=podman.DEFAULT_RUNS,
+        help=f"timed runs per row (default {podman.DEFAULT_RUNS})",
+    )
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument(
+        "--reference-dir",
+        default="/usr/lib/cni",
+        help="where the reference bridge, host-local and portmap are",
+    )
+    p.add_argument(
+        "--launcher",
+        dest="plugin_launcher",
+        choices=("python", "native"),
+        default="python",
+        help="pycni's executable: the Python launcher (default) "
+        "or the native one (`pycnictl install --native`; needs cc)",
+    )
+    p.set_defaults(func=podman.run)
+
+
+def _soak(forms) -> None:
+    p = forms.add_parser(
+        "soak",
+        help="random ADD/DEL/CHECK/GC against a node whose agent "
+        "keeps being SIGKILLed, pycni's invariant checked at quiet points",
+    )
+    p.add_argument("--ops", type=int, default=10000, help="operations (10000)")
+    p.add_argument("--containers", type=int, default=200, help="container slots (200)")
+    p.add_argument("--in-flight", type=int, default=16, help="calls at once (16)")
+    p.add_argument(
+        "--kill-every",
+        type=int,
+        default=1000,
+        help="SIGKILL the agent about every N operations (1000; 0 = never)",
+    )
+    p.add_argument(
+        "--check-every",
+        type=int,
+        default=500,
+        help="check the invariant every N operations (500; 0 = only at the end)",
+    )
+    p.add_argument("--seed", type=int, default=1, help="of the random choices (1)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=soak.run)
+

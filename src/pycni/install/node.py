@@ -1,0 +1,84 @@
+"""`pycnictl install` on this node: the plugin executable into the bin dir and, given a subnet,
+the node's config list into the conf dir. Idempotent; refuses to overwrite files pycni did not
+write."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import sys
+
+from ..node_config import CONFLIST_NAME, node_conflist
+from .launchers import (
+    PLUGIN_NAME,
+    configs_before,
+    is_pycni_conflist,
+    is_pycni_launcher,
+    launcher_text,
+    refuse,
+    standalone_text,
+    write_owned,
+)
+from .native import install_native
+
+
+def install(args) -> int:
+    """`pycnictl install` with its parsed arguments."""
+    if (args.network or args.data_dir) and not args.subnet:
+        refuse(
+            "--network and --data-dir need --subnet (they go into the config list, which "
+            "is written only with --subnet)"
+        )
+    if args.native and args.native_from:
+        refuse("give --native (compile here) or --native-from (copy a build), not both")
+    conf = conflist(args) if args.subnet else None
+    target = os.path.join(args.bin_dir, PLUGIN_NAME)
+    if args.native or args.native_from:
+        install_native(args.bin_dir, target, args.standalone, args.native_from, args.force)
+    else:
+        text = standalone_text() if args.standalone else launcher_text()
+        write_owned(target, text, 0o755, args.force, is_pycni_launcher, "executable")
+    if conf is not None:
+        path = os.path.join(args.conf_dir, CONFLIST_NAME)
+        write_owned(
+            path,
+            json.dumps(conf, indent=2) + "\n",
+            0o644,
+            args.force,
+            is_pycni_conflist,
+            "config list",
+        )
+        for earlier in configs_before(args.conf_dir, CONFLIST_NAME):
+            print(
+                f"note: {os.path.join(args.conf_dir, earlier)} sorts before {CONFLIST_NAME}: "
+                "runtimes use the first config by name, so they will use that one",
+                file=sys.stderr,
+            )
+    return 0
+
+
+def conflist(args) -> dict:
+    """The config list from the options, validated by the plugin's own config parser."""
+    from ..cni.env import Request
+    from ..cni.errors import CniError
+    from ..cni.netconf import DEFAULT_DATA_DIR, parse
+
+    extra = {}
+    if args.data_dir and args.data_dir != DEFAULT_DATA_DIR:
+        extra["dataDir"] = args.data_dir
+    conf = node_conflist(args.name, args.subnet, args.network, **extra)
+    entry = {"cniVersion": conf["cniVersion"], "name": conf["name"], **conf["plugins"][0]}
+    try:
+        parse(entry, Request("ADD"))
+    except CniError as exc:
+        refuse(exc.msg)
+    if args.network:
+        subnet = ipaddress.ip_network(args.subnet)
+        network = ipaddress.ip_network(args.network)
+        if subnet.version != network.version or not subnet.subnet_of(network):
+            refuse(
+                f"--subnet {subnet} is not inside --network {network} (the node's pod "
+                "CIDR is a part of the cluster CIDR)"
+            )
+    return conf
