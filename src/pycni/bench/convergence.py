@@ -889,7 +889,7 @@ def run(args) -> int:
                 progress=progress,
             ),
             format_table,
-            args.json,
+            args,
             (BenchError,),
             "agent stopped, namespaces removed",
         )

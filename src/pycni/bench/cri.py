@@ -528,7 +528,7 @@ def run(args) -> int:
             plugin_launcher=args.plugin_launcher,
         ),
         format_table,
-        args.json,
+        args,
         (BenchError, ContainerdError, CriError, subprocess.CalledProcessError),
         "containerds, pods, agents and namespaces removed",
     )

@@ -947,7 +947,7 @@ def run(args) -> int:
             progress=progress,
         ),
         format_table,
-        args.json,
+        args,
         (BenchError,),
         "agents stopped, namespaces removed",
     )

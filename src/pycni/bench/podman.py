@@ -480,7 +480,7 @@ def run(args: argparse.Namespace) -> int:
             args.runs, args.reference_dir, progress=progress, plugin_launcher=args.plugin_launcher
         ),
         format_table,
-        args.json,
+        args,
         (BenchError, subprocess.SubprocessError, OSError),
         "containers, agents, namespaces and files removed",
     )

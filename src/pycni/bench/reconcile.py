@@ -130,7 +130,7 @@ def run(args) -> int:
         "pycnictl bench reconcile",
         lambda progress: {**bench(args.nodes, args.repeat), "ok": True},
         format_report,
-        args.json,
+        args,
         (RuntimeError, subprocess.CalledProcessError),
         "namespaces removed",
     )

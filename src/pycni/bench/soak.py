@@ -534,7 +534,7 @@ def run(args) -> int:
             progress,
         ),
         format_report,
-        args.json,
+        args,
         (BenchError, subprocess.CalledProcessError),
         "agent stopped, namespaces removed",
     )

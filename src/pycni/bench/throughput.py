@@ -567,7 +567,7 @@ def run(args) -> int:
         "pycnictl bench throughput",
         lambda progress: bench(args.seconds, args.repeat, args.reference_dir, progress=progress),
         format_table,
-        args.json,
+        args,
         (BenchError,),
         "everything made was removed",
     )

@@ -62,6 +62,7 @@ def _latency(sub) -> argparse.ArgumentParser:
     )
     p.add_argument("--cni-version", default="1.0.0", help="cniVersion of all configs")
     p.add_argument("--subnet", default="10.244.1.0/24", help="the node's pod subnet")
+    _output_options(p)
     p.set_defaults(func=latency.run)
     return p
 
@@ -91,6 +92,7 @@ def _throughput(forms) -> argparse.ArgumentParser:
         default="/usr/lib/cni",
         help="where the reference bridge and host-local are",
     )
+    _output_options(p)
     p.set_defaults(func=throughput.run)
     return p
 
@@ -146,6 +148,7 @@ def _convergence(forms) -> None:
         "100 remote nodes appear at once, and leave at once",
     )
     _convergence_arguments(p)
+    _output_options(p)
     p.set_defaults(func=convergence.run)
 
 
@@ -158,6 +161,7 @@ def _reconcile(forms) -> None:
     p.add_argument("--nodes", type=int, default=100, help="fake peers (1-250; 100)")
     p.add_argument("--repeat", type=int, default=3, help="fresh namespaces per run (3)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    _output_options(p)
     p.set_defaults(func=reconcile.run)
 
 
@@ -197,6 +201,7 @@ def _cri(sub) -> None:
         "or the native one (`pycnictl install --native`; needs cc)",
     )
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    _output_options(p)
     p.set_defaults(func=cri.run)
 
 
@@ -227,6 +232,7 @@ def _podman(forms) -> None:
         help="pycni's executable: the Python launcher (default) "
         "or the native one (`pycnictl install --native`; needs cc)",
     )
+    _output_options(p)
     p.set_defaults(func=podman.run)
 
 
@@ -253,5 +259,20 @@ def _soak(forms) -> None:
     )
     p.add_argument("--seed", type=int, default=1, help="of the random choices (1)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    _output_options(p)
     p.set_defaults(func=soak.run)
 
+
+def _output_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--markdown",
+        metavar="FILE",
+        help="also write the table into FILE, between this benchmark's markers "
+        "(<!-- BEGIN pycnictl bench NAME --> ... END), e.g. docs/benchmarks.md",
+    )
+    p.add_argument(
+        "--chart",
+        metavar="FILE",
+        help="also draw the report's ratios as an SVG bar chart into FILE (needs drawsvg: "
+        "pip install 'pycni[draw]')",
+    )
