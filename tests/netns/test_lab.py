@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+import xml.etree.ElementTree as ET
 
 import pytest
 
@@ -109,6 +110,18 @@ def test_lab_up_measures_the_cluster_and_down_removes_everything(lab):
 
     again = pycnictl("lab", "up", *opts)
     assert again.returncode == 1 and "already up" in again.stderr
+
+    # The picture of the running lab: every node, subnet and pod, and a measured matrix.
+    picture = os.path.join(os.path.dirname(state), "lab.svg")
+    drawn = pycnictl("lab", "draw", "--svg", picture, *opts)
+    assert drawn.returncode == 0 and "54 paths measured, 0 failed" in drawn.stdout, drawn.stderr
+    svg = ET.parse(picture).getroot()
+    texts = "\n".join(t.text or "" for t in svg.iter() if t.tag.endswith("text"))
+    for i, subnet in subnets:
+        assert f"node{i}" in texts and subnet in texts
+        assert f"n{i}pod1" in texts and f"n{i}pod2" in texts
+    cells = [e.get("fill") for e in svg.iter() if e.get("data-cell")]
+    assert cells.count("#5aa95a") == 54 and "#d9534f" not in cells
 
     down = pycnictl("lab", "down", *opts)
     assert down.returncode == 0, down.stdout + down.stderr

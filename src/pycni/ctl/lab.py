@@ -89,6 +89,11 @@ def register(sub) -> None:
         help=f"dual stack: IPv6 underlays, a {CLUSTER_CIDR6} cluster CIDR beside the "
         "IPv4 one, and every path measured over both",
     )
+    u.add_argument(
+        "--svg",
+        metavar="FILE",
+        help="also draw the lab and its measured connectivity into FILE (SVG)",
+    )
     u.set_defaults(func=_up)
     d = lsub.add_parser(
         "down",
@@ -96,6 +101,17 @@ def register(sub) -> None:
         help="DEL every pod through the plugin and remove everything the lab made",
     )
     d.set_defaults(func=_down)
+    w = lsub.add_parser(
+        "draw",
+        parents=[common],
+        help="draw the running lab (nodes, subnets, pods, underlay, outside) and its "
+        "connectivity matrix, measured now, as an SVG picture",
+    )
+    w.add_argument("--svg", metavar="FILE", required=True, help="the picture to write")
+    w.add_argument(
+        "--no-probes", action="store_true", help="draw the topology only, without measuring"
+    )
+    w.set_defaults(func=_draw)
 
 
 def _up(args) -> int:
@@ -108,3 +124,9 @@ def _down(args) -> int:
     from ..lab.commands import down
 
     return down(args)
+
+
+def _draw(args) -> int:
+    from ..lab.commands import draw
+
+    return draw(args)

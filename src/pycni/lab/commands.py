@@ -71,6 +71,11 @@ def up(args) -> int:
     print_lab(lab)
     probes = measure(lab)
     print_table(probes)
+    if getattr(args, "svg", None):
+        from .draw import write_svg
+
+        write_svg(lab, probes, args.svg)
+        print(f"drew the lab into {args.svg}")
     failed = [p for p in probes if not p.ok]
     print()
     if failed:
@@ -148,3 +153,25 @@ def down(args) -> int:
         print(f"warning: {problem}", file=sys.stderr)
     print("lab is down" if not problems else "lab is down, with warnings")
     return 1 if problems else 0
+
+
+def draw(args) -> int:
+    """`lab draw`: the running lab as an SVG picture, with its connectivity measured now."""
+    from .draw import write_svg
+    from .model import LabError
+
+    state_dir = os.path.abspath(args.state_dir)
+    try:
+        lab = Lab.load(state_dir)
+    except LabError as exc:
+        print(f"lab draw: {exc}", file=sys.stderr)
+        return 1
+    if lab is None or lab.prefix != args.prefix:
+        print(f"lab draw: no lab {args.prefix} is up in {state_dir}", file=sys.stderr)
+        return 1
+    probes = [] if args.no_probes else measure(lab)
+    write_svg(lab, probes, args.svg)
+    failed = sum(not p.ok for p in probes)
+    measured = f", {len(probes)} paths measured, {failed} failed" if probes else ""
+    print(f"drew lab {lab.prefix} into {args.svg}{measured}")
+    return 0
