@@ -21,6 +21,7 @@ import json
 import os
 import re
 import sys
+from typing import NoReturn
 
 from .. import shim
 from ..node_config import atomic_write
@@ -234,5 +235,5 @@ def configs_before(conf_dir: str, name: str) -> list[str]:
     )
 
 
-def refuse(msg: str):
+def refuse(msg: str) -> NoReturn:
     raise SystemExit(f"pycnictl install: {msg}")

@@ -134,7 +134,7 @@ def survey(args) -> Known:
 def plugin_entries(conflists: list[str]) -> list[dict]:
     import json
 
-    out = []
+    out: list[dict] = []
     for path in conflists:
         with open(path) as f:
             out.extend(

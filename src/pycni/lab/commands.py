@@ -111,7 +111,9 @@ def print_lab(lab: Lab) -> None:
     )
     print()
     v6 = lab.ipv6
-    rows = [("NODE", "NETNS", "UNDERLAY IP", "POD SUBNET", "GATEWAY", "AGENT SOCKET")]
+    rows: list[tuple[str, ...]] = [
+        ("NODE", "NETNS", "UNDERLAY IP", "POD SUBNET", "GATEWAY", "AGENT SOCKET")
+    ]
     rows += [
         (
             n.name,

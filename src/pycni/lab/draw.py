@@ -39,8 +39,8 @@ def lab_svg(lab: Lab, probes: list[Probe] | None = None) -> str:
     bus_y = {lan: 150 + 26 * i for i, lan in enumerate(underlays)}
     nodes_y = 150 + 26 * len(underlays) + 24
     node_h = 96 + pods_max * (POD_H + 6)
-    rows = sum(len(node.pods) for node in lab.nodes) + len(lab.nodes)
-    matrix_h = (70 + rows * CELL + 50) * (len(families) if probes else 0)
+    sources = sum(len(node.pods) for node in lab.nodes) + len(lab.nodes)
+    matrix_h = (70 + sources * CELL + 50) * (len(families) if probes else 0)
     height = nodes_y + node_h + 40 + matrix_h
     d = draw.Drawing(width, height, font_family="sans-serif", font_size=12)
     d.append(draw.Rectangle(0, 0, width, height, fill="white"))
