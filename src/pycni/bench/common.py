@@ -80,9 +80,10 @@ def bench_name(command: str) -> str:
 
 
 def provenance() -> str:
+    # The load average says how busy the machine was: ratios hold up under load, absolutes don't.
     return (
         f"measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on {os.cpu_count()} "
-        f"CPUs, kernel {platform.release()}"
+        f"CPUs (load {os.getloadavg()[0]:.1f}), kernel {platform.release()}"
     )
 
 
