@@ -3,10 +3,23 @@
 * ``objects``: Namespaces, Pods, NetworkPolicies, parsed and validated from their Kubernetes
   JSON form; invalid ones become ``Problem`` entries, never exceptions.
 * ``selectors``: label selectors and the peer selector rules.
+* ``engine``: ``compile_node`` -> ``NodePolicy``, the rules and named sets one node enforces.
 
 No kernel, no API client: the agent feeds it objects and renders what it returns.
 """
 
+from pycni.policy.engine import NodePolicy, compile_inventory, compile_node
 from pycni.policy.objects import Inventory, Namespace, NetworkPolicy, Node, Pod, Problem, load
 
-__all__ = ["Inventory", "Namespace", "NetworkPolicy", "Node", "Pod", "Problem", "load"]
+__all__ = [
+    "Inventory",
+    "Namespace",
+    "NetworkPolicy",
+    "Node",
+    "NodePolicy",
+    "Pod",
+    "Problem",
+    "compile_inventory",
+    "compile_node",
+    "load",
+]
