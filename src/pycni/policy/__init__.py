@@ -4,14 +4,20 @@
   JSON form; invalid ones become ``Problem`` entries, never exceptions.
 * ``selectors``: label selectors and the peer selector rules.
 * ``engine``: ``compile_node`` -> ``NodePolicy``, the rules and named sets one node enforces.
+* ``evaluate``: an independent reference evaluator, ``allowed(...)``, from the API's wording.
+* ``interpret``: answers the same question from compiled ``NodePolicy`` outputs.
 
 No kernel, no API client: the agent feeds it objects and renders what it returns.
 """
 
 from pycni.policy.engine import NodePolicy, compile_inventory, compile_node
+from pycni.policy.evaluate import Evaluator, allowed
+from pycni.policy.interpret import Interpreter
 from pycni.policy.objects import Inventory, Namespace, NetworkPolicy, Node, Pod, Problem, load
 
 __all__ = [
+    "Evaluator",
+    "Interpreter",
     "Inventory",
     "Namespace",
     "NetworkPolicy",
@@ -19,6 +25,7 @@ __all__ = [
     "NodePolicy",
     "Pod",
     "Problem",
+    "allowed",
     "compile_inventory",
     "compile_node",
     "load",
