@@ -27,6 +27,7 @@ page):
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Iterable
 
@@ -104,7 +105,7 @@ class Evaluator:
             return Node(pod.node, pod.ips) if pod.host_network else pod
         if isinstance(end, Node):
             return end
-        addr = ipaddress.ip_address(end)
+        addr = _address(end)
         return self._by_ip.get(str(addr), addr)
 
     def _egress_allows(self, src, dst, dst_addr: Address, protocol: str, port: int) -> bool:
@@ -180,11 +181,14 @@ def _port_matches(pp: PolicyPort, destination, protocol: str, port: int) -> bool
     )
 
 
+@functools.lru_cache(maxsize=4096)
+def _address(ip: str | Address) -> Address:
+    return ipaddress.ip_address(ip)
+
+
 def _addresses(end: Pod | Node | Address) -> tuple[Address, ...]:
-    if isinstance(end, Pod):
+    if isinstance(end, Pod | Node):
         return end.addresses
-    if isinstance(end, Node):
-        return tuple(ipaddress.ip_address(a) for a in end.ips)
     return (end,)
 
 

@@ -9,6 +9,7 @@ checked without a kernel.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Iterable
 
@@ -52,7 +53,7 @@ class Interpreter:
             return True  # no local pod at either end: nothing here enforces
         if src_ip is None or dst_ip is None:
             return False
-        src, dst = ipaddress.ip_address(src_ip), ipaddress.ip_address(dst_ip)
+        src, dst = _address(src_ip), _address(dst_ip)
         if src.version != dst.version:
             return False
         if s and not self._direction(s[0], "egress", src, dst, dst, protocol, port):
@@ -110,5 +111,10 @@ class Interpreter:
         return self._members[key]
 
 
+@functools.lru_cache(maxsize=4096)
+def _address(ip: str) -> Address:
+    return ipaddress.ip_address(ip)
+
+
 def _norm(ip: str | None) -> str | None:
-    return None if ip is None else str(ipaddress.ip_address(ip))
+    return None if ip is None else str(_address(ip))

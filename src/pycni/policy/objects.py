@@ -16,6 +16,7 @@ import logging
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from typing import NoReturn
 
@@ -99,7 +100,7 @@ class Pod:
     def key(self) -> str:
         return f"{self.namespace}/{self.name}"
 
-    @property
+    @cached_property
     def addresses(self) -> tuple[Address, ...]:
         return tuple(ipaddress.ip_address(a) for a in self.ips)
 
@@ -114,6 +115,10 @@ class Node:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "ips", tuple(str(ipaddress.ip_address(a)) for a in self.ips))
+
+    @cached_property
+    def addresses(self) -> tuple[Address, ...]:
+        return tuple(ipaddress.ip_address(a) for a in self.ips)
 
 
 @dataclass(frozen=True)
