@@ -125,6 +125,8 @@ class CidrPeer:
         nets: list[Network] = [self.cidr]
         for ex in self.excepts:
             kept: list[Network] = []
+            # Every piece is a subnet of cidr, as is ex: a piece overlapping ex either holds
+            # it (split around it) or lies inside it (dropped).
             for net in nets:
                 if not net.overlaps(ex):
                     kept.append(net)
@@ -134,7 +136,8 @@ class CidrPeer:
         return tuple(ipaddress.collapse_addresses(nets))  # type: ignore[arg-type]
 
 
-Peer_ = SetPeer | CidrPeer
+# What a compiled rule matches the remote end against.
+RulePeer = SetPeer | CidrPeer
 
 
 @dataclass(frozen=True, order=True)
@@ -151,7 +154,7 @@ class Rule:
     """One ingress/egress rule of a policy (``index`` in the policy's list), compiled."""
 
     index: int
-    peers: tuple[Peer_, ...] | None
+    peers: tuple[RulePeer, ...] | None
     ports: tuple[PortRange, ...] | None
     named_ports: tuple[NamedPort, ...] = ()
 
@@ -349,7 +352,7 @@ class _Builder:
         )
         return Rule(index, peers, _merge(numeric), tuple(named))
 
-    def peer(self, namespace: str, peer: Peer) -> Peer_:
+    def peer(self, namespace: str, peer: Peer) -> RulePeer:
         if peer.ip_block is not None:
             return CidrPeer(peer.ip_block.cidr, tuple(sorted(set(peer.ip_block.excepts))))
         pods_sel, ns_sel = peer.pod_selector, peer.namespace_selector
@@ -385,12 +388,12 @@ class _Builder:
         if names.v4 not in self.port_sets:
             for family in FAMILIES:
                 elements = {
-                    (ip, cp.number)
+                    (str(a), cp.number)
                     for p in pods
                     for cp in p.ports
                     if cp.name == pp.port and cp.protocol == pp.protocol
-                    for ip in p.ips
-                    if ipaddress.ip_address(ip).version == family
+                    for a in p.addresses
+                    if a.version == family
                 }
                 name = names.name(family)
                 self.port_sets[name] = PortSet(
@@ -417,9 +420,7 @@ class _Builder:
         names = SetRef(f"{prefix}4_{stem}", f"{prefix}6_{stem}")
         if names.v4 not in self.address_sets:
             for family in FAMILIES:
-                ips = {
-                    ip for p in pods for ip in p.ips if ipaddress.ip_address(ip).version == family
-                }
+                ips = {str(a) for p in pods for a in p.addresses if a.version == family}
                 name = names.name(family)
                 self.address_sets[name] = AddressSet(
                     name, family, tuple(sorted(ips, key=ipaddress.ip_address))
