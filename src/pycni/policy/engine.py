@@ -133,7 +133,7 @@ class CidrPeer:
                 elif ex.subnet_of(net):  # type: ignore[arg-type]
                     kept.extend(net.address_exclude(ex))  # type: ignore[arg-type]
             nets = kept
-        return tuple(ipaddress.collapse_addresses(nets))  # type: ignore[arg-type]
+        return tuple(ipaddress.collapse_addresses(nets))  # type: ignore[type-var]
 
 
 # What a compiled rule matches the remote end against.
@@ -210,7 +210,8 @@ class NodePolicy:
 
     @cached_property
     def _sets(self) -> dict[str, AddressSet | PortSet]:
-        return {s.name: s for s in (*self.address_sets, *self.port_sets)}
+        sets: list[AddressSet | PortSet] = [*self.address_sets, *self.port_sets]
+        return {s.name: s for s in sets}
 
     def elements(self, name: str) -> tuple:
         """The elements of the address or port set ``name``."""

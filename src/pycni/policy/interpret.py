@@ -41,8 +41,9 @@ class Interpreter:
         """Whether a new connection passes. ``src_host``/``dst_host``: the name of the node
         when that end is the node's own stack (the kernel tells by hook: output/input), whose
         address is then optional."""
-        s = self._local.get(_norm(src_ip)) if src_host is None else None
-        d = self._local.get(_norm(dst_ip)) if dst_host is None else None
+        src_key, dst_key = _norm(src_ip), _norm(dst_ip)
+        s = self._local.get(src_key) if src_host is None and src_key is not None else None
+        d = self._local.get(dst_key) if dst_host is None and dst_key is not None else None
         if s and d and s[1] is d[1]:
             return True  # a pod to itself never leaves its namespace
         if src_host is not None and d and d[0].node == src_host:

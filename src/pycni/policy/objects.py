@@ -282,7 +282,7 @@ class _Ctx:
     """The object being parsed, so every error names it."""
 
     def __init__(self, kind: str, data: object) -> None:
-        self.kind, self.namespace, self.name = kind, "", "?"
+        self.kind, self.namespace, self.name = kind, "", "?"  # type: str, str, str
         if not isinstance(data, dict):
             self.fail("", f"must be an object, not {type(data).__name__}")
         self.data = data
@@ -290,9 +290,9 @@ class _Ctx:
         meta = data.get("metadata")
         if not isinstance(meta, dict):
             self.fail("metadata", "must be an object")
-        self.name = meta.get("name")
-        if not isinstance(self.name, str) or not self.name:
-            self.name = "?"
+        name = meta.get("name")
+        self.name = name if isinstance(name, str) and name else "?"
+        if self.name == "?":
             self.fail("metadata.name", "must be a non-empty string")
         if kind != "Namespace":
             ns = meta.get("namespace", "default")
@@ -373,6 +373,8 @@ def parse_pod(data: object) -> Pod:
         raw = [("status.podIP", status.get("podIP"))]
     for where, ip in raw:
         try:
+            if not isinstance(ip, str):
+                raise ValueError(ip)
             ips.append(str(ipaddress.ip_address(ip)))
         except ValueError:
             ctx.fail(where, f"{ip!r} is not an IP address")
@@ -472,7 +474,7 @@ def _parse_ip_block(ctx: _Ctx, data: object, where: str) -> IPBlock:
         # A strict subset of cidr (same family, inside it, longer prefix), as the API requires.
         if (
             net.version != cidr.version
-            or not net.subnet_of(cidr)
+            or not net.subnet_of(cidr)  # type: ignore[arg-type]
             or net.prefixlen <= cidr.prefixlen
         ):
             ctx.fail(f"{where}.except[{i}]", f"{e} is not a strict subset of {cidr}")

@@ -76,7 +76,9 @@ class LabelSelector:
         """A JSON-able form equal for selectors written differently but meaning the same
         requirements (order, duplicate values, matchLabels vs ``In`` with one value), for
         naming the sets a selector fills."""
-        reqs = {(k, "In", (v,)) for k, v in self.match_labels}
+        reqs: set[tuple[str, str, tuple[str, ...]]] = {
+            (k, "In", (v,)) for k, v in self.match_labels
+        }
         reqs |= {(r.key, r.operator, tuple(sorted(set(r.values)))) for r in self.match_expressions}
         return [[k, op, list(vals)] for k, op, vals in sorted(reqs)]
 
