@@ -119,6 +119,24 @@ def test_delete(kv_factory):
     assert a.create(key, "again")  # a deleted key can be created again
 
 
+def test_put_overwrites_and_outlives_every_lease(kv_factory):
+    ttl = kv_factory.short_ttl
+    writer, reader = kv_factory(ttl), kv_factory()
+    key, leased = kv_factory.prefix + "objects/p", kv_factory.prefix + "leased"
+    _, before = reader.list(kv_factory.prefix)
+    writer.put(key, "one")
+    writer.put(key, "two")  # unconditional
+    assert writer.create(leased, "x")
+    assert reader.wait(kv_factory.prefix, before, 5) > before
+    # The writer's lease runs out: its leased key goes, the put one stays.
+    eventually(lambda: leased not in reader.list(kv_factory.prefix)[0], ttl + 5)
+    assert reader.list(kv_factory.prefix)[0] == {key: "two"}
+    assert not reader.create(key, "three")  # a put key is live: create sees it
+    assert reader.replace(key, "two", "three")
+    assert reader.delete(key)
+    assert reader.list(kv_factory.prefix)[0] == {}
+
+
 # --- leases --------------------------------------------------------------------------------
 
 

@@ -192,6 +192,10 @@ class EtcdKV(KV):
 
         return self._write("create", key, ops, lambda r, lease: _won(r, v, lease))
 
+    def put(self, key: str, value: str) -> None:
+        body = {"key": _b64(key), "value": _b64(value)}  # no lease: it stays until deleted
+        self._call(f"put {key}", lambda c: self._post(c, "/kv/put", body))
+
     def replace(self, key: str, old: str, new: str) -> bool:
         k, o, n = _b64(key), _b64(old), _b64(new)
 

@@ -31,6 +31,11 @@ class KV(ABC):
         absent (or expired). Atomic: of two clients creating one key, exactly one wins."""
 
     @abstractmethod
+    def put(self, key: str, value: str) -> None:
+        """Store ``value`` under ``key`` unconditionally and bound to no lease: it stays until
+        deleted, whoever wrote it (objects an operator applies, e.g. NetworkPolicies)."""
+
+    @abstractmethod
     def replace(self, key: str, old: str, new: str) -> bool:
         """Compare-and-swap: set ``new`` (bound to this client's lease) only if the key holds
         exactly ``old``."""

@@ -36,10 +36,11 @@ CREATE TABLE IF NOT EXISTS kv (
 CREATE INDEX IF NOT EXISTS kv_lease ON kv (lease);
 """
 
-# A key is live when it has a value and its lease row exists and has not expired.
+# A key is live when it has a value and is bound to no lease (put), or its lease row exists
+# and has not expired.
 _LIVE = (
-    "kv.value IS NOT NULL AND EXISTS "
-    "(SELECT 1 FROM leases l WHERE l.id = kv.lease AND l.expires > ?)"
+    "kv.value IS NOT NULL AND (kv.lease IS NULL OR EXISTS "
+    "(SELECT 1 FROM leases l WHERE l.id = kv.lease AND l.expires > ?))"
 )
 _UNDER = "substr(kv.key, 1, ?) = ?"
 
@@ -166,6 +167,10 @@ class SqliteKV(KV):
             txn.put(key, value, self._ensure_lease(txn))
             return True
 
+    def put(self, key: str, value: str) -> None:
+        with self._write() as txn:
+            txn.put(key, value, None)
+
     def replace(self, key: str, old: str, new: str) -> bool:
         with self._write() as txn:
             row = txn.conn.execute("SELECT value FROM kv WHERE key = ?", (key,)).fetchone()
@@ -247,7 +252,7 @@ class _Txn:
             self._rev = self.conn.execute("SELECT rev FROM meta").fetchone()[0] + 1
         return self._rev
 
-    def put(self, key: str, value: str, lease: str) -> None:
+    def put(self, key: str, value: str, lease: str | None) -> None:
         self.conn.execute(
             "INSERT INTO kv (key, value, lease, mod) VALUES (?, ?, ?, ?) ON CONFLICT (key) "
             "DO UPDATE SET value = excluded.value, lease = excluded.lease, mod = excluded.mod",
@@ -263,16 +268,16 @@ class _Txn:
 
     def purge(self) -> None:
         """Remove the keys of expired leases (and the leases)."""
+        # Keys put without a lease never expire.
+        expired = (
+            "lease IS NOT NULL AND NOT EXISTS "
+            "(SELECT 1 FROM leases l WHERE l.id = kv.lease AND l.expires > ?)"
+        )
         dead = self.conn.execute(
-            "SELECT 1 FROM kv WHERE value IS NOT NULL AND NOT EXISTS "
-            "(SELECT 1 FROM leases l WHERE l.id = kv.lease AND l.expires > ?) LIMIT 1",
-            (self.now,),
+            f"SELECT 1 FROM kv WHERE value IS NOT NULL AND {expired} LIMIT 1", (self.now,)
         ).fetchone()
         if dead:
-            self.tombstone(
-                "NOT EXISTS (SELECT 1 FROM leases l WHERE l.id = kv.lease AND l.expires > ?)",
-                (self.now,),
-            )
+            self.tombstone(expired, (self.now,))
         self.conn.execute("DELETE FROM leases WHERE expires <= ?", (self.now,))
 
     def finish(self) -> None:
