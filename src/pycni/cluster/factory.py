@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from .datastore import Datastore
 from .model import ClusterSettings
+from .objects import ObjectSource
 
 KINDS = ("sqlite", "etcd", "kubernetes")
 DEFAULT_SQLITE_PATH = "/var/lib/pycni/cluster.db"
@@ -44,3 +45,27 @@ def open_datastore(
 
         return KubernetesDatastore(node_name, kubeconfig=kubeconfig)
     raise ValueError(f"unknown datastore {kind!r} (want one of {', '.join(KINDS)})")
+
+
+def open_objects(
+    kind: str,
+    *,
+    path: str = DEFAULT_SQLITE_PATH,
+    etcd_endpoints: str = "",
+    etcd_prefix: str = "/pycni/",
+    lease_ttl: float = DEFAULT_LEASE_TTL,
+) -> ObjectSource:
+    """Where NetworkPolicy's objects come from, beside the datastore of the same kind."""
+    from .objects import KVObjects
+
+    if kind == "sqlite":
+        from .sqlite import SqliteKV
+
+        return KVObjects(SqliteKV(path, lease_ttl))
+    if kind == "etcd":
+        from .etcd import EtcdKV
+
+        if not etcd_endpoints:
+            raise ValueError("the etcd datastore needs --etcd-endpoints")
+        return KVObjects(EtcdKV(etcd_endpoints.split(","), lease_ttl), etcd_prefix)
+    raise ValueError(f"no object source for the {kind!r} datastore")
