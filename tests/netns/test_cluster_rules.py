@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from conftest import source_seen
-from pycni.rules import table
+from pycni.rules import model as table
 
 pytestmark = pytest.mark.netns
 
@@ -44,7 +44,7 @@ import json, sys
 from pycni.core import masquerade as core
 from pycni.ipam.ranges import parse_range_set
 from pycni.ipam.store import Store
-from pycni.rules import table
+from pycni.rules import model as table
 data_dir, op, arg = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
 out = None
 with Store(data_dir) as store:

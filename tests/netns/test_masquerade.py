@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from conftest import source_seen
-from pycni.rules import table as m
+from pycni.rules import model as m
 
 pytestmark = [
     pytest.mark.netns,
@@ -165,7 +165,7 @@ class Topo:
 
 _SNIPPET = """
 import json, sys
-from pycni.rules import table as m
+from pycni.rules import model as m
 op, payload, backend = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3] or None
 rules = m.RuleSet(tuple(m.MasqRule(s, tuple(e)) for s, e in payload))
 if op == "apply":

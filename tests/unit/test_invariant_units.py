@@ -26,7 +26,7 @@ from pycni.doctor.model import (
     StoredAttachment,
     StoreSnapshot,
 )
-from pycni.rules import table
+from pycni.rules import model as table
 
 DATA = "/var/lib/pycni-test"
 NET = "net"

@@ -8,7 +8,7 @@ from ipaddress import ip_network
 import pytest
 
 from pycni.cni.errors import INVALID_ENVIRONMENT, CniError
-from pycni.rules import table as m
+from pycni.rules import model as m
 
 V4 = m.MasqRule(ip_network("10.244.1.0/24"), (ip_network("10.244.0.0/16"),))
 V6 = m.MasqRule(ip_network("fd00:10:244:1::/64"), (ip_network("fd00:10:244::/56"),))

@@ -21,7 +21,7 @@ from pycni.ipam import store as store_mod
 from pycni.ipam.ranges import parse_range_set
 from pycni.ipam.store import Store
 from pycni.node_config import node_conflist
-from pycni.rules import table as t
+from pycni.rules import model as t
 
 REQ = cnienv.Request("ADD", "c1", "/run/netns/p", "eth0")
 BASE = {"cniVersion": "1.1.0", "name": "net", "type": "pycni", "subnet": "10.244.1.0/24"}

@@ -10,7 +10,7 @@ import pytest
 from pycni.core import masquerade as core
 from pycni.ipam.ranges import parse_range_set
 from pycni.ipam.store import Store
-from pycni.rules import table as t
+from pycni.rules import model as t
 
 V4 = t.MasqRule("10.244.1.0/24", ("10.244.0.0/16",))
 V6 = t.MasqRule("fd00:10:244:1::/64", ("fd00:10:244::/56",))

@@ -12,7 +12,7 @@ from ..cni.netconf import NetConf
 from ..dataplane import bandwidth, names, veth
 from ..dataplane.netns import pod_netlink
 from ..ipam.store import Attachment
-from ..rules import table
+from ..rules import model as table
 from . import masquerade, resources
 from .add import pod_routes
 

@@ -18,8 +18,8 @@ from collections.abc import Iterable
 from ..cni.netconf import NetConf
 from ..dataplane import sysctl
 from ..ipam.store import Attachment, Store
-from ..rules import table
-from ..rules.table import Network
+from ..rules import model as table
+from ..rules.model import Network
 
 # Meta key of the cluster settings; one per store, like the cluster itself.
 CLUSTER_KEY = "cluster"

@@ -28,7 +28,7 @@ def _cleanup(args) -> int:
 
 def packet_rules_present() -> bool:
     """Whether pycni has rules in this network namespace (nft table or iptables chains)."""
-    from ..rules import table
+    from ..rules import model as table
 
     return any(table.installed(b) is not None for b in table.BACKENDS if shutil.which(b))
 

@@ -115,7 +115,7 @@ class Kernel:
 
 def masquerade_present() -> tuple[str | None, bool | None]:
     """(backend, whether pycni's packet rules exist); present is None if unknowable."""
-    from ..rules import table
+    from ..rules import model as table
 
     try:
         backend = table.resolve_backend()

@@ -75,7 +75,7 @@ class ReadOnlyStore(Store):
 
 def read_store(data_dir: str) -> tuple[StoreSnapshot, object | None]:
     """The store's attachments, every allocation row (also those no attachment owns) and
-    networks, and the packet rules it wants (rules.table.RuleSet), all from one read
+    networks, and the packet rules it wants (rules.model.RuleSet), all from one read
     transaction. No database: an empty store that wants nothing (None)."""
     if not os.path.exists(os.path.join(data_dir, "pycni.db")):
         return StoreSnapshot(data_dir), None
@@ -168,7 +168,7 @@ def read_netns(path: str) -> NetnsView:
 
 def merge_rules(sets: list) -> object:
     """One RuleSet holding every entry of `sets` (several data dirs share one table)."""
-    from ..rules import table
+    from ..rules import model as table
 
     if not sets:
         return table.RuleSet()
@@ -181,7 +181,7 @@ def merge_rules(sets: list) -> object:
 
 
 def read_rules(desired_sets: list) -> RulesView:
-    from ..rules import table
+    from ..rules import model as table
 
     try:
         backend = table.resolve_backend()

@@ -140,7 +140,7 @@ def _netns_by_id(ipr: IPRoute) -> dict[int, str]:
 
 
 def _installed_hostports() -> list:
-    from ..rules import table
+    from ..rules import model as table
 
     try:
         installed = table.installed()
