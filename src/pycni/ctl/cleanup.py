@@ -28,9 +28,9 @@ def _cleanup(args) -> int:
 
 def packet_rules_present() -> bool:
     """Whether pycni has rules in this network namespace (nft table or iptables chains)."""
-    from ..rules import model as table
+    from ..rules import sync
 
-    return any(table.installed(b) is not None for b in table.BACKENDS if shutil.which(b))
+    return any(sync.installed(b) is not None for b in sync.BACKENDS if shutil.which(b))
 
 
 def remove_packet_rules(data_dir: str) -> bool:

@@ -168,10 +168,10 @@ def read_netns(path: str) -> NetnsView:
 
 def merge_rules(sets: list) -> object:
     """One RuleSet holding every entry of `sets` (several data dirs share one table)."""
-    from ..rules import model as table
+    from ..rules.model import RuleSet
 
     if not sets:
-        return table.RuleSet()
+        return RuleSet()
     return type(sets[0])(
         **{
             f.name: tuple(e for s in sets for e in getattr(s, f.name))
@@ -181,10 +181,10 @@ def merge_rules(sets: list) -> object:
 
 
 def read_rules(desired_sets: list) -> RulesView:
-    from ..rules import model as table
+    from ..rules import sync
 
     try:
-        backend = table.resolve_backend()
+        backend = sync.resolve_backend()
     except (CniError, ValueError) as exc:
         raise DoctorError(f"packet rules: {exc}") from None
     try:
@@ -192,7 +192,7 @@ def read_rules(desired_sets: list) -> RulesView:
     except ValueError as exc:
         raise DoctorError(f"packet rules: the data dirs want conflicting rules: {exc}") from None
     try:
-        installed = table.installed(backend)
+        installed = sync.installed(backend)
     except CniError as exc:
         if not desired and "not found" in str(exc):
             return RulesView(backend, desired, None)  # no tool, and nothing wanted from it

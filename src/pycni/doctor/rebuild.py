@@ -140,10 +140,10 @@ def _netns_by_id(ipr: IPRoute) -> dict[int, str]:
 
 
 def _installed_hostports() -> list:
-    from ..rules import model as table
+    from ..rules import sync
 
     try:
-        installed = table.installed()
+        installed = sync.installed()
     except CniError:
         return []
     return list(installed.hostports) if installed is not None else []
