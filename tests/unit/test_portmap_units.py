@@ -17,7 +17,7 @@ from pycni.cni import netconf
 from pycni.cni.errors import ADDRESS_UNAVAILABLE, INVALID_NETWORK_CONFIG, CniError
 from pycni.cni.netconf import PortMapping
 from pycni.core import masquerade as core
-from pycni.ipam import store as store_mod
+from pycni.ipam import schema
 from pycni.ipam.ranges import parse_range_set
 from pycni.ipam.store import Store
 from pycni.node_config import node_conflist
@@ -607,7 +607,7 @@ def test_store_made_before_port_mappings_gains_them(tmp_path):
     data = tmp_path / "data"
     data.mkdir(mode=0o700)
     conn = sqlite3.connect(data / "pycni.db")
-    conn.executescript(store_mod._SCHEMA + "PRAGMA user_version=1;")
+    conn.executescript(schema._SCHEMA + "PRAGMA user_version=1;")
     conn.execute(
         "INSERT INTO attachments (network, container_id, ifname, host_veth, netns,"
         " created) VALUES ('pods', 'old', 'eth0', 'veth0', '/proc/1/ns/net', 1.0)"
@@ -618,7 +618,7 @@ def test_store_made_before_port_mappings_gains_them(tmp_path):
         assert s.get_attachment(NET, "old", "eth0").port_mappings == []
         _attach(s, "c1", [PortMapping(8080, 80)])
         assert s.get_attachment(NET, "c1", "eth0").port_mappings == [PortMapping(8080, 80)]
-        assert s.conn.execute("PRAGMA user_version").fetchone()[0] == store_mod.SCHEMA_VERSION
+        assert s.conn.execute("PRAGMA user_version").fetchone()[0] == schema.SCHEMA_VERSION
     with Store(str(data)) as s:  # opening again changes nothing
         assert len(s.attachments_with_port_mappings()) == 1
 

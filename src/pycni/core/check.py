@@ -11,7 +11,7 @@ from ..cni.errors import CHECK_FAILED, INVALID_NETWORK_CONFIG, UNKNOWN_CONTAINER
 from ..cni.netconf import NetConf
 from ..dataplane import bandwidth, names, veth
 from ..dataplane.netns import pod_netlink
-from ..ipam.store import Attachment
+from ..ipam.records import Attachment
 from ..rules import sync as rules_sync
 from ..rules.model import HostPort
 from . import masquerade, resources

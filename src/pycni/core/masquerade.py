@@ -17,7 +17,8 @@ from collections.abc import Iterable
 
 from ..cni.netconf import NetConf
 from ..dataplane import sysctl
-from ..ipam.store import Attachment, Store
+from ..ipam.records import Attachment
+from ..ipam.store import Store
 from ..rules import sync as rules_sync
 from ..rules.model import HostPort, MasqRule, Network, RuleSet
 

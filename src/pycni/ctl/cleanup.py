@@ -37,7 +37,8 @@ def remove_packet_rules(data_dir: str) -> bool:
     """Remove pycni's rules whatever the store says (it forgets what it had applied, so the
     next ADD or sync puts back what is still wanted). True if there were any."""
     from ..core import masquerade
-    from ..ipam.store import Store, StoreError
+    from ..ipam.faults import StoreError
+    from ..ipam.store import Store
 
     present = packet_rules_present()
     store = None

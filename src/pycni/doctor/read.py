@@ -24,7 +24,9 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from ..cni.errors import CniError
 from ..dataplane.netns import CLONE_NEWNET, NS_GET_NSTYPE, netlink_in
-from ..ipam.store import BUSY_TIMEOUT_MS, SCHEMA_VERSION, Store, file_damage
+from ..ipam.faults import file_damage
+from ..ipam.schema import BUSY_TIMEOUT_MS, SCHEMA_VERSION
+from ..ipam.store import Store
 from .model import (
     ClusterView,
     DoctorError,

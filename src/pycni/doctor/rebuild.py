@@ -25,7 +25,9 @@ from ..cni.errors import CniError
 from ..cni.netconf import NetConf, PortMapping
 from ..dataplane import names
 from ..dataplane.netns import netlink_in
-from ..ipam.store import Allocation, Store, file_damage
+from ..ipam.faults import file_damage
+from ..ipam.records import Allocation
+from ..ipam.store import Store
 
 # Where runtimes bind-mount pods' network namespaces (containerd, CRI-O, podman, ip netns).
 NETNS_DIRS = ("/run/netns", "/var/run/netns")
