@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from conftest import source_seen
-from pycni.rules import table
+from pycni.rules import sync
 
 pytestmark = pytest.mark.netns
 
@@ -44,7 +44,7 @@ import json, sys
 from pycni.core import masquerade as core
 from pycni.ipam.ranges import parse_range_set
 from pycni.ipam.store import Store
-from pycni.rules import table
+from pycni.rules import sync
 data_dir, op, arg = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
 out = None
 with Store(data_dir) as store:
@@ -66,7 +66,7 @@ with Store(data_dir) as store:
         core.remove(store)
     if op != "remove":
         core.sync(store)
-    got = table.installed()
+    got = sync.installed()
     out = None if got is None else {
         "forward": [str(n) for n in got.forward],
         "masquerade": [[str(r.source), [str(e) for e in r.exclude]] for r in got.masquerade],
@@ -156,8 +156,8 @@ class Cluster:
 
     def core(self, op: str, arg: object = None) -> dict | None:
         """Run one core operation in R with this backend; returns what is installed after."""
-        env = {k: v for k, v in os.environ.items() if k != table.ENV_BACKEND}
-        env.update(PYTHONPATH=SRC, **{table.ENV_BACKEND: self.backend})
+        env = {k: v for k, v in os.environ.items() if k != sync.ENV_BACKEND}
+        env.update(PYTHONPATH=SRC, **{sync.ENV_BACKEND: self.backend})
         proc = self.spaces.exec(
             self.router,
             sys.executable,

@@ -25,7 +25,8 @@ import pytest
 
 from conftest import AgentProcess, Node, Reply, sh
 from pycni.dataplane.names import host_veth_name, ifb_name
-from pycni.ipam.store import Store, StoreError
+from pycni.ipam.faults import StoreError
+from pycni.ipam.store import Store
 
 pytestmark = pytest.mark.netns
 

@@ -24,7 +24,9 @@ from pathlib import Path
 import pytest
 
 from conftest import source_seen
-from pycni.rules import table as m
+from pycni.rules import sync
+from pycni.rules.model import MasqRule, RuleSet, normalize
+from pycni.rules.nft import render_nft
 
 pytestmark = [
     pytest.mark.netns,
@@ -120,7 +122,7 @@ class Topo:
 
     def masq(self, op: str, rules=(), backend: str | None = None):
         payload = json.dumps([[str(r.source), [str(e) for e in r.exclude]] for r in rules])
-        env = {k: v for k, v in os.environ.items() if k != m.ENV_BACKEND}
+        env = {k: v for k, v in os.environ.items() if k != sync.ENV_BACKEND}
         env["PYTHONPATH"] = SRC
         proc = subprocess.run(
             [
@@ -165,15 +167,16 @@ class Topo:
 
 _SNIPPET = """
 import json, sys
-from pycni.rules import table as m
+from pycni.rules import sync
+from pycni.rules.model import MasqRule, RuleSet
 op, payload, backend = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3] or None
-rules = m.RuleSet(tuple(m.MasqRule(s, tuple(e)) for s, e in payload))
+rules = RuleSet(tuple(MasqRule(s, tuple(e)) for s, e in payload))
 if op == "apply":
-    out = m.apply(rules, backend)
+    out = sync.apply(rules, backend)
 elif op == "remove":
-    out = m.remove_all(backend)
+    out = sync.remove_all(backend)
 elif op == "installed":
-    got = m.installed(backend)
+    got = sync.installed(backend)
     out = None if got is None else [
         [str(r.source), [str(e) for e in r.exclude]] for r in got.masquerade
     ]
@@ -212,8 +215,8 @@ def backend(request, topo):
     return request.param
 
 
-RULE4 = m.MasqRule(SUBNET4, (SUBNET4,))
-RULE6 = m.MasqRule(SUBNET6, (SUBNET6,))
+RULE4 = MasqRule(SUBNET4, (SUBNET4,))
+RULE6 = MasqRule(SUBNET6, (SUBNET6,))
 
 
 def _state(t: Topo, backend: str) -> str:
@@ -248,8 +251,8 @@ def test_masquerades_v6_leaving_cluster(topo, backend):
 
 
 def test_excluded_destination_keeps_pod_source(topo, backend):
-    rule = m.MasqRule(SUBNET4, (SUBNET4, "192.0.2.0/24"))
-    rule6 = m.MasqRule(SUBNET6, (SUBNET6, "2001:db8:2::2/128"))
+    rule = MasqRule(SUBNET4, (SUBNET4, "192.0.2.0/24"))
+    rule6 = MasqRule(SUBNET6, (SUBNET6, "2001:db8:2::2/128"))
     topo.masq("apply", [rule, rule6], backend)
     assert topo.peer_seen(OUT4) == POD4
     assert topo.peer_seen(OUT6) == POD6
@@ -268,7 +271,7 @@ def test_apply_twice_is_idempotent(topo, backend):
 
 def test_replace_with_different_rules(topo, backend):
     topo.masq("apply", [RULE4], backend)
-    other = m.MasqRule(SUBNET4, (SUBNET4, "192.0.2.0/24"))
+    other = MasqRule(SUBNET4, (SUBNET4, "192.0.2.0/24"))
     topo.masq("apply", [other], backend)
     if backend == "nft":
         assert topo.ns(topo.node, "nft", "list", "tables").count("inet pycni") == 1
@@ -291,8 +294,8 @@ def test_failed_nft_transaction_leaves_old_table(topo):
         pytest.skip("nft not installed")
     topo.masq("apply", [RULE4], "nft")
     before = topo.nft_table()
-    other = m.MasqRule(SUBNET4, (SUBNET4, "192.0.2.0/24"))
-    broken = m.render_nft(m.RuleSet([other])) + "add rule inet pycni nosuchchain counter\n"
+    other = MasqRule(SUBNET4, (SUBNET4, "192.0.2.0/24"))
+    broken = render_nft(RuleSet([other])) + "add rule inet pycni nosuchchain counter\n"
     proc = subprocess.run(
         ["ip", "netns", "exec", topo.node, "nft", "-f", "-"],
         input=broken,
@@ -306,9 +309,9 @@ def test_failed_nft_transaction_leaves_old_table(topo):
 
 def test_installed_round_trip(topo, backend):
     assert topo.masq("installed", backend=backend) is None
-    rules = [RULE4, RULE6, m.MasqRule("10.99.2.0/24", ("10.99.0.0/16", "10.99.2.0/24"))]
+    rules = [RULE4, RULE6, MasqRule("10.99.2.0/24", ("10.99.0.0/16", "10.99.2.0/24"))]
     topo.masq("apply", rules, backend)
-    want = [[str(r.source), [str(e) for e in r.exclude]] for r in m.normalize(rules)]
+    want = [[str(r.source), [str(e) for e in r.exclude]] for r in normalize(rules)]
     assert topo.masq("installed", backend=backend) == want
 
 

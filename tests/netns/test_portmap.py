@@ -172,8 +172,8 @@ def installed_hostports(node: Node, backend: str) -> list[str]:
     """pycni's own read-back of its rules in the node, as `proto host_ip:port -> pod:port`."""
     code = (
         "import json, sys\n"
-        "from pycni.rules import table\n"
-        "got = table.installed(sys.argv[1])\n"
+        "from pycni.rules import sync\n"
+        "got = sync.installed(sys.argv[1])\n"
         'print(json.dumps([] if got is None else [f\'{h.protocol} {h.host_ip or "*"}:'
         "{h.host_port} -> {h.pod_ip}:{h.pod_port}' for h in got.hostports]))\n"
     )
@@ -195,10 +195,10 @@ def installed_is_desired(node: Node, backend: str) -> bool:
         "import sys\n"
         "from pycni.core import masquerade\n"
         "from pycni.ipam.store import Store\n"
-        "from pycni.rules import table\n"
+        "from pycni.rules import sync\n"
         "with Store(sys.argv[2]) as store:\n"
         "    want = masquerade.desired_rules(store)\n"
-        "got = table.installed(sys.argv[1])\n"
+        "got = sync.installed(sys.argv[1])\n"
         "print(got == want, want, got, sep='\\n')\n"
     )
     src = os.path.join(os.path.dirname(__file__), "..", "..", "src")

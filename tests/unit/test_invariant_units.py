@@ -26,7 +26,7 @@ from pycni.doctor.model import (
     StoredAttachment,
     StoreSnapshot,
 )
-from pycni.rules import table
+from pycni.rules.model import HostPort, MasqRule, RuleSet
 
 DATA = "/var/lib/pycni-test"
 NET = "net"
@@ -61,15 +61,15 @@ def allocation(
     )
 
 
-def masq() -> table.MasqRule:
-    return table.MasqRule(
+def masq() -> MasqRule:
+    return MasqRule(
         ip_network("10.244.1.0/24"), (ip_network("10.244.1.0/24"), ip_network("10.244.0.0/16"))
     )
 
 
-def rules(**changes) -> table.RuleSet:
+def rules(**changes) -> RuleSet:
     fields = {"masquerade": (masq(),), "forward": (ip_network("10.244.0.0/16"),), **changes}
-    return table.RuleSet(**fields)
+    return RuleSet(**fields)
 
 
 PEER_ROUTE = Route(ip_network("10.244.2.0/24"), "10.244.2.0", VTEP, onlink=True)
@@ -165,7 +165,7 @@ def test_a_consistent_node_has_no_finding():
 
 def test_an_empty_node_has_no_finding():
     assert compare(NodeSnapshot()) == []
-    assert compare(NodeSnapshot(rules=RulesView("nft", table.RuleSet(), None))) == []
+    assert compare(NodeSnapshot(rules=RulesView("nft", RuleSet(), None))) == []
 
 
 def test_findings_render_on_one_line_and_as_json():
@@ -498,13 +498,13 @@ def test_rule_missing_extra_and_differs():
     assert f.expected == "accept forwarded traffic from and to 10.244.0.0/16"
     snap.rules.installed = rules(forward=("10.244.0.0/16", "10.9.0.0/16"))
     assert one(snap, m.RULE_EXTRA).actual == "accept forwarded traffic from and to 10.9.0.0/16"
-    snap.rules.installed = rules(masquerade=(table.MasqRule(ip_network("10.244.1.0/24"), ()),))
+    snap.rules.installed = rules(masquerade=(MasqRule(ip_network("10.244.1.0/24"), ()),))
     f = one(snap, m.RULE_DIFFERS)
     assert "10.244.0.0/16" in f.expected and "10.244.0.0/16" not in f.actual
 
 
 def test_hostport_rules_are_compared_too():
-    hp = table.HostPort("tcp", 8080, "10.244.1.2", 80)
+    hp = HostPort("tcp", 8080, "10.244.1.2", 80)
     snap = healthy()
     snap.rules.desired = rules(hostports=(hp,))
     f = one(snap, m.RULE_MISSING)

@@ -17,11 +17,14 @@ from pycni.cni import netconf
 from pycni.cni.errors import ADDRESS_UNAVAILABLE, INVALID_NETWORK_CONFIG, CniError
 from pycni.cni.netconf import PortMapping
 from pycni.core import masquerade as core
-from pycni.ipam import store as store_mod
+from pycni.ipam import schema
 from pycni.ipam.ranges import parse_range_set
 from pycni.ipam.store import Store
 from pycni.node_config import node_conflist
-from pycni.rules import table as t
+from pycni.rules import sync
+from pycni.rules.iptables import HOOKS, INPUT_HOOK, IPT_HOSTPORT_CHAIN, render_iptables
+from pycni.rules.model import HostPort, MasqRule, RuleSet
+from pycni.rules.nft import render_nft
 
 REQ = cnienv.Request("ADD", "c1", "/run/netns/p", "eth0")
 BASE = {"cniVersion": "1.1.0", "name": "net", "type": "pycni", "subnet": "10.244.1.0/24"}
@@ -172,44 +175,44 @@ def test_conflist_capabilities_keep_bandwidth():
 
 
 def test_hostport_normalizes_and_validates():
-    hp = t.HostPort("tcp", 8080, "10.244.1.2", 80, "0.0.0.0")
+    hp = HostPort("tcp", 8080, "10.244.1.2", 80, "0.0.0.0")
     assert hp.host_ip is None and hp.pod_ip == ip_address("10.244.1.2") and hp.version == 4
-    assert hp == t.HostPort("tcp", 8080, ip_address("10.244.1.2"), 80)
+    assert hp == HostPort("tcp", 8080, ip_address("10.244.1.2"), 80)
     with pytest.raises(ValueError, match="not IPv4"):
-        t.HostPort("tcp", 8080, "10.244.1.2", 80, "fd00::1")
+        HostPort("tcp", 8080, "10.244.1.2", 80, "fd00::1")
     with pytest.raises(ValueError, match="protocol"):
-        t.HostPort("sctp", 8080, "10.244.1.2", 80)
+        HostPort("sctp", 8080, "10.244.1.2", 80)
     with pytest.raises(ValueError, match="port"):
-        t.HostPort("tcp", 0, "10.244.1.2", 80)
+        HostPort("tcp", 0, "10.244.1.2", 80)
     with pytest.raises(ValueError, match="not an IP address"):
-        t.HostPort("tcp", 1, "pod", 80)
+        HostPort("tcp", 1, "pod", 80)
 
 
 def test_ruleset_sorts_dedups_and_digests():
-    a = t.HostPort("tcp", 8080, "fd00::2", 80)
-    b = t.HostPort("tcp", 8080, "10.244.1.2", 80)
-    c = t.HostPort("tcp", 8080, "10.244.1.3", 80, "192.0.2.1")
-    one = t.RuleSet(hostports=[a, b, c, b], hairpin=["fd00::2/64", "10.244.1.2/24"])
-    two = t.RuleSet(hostports=(c, b, a), hairpin=[ip_interface("10.244.1.2/24"), "fd00::2/64"])
-    assert one == two and t.digest(one) == t.digest(two)
+    a = HostPort("tcp", 8080, "fd00::2", 80)
+    b = HostPort("tcp", 8080, "10.244.1.2", 80)
+    c = HostPort("tcp", 8080, "10.244.1.3", 80, "192.0.2.1")
+    one = RuleSet(hostports=[a, b, c, b], hairpin=["fd00::2/64", "10.244.1.2/24"])
+    two = RuleSet(hostports=(c, b, a), hairpin=[ip_interface("10.244.1.2/24"), "fd00::2/64"])
+    assert one == two and sync.digest(one) == sync.digest(two)
     # IPv4 first; a specific host address before "any" of the same port.
     assert one.hostports == (c, b, a)
-    assert one and t.RuleSet(hairpin=["10.244.1.2/24"])
-    assert len({t.digest(one), t.digest(t.RuleSet(hostports=[a])), t.digest(t.RuleSet())}) == 3
+    assert one and RuleSet(hairpin=["10.244.1.2/24"])
+    assert len({sync.digest(one), sync.digest(RuleSet(hostports=[a])), sync.digest(RuleSet())}) == 3
 
 
-HP = t.RuleSet(
+HP = RuleSet(
     hostports=[
-        t.HostPort("tcp", 8080, "10.244.1.2", 80),
-        t.HostPort("udp", 53, "10.244.1.2", 5353, "192.0.2.1"),
-        t.HostPort("tcp", 8080, "fd00::2", 80),
+        HostPort("tcp", 8080, "10.244.1.2", 80),
+        HostPort("udp", 53, "10.244.1.2", 5353, "192.0.2.1"),
+        HostPort("tcp", 8080, "fd00::2", 80),
     ],
     hairpin=["10.244.1.2/24", "fd00::2/64"],
 )
 
 
 def test_nft_hostports():
-    assert t.render_nft(HP) == PREAMBLE + (
+    assert render_nft(HP) == PREAMBLE + (
         "table inet pycni {\n"
         "\tchain forward {\n"
         "\t\ttype filter hook forward priority filter; policy accept;\n"
@@ -245,13 +248,13 @@ def test_nft_hostports():
 
 
 def test_nft_hostports_beside_forward_and_masquerade():
-    rules = t.RuleSet(
-        [t.MasqRule("10.244.1.0/24", ("10.244.0.0/16",))],
+    rules = RuleSet(
+        [MasqRule("10.244.1.0/24", ("10.244.0.0/16",))],
         ["10.244.0.0/16"],
         HP.hostports,
         HP.hairpin,
     )
-    lines = [x.strip() for x in t.render_nft(rules).splitlines()]
+    lines = [x.strip() for x in render_nft(rules).splitlines()]
     fwd = lines.index("chain forward {")
     assert lines[fwd + 2] == "ct status dnat counter accept"  # before the cluster accepts
     assert lines[fwd + 3] == "ip saddr 10.244.0.0/16 counter accept"
@@ -262,15 +265,15 @@ def test_nft_hostports_beside_forward_and_masquerade():
 
 
 def test_v6_only_hostports_have_no_localnet_pieces():
-    script = t.render_nft(t.RuleSet(hostports=[t.HostPort("tcp", 80, "fd00::2", 80)]))
+    script = render_nft(RuleSet(hostports=[HostPort("tcp", 80, "fd00::2", 80)]))
     assert "127.0.0.0/8" not in script and "chain input" not in script
     assert "ip6 daddr ::1 return" in script
-    v4 = t.render_nft(t.RuleSet(hostports=[t.HostPort("tcp", 80, "10.244.1.2", 80)]))
+    v4 = render_nft(RuleSet(hostports=[HostPort("tcp", 80, "10.244.1.2", 80)]))
     assert "::1" not in v4
 
 
 def test_iptables_hostports():
-    assert t.render_iptables(HP, 4) == (
+    assert render_iptables(HP, 4) == (
         "*filter\n"
         ":PYCNI-FWD - [0:0]\n"
         ":PYCNI-INPUT - [0:0]\n"
@@ -289,7 +292,7 @@ def test_iptables_hostports():
         " -j MASQUERADE\n"
         "COMMIT\n"
     )
-    assert t.render_iptables(HP, 6) == (
+    assert render_iptables(HP, 6) == (
         "*filter\n"
         ":PYCNI-FWD - [0:0]\n"
         "-A PYCNI-FWD -m conntrack --ctstate DNAT -j ACCEPT\n"
@@ -305,7 +308,7 @@ def test_iptables_hostports():
 
 
 def test_iptables_hooks():
-    dnat = [h for h in t.HOOKS if h.chain == t.IPT_HOSTPORT_CHAIN]
+    dnat = [h for h in HOOKS if h.chain == IPT_HOSTPORT_CHAIN]
     assert [(h.table, h.parent) for h in dnat] == [("nat", "PREROUTING"), ("nat", "OUTPUT")]
     assert dnat[0].jump == [
         "-m",
@@ -319,7 +322,7 @@ def test_iptables_hooks():
         "-j",
         "PYCNI-HOSTPORTS",
     ]
-    assert t.INPUT_HOOK.parent == "INPUT" and t.INPUT_HOOK.first
+    assert INPUT_HOOK.parent == "INPUT" and INPUT_HOOK.first
 
 
 # --------------------------------------------------------------------------- read back
@@ -509,9 +512,9 @@ def _fake_run(argv, stdin=None):
 
 @pytest.mark.parametrize("backend", ["nft", "iptables"])
 def test_installed_reads_hostports_back(monkeypatch, backend):
-    monkeypatch.setattr(t, "_run", _fake_run)
-    monkeypatch.setattr(t.shutil, "which", lambda tool: f"/usr/sbin/{tool}")
-    assert t.installed(backend) == HP
+    monkeypatch.setattr(sync, "_run", _fake_run)
+    monkeypatch.setattr(sync.shutil, "which", lambda tool: f"/usr/sbin/{tool}")
+    assert sync.installed(backend) == HP
 
 
 # --------------------------------------------------------------------------- store
@@ -604,7 +607,7 @@ def test_store_made_before_port_mappings_gains_them(tmp_path):
     data = tmp_path / "data"
     data.mkdir(mode=0o700)
     conn = sqlite3.connect(data / "pycni.db")
-    conn.executescript(store_mod._SCHEMA + "PRAGMA user_version=1;")
+    conn.executescript(schema._SCHEMA + "PRAGMA user_version=1;")
     conn.execute(
         "INSERT INTO attachments (network, container_id, ifname, host_veth, netns,"
         " created) VALUES ('pods', 'old', 'eth0', 'veth0', '/proc/1/ns/net', 1.0)"
@@ -615,7 +618,7 @@ def test_store_made_before_port_mappings_gains_them(tmp_path):
         assert s.get_attachment(NET, "old", "eth0").port_mappings == []
         _attach(s, "c1", [PortMapping(8080, 80)])
         assert s.get_attachment(NET, "c1", "eth0").port_mappings == [PortMapping(8080, 80)]
-        assert s.conn.execute("PRAGMA user_version").fetchone()[0] == store_mod.SCHEMA_VERSION
+        assert s.conn.execute("PRAGMA user_version").fetchone()[0] == schema.SCHEMA_VERSION
     with Store(str(data)) as s:  # opening again changes nothing
         assert len(s.attachments_with_port_mappings()) == 1
 
@@ -628,7 +631,7 @@ def test_desired_rules_from_the_store(store):
         NET,
         {"ipMasq": False, "subnets": ["10.244.1.0/24", "fd00:10:244:1::/64"], "bridge": "br-test"},
     )
-    assert core.desired_rules(store) == t.RuleSet()
+    assert core.desired_rules(store) == RuleSet()
     _attach(
         store,
         "c1",
@@ -650,13 +653,13 @@ def test_desired_rules_from_the_store(store):
     assert rules.hostports == tuple(
         sorted(
             [
-                t.HostPort("tcp", 8080, "10.244.1.2", 80),
-                t.HostPort("udp", 53, "10.244.1.2", 53, "192.0.2.1"),
-                t.HostPort("tcp", 8080, "fd00:10:244:1::2", 80),
-                t.HostPort("tcp", 443, "fd00:10:244:1::2", 8443),
-                t.HostPort("tcp", 9090, "10.244.2.2", 90),
+                HostPort("tcp", 8080, "10.244.1.2", 80),
+                HostPort("udp", 53, "10.244.1.2", 53, "192.0.2.1"),
+                HostPort("tcp", 8080, "fd00:10:244:1::2", 80),
+                HostPort("tcp", 443, "fd00:10:244:1::2", 8443),
+                HostPort("tcp", 9090, "10.244.2.2", 90),
             ],
-            key=t.HostPort.sort_key,
+            key=HostPort.sort_key,
         )
     )
     assert rules.hairpin == (
@@ -667,13 +670,13 @@ def test_desired_rules_from_the_store(store):
     assert rules.masquerade == () and rules.forward == ()
     store.remove_attachment(NET, "c1", "eth0")
     store.remove_attachment("v4only", "c3", "eth0")
-    assert core.desired_rules(store) == t.RuleSet()
+    assert core.desired_rules(store) == RuleSet()
 
 
 def test_sync_sets_route_localnet_around_the_guard(store, monkeypatch):
     calls: list = []
     monkeypatch.setattr(
-        t,
+        sync,
         "apply",
         lambda rules, backend=None: calls.append(("apply", rules.guards_localnet())) or "nft",
     )

@@ -10,15 +10,18 @@ import pytest
 from pycni.core import masquerade as core
 from pycni.ipam.ranges import parse_range_set
 from pycni.ipam.store import Store
-from pycni.rules import table as t
+from pycni.rules import sync
+from pycni.rules.iptables import render_iptables
+from pycni.rules.model import MasqRule, RuleSet
+from pycni.rules.nft import render_nft
 
-V4 = t.MasqRule("10.244.1.0/24", ("10.244.0.0/16",))
-V6 = t.MasqRule("fd00:10:244:1::/64", ("fd00:10:244::/56",))
+V4 = MasqRule("10.244.1.0/24", ("10.244.0.0/16",))
+V6 = MasqRule("fd00:10:244:1::/64", ("fd00:10:244::/56",))
 PREAMBLE = "table inet pycni {}\ndelete table inet pycni\n"
 
 
 def test_forward_only_nft():
-    assert t.render_nft(t.RuleSet(forward=["10.244.0.0/16"])) == PREAMBLE + (
+    assert render_nft(RuleSet(forward=["10.244.0.0/16"])) == PREAMBLE + (
         "table inet pycni {\n"
         "\tchain forward {\n"
         "\t\ttype filter hook forward priority filter; policy accept;\n"
@@ -30,13 +33,13 @@ def test_forward_only_nft():
 
 
 def test_masquerade_only_has_no_forward_chain():
-    script = t.render_nft(t.RuleSet([V4]))
+    script = render_nft(RuleSet([V4]))
     assert "chain postrouting" in script
     assert "forward" not in script
 
 
 def test_both_in_one_table_one_transaction():
-    script = t.render_nft(t.RuleSet([V4], ["10.244.0.0/16"]))
+    script = render_nft(RuleSet([V4], ["10.244.0.0/16"]))
     assert script.startswith(PREAMBLE)
     assert script.count("table inet pycni {\n") == 1
     body = script[len(PREAMBLE) :]
@@ -46,9 +49,9 @@ def test_both_in_one_table_one_transaction():
 
 
 def test_dual_stack_forward():
-    rules = t.RuleSet(forward=["fd00:10:244::/56", "10.244.0.0/16"])
+    rules = RuleSet(forward=["fd00:10:244::/56", "10.244.0.0/16"])
     assert rules.forward == (ip_network("10.244.0.0/16"), ip_network("fd00:10:244::/56"))
-    lines = t.render_nft(rules).splitlines()
+    lines = render_nft(rules).splitlines()
     accepts = [x.strip() for x in lines if "accept" in x and "policy" not in x]
     assert accepts == [
         "ip saddr 10.244.0.0/16 counter accept",
@@ -59,31 +62,33 @@ def test_dual_stack_forward():
 
 
 def test_forward_normalized():
-    a = t.RuleSet(forward=["10.244.0.0/17", "10.244.128.0/17", "10.244.0.0/16", "fd00::/8"])
-    b = t.RuleSet(forward=[ip_network("fd00::/8"), "10.244.0.0/16"])
-    assert a == b and t.digest(a) == t.digest(b)
+    a = RuleSet(forward=["10.244.0.0/17", "10.244.128.0/17", "10.244.0.0/16", "fd00::/8"])
+    b = RuleSet(forward=[ip_network("fd00::/8"), "10.244.0.0/16"])
+    assert a == b and sync.digest(a) == sync.digest(b)
     assert a.forward == (ip_network("10.244.0.0/16"), ip_network("fd00::/8"))
     with pytest.raises(ValueError, match="invalid network"):
-        t.RuleSet(forward=["10.244.0.1/16"])
+        RuleSet(forward=["10.244.0.1/16"])
 
 
 def test_empty_removes_table():
-    assert not t.RuleSet()
-    assert t.RuleSet(forward=["10.0.0.0/8"]) and t.RuleSet([V4])
-    assert t.render_nft(t.RuleSet()) == PREAMBLE
-    assert t.render_iptables(t.RuleSet(), 4) == t.render_iptables(t.RuleSet(), 6) == ""
+    assert not RuleSet()
+    assert RuleSet(forward=["10.0.0.0/8"]) and RuleSet([V4])
+    assert render_nft(RuleSet()) == PREAMBLE
+    assert render_iptables(RuleSet(), 4) == render_iptables(RuleSet(), 6) == ""
 
 
 def test_digest_changes_when_forward_changes():
-    base = t.RuleSet([V4])
-    fwd = t.RuleSet([V4], ["10.244.0.0/16"])
-    other = t.RuleSet([V4], ["10.245.0.0/16"])
-    assert len({t.digest(base), t.digest(fwd), t.digest(other), t.digest(t.RuleSet())}) == 4
+    base = RuleSet([V4])
+    fwd = RuleSet([V4], ["10.244.0.0/16"])
+    other = RuleSet([V4], ["10.245.0.0/16"])
+    assert (
+        len({sync.digest(base), sync.digest(fwd), sync.digest(other), sync.digest(RuleSet())}) == 4
+    )
 
 
 def test_masquerade_only_rendering_unchanged_by_forward_support():
     # Digests recorded before forward accepts existed stay valid: no needless re-apply.
-    assert t.render_nft(t.RuleSet([V4])) == PREAMBLE + (
+    assert render_nft(RuleSet([V4])) == PREAMBLE + (
         "table inet pycni {\n"
         "\tchain postrouting {\n"
         "\t\ttype nat hook postrouting priority srcnat; policy accept;\n"
@@ -95,8 +100,8 @@ def test_masquerade_only_rendering_unchanged_by_forward_support():
 
 
 def test_iptables_forward_and_masquerade():
-    rules = t.RuleSet([V4, V6], ["10.244.0.0/16", "fd00:10:244::/56"])
-    assert t.render_iptables(rules, 4) == (
+    rules = RuleSet([V4, V6], ["10.244.0.0/16", "fd00:10:244::/56"])
+    assert render_iptables(rules, 4) == (
         "*filter\n"
         ":PYCNI-FWD - [0:0]\n"
         "-A PYCNI-FWD -s 10.244.0.0/16 -j ACCEPT\n"
@@ -109,19 +114,19 @@ def test_iptables_forward_and_masquerade():
         "-A PYCNI-MASQ -s 10.244.1.0/24 -j MASQUERADE --random-fully\n"
         "COMMIT\n"
     )
-    v6 = t.render_iptables(rules, 6)
+    v6 = render_iptables(rules, 6)
     assert "-A PYCNI-FWD -d fd00:10:244::/56 -j ACCEPT\n" in v6
     assert "10.244" not in v6
     assert "FORWARD" not in v6 and "POSTROUTING" not in v6
 
 
 def test_iptables_forward_only():
-    assert t.render_iptables(t.RuleSet(forward=["10.244.0.0/16"]), 4) == (
+    assert render_iptables(RuleSet(forward=["10.244.0.0/16"]), 4) == (
         "*filter\n:PYCNI-FWD - [0:0]\n"
         "-A PYCNI-FWD -s 10.244.0.0/16 -j ACCEPT\n-A PYCNI-FWD -d 10.244.0.0/16 -j ACCEPT\n"
         "COMMIT\n"
     )
-    assert t.render_iptables(t.RuleSet(forward=["10.244.0.0/16"]), 6) == ""
+    assert render_iptables(RuleSet(forward=["10.244.0.0/16"]), 6) == ""
 
 
 # --------------------------------------------------------------------------- desired state
@@ -159,9 +164,9 @@ def test_no_cluster_no_forward(store):
 
 
 def test_cluster_forward_present_without_pods(store):
-    assert core.desired_rules(store) == t.RuleSet()
+    assert core.desired_rules(store) == RuleSet()
     core.record_cluster(store, ["10.244.0.0/16", "fd00:10:244::/56"], [])
-    assert core.desired_rules(store) == t.RuleSet(forward=["10.244.0.0/16", "fd00:10:244::/56"])
+    assert core.desired_rules(store) == RuleSet(forward=["10.244.0.0/16", "fd00:10:244::/56"])
     _network(store, pods=0)
     assert core.desired_rules(store).masquerade == ()
 
@@ -186,7 +191,7 @@ def test_pod_to_pod_never_masqueraded_without_cluster(store):
 def test_no_ip_masq_only_forward(store):
     _network(store, ip_masq=False)
     core.record_cluster(store, ["10.244.0.0/16"], ["192.168.5.0/24"])
-    assert core.desired_rules(store) == t.RuleSet(forward=["10.244.0.0/16"])
+    assert core.desired_rules(store) == RuleSet(forward=["10.244.0.0/16"])
 
 
 def test_record_and_forget_cluster(store):
@@ -196,7 +201,7 @@ def test_record_and_forget_cluster(store):
     assert store.get_meta(core.CLUSTER_KEY) == first
     core.forget_cluster(store)
     assert store.get_meta(core.CLUSTER_KEY) is None
-    assert core.desired_rules(store) == t.RuleSet()
+    assert core.desired_rules(store) == RuleSet()
     core.forget_cluster(store)  # idempotent
 
 
@@ -209,14 +214,14 @@ def test_record_cluster_rejects_bad_networks(store):
 
 
 def test_sync_applies_only_on_change(store, monkeypatch):
-    applied: list[t.RuleSet] = []
-    monkeypatch.setattr(t, "apply", lambda rules, backend=None: applied.append(rules) or "nft")
+    applied: list[RuleSet] = []
+    monkeypatch.setattr(sync, "apply", lambda rules, backend=None: applied.append(rules) or "nft")
     core.sync(store)
     assert applied == []  # nothing wanted, nothing recorded: no nft run at all
     core.record_cluster(store, ["10.244.0.0/16"], [])
     core.sync(store)
     core.sync(store)
-    assert applied == [t.RuleSet(forward=["10.244.0.0/16"])]
+    assert applied == [RuleSet(forward=["10.244.0.0/16"])]
     core.forget_cluster(store)
     core.sync(store)
-    assert applied[-1] == t.RuleSet()
+    assert applied[-1] == RuleSet()

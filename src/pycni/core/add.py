@@ -22,7 +22,8 @@ from ..cni.netconf import NetConf
 from ..cni.result import Interface, IPConfig, Result, Route
 from ..dataplane import bandwidth, names, sysctl, veth
 from ..dataplane.netns import netlink_in, netns_fd
-from ..ipam.store import Allocation, Attachment, Store
+from ..ipam.records import Allocation, Attachment
+from ..ipam.store import Store
 from . import masquerade, resources
 from .faults import checkpoint
 from .locks import node_lock

@@ -11,8 +11,9 @@ from ..cni.errors import CHECK_FAILED, INVALID_NETWORK_CONFIG, UNKNOWN_CONTAINER
 from ..cni.netconf import NetConf
 from ..dataplane import bandwidth, names, veth
 from ..dataplane.netns import pod_netlink
-from ..ipam.store import Attachment
-from ..rules import table
+from ..ipam.records import Attachment
+from ..rules import sync as rules_sync
+from ..rules.model import HostPort
 from . import masquerade, resources
 from .add import pod_routes
 
@@ -59,10 +60,10 @@ def cmd_check(request: Request, conf: NetConf) -> None:
 def _check_hostports(att: Attachment) -> None:
     """Every DNAT of the attachment's port mappings is in the node's rules (one `nft list`)."""
     wanted, _ = masquerade.hostport_rules([att])
-    have = table.installed()
+    have = rules_sync.installed()
     missing = set(wanted) - set(have.hostports if have is not None else ())
     if missing:
-        hp = min(missing, key=table.HostPort.sort_key)
+        hp = min(missing, key=HostPort.sort_key)
         raise _drift(
             f"hostPort {hp.host_port}/{hp.protocol} to {hp.pod_ip}:{hp.pod_port} "
             "is missing from the node's packet rules"

@@ -16,7 +16,8 @@ from pyroute2 import IPRoute
 from ..cni.env import Request
 from ..cni.netconf import NetConf
 from ..dataplane import bandwidth, names, veth
-from ..ipam.store import Store, StoreError
+from ..ipam.faults import StoreError
+from ..ipam.store import Store
 from . import masquerade, resources
 from .faults import checkpoint
 from .locks import node_lock

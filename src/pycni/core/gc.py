@@ -14,7 +14,7 @@ from ..cni.env import Request
 from ..cni.errors import config_error
 from ..cni.netconf import VALID_ATTACHMENTS, NetConf
 from ..dataplane import bandwidth, names, veth
-from ..ipam.store import StoreError
+from ..ipam.faults import StoreError
 from . import masquerade, resources
 from .delete import release
 from .faults import checkpoint

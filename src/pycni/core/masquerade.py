@@ -17,9 +17,10 @@ from collections.abc import Iterable
 
 from ..cni.netconf import NetConf
 from ..dataplane import sysctl
-from ..ipam.store import Attachment, Store
-from ..rules import table
-from ..rules.table import Network
+from ..ipam.records import Attachment
+from ..ipam.store import Store
+from ..rules import sync as rules_sync
+from ..rules.model import HostPort, MasqRule, Network, RuleSet
 
 # Meta key of the cluster settings; one per store, like the cluster itself.
 CLUSTER_KEY = "cluster"
@@ -92,7 +93,7 @@ def _cluster(store: Store) -> tuple[list[Network], list[Network]]:
     )
 
 
-def desired_rules(store: Store) -> table.RuleSet:
+def desired_rules(store: Store) -> RuleSet:
     cluster, extra = _cluster(store)
     masq = set()
     for name, info in store.list_networks().items():
@@ -103,13 +104,13 @@ def desired_rules(store: Store) -> table.RuleSet:
         never = [*map(ipaddress.ip_network, info.get("clusterCidrs", [])), *cluster, *extra]
         for subnet in map(ipaddress.ip_network, info.get("subnets", [])):
             exclude = {subnet} | {n for n in never if n.version == subnet.version}
-            masq.add(table.MasqRule(subnet, tuple(sorted(exclude, key=str))))
+            masq.add(MasqRule(subnet, tuple(sorted(exclude, key=str))))
     hostports, hairpin = hostport_rules(store.attachments_with_port_mappings())
     # Forward accepts do not depend on pods: a node forwards for the cluster once it is in it.
-    return table.RuleSet(tuple(masq), tuple(cluster), tuple(hostports), tuple(hairpin))
+    return RuleSet(tuple(masq), tuple(cluster), tuple(hostports), tuple(hairpin))
 
 
-def hostport_rules(attachments: list[Attachment]) -> tuple[list[table.HostPort], list]:
+def hostport_rules(attachments: list[Attachment]) -> tuple[list[HostPort], list]:
     """(DNATs, pod addresses to hairpin) for attachments with port mappings: each mapping goes
     to the pod's address of each family it covers."""
     hostports, hairpin = [], []
@@ -121,8 +122,7 @@ def hostport_rules(attachments: list[Attachment]) -> tuple[list[table.HostPort],
                 if m.host_ip is None or m.host_ip.version == a.ip.version
             ]
             hostports += [
-                table.HostPort(m.protocol, m.host_port, a.ip, m.container_port, m.host_ip)
-                for m in mapped
+                HostPort(m.protocol, m.host_port, a.ip, m.container_port, m.host_ip) for m in mapped
             ]
             if mapped:
                 hairpin.append(ipaddress.ip_interface(f"{a.ip}/{a.prefixlen}"))
@@ -152,18 +152,18 @@ def sync(store: Store, force: bool = False) -> None:
     concurrent ADDs and DELs apply rules one after the other, never interleaved. `force`:
     apply even so (the kernel lost what was applied: see repair)."""
     key = _digest_key()
-    if not force and _applied(store, key) == table.digest(desired_rules(store)):
+    if not force and _applied(store, key) == rules_sync.digest(desired_rules(store)):
         return
     with store.transaction():
         rules = desired_rules(store)
-        digest = table.digest(rules)
+        digest = rules_sync.digest(rules)
         if not force and _applied(store, key) == digest:
             return
         wanted, every = _localnet_bridges(store)
         # Off before the 127/8 guard goes, on after it came: never open without the guard.
         for bridge in every - wanted:
             sysctl.set_route_localnet(bridge, False)
-        table.apply(rules)
+        rules_sync.apply(rules)
         for bridge in wanted:
             sysctl.set_route_localnet(bridge, True)
         store.set_meta(key, digest)
@@ -174,9 +174,9 @@ def repair(store: Store) -> bool:
     pycni's table: sync() trusts its digest and would not notice). One `nft list`, about 4 ms:
     for the agent's periodic pass, not for every ADD. True when it applied them."""
     desired = desired_rules(store)
-    if not desired and _applied(store, _digest_key()) == table.digest(desired):
+    if not desired and _applied(store, _digest_key()) == rules_sync.digest(desired):
         return False  # nothing wanted, nothing installed: never run nft for nothing
-    if (table.installed() or table.RuleSet()) == desired:
+    if (rules_sync.installed() or RuleSet()) == desired:
         return False
     sync(store, force=True)
     return True
@@ -185,12 +185,12 @@ def repair(store: Store) -> bool:
 def _applied(store: Store, key: str) -> str:
     # Nothing recorded means nothing was ever installed: same as an empty rule set, so nodes
     # without ipMasq or a cluster never run nft at all.
-    return store.get_meta(key) or table.digest(table.RuleSet())
+    return store.get_meta(key) or rules_sync.digest(RuleSet())
 
 
 def remove(store: Store | None) -> None:
     """Explicit cleanup: drop pycni's rules whatever the store says, and forget the digest so
     the next sync installs them again if still wanted."""
-    table.remove_all()
+    rules_sync.remove_all()
     if store is not None:
         store.set_meta(_digest_key(), None)

@@ -190,7 +190,7 @@ class NetnsView:
 @dataclass
 class RulesView:
     """pycni's packet rules: what the stores want and what the kernel holds (None: no table
-    or chains at all). Both are rules.table.RuleSet."""
+    or chains at all). Both are rules.model.RuleSet."""
 
     backend: str
     desired: object

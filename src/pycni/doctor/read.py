@@ -24,7 +24,9 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from ..cni.errors import CniError
 from ..dataplane.netns import CLONE_NEWNET, NS_GET_NSTYPE, netlink_in
-from ..ipam.store import BUSY_TIMEOUT_MS, SCHEMA_VERSION, Store, file_damage
+from ..ipam.faults import file_damage
+from ..ipam.schema import BUSY_TIMEOUT_MS, SCHEMA_VERSION
+from ..ipam.store import Store
 from .model import (
     ClusterView,
     DoctorError,
@@ -75,7 +77,7 @@ class ReadOnlyStore(Store):
 
 def read_store(data_dir: str) -> tuple[StoreSnapshot, object | None]:
     """The store's attachments, every allocation row (also those no attachment owns) and
-    networks, and the packet rules it wants (rules.table.RuleSet), all from one read
+    networks, and the packet rules it wants (rules.model.RuleSet), all from one read
     transaction. No database: an empty store that wants nothing (None)."""
     if not os.path.exists(os.path.join(data_dir, "pycni.db")):
         return StoreSnapshot(data_dir), None
@@ -168,10 +170,10 @@ def read_netns(path: str) -> NetnsView:
 
 def merge_rules(sets: list) -> object:
     """One RuleSet holding every entry of `sets` (several data dirs share one table)."""
-    from ..rules import table
+    from ..rules.model import RuleSet
 
     if not sets:
-        return table.RuleSet()
+        return RuleSet()
     return type(sets[0])(
         **{
             f.name: tuple(e for s in sets for e in getattr(s, f.name))
@@ -181,10 +183,10 @@ def merge_rules(sets: list) -> object:
 
 
 def read_rules(desired_sets: list) -> RulesView:
-    from ..rules import table
+    from ..rules import sync
 
     try:
-        backend = table.resolve_backend()
+        backend = sync.resolve_backend()
     except (CniError, ValueError) as exc:
         raise DoctorError(f"packet rules: {exc}") from None
     try:
@@ -192,7 +194,7 @@ def read_rules(desired_sets: list) -> RulesView:
     except ValueError as exc:
         raise DoctorError(f"packet rules: the data dirs want conflicting rules: {exc}") from None
     try:
-        installed = table.installed(backend)
+        installed = sync.installed(backend)
     except CniError as exc:
         if not desired and "not found" in str(exc):
             return RulesView(backend, desired, None)  # no tool, and nothing wanted from it

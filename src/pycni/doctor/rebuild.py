@@ -25,7 +25,9 @@ from ..cni.errors import CniError
 from ..cni.netconf import NetConf, PortMapping
 from ..dataplane import names
 from ..dataplane.netns import netlink_in
-from ..ipam.store import Allocation, Store, file_damage
+from ..ipam.faults import file_damage
+from ..ipam.records import Allocation
+from ..ipam.store import Store
 
 # Where runtimes bind-mount pods' network namespaces (containerd, CRI-O, podman, ip netns).
 NETNS_DIRS = ("/run/netns", "/var/run/netns")
@@ -140,10 +142,10 @@ def _netns_by_id(ipr: IPRoute) -> dict[int, str]:
 
 
 def _installed_hostports() -> list:
-    from ..rules import table
+    from ..rules import sync
 
     try:
-        installed = table.installed()
+        installed = sync.installed()
     except CniError:
         return []
     return list(installed.hostports) if installed is not None else []

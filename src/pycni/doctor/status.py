@@ -36,16 +36,16 @@ class Kernel:
 
 def masquerade_present() -> tuple[str | None, bool | None]:
     """(backend, whether pycni's packet rules exist); present is None if unknowable."""
-    from ..rules import table
+    from ..rules import iptables, nft, sync
 
     try:
-        backend = table.resolve_backend()
+        backend = sync.resolve_backend()
     except Exception:
         return None, None
     if backend == "nft":
-        argvs = [["nft", "list", "table", "inet", table.TABLE]]
+        argvs = [["nft", "list", "table", "inet", nft.TABLE]]
     else:
-        argvs = [["iptables", "-w", "-t", h.table, "-S", h.chain] for h in table.HOOKS]
+        argvs = [["iptables", "-w", "-t", h.table, "-S", h.chain] for h in iptables.HOOKS]
     if not shutil.which(argvs[0][0]):
         return backend, None
     try:

@@ -9,16 +9,17 @@ import shutil
 
 def packet_rules_present() -> bool:
     """Whether pycni has rules in this network namespace (nft table or iptables chains)."""
-    from ..rules import table
+    from ..rules import sync
 
-    return any(table.installed(b) is not None for b in table.BACKENDS if shutil.which(b))
+    return any(sync.installed(b) is not None for b in sync.BACKENDS if shutil.which(b))
 
 
 def remove_packet_rules(data_dir: str) -> bool:
     """Remove pycni's rules whatever the store says (it forgets what it had applied, so the
     next ADD or sync puts back what is still wanted). True if there were any."""
     from ..core import masquerade
-    from ..ipam.store import Store, StoreError
+    from ..ipam.faults import StoreError
+    from ..ipam.store import Store
 
     present = packet_rules_present()
     store = None

@@ -1,0 +1,270 @@
+"""The packet rules pycni wants on a node, as data: what to masquerade, which forwarded
+traffic to accept, which hostPorts to DNAT. No backend and no command here: nft.py and
+iptables.py render a RuleSet for their backend and read it back, sync.py installs it.
+
+pycni keeps ONE rule set per node, in objects it owns, and replaces it atomically. A new kind
+of rule is a new dataclass here and a new RuleSet field, which each backend then renders and
+reads back.
+
+Never per-pod chains: a node masquerades its pod subnet(s) for every destination except the
+excluded ones (the subnet itself, the cluster CIDR, multicast, configured extras).
+
+HostPorts reaching 127.0.0.1 need ``route_localnet`` on the bridge (set by the core), which
+would also let pods send to the node's 127.0.0.0/8: the input guard drops such new connections
+arriving on any interface but ``lo`` (the fix kube-proxy made for CVE-2020-8558).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable
+from dataclasses import dataclass
+from ipaddress import (
+    IPv4Address,
+    IPv4Interface,
+    IPv4Network,
+    IPv6Address,
+    IPv6Interface,
+    IPv6Network,
+)
+
+Network = IPv4Network | IPv6Network
+Address = IPv4Address | IPv6Address
+Interface = IPv4Interface | IPv6Interface
+
+
+PROTOCOLS = ("tcp", "udp")
+LOCALNET = IPv4Network("127.0.0.0/8")
+# IPv6 has no route_localnet: traffic to ::1 DNATed to a pod could never leave, so it is left
+# alone (to the node's own listeners).
+IPV6_LOOPBACK = IPv6Address("::1")
+
+MULTICAST: dict[int, Network] = {
+    4: IPv4Network("224.0.0.0/4"),
+    6: IPv6Network("ff00::/8"),
+}
+
+
+def _net(value: object) -> Network:
+    if isinstance(value, IPv4Network | IPv6Network):
+        return value
+    try:
+        return ipaddress.ip_network(value)  # type: ignore[arg-type]
+    except ValueError as exc:
+        raise ValueError(f"packet rules: invalid network {value!r}: {exc}") from None
+
+
+@dataclass(frozen=True)
+class MasqRule:
+    """Masquerade traffic from ``source`` unless its destination is in ``exclude``.
+
+    Strings are accepted and converted; ``exclude`` may be any iterable. Every exclusion must
+    be of the source's address family. Multicast is always excluded at render time.
+    Rules are ordered (IPv4 before IPv6, then by source and exclusions), so a dual-stack list
+    sorts; dataclass's order=True would raise TypeError comparing IPv4 with IPv6 networks.
+    """
+
+    source: Network
+    exclude: tuple[Network, ...] = ()
+
+    def __post_init__(self) -> None:
+        source = _net(self.source)
+        exclude = tuple(_net(e) for e in self.exclude)
+        for e in exclude:
+            if e.version != source.version:
+                raise ValueError(
+                    f"masquerade rule for {source}: exclusion {e} is not IPv{source.version}"
+                )
+        object.__setattr__(self, "source", source)
+        object.__setattr__(self, "exclude", exclude)
+
+    def _key(self) -> tuple:
+        return (self.version, self.source, tuple((e.version, e) for e in self.exclude))
+
+    def __lt__(self, other: object) -> bool:
+        if not isinstance(other, MasqRule):
+            return NotImplemented
+        return self._key() < other._key()
+
+    def __le__(self, other: object) -> bool:
+        if not isinstance(other, MasqRule):
+            return NotImplemented
+        return self._key() <= other._key()
+
+    def __gt__(self, other: object) -> bool:
+        if not isinstance(other, MasqRule):
+            return NotImplemented
+        return self._key() > other._key()
+
+    def __ge__(self, other: object) -> bool:
+        if not isinstance(other, MasqRule):
+            return NotImplemented
+        return self._key() >= other._key()
+
+    @property
+    def version(self) -> int:
+        return self.source.version
+
+    def canonical(self) -> MasqRule:
+        """The same rule with exclusions collapsed, sorted and multicast included."""
+        nets = set(self.exclude)
+        nets.add(MULTICAST[self.version])
+        return MasqRule(self.source, tuple(ipaddress.collapse_addresses(nets)))
+
+
+def normalize(rules: Iterable[MasqRule]) -> list[MasqRule]:
+    """Canonical, deduplicated, sorted form of masquerade ``rules``.
+
+    Two rules for the same source with different exclusions are ambiguous: ValueError.
+    """
+    by_source: dict[Network, MasqRule] = {}
+    for rule in rules:
+        canon = rule.canonical()
+        prev = by_source.get(canon.source)
+        if prev is not None and prev != canon:
+            raise ValueError(f"conflicting masquerade rules for source {canon.source}")
+        by_source[canon.source] = canon
+    return sorted(by_source.values())
+
+
+def collapse(nets: Iterable[object]) -> tuple[Network, ...]:
+    """Networks deduplicated and collapsed, IPv4 first then IPv6, each sorted.
+
+    Per family because ipaddress.collapse_addresses refuses a mix.
+    """
+    parsed = [_net(n) for n in nets]
+    out: list[Network] = []
+    for version in (4, 6):
+        out.extend(ipaddress.collapse_addresses(n for n in parsed if n.version == version))
+    return tuple(out)
+
+
+def _addr(value: object, what: str) -> Address:
+    if isinstance(value, IPv4Address | IPv6Address):
+        return value
+    try:
+        return ipaddress.ip_address(value)  # type: ignore[arg-type]
+    except ValueError:
+        raise ValueError(f"packet rules: {what} {value!r} is not an IP address") from None
+
+
+def _port(value: object, what: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 65535:
+        raise ValueError(f"packet rules: {what} {value!r} is not a port 1..65535")
+    return value
+
+
+@dataclass(frozen=True)
+class HostPort:
+    """DNAT ``protocol`` traffic for ``host_port`` on a local address of the node to
+    ``pod_ip``:``pod_port``.
+
+    ``host_ip`` None: any local address of the pod address's family (an unspecified address,
+    0.0.0.0 or ::, is stored as None); else only that address, which must be of that family.
+    Strings are accepted for addresses.
+    """
+
+    protocol: str
+    host_port: int
+    pod_ip: Address
+    pod_port: int
+    host_ip: Address | None = None
+
+    def __post_init__(self) -> None:
+        if self.protocol not in PROTOCOLS:
+            raise ValueError(f"packet rules: protocol {self.protocol!r} is not one of {PROTOCOLS}")
+        _port(self.host_port, "host port")
+        _port(self.pod_port, "pod port")
+        pod_ip = _addr(self.pod_ip, "pod address")
+        host_ip = None if self.host_ip is None else _addr(self.host_ip, "host address")
+        if host_ip is not None and host_ip.version != pod_ip.version:
+            raise ValueError(
+                f"packet rules: host address {host_ip} is not IPv{pod_ip.version} "
+                f"like the pod address {pod_ip}"
+            )
+        if host_ip is not None and host_ip.is_unspecified:
+            host_ip = None
+        object.__setattr__(self, "pod_ip", pod_ip)
+        object.__setattr__(self, "host_ip", host_ip)
+
+    @property
+    def version(self) -> int:
+        return self.pod_ip.version
+
+    def sort_key(self) -> tuple:
+        # Specific host addresses before "any": should both exist, the narrower one wins.
+        return (
+            self.version,
+            self.protocol,
+            self.host_port,
+            self.host_ip is None,
+            int(self.host_ip or 0),
+            int(self.pod_ip),
+            self.pod_port,
+        )
+
+
+def _interface(value: object) -> Interface:
+    if isinstance(value, IPv4Interface | IPv6Interface):
+        return value
+    try:
+        return ipaddress.ip_interface(value)  # type: ignore[arg-type]
+    except ValueError as exc:
+        raise ValueError(f"packet rules: invalid pod address {value!r}: {exc}") from None
+
+
+def _interface_key(iface: Interface) -> tuple:
+    return (
+        iface.version,
+        int(iface.network.network_address),
+        iface.network.prefixlen,
+        int(iface.ip),
+    )
+
+
+@dataclass(frozen=True)
+class RuleSet:
+    """Everything pycni wants in its table, normalized on construction (so two sets meaning
+    the same compare, render and digest equal whatever order or form they were given in).
+
+    ``masquerade``: per pod subnet, what to masquerade (MasqRule). ``forward``: networks (the
+    cluster CIDRs) whose forwarded traffic is accepted, as source or as destination.
+    ``hostports``: DNATs from the node's addresses to pods (HostPort); while there are any,
+    forwarded DNATed traffic is accepted, and for IPv4 localhost traffic to them masqueraded and
+    127.0.0.0/8 guarded. ``hairpin``: pod addresses with their prefix (e.g. 10.244.1.2/24)
+    whose DNATed traffic from their own subnet is masqueraded, so a pod reaching itself or a
+    neighbour through a hostPort gets the answer back through the node (needed without
+    br_netfilter, where the neighbour would answer straight over the bridge). Any iterables
+    are accepted (networks and addresses also as strings) and stored as sorted tuples. An
+    empty set means "no table at all".
+    """
+
+    masquerade: tuple[MasqRule, ...] = ()
+    forward: tuple[Network, ...] = ()
+    hostports: tuple[HostPort, ...] = ()
+    hairpin: tuple[Interface, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "masquerade", tuple(normalize(self.masquerade)))
+        object.__setattr__(self, "forward", collapse(self.forward))
+        object.__setattr__(
+            self, "hostports", tuple(sorted(set(self.hostports), key=HostPort.sort_key))
+        )
+        object.__setattr__(
+            self,
+            "hairpin",
+            tuple(sorted({_interface(i) for i in self.hairpin}, key=_interface_key)),
+        )
+
+    def __bool__(self) -> bool:
+        return bool(self.masquerade or self.forward or self.hostports or self.hairpin)
+
+    def guards_localnet(self) -> bool:
+        """Whether IPv4 hostPorts exist: they need route_localnet, hence the 127/8 guard."""
+        return any(hp.version == 4 for hp in self.hostports)
+
+
+def hairpin_of(source: Network, dest: Network) -> Interface:
+    """The pod address (with its subnet's prefix) of a hairpin masquerade from ``source`` to
+    ``dest``, as rules read back from a backend give them."""
+    return ipaddress.ip_interface((dest.network_address, source.prefixlen))

@@ -1,0 +1,196 @@
+"""Installing pycni's rule set: choosing the backend, the atomic replace (``nft -f -``, or
+``iptables-restore --noflush`` and one jump per chain), removing everything, and reading back
+what is installed. Every command pycni runs for its packet rules runs here; nft.py and
+iptables.py only turn a RuleSet into text and text back into a RuleSet.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+
+from pycni.cni.errors import INVALID_ENVIRONMENT, RULES_FAILURE, CniError
+from pycni.rules import iptables, nft
+from pycni.rules.model import RuleSet
+
+BACKENDS = ("nft", "iptables")
+ENV_BACKEND = "PYCNI_RULES_BACKEND"
+
+_TIMEOUT = 30.0
+
+
+def digest(rules: RuleSet) -> str:
+    """sha256 (hex) of the canonical rendering: equal digests mean equal rule sets."""
+    return hashlib.sha256(nft.render_nft(rules).encode()).hexdigest()
+
+
+# --------------------------------------------------------------------------- execution
+
+
+def _run(argv: list[str], stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    try:
+        return subprocess.run(
+            argv, input=stdin, capture_output=True, text=True, timeout=_TIMEOUT, check=False
+        )
+    except FileNotFoundError:
+        raise CniError(RULES_FAILURE, f"packet rules: {argv[0]} not found") from None
+    except subprocess.TimeoutExpired:
+        raise CniError(
+            RULES_FAILURE, f"packet rules: {' '.join(argv)} timed out after {_TIMEOUT:g}s"
+        ) from None
+
+
+def _must(argv: list[str], stdin: str | None = None) -> str:
+    proc = _run(argv, stdin)
+    if proc.returncode != 0:
+        err = (proc.stderr or proc.stdout).strip()
+        raise CniError(
+            RULES_FAILURE,
+            f"packet rules: {' '.join(argv)} failed (exit {proc.returncode}): {err}",
+            details=stdin or "",
+        )
+    return proc.stdout
+
+
+def resolve_backend(backend: str | None = None) -> str:
+    """The backend to use: the argument, else $PYCNI_RULES_BACKEND, else nft if present."""
+    if backend is not None:
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown rules backend {backend!r} (want one of {BACKENDS})")
+        return backend
+    env = os.environ.get(ENV_BACKEND, "").strip()
+    if env:
+        if env not in BACKENDS:
+            raise CniError(
+                INVALID_ENVIRONMENT, f"{ENV_BACKEND}={env!r}: want one of {', '.join(BACKENDS)}"
+            )
+        return env
+    return "nft" if shutil.which("nft") else "iptables"
+
+
+def _ipt(family: int) -> str:
+    return "iptables" if family == 4 else "ip6tables"
+
+
+def _ipt_base(table_name: str, family: int) -> list[str]:
+    return [_ipt(family), "-w", "-t", table_name]
+
+
+def _ipt_chain_exists(table_name: str, chain: str, family: int) -> bool:
+    return _run([*_ipt_base(table_name, family), "-S", chain]).returncode == 0
+
+
+def _ipt_jump_count(hook: iptables.Hook, family: int) -> int:
+    out = _must([*_ipt_base(hook.table, family), "-S", hook.parent])
+    want = " ".join(["-A", hook.parent, *hook.jump])
+    return sum(1 for line in out.splitlines() if line.strip() == want)
+
+
+def _ipt_ensure_jump(hook: iptables.Hook, family: int) -> None:
+    base = _ipt_base(hook.table, family)
+    if _run([*base, "-C", hook.parent, *hook.jump]).returncode != 0:
+        _must([*base, "-I" if hook.first else "-A", hook.parent, *hook.jump])
+    # Concurrent appliers could both have added one: keep exactly one.
+    for _ in range(max(0, _ipt_jump_count(hook, family) - 1)):
+        _must([*base, "-D", hook.parent, *hook.jump])
+
+
+def _hooks_of(chain: str) -> list[iptables.Hook]:
+    return [h for h in iptables.HOOKS if h.chain == chain]
+
+
+def _ipt_remove(table_name: str, chain: str, family: int) -> None:
+    """Remove one of pycni's chains with every jump to it; nothing when it does not exist."""
+    if not _ipt_chain_exists(table_name, chain, family):
+        return
+    base = _ipt_base(table_name, family)
+    for hook in _hooks_of(chain):
+        while _run([*base, "-C", hook.parent, *hook.jump]).returncode == 0:
+            _must([*base, "-D", hook.parent, *hook.jump])
+    _must([*base, "-F", chain])
+    _must([*base, "-X", chain])
+
+
+def _ipt_apply(rules: RuleSet, family: int) -> None:
+    script = iptables.render_iptables(rules, family)
+    if script:
+        _must([f"{_ipt(family)}-restore", "-w", "--noflush"], script)
+    bodies = iptables.chain_bodies(rules, family)
+    for table_name, chain in iptables.IPT_CHAINS:
+        if bodies[chain]:
+            for hook in _hooks_of(chain):
+                _ipt_ensure_jump(hook, family)
+        else:
+            _ipt_remove(table_name, chain, family)
+
+
+def apply(rules: RuleSet, backend: str | None = None) -> str:
+    """Install exactly ``rules`` (replacing what pycni had); an empty set removes everything.
+
+    Returns the backend used. Failures raise CniError(RULES_FAILURE).
+    """
+    used = resolve_backend(backend)
+    if used == "nft":
+        _must(["nft", "-f", "-"], nft.render_nft(rules))
+        return used
+    for family in (4, 6):
+        _ipt_apply(rules, family)
+    return used
+
+
+def remove_all(backend: str | None = None) -> None:
+    """Remove everything pycni installed (table, chains, jumps); idempotent.
+
+    With no backend given, cleans up every backend whose tool is present.
+    """
+    if backend is not None:
+        backends = [resolve_backend(backend)]
+    else:
+        backends = [b for b in BACKENDS if shutil.which(b)]
+    for b in backends:
+        if b == "nft":
+            _must(["nft", "-f", "-"], nft.render_nft(RuleSet()))
+            continue
+        for family in (4, 6):
+            if shutil.which(_ipt(family)):
+                for table_name, chain in iptables.IPT_CHAINS:
+                    _ipt_remove(table_name, chain, family)
+
+
+# --------------------------------------------------------------------------- read back
+
+
+def installed(backend: str | None = None) -> RuleSet | None:
+    """The rules currently installed, or None if pycni has nothing there.
+
+    Compare with the wanted RuleSet (both are normalized). Best-effort: only understands what
+    pycni renders; the fixed rules that come with hostPorts (the DNATed accept, the 127/8
+    guard and masquerade, the ::1 return) are not read back, they follow from the hostports.
+    """
+    if resolve_backend(backend) == "nft":
+        return _installed_nft()
+    return _installed_ipt()
+
+
+def _installed_nft() -> RuleSet | None:
+    proc = _run(["nft", "-j", "list", "table", "inet", nft.TABLE])
+    if proc.returncode != 0:
+        if "No such file or directory" in proc.stderr or "does not exist" in proc.stderr:
+            return None
+        raise CniError(RULES_FAILURE, f"packet rules: nft list failed: {proc.stderr.strip()}")
+    return nft.parse_nft(proc.stdout)
+
+
+def _installed_ipt() -> RuleSet | None:
+    listings: list[tuple[str, str]] = []
+    for family in (4, 6):
+        if not shutil.which(_ipt(family)):
+            continue
+        for table_name, chain in iptables.IPT_CHAINS:
+            proc = _run([*_ipt_base(table_name, family), "-S", chain])
+            if proc.returncode == 0:
+                listings.append((chain, proc.stdout))
+    # None when not one of pycni's chains exists.
+    return iptables.parse_iptables(listings) if listings else None
