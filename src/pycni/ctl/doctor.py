@@ -51,7 +51,7 @@ def register(sub) -> None:
         "--rebuild-store",
         action="store_true",
         help="first record the pods found on the node in a new IPAM store, after a "
-        'damaged one was moved aside (README: "When the IPAM store cannot be '
+        'damaged one was moved aside (docs/operations.md: "When the IPAM store cannot be '
         'used"); never touches a store that holds attachments',
     )
     p.add_argument(

@@ -54,7 +54,7 @@ class ReadOnlyStore(Store):
         if damage:
             raise DoctorError(
                 f"the IPAM database {self.path} {damage}: pycni will not use it "
-                '(recovery: the README\'s "When the IPAM store cannot be used")'
+                '(recovery: docs/operations.md, "When the IPAM store cannot be used")'
             )
         try:
             self._conn = sqlite3.connect(

@@ -1,8 +1,8 @@
 """Rebuild a lost IPAM store from the node: `pycnictl doctor --rebuild-store`.
 
-After a damaged database was moved aside (README, "When the IPAM store cannot be used"), the
-new one knows none of the node's pods, and would hand their addresses out again. Everything
-it needs is still on the node, findable by name: each host veth's alias says whose it is
+After a damaged database was moved aside (docs/operations.md, "When the IPAM store cannot be
+used"), the new one knows none of the node's pods, and would hand their addresses out again.
+Everything it needs is still on the node, findable by name: each host veth's alias says whose it is
 (network, container ID, ifname); its peer's network namespace (found among the bind-mounted
 ones by its id) holds the pod's interface and addresses; the network's config gives the range
 each address came from; pycni's packet rules hold the pods' hostPorts. Each pod found is

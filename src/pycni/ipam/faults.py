@@ -2,8 +2,8 @@
 
 When the database cannot be used (its filesystem full or read-only, the file or its
 write-ahead log damaged), every operation raises StoreError naming the file, what is wrong
-and what the operator does about it; the README's "When the IPAM store cannot be used" has the
-recovery. file_damage looks at the files without SQLite, for what SQLite would not notice.
+and what the operator does about it; docs/operations.md, "When the IPAM store cannot be used",
+has the recovery. file_damage looks at the files without SQLite, for what SQLite would not notice.
 """
 
 from __future__ import annotations
@@ -70,8 +70,9 @@ def corrupt(path: str, problem: str) -> StoreError:
     return StoreError(
         IO_FAILURE,
         f"IPAM database {path} {problem}",
-        'pycni will not use it: recover as the README\'s "When the IPAM store cannot be used" '
-        "says (stop the agent, move pycni.db, pycni.db-wal and pycni.db-shm aside, then "
+        "pycni will not use it: recover as docs/operations.md, "
+        '"When the IPAM store cannot be used", says (stop the agent, move pycni.db, '
+        "pycni.db-wal and pycni.db-shm aside, then "
         "`pycnictl doctor --rebuild-store`)",
         kind="corrupt",
     )

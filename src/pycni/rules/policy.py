@@ -14,7 +14,8 @@ starting, stopping or being relabelled changes set elements, never chains:
   (allowed in this direction: go on to the other direction's check). Whatever no rule allows
   is counted against every policy isolating the pod and dropped.
 * Traffic of the node itself (input and output hooks) is never filtered: kubelet probes and
-  hostNetwork pods always reach the node's pods, as upstream implementations do.
+  hostNetwork pods always reach the node's pods, as upstream implementations do; nor is a
+  pod's traffic to itself (a Service DNATing it back to its source: ``policy_self_vN``).
 
 Denied traffic is dropped, not rejected: clients see what a firewall does (a timeout), as
 with Calico's and kube-network-policies' defaults, and no ICMP or RST leaves on a policy's
@@ -54,6 +55,10 @@ def _addr_type(family: int) -> str:
 
 def isolated_set(direction: str, family: int) -> str:
     return f"policy_{direction}_isolated_v{family}"
+
+
+def self_set(family: int) -> str:
+    return f"policy_self_v{family}"
 
 
 def direction_chain(direction: str, family: int) -> str:
@@ -104,6 +109,11 @@ def render(node: NodePolicy) -> PolicyRules:
     }
     for (direction, family), ips in sorted(isolated.items()):
         out += _set(isolated_set(direction, family), _addr_type(family), ips, interval=False)
+    for family in FAMILIES:
+        # A pod reaching itself (through a Service DNATed back to it) is never filtered.
+        pairs = [f"{ip} . {ip}" for pod in node.pods for ip in pod.ips if _fam(ip) == family]
+        t = _addr_type(family)
+        out += _set(self_set(family), f"{t} . {t}", pairs, interval=False)
     counters = []
     for policy in node.policies:
         for kind, name in (("allow", allow_counter(policy)), ("deny", deny_counter(policy))):
@@ -113,6 +123,8 @@ def render(node: NodePolicy) -> PolicyRules:
         f"  chain {BASE_CHAIN} {{",
         f"    type filter hook forward priority {PRIORITY}; policy accept;",
         "    ct state established,related accept",
+        f"    ip saddr . ip daddr @{self_set(4)} accept",
+        f"    ip6 saddr . ip6 daddr @{self_set(6)} accept",
     ]
     for direction, addr in (("egress", "saddr"), ("ingress", "daddr")):
         for family in FAMILIES:
