@@ -314,6 +314,32 @@ def test_sqlite_makes_a_private_file_and_its_directory(tmp_path):
         kv.close()
 
 
+def test_sqlite_second_client_in_one_process_keeps_seeing_other_writers(tmp_path):
+    """Two clients of one file in one process (the agent's leases and its NetworkPolicy
+    objects): opening the second must not drop the first's locks, or a writer process that
+    closes resets the WAL under it and the first reads a stale revision for ever."""
+    from pycni.cluster.sqlite import SqliteKV
+
+    path = str(tmp_path / "cluster.db")
+    first = SqliteKV(path, 60)
+    second = SqliteKV(path, 60)
+    write = (
+        "import sys; from pycni.cluster.sqlite import SqliteKV; "
+        "kv = SqliteKV(sys.argv[1], 60); kv.put(sys.argv[2], 'v'); kv.close()"
+    )
+    env = {**os.environ, "PYTHONPATH": SRC}
+    try:
+        first.create("/lease", "mine")
+        for key in ("/objects/a", "/objects/b"):
+            _, rev = second.list("/objects/")
+            subprocess.run([sys.executable, "-c", write, path, key], check=True, env=env)
+            assert second.wait("/objects/", rev, 5) > rev
+            assert key in second.list("/objects/")[0]
+    finally:
+        first.close()
+        second.close()
+
+
 def test_sqlite_expiry_follows_the_clock(tmp_path):
     from pycni.cluster.sqlite import SqliteKV
 

@@ -71,8 +71,15 @@ class SqliteKV(KV):
         directory = os.path.dirname(os.path.abspath(path))
         os.makedirs(directory, mode=0o700, exist_ok=True)
         # Create the file ourselves so that it is 0600 whatever the umask; SQLite gives the
-        # -wal and -shm files the database's mode.
-        os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+        # -wal and -shm files the database's mode. Only when it is new: closing any descriptor
+        # of a file drops every POSIX lock this process holds on it, so opening and closing an
+        # existing one would pull the locks from under another connection of this process
+        # (and a writer elsewhere, taking itself for the last one, would checkpoint and reset
+        # the WAL that connection still reads: it would read a stale revision for ever).
+        try:
+            os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600))
+        except FileExistsError:
+            pass
         conn = sqlite3.connect(
             path, timeout=_BUSY_MS / 1000, isolation_level=None, check_same_thread=False
         )
