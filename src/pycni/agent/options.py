@@ -51,3 +51,24 @@ def cluster_node(args, data_dir: str, agent_socket: str):
     except (ValueError, ClusterError, KVError) as exc:
         raise SystemExit(f"pycnictl: {args.datastore} datastore: {exc}") from None
     return ClusterNode(options, store)
+
+
+def policy_controller(args, data_dir: str):
+    """The NetworkPolicy controller over the object source beside the datastore."""
+    from ..cluster.factory import open_objects
+    from ..cluster.kv import KVError
+    from ..cluster.model import ClusterError
+    from .policy import PolicyController
+
+    try:
+        source = open_objects(
+            args.datastore,
+            path=args.datastore_path,
+            etcd_endpoints=args.etcd_endpoints,
+            etcd_prefix=args.etcd_prefix,
+            kubeconfig=args.kubeconfig,
+            lease_ttl=args.lease_ttl,
+        )
+    except (ValueError, ClusterError, KVError) as exc:
+        raise SystemExit(f"pycnictl: {args.datastore} NetworkPolicy objects: {exc}") from None
+    return PolicyController(source, args.node_name, data_dir, resync=args.resync)

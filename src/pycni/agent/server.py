@@ -46,6 +46,7 @@ class Agent:
         self._listener: socket.socket | None = None
         self._inode: int | None = None
         self.cluster = None  # agent.cluster.ClusterNode when the agent runs the cluster side
+        self.policy = None  # agent.policy.PolicyController when it enforces NetworkPolicy
         self.repair_every = REPAIR_EVERY
         self._told_shared_table = False
 
@@ -187,6 +188,8 @@ class Agent:
         else:
             with self.locks.hold(cid) if cid else nullcontext():
                 out, status = plugin.handle(environ, stdin, on_config=self._seen)
+            if command == "ADD" and status == 0 and self.policy is not None:
+                self._policy_for_new_pod(environ)
         elapsed = time.perf_counter() - started
         code = int(out.get("code", 0)) if status and isinstance(out, dict) else 0
         for observe in self.observers:
@@ -195,6 +198,20 @@ class Agent:
             except Exception:
                 log.exception("metrics observer")
         return out, status
+
+    def _policy_for_new_pod(self, environ: dict[str, str]) -> None:
+        """A Kubernetes pod's NetworkPolicy rules are in before the runtime hears back (and so
+        before its containers start)."""
+        from ..cni.env import parse_cni_args
+
+        try:
+            args = parse_cni_args(environ.get("CNI_ARGS", ""))
+            namespace, name = args.get("K8S_POD_NAMESPACE"), args.get("K8S_POD_NAME")
+            if namespace and name and self.policy is not None:
+                self.policy.pod_added((namespace, name))
+        except Exception:
+            # The pod is up; the controller's next pass (at most --resync away) retries.
+            log.exception("NetworkPolicy rules for a new pod")
 
     # --- repair ----------------------------------------------------------------------------
 
@@ -262,6 +279,7 @@ class Agent:
             "socket": self.socket_path,
             "dataDirs": sorted(self.data_dirs),
             **({"cluster": self.cluster.status()} if self.cluster is not None else {}),
+            **({"policy": self.policy.status()} if self.policy is not None else {}),
         }
 
 

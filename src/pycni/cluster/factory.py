@@ -53,6 +53,7 @@ def open_objects(
     path: str = DEFAULT_SQLITE_PATH,
     etcd_endpoints: str = "",
     etcd_prefix: str = "/pycni/",
+    kubeconfig: str | None = None,
     lease_ttl: float = DEFAULT_LEASE_TTL,
 ) -> ObjectSource:
     """Where NetworkPolicy's objects come from, beside the datastore of the same kind."""

@@ -32,6 +32,12 @@ class Request:
     kill_at: str = ""
     pause_at: str = ""
 
+    @property
+    def pod(self) -> tuple[str, str] | None:
+        """The Kubernetes pod (namespace, name) a runtime names in CNI_ARGS, if it does."""
+        namespace, name = self.args.get("K8S_POD_NAMESPACE"), self.args.get("K8S_POD_NAME")
+        return (namespace, name) if namespace and name else None
+
 
 def _bad(msg: str) -> CniError:
     return CniError(INVALID_ENVIRONMENT, msg)

@@ -51,6 +51,7 @@ def _add(request: Request, conf: NetConf, store: Store) -> Result:
                 conf.range_sets,
                 conf.requested_ips,
                 conf.port_mappings,
+                request.pod,
             )
             undo.push(
                 "allocation",

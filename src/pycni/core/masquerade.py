@@ -20,10 +20,12 @@ from ..dataplane import sysctl
 from ..ipam.records import Attachment
 from ..ipam.store import Store
 from ..rules import sync as rules_sync
-from ..rules.model import HostPort, MasqRule, Network, RuleSet
+from ..rules.model import HostPort, MasqRule, Network, PolicyFragment, RuleSet
 
 # Meta key of the cluster settings; one per store, like the cluster itself.
 CLUSTER_KEY = "cluster"
+# Meta key of the node's NetworkPolicy rules, as the agent's policy controller compiled them.
+POLICY_KEY = "policy"
 
 
 def _digest_key() -> str:
@@ -107,7 +109,27 @@ def desired_rules(store: Store) -> RuleSet:
             masq.add(MasqRule(subnet, tuple(sorted(exclude, key=str))))
     hostports, hairpin = hostport_rules(store.attachments_with_port_mappings())
     # Forward accepts do not depend on pods: a node forwards for the cluster once it is in it.
-    return RuleSet(tuple(masq), tuple(cluster), tuple(hostports), tuple(hairpin))
+    return RuleSet(tuple(masq), tuple(cluster), tuple(hostports), tuple(hairpin), _policy(store))
+
+
+def _policy(store: Store) -> PolicyFragment:
+    raw = store.get_meta(POLICY_KEY)
+    if not raw:
+        return PolicyFragment()
+    return PolicyFragment(tuple(json.loads(raw).get("statements", ())))
+
+
+def record_policy(store: Store, recorded: dict | None) -> None:
+    """What the policy controller compiled for this node (``{"statements", "counters",
+    "summary"}``), or None once no policy applies; the next sync installs it."""
+    value = None if not recorded else json.dumps(recorded, sort_keys=True)
+    if store.get_meta(POLICY_KEY) != value:
+        store.set_meta(POLICY_KEY, value)
+
+
+def recorded_policy(store: Store) -> dict | None:
+    raw = store.get_meta(POLICY_KEY)
+    return json.loads(raw) if raw else None
 
 
 def hostport_rules(attachments: list[Attachment]) -> tuple[list[HostPort], list]:

@@ -31,6 +31,13 @@ def register(sub) -> None:
         help="the plugin's dataDir (for metrics and status before any call)",
     )
     p.add_argument("--workers", type=int, default=32, help="calls served at once")
+    p.add_argument(
+        "--no-network-policy",
+        dest="network_policy",
+        action="store_false",
+        help="do not enforce NetworkPolicy (on by default with --cluster-cidr: the objects "
+        "come from the API server, or from the sqlite or etcd datastore)",
+    )
     p.add_argument("--log-file", default=DEFAULT_LOG, help="'' logs to stderr")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     p.add_argument(
@@ -155,7 +162,7 @@ def cluster_options() -> argparse.ArgumentParser:
 
 def run_agent(args) -> int:
     from .. import log
-    from ..agent.options import cluster_node
+    from ..agent.options import cluster_node, policy_controller
     from ..agent.server import Agent
 
     log.setup(args.log_file, args.log_level)
@@ -167,6 +174,8 @@ def run_agent(args) -> int:
 
     agent = Agent(args.socket, workers=args.workers, data_dir=args.data_dir)
     agent.cluster = cluster_node(args, args.data_dir, args.socket)
+    if agent.cluster is not None and args.network_policy:
+        agent.policy = policy_controller(args, args.data_dir)
     if args.metrics_port:
         from ..agent import metrics
 
@@ -181,9 +190,13 @@ def run_agent(args) -> int:
     agent.bind()
     if agent.cluster is not None:
         agent.cluster.start()
+    if agent.policy is not None:
+        agent.policy.start()
     try:
         agent.serve()
     finally:
+        if agent.policy is not None:
+            agent.policy.stop()
         if agent.cluster is not None:
             agent.cluster.stop()
     return 0

@@ -17,6 +17,7 @@ from collections import defaultdict
 from collections.abc import Iterable
 
 from ..dataplane import names
+from ..rules.model import PolicyFragment
 from . import model as m
 from .model import Finding, Link, NodeSnapshot, StoredAllocation, StoredAttachment
 
@@ -543,6 +544,8 @@ def describe_rule(field: str, entry: object) -> str:
         )  # type: ignore[attr-defined]
     if field == "forward":
         return f"accept forwarded traffic from and to {entry}"
+    if isinstance(entry, PolicyFragment):
+        return f"NetworkPolicy rules (digest {entry.digest})"
     if field == "hairpin":
         return f"masquerade hairpin hostPort traffic of pod {entry}"
     return f"{field} {entry}"
@@ -580,8 +583,8 @@ def check_rules(rules: m.RulesView) -> list[Finding]:
         ]
     out = []
     for f in dataclasses.fields(desired):  # type: ignore[arg-type]
-        want = set(getattr(desired, f.name))
-        have = set(getattr(rules.installed, f.name, ()))
+        want = set(_field_entries(getattr(desired, f.name)))
+        have = set(_field_entries(getattr(rules.installed, f.name, ())))
         extra = {_rule_key(e): e for e in have - want}
         for entry in sorted(want - have, key=str):
             subject = f"{f.name} rule in {where}"
@@ -615,8 +618,15 @@ def check_rules(rules: m.RulesView) -> list[Finding]:
 
 def _entries(rules: object) -> Iterable[tuple[str, object]]:
     for f in dataclasses.fields(rules):  # type: ignore[arg-type]
-        for entry in getattr(rules, f.name):
+        for entry in _field_entries(getattr(rules, f.name)):
             yield f.name, entry
+
+
+def _field_entries(value: object) -> Iterable[object]:
+    """A rule set field's entries: the NetworkPolicy fragment is one entry (or none)."""
+    if isinstance(value, PolicyFragment):
+        return (value,) if value else ()
+    return value  # type: ignore[return-value]
 
 
 # --- cluster routes ----------------------------------------------------------------------

@@ -29,6 +29,7 @@ def add_attachment(
     range_sets: list[RangeSet],
     requested: list[Address],
     port_mappings: Sequence[PortMapping] = (),
+    pod: tuple[str, str] | None = None,
 ) -> list[Allocation]:
     """Record an attachment, its addresses (those requested, else the next free ones) and its
     port mappings. A host port another attachment on this node holds is refused
@@ -69,7 +70,7 @@ def add_attachment(
         held[str(ip)] = container_id
         allocs.append(Allocation(ip, r.subnet.prefixlen, r.gateway, rs.key))
 
-    _insert(conn, network, container_id, ifname, host_veth, netns, allocs, port_mappings)
+    _insert(conn, network, container_id, ifname, host_veth, netns, allocs, port_mappings, pod)
     return allocs
 
 
@@ -114,6 +115,7 @@ def _insert(
     netns: str,
     allocs: list[Allocation],
     port_mappings: Sequence[PortMapping],
+    pod: tuple[str, str] | None = None,
 ) -> None:
     cur = conn.execute(
         "INSERT INTO attachments (network, container_id, ifname, host_veth, netns,"
@@ -131,6 +133,12 @@ def _insert(
         conn.execute(
             "INSERT OR REPLACE INTO last_reserved (network, range_set, ip) VALUES (?, ?, ?)",
             (network, a.range_set, str(a.ip)),
+        )
+    if pod is not None:
+        # Which Kubernetes pod this is (CNI_ARGS): NetworkPolicy finds its addresses by it.
+        conn.execute(
+            "INSERT INTO pod_refs (attachment_id, namespace, name) VALUES (?, ?, ?)",
+            (att_id, pod[0], pod[1]),
         )
     for m in port_mappings:
         conn.execute(

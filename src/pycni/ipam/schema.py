@@ -67,6 +67,11 @@ CREATE TABLE IF NOT EXISTS port_mappings (
 );
 CREATE INDEX IF NOT EXISTS port_mappings_attachment ON port_mappings (attachment_id);
 CREATE INDEX IF NOT EXISTS port_mappings_port ON port_mappings (host_port, protocol);
+CREATE TABLE IF NOT EXISTS pod_refs (
+    attachment_id  INTEGER PRIMARY KEY REFERENCES attachments (id) ON DELETE CASCADE,
+    namespace      TEXT NOT NULL,
+    name           TEXT NOT NULL
+);
 """
 
 
@@ -114,7 +119,7 @@ def has_added_tables(conn: sqlite3.Connection) -> bool:
     # Checked by reading, so opening a complete database writes nothing (a read-only or
     # full filesystem still lets it be read).
     names = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-    return "port_mappings" in names
+    return {"port_mappings", "pod_refs"} <= names
 
 
 def add_missing_tables(conn: sqlite3.Connection) -> None:

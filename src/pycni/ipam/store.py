@@ -133,9 +133,11 @@ class Store:
         range_sets: list[RangeSet],
         requested: list[Address],
         port_mappings: Sequence[PortMapping] = (),
+        pod: tuple[str, str] | None = None,
     ) -> list[Allocation]:
-        """Record an attachment, its addresses and its port mappings in one transaction.
-        A host port another attachment on this node holds is refused (ADDRESS_UNAVAILABLE)."""
+        """Record an attachment, its addresses, its port mappings and which Kubernetes pod
+        (namespace, name) it belongs to, in one transaction. A host port another attachment
+        on this node holds is refused (ADDRESS_UNAVAILABLE)."""
         with self.transaction():
             return allocate.add_attachment(
                 self.conn,
@@ -147,7 +149,21 @@ class Store:
                 range_sets,
                 requested,
                 port_mappings,
+                pod,
             )
+
+    def pod_addresses(self) -> dict[tuple[str, str], list[str]]:
+        """{(namespace, name): addresses} of the Kubernetes pods attached on this node."""
+        with self._read() as conn:
+            rows = conn.execute(
+                "SELECT r.namespace, r.name, al.ip FROM pod_refs r"
+                " JOIN allocations al ON al.attachment_id = r.attachment_id"
+                " ORDER BY r.namespace, r.name, al.attachment_id, al.seq"
+            ).fetchall()
+        out: dict[tuple[str, str], list[str]] = {}
+        for namespace, name, ip in rows:
+            out.setdefault((namespace, name), []).append(ip)
+        return out
 
     def restore_attachment(
         self,

@@ -16,6 +16,7 @@ arriving on any interface but ``lo`` (the fix kube-proxy made for CVE-2020-8558)
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -222,6 +223,31 @@ def _interface_key(iface: Interface) -> tuple:
     )
 
 
+@dataclass(frozen=True, eq=False)
+class PolicyFragment:
+    """NetworkPolicy's part of the table: nft statements (rules/policy.py renders them) and
+    their digest. Fragments compare by digest, so one read back from the kernel (which keeps
+    only the digest, in a comment) equals the one that was installed."""
+
+    statements: tuple[str, ...] = ()
+    digest: str = ""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "statements", tuple(self.statements))
+        if self.statements and not self.digest:
+            text = "\n".join(self.statements).encode()
+            object.__setattr__(self, "digest", hashlib.sha256(text).hexdigest()[:32])
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, PolicyFragment) and other.digest == self.digest
+
+    def __hash__(self) -> int:
+        return hash(self.digest)
+
+    def __bool__(self) -> bool:
+        return bool(self.digest)
+
+
 @dataclass(frozen=True)
 class RuleSet:
     """Everything pycni wants in its table, normalized on construction (so two sets meaning
@@ -235,14 +261,16 @@ class RuleSet:
     whose DNATed traffic from their own subnet is masqueraded, so a pod reaching itself or a
     neighbour through a hostPort gets the answer back through the node (needed without
     br_netfilter, where the neighbour would answer straight over the bridge). Any iterables
-    are accepted (networks and addresses also as strings) and stored as sorted tuples. An
-    empty set means "no table at all".
+    are accepted (networks and addresses also as strings) and stored as sorted tuples.
+    ``policy``: the node's NetworkPolicy rules (PolicyFragment). An empty set means "no table
+    at all".
     """
 
     masquerade: tuple[MasqRule, ...] = ()
     forward: tuple[Network, ...] = ()
     hostports: tuple[HostPort, ...] = ()
     hairpin: tuple[Interface, ...] = ()
+    policy: PolicyFragment = PolicyFragment()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "masquerade", tuple(normalize(self.masquerade)))
@@ -257,7 +285,9 @@ class RuleSet:
         )
 
     def __bool__(self) -> bool:
-        return bool(self.masquerade or self.forward or self.hostports or self.hairpin)
+        return bool(
+            self.masquerade or self.forward or self.hostports or self.hairpin or self.policy
+        )
 
     def guards_localnet(self) -> bool:
         """Whether IPv4 hostPorts exist: they need route_localnet, hence the 127/8 guard."""

@@ -27,6 +27,7 @@ from pycni.rules.model import (
     Interface,
     MasqRule,
     Network,
+    PolicyFragment,
     RuleSet,
     hairpin_of,
 )
@@ -38,6 +39,9 @@ INPUT_CHAIN = "input"
 HOSTPORT_CHAIN = "hostports"
 PREROUTING_CHAIN = "prerouting"
 OUTPUT_CHAIN = "output"
+# A chain nothing jumps to, holding the policy fragment's digest in a rule comment: how the
+# installed policy is read back (nft -j shows rule comments, not chain comments).
+POLICY_DIGEST_CHAIN = "policy_digest"
 
 
 def _proto(version: int) -> str:
@@ -91,6 +95,11 @@ def render_nft(rules: RuleSet) -> str:
             lines.append(f"\t\ttype nat hook {hook} priority {prio}; policy accept;")
             lines.append(f"\t\tfib daddr type local jump {HOSTPORT_CHAIN}")
             lines.append("\t}")
+    if rules.policy:
+        lines += [f"\t{s}" for s in rules.policy.statements]
+        lines.append(f"\tchain {POLICY_DIGEST_CHAIN} {{")
+        lines.append(f'\t\treturn comment "{rules.policy.digest}"')
+        lines.append("\t}")
     if rules.masquerade or rules.hairpin or rules.guards_localnet():
         lines.append(f"\tchain {NAT_CHAIN} {{")
         lines.append("\t\ttype nat hook postrouting priority srcnat; policy accept;")
@@ -194,10 +203,16 @@ def parse_nft(listing: str) -> RuleSet:
     hostports: list[HostPort] = []
     hairpin: list[Interface] = []
     accepted: dict[str, set[Network]] = {"saddr": set(), "daddr": set()}
+    policy = PolicyFragment()
     for obj in json.loads(listing).get("nftables", []):
         rule = obj.get("rule")
         if not rule:
             continue
+        if rule.get("chain") == POLICY_DIGEST_CHAIN and rule.get("comment"):
+            policy = PolicyFragment((), str(rule["comment"]))
+            continue
+        if str(rule.get("chain", "")).startswith("policy_"):
+            continue  # the policy's own chains are read back through the digest
         matches = _nft_matches(rule)
         if rule.get("chain") == NAT_CHAIN:
             source = [n for f, op, nets in matches if f == "saddr" and op == "==" for n in nets]
@@ -219,5 +234,9 @@ def parse_nft(listing: str) -> RuleSet:
                     accepted[f].add(nets[0])
     # A cluster CIDR counts as forwarded only with both directions accepted.
     return RuleSet(
-        tuple(masq), tuple(accepted["saddr"] & accepted["daddr"]), tuple(hostports), tuple(hairpin)
+        tuple(masq),
+        tuple(accepted["saddr"] & accepted["daddr"]),
+        tuple(hostports),
+        tuple(hairpin),
+        policy,
     )

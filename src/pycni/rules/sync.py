@@ -135,6 +135,9 @@ def apply(rules: RuleSet, backend: str | None = None) -> str:
     if used == "nft":
         _must(["nft", "-f", "-"], nft.render_nft(rules))
         return used
+    if rules.policy:
+        # The agent records policy rules only where nft runs; say so rather than drop them.
+        raise CniError(RULES_FAILURE, "packet rules: NetworkPolicy needs the nft backend")
     for family in (4, 6):
         _ipt_apply(rules, family)
     return used

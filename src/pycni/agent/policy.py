@@ -1,0 +1,228 @@
+"""NetworkPolicy on this node: objects in, rules in pycni's table, denied connections cut.
+
+A thread waits on the object source (the API server's watches, or the objects stored in the
+sqlite or etcd datastore) and, on every change and every resync, makes the node's rules equal
+to what the objects say:
+
+1. the objects, with this node's pods' addresses taken from the IPAM store (the store knows a
+   pod's address the moment its ADD allocated it; the API server learns it later), compiled
+   by the pure engine (pycni.policy) into this node's ``NodePolicy``;
+2. rendered as nft statements (rules/policy.py) and recorded in the store, so every later
+   ADD, DEL and repair installs them with the rest of the table in one ``nft -f``;
+3. conntrack entries of connections the new rules deny are deleted, so they stop now rather
+   than live on as "established" (entries of connections still allowed are left alone: a
+   Service's NATed flows keep their endpoint).
+
+The agent also calls ``pod_added`` after an ADD of a Kubernetes pod and before answering the
+runtime, so a new pod is isolated before its containers start.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+from typing import Any
+
+from ..cluster.kv import KVError
+from ..cluster.objects import ObjectSource
+
+log = logging.getLogger("pycni")
+
+BRIDGE_NF = (
+    "/proc/sys/net/bridge/bridge-nf-call-iptables",
+    "/proc/sys/net/bridge/bridge-nf-call-ip6tables",
+)
+_PROTOCOLS = {socket.IPPROTO_TCP: "TCP", socket.IPPROTO_UDP: "UDP", 132: "SCTP"}
+
+
+class PolicyController:
+    def __init__(
+        self, source: ObjectSource, node_name: str, data_dir: str, resync: float = 10.0
+    ) -> None:
+        self.source = source
+        self.node_name = node_name
+        self.data_dir = data_dir
+        self.resync = resync
+        self._stop = threading.Event()
+        self._lock = threading.Lock()  # one compile-and-install at a time
+        self._thread: threading.Thread | None = None
+        self.last: dict[str, Any] = {}  # what status and metrics show
+        self.error: str | None = None
+        self.active = False  # any policy exists: ADDs must wait for their rules
+
+    # --- life cycle ------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="policy", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        self.source.close()
+
+    def _run(self) -> None:
+        backoff = 0.5
+        while not self._stop.is_set():
+            try:
+                self.reconcile("objects changed" if self.last else "start")
+                self.error, backoff = None, 0.5
+                deadline = time.monotonic() + self.resync
+                while not self._stop.is_set():
+                    left = deadline - time.monotonic()
+                    if left <= 0 or self.source.wait(min(left, 1.0)):
+                        break
+            except KVError as exc:
+                self.error = str(exc)
+                log.error("policy: %s (retrying in %.1f s)", exc, backoff)
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, 10.0)
+            except Exception as exc:
+                self.error = f"{type(exc).__name__}: {exc}"
+                log.exception("policy reconcile")
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, 10.0)
+
+    # --- one pass --------------------------------------------------------------------------
+
+    def pod_added(self, pod: tuple[str, str]) -> None:
+        """After an ADD of ``pod`` (namespace, name): its rules before its containers run."""
+        if self.active:
+            self.reconcile(f"pod {pod[0]}/{pod[1]} added")
+
+    def reconcile(self, why: str) -> dict[str, Any]:
+        from ..core import masquerade
+        from ..ipam.store import Store
+        from ..policy import compile_inventory, load
+        from ..rules import policy as policy_rules
+        from ..rules.sync import resolve_backend
+
+        started = time.monotonic()
+        with self._lock:
+            objects = self.source.snapshot()
+            with Store(self.data_dir) as store:
+                pods = with_local_addresses(objects.pods, store.pod_addresses(), self.node_name)
+                inventory = load(objects.namespaces, pods, objects.policies)
+                compiled = compile_inventory(self.node_name, inventory)
+                rendered = policy_rules.render(compiled)
+                if rendered and resolve_backend() != "nft":
+                    raise RuntimeError(
+                        "NetworkPolicy needs the nft packet-rule backend "
+                        "($PYCNI_RULES_BACKEND=iptables here): policies are NOT enforced"
+                    )
+                if rendered:
+                    ensure_bridge_netfilter()
+                recorded = (
+                    {
+                        "statements": list(rendered.statements),
+                        "counters": [list(c) for c in rendered.counters],
+                        "sizes": compiled.sizes(),
+                        "policies": [str(p.id) for p in compiled.policies],
+                    }
+                    if rendered
+                    else None
+                )
+                changed = masquerade.recorded_policy(store) != recorded
+                masquerade.record_policy(store, recorded)
+                masquerade.sync(store)
+            cut = cut_denied_connections(compiled) if changed and rendered else 0
+            self.active = bool(rendered)
+            problems = [str(p) for p in inventory.problems]
+            for problem in problems:
+                if problem not in self.last.get("problems", []):
+                    log.warning("policy: left out: %s", problem)
+            self.last = {
+                "policies": [str(p.id) for p in compiled.policies],
+                "sizes": compiled.sizes(),
+                "problems": problems,
+                "counters": [list(c) for c in rendered.counters],
+                "applied": time.time(),
+                "seconds": round(time.monotonic() - started, 4),
+            }
+            if changed:
+                log.info(
+                    "policy: %s: %d policies, %d pods isolated here, %d connections cut (%.0f ms)",
+                    why,
+                    len(compiled.policies),
+                    sum(1 for p in compiled.pods if p.ingress or p.egress),
+                    cut,
+                    1000 * (time.monotonic() - started),
+                )
+            return self.last
+
+    def status(self) -> dict[str, Any]:
+        return {**self.last, "error": self.error}
+
+
+def with_local_addresses(
+    pods: tuple[dict, ...], local: dict[tuple[str, str], list[str]], node_name: str
+) -> list[dict]:
+    """The Pod objects, this node's pods carrying the addresses the IPAM store holds for them
+    (found by the namespace and name the runtime gave in CNI_ARGS) and this node's name."""
+    out = []
+    for pod in pods:
+        meta = pod.get("metadata") if isinstance(pod, dict) else None
+        key = (
+            (meta.get("namespace") or "default", meta.get("name"))
+            if isinstance(meta, dict)
+            else None
+        )
+        ips = local.get(key) if key else None  # type: ignore[arg-type]
+        if ips:
+            spec = dict(pod.get("spec") or {}, nodeName=node_name)
+            status = dict(
+                pod.get("status") or {},
+                podIP=ips[0],
+                podIPs=[{"ip": ip} for ip in ips],
+                phase="Running",
+            )
+            pod = {**pod, "spec": spec, "status": status}
+        out.append(pod)
+    return out
+
+
+def ensure_bridge_netfilter() -> None:
+    """Bridged frames between pods of this node reach the forward hook (and the policy rules)
+    only with br_netfilter on, which is per network namespace."""
+    for path in BRIDGE_NF:
+        try:
+            with open(path) as f:
+                if f.read().strip() == "1":
+                    continue
+            with open(path, "w") as f:
+                f.write("1")
+            log.info("policy: turned on %s", path)
+        except FileNotFoundError:
+            log.error("policy: %s is missing: same-node pod traffic is not filtered", path)
+
+
+def cut_denied_connections(compiled) -> int:
+    """Delete the conntrack entries of this node's connections that ``compiled`` denies."""
+    from pyroute2 import Conntrack
+
+    from ..policy import Interpreter
+
+    judge = Interpreter([compiled])
+    local = {ip for pod in compiled.pods for ip in pod.ips if pod.ingress or pod.egress}
+    if not local:
+        return 0
+    cut = 0
+    with Conntrack() as ct:
+        for entry in list(ct.dump_entries()):  # both families
+            orig, reply = entry.tuple_orig, entry.tuple_reply
+            protocol = _PROTOCOLS.get(orig.proto)
+            # After a DNAT (a Service) the real destination is the reply's source.
+            src, dst = orig.saddr, reply.saddr
+            if protocol is None or (src not in local and dst not in local):
+                continue
+            port = reply.sport or orig.dport or 0
+            if not judge.allowed(src, dst, protocol, port):
+                try:
+                    ct.delete(entry)
+                    cut += 1
+                except Exception:  # gone meanwhile
+                    pass
+    return cut
