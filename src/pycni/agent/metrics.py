@@ -109,6 +109,8 @@ def build_registry(agent) -> CollectorRegistry:
     agent.observers.append(observe)
     if getattr(agent, "cluster", None) is not None:
         _cluster_metrics(agent.cluster, registry)
+    if getattr(agent, "policy", None) is not None:
+        registry.register(PolicyCollector(agent.policy))
     return registry
 
 
@@ -321,3 +323,52 @@ class _Handler(BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args) -> None:  # noqa: A002
         log.debug("metrics %s: " + format, self.address_string(), *args)
+
+
+class PolicyCollector:
+    """NetworkPolicy at scrape time: packets and bytes each policy allowed and denied (its
+    counters in pycni's nft table), and what the controller installed last."""
+
+    def __init__(self, controller) -> None:
+        self.controller = controller
+
+    def describe(self) -> Iterator:
+        yield CounterMetricFamily("pycni_policy_packets", "", labels=["policy", "verdict"])
+        yield CounterMetricFamily("pycni_policy_bytes", "", labels=["policy", "verdict"])
+        yield GaugeMetricFamily("pycni_policy_objects", "", labels=["what"])
+        yield GaugeMetricFamily("pycni_policy_apply_seconds", "")
+
+    def collect(self) -> Iterator:
+        from ..rules.sync import policy_counters
+
+        last = self.controller.last
+        packets = CounterMetricFamily(
+            "pycni_policy_packets",
+            "New connections' packets a NetworkPolicy allowed, or denied while isolating the pod",
+            labels=["policy", "verdict"],
+        )
+        size = CounterMetricFamily(
+            "pycni_policy_bytes", "Bytes of those packets", labels=["policy", "verdict"]
+        )
+        names = {c[0]: (c[1], c[2]) for c in last.get("counters", [])}
+        for name, (pkts, nbytes) in policy_counters().items():
+            if name in names:
+                policy, verdict = names[name]
+                packets.add_metric([policy, verdict], pkts)
+                size.add_metric([policy, verdict], nbytes)
+        yield packets
+        yield size
+        objects = GaugeMetricFamily(
+            "pycni_policy_objects",
+            "What the node enforces: policies, isolated pods, rules, set elements",
+            labels=["what"],
+        )
+        for what, value in sorted(last.get("sizes", {}).items()):
+            objects.add_metric([what], value)
+        yield objects
+        if "seconds" in last:
+            yield GaugeMetricFamily(
+                "pycni_policy_apply_seconds",
+                "How long the last compile-and-install of the policies took",
+                value=last["seconds"],
+            )

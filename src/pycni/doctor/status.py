@@ -167,6 +167,9 @@ def collect(data_dirs: list[str] | None, socket_path: str | None) -> dict:
     elif cluster is not None:
         for error in (cluster.get("lastChanges") or {}).get("errors", []):
             problems.append(f"cluster: last reconcile: {error}")
+    policy = (agent["health"] or {}).get("policy")
+    if policy is not None and policy.get("error"):
+        problems.append(f"networkpolicy: {policy['error']}")
 
     backend, present = masquerade_present()
     masq = {"backend": backend, "expected": wants_masq, "present": present}
@@ -208,6 +211,25 @@ def _render_cluster(c: dict) -> list[str]:
     return out
 
 
+def _render_policy(p: dict) -> list[str]:
+    sizes = p.get("sizes") or {}
+    names = p.get("policies") or []
+    out = [
+        f"networkpolicy: {len(names)} polic{'y' if len(names) == 1 else 'ies'}, "
+        f"{sizes.get('isolated_ingress', 0)} pod(s) isolated for ingress and "
+        f"{sizes.get('isolated_egress', 0)} for egress of {sizes.get('pods', 0)} here; "
+        f"{sizes.get('rules', 0)} rules, {sizes.get('address_sets', 0)} address sets "
+        f"({sizes.get('address_elements', 0)} elements)"
+    ]
+    if names:
+        out.append(f"  in force {', '.join(names)}")
+    for problem in p.get("problems") or []:
+        out.append(f"  left out {problem}")
+    if p.get("error"):
+        out.append(f"  ERROR    {p['error']}")
+    return out
+
+
 def render(report: dict) -> str:
     out: list[str] = []
     agent = report["agent"]
@@ -225,6 +247,9 @@ def render(report: dict) -> str:
     cluster = (agent["health"] or {}).get("cluster") if agent["running"] else None
     if cluster is not None:
         out.extend(_render_cluster(cluster))
+    policy = (agent["health"] or {}).get("policy") if agent["running"] else None
+    if policy is not None:
+        out.extend(_render_policy(policy))
 
     for store in report["stores"]:
         if not store["ok"]:

@@ -7,6 +7,7 @@ iptables.py only turn a RuleSet into text and text back into a RuleSet.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -197,3 +198,20 @@ def _installed_ipt() -> RuleSet | None:
                 listings.append((chain, proc.stdout))
     # None when not one of pycni's chains exists.
     return iptables.parse_iptables(listings) if listings else None
+
+
+def policy_counters(table: str = nft.TABLE) -> dict[str, tuple[int, int]]:
+    """{counter: (packets, bytes)} of pycni's named counters in this network namespace; empty
+    when there is no table (or no nft)."""
+    try:
+        proc = _run(["nft", "-j", "list", "counters", "table", "inet", table])
+    except CniError:
+        return {}
+    if proc.returncode != 0:
+        return {}
+    out = {}
+    for obj in json.loads(proc.stdout).get("nftables", []):
+        counter = obj.get("counter")
+        if counter:
+            out[counter["name"]] = (int(counter.get("packets", 0)), int(counter.get("bytes", 0)))
+    return out
