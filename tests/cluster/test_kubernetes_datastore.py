@@ -1,4 +1,4 @@
-"""The kubernetes datastore against a small fake API server (tests/k8s_fake_api.py).
+"""The kubernetes datastore against a small fake API server (pycni/harness/k8s_fake_api.py).
 
 The real client (``kubernetes.client.ApiClient``) talks HTTP to the server running in a thread:
 it serves the Node objects recorded in tests/data/k8s, applies merge patches, and streams watch
@@ -11,30 +11,50 @@ from __future__ import annotations
 
 import copy
 import ipaddress
+import json
 import socket
 import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 from kubernetes import client
 
-from k8s_fake_api import FakeAPIServer, load, recorded_events
 from pycni.cluster.kubernetes import ANN_NODE_IPS, ANN_VTEP_MAC, KubernetesDatastore
 from pycni.cluster.kv import KVError
 from pycni.cluster.model import ClusterError, NodeRecord
+from pycni.harness.k8s_fake_api import FakeAPIServer
+
+# Recorded from a kubeadm cluster: two nodes, and node-c's life (ADDED without a podCIDR,
+# MODIFIED with one, MODIFIED Ready, DELETED) as a watch streamed it.
+DATA = Path(__file__).resolve().parent.parent / "data" / "k8s"
+
+
+def load(name: str) -> dict:
+    return json.loads((DATA / name).read_text())
+
+
+def recorded_events() -> list[dict]:
+    return [json.loads(line) for line in (DATA / "watch-node-c.json").read_text().splitlines()]
+
 
 # -- fixtures ---------------------------------------------------------------------------------
+
+
+OPEN: list[KubernetesDatastore] = []  # every store a test made, closed before the server stops
 
 
 @pytest.fixture
 def server():
     before = set(threading.enumerate())
     srv = FakeAPIServer()
-    srv.load_list("nodelist.json")
+    srv.load_list(load("nodelist.json"))
     srv.start()
     yield srv
+    while OPEN:
+        OPEN.pop().close()
     srv.stop()
     assert set(threading.enumerate()) <= before, "a thread outlived the test"
 
@@ -48,6 +68,7 @@ def api(server):
 def store_for(api, name: str = "node-a") -> KubernetesDatastore:
     store = KubernetesDatastore(name, api_client=api)
     store.request_timeout = (2.0, 5.0)
+    OPEN.append(store)
     return store
 
 

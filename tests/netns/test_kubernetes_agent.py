@@ -1,5 +1,5 @@
 """The node agent with ``--datastore kubernetes``, end to end: a real `pycnictl agent` in a node
-namespace, talking through the official client to the fake API server (tests/k8s_fake_api.py)
+namespace, talking through the official client to the fake API server (harness/k8s_fake_api.py)
 running as a process on that namespace's loopback. The test plays kube-controller-manager and
 the other nodes' kubelets by adding, patching and deleting Node objects; the agent must follow
 through the watch, and the kernel, the CNI config and the agent's health must show it."""
@@ -19,16 +19,17 @@ from pathlib import Path
 import pytest
 
 from conftest import sh
-from k8s_fake_api import make_node
 from pycni.agent.client import agent_health
 from pycni.agent.launch import agent_argv, wait_until_listening
 from pycni.backends.plan import vtep_mac
 from pycni.cluster.kubernetes import ANN_NODE_IPS, ANN_VTEP_MAC
+from pycni.harness import k8s_fake_api
+from pycni.harness.k8s_fake_api import make_node
 from pycni.node_config import read_subnet_env
 
 pytestmark = pytest.mark.netns
 
-FAKE_API = Path(__file__).resolve().parent.parent / "k8s_fake_api.py"
+FAKE_API = k8s_fake_api.__file__  # run as a script: it needs nothing but the standard library
 NODE_IP, PEER_IP, GATEWAY = "192.0.2.1", "192.0.2.2", "192.0.2.254"
 CLUSTER_CIDR = "10.244.0.0/16"
 SUBNET_A, SUBNET_B, SUBNET_C = "10.244.5.0/24", "10.244.6.0/24", "10.244.7.0/24"
@@ -41,7 +42,7 @@ RESYNC = 30.0  # the periodic pass never comes within DEADLINE: what happens is 
 
 
 class FakeAPIProcess:
-    """tests/k8s_fake_api.py under ``ip netns exec``: one JSON command a line on its stdin,
+    """harness/k8s_fake_api.py under ``ip netns exec``: one JSON command a line on its stdin,
     one JSON answer a line on its stdout."""
 
     def __init__(self, ns: str, stderr_path: str) -> None:

@@ -14,7 +14,8 @@ Two ways to use it:
   JSON command per line on stdin, answering each with one JSON line on stdout (see `serve_stdio`).
   It exits when stdin closes.
 
-Standard library only: the process needs nothing but a Python.
+Standard library only: the process needs nothing but a Python. It lives in pycni.harness so
+that `pycnictl bench` can use it too; the recorded Node objects stay test data (tests/data/k8s).
 """
 
 from __future__ import annotations
@@ -27,21 +28,11 @@ import threading
 import time
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-DATA = Path(__file__).resolve().parent / "data" / "k8s"
 NODES = "/api/v1/nodes"
 MERGE_TYPES = ("application/merge-patch+json", "application/strategic-merge-patch+json")
-
-
-def load(name: str) -> Any:
-    return json.loads((DATA / name).read_text())
-
-
-def recorded_events() -> list[dict]:
-    return [json.loads(line) for line in (DATA / "watch-node-c.json").read_text().splitlines()]
 
 
 def status(code: int, reason: str, message: str, name: str | None = None) -> dict:
@@ -114,8 +105,8 @@ class FakeAPIServer:
 
     # -- cluster state, as other actors change it ----------------------------------------
 
-    def load_list(self, name: str) -> None:
-        listed = load(name)
+    def load_list(self, listed: dict) -> None:
+        """A recorded NodeList as the initial state, at its resourceVersion."""
         for item in listed["items"]:
             self.nodes[item["metadata"]["name"]] = {"kind": "Node", "apiVersion": "v1", **item}
         self.rv = int(listed["metadata"]["resourceVersion"])
@@ -287,7 +278,8 @@ class _Handler(BaseHTTPRequestHandler):
                 return self.send_json(410, gone)
             self.begin_stream()
             self.chunk({"type": "ERROR", "object": gone})
-            return self.chunk(None)
+            self.chunk(None)
+            return
         self.begin_stream()
         deadline = time.monotonic() + timeout
         while True:
@@ -322,22 +314,81 @@ class _Handler(BaseHTTPRequestHandler):
             return False
 
 
+def _node_template() -> dict:
+    """A Node as kubeadm's kubelet registers it (the recorded node-a of tests/data/k8s)."""
+    condition = {
+        "status": "False",
+        "lastHeartbeatTime": "2024-05-14T07:41:19Z",
+        "lastTransitionTime": "2024-05-13T09:12:41Z",
+    }
+    return {
+        "kind": "Node",
+        "apiVersion": "v1",
+        "metadata": {
+            "creationTimestamp": "2024-05-13T09:12:41Z",
+            "labels": {
+                "beta.kubernetes.io/arch": "amd64",
+                "beta.kubernetes.io/os": "linux",
+                "kubernetes.io/arch": "amd64",
+                "kubernetes.io/os": "linux",
+            },
+            "annotations": {
+                "kubeadm.alpha.kubernetes.io/cri-socket": "unix:///var/run/containerd/containerd.sock",
+                "node.alpha.kubernetes.io/ttl": "0",
+                "volumes.kubernetes.io/controller-managed-attach-detach": "true",
+            },
+        },
+        "spec": {},
+        "status": {
+            "capacity": {
+                "cpu": "2",
+                "ephemeral-storage": "20470152Ki",
+                "memory": "4015472Ki",
+                "pods": "110",
+            },
+            "allocatable": {
+                "cpu": "2",
+                "ephemeral-storage": "18864735075",
+                "memory": "3913072Ki",
+                "pods": "110",
+            },
+            "conditions": [
+                {"type": "MemoryPressure", "reason": "KubeletHasSufficientMemory", **condition},
+                {"type": "DiskPressure", "reason": "KubeletHasNoDiskPressure", **condition},
+                {"type": "PIDPressure", "reason": "KubeletHasSufficientPID", **condition},
+                {**condition, "type": "Ready", "status": "True", "reason": "KubeletReady"},
+            ],
+            "addresses": [],
+            "daemonEndpoints": {"kubeletEndpoint": {"Port": 10250}},
+            "nodeInfo": {
+                "machineID": "a81c5b0e7d4f4b9c9f3b2e1d0c6a7b8e",
+                "systemUUID": "3f1c2a4e-0000-4000-8000-000000000000",
+                "bootID": "d2b7c1e4-5f6a-4b3c-8d9e-0f1a2b3c4d5e",
+                "kernelVersion": "6.1.0-21-amd64",
+                "osImage": "Debian GNU/Linux 12 (bookworm)",
+                "containerRuntimeVersion": "containerd://1.7.15",
+                "kubeletVersion": "v1.30.1",
+                "kubeProxyVersion": "v1.30.1",
+                "operatingSystem": "linux",
+                "architecture": "amd64",
+            },
+        },
+    }
+
+
 def make_node(
     name: str,
     pod_cidrs: list[str] | None,
     internal_ips: list[str],
     annotations: dict[str, str] | None = None,
 ) -> dict:
-    """A Node as the kubelet registers it (shaped like the recorded node-a), with these pod
-    CIDRs (None: none allocated yet), InternalIP addresses and extra annotations."""
-    template = load("nodelist.json")["items"][0]
-    node = {"kind": "Node", "apiVersion": "v1", **copy.deepcopy(template)}
+    """A Node as the kubelet registers it, with these pod CIDRs (None: none allocated yet),
+    InternalIP addresses and extra annotations."""
+    node = _node_template()
     meta = node["metadata"]
-    meta.pop("managedFields", None)
     meta["name"] = name
     meta["uid"] = str(uuid.uuid5(uuid.NAMESPACE_DNS, name))
     meta["labels"]["kubernetes.io/hostname"] = name
-    meta.pop("resourceVersion", None)
     meta["annotations"].update(annotations or {})
     node["spec"] = {"podCIDR": pod_cidrs[0], "podCIDRs": list(pod_cidrs)} if pod_cidrs else {}
     node["status"]["addresses"] = [{"type": "InternalIP", "address": ip} for ip in internal_ips] + [
@@ -366,6 +417,7 @@ def serve_stdio(stdin=sys.stdin, stdout=sys.stdout) -> None:
         for line in stdin:
             if not line.strip():
                 continue
+            reply: dict[str, Any]
             try:
                 reply = {"ok": True, "node": _command(api, json.loads(line))}
             except Exception as e:  # a bad command is the test's bug: say so, keep serving
