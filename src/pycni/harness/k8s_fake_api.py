@@ -1,9 +1,20 @@
-"""A small fake kubernetes API server: Node objects only (list, get, merge-patch, watch).
+"""A small fake kubernetes API server: Nodes, Namespaces, Pods and NetworkPolicies.
 
 The real client talks HTTP to it, so the client's own request building, content types,
 deserialization and watch machinery are exercised, not mocks of them. It serves the way
-kube-apiserver does: chunked watch streams of one JSON object per line, an ``ERROR`` event with
-a 410 Status for an expired resourceVersion, a metav1.Status with every error.
+kube-apiserver does: lists with a resourceVersion, chunked watch streams of one JSON object per
+line that resume from a resourceVersion, end at the client's ``timeoutSeconds`` and carry
+``BOOKMARK`` events when ``allowWatchBookmarks`` asks for them (every ``bookmark_every``
+seconds, and once just before the watch's timeout), an ``ERROR`` event with a 410 Status for a
+compacted resourceVersion, a metav1.Status with every error. Cluster-scoped objects (Nodes,
+Namespaces) can also be read and merge-patched one by one.
+
+What the tests and `pycnictl bench watch` need beyond serving: every request is counted by
+(method, resource, watch or not); ``restart()`` drops every connection as an API server
+restart does (state and history kept, so watches can resume); ``compact()`` forgets history,
+so the next watch from an older resourceVersion gets 410; ``unavailable`` answers 503 to
+everything (an API server whose etcd is away), ``max_watch`` ends watches sooner than asked
+(a server or load balancer that cuts long requests).
 
 Two ways to use it:
 
@@ -15,27 +26,59 @@ Two ways to use it:
   It exits when stdin closes.
 
 Standard library only: the process needs nothing but a Python. It lives in pycni.harness so
-that `pycnictl bench` can use it too; the recorded Node objects stay test data (tests/data/k8s).
+that `pycnictl bench watch` can use it too; the recorded Node objects stay test data.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import random
 import socket
 import sys
 import threading
 import time
 import uuid
+from collections import Counter
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-NODES = "/api/v1/nodes"
 MERGE_TYPES = ("application/merge-patch+json", "application/strategic-merge-patch+json")
+# kube-apiserver's --min-request-timeout: a watch that names no timeoutSeconds lasts a random
+# 1-2 times this.
+MIN_REQUEST_TIMEOUT = 1800.0
 
 
-def status(code: int, reason: str, message: str, name: str | None = None) -> dict:
+@dataclass(frozen=True)
+class Resource:
+    name: str  # "nodes": how requests are counted and objects addressed
+    path: str  # the collection's URL path (all namespaces for namespaced kinds)
+    kind: str
+    api_version: str
+    namespaced: bool
+
+
+RESOURCES = {
+    r.name: r
+    for r in (
+        Resource("nodes", "/api/v1/nodes", "Node", "v1", False),
+        Resource("namespaces", "/api/v1/namespaces", "Namespace", "v1", False),
+        Resource("pods", "/api/v1/pods", "Pod", "v1", True),
+        Resource(
+            "networkpolicies",
+            "/apis/networking.k8s.io/v1/networkpolicies",
+            "NetworkPolicy",
+            "networking.k8s.io/v1",
+            True,
+        ),
+    )
+}
+NODES = RESOURCES["nodes"].path
+
+
+def status(code: int, reason: str, message: str, name: str | None = None, kind: str = "nodes"):
     """A metav1.Status as the API server sends it with every error."""
     out: dict[str, Any] = {
         "kind": "Status",
@@ -47,7 +90,7 @@ def status(code: int, reason: str, message: str, name: str | None = None) -> dic
         "code": code,
     }
     if name:
-        out["details"] = {"name": name, "kind": "nodes"}
+        out["details"] = {"name": name, "kind": kind}
     return out
 
 
@@ -64,19 +107,31 @@ def merge_patch(target: Any, patch: Any) -> Any:
     return out
 
 
+def object_key(obj: dict) -> str:
+    meta = obj["metadata"]
+    return f"{meta['namespace']}/{meta['name']}" if meta.get("namespace") else meta["name"]
+
+
 class FakeAPIServer:
-    """Nodes only: list, get, merge-patch, watch. Test code plays the other cluster actors
+    """The API server's state and its counters; test code plays the other cluster actors
     (kubelet, controller-manager, kubectl) through put/modify/delete."""
 
     def __init__(self) -> None:
         self.cond = threading.Condition()
-        self.nodes: dict[str, dict] = {}
+        self.objects: dict[str, dict[str, dict]] = {name: {} for name in RESOURCES}
+        self.nodes = self.objects["nodes"]
         self.rv = 0
-        self.events: list[tuple[int, str, dict]] = []
+        self.events: list[tuple[int, str, str, dict]] = []  # rv, resource, type, object
         self.compacted = 0  # watches from a resourceVersion below this get 410 Gone
         self.gone_as_status = False  # 410 as the HTTP status rather than an ERROR event
         self.forbid_patch = False
+        self.unavailable = False  # answer 503 to every request
+        self.bookmark_every = 60.0  # seconds between bookmarks (kube-apiserver: about a minute)
+        self.max_watch: float | None = None  # end every watch after at most this many seconds
         self.requests: list[tuple[str, str, str, str]] = []  # method, path, type, auth
+        self.counts: Counter[tuple[str, str, bool]] = Counter()  # (method, resource, watch)
+        self.restarts = 0
+        self.watching: Counter[str] = Counter()  # watches being served, by resource
         self.stopping = False
         self.conns: set[socket.socket] = set()
         self.httpd = _HTTPServer(("127.0.0.1", 0), _Handler)
@@ -96,72 +151,134 @@ class FakeAPIServer:
             self.cond.notify_all()
         self.httpd.shutdown()
         self.thread.join()
-        for conn in list(self.conns):  # wake handlers parked on a keep-alive connection
+        self._shut_connections()  # wake handlers parked on a keep-alive connection
+        self.httpd.server_close()  # joins every handler thread
+
+    def _shut_connections(self) -> None:
+        for conn in list(self.conns):
             try:
                 conn.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
-        self.httpd.server_close()  # joins every handler thread
 
-    # -- cluster state, as other actors change it ----------------------------------------
+    # -- what the tests and the benchmark do to the server itself --------------------------
 
-    def load_list(self, listed: dict) -> None:
-        """A recorded NodeList as the initial state, at its resourceVersion."""
-        for item in listed["items"]:
-            self.nodes[item["metadata"]["name"]] = {"kind": "Node", "apiVersion": "v1", **item}
-        self.rv = int(listed["metadata"]["resourceVersion"])
-
-    def _event(self, kind: str, node: dict) -> None:
-        """Caller holds cond."""
-        self.rv += 1
-        node["metadata"]["resourceVersion"] = str(self.rv)
-        self.events.append((self.rv, kind, copy.deepcopy(node)))
-        self.cond.notify_all()
-
-    def put(self, node: dict) -> None:
-        node = copy.deepcopy(node)
+    def restart(self) -> None:
+        """As if the API server restarted: every connection drops (watches end without their
+        final chunk), the state and its history stay."""
         with self.cond:
-            name = node["metadata"]["name"]
-            kind = "MODIFIED" if name in self.nodes else "ADDED"
-            self.nodes[name] = node
-            self._event(kind, node)
-
-    def modify(self, name: str, patch: dict) -> None:
-        with self.cond:
-            node = merge_patch(self.nodes[name], patch)
-            self.nodes[name] = node
-            self._event("MODIFIED", node)
-
-    def delete(self, name: str) -> None:
-        with self.cond:
-            self._event("DELETED", self.nodes.pop(name))
-
-    def replay(self, event: dict) -> None:
-        """One recorded watch event, applied as if it had happened here."""
-        if event["type"] == "DELETED":
-            self.delete(event["object"]["metadata"]["name"])
-        else:
-            self.put(event["object"])
+            self.restarts += 1
+            self.cond.notify_all()
+        self._shut_connections()
 
     def compact(self) -> None:
         """etcd compaction: every resourceVersion before now is forgotten."""
         with self.cond:
             self.compacted = self.rv
+            self.events = [e for e in self.events if e[0] > self.compacted]
+
+    def wait_watching(self, resource: str = "nodes", n: int = 1, timeout: float = 5.0) -> bool:
+        """Until at least `n` watches of `resource` are being served (an informer has synced
+        and its watch is open, so changes from now on reach it as events)."""
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while self.watching[resource] < n:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self.cond.wait(left)
+            return True
+
+    def count(self, method: str, watch: bool = False, resource: str | None = None) -> int:
+        """Requests with this method, watches or not, of one resource (None: any)."""
+        return sum(
+            n
+            for (m, r, w), n in list(self.counts.items())
+            if m == method and w == watch and (resource is None or r == resource)
+        )
+
+    # -- cluster state, as other actors change it ----------------------------------------
+
+    def load(self, resource: str, items: list[dict], rv: int | None = None) -> None:
+        """Objects that exist from the start: no watch events."""
+        res = RESOURCES[resource]
+        with self.cond:
+            for item in items:
+                obj = {"kind": res.kind, "apiVersion": res.api_version, **copy.deepcopy(item)}
+                if rv is None:
+                    self.rv += 1
+                    obj["metadata"]["resourceVersion"] = str(self.rv)
+                self.objects[resource][object_key(obj)] = obj
+            if rv is not None:
+                self.rv = max(self.rv, rv)
+
+    def load_list(self, listed: dict) -> None:
+        """A recorded NodeList as the initial state, at its resourceVersion."""
+        self.load("nodes", listed["items"], int(listed["metadata"]["resourceVersion"]))
+
+    def _event(self, resource: str, kind: str, obj: dict) -> None:
+        """Caller holds cond."""
+        self.rv += 1
+        obj["metadata"]["resourceVersion"] = str(self.rv)
+        self.events.append((self.rv, resource, kind, copy.deepcopy(obj)))
+        self.cond.notify_all()
+
+    def put_object(self, resource: str, obj: dict) -> None:
+        """Create (ADDED) or replace (MODIFIED) an object."""
+        res = RESOURCES[resource]
+        obj = {"kind": res.kind, "apiVersion": res.api_version, **copy.deepcopy(obj)}
+        with self.cond:
+            key = object_key(obj)
+            kind = "MODIFIED" if key in self.objects[resource] else "ADDED"
+            self.objects[resource][key] = obj
+            self._event(resource, kind, obj)
+
+    def modify_object(self, resource: str, key: str, patch: dict) -> None:
+        with self.cond:
+            obj = merge_patch(self.objects[resource][key], patch)
+            self.objects[resource][key] = obj
+            self._event(resource, "MODIFIED", obj)
+
+    def delete_object(self, resource: str, key: str) -> None:
+        with self.cond:
+            self._event(resource, "DELETED", self.objects[resource].pop(key))
+
+    def put(self, node: dict) -> None:
+        self.put_object("nodes", node)
+
+    def modify(self, name: str, patch: dict) -> None:
+        self.modify_object("nodes", name, patch)
+
+    def delete(self, name: str) -> None:
+        self.delete_object("nodes", name)
+
+    def replay(self, event: dict) -> None:
+        """One recorded node watch event, applied as if it had happened here."""
+        if event["type"] == "DELETED":
+            self.delete(event["object"]["metadata"]["name"])
+        else:
+            self.put(event["object"])
 
     def annotations(self, name: str) -> dict[str, str]:
         with self.cond:
             return dict(self.nodes[name]["metadata"].get("annotations", {}))
-
-    def count(self, method: str, watch: bool = False) -> int:
-        return sum(
-            1 for m, p, _, _ in self.requests if m == method and ("watch=true" in p) == watch
-        )
 
 
 class _HTTPServer(ThreadingHTTPServer):
     daemon_threads = False  # server_close() joins the handler threads: none outlives a test
     block_on_close = True
     api: FakeAPIServer
+
+
+def _route(path: str) -> tuple[Resource | None, str | None]:
+    """The resource a URL path addresses, and the object's name when it names one."""
+    for res in RESOURCES.values():
+        if path == res.path:
+            return res, None
+        name = path.removeprefix(res.path + "/")
+        if name != path and not res.namespaced and name and "/" not in name:
+            return res, name
+    return None, None
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -178,13 +295,17 @@ class _Handler(BaseHTTPRequestHandler):
 
     def finish(self) -> None:
         self.server.api.conns.discard(self.connection)
-        super().finish()
+        try:
+            super().finish()
+        except OSError:
+            pass  # the connection was dropped under us (restart)
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - base signature
         pass
 
-    def _record(self) -> None:
-        self.server.api.requests.append(
+    def _record(self, res: Resource | None, watch: bool) -> None:
+        api = self.server.api
+        api.requests.append(
             (
                 self.command,
                 self.path,
@@ -192,6 +313,8 @@ class _Handler(BaseHTTPRequestHandler):
                 self.headers.get("Authorization", ""),
             )
         )
+        with api.cond:
+            api.counts[(self.command, res.name if res else urlsplit(self.path).path, watch)] += 1
 
     def send_json(self, code: int, obj: Any) -> None:
         body = json.dumps(obj).encode()
@@ -201,52 +324,73 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
+    def unavailable(self) -> None:
+        self.send_json(503, status(503, "ServiceUnavailable", "the server is currently unable"))
+
+    def not_found(self, res: Resource | None, name: str | None) -> None:
+        what = res.name if res else "the server"
+        message = f'{what} "{name}" not found' if name else "the server could not find it"
+        self.send_json(404, status(404, "NotFound", message, name, what))
+
     def do_GET(self) -> None:
-        self._record()
         api = self.server.api
         url = urlsplit(self.path)
         query = parse_qs(url.query)
-        if url.path == NODES and query.get("watch", [""])[0] in ("true", "1"):
+        res, name = _route(url.path)
+        watching = res is not None and name is None and query.get("watch", [""])[0] in ("true", "1")
+        self._record(res, watching)
+        if api.unavailable:
+            return self.unavailable()
+        if res is None:
+            return self.not_found(None, None)
+        if watching:
+            timeout = query.get("timeoutSeconds", [""])[0]
             return self.watch(
+                res,
                 int(query.get("resourceVersion", ["0"])[0] or 0),
-                float(query.get("timeoutSeconds", ["5"])[0]),
+                float(timeout) if timeout else None,
+                query.get("allowWatchBookmarks", [""])[0] in ("true", "1"),
             )
         with api.cond:
-            if url.path == NODES:
+            if name is None:
                 items = [
-                    {k: v for k, v in n.items() if k not in ("kind", "apiVersion")}
-                    for _, n in sorted(api.nodes.items())
+                    {k: v for k, v in obj.items() if k not in ("kind", "apiVersion")}
+                    for _, obj in sorted(api.objects[res.name].items())
                 ]
                 return self.send_json(
                     200,
                     {
-                        "kind": "NodeList",
-                        "apiVersion": "v1",
+                        "kind": f"{res.kind}List",
+                        "apiVersion": res.api_version,
                         "metadata": {"resourceVersion": str(api.rv)},
                         "items": items,
                     },
                 )
-            name = url.path.removeprefix(NODES + "/")
-            if url.path.startswith(NODES + "/") and name in api.nodes:
-                return self.send_json(200, api.nodes[name])
-        self.send_json(404, status(404, "NotFound", f'nodes "{name}" not found', name))
+            if name in api.objects[res.name]:
+                return self.send_json(200, api.objects[res.name][name])
+        self.not_found(res, name)
 
     def do_PATCH(self) -> None:
-        self._record()
         api = self.server.api
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        name = urlsplit(self.path).path.removeprefix(NODES + "/")
+        res, name = _route(urlsplit(self.path).path)
+        self._record(res, False)
         ctype = self.headers.get("Content-Type", "").split(";")[0]
+        if api.unavailable:
+            return self.unavailable()
+        if res is None or name is None:
+            return self.not_found(res, name)
         if api.forbid_patch:
             return self.send_json(
                 403,
                 status(
                     403,
                     "Forbidden",
-                    f'nodes "{name}" is forbidden: User "system:serviceaccount:'
-                    f'kube-system:pycni" cannot patch resource "nodes" in API group "" at the '
-                    "cluster scope",
+                    f'{res.name} "{name}" is forbidden: User "system:serviceaccount:'
+                    f'kube-system:pycni" cannot patch resource "{res.name}" in API group "" at '
+                    "the cluster scope",
                     name,
+                    res.name,
                 ),
             )
         if ctype not in MERGE_TYPES:
@@ -260,41 +404,83 @@ class _Handler(BaseHTTPRequestHandler):
                 ),
             )
         with api.cond:
-            if name not in api.nodes:
-                return self.send_json(
-                    404, status(404, "NotFound", f'nodes "{name}" not found', name)
-                )
-            node = merge_patch(api.nodes[name], body)
-            if node != api.nodes[name]:  # a no-op patch changes nothing, not even the RV
-                api.nodes[name] = node
-                api._event("MODIFIED", node)
-            return self.send_json(200, node)
+            objects = api.objects[res.name]
+            if name not in objects:
+                return self.not_found(res, name)
+            obj = merge_patch(objects[name], body)
+            if obj != objects[name]:  # a no-op patch changes nothing, not even the RV
+                objects[name] = obj
+                api._event(res.name, "MODIFIED", obj)
+            return self.send_json(200, obj)
 
-    def watch(self, since: int, timeout: float) -> None:
+    def watch(self, res: Resource, since: int, timeout: float | None, bookmarks: bool) -> None:
         api = self.server.api
-        if since < api.compacted:
-            gone = status(410, "Expired", f"too old resource version: {since} ({api.compacted})")
+        with api.cond:
+            restarts, compacted = api.restarts, api.compacted
+        if since < compacted:
+            gone = status(410, "Expired", f"too old resource version: {since} ({compacted})")
             if api.gone_as_status:
                 return self.send_json(410, gone)
             self.begin_stream()
             self.chunk({"type": "ERROR", "object": gone})
             self.chunk(None)
             return
+        if timeout is None:
+            timeout = random.uniform(MIN_REQUEST_TIMEOUT, 2 * MIN_REQUEST_TIMEOUT)
+        if api.max_watch is not None:
+            timeout = min(timeout, api.max_watch)
         self.begin_stream()
-        deadline = time.monotonic() + timeout
-        while True:
+        with api.cond:
+            api.watching[res.name] += 1
+            api.cond.notify_all()
+        try:
+            self._stream(res, since, timeout, bookmarks, restarts)
+        finally:
             with api.cond:
-                pending = [e for e in api.events if e[0] > since]
-                if not pending:
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0 or api.stopping:
-                        break
-                    api.cond.wait(remaining)
+                api.watching[res.name] -= 1
+
+    def _stream(
+        self, res: Resource, since: int, timeout: float, bookmarks: bool, restarts: int
+    ) -> None:
+        api = self.server.api
+        now = time.monotonic()
+        deadline = now + timeout
+        next_bookmark = now + api.bookmark_every if bookmarks else float("inf")
+        while True:
+            send: list[dict] = []
+            with api.cond:
+                if api.restarts != restarts:
+                    self.close_connection = True
+                    return  # dropped, no final chunk: the client sees the connection break
+                pending = [e for e in api.events if e[0] > since and e[1] == res.name]
+                for rv, _, kind, obj in pending:
+                    send.append({"type": kind, "object": obj})
+                    since = rv
+                now = time.monotonic()
+                last = now >= deadline or api.stopping
+                if not send and bookmarks and (now >= next_bookmark or (last and since < api.rv)):
+                    # Nothing of ours since `since`: the client may resume from the newest version.
+                    since = api.rv
+                    meta = {"resourceVersion": str(since)}
+                    send.append(
+                        {
+                            "type": "BOOKMARK",
+                            "object": {
+                                "kind": res.kind,
+                                "apiVersion": res.api_version,
+                                "metadata": meta,
+                            },
+                        }
+                    )
+                    next_bookmark = now + api.bookmark_every
+                elif not send and not last:
+                    api.cond.wait(min(deadline, next_bookmark) - now)
                     continue
-            for rv, kind, obj in pending:
-                if not self.chunk({"type": kind, "object": obj}):
+            for event in send:
+                if not self.chunk(event):
                     return
-                since = rv
+            if last and not pending:
+                break
         self.chunk(None)
 
     def begin_stream(self) -> None:
@@ -312,6 +498,9 @@ class _Handler(BaseHTTPRequestHandler):
         except OSError:
             self.close_connection = True
             return False
+
+
+# -- objects as the other actors make them ----------------------------------------------------
 
 
 def _node_template() -> dict:
@@ -397,6 +586,43 @@ def make_node(
     return node
 
 
+def _meta(name: str, namespace: str | None, labels: dict[str, str] | None) -> dict:
+    meta: dict[str, Any] = {"name": name, "uid": str(uuid.uuid5(uuid.NAMESPACE_DNS, name))}
+    if namespace:
+        meta["namespace"] = namespace
+        meta["uid"] = str(uuid.uuid5(uuid.NAMESPACE_DNS, f"{namespace}/{name}"))
+    meta["labels"] = dict(labels or {})
+    return meta
+
+
+def make_namespace(name: str, labels: dict[str, str] | None = None) -> dict:
+    labels = {"kubernetes.io/metadata.name": name, **(labels or {})}
+    return {"metadata": _meta(name, None, labels), "spec": {"finalizers": ["kubernetes"]}}
+
+
+def make_pod(
+    namespace: str, name: str, node: str, ip: str, labels: dict[str, str] | None = None
+) -> dict:
+    """A running pod on `node` with address `ip`."""
+    return {
+        "metadata": _meta(name, namespace, labels),
+        "spec": {"nodeName": node, "containers": [{"name": "app", "image": "busybox"}]},
+        "status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]},
+    }
+
+
+def make_network_policy(namespace: str, name: str, match_labels: dict[str, str]) -> dict:
+    """Ingress to the pods matching `match_labels` only from pods of the same namespace."""
+    return {
+        "metadata": _meta(name, namespace, None),
+        "spec": {
+            "podSelector": {"matchLabels": dict(match_labels)},
+            "ingress": [{"from": [{"podSelector": {}}]}],
+            "policyTypes": ["Ingress"],
+        },
+    }
+
+
 # -- as a process -----------------------------------------------------------------------------
 
 
@@ -407,7 +633,8 @@ def serve_stdio(stdin=sys.stdin, stdout=sys.stdout) -> None:
     - ``{"op": "put", "node": node}``: ADDED, or MODIFIED when the name exists;
     - ``{"op": "modify", "name": n, "patch": merge_patch}``: MODIFIED;
     - ``{"op": "delete", "name": n}``: DELETED;
-    - ``{"op": "get", "name": n}``: the node as stored (null when there is none).
+    - ``{"op": "get", "name": n}``: the node as stored (null when there is none);
+    - ``{"op": "restart"}``, ``{"op": "compact"}``: as the methods of the same names.
 
     Each is answered ``{"ok": true, "node": ...}`` or ``{"ok": false, "error": "..."}``.
     """
@@ -430,20 +657,21 @@ def serve_stdio(stdin=sys.stdin, stdout=sys.stdout) -> None:
 def _command(api: FakeAPIServer, cmd: dict) -> dict | None:
     op = cmd["op"]
     if op == "load":
-        with api.cond:
-            for item in cmd["items"]:
-                api.nodes[item["metadata"]["name"]] = copy.deepcopy(item)
-        return None
-    if op == "put":
+        api.load("nodes", cmd["items"])
+    elif op == "put":
         api.put(cmd["node"])
-        return None
-    if op == "modify":
+    elif op == "modify":
         api.modify(cmd["name"], cmd["patch"])
     elif op == "delete":
         api.delete(cmd["name"])
-        return None
+    elif op == "restart":
+        api.restart()
+    elif op == "compact":
+        api.compact()
     elif op != "get":
         raise ValueError(f"unknown op {op!r}")
+    if op not in ("get", "modify"):
+        return None
     with api.cond:
         node = api.nodes.get(cmd["name"])
         return copy.deepcopy(node) if node is not None else None
