@@ -131,7 +131,8 @@ class FakeAPIServer:
         self.requests: list[tuple[str, str, str, str]] = []  # method, path, type, auth
         self.counts: Counter[tuple[str, str, bool]] = Counter()  # (method, resource, watch)
         self.restarts = 0
-        self.watching: Counter[str] = Counter()  # watches being served, by resource
+        # Watches being served, by resource and by the restart they began after.
+        self.watching: Counter[tuple[str, int]] = Counter()
         self.stopping = False
         self.conns: set[socket.socket] = set()
         self.httpd = _HTTPServer(("127.0.0.1", 0), _Handler)
@@ -178,11 +179,12 @@ class FakeAPIServer:
             self.events = [e for e in self.events if e[0] > self.compacted]
 
     def wait_watching(self, resource: str = "nodes", n: int = 1, timeout: float = 5.0) -> bool:
-        """Until at least `n` watches of `resource` are being served (an informer has synced
-        and its watch is open, so changes from now on reach it as events)."""
+        """Until at least `n` watches of `resource` begun since the last restart are being
+        served (an informer has synced and its watch is open, so changes from now on reach it
+        as events)."""
         deadline = time.monotonic() + timeout
         with self.cond:
-            while self.watching[resource] < n:
+            while self.watching[(resource, self.restarts)] < n:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return False
@@ -431,13 +433,13 @@ class _Handler(BaseHTTPRequestHandler):
             timeout = min(timeout, api.max_watch)
         self.begin_stream()
         with api.cond:
-            api.watching[res.name] += 1
+            api.watching[(res.name, restarts)] += 1
             api.cond.notify_all()
         try:
             self._stream(res, since, timeout, bookmarks, restarts)
         finally:
             with api.cond:
-                api.watching[res.name] -= 1
+                api.watching[(res.name, restarts)] -= 1
 
     def _stream(
         self, res: Resource, since: int, timeout: float, bookmarks: bool, restarts: int
