@@ -89,6 +89,13 @@ def net(text: str):
     return ipaddress.ip_network(text)
 
 
+def watching(store: KubernetesDatastore, server: FakeAPIServer) -> None:
+    """As the agent's loop: it has listed and waits, so the informer's watch is open."""
+    store.nodes()
+    store.wait(0.01)
+    assert server.wait_watching()
+
+
 def timed_wait(store: KubernetesDatastore, timeout: float) -> tuple[bool, float]:
     t0 = time.monotonic()
     return store.wait(timeout), time.monotonic() - t0
@@ -248,17 +255,57 @@ def test_wait_resumes_where_it_stopped(store, server):
 @pytest.mark.parametrize("as_status", [False, True], ids=["error-event", "http-410"])
 def test_expired_resource_version_relists(store, server, as_status):
     server.gone_as_status = as_status
-    store.nodes()
-    server.modify("node-b", {"metadata": {"annotations": {ANN_VTEP_MAC: "8e:3a:0c:51:7f:42"}}})
-    server.compact()
+    watching(store, server)
+    # While nothing is served: a change, compaction, and the watch's connection dropped. The
+    # watch resumes from a version that is gone.
+    with server.cond:
+        server.modify("node-b", {"metadata": {"annotations": {ANN_VTEP_MAC: "8e:3a:0c:51:7f:42"}}})
+        server.compact()
+        server.restart()
     woke, took = timed_wait(store, 5)
     assert woke is True and took < 2
-    assert server.count("GET", watch=True) == 1
+    assert server.count("GET", watch=True) >= 2  # the first watch, the one that got 410
     assert server.count("GET") == 2  # the first list, and the relist after 410
     assert store.nodes()[1].vtep_mac == "8e:3a:0c:51:7f:42"
     # The relist gave a fresh resourceVersion: watching works again.
     server.delete("node-b")
     assert store.wait(5) is True
+
+
+def test_nodes_alone_lists_and_never_watches(store, server):
+    """A one-shot caller (uninstall): no informer, no watch."""
+    assert names(store) == names(store) == ["node-a", "node-b"]
+    assert (server.count("GET"), server.count("GET", watch=True)) == (2, 0)
+
+
+def test_the_first_wait_goes_on_from_the_last_list(store, server):
+    assert names(store) == ["node-a", "node-b"]
+    server.delete("node-b")  # after the list, before anybody watched
+    assert store.wait(5) is True
+    assert names(store) == ["node-a"]
+    assert server.count("GET") == 1  # the informer watched from that list, listing nothing
+
+
+def test_a_steady_cluster_costs_no_requests(store, server):
+    """After the start (read our Node, publish, list, watch), the loop's calls are answered
+    from the informer: nodes(), wait() and keepalive() make no request at all."""
+    me = store.register(local(ips=("192.168.56.10",), mac="0a:58:0a:f4:00:01"))
+    watching(store, server)
+    start = sum(server.counts.values())
+    for _ in range(5):
+        assert store.nodes()[0] == me
+        assert store.wait(0.05) is False
+        assert store.keepalive() == me
+    server.modify("node-b", {"status": {"conditions": []}})  # a kubelet heartbeat
+    assert store.wait(0.3) is False
+    assert sum(server.counts.values()) == start, server.counts
+
+
+def test_close_ends_the_watch_at_once(store, server):
+    watching(store, server)
+    t0 = time.monotonic()
+    store.close()
+    assert time.monotonic() - t0 < 1.0
 
 
 # -- keepalive, release -----------------------------------------------------------------------
@@ -312,6 +359,40 @@ def test_release_removes_annotations_only(store, server):
     assert server.nodes["node-a"]["spec"]["podCIDRs"] == ["10.244.0.0/24"]
     server.delete("node-a")
     store.release()  # nothing left to remove: not an error
+
+
+def test_keepalive_from_the_cache_republishes_removed_annotations(store, server):
+    me = store.register(local(ips=("192.168.56.10",), mac="0a:58:0a:f4:00:01"))
+    store.nodes()
+    server.modify("node-a", {"metadata": {"annotations": {ANN_NODE_IPS: None, ANN_VTEP_MAC: None}}})
+    assert store.wait(5) is True  # our own Node changed: the loop reconciles, then keepalive
+    assert store.keepalive() == me
+    assert server.annotations("node-a")[ANN_VTEP_MAC] == "0a:58:0a:f4:00:01"
+    assert server.count("PATCH") == 2
+    assert store.nodes()[0] == me  # what was just written, read back through the watch
+
+
+def test_keepalive_from_the_cache_notices_a_deleted_node(store, server):
+    store.register(local(ips=("192.168.56.10",)))
+    store.nodes()
+    server.delete("node-a")
+    assert store.wait(5) is True
+    with pytest.raises(ClusterError, match="node node-a is not registered in the API server"):
+        store.keepalive()
+
+
+def test_an_outage_after_the_first_list(store, server):
+    """The node list is served from the cache meanwhile; keepalive, which cannot vouch for the
+    cache, asks the server and reports the outage."""
+    store.register(local(ips=("192.168.56.10",)))
+    watching(store, server)
+    before = store.nodes()
+    server.unavailable = True
+    server.restart()
+    assert store.wait(1) is False
+    assert store.nodes() == before
+    with pytest.raises(KVError, match="kubernetes API server: read node: 503"):
+        store.keepalive()
 
 
 # -- errors -----------------------------------------------------------------------------------

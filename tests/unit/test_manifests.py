@@ -321,10 +321,10 @@ def api_verbs(entry_points: set[str]) -> set[str]:
                 todo.append(node.attr)
             elif (
                 isinstance(node, ast.Call)
-                and isinstance(node.func, ast.Attribute)
-                and node.func.attr == "stream"
+                and isinstance(node.func, ast.Name)
+                and node.func.id == "Informer"
             ):
-                verbs.add("watch")  # Watch().stream(list_node, ...)
+                verbs.add("watch")  # Informer(kind, list_node, ...) lists and watches
     return verbs
 
 

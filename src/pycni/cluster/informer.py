@@ -113,13 +113,17 @@ class Informer(Generic[R]):
 
     # -- life cycle -----------------------------------------------------------------------
 
-    def start(self) -> Informer[R]:
+    def start(self, listed: Any = None) -> Informer[R]:
+        """Start the thread. ``listed``: what ``list_fn`` returned to the caller a moment ago,
+        to go on from (watching from its resourceVersion) instead of listing again."""
         from kubernetes.watch import Watch
 
         # The client's own event parsing (models, bookmarks); we drive the requests ourselves
         # so that we know when a watch is open and can cut it from another thread.
         self._parser = Watch()
         self._return_type = self._parser.get_return_type(self._list_fn)
+        if listed is not None:
+            self._apply_list(listed)
         self._thread = threading.Thread(target=self._run, name=f"informer-{self.kind}", daemon=True)
         self._thread.start()
         return self
@@ -259,6 +263,9 @@ class Informer(Generic[R]):
         # the version that was gone.
         listed = self._list_fn(_request_timeout=self.request_timeout)
         self.stats["lists"] += 1
+        self._apply_list(listed)
+
+    def _apply_list(self, listed: Any) -> None:
         records = {}
         for obj in listed.items or ():
             record = self._derive(obj)
