@@ -120,6 +120,11 @@ class KubernetesDatastore(Datastore):
         except ClusterError:
             pass  # the node is gone already, and its annotations with it
 
+    @property
+    def informer(self) -> Informer[NodeRecord] | None:
+        """The node informer, once a wait() has started it (for its stats)."""
+        return self._informer
+
     def close(self) -> None:
         if self._informer is not None:
             self._informer.stop()

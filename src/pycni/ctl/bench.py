@@ -6,14 +6,15 @@
 - `pycnictl bench reconcile`: the route backends alone;
 - `pycnictl bench cri`: RunPodSandbox / StopPodSandbox through containerd's CRI;
 - `pycnictl bench podman`: `podman run --rm ... true` with pycni against the reference;
-- `pycnictl bench soak`: random ADD/DEL/CHECK/GC with the agent SIGKILLed now and then.
+- `pycnictl bench soak`: random ADD/DEL/CHECK/GC with the agent SIGKILLed now and then;
+- `pycnictl bench watch`: the agent's Kubernetes watches, requests per hour and lost events.
 """
 
 from __future__ import annotations
 
 import argparse
 
-from ..bench import convergence, cri, latency, podman, reconcile, soak, throughput
+from ..bench import convergence, cri, latency, podman, reconcile, soak, throughput, watch
 
 
 def register(sub) -> None:
@@ -21,10 +22,10 @@ def register(sub) -> None:
     # Optional: plain `pycnictl bench [options]` keeps running the latency benchmark.
     forms = bench.add_subparsers(
         dest="bench_form",
-        metavar="{throughput,convergence,reconcile,cri,podman,soak}",
+        metavar="{throughput,convergence,reconcile,cri,podman,soak,watch}",
         title="other benchmarks",
     )
-    for add in (_throughput, _convergence, _reconcile, _cri, _podman, _soak):
+    for add in (_throughput, _convergence, _reconcile, _cri, _podman, _soak, _watch):
         add(forms)
 
 
@@ -261,6 +262,59 @@ def _soak(forms) -> None:
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     _output_options(p)
     p.set_defaults(func=soak.run)
+
+
+def _watch(forms) -> None:
+    defaults = watch.Settings()
+    p = forms.add_parser(
+        "watch",
+        help="one agent's Kubernetes watches against the fake API server: requests "
+        "per kind per hour in a steady cluster, and no event lost across a watch's "
+        "renewal, a 410 or an API server restart (no root needed)",
+    )
+    p.add_argument(
+        "--duration",
+        type=float,
+        default=defaults.duration,
+        help=f"real seconds measured (default {defaults.duration:.0f})",
+    )
+    p.add_argument(
+        "--speedup",
+        type=float,
+        default=defaults.speedup,
+        help="every period (watch timeouts, keepalive, resync, bookmarks, kubelets' status "
+        f"posts) divided by this: --duration stands for duration x speedup seconds "
+        f"(1-300; default {defaults.speedup:.0f}, so 60 s is an hour)",
+    )
+    p.add_argument(
+        "--nodes",
+        type=int,
+        default=defaults.nodes,
+        help=f"nodes in the cluster (default {defaults.nodes})",
+    )
+    p.add_argument(
+        "--server-timeout",
+        type=float,
+        default=defaults.server_timeout,
+        help="simulated seconds after which the API server ends any watch, whatever the "
+        "client asked (default 0: it honours the client's 5-10 minutes)",
+    )
+    p.add_argument(
+        "--bookmark-every",
+        type=float,
+        default=defaults.bookmark_every,
+        help=f"simulated seconds between the server's bookmarks (default "
+        f"{defaults.bookmark_every:.0f}, as kube-apiserver)",
+    )
+    p.add_argument(
+        "--converge",
+        type=float,
+        default=defaults.converge,
+        help=f"real seconds each check may take to converge (default {defaults.converge:.0f})",
+    )
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    _output_options(p)
+    p.set_defaults(func=watch.run)
 
 
 def _output_options(p: argparse.ArgumentParser) -> None:

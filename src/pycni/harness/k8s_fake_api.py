@@ -131,6 +131,8 @@ class FakeAPIServer:
         self.requests: list[tuple[str, str, str, str]] = []  # method, path, type, auth
         self.counts: Counter[tuple[str, str, bool]] = Counter()  # (method, resource, watch)
         self.restarts = 0
+        self.endings = 0  # end_watches() calls
+        self.holding = False  # watch requests wait (counted) until this is False again
         # Watches being served, by resource and by the restart they began after.
         self.watching: Counter[tuple[str, int]] = Counter()
         self.stopping = False
@@ -171,6 +173,24 @@ class FakeAPIServer:
             self.restarts += 1
             self.cond.notify_all()
         self._shut_connections()
+
+    def end_watches(self) -> None:
+        """End every open watch now, as its timeout would (a last bookmark, the final chunk):
+        a renewal at a moment of the test's choosing."""
+        with self.cond:
+            self.endings += 1
+            self.cond.notify_all()
+
+    def hold_watches(self, hold: bool = True) -> None:
+        """Make new watch requests wait (they are counted) until released: with watches ended
+        or dropped, what changes meanwhile must reach the clients through the next watch."""
+        with self.cond:
+            self.holding = hold
+            self.cond.notify_all()
+
+    def watches_open(self) -> int:
+        with self.cond:
+            return sum(self.watching.values())
 
     def compact(self) -> None:
         """etcd compaction: every resourceVersion before now is forgotten."""
@@ -418,6 +438,8 @@ class _Handler(BaseHTTPRequestHandler):
     def watch(self, res: Resource, since: int, timeout: float | None, bookmarks: bool) -> None:
         api = self.server.api
         with api.cond:
+            while api.holding and not api.stopping:
+                api.cond.wait()
             restarts, compacted = api.restarts, api.compacted
         if since < compacted:
             gone = status(410, "Expired", f"too old resource version: {since} ({compacted})")
@@ -434,15 +456,22 @@ class _Handler(BaseHTTPRequestHandler):
         self.begin_stream()
         with api.cond:
             api.watching[(res.name, restarts)] += 1
+            endings = api.endings
             api.cond.notify_all()
         try:
-            self._stream(res, since, timeout, bookmarks, restarts)
+            self._stream(res, since, timeout, bookmarks, restarts, endings)
         finally:
             with api.cond:
                 api.watching[(res.name, restarts)] -= 1
 
     def _stream(
-        self, res: Resource, since: int, timeout: float, bookmarks: bool, restarts: int
+        self,
+        res: Resource,
+        since: int,
+        timeout: float,
+        bookmarks: bool,
+        restarts: int,
+        endings: int,
     ) -> None:
         api = self.server.api
         now = time.monotonic()
@@ -459,7 +488,7 @@ class _Handler(BaseHTTPRequestHandler):
                     send.append({"type": kind, "object": obj})
                     since = rv
                 now = time.monotonic()
-                last = now >= deadline or api.stopping
+                last = now >= deadline or api.stopping or api.endings != endings
                 if not send and bookmarks and (now >= next_bookmark or (last and since < api.rv)):
                     # Nothing of ours since `since`: the client may resume from the newest version.
                     since = api.rv
