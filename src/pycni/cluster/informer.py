@@ -113,17 +113,19 @@ class Informer(Generic[R]):
 
     # -- life cycle -----------------------------------------------------------------------
 
-    def start(self, listed: Any = None) -> Informer[R]:
-        """Start the thread. ``listed``: what ``list_fn`` returned to the caller a moment ago,
-        to go on from (watching from its resourceVersion) instead of listing again."""
+    def seed(self, listed: Any) -> Informer[R]:
+        """Before start(): go on from what ``list_fn`` returned to the caller a moment ago
+        (watching from its resourceVersion) instead of listing again."""
+        self._apply_list(listed)
+        return self
+
+    def start(self) -> Informer[R]:
         from kubernetes.watch import Watch
 
         # The client's own event parsing (models, bookmarks); we drive the requests ourselves
         # so that we know when a watch is open and can cut it from another thread.
         self._parser = Watch()
         self._return_type = self._parser.get_return_type(self._list_fn)
-        if listed is not None:
-            self._apply_list(listed)
         self._thread = threading.Thread(target=self._run, name=f"informer-{self.kind}", daemon=True)
         self._thread.start()
         return self

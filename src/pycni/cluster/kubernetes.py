@@ -74,7 +74,7 @@ class KubernetesDatastore(Datastore):
         self._local: NodeRecord | None = None
         # Every node with a podCIDR, as other nodes see it; started by the first wait().
         self._informer: Informer[NodeRecord] | None = None
-        self._seen: int | None = None  # the informer's change counter as of our last look
+        self._seen = 0  # the informer's change counter as of our last look
         self._listed: Any = None  # nodes()' last list, while there is no informer
 
     # -- Datastore ----------------------------------------------------------------------------
@@ -88,15 +88,14 @@ class KubernetesDatastore(Datastore):
             self._listed = self._call("list nodes", self._api.list_node)
             records = [node_record(node) for node in self._listed.items or ()]
             return sorted((r for r in records if r is not None), key=lambda r: r.name)
-        self._seen, cache = self._cache("list nodes").snapshot()
+        # From the cache: during an outage it may be stale, as client-go's listers are.
+        self._seen, cache = self._informer.snapshot()
         return sorted(cache.values(), key=lambda r: r.name)
 
     def wait(self, timeout: float) -> bool:
         if timeout <= 0:
             return False
-        informer = self._watching()
-        if self._seen is None:
-            self._seen = informer.version  # nothing seen yet: changes from now on
+        informer = self._informer or self._watch_from_last_list()
         version = informer.wait_changed(self._seen, timeout)
         changed, self._seen = version != self._seen, version
         return changed
@@ -180,32 +179,21 @@ class KubernetesDatastore(Datastore):
         if informer is not None and informer.healthy:
             informer.wait_until(lambda cache: cache.get(self.node_name) == record, READ_YOUR_WRITES)
 
-    def _watching(self) -> Informer[NodeRecord]:
-        """The node informer, started on first use from nodes()' last list (the watch goes on
-        from there, so no change after it is missed); KVError while it has never listed."""
-        if self._informer is None:
-            self._informer = Informer(
-                "nodes",
-                self._api.list_node,
-                node_record,
-                watch_timeout=self.watch_timeout,
-                backoff=self.backoff,
-                request_timeout=self.request_timeout,
-            ).start(self._listed)
-            self._listed = None
-        return self._cache("watch nodes")
-
-    def _cache(self, what: str) -> Informer[NodeRecord]:
-        """The started informer once it has listed (it may be stale since, during an outage,
-        as client-go's listers are); KVError while it has never listed."""
-        informer = self._informer
-        assert informer is not None
-        if not informer.synced and not informer.wait_synced(sum(self.request_timeout)):
-            failure = informer.failure
-            if failure is None:
-                raise KVError(self._unreachable(what, TimeoutError("no answer")))
-            raise self._kv_error(failure.what, failure.error)
-        return informer
+    def _watch_from_last_list(self) -> Informer[NodeRecord]:
+        """Start the node informer from nodes()' last list (listing first if there is none):
+        its watch goes on from there, so every change after what the caller saw wakes it."""
+        if self._listed is None:
+            self.nodes()
+        informer = Informer(
+            "nodes",
+            self._api.list_node,
+            node_record,
+            watch_timeout=self.watch_timeout,
+            backoff=self.backoff,
+            request_timeout=self.request_timeout,
+        ).seed(self._listed)
+        self._informer, self._seen, self._listed = informer, informer.version, None
+        return informer.start()
 
     def _call(self, what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         from kubernetes.client import ApiException
