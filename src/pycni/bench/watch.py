@@ -37,6 +37,14 @@ from ..cluster.datastore import Datastore
 from ..cluster.informer import WATCH_TIMEOUT, Informer
 from ..cluster.kv import KVError
 from ..cluster.model import ClusterError, NodeRecord
+from ..harness.k8s_fake_api import (
+    RESOURCES,
+    FakeAPIServer,
+    make_namespace,
+    make_network_policy,
+    make_node,
+    make_pod,
+)
 from .common import run_and_print
 
 TARGET_PER_HOUR = 15  # requests per watched kind per agent per hour (issue 19)
@@ -63,8 +71,6 @@ class Settings:
 
 
 def _node(i: int) -> dict:
-    from ..harness.k8s_fake_api import make_node
-
     return make_node(f"node-{i}", [_subnet(i)], [_ip(i)])
 
 
@@ -76,10 +82,8 @@ def _ip(i: int) -> str:
     return f"172.20.{i // 250}.{i % 250 + 1}"
 
 
-def populate(server: Any, nodes: int) -> None:
+def populate(server: FakeAPIServer, nodes: int) -> None:
     """N nodes, a namespace per 10 of them, a pod per node, a policy per namespace."""
-    from ..harness.k8s_fake_api import make_namespace, make_network_policy, make_pod
-
     spaces = [f"team-{j}" for j in range(max(1, nodes // 10))]
     server.load("nodes", [_node(i) for i in range(nodes)])
     server.load("namespaces", [make_namespace(ns, {"team": ns}) for ns in spaces])
@@ -101,11 +105,9 @@ def populate(server: Any, nodes: int) -> None:
     )
 
 
-def change_everything(server: Any, tag: str, serial: int) -> None:
+def change_everything(server: FakeAPIServer, tag: str, serial: int) -> None:
     """One of each change the agent must see: a node joins, one changes its VTEP MAC, one
     leaves; a namespace is relabelled; a pod comes and one goes; a policy comes and one goes."""
-    from ..harness.k8s_fake_api import make_network_policy, make_node, make_pod
-
     with server.cond:
         names = sorted(n for n in server.nodes if n != ME)
         spaces = sorted(server.objects["namespaces"])
@@ -151,7 +153,9 @@ MODELS = {
 }
 
 
-def expected(server: Any, api_client: Any, resource: str, derive: Callable[[Any], Any]) -> dict:
+def expected(
+    server: FakeAPIServer, api_client: Any, resource: str, derive: Callable[[Any], Any]
+) -> dict:
     """What an informer of `resource` should hold now: the server's objects, derived."""
     with server.cond:
         objects = {key: json.dumps(obj) for key, obj in server.objects[resource].items()}
@@ -199,7 +203,17 @@ class AgentLoop:
                 elif time.monotonic() >= next_keepalive:
                     record = self.store.keepalive()
                     next_keepalive = time.monotonic() + self.renew
-                self.last_nodes = self.store.nodes()
+                nodes = self.store.nodes()
+                mine = next((n for n in nodes if n.name == ME), None)
+                if mine is None or (set(mine.subnets), mine.node_ips, mine.vtep_mac) != (
+                    set(record.subnets),
+                    record.node_ips,
+                    record.vtep_mac,
+                ):
+                    # Our own Node changed under us: publish again now (ClusterNode.reconcile).
+                    record = self.store.keepalive()
+                    nodes = self.store.nodes()
+                self.last_nodes = nodes
                 self.passes += 1
                 deadline = time.monotonic() + min(self.resync, next_keepalive - time.monotonic())
                 while not self._stop.is_set():
@@ -209,6 +223,9 @@ class AgentLoop:
             except (ClusterError, KVError) as exc:
                 self.errors.append(str(exc))
                 self._stop.wait(0.5)
+            except Exception as exc:  # the bench must report it, not hang on a dead loop
+                self.errors.append(f"{type(exc).__name__}: {exc}")
+                self._stop.wait(0.5)
 
 
 @dataclass
@@ -216,7 +233,7 @@ class Rig:
     """The server, the agent's datastore and loop, the policy informers."""
 
     settings: Settings
-    server: Any
+    server: FakeAPIServer
     api_client: Any
     store: Any
     loop: AgentLoop
@@ -224,10 +241,8 @@ class Rig:
     derive: dict[str, Callable[[Any], Any]] = field(default_factory=dict)
 
 
-def split_counts(server: Any) -> dict[str, dict[str, int]]:
+def split_counts(server: FakeAPIServer) -> dict[str, dict[str, int]]:
     """Requests so far per kind, as list / watch / get / patch (get: one object by name)."""
-    from ..harness.k8s_fake_api import RESOURCES
-
     out = {kind: {"list": 0, "watch": 0, "get": 0, "patch": 0} for kind in KINDS}
     paths = {RESOURCES[kind].path: kind for kind in KINDS}
     for method, path, _, _ in list(server.requests):
@@ -247,7 +262,6 @@ def start_rig(settings: Settings, progress: Callable[[str], None]) -> Rig:
     from kubernetes import client
 
     from ..cluster.kubernetes import KubernetesDatastore
-    from ..harness.k8s_fake_api import FakeAPIServer
 
     server = FakeAPIServer()
     populate(server, settings.nodes)
