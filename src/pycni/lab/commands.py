@@ -80,7 +80,8 @@ def up(args) -> int:
         write_svg(lab, probes, args.svg)
         print(f"drew the lab into {args.svg}")
     failed = [p for p in probes if p.failed]
-    print()
+    if probes:
+        print()
     print(summary(probes) + ("; the lab is left up for inspection" if failed else ""))
     print(
         f"lab up in {time.monotonic() - started:.1f} s (network built in {built:.1f} s); "
