@@ -4,6 +4,8 @@ are applied in, and the objects as the lab stores them (lab/objects.py)."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from pycni.lab.manifests import (
@@ -190,3 +192,20 @@ def test_objects_are_stored_as_the_api_server_and_kubelet_would_have_them():
     assert applied["status"] == {"phase": "Pending"}  # the applied document is left alone
     # The next pod on the node takes the next free netns number.
     assert lab.plan_pod(node, avoid={"mtest-n1pod2"}).netns == "mtest-n1pod3"
+
+
+def test_the_documented_example_is_valid():
+    path = os.path.join(
+        os.path.dirname(__file__), "..", "..", "docs", "examples", "lab-netpol.yaml"
+    )
+    with open(path) as f:
+        manifests = ordered(validate_all(read_documents(f.read(), path)))
+    assert [m.ref for m in manifests] == [
+        "namespace/shop",
+        "namespace/tools",
+        "networkpolicy.networking.k8s.io/shop/db-from-web",
+        "networkpolicy.networking.k8s.io/shop/web-from-pods",
+        "pod/shop/web",
+        "pod/shop/db",
+        "pod/tools/debug",
+    ]
