@@ -23,13 +23,30 @@ def _prefix(value: str) -> str:
     return value
 
 
-def _bounded(name: str, high: int):
+def _bounded(name: str, high: int, low: int = 1):
     def parse(value: str) -> int:
-        if not value.isdigit() or not 1 <= int(value) <= high:
-            raise argparse.ArgumentTypeError(f"{value!r}: give a number of {name} from 1 to {high}")
+        if not value.isdigit() or not low <= int(value) <= high:
+            raise argparse.ArgumentTypeError(
+                f"{value!r}: give a number of {name} from {low} to {high}"
+            )
         return int(value)
 
     return parse
+
+
+# `lab get` resources, with the names kubectl also accepts for them.
+RESOURCES = {
+    "pods": ("pods", "pod", "po"),
+    "policies": ("policies", "policy", "networkpolicies", "networkpolicy", "netpol"),
+    "namespaces": ("namespaces", "namespace", "ns"),
+}
+
+
+def _resource(value: str) -> str:
+    for resource, names in RESOURCES.items():
+        if value in names:
+            return resource
+    raise argparse.ArgumentTypeError(f"{value!r}: get one of {', '.join(RESOURCES)}")
 
 
 def register(sub) -> None:
@@ -59,9 +76,9 @@ def register(sub) -> None:
     )
     u.add_argument(
         "--pods",
-        type=_bounded("pods", MAX_PODS),
+        type=_bounded("pods", MAX_PODS, low=0),
         default=2,
-        help=f"pods per node (1-{MAX_PODS}; 2)",
+        help=f"pods per node (0-{MAX_PODS}; 2): with 0, `lab apply` makes them",
     )
     u.add_argument(
         "--backend",
@@ -112,6 +129,61 @@ def register(sub) -> None:
         "--no-probes", action="store_true", help="draw the topology only, without measuring"
     )
     w.set_defaults(func=_draw)
+    a = lsub.add_parser(
+        "apply",
+        parents=[common],
+        help="create or update Namespaces, Pods (networked through their node's plugin) and "
+        "NetworkPolicies from Kubernetes YAML",
+    )
+    _filenames(a, "to apply")
+    a.set_defaults(func=_apply)
+    r = lsub.add_parser(
+        "delete",
+        parents=[common],
+        help="delete the objects the YAML names (a pod DELed through its plugin, a namespace "
+        "with its pods and policies)",
+    )
+    _filenames(r, "whose objects to delete")
+    r.add_argument(
+        "--ignore-not-found",
+        action="store_true",
+        help="an object that does not exist is no error",
+    )
+    r.set_defaults(func=_delete)
+    g = lsub.add_parser(
+        "get",
+        parents=[common],
+        help="list pods (node, netns, addresses, labels), policies (and the pods each "
+        "selects) or namespaces",
+    )
+    g.add_argument(
+        "resource",
+        type=_resource,
+        metavar="{pods,policies,namespaces}",
+        help="what to list (kubectl's short names work too: po, netpol, ns)",
+    )
+    g.add_argument("--json", action="store_true", help="a JSON list instead of a table")
+    g.set_defaults(func=_get)
+    m = lsub.add_parser(
+        "probe",
+        parents=[common],
+        help="measure the connectivity matrix now, judged against the NetworkPolicies "
+        "(an expected denial is no failure)",
+    )
+    m.add_argument("--json", action="store_true", help="one JSON entry per path")
+    m.set_defaults(func=_probe)
+
+
+def _filenames(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument(
+        "-f",
+        "--filename",
+        action="append",
+        required=True,
+        metavar="FILE",
+        help=f"YAML or JSON {what} (several documents, kind: List too); - for stdin, a "
+        "directory for its .yaml, .yml and .json files; may be repeated",
+    )
 
 
 def _up(args) -> int:
@@ -130,3 +202,27 @@ def _draw(args) -> int:
     from ..lab.commands import draw
 
     return draw(args)
+
+
+def _apply(args) -> int:
+    from ..lab.kubectl import apply_command
+
+    return apply_command(args)
+
+
+def _delete(args) -> int:
+    from ..lab.kubectl import delete_command
+
+    return delete_command(args)
+
+
+def _get(args) -> int:
+    from ..lab.kubectl import get_command
+
+    return get_command(args)
+
+
+def _probe(args) -> int:
+    from ..lab.kubectl import probe_command
+
+    return probe_command(args)

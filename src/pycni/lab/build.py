@@ -25,7 +25,6 @@ from ..install.launchers import write_launcher
 from ..node_config import atomic_write, read_subnet_env
 from .model import (
     NETWORK_NAME,
-    POD_NAMESPACE,
     UNDERLAYS,
     UNDERLAYS6,
     WAN,
@@ -374,7 +373,7 @@ def etcd_pids(lab: Lab) -> list[int]:
 def cni_args(pod: Pod) -> list[tuple[str, str]]:
     return [
         ("IgnoreUnknown", "1"),
-        ("K8S_POD_NAMESPACE", POD_NAMESPACE),
+        ("K8S_POD_NAMESPACE", pod.namespace),
         ("K8S_POD_NAME", pod.k8s_name),
         ("K8S_POD_INFRA_CONTAINER_ID", pod.container_id),
         ("K8S_POD_UID", pod.uid),

@@ -20,7 +20,9 @@ from .model import (
     Lab,
     lab_netns_re,
 )
-from .probes import measure, print_table
+from .probes import measure, print_table, summary
+from .store import lab_objects
+from .verdicts import Policies
 
 
 def up(args) -> int:
@@ -69,24 +71,33 @@ def up(args) -> int:
         return 1
     built = time.monotonic() - started
     print_lab(lab)
-    probes = measure(lab)
-    print_table(probes)
+    probes = measure(lab, read_policies(lab))
+    if probes:
+        print_table(probes)
     if getattr(args, "svg", None):
         from .draw import write_svg
 
         write_svg(lab, probes, args.svg)
         print(f"drew the lab into {args.svg}")
-    failed = [p for p in probes if not p.ok]
-    print()
-    if failed:
-        print(f"{len(failed)} of {len(probes)} paths FAILED; the lab is left up for inspection")
-    else:
-        print(f"all {len(probes)} paths OK")
+    failed = [p for p in probes if p.failed]
+    if probes:
+        print()
+    print(summary(probes) + ("; the lab is left up for inspection" if failed else ""))
     print(
         f"lab up in {time.monotonic() - started:.1f} s (network built in {built:.1f} s); "
         f"remove it with `{hint}`"
     )
     return 1 if failed else 0
+
+
+def read_policies(lab: Lab) -> Policies:
+    """The lab's stored objects, for judging its paths; invalid ones are reported and left
+    out (as the agents leave them out)."""
+    with lab_objects(lab) as store:
+        policies = Policies(lab, store.snapshot())
+    for problem in policies.problems:
+        print(f"warning: left out: {problem}", file=sys.stderr)
+    return policies
 
 
 def _down_hint(prefix: str, state_dir: str) -> str:
@@ -125,19 +136,23 @@ def print_lab(lab: Lab) -> None:
         )
         for n in lab.nodes
     ]
-    _table(rows)
+    print_rows(rows)
     print()
+    if not any(n.pods for n in lab.nodes):
+        print("  no pods yet: `pycnictl lab apply -f FILE` makes some")
+        print()
+        return
     rows = [("POD", "NODE", "ADDRESS", "MAC", "HOST VETH")]
     rows += [
-        (p.k8s_name, n.name, p.address + (f" {p.address6}" if v6 else ""), p.mac, p.host_veth)
+        (p.label, n.name, p.address + (f" {p.address6}" if v6 else ""), p.mac, p.host_veth)
         for n in lab.nodes
         for p in n.pods
     ]
-    _table(rows)
+    print_rows(rows)
     print()
 
 
-def _table(rows: list[tuple[str, ...]]) -> None:
+def print_rows(rows: list[tuple[str, ...]]) -> None:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  " + "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
@@ -171,9 +186,9 @@ def draw(args) -> int:
     if lab is None or lab.prefix != args.prefix:
         print(f"lab draw: no lab {args.prefix} is up in {state_dir}", file=sys.stderr)
         return 1
-    probes = [] if args.no_probes else measure(lab)
+    probes = [] if args.no_probes else measure(lab, read_policies(lab))
     write_svg(lab, probes, args.svg)
-    failed = sum(not p.ok for p in probes)
+    failed = sum(p.failed for p in probes)
     measured = f", {len(probes)} paths measured, {failed} failed" if probes else ""
     print(f"drew lab {lab.prefix} into {args.svg}{measured}")
     return 0

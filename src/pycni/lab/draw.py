@@ -9,6 +9,9 @@ from .probes import Probe
 
 NODE_W, NODE_GAP, POD_H, CELL = 250, 28, 34, 22
 OK, FAILED, NONE = "#5aa95a", "#d9534f", "#eeeeee"
+DENIED = "#5b8bd0"  # closed, as the NetworkPolicies say: an expected denial
+FILLS = {"ok": OK, "failed": FAILED, "denied": DENIED}
+LEGEND_H = 4 * 22
 INK, MUTED, BOX = "#222222", "#666666", "#f6f8fb"
 
 
@@ -19,11 +22,11 @@ def family_of(probe: Probe) -> int:
 
 def matrix(lab: Lab, probes: list[Probe], family: int) -> tuple[list, list, dict]:
     """Rows (sources: pods, then nodes), columns (destinations: pods, then the outside) and
-    {(row, column): ok} for the probes of one family."""
-    pods = [p.k8s_name for n in lab.nodes for p in n.pods]
+    {(row, column): verdict} ("ok", "denied" or "failed") for the probes of one family."""
+    pods = [p.label for n in lab.nodes for p in n.pods]
     rows = pods + [n.name for n in lab.nodes]
     cols = pods + ["outside"]
-    cells = {(p.src_label, p.dst_label): p.ok for p in probes if family_of(p) == family}
+    cells = {(p.src_label, p.dst_label): p.verdict for p in probes if family_of(p) == family}
     return rows, cols, cells
 
 
@@ -34,13 +37,17 @@ def lab_svg(lab: Lab, probes: list[Probe] | None = None) -> str:
     families = [4, 6] if lab.ipv6 else [4]
     n = max(1, len(lab.nodes))
     pods_max = max([len(node.pods) for node in lab.nodes] + [1])
-    width = max(n * (NODE_W + NODE_GAP) + NODE_GAP, 720)
+    pods_all = sum(len(node.pods) for node in lab.nodes)
+    legend_w = 210
+    width = max(
+        n * (NODE_W + NODE_GAP) + NODE_GAP, 720, 110 + (pods_all + 1) * CELL + 30 + legend_w
+    )
     underlays = sorted({node.lan for node in lab.nodes})
     bus_y = {lan: 150 + 26 * i for i, lan in enumerate(underlays)}
     nodes_y = 150 + 26 * len(underlays) + 24
     node_h = 96 + pods_max * (POD_H + 6)
     sources = sum(len(node.pods) for node in lab.nodes) + len(lab.nodes)
-    matrix_h = (70 + sources * CELL + 50) * (len(families) if probes else 0)
+    matrix_h = (70 + max(sources * CELL, LEGEND_H) + 50) * (len(families) if probes else 0)
     height = nodes_y + node_h + 40 + matrix_h
     d = draw.Drawing(width, height, font_family="sans-serif", font_size=12)
     d.append(draw.Rectangle(0, 0, width, height, fill="white"))
@@ -94,14 +101,17 @@ def lab_svg(lab: Lab, probes: list[Probe] | None = None) -> str:
             py = bridge_y + 10 + j * (POD_H + 6)
             d.append(draw.Line(x + 24, bridge_y, x + 24, py + POD_H / 2, stroke="#336"))
             box(x + 34, py, NODE_W - 46, POD_H, fill="white", stroke="#99aabb")
-            text(pod.k8s_name, x + 42, py + 14, 12, font_weight="bold")
+            text(pod.label, x + 42, py + 14, 12, font_weight="bold")
             addresses = pod.ip + (f"  {pod.ip6}" if lab.ipv6 and pod.address6 else "")
             text(addresses or "(no address)", x + 42, py + 28, 10)
 
     y = nodes_y + node_h + 40
     for family in families if probes else []:
         rows, cols, cells = matrix(lab, probes, family)
-        heading = f"connectivity over IPv{family}: row reaches column (ICMP and TCP, as measured)"
+        heading = (
+            f"connectivity over IPv{family}: row reaches column (measured, judged against "
+            "the policies)"
+        )
         text(heading, 16, y, 13, font_weight="bold")
         left, top = 110, y + 70
         for c, name in enumerate(cols):
@@ -111,8 +121,7 @@ def lab_svg(lab: Lab, probes: list[Probe] | None = None) -> str:
             ry = top + r * CELL
             text(name, left - 6, ry + 15, 10, text_anchor="end")
             for c, col in enumerate(cols):
-                ok = cells.get((name, col))
-                fill = NONE if ok is None else OK if ok else FAILED
+                fill = FILLS.get(cells.get((name, col), ""), NONE)
                 d.append(
                     draw.Rectangle(
                         left + c * CELL,
@@ -125,11 +134,16 @@ def lab_svg(lab: Lab, probes: list[Probe] | None = None) -> str:
                 )
         legend_x = left + len(cols) * CELL + 30
         for k, (fill, label) in enumerate(
-            ((OK, "reachable"), (FAILED, "FAILED"), (NONE, "not probed"))
+            (
+                (OK, "reachable"),
+                (DENIED, "denied by policy (expected)"),
+                (FAILED, "FAILED"),
+                (NONE, "not probed"),
+            )
         ):
             d.append(draw.Rectangle(legend_x, top + k * 22, 14, 14, fill=fill))
             text(label, legend_x + 20, top + k * 22 + 12, 11)
-        y = top + len(rows) * CELL + 50
+        y = top + max(len(rows) * CELL, LEGEND_H) + 50
     return d.as_svg()
 
 

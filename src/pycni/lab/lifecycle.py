@@ -22,10 +22,20 @@ from .build import (
     wait_converged,
     wait_ready,
 )
-from .model import Lab, LabError, Node, lab_netns_re
+from .model import POD_NAMESPACE, Lab, LabError, Node, lab_netns_re
+from .objects import builtin_pod_object, namespace_object
+from .store import LabObjects, lab_objects
 
 # Entries of a state directory that the lab made and may remove.
-_STATE_ENTRIES = ("nodes", "cluster.db", "cluster.db-wal", "cluster.db-shm", "etcd", "etcd.log")
+_STATE_ENTRIES = (
+    "nodes",
+    "cluster.db",
+    "cluster.db-wal",
+    "cluster.db-shm",
+    "etcd",
+    "etcd.log",
+    "lab.lock",
+)
 
 
 def bring_up(lab: Lab) -> None:
@@ -37,17 +47,23 @@ def bring_up(lab: Lab) -> None:
         start_etcd(lab)
     for node in lab.nodes:
         build_node(lab, node)
-    for node in lab.nodes:
-        _network_pods(lab, node)
+    with lab_objects(lab) as store:
+        store.apply(namespace_object(POD_NAMESPACE))
+        for node in lab.nodes:
+            _network_pods(lab, node, store)
     wait_converged(lab)
 
 
-def _network_pods(lab: Lab, node: Node) -> None:
+def _network_pods(lab: Lab, node: Node, store: LabObjects) -> None:
+    """ADD the node's planned pods, each stored as a Pod object before (its labels) and after
+    (its addresses), as the API server and the kubelet would have it."""
     wait_ready(node)
     lab.save()
     for pod in node.pods:
+        store.apply(builtin_pod_object(node, pod))
         add_pod(node, pod)
         lab.save()
+        store.apply(builtin_pod_object(node, pod))
 
 
 def join(lab: Lab) -> Node:
@@ -55,7 +71,8 @@ def join(lab: Lab) -> Node:
     node = lab.plan_node()
     lab.save()
     build_node(lab, node)
-    _network_pods(lab, node)
+    with lab_objects(lab) as store:
+        _network_pods(lab, node, store)
     wait_converged(lab)
     return node
 
@@ -73,6 +90,12 @@ def remove_node(lab: Lab, node: Node) -> None:
     lab.nodes.remove(node)
     lab.save()
     shutil.rmtree(node.root, ignore_errors=True)
+    try:
+        with lab_objects(lab) as store:  # its pods are gone with it
+            for pod in node.pods:
+                store.delete("Pod", pod.namespace, pod.k8s_name)
+    except Exception as exc:  # noqa: BLE001 - the node is gone; say why its objects stay
+        problems.append(f"{node.name}'s pod objects stay in the datastore: {exc}")
     if problems:
         raise LabError("; ".join(problems))
 

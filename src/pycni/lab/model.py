@@ -24,7 +24,12 @@ UNDERLAYS6 = ("2001:db8:1::/64", "2001:db8:2::/64")
 WAN = ipaddress.ip_network("203.0.113.0/24")  # router .1, the outside .254
 WAN6 = ipaddress.ip_network("2001:db8:ff::/64")
 IFNAME = "eth0"
-POD_NAMESPACE = "default"
+POD_NAMESPACE = "default"  # the lab's own pods' Kubernetes namespace
+# Every pod's probe server listens on this TCP port unless the pod declares container ports of
+# its own (then on its first TCP one); the lab's own pods declare it under the name below, so
+# a policy can name it.
+PROBE_PORT = 8080
+PROBE_PORT_NAME = "serve"
 MAX_PODS = 20
 MAX_NODES = 50
 PREFIX_RE = re.compile(r"[a-z][a-z0-9]{0,19}")
@@ -41,6 +46,7 @@ class Pod:
     container_id: str
     uid: str
     ifname: str = IFNAME
+    namespace: str = POD_NAMESPACE  # the Kubernetes namespace (K8S_POD_NAMESPACE)
     cache: str = ""  # libcni-style cached result
     address: str = ""
     address6: str = ""  # dual stack
@@ -58,6 +64,19 @@ class Pod:
     @property
     def ip6(self) -> str:
         return self.address6.split("/")[0]
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.k8s_name}"
+
+    @property
+    def label(self) -> str:
+        """How tables and pictures name it: the lab's own pods by name, others as ns/name."""
+        return self.k8s_name if self.namespace == POD_NAMESPACE else self.key
+
+    @property
+    def ips(self) -> list[str]:
+        return [ip for ip in (self.ip, self.ip6) if ip]
 
 
 @dataclass
@@ -185,17 +204,43 @@ class Lab:
         )
         if self.ipv6:
             node.lan6_ip = str(ipaddress.ip_network(node.lan6)[host])
-        for j in range(1, self.pods_per_node + 1):
-            node.pods.append(
-                Pod(
-                    netns=f"{self.prefix}-n{i}pod{j}",
-                    k8s_name=f"n{i}pod{j}",
-                    container_id=secrets.token_hex(32),
-                    uid=str(uuid.uuid4()),
-                )
-            )
+        for _ in range(self.pods_per_node):
+            self.plan_pod(node)
         self.nodes.append(node)
         return node
+
+    def plan_pod(
+        self,
+        node: Node,
+        namespace: str = POD_NAMESPACE,
+        name: str = "",
+        avoid: frozenset[str] | set[str] = frozenset(),
+    ) -> Pod:
+        """One more pod on `node`, in netns <prefix>-nIpodJ (J the node's next free number,
+        none of `avoid`, so `lab down` finds it by name); named nIpodJ unless `name` is given."""
+        i = int(node.name[4:])
+        taken = {p.netns for p in node.pods} | set(avoid)
+        j = len(node.pods) + 1
+        while f"{self.prefix}-n{i}pod{j}" in taken:
+            j += 1
+        pod = Pod(
+            netns=f"{self.prefix}-n{i}pod{j}",
+            k8s_name=name or f"n{i}pod{j}",
+            container_id=secrets.token_hex(32),
+            uid=str(uuid.uuid4()),
+            namespace=namespace,
+        )
+        node.pods.append(pod)
+        return pod
+
+    def pods(self) -> list[tuple[Node, Pod]]:
+        return [(node, pod) for node in self.nodes for pod in node.pods]
+
+    def find_pod(self, namespace: str, name: str) -> tuple[Node, Pod] | None:
+        return next(
+            ((n, p) for n, p in self.pods() if (p.namespace, p.k8s_name) == (namespace, name)),
+            None,
+        )
 
     @property
     def router(self) -> str:

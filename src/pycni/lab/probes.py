@@ -1,5 +1,7 @@
 """Measuring the lab: every path of the connectivity matrix by ICMP and TCP, with the source
-address each target saw (so masquerade, or its absence, is visible)."""
+address each target saw (so masquerade, or its absence, is visible), each judged against what
+the lab's NetworkPolicies allow (lab/verdicts.py): a path they deny that was indeed closed is an
+expected denial, not a failure."""
 
 from __future__ import annotations
 
@@ -12,7 +14,8 @@ import threading
 from dataclasses import dataclass
 
 from .build import run as _run
-from .model import Lab, LabError
+from .model import PROBE_PORT, Lab, LabError
+from .verdicts import Policies, Verdict
 
 _PROBE_TIMEOUT = 1.5
 
@@ -22,7 +25,7 @@ import socket, sys, time
 s = socket.socket(socket.AF_INET6)  # dual stack: IPv4 peers appear as ::ffff:a.b.c.d
 s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
 s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(("::", 0))
+s.bind(("::", int(sys.argv[2])))
 s.listen(64)
 print(s.getsockname()[1], flush=True)
 deadline = time.monotonic() + float(sys.argv[1])
@@ -78,6 +81,9 @@ class Probe:
     dst_netns: str
     dst_ip: str
     expect: tuple[str, ...]  # the source addresses the target may see
+    dst_port: int = PROBE_PORT  # the TCP port probed (the target's probe server)
+    allowed: bool = True  # the NetworkPolicies allow this path (the reference evaluator)
+    icmp_judged: bool = True  # False where a policy governs the path: ICMP is shown only
     icmp_ok: bool = False
     icmp_rtt: float | None = None
     tcp_ok: bool = False
@@ -87,21 +93,39 @@ class Probe:
     retried: bool = False
 
     @property
+    def verdict(self) -> str:
+        """ "ok" (reachable, as allowed), "denied" (closed, as the policies say) or "failed"."""
+        if not self.allowed:
+            return "failed" if self.tcp_ok else "denied"
+        icmp = self.icmp_ok or not self.icmp_judged
+        return "ok" if icmp and self.tcp_ok and self.peer in self.expect else "failed"
+
+    @property
     def ok(self) -> bool:
-        return self.icmp_ok and self.tcp_ok and self.peer in self.expect
+        return self.verdict == "ok"
+
+    @property
+    def failed(self) -> bool:
+        return self.verdict == "failed"
+
+    def judge(self, verdict: Verdict) -> Probe:
+        self.allowed, self.icmp_judged = verdict.allowed, not verdict.governed
+        return self
 
 
-def plan_probes(lab: Lab) -> list[Probe]:
+def plan_probes(lab: Lab, policies: Policies | None = None) -> list[Probe]:
     """The connectivity matrix: pod-pod on one node and across nodes, node-pod (every node to
     every pod), and pod-outside; over IPv6 too in a dual-stack lab. Pods keep their address
-    towards pods; towards the outside they are masqueraded behind their node's address."""
-    probes = _plan(lab, 4)
+    towards pods; towards the outside they are masqueraded behind their node's address.
+    Each probe knows its port and what `policies` (none: everything allowed) say of it."""
+    policies = policies or Policies(lab)
+    probes = _plan(lab, 4, policies)
     if lab.ipv6:
-        probes += _plan(lab, 6)
+        probes += _plan(lab, 6, policies)
     return probes
 
 
-def _plan(lab: Lab, family: int) -> list[Probe]:
+def _plan(lab: Lab, family: int, policies: Policies) -> list[Probe]:
     v6 = family == 6
     tag = "6" if v6 else ""
 
@@ -114,9 +138,17 @@ def _plan(lab: Lab, family: int) -> list[Probe]:
         for nb, b in pods:
             if a is not b:
                 kind = "pod->pod" + tag + ("" if na is nb else " x-node")
-                probes.append(
-                    Probe(kind, a.k8s_name, a.netns, b.k8s_name, b.netns, ip(b), expect=(ip(a),))
+                probe = Probe(
+                    kind,
+                    a.label,
+                    a.netns,
+                    b.label,
+                    b.netns,
+                    ip(b),
+                    expect=(ip(a),),
+                    dst_port=policies.port(nb, b),
                 )
+                probes.append(probe.judge(policies.pod_to_pod(na, a, nb, b, family)))
     for node in lab.nodes:
         # A node reaches its own pods from the bridge's gateway address; other nodes' pods
         # from its underlay address (host-gw) or its VTEP's address (vxlan): never NATed.
@@ -124,29 +156,29 @@ def _plan(lab: Lab, family: int) -> list[Probe]:
         gateway = node.gateway6 if v6 else node.gateway
         own = (gateway, node.lan6_ip if v6 else node.lan_ip, str(subnet.network_address))
         for nb, b in pods:
-            probes.append(
-                Probe(
-                    "node->pod" + tag,
-                    node.name,
-                    node.netns,
-                    b.k8s_name,
-                    b.netns,
-                    ip(b),
-                    expect=(gateway,) if nb is node else own,
-                )
+            probe = Probe(
+                "node->pod" + tag,
+                node.name,
+                node.netns,
+                b.label,
+                b.netns,
+                ip(b),
+                expect=(gateway,) if nb is node else own,
+                dst_port=policies.port(nb, b),
             )
+            probes.append(probe.judge(policies.node_to_pod(node, nb, b, family)))
     for node, a in pods:
-        probes.append(
-            Probe(
-                "pod->outside" + tag,
-                a.k8s_name,
-                a.netns,
-                "outside",
-                lab.outside,
-                lab.outside_ip6 if v6 else lab.outside_ip,
-                expect=(node.lan6_ip if v6 else node.lan_ip,),
-            )
+        outside = lab.outside_ip6 if v6 else lab.outside_ip
+        probe = Probe(
+            "pod->outside" + tag,
+            a.label,
+            a.netns,
+            "outside",
+            lab.outside,
+            outside,
+            expect=(node.lan6_ip if v6 else node.lan_ip,),
         )
+        probes.append(probe.judge(policies.pod_to_address(node, a, outside, family)))
     return probes
 
 
@@ -159,11 +191,11 @@ def _ping(netns: str, ip: str) -> tuple[bool, float | None]:
     return True, float(m.group(1)) if m else None
 
 
-def _tcp(src: str, probes: list[Probe], ports: dict[str, int]) -> None:
+def _tcp(src: str, probes: list[Probe]) -> None:
     """TCP probes from one source namespace, all through one client process."""
     if not probes:
         return
-    targets = [f"{i},{p.dst_ip},{ports[p.dst_netns]}" for i, p in enumerate(probes)]
+    targets = [f"{i},{p.dst_ip},{p.dst_port}" for i, p in enumerate(probes)]
     try:
         proc = _run(
             "ip",
@@ -194,17 +226,18 @@ def _tcp(src: str, probes: list[Probe], ports: dict[str, int]) -> None:
 
 
 class Servers:
-    """TCP servers in the target namespaces, stopped (and waited for) on exit."""
+    """TCP servers in the target namespaces, each on its port ({netns: port}), stopped (and
+    waited for) on exit."""
 
-    def __init__(self, namespaces: list[str], lifetime: float = 60.0) -> None:
+    def __init__(self, ports: dict[str, int], lifetime: float = 60.0) -> None:
         self.procs: dict[str, subprocess.Popen] = {}
         self.ports: dict[str, int] = {}
-        self.namespaces = namespaces
+        self.namespaces = ports
         self.lifetime = lifetime
 
     def __enter__(self) -> Servers:
         try:
-            for ns in self.namespaces:
+            for ns, port in self.namespaces.items():
                 self.procs[ns] = subprocess.Popen(
                     [
                         "ip",
@@ -217,6 +250,7 @@ class Servers:
                         "-c",
                         _SERVER,
                         str(self.lifetime),
+                        str(port),
                     ],
                     stdin=subprocess.DEVNULL,
                     stdout=subprocess.PIPE,
@@ -246,27 +280,33 @@ class Servers:
             proc.stderr.close()
 
 
-def measure(lab: Lab) -> list[Probe]:
-    probes = plan_probes(lab)
+def measure(lab: Lab, policies: Policies | None = None) -> list[Probe]:
+    """Measure every path of plan_probes(lab, policies)."""
+    probes = plan_probes(lab, policies)
     by_source: dict[str, list[Probe]] = {}
     for p in probes:
         by_source.setdefault(p.src_netns, []).append(p)
-    with Servers(sorted({p.dst_netns for p in probes})) as servers:
+    ports: dict[str, int] = {}
+    for p in probes:
+        if ports.setdefault(p.dst_netns, p.dst_port) != p.dst_port:
+            raise LabError(f"{p.dst_netns} probed on ports {ports[p.dst_netns]} and {p.dst_port}")
+    with Servers(dict(sorted(ports.items()))):
 
         def run_source(src: str, mine: list[Probe]) -> None:
             # Pings one after the other from each source, so RTTs are not skewed by each other.
             # A failed probe is tried once more (and marked so): one lost packet on a loaded
-            # machine is noise, a path that fails twice is broken.
+            # machine is noise, a path that fails twice is broken. Only what is expected to
+            # pass is tried again: a closed path the policies deny is the expected answer.
             for p in mine:
                 p.icmp_ok, p.icmp_rtt = _ping(src, p.dst_ip)
-                if not p.icmp_ok:
+                if not p.icmp_ok and p.allowed and p.icmp_judged:
                     p.retried = True
                     p.icmp_ok, p.icmp_rtt = _ping(src, p.dst_ip)
-            _tcp(src, mine, servers.ports)
-            again = [p for p in mine if not p.tcp_ok]
+            _tcp(src, mine)
+            again = [p for p in mine if not p.tcp_ok and p.allowed]
             for p in again:
                 p.retried = True
-            _tcp(src, again, servers.ports)
+            _tcp(src, again)
 
         threads = [
             threading.Thread(target=run_source, args=(src, mine)) for src, mine in by_source.items()
@@ -279,9 +319,11 @@ def measure(lab: Lab) -> list[Probe]:
 
 
 def print_table(probes: list[Probe]) -> None:
+    governed = any(not p.allowed or not p.icmp_judged for p in probes)
     print(
         "connectivity, measured (ICMP: ping -c1 -W1; TCP: connect time, and the source "
-        "address the server saw):"
+        f"address the server saw; TCP port {PROBE_PORT} unless shown)"
+        + (", judged against the NetworkPolicies:" if governed else ":")
     )
     rows = [("PATH", "FROM", "TO", "ICMP", "ms", "TCP", "ms", "SEEN AS", "")]
 
@@ -290,7 +332,9 @@ def print_table(probes: list[Probe]) -> None:
 
     for p in probes:
         note = ""
-        if p.tcp_ok and p.peer not in p.expect:
+        if not p.allowed:
+            note = "got through, but the policies deny it" if p.tcp_ok else "denied by policy"
+        elif p.tcp_ok and p.peer not in p.expect:
             note = f"WRONG (expected {' or '.join(p.expect)})"
         elif p.kind.startswith("pod->outside") and p.tcp_ok:
             note = "masqueraded"
@@ -300,14 +344,23 @@ def print_table(probes: list[Probe]) -> None:
             note = p.error
         if p.retried:
             note = f"{note}, on a 2nd try" if note else "on a 2nd try"
+        if p.icmp_judged:
+            icmp = "OK" if p.icmp_ok else "FAIL"
+        else:
+            icmp = "ok" if p.icmp_ok else "no"
+        if p.allowed:
+            tcp = "OK" if p.tcp_ok else "FAIL"
+        else:
+            tcp = "FAIL" if p.tcp_ok else "DENIED"
+        port = "" if p.dst_port == PROBE_PORT else f":{p.dst_port}"
         rows.append(
             (
                 p.kind,
                 p.src_label,
-                f"{p.dst_label} {p.dst_ip}",
-                "OK" if p.icmp_ok else "FAIL",
+                f"{p.dst_label} {p.dst_ip}{port}",
+                icmp,
                 ms(p.icmp_rtt),
-                "OK" if p.tcp_ok else "FAIL",
+                tcp,
                 ms(p.tcp_rtt),
                 p.peer or "-",
                 note,
@@ -321,3 +374,45 @@ def print_table(probes: list[Probe]) -> None:
             for i, (c, w) in enumerate(zip(r, widths, strict=True))
         ]
         print("  " + "  ".join(cells).rstrip())
+    if any(not p.icmp_judged for p in probes):
+        print(
+            "  (ICMP in lower case, ok or no: a policy governs the path, and NetworkPolicy speaks "
+            "of TCP, UDP and SCTP only; shown, not judged)"
+        )
+
+
+def summary(probes: list[Probe]) -> str:
+    """One line: all OK, all as expected (with the denials), or how many failed."""
+    if not probes:
+        return "no paths measured: the lab has no pods"
+    failed = sum(p.failed for p in probes)
+    denied = sum(p.verdict == "denied" for p in probes)
+    if failed:
+        return f"{failed} of {len(probes)} paths FAILED"
+    if denied:
+        return (
+            f"all {len(probes)} paths as expected: {len(probes) - denied} OK, "
+            f"{denied} denied by policy"
+        )
+    return f"all {len(probes)} paths OK"
+
+
+def as_json(probes: list[Probe]) -> list[dict]:
+    """The matrix for programs (`lab probe --json`): one entry per path."""
+    return [
+        {
+            "kind": p.kind,
+            "from": p.src_label,
+            "to": p.dst_label,
+            "ip": p.dst_ip,
+            "port": p.dst_port,
+            "icmp": p.icmp_ok,
+            "icmpJudged": p.icmp_judged,
+            "tcp": p.tcp_ok,
+            "seenAs": p.peer,
+            "expected": "allow" if p.allowed else "deny",
+            "verdict": p.verdict,
+            "error": p.error,
+        }
+        for p in probes
+    ]
