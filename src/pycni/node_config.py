@@ -43,7 +43,15 @@ def node_conflist(
         plugin["subnet"] = subnets if isinstance(subnets, str) else subnets[0]
     else:
         plugin["ranges"] = [[{"subnet": s}] for s in subnets]
-    plugin.update({"ipMasq": True, "isDefaultGateway": True, "capabilities": dict(CAPABILITIES)})
+    # hairpinMode is the plugin's default; written out so the config says what pods get.
+    plugin.update(
+        {
+            "ipMasq": True,
+            "isDefaultGateway": True,
+            "hairpinMode": True,
+            "capabilities": dict(CAPABILITIES),
+        }
+    )
     if network:
         plugin["network"] = network if isinstance(network, str) or len(network) > 1 else network[0]
     plugin.update(extra)

@@ -99,6 +99,7 @@ def healthy() -> NodeSnapshot:
             master=BRIDGE,
             alias=names.host_veth_alias(NET, att.container_id, "eth0"),
             peer=2,
+            hairpin=True,
         )
         netns[att.netns] = NetnsView(
             att.netns,
@@ -118,7 +119,14 @@ def healthy() -> NodeSnapshot:
         DATA,
         atts,
         [allocation(i) for i in range(PODS)],
-        {NET: {"bridge": "cni0", "ipMasq": True, "subnets": ["10.244.1.0/24"]}},
+        {
+            NET: {
+                "bridge": "cni0",
+                "ipMasq": True,
+                "hairpinMode": True,
+                "subnets": ["10.244.1.0/24"],
+            }
+        },
     )
     return NodeSnapshot(
         stores=[store],
@@ -126,7 +134,14 @@ def healthy() -> NodeSnapshot:
         netns=netns,
         rules=RulesView("nft", rules(), rules()),
         cluster=ClusterView(
-            "n1", "vxlan", True, "", CLUSTER_STATE, CLUSTER_STATE, "pycni.1", VTEP_MAC
+            "n1",
+            "vxlan",
+            True,
+            "",
+            CLUSTER_STATE,
+            CLUSTER_STATE,
+            "pycni.1",
+            VTEP_MAC,
         ),
     )
 
@@ -516,6 +531,36 @@ def test_iptables_backend_is_named():
     snap = healthy()
     snap.rules = RulesView("iptables", rules(), None)
     assert one(snap, m.RULES_MISSING).subject == "pycni's iptables chains"
+
+
+# --- hairpin --------------------------------------------------------------------------------
+
+
+def test_a_bridge_port_without_hairpin():
+    snap = healthy()
+    set_link(snap, veth(1), hairpin=False)
+    f = one(snap, m.HOST_VETH_NO_HAIRPIN)
+    assert f.subject == attachment(1).label
+    assert "the network's hairpinMode" in f.expected and "Service" in f.actual
+    assert f.hint.startswith(f"bridge link set dev {veth(1)} hairpin on")
+
+
+def test_hairpin_follows_the_network_and_hostports():
+    snap = healthy()
+    set_link(snap, veth(1), hairpin=False)
+    snap.stores[0].networks[NET]["hairpinMode"] = False  # hairpinMode: false
+    assert kinds(snap) == []
+    del snap.stores[0].networks[NET]["hairpinMode"]  # a store from before it was recorded
+    assert kinds(snap) == []
+    # A pod with hostPorts needs it whatever the network says.
+    snap.stores[0].attachments[1] = dataclasses.replace(attachment(1), hostports=True)
+    assert "hostPorts" in one(snap, m.HOST_VETH_NO_HAIRPIN).expected
+
+
+def test_a_detached_port_is_not_also_reported_without_hairpin():
+    snap = healthy()
+    set_link(snap, veth(1), master=None, hairpin=None)
+    one(snap, m.HOST_VETH_DETACHED)
 
 
 # --- cluster routes -----------------------------------------------------------------------

@@ -99,6 +99,7 @@ def check_attachments(snap: NodeSnapshot) -> list[Finding]:
             )
             continue
         out += _check_host_veth(att, host, snap.links.get(bridge_name), bridge_name, by_index)
+        out += _check_hairpin(snap, att, host)
         if ns is not None:
             out += _check_pod(att, host, ns, allocations.get(att.key, []), gateways)
     return out
@@ -156,6 +157,33 @@ def _check_host_veth(
             )
         )
     return out
+
+
+def hairpin_wanted(snap: NodeSnapshot, att: StoredAttachment) -> bool:
+    """Whether the attachment's bridge port must be in hairpin mode: its network says so
+    (hairpinMode, recorded at ADD; a store from before pycni recorded it is not judged), or
+    the pod has hostPorts."""
+    store = next((s for s in snap.stores if s.data_dir == att.data_dir), None)
+    info = store.networks.get(att.network, {}) if store else {}
+    return bool(info.get("hairpinMode")) or att.hostports
+
+
+def _check_hairpin(snap: NodeSnapshot, att: StoredAttachment, host: Link) -> list[Finding]:
+    # A port on no bridge is reported as detached; only a bridge port has a hairpin mode.
+    if host.hairpin is not False or not hairpin_wanted(snap, att):
+        return []
+    why = "the pod has hostPorts" if att.hostports else "the network's hairpinMode"
+    return [
+        Finding(
+            m.HOST_VETH_NO_HAIRPIN,
+            att.label,
+            f"bridge port {att.veth} in hairpin mode ({why})",
+            "hairpin off: the pod cannot reach itself through a Service (kube-proxy DNATs "
+            "the packet back to it) or its own hostPort",
+            f"bridge link set dev {att.veth} hairpin on (or recreate the pod: DEL then ADD "
+            f"container {att.container_id})",
+        )
+    ]
 
 
 def _nsenter(netns: str, command: str) -> str:

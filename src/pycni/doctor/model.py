@@ -17,6 +17,7 @@ HOST_VETH_NOT_VETH = "host-veth-not-veth"
 HOST_VETH_ALIAS = "host-veth-alias"
 HOST_VETH_DETACHED = "host-veth-detached"
 HOST_VETH_DOWN = "host-veth-down"
+HOST_VETH_NO_HAIRPIN = "host-veth-no-hairpin"
 POD_INTERFACE_MISSING = "pod-interface-missing"
 POD_INTERFACE_NOT_PEER = "pod-interface-not-peer"
 POD_INTERFACE_DOWN = "pod-interface-down"
@@ -111,7 +112,7 @@ class Report:
 class Link:
     """A network device as the doctor needs it. `peer`: a veth's IFLA_LINK, the index of its
     other end (in the other end's namespace); `addresses`: "ip/prefixlen", link-local left
-    out."""
+    out; `hairpin`: a bridge port's hairpin mode, None when it is on no bridge."""
 
     name: str
     index: int
@@ -122,10 +123,14 @@ class Link:
     peer: int | None = None
     mac: str = ""
     addresses: frozenset[str] = frozenset()
+    hairpin: bool | None = None
 
 
 @dataclass(frozen=True)
 class StoredAttachment:
+    """`hostports`: whether it has port mappings (its bridge port then needs hairpin mode
+    whatever the network's hairpinMode)."""
+
     data_dir: str
     id: int
     network: str
@@ -133,6 +138,7 @@ class StoredAttachment:
     ifname: str
     host_veth: str
     netns: str
+    hostports: bool = False
 
     @property
     def veth(self) -> str:
