@@ -18,6 +18,7 @@ import pytest
 
 from conftest import ask, server, sh, tear_down_labs, unique
 from pycni.agent.client import agent_health
+from pycni.agent.launch import agent_argv, wait_until_listening
 from pycni.lab import build, lifecycle
 from pycni.lab.model import Lab
 from pycni.lab.probes import measure
@@ -489,3 +490,86 @@ def test_a_pod_reaches_itself_and_its_neighbour_through_a_service(make_lab, back
         }
         sh("bridge", "-n", node.netns, "link", "set", "dev", a.host_veth, "hairpin", "on")
         assert reach_service(lab, [("self", a.netns)]) == {"self": want("self")}
+
+
+# --- the underlay interface without --iface -----------------------------------------------
+
+
+def test_a_node_without_default_route_finds_its_underlay_by_its_address(netns, tmp_path):
+    """No --iface and no default route (as kubernetes.md advises for a lab's node
+    namespaces): with --node-ip the agent takes the interface holding that address and turns
+    ready; without any address to go by it says what to give."""
+    node, peer = netns.make("nodr"), netns.make("nodrpeer")
+    sh(
+        "ip",
+        "-n",
+        node,
+        "link",
+        "add",
+        "eth1",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "eth0",
+        "netns",
+        peer,
+    )
+    sh("ip", "-n", node, "addr", "add", "192.0.2.1/24", "dev", "eth1")
+    sh("ip", "-n", peer, "addr", "add", "192.0.2.2/24", "dev", "eth0")
+    for ns, dev in ((node, "eth1"), (peer, "eth0")):
+        sh("ip", "-n", ns, "link", "set", dev, "up")
+        sh("ip", "-n", ns, "link", "set", "lo", "up")
+    assert "default" not in sh("ip", "-n", node, "route").stdout
+
+    def start(tag: str, *extra: str) -> tuple[subprocess.Popen, str, str]:
+        root = tmp_path / tag
+        socket, conf_dir = str(root / "agent.sock"), str(root / "net.d")
+        argv = [
+            *agent_argv(socket, str(root / "data"), str(root / "agent.log")),
+            "--cluster-cidr", "10.244.0.0/16",
+            "--datastore", "sqlite",
+            "--datastore-path", str(tmp_path / "cluster.db"),
+            "--node-name", "nodr",
+            "--backend", "host-gw",
+            "--conf-dir", conf_dir,
+            "--subnet-file", str(root / "subnet.env"),
+            *extra,
+        ]  # fmt: skip
+        proc = subprocess.Popen(["ip", "netns", "exec", node, *argv], stderr=subprocess.DEVNULL)
+        wait_until_listening(proc, socket)
+        return proc, socket, conf_dir
+
+    def until(check, what: str):
+        deadline = time.monotonic() + 15
+        while not (value := check()):
+            assert time.monotonic() < deadline, f"no {what}"
+            time.sleep(0.05)
+        return value
+
+    def cluster(socket: str) -> dict:
+        return (agent_health(socket)["health"] or {}).get("cluster") or {}
+
+    proc, socket, conf_dir = start("blind")
+    try:
+        reason = until(
+            lambda: "give --iface" in (r := cluster(socket).get("reason", "")) and r, "complaint"
+        )
+        assert "no default route" in reason and "--node-ip" in reason, reason
+        assert not cluster(socket)["ready"]
+        assert not os.path.exists(os.path.join(conf_dir, "10-pycni.conflist"))
+    finally:
+        proc.terminate()
+        proc.wait(15)
+
+    proc, socket, conf_dir = start("known", "--node-ip", "192.0.2.1")
+    try:
+        until(lambda: cluster(socket).get("ready"), "ready agent")
+        until(lambda: os.path.exists(os.path.join(conf_dir, "10-pycni.conflist")), "conflist")
+        c = cluster(socket)
+        assert (c["iface"], c["nodeIPs"]) == ("eth1", ["192.0.2.1"]), c
+        log = (tmp_path / "known" / "agent.log").read_text()
+        assert "underlay interface eth1: it holds the node's address 192.0.2.1" in log, log
+    finally:
+        proc.terminate()
+        proc.wait(15)

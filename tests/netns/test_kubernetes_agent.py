@@ -153,7 +153,8 @@ current-context: pycni@fake
 """)
         return self.api
 
-    def start_agent(self, backend: str) -> None:
+    def start_agent(self, backend: str, iface: str | None = "eth0") -> None:
+        """The agent; `iface` None: no --iface (it finds the underlay by itself)."""
         argv = [
             *agent_argv(self.socket, self.data_dir, self.log_file, 0),
             "--datastore",
@@ -166,8 +167,7 @@ current-context: pycni@fake
             CLUSTER_CIDR,
             "--backend",
             backend,
-            "--iface",
-            "eth0",
+            *(("--iface", iface) if iface else ()),
             "--conf-dir",
             os.path.dirname(self.conflist),
             "--subnet-file",
@@ -430,4 +430,24 @@ def test_node_without_podcidr_is_not_ready_until_it_gets_one(k8s_node, plugin_bi
     assert route == f"{SUBNET_B} via {PEER_IP} dev eth0 proto 120", node.routes()
     proc = plugin_status(node, plugin_bin)
     assert proc.returncode == 0, proc
+    assert api.annotations("node-a")[ANN_NODE_IPS] == NODE_IP
+
+
+def test_without_default_route_the_underlay_is_the_internal_ip_interface(k8s_node):
+    """No --iface, no --node-ip and no default route: the agent reads its Node's InternalIP
+    and takes the interface holding it (eth0), and turns ready."""
+    node = k8s_node
+    sh("ip", "-n", node.ns, "route", "del", "default")
+    api = node.start_api(node_a(), node_b())
+    node.start_agent("host-gw", iface=None)
+    cluster = wait_ready(node)
+    assert (cluster["iface"], cluster["nodeIPs"], cluster["subnets"]) == (
+        "eth0",
+        [NODE_IP],
+        [SUBNET_A],
+    ), cluster
+    route = node.wait_for(f"route to {SUBNET_B}", lambda: node.route_to(SUBNET_B))
+    assert route == f"{SUBNET_B} via {PEER_IP} dev eth0 proto 120", node.routes()
+    log = Path(node.log_file).read_text()
+    assert f"underlay interface eth0: it holds the node's address {NODE_IP}" in log, log
     assert api.annotations("node-a")[ANN_NODE_IPS] == NODE_IP

@@ -628,3 +628,36 @@ def test_opening_another_connection_keeps_the_store_shared(tmp_path):
         first.close()
         if second is not None:
             second.close()
+
+
+# --- the underlay interface without --iface -----------------------------------------------
+
+
+def test_underlay_is_the_interface_holding_the_node_address():
+    from pycni.agent.cluster import choose_underlay
+
+    holders = {"192.0.2.1": "eth1", "fd00::1": "eth2", "127.0.0.1": "lo"}
+    assert choose_underlay(["192.0.2.1"], holders, "eth0") == (
+        "eth1",
+        "it holds the node's address 192.0.2.1",
+    )
+    # Written in another form, or the second of several known addresses.
+    assert choose_underlay(["fd00:0::1"], holders, None)[0] == "eth2"
+    assert choose_underlay(["198.51.100.9", "fd00::1"], holders, None)[0] == "eth2"
+    # Known but held by no interface (a published address behind NAT): the default route.
+    assert choose_underlay(["198.51.100.9"], holders, "eth0") == (
+        "eth0",
+        "it holds the default route (no interface holds the node's address 198.51.100.9)",
+    )
+    assert choose_underlay([], holders, "eth0") == ("eth0", "it holds the default route")
+
+
+def test_underlay_without_address_or_default_route_says_what_to_give():
+    from pycni.agent.cluster import choose_underlay
+    from pycni.cluster.model import ClusterError
+
+    with pytest.raises(ClusterError, match="no interface holds the node's address 192.0.2.9"):
+        choose_underlay(["192.0.2.9"], {}, None)
+    with pytest.raises(ClusterError, match="give --iface") as err:
+        choose_underlay([], {}, None)
+    assert "--node-ip" in str(err.value) and "InternalIP" in str(err.value)

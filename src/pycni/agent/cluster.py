@@ -15,6 +15,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from ..cluster.datastore import Datastore
@@ -32,7 +33,9 @@ class ClusterOptions:
     settings: ClusterSettings
     node_name: str
     backend: str = "vxlan"
-    iface: str = ""  # underlay interface; "" = the one holding the default route
+    # Underlay interface; "" = the one holding the node's address (node_ips, else what the
+    # datastore knows: the Node's InternalIP), else the one holding the default route.
+    iface: str = ""
     node_ips: tuple[str, ...] = ()  # "" = the underlay interface's addresses
     conf_dir: str = "/etc/cni/net.d"
     conf_name: str = "10-pycni.conflist"
@@ -152,7 +155,14 @@ class ClusterNode:
         opts = self.options
         # Pods' packets to other nodes and the outside are forwarded by this node.
         sysctl.enable_forwarding({c.version for c in opts.settings.cluster_cidrs})
-        self.iface = opts.iface or default_route_iface(self._ipr)
+        if opts.iface:
+            self.iface = opts.iface
+        else:
+            known = opts.node_ips or self.store.node_addresses()
+            self.iface, why = choose_underlay(
+                known, address_holders(self._ipr), default_route_iface(self._ipr)
+            )
+            log.info("underlay interface %s: %s", self.iface, why)
         node_ips = opts.node_ips or iface_addresses(self._ipr, self.iface)
         if not node_ips:
             raise ClusterError(
@@ -343,13 +353,56 @@ class ClusterNode:
         return 0
 
 
-def default_route_iface(ipr) -> str:
-    """The interface holding the default route (IPv4 first): the underlay, as flannel guesses."""
+def choose_underlay(
+    known: Sequence[str], holders: dict[str, str], default: str | None
+) -> tuple[str, str]:
+    """(underlay interface, why) when --iface is not given: the interface holding one of the
+    node's `known` addresses (--node-ip, or the Node's InternalIP), else the one holding the
+    default route (`default`), as flannel guesses. `holders`: every local address -> its
+    interface. ClusterError when neither finds one."""
+    for text in known:
+        try:
+            name = holders.get(str(ipaddress.ip_address(text)))
+        except ValueError:
+            continue
+        if name:
+            return name, f"it holds the node's address {text}"
+    if default:
+        if known:
+            return default, (
+                f"it holds the default route (no interface holds the node's address "
+                f"{', '.join(known)})"
+            )
+        return default, "it holds the default route"
+    if known:
+        raise ClusterError(
+            f"no interface holds the node's address {', '.join(known)} and there is no default "
+            "route to find the underlay interface by; give --iface"
+        )
+    raise ClusterError(
+        "no default route to find the underlay interface by, and no node address to find it "
+        "by (--node-ip; with the kubernetes datastore, the Node's InternalIP); give --iface"
+    )
+
+
+def default_route_iface(ipr) -> str | None:
+    """The interface holding the default route (IPv4 first), None when there is none."""
     for family in (2, 10):  # AF_INET, AF_INET6
         for route in ipr.route("dump", family=family, table=254):
             if route["dst_len"] == 0 and route.get("RTA_OIF"):
                 return ipr.link("get", index=route.get("RTA_OIF"))[0].get("IFLA_IFNAME")
-    raise ClusterError("no default route to find the underlay interface by; give --iface")
+    return None
+
+
+def address_holders(ipr) -> dict[str, str]:
+    """Every address of this namespace -> the name of the interface holding it."""
+    names = {link["index"]: link.get("IFLA_IFNAME") for link in ipr.link("dump")}
+    out: dict[str, str] = {}
+    for msg in ipr.addr("dump"):
+        text = msg.get("IFA_LOCAL") or msg.get("IFA_ADDRESS")
+        if text and msg["index"] in names:
+            out.setdefault(str(ipaddress.ip_address(text)), names[msg["index"]])
+    return out
 
 
 def iface_addresses(ipr, ifname: str) -> list[str]:

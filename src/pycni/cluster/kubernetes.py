@@ -71,6 +71,10 @@ class KubernetesDatastore(Datastore):
         self._local = local
         return self._sync()
 
+    def node_addresses(self) -> tuple[str, ...]:
+        node = self._call("read node", self._api.read_node, self.node_name)
+        return internal_ips(node)
+
     def nodes(self) -> list[NodeRecord]:
         listed = self._call("list nodes", self._api.list_node)
         known = {}
