@@ -77,6 +77,12 @@ def pycni_routes(node) -> list[str]:
     return sh("ip", "-n", node.netns, "route", "show", "proto", "120").stdout.splitlines()
 
 
+def agent_log_line(node, text: str) -> str:
+    """The last line of the node agent's log holding `text` ("" when none does)."""
+    with open(node.agent_log, errors="replace") as f:
+        return next((line for line in reversed(f.readlines()) if text in line), "")
+
+
 def health(node) -> dict:
     return agent_health(node.agent_socket)["health"]["cluster"]
 
@@ -144,6 +150,10 @@ def test_a_node_joining_later_is_reachable_without_restarts(make_lab, backend):
     assert newcomer.subnet not in {n.subnet for n in lab.nodes[:2]}
     assert {n.name: build.agent_pids(n) for n in lab.nodes[:2]} == pids  # nobody restarted
     assert failures(lab) == []
+    # Each agent says, at info, which route it added and why.
+    for node in lab.nodes[:2]:
+        line = agent_log_line(node, f"route {newcomer.subnet} via ")
+        assert f"added: node {newcomer.name} appeared (subnets {newcomer.subnet}" in line, line
 
 
 @pytest.mark.parametrize("datastore", ["sqlite", "etcd"])
@@ -162,6 +172,8 @@ def test_a_node_leaving_has_its_routes_removed_everywhere(make_lab, datastore):
         neigh = sh("ip", "-n", node.netns, "neigh", "show", "dev", "pycni.1").stdout
         assert str(ipaddress.ip_network(gone_subnet).network_address) + " " not in neigh
         assert len(pycni_routes(node)) == 1
+        line = agent_log_line(node, f"route {gone_subnet} via ")
+        assert f"removed: node {leaving.name} left the node list" in line, line
     assert failures(lab) == []
     # Its subnet is free again: the next node to join gets it.
     assert lifecycle.join(lab).subnet == gone_subnet

@@ -281,6 +281,7 @@ class ClusterNode:
         changes = reconcile_once(
             self._ipr, self.record, nodes, self.options.backend, self.iface, self.vxlan()
         )
+        self._log_routes(changes, None if self.reconciles == 0 else self.nodes, nodes)
         self.nodes = nodes  # what the kernel now holds routes for (status shows it)
         for error in changes.errors:
             log.warning("reconcile: %s", error)
@@ -292,6 +293,30 @@ class ClusterNode:
         for observe in self.observers:
             observe(self.last_duration, changes)
         return changes
+
+    def _log_routes(self, changes, before: list[NodeRecord] | None, after: list[NodeRecord]):
+        """One info line per route to another node added, changed or removed, with why."""
+        from ..backends.plan import Route, route_reason
+
+        verbs = {"add": "added", "replace": "changed", "del": "removed"}
+        for op, entry in changes.done:
+            if isinstance(entry, Route):
+                log.info(
+                    "route %s via %s dev %s %s: %s",
+                    entry.dst,
+                    entry.gateway or "-",
+                    self._dev_name(entry.dev),
+                    verbs[op],
+                    route_reason(op, entry, before, after, changes.skipped),
+                )
+
+    def _dev_name(self, index: int) -> str:
+        if self._ipr is None:
+            return f"index {index}"
+        try:
+            return self._ipr.link("get", index=index)[0].get("IFLA_IFNAME")
+        except Exception:  # gone meanwhile: the log line still says which
+            return f"index {index}"
 
     def vxlan(self):
         from ..backends import VxlanSettings
