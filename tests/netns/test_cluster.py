@@ -342,6 +342,23 @@ def test_status_shows_the_cluster_side(make_lab):
     report = json.loads(sh("ip", "netns", "exec", a.netns, *argv, "--json").stdout)
     cluster = report["agent"]["health"]["cluster"]
     assert cluster["subnets"] == [a.subnet] and cluster["lastChanges"]["errors"] == []
+    # Without --socket: the agent the node's config list names (the lab's agents serve on
+    # sockets of their own, never the default one), its data dir with it.
+    named = [*argv[:4], "--conf-dir", a.conf_dir]
+    proc = sh("ip", "netns", "exec", a.netns, *named, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f"on {a.agent_socket}" in proc.stdout and "cluster: node node1, ready" in proc.stdout
+    assert f"network pycni (data dir {a.data_dir}" in proc.stdout
+    # The config names an agent that is not running: that is a problem, and says who named it.
+    build.stop_agent(a)
+    proc = sh("ip", "netns", "exec", a.netns, *named, check=False)
+    assert proc.returncode == 1, proc.stdout
+    assert f"agent: NOT RUNNING ({a.agent_socket}, named by {a.conflist_path})" in proc.stdout
+    assert f"  - agent at {a.agent_socket} (named by {a.conflist_path}): not running" in (
+        proc.stdout
+    )
+    # ... and the data dir comes from the config list, not the default.
+    assert f"network pycni (data dir {a.data_dir}" in proc.stdout
 
 
 # --- Services through kube-proxy: a pod reaches itself (hairpin) --------------------------

@@ -661,3 +661,65 @@ def test_underlay_without_address_or_default_route_says_what_to_give():
     with pytest.raises(ClusterError, match="give --iface") as err:
         choose_underlay([], {}, None)
     assert "--node-ip" in str(err.value) and "InternalIP" in str(err.value)
+
+
+# --- the agent's socket from the node's config ----------------------------------------------
+
+
+def test_find_agent_socket_reads_the_first_pycni_config(tmp_path):
+    from pycni.doctor.status import agent_socket
+    from pycni.node_config import DEFAULT_CONF_DIR, find_agent_socket, node_conflist
+
+    assert find_agent_socket(str(tmp_path / "none")) is None
+    (tmp_path / "05-other.conflist").write_text(
+        json.dumps({"name": "x", "plugins": [{"type": "bridge"}]})
+    )
+    (tmp_path / "07-broken.conflist").write_text("{")
+    (tmp_path / "README").write_text("not a config")
+    assert find_agent_socket(str(tmp_path)) is None
+    conf = node_conflist("pycni", "10.244.1.0/24", "10.244.0.0/16", agentSocket="/run/a.sock")
+    (tmp_path / "10-pycni.conflist").write_text(json.dumps(conf))
+    (tmp_path / "20-pycni.conf").write_text(
+        json.dumps({"type": "pycni", "name": "n", "agentSocket": "/run/b.sock"})
+    )
+    path = str(tmp_path / "10-pycni.conflist")
+    assert find_agent_socket(str(tmp_path)) == ("/run/a.sock", path)
+    # --socket wins; the config's socket is expected to answer; else the default, optional.
+    assert agent_socket("/x.sock", str(tmp_path)) == ("/x.sock", "--socket", True)
+    assert agent_socket(None, str(tmp_path)) == ("/run/a.sock", path, True)
+    assert agent_socket(None, str(tmp_path / "none")) == (shim.DEFAULT_SOCKET, None, False)
+    assert DEFAULT_CONF_DIR == "/etc/cni/net.d"
+    # A single-plugin config counts too; "" (never an agent) and a relative path are read as
+    # the plugin reads them.
+    os.unlink(path)
+    assert find_agent_socket(str(tmp_path)) == ("/run/b.sock", str(tmp_path / "20-pycni.conf"))
+    for value, found in (("", ""), ("rel.sock", None)):
+        (tmp_path / "20-pycni.conf").write_text(
+            json.dumps({"type": "pycni", "name": "n", "agentSocket": value})
+        )
+        got = find_agent_socket(str(tmp_path))
+        assert (got[0] if got else None) == found
+    assert agent_socket(None, str(tmp_path))[2] is False
+
+
+def test_data_dir_from_the_node_config(tmp_path):
+    from pycni.doctor.status import default_data_dirs
+    from pycni.node_config import find_data_dir
+
+    def write(plugin: dict) -> None:
+        (tmp_path / "10-pycni.conflist").write_text(
+            json.dumps({"name": "n", "plugins": [{"type": "pycni", **plugin}]})
+        )
+
+    assert find_data_dir(str(tmp_path)) is None
+    write({"dataDir": "/var/lib/x"})
+    assert find_data_dir(str(tmp_path)) == "/var/lib/x"
+    write({"ipam": {"dataDir": "/var/lib/y"}})
+    assert find_data_dir(str(tmp_path)) == "/var/lib/y"
+    write({"dataDir": "relative"})
+    assert find_data_dir(str(tmp_path)) is None
+    write({"dataDir": "/var/lib/x"})
+    # The running agent's data dirs first, then the config's, then the default.
+    assert default_data_dirs({"dataDirs": ["/a"]}, str(tmp_path)) == ["/a"]
+    assert default_data_dirs(None, str(tmp_path)) == ["/var/lib/x"]
+    assert default_data_dirs(None, str(tmp_path / "none")) == ["/var/lib/pycni"]
