@@ -342,6 +342,7 @@ def test_status_shows_the_cluster_side(make_lab):
     report = json.loads(sh("ip", "netns", "exec", a.netns, *argv, "--json").stdout)
     cluster = report["agent"]["health"]["cluster"]
     assert cluster["subnets"] == [a.subnet] and cluster["lastChanges"]["errors"] == []
+    assert (cluster["network"], cluster["lastError"]) == ("pycni", "")
     # Without --socket: the agent the node's config list names (the lab's agents serve on
     # sockets of their own, never the default one), its data dir with it.
     named = [*argv[:4], "--conf-dir", a.conf_dir]

@@ -723,3 +723,30 @@ def test_data_dir_from_the_node_config(tmp_path):
     assert default_data_dirs({"dataDirs": ["/a"]}, str(tmp_path)) == ["/a"]
     assert default_data_dirs(None, str(tmp_path)) == ["/var/lib/x"]
     assert default_data_dirs(None, str(tmp_path / "none")) == ["/var/lib/pycni"]
+
+
+def test_status_flags_pods_outside_the_node_subnet():
+    from pycni.doctor.status import outside_node_subnet
+
+    networks = [
+        {
+            "name": "pycni",
+            "pods": [
+                {"containerId": "a" * 20, "ifname": "eth0", "addresses": ["10.244.7.2/24"]},
+                {
+                    "containerId": "b" * 20,
+                    "ifname": "eth0",
+                    "addresses": ["10.244.5.3/24", "fd00:5::3/64"],
+                },
+            ],
+        },
+        {
+            "name": "other",
+            "pods": [{"containerId": "c" * 20, "ifname": "eth0", "addresses": ["10.9.0.2/24"]}],
+        },
+    ]
+    cluster = {"network": "pycni", "subnets": ["10.244.7.0/24"]}
+    assert outside_node_subnet(networks, cluster) == [
+        f"network pycni: pod {'b' * 12}/eth0: address 10.244.5.3 is outside the node's subnet "
+        "10.244.7.0/24 (from an earlier podCIDR; unreachable from other nodes): recreate the pod"
+    ]

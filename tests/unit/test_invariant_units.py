@@ -142,6 +142,8 @@ def healthy() -> NodeSnapshot:
             CLUSTER_STATE,
             "pycni.1",
             VTEP_MAC,
+            network=NET,
+            subnets=("10.244.1.0/24",),
         ),
     )
 
@@ -561,6 +563,27 @@ def test_a_detached_port_is_not_also_reported_without_hairpin():
     snap = healthy()
     set_link(snap, veth(1), master=None, hairpin=None)
     one(snap, m.HOST_VETH_DETACHED)
+
+
+# --- the node's subnet now ------------------------------------------------------------------
+
+
+def test_pods_outside_the_node_subnet_after_a_podcidr_change():
+    snap = healthy()
+    snap.cluster.subnets = ("10.244.7.0/24", "fd00:7::/64")
+    found = compare(snap)
+    assert [f.kind for f in found] == [m.POD_OUTSIDE_NODE_SUBNET] * PODS
+    f = found[0]
+    assert f.subject == attachment(0).label
+    assert f.expected == "addresses in node n1's subnet 10.244.7.0/24, fd00:7::/64"
+    assert f.actual.startswith("10.244.1.2: from an earlier subnet of this node")
+    assert f.hint.startswith("recreate the pod") and "cid0" in f.hint
+    # Only the cluster's network is the node's subnet; not checked while not ready.
+    snap.cluster.network = "another"
+    assert kinds(snap) == []
+    snap.cluster.network = NET
+    snap.cluster.ready = False
+    assert kinds(snap) == [m.CLUSTER_NOT_READY]
 
 
 # --- cluster routes -----------------------------------------------------------------------

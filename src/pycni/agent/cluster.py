@@ -63,6 +63,12 @@ class ClusterNode:
         self.record: NodeRecord | None = None
         self.nodes: list[NodeRecord] = []
         self.reason = "waiting for this node's subnet from the datastore"
+        # Set while the datastore says this registered node is gone or has no subnet (the
+        # Node was deleted, or registered again without a podCIDR yet): the node is not
+        # ready until it has its subnet again.
+        self.lost = ""
+        # The last datastore or kernel error of the loop, "" once a pass went through.
+        self.last_error = ""
         self.last_changes = None  # backends.Changes of the last pass
         self.reconciles = 0
         self.last_duration = 0.0
@@ -76,8 +82,9 @@ class ClusterNode:
 
     @property
     def ready(self) -> bool:
-        """The node has its subnet and its CNI config is written."""
-        return self.record is not None
+        """The node has its subnet and its CNI config is written, and the datastore still
+        knows it."""
+        return self.record is not None and not self.lost
 
     def not_ready_reason(self) -> str | None:
         """For STATUS: None when ADDs can succeed, else why not."""
@@ -125,23 +132,33 @@ class ClusterNode:
                     self._adopt(self.store.keepalive())
                     next_keepalive = time.monotonic() + renew
                 self.reconcile()
+                if self.last_error:
+                    log.info("cluster: a pass went through again (%s)", self.last_error)
+                self.lost = self.last_error = ""
                 backoff = 0.5
                 self._wait(max(0.05, min(self.options.resync, next_keepalive - time.monotonic())))
             except ClusterError as exc:
-                # No subnet to be had yet (no podCIDR, none free): retry when the datastore
-                # changes (a podCIDR is allocated, a lease is released) or after the backoff.
-                if self.record is None:
-                    self.reason = f"not ready: {exc}"
+                # No subnet to be had yet (no podCIDR, none free), or no more (this node was
+                # deleted from the datastore): not ready until the datastore changes (a
+                # podCIDR is allocated, a lease is released) or the backoff ends.
+                self.reason = f"not ready: {exc}"
+                self.last_error = str(exc)
+                if self.record is not None:
+                    self.lost = str(exc)
                 log.error("cluster: %s (retrying on the next change or in %.1f s)", exc, backoff)
                 self._wait(backoff)
                 backoff = min(backoff * 2, 10.0)
             except (KVError, OSError) as exc:
+                # The datastore cannot be reached: a node that has its subnet stays ready
+                # (its pods and routes are fine), and its status shows the error.
                 if self.record is None:
                     self.reason = f"not ready: {exc}"
+                self.last_error = str(exc)
                 log.error("cluster: %s (retrying in %.1f s)", exc, backoff)
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, 10.0)
-            except Exception:
+            except Exception as exc:
+                self.last_error = f"{type(exc).__name__}: {exc}"
                 log.exception("cluster reconcile loop")
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, 10.0)
@@ -190,6 +207,7 @@ class ClusterNode:
         only then ``self.record`` (which makes the node ready), so a failed write is retried on
         the next pass instead of leaving a "ready" node without a config."""
         if record == self.record:
+            self.lost = self.reason = ""  # the datastore has it (again) as it was
             return
         if self.record is not None and record.subnets != self.record.subnets:
             log.warning(
@@ -200,7 +218,7 @@ class ClusterNode:
             )
         self._write_rules()
         self._write_files(record)
-        self.record, self.reason = record, ""
+        self.record, self.reason, self.lost = record, "", ""
         log.info(
             "node %s: subnets %s, addresses %s, backend %s",
             record.name,
@@ -330,7 +348,9 @@ class ClusterNode:
         return {
             "ready": self.ready,
             "reason": self.reason,
+            "lastError": self.last_error,
             "node": self.options.node_name,
+            "network": self.options.network_name,
             "datastore": self.store.kind,
             "backend": self.options.backend,
             "subnets": [str(s) for s in record.subnets] if record else [],

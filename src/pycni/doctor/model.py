@@ -40,6 +40,7 @@ RULE_MISSING = "rule-missing"
 RULE_EXTRA = "rule-extra"
 RULE_DIFFERS = "rule-differs"
 CLUSTER_NOT_READY = "cluster-not-ready"
+POD_OUTSIDE_NODE_SUBNET = "pod-outside-node-subnet"
 VTEP_MISSING = "vtep-missing"
 VTEP_WRONG = "vtep-wrong"
 VTEP_STALE = "vtep-stale"
@@ -206,7 +207,9 @@ class RulesView:
 @dataclass
 class ClusterView:
     """The cluster side as the running agent reports it, with the backend's plan and the
-    kernel's routes, neighbours and FDB entries (backends.plan.State)."""
+    kernel's routes, neighbours and FDB entries (backends.plan.State). `network`: the CNI
+    network the agent writes the node's config for; `subnets`: the node's subnets now (its
+    podCIDRs), which that network's pods' addresses must lie in."""
 
     node: str
     backend: str
@@ -216,6 +219,8 @@ class ClusterView:
     have: object | None = None
     vtep_name: str = ""
     vtep_mac: str = ""  # what the node publishes; the device should carry it
+    network: str = ""
+    subnets: tuple[str, ...] = ()
 
 
 @dataclass

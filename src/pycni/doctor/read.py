@@ -250,7 +250,18 @@ def read_cluster(
     want = desired(local, nodes, backend, underlay, vtep)
     have = read_state(ipr, vtep.ifindex if vtep else None)
     notes = [f"cluster: the {backend} plan leaves out {s}" for s in want.skipped]
-    view = ClusterView(node, backend, True, "", want, have, vtep_name, local.vtep_mac)
+    view = ClusterView(
+        node,
+        backend,
+        True,
+        "",
+        want,
+        have,
+        vtep_name,
+        local.vtep_mac,
+        network=str(status.get("network") or ""),
+        subnets=tuple(str(s) for s in local.subnets),
+    )
     return view, notes
 
 

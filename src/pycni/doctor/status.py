@@ -190,8 +190,11 @@ def collect(
     if cluster is not None and not cluster.get("ready"):
         problems.append(f"cluster: {cluster.get('reason') or 'not ready'}")
     elif cluster is not None:
+        if cluster.get("lastError"):
+            problems.append(f"cluster: datastore: {cluster['lastError']}")
         for error in (cluster.get("lastChanges") or {}).get("errors", []):
             problems.append(f"cluster: last reconcile: {error}")
+        problems += outside_node_subnet(networks, cluster)
 
     backend, present = masquerade_present()
     masq = {"backend": backend, "expected": wants_masq, "present": present}
@@ -206,6 +209,31 @@ def collect(
         "networks": networks,
         "masquerade": masq,
     }
+
+
+def outside_node_subnet(networks: list[dict], cluster: dict) -> list[str]:
+    """Pods of the cluster's network holding an address outside the node's subnet now (of an
+    earlier podCIDR: other nodes no longer route to it)."""
+    import ipaddress
+
+    subnets: dict[int, ipaddress.IPv4Network | ipaddress.IPv6Network] = {}
+    for text in cluster.get("subnets") or ():
+        subnet = ipaddress.ip_network(text)
+        subnets.setdefault(subnet.version, subnet)
+    out = []
+    for net in networks:
+        if net["name"] != cluster.get("network"):
+            continue
+        for pod in net["pods"]:
+            for text in pod["addresses"]:
+                ip = ipaddress.ip_interface(text).ip
+                if ip.version in subnets and ip not in subnets[ip.version]:
+                    out.append(
+                        f"network {net['name']}: pod {pod['containerId'][:12]}/{pod['ifname']}: "
+                        f"address {ip} is outside the node's subnet {subnets[ip.version]} (from "
+                        "an earlier podCIDR; unreachable from other nodes): recreate the pod"
+                    )
+    return out
 
 
 # --- text ---------------------------------------------------------------------------------
