@@ -557,3 +557,17 @@ def test_status_and_doctor_follow_the_node_in_the_api(k8s_node, netns, plugin_bi
     # The agent said what happened to the node and its routes.
     log = Path(node.log_file).read_text()
     assert "subnets changed from 10.244.5.0/24 to 10.244.7.0/24" in log, log
+
+
+def test_a_node_deleted_and_registered_again_as_it_was_is_ready_again(k8s_node):
+    """Back with the same podCIDR and address: nothing to adopt anew, and still the node must
+    say ready with no reason left over."""
+    node = k8s_node
+    api = node.start_api(node_a(), node_b())
+    node.start_agent("host-gw")
+    wait_ready(node)
+    api.delete("node-a")
+    node.wait_for("not ready", lambda: node.cluster().get("ready") is False)
+    api.put(node_a())
+    cluster = wait_ready(node)
+    assert (cluster["subnets"], cluster["lastError"]) == ([SUBNET_A], ""), cluster

@@ -133,8 +133,10 @@ class ClusterNode:
                     next_keepalive = time.monotonic() + renew
                 self.reconcile()
                 if self.last_error:
-                    log.info("cluster: a pass went through again (%s)", self.last_error)
-                self.lost = self.last_error = ""
+                    log.info("cluster: recovered (the last error was: %s)", self.last_error)
+                # The node is in the datastore as registered (a node back as it was needs
+                # nothing adopted anew): nothing stands in the way.
+                self.lost = self.last_error = self.reason = ""
                 backoff = 0.5
                 self._wait(max(0.05, min(self.options.resync, next_keepalive - time.monotonic())))
             except ClusterError as exc:
