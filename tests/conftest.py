@@ -607,3 +607,92 @@ def tear_down_labs(made: list[tuple[str, str]]) -> None:
         for name in leftovers:
             sh("ip", "netns", "del", name, check=False)
         assert not problems and not leftovers, (problems, leftovers)
+
+
+# --- an echo server in a pod (hostPorts, Services) -----------------------------------------
+
+# Echo server in a pod: answers "<tag> <peer address>" on TCP and UDP, on every address.
+_ECHO_SERVER = """
+import socket, sys, threading
+tag, tport, uport = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+def sock(kind):
+    s = socket.socket(socket.AF_INET6, kind)
+    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("::", tport if kind == socket.SOCK_STREAM else uport))
+    return s
+t, u = sock(socket.SOCK_STREAM), sock(socket.SOCK_DGRAM)
+t.listen(16)
+def peer(addr):
+    return addr[0].removeprefix("::ffff:")
+def udp():
+    while True:
+        data, addr = u.recvfrom(100)
+        u.sendto(f"{tag} {peer(addr)}".encode(), addr)
+threading.Thread(target=udp, daemon=True).start()
+print("ready", flush=True)
+while True:
+    c, addr = t.accept()
+    c.sendall(f"{tag} {peer(addr)}".encode())
+    c.close()
+"""
+
+# One request: prints the answer, or exits 1.
+_ECHO_CLIENT = """
+import socket, sys
+proto, host, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
+family = socket.AF_INET6 if ":" in host else socket.AF_INET
+try:
+    if proto == "tcp":
+        s = socket.create_connection((host, port), timeout=2)
+        print(s.recv(100).decode())
+    else:
+        s = socket.socket(family, socket.SOCK_DGRAM)
+        s.settimeout(2)
+        s.sendto(b"hi", (host, port))
+        print(s.recv(100).decode())
+except OSError as exc:
+    print(exc, file=sys.stderr)
+    sys.exit(1)
+"""
+
+
+@contextlib.contextmanager
+def server(ns: str, tag: str, tport: int = 80, uport: int = 5353) -> Iterator[None]:
+    proc = subprocess.Popen(
+        [
+            "ip",
+            "netns",
+            "exec",
+            ns,
+            sys.executable,
+            "-c",
+            _ECHO_SERVER,
+            tag,
+            str(tport),
+            str(uport),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        line = proc.stdout.readline().strip()
+        assert line == "ready", proc.stderr.read() if proc.poll() is not None else line
+        yield
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+        proc.stdout.close()
+        proc.stderr.close()
+
+
+def ask(ns: str, proto: str, host: str, port: int) -> str | None:
+    """The server's answer to a request from `ns`, or None when none came."""
+    proc = subprocess.run(
+        ["ip", "netns", "exec", ns, sys.executable, "-c", _ECHO_CLIENT, proto, host, str(port)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    return proc.stdout.strip() if proc.returncode == 0 else None

@@ -12,6 +12,8 @@ import tempfile
 from collections.abc import Sequence
 
 CONFLIST_NAME = "10-pycni.conflist"  # "10-" sorts before most others: runtimes use the first
+DEFAULT_CONF_DIR = "/etc/cni/net.d"
+CONFIG_SUFFIXES = (".conf", ".conflist", ".json")  # what libcni reads from a conf dir
 SUBNET_ENV_PREFIX = "PYCNI_"
 # What the runtime fills into runtimeConfig: it sends a capability only to plugins that ask.
 CAPABILITIES: dict[str, bool] = {"bandwidth": True, "portMappings": True}
@@ -43,7 +45,15 @@ def node_conflist(
         plugin["subnet"] = subnets if isinstance(subnets, str) else subnets[0]
     else:
         plugin["ranges"] = [[{"subnet": s}] for s in subnets]
-    plugin.update({"ipMasq": True, "isDefaultGateway": True, "capabilities": dict(CAPABILITIES)})
+    # hairpinMode is the plugin's default; written out so the config says what pods get.
+    plugin.update(
+        {
+            "ipMasq": True,
+            "isDefaultGateway": True,
+            "hairpinMode": True,
+            "capabilities": dict(CAPABILITIES),
+        }
+    )
     if network:
         plugin["network"] = network if isinstance(network, str) or len(network) > 1 else network[0]
     plugin.update(extra)
@@ -79,3 +89,52 @@ def read_subnet_env(path: str) -> dict[str, str]:
     except OSError:
         return {}
     return out
+
+
+def find_pycni_config(conf_dir: str) -> tuple[dict, str] | None:
+    """(plugin entry, config file) of the first pycni config in `conf_dir`, by name as
+    runtimes pick; None when there is none."""
+    try:
+        files = sorted(f for f in os.listdir(conf_dir) if f.endswith(CONFIG_SUFFIXES))
+    except OSError:
+        return None
+    for name in files:
+        path = os.path.join(conf_dir, name)
+        try:
+            with open(path) as f:
+                conf = json.load(f)
+        except (OSError, ValueError):
+            continue
+        if not isinstance(conf, dict):
+            continue
+        plugins = conf.get("plugins") if "plugins" in conf else [conf]
+        for plugin in plugins if isinstance(plugins, list) else ():
+            if isinstance(plugin, dict) and plugin.get("type") == "pycni":
+                return plugin, path
+    return None
+
+
+def find_agent_socket(conf_dir: str) -> tuple[str, str] | None:
+    """(agent socket, config file) when the first pycni config in `conf_dir` names an
+    `agentSocket` ("" = the config never uses an agent); None when it names none (the plugin
+    then tries the default socket)."""
+    found = find_pycni_config(conf_dir)
+    if found is None:
+        return None
+    socket = found[0].get("agentSocket")
+    # As the plugin reads it: anything but an absolute path or "" is the default.
+    if isinstance(socket, str) and (socket == "" or socket.startswith("/")):
+        return socket, found[1]
+    return None
+
+
+def find_data_dir(conf_dir: str) -> str | None:
+    """The dataDir the first pycni config in `conf_dir` names (top level, else in its ipam
+    section, as the plugin reads it); None when it names no absolute one."""
+    found = find_pycni_config(conf_dir)
+    if found is None:
+        return None
+    plugin = found[0]
+    ipam = plugin.get("ipam")
+    value = plugin.get("dataDir", ipam.get("dataDir") if isinstance(ipam, dict) else None)
+    return value if isinstance(value, str) and value.startswith("/") else None

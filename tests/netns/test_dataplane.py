@@ -365,16 +365,32 @@ def test_mtu(node):
 
 
 def test_hairpin_mode(node):
-    on, off = node.pod(), node.pod()
-    node.add(on, "hp", node.conf(hairpinMode=True))
-    node.add(off, "nohp")
+    on, default, off = node.pod(), node.pod(), node.pod()
+    on_out = node.add(on, "hp", node.conf(hairpinMode=True))
+    default_out = node.add(default, "dflt")
+    off_out = node.add(off, "nohp", node.conf(hairpinMode=False))
 
     def hairpin(cid):
         dev = host_veth_name(node.name, cid, "eth0")
         return node.exec("cat", f"/sys/class/net/{dev}/brport/hairpin_mode").stdout.strip()
 
     assert hairpin("hp") == "1"
+    assert hairpin("dflt") == "1"  # on unless turned off: kubelet's hairpin-veth expects it
     assert hairpin("nohp") == "0"
+
+    # CHECK verifies it: a port that lost hairpin mode is drift, with the repair.
+    def check(pod, cid, out, **conf):
+        return node.run("CHECK", node.conf(prevResult=out, **conf), container_id=cid, netns=pod)
+
+    assert check(default, "dflt", default_out).rc == 0
+    assert check(off, "nohp", off_out, hairpinMode=False).rc == 0
+    dev = host_veth_name(node.name, "dflt", "eth0")
+    node.exec("ip", "link", "set", dev, "type", "bridge_slave", "hairpin", "off")
+    reply = check(default, "dflt", default_out)
+    assert reply.rc != 0 and reply.code == 104, reply
+    assert f"host veth {dev} is not in hairpin mode (hairpinMode)" in reply.out["msg"]
+    assert f"bridge link set dev {dev} hairpin on" in reply.out["msg"]
+    assert check(on, "hp", on_out, hairpinMode=True).rc == 0
 
 
 def test_no_default_gateway_with_routes(node):

@@ -150,6 +150,18 @@ def test_host_veth_deleted_by_hand(node, pods):
     assert "DEL then ADD" in f["hint"]
 
 
+def test_bridge_port_without_hairpin(node, pods):
+    cid = pods[2][0]
+    veth = host_veth_name(node.name, cid, "eth0")
+    node.exec("ip", "link", "set", veth, "type", "bridge_slave", "hairpin", "off")
+    f = only(node, "host-veth-no-hairpin")
+    assert cid in f["subject"] and f"bridge port {veth} in hairpin mode" in f["expected"]
+    assert f["actual"].startswith("hairpin off: the pod cannot reach itself through a Service")
+    assert f["hint"].startswith(f"bridge link set dev {veth} hairpin on")
+    node.exec("bridge", "link", "set", "dev", veth, "hairpin", "on")  # the repair it names
+    assert findings(node) == []
+
+
 def test_orphan_veth_with_a_pycni_alias(node, pods):
     node.exec("ip", "link", "add", "vethorphan0", "type", "veth", "peer", "name", "vethorphan1")
     node.exec("ip", "link", "set", "vethorphan0", "alias", f"pycni {node.name} ghost99 eth0")

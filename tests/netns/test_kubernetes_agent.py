@@ -154,7 +154,8 @@ current-context: pycni@fake
 """)
         return self.api
 
-    def start_agent(self, backend: str) -> None:
+    def start_agent(self, backend: str, iface: str | None = "eth0") -> None:
+        """The agent; `iface` None: no --iface (it finds the underlay by itself)."""
         argv = [
             *agent_argv(self.socket, self.data_dir, self.log_file, 0),
             "--datastore",
@@ -167,8 +168,7 @@ current-context: pycni@fake
             CLUSTER_CIDR,
             "--backend",
             backend,
-            "--iface",
-            "eth0",
+            *(("--iface", iface) if iface else ()),
             "--conf-dir",
             os.path.dirname(self.conflist),
             "--subnet-file",
@@ -432,3 +432,143 @@ def test_node_without_podcidr_is_not_ready_until_it_gets_one(k8s_node, plugin_bi
     proc = plugin_status(node, plugin_bin)
     assert proc.returncode == 0, proc
     assert api.annotations("node-a")[ANN_NODE_IPS] == NODE_IP
+
+
+def test_without_default_route_the_underlay_is_the_internal_ip_interface(k8s_node):
+    """No --iface, no --node-ip and no default route: the agent reads its Node's InternalIP
+    and takes the interface holding it (eth0), and turns ready."""
+    node = k8s_node
+    sh("ip", "-n", node.ns, "route", "del", "default")
+    api = node.start_api(node_a(), node_b())
+    node.start_agent("host-gw", iface=None)
+    cluster = wait_ready(node)
+    assert (cluster["iface"], cluster["nodeIPs"], cluster["subnets"]) == (
+        "eth0",
+        [NODE_IP],
+        [SUBNET_A],
+    ), cluster
+    route = node.wait_for(f"route to {SUBNET_B}", lambda: node.route_to(SUBNET_B))
+    assert route == f"{SUBNET_B} via {PEER_IP} dev eth0 proto 120", node.routes()
+    log = Path(node.log_file).read_text()
+    assert f"underlay interface eth0: it holds the node's address {NODE_IP}" in log, log
+    assert api.annotations("node-a")[ANN_NODE_IPS] == NODE_IP
+
+
+# -- status and doctor tell the truth (the node's view of itself) ---------------------------
+
+PYCNICTL = [sys.executable, "-c", "from pycni.ctl.main import main; main()"]
+
+
+def pycnictl(node: K8sNode, *args: str) -> subprocess.CompletedProcess:
+    """`pycnictl ARGS --conf-dir <the node's>` in the node, with no --socket: it must find the
+    agent from the config list the agent wrote."""
+    argv = [*PYCNICTL, *args, "--conf-dir", os.path.dirname(node.conflist)]
+    proc = sh("ip", "netns", "exec", node.ns, *argv, check=False, timeout=60)
+    print(f"$ pycnictl {' '.join(args)}  (exit {proc.returncode})\n{proc.stdout}{proc.stderr}")
+    return proc
+
+
+def add_pod(node: K8sNode, netns, plugin: str, cid: str) -> str:
+    """ADD through the node's plugin with the config list the agent wrote; the pod's IPv4."""
+    with open(node.conflist) as f:
+        conflist = json.load(f)
+    conf = {
+        "cniVersion": conflist["cniVersion"],
+        "name": conflist["name"],
+        **conflist["plugins"][0],
+        "logFile": str(node.root / "plugin.log"),  # never the host's default
+    }
+    pod = netns.make("k8pod")
+    env = {
+        "CNI_COMMAND": "ADD",
+        "CNI_CONTAINERID": cid,
+        "CNI_NETNS": f"/run/netns/{pod}",
+        "CNI_IFNAME": "eth0",
+        "CNI_PATH": os.path.dirname(plugin),
+        "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
+    }
+    proc = subprocess.run(
+        ["ip", "netns", "exec", node.ns, plugin],
+        input=json.dumps(conf),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return json.loads(proc.stdout)["ips"][0]["address"].split("/")[0]
+
+
+def test_status_and_doctor_follow_the_node_in_the_api(k8s_node, netns, plugin_bin):
+    """The issue's three situations: status without --socket finds the agent the config list
+    names; with the Node deleted from the API the node is not ready (status, doctor, CNI
+    STATUS); registered again with another podCIDR, the pod that kept its old address is
+    reported with the repair."""
+    node = k8s_node
+    api = node.start_api(node_a(), node_b())
+    node.start_agent("host-gw")
+    wait_ready(node)
+    cid = "c0" + "0" * 30
+    ip = add_pod(node, netns, plugin_bin, cid)
+    assert ip == "10.244.5.2"
+
+    # 1. The agent serves on the socket its own config list names: found, ready, healthy.
+    status = pycnictl(node, "status")
+    assert status.returncode == 0, status.stdout
+    assert f"agent: ok (pid {node.agent.pid}" in status.stdout and node.socket in status.stdout
+    assert "cluster: node node-a, ready, datastore kubernetes" in status.stdout
+    assert "status: healthy" in status.stdout
+    doctor = pycnictl(node, "doctor")
+    assert doctor.returncode == 0 and doctor.stdout.startswith("ok: 1 attachment"), doctor
+
+    # 2. The Node is deleted from the API: not ready, and everyone says why.
+    api.delete("node-a")
+    reason = node.wait_for(
+        "not ready", lambda: not (c := node.cluster()).get("ready") and c.get("reason")
+    )
+    assert "node node-a is not registered in the API server" in reason, reason
+    status = pycnictl(node, "status")
+    assert status.returncode == 1
+    assert "cluster: node node-a, NOT READY (not ready: node node-a is not registered" in (
+        status.stdout
+    )
+    assert "  - cluster: not ready: node node-a is not registered" in status.stdout
+    doctor = pycnictl(node, "doctor", "--json")
+    assert doctor.returncode == 1
+    [finding] = json.loads(doctor.stdout)["findings"]
+    assert finding["kind"] == "cluster-not-ready" and "not registered" in finding["actual"]
+    proc = plugin_status(node, plugin_bin)
+    assert proc.returncode != 0 and "not registered" in json.loads(proc.stdout)["msg"], proc
+
+    # 3. Registered again with a new podCIDR: ready on it; the pod kept its old address.
+    api.put(make_node("node-a", [SUBNET_C], [NODE_IP]))
+    node.wait_for("the new subnet", lambda: conf_subnet(node) == SUBNET_C)
+    cluster = wait_ready(node)
+    assert cluster["subnets"] == [SUBNET_C], cluster
+    doctor = pycnictl(node, "doctor")
+    assert doctor.returncode == 1
+    assert doctor.stdout.startswith(
+        f"pod-outside-node-subnet: network pycni, container {cid} eth0: expected addresses in "
+        f"node node-a's subnet {SUBNET_C}; found {ip}: from an earlier subnet of this node"
+    ), doctor.stdout
+    assert "repair: recreate the pod" in doctor.stdout
+    status = pycnictl(node, "status")
+    assert status.returncode == 1
+    assert f"address {ip} is outside the node's subnet {SUBNET_C}" in status.stdout
+    # The agent said what happened to the node and its routes.
+    log = Path(node.log_file).read_text()
+    assert "subnets changed from 10.244.5.0/24 to 10.244.7.0/24" in log, log
+
+
+def test_a_node_deleted_and_registered_again_as_it_was_is_ready_again(k8s_node):
+    """Back with the same podCIDR and address: nothing to adopt anew, and still the node must
+    say ready with no reason left over."""
+    node = k8s_node
+    api = node.start_api(node_a(), node_b())
+    node.start_agent("host-gw")
+    wait_ready(node)
+    api.delete("node-a")
+    node.wait_for("not ready", lambda: node.cluster().get("ready") is False)
+    api.put(node_a())
+    cluster = wait_ready(node)
+    assert (cluster["subnets"], cluster["lastError"]) == ([SUBNET_A], ""), cluster

@@ -628,3 +628,125 @@ def test_opening_another_connection_keeps_the_store_shared(tmp_path):
         first.close()
         if second is not None:
             second.close()
+
+
+# --- the underlay interface without --iface -----------------------------------------------
+
+
+def test_underlay_is_the_interface_holding_the_node_address():
+    from pycni.agent.cluster import choose_underlay
+
+    holders = {"192.0.2.1": "eth1", "fd00::1": "eth2", "127.0.0.1": "lo"}
+    assert choose_underlay(["192.0.2.1"], holders, "eth0") == (
+        "eth1",
+        "it holds the node's address 192.0.2.1",
+    )
+    # Written in another form, or the second of several known addresses.
+    assert choose_underlay(["fd00:0::1"], holders, None)[0] == "eth2"
+    assert choose_underlay(["198.51.100.9", "fd00::1"], holders, None)[0] == "eth2"
+    # Known but held by no interface (a published address behind NAT): the default route.
+    assert choose_underlay(["198.51.100.9"], holders, "eth0") == (
+        "eth0",
+        "it holds the default route (no interface holds the node's address 198.51.100.9)",
+    )
+    assert choose_underlay([], holders, "eth0") == ("eth0", "it holds the default route")
+
+
+def test_underlay_without_address_or_default_route_says_what_to_give():
+    from pycni.agent.cluster import choose_underlay
+    from pycni.cluster.model import ClusterError
+
+    with pytest.raises(ClusterError, match="no interface holds the node's address 192.0.2.9"):
+        choose_underlay(["192.0.2.9"], {}, None)
+    with pytest.raises(ClusterError, match="give --iface") as err:
+        choose_underlay([], {}, None)
+    assert "--node-ip" in str(err.value) and "InternalIP" in str(err.value)
+
+
+# --- the agent's socket from the node's config ----------------------------------------------
+
+
+def test_find_agent_socket_reads_the_first_pycni_config(tmp_path):
+    from pycni.doctor.status import agent_socket
+    from pycni.node_config import DEFAULT_CONF_DIR, find_agent_socket, node_conflist
+
+    assert find_agent_socket(str(tmp_path / "none")) is None
+    (tmp_path / "05-other.conflist").write_text(
+        json.dumps({"name": "x", "plugins": [{"type": "bridge"}]})
+    )
+    (tmp_path / "07-broken.conflist").write_text("{")
+    (tmp_path / "README").write_text("not a config")
+    assert find_agent_socket(str(tmp_path)) is None
+    conf = node_conflist("pycni", "10.244.1.0/24", "10.244.0.0/16", agentSocket="/run/a.sock")
+    (tmp_path / "10-pycni.conflist").write_text(json.dumps(conf))
+    (tmp_path / "20-pycni.conf").write_text(
+        json.dumps({"type": "pycni", "name": "n", "agentSocket": "/run/b.sock"})
+    )
+    path = str(tmp_path / "10-pycni.conflist")
+    assert find_agent_socket(str(tmp_path)) == ("/run/a.sock", path)
+    # --socket wins; the config's socket is expected to answer; else the default, optional.
+    assert agent_socket("/x.sock", str(tmp_path)) == ("/x.sock", "--socket", True)
+    assert agent_socket(None, str(tmp_path)) == ("/run/a.sock", path, True)
+    assert agent_socket(None, str(tmp_path / "none")) == (shim.DEFAULT_SOCKET, None, False)
+    assert DEFAULT_CONF_DIR == "/etc/cni/net.d"
+    # A single-plugin config counts too; "" (never an agent) and a relative path are read as
+    # the plugin reads them.
+    os.unlink(path)
+    assert find_agent_socket(str(tmp_path)) == ("/run/b.sock", str(tmp_path / "20-pycni.conf"))
+    for value, found in (("", ""), ("rel.sock", None)):
+        (tmp_path / "20-pycni.conf").write_text(
+            json.dumps({"type": "pycni", "name": "n", "agentSocket": value})
+        )
+        got = find_agent_socket(str(tmp_path))
+        assert (got[0] if got else None) == found
+    assert agent_socket(None, str(tmp_path))[2] is False
+
+
+def test_data_dir_from_the_node_config(tmp_path):
+    from pycni.doctor.status import default_data_dirs
+    from pycni.node_config import find_data_dir
+
+    def write(plugin: dict) -> None:
+        (tmp_path / "10-pycni.conflist").write_text(
+            json.dumps({"name": "n", "plugins": [{"type": "pycni", **plugin}]})
+        )
+
+    assert find_data_dir(str(tmp_path)) is None
+    write({"dataDir": "/var/lib/x"})
+    assert find_data_dir(str(tmp_path)) == "/var/lib/x"
+    write({"ipam": {"dataDir": "/var/lib/y"}})
+    assert find_data_dir(str(tmp_path)) == "/var/lib/y"
+    write({"dataDir": "relative"})
+    assert find_data_dir(str(tmp_path)) is None
+    write({"dataDir": "/var/lib/x"})
+    # The running agent's data dirs first, then the config's, then the default.
+    assert default_data_dirs({"dataDirs": ["/a"]}, str(tmp_path)) == ["/a"]
+    assert default_data_dirs(None, str(tmp_path)) == ["/var/lib/x"]
+    assert default_data_dirs(None, str(tmp_path / "none")) == ["/var/lib/pycni"]
+
+
+def test_status_flags_pods_outside_the_node_subnet():
+    from pycni.doctor.status import outside_node_subnet
+
+    networks = [
+        {
+            "name": "pycni",
+            "pods": [
+                {"containerId": "a" * 20, "ifname": "eth0", "addresses": ["10.244.7.2/24"]},
+                {
+                    "containerId": "b" * 20,
+                    "ifname": "eth0",
+                    "addresses": ["10.244.5.3/24", "fd00:5::3/64"],
+                },
+            ],
+        },
+        {
+            "name": "other",
+            "pods": [{"containerId": "c" * 20, "ifname": "eth0", "addresses": ["10.9.0.2/24"]}],
+        },
+    ]
+    cluster = {"network": "pycni", "subnets": ["10.244.7.0/24"]}
+    assert outside_node_subnet(networks, cluster) == [
+        f"network pycni: pod {'b' * 12}/eth0: address 10.244.5.3 is outside the node's subnet "
+        "10.244.7.0/24 (from an earlier podCIDR; unreachable from other nodes): recreate the pod"
+    ]

@@ -18,6 +18,7 @@ from pycni.backends.plan import (
     VtepInfo,
     desired,
     diff,
+    route_reason,
     vtep_addresses,
     vtep_mac,
     vtep_mtu,
@@ -317,3 +318,47 @@ def test_str_of_entries_is_readable():
         "route 10.244.2.0/24 via 10.244.2.0 dev 9 onlink"
     )
     assert str(Fdb(MAC2, "", 9)) == f"fdb {MAC2} dst - dev 9"
+
+
+# --- why a route changed (the agent's info log) --------------------------------------------
+
+R2 = Route(ip_network("10.244.2.0/24"), "192.168.1.2", UL)
+
+
+def test_route_reasons_name_the_node_and_what_happened():
+    moved = NodeRecord("n2", ("192.168.1.22",), ("10.244.2.0/24",), MAC2)
+    renumbered = NodeRecord("n2", ("192.168.1.2",), ("10.244.9.0/24",), MAC2)
+    assert route_reason("add", R2, None, [LOCAL, N2]) == (
+        "node n2 is in the node list (subnets 10.244.2.0/24, addresses 192.168.1.2; "
+        "the agent's first pass)"
+    )
+    assert route_reason("add", R2, [LOCAL], [LOCAL, N2]) == (
+        "node n2 appeared (subnets 10.244.2.0/24, addresses 192.168.1.2)"
+    )
+    assert route_reason("del", R2, [LOCAL, N2], [LOCAL]) == "node n2 left the node list"
+    assert route_reason("del", R2, [LOCAL, N2], [LOCAL, renumbered]) == (
+        "node n2's subnets changed from 10.244.2.0/24 to 10.244.9.0/24"
+    )
+    r9 = Route(ip_network("10.244.9.0/24"), "192.168.1.2", UL)
+    assert route_reason("add", r9, [LOCAL, N2], [LOCAL, renumbered]) == (
+        "node n2's subnets changed from 10.244.2.0/24 to 10.244.9.0/24"
+    )
+    assert route_reason("replace", R2, [LOCAL, N2], [LOCAL, moved]) == (
+        "node n2 changed (addresses 192.168.1.2 -> 192.168.1.22)"
+    )
+    # The same node list: somebody changed the kernel.
+    assert route_reason("add", R2, [LOCAL, N2], [LOCAL, N2]) == (
+        "it was missing from the kernel (repair; node n2)"
+    )
+    assert route_reason("replace", R2, [LOCAL, N2], [LOCAL, N2]) == (
+        "it differed from the plan in the kernel (repair; node n2)"
+    )
+    # Left out by the plan, or nobody's.
+    skipped = (Skipped("n2", "192.168.1.2 is on no network of the underlay interface"),)
+    assert route_reason("del", R2, [LOCAL, N2], [LOCAL, N2], skipped) == (
+        "node n2 is left out: 192.168.1.2 is on no network of the underlay interface"
+    )
+    stray = Route(ip_network("10.244.77.0/24"), "192.168.1.7", UL)
+    assert route_reason("del", stray, [LOCAL], [LOCAL]) == (
+        "no node in the node list has subnet 10.244.77.0/24 (left over)"
+    )

@@ -99,6 +99,7 @@ def healthy() -> NodeSnapshot:
             master=BRIDGE,
             alias=names.host_veth_alias(NET, att.container_id, "eth0"),
             peer=2,
+            hairpin=True,
         )
         netns[att.netns] = NetnsView(
             att.netns,
@@ -118,7 +119,14 @@ def healthy() -> NodeSnapshot:
         DATA,
         atts,
         [allocation(i) for i in range(PODS)],
-        {NET: {"bridge": "cni0", "ipMasq": True, "subnets": ["10.244.1.0/24"]}},
+        {
+            NET: {
+                "bridge": "cni0",
+                "ipMasq": True,
+                "hairpinMode": True,
+                "subnets": ["10.244.1.0/24"],
+            }
+        },
     )
     return NodeSnapshot(
         stores=[store],
@@ -126,7 +134,16 @@ def healthy() -> NodeSnapshot:
         netns=netns,
         rules=RulesView("nft", rules(), rules()),
         cluster=ClusterView(
-            "n1", "vxlan", True, "", CLUSTER_STATE, CLUSTER_STATE, "pycni.1", VTEP_MAC
+            "n1",
+            "vxlan",
+            True,
+            "",
+            CLUSTER_STATE,
+            CLUSTER_STATE,
+            "pycni.1",
+            VTEP_MAC,
+            network=NET,
+            subnets=("10.244.1.0/24",),
         ),
     )
 
@@ -516,6 +533,57 @@ def test_iptables_backend_is_named():
     snap = healthy()
     snap.rules = RulesView("iptables", rules(), None)
     assert one(snap, m.RULES_MISSING).subject == "pycni's iptables chains"
+
+
+# --- hairpin --------------------------------------------------------------------------------
+
+
+def test_a_bridge_port_without_hairpin():
+    snap = healthy()
+    set_link(snap, veth(1), hairpin=False)
+    f = one(snap, m.HOST_VETH_NO_HAIRPIN)
+    assert f.subject == attachment(1).label
+    assert "the network's hairpinMode" in f.expected and "Service" in f.actual
+    assert f.hint.startswith(f"bridge link set dev {veth(1)} hairpin on")
+
+
+def test_hairpin_follows_the_network_and_hostports():
+    snap = healthy()
+    set_link(snap, veth(1), hairpin=False)
+    snap.stores[0].networks[NET]["hairpinMode"] = False  # hairpinMode: false
+    assert kinds(snap) == []
+    del snap.stores[0].networks[NET]["hairpinMode"]  # a store from before it was recorded
+    assert kinds(snap) == []
+    # A pod with hostPorts needs it whatever the network says.
+    snap.stores[0].attachments[1] = dataclasses.replace(attachment(1), hostports=True)
+    assert "hostPorts" in one(snap, m.HOST_VETH_NO_HAIRPIN).expected
+
+
+def test_a_detached_port_is_not_also_reported_without_hairpin():
+    snap = healthy()
+    set_link(snap, veth(1), master=None, hairpin=None)
+    one(snap, m.HOST_VETH_DETACHED)
+
+
+# --- the node's subnet now ------------------------------------------------------------------
+
+
+def test_pods_outside_the_node_subnet_after_a_podcidr_change():
+    snap = healthy()
+    snap.cluster.subnets = ("10.244.7.0/24", "fd00:7::/64")
+    found = compare(snap)
+    assert [f.kind for f in found] == [m.POD_OUTSIDE_NODE_SUBNET] * PODS
+    f = found[0]
+    assert f.subject == attachment(0).label
+    assert f.expected == "addresses in node n1's subnet 10.244.7.0/24, fd00:7::/64"
+    assert f.actual.startswith("10.244.1.2: from an earlier subnet of this node")
+    assert f.hint.startswith("recreate the pod") and "cid0" in f.hint
+    # Only the cluster's network is the node's subnet; not checked while not ready.
+    snap.cluster.network = "another"
+    assert kinds(snap) == []
+    snap.cluster.network = NET
+    snap.cluster.ready = False
+    assert kinds(snap) == [m.CLUSTER_NOT_READY]
 
 
 # --- cluster routes -----------------------------------------------------------------------

@@ -396,13 +396,23 @@ def test_seed_config_parses():
     assert (str(r.range_start), str(r.range_end)) == ("10.244.1.1", "10.244.1.254")
 
 
+def test_hairpin_mode_can_be_turned_off():
+    base = {"cniVersion": "1.1.0", "name": "n", "subnet": "10.244.1.0/24"}
+    assert parse({**base, "hairpinMode": False}).hairpin_mode is False
+    assert parse({**base, "hairpinMode": True}).hairpin_mode is True
+    with pytest.raises(CniError) as err:
+        parse({**base, "hairpinMode": "yes"})
+    assert err.value.code == 7 and "hairpinMode" in err.value.msg
+
+
 def test_defaults():
     nc = parse({"cniVersion": "1.1.0", "name": "n", "subnet": "10.244.1.0/24"})
     assert nc.type == "pycni"
     assert nc.bridge == "cni0"
     assert nc.mtu is None
     assert nc.is_default_gateway is True
-    assert nc.ip_masq is False and nc.hairpin_mode is False
+    # Hairpin on by default: a pod reaches itself through a Service (kube-proxy's DNAT).
+    assert nc.ip_masq is False and nc.hairpin_mode is True
     assert nc.data_dir == "/var/lib/pycni"
     assert nc.log_file == "/var/log/pycni.log" and nc.log_level == "info"
     assert nc.dns == {} and nc.routes == [] and nc.cluster_cidrs == []

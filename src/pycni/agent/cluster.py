@@ -15,6 +15,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from ..cluster.datastore import Datastore
@@ -32,7 +33,9 @@ class ClusterOptions:
     settings: ClusterSettings
     node_name: str
     backend: str = "vxlan"
-    iface: str = ""  # underlay interface; "" = the one holding the default route
+    # Underlay interface; "" = the one holding the node's address (node_ips, else what the
+    # datastore knows: the Node's InternalIP), else the one holding the default route.
+    iface: str = ""
     node_ips: tuple[str, ...] = ()  # "" = the underlay interface's addresses
     conf_dir: str = "/etc/cni/net.d"
     conf_name: str = "10-pycni.conflist"
@@ -60,6 +63,12 @@ class ClusterNode:
         self.record: NodeRecord | None = None
         self.nodes: list[NodeRecord] = []
         self.reason = "waiting for this node's subnet from the datastore"
+        # Set while the datastore says this registered node is gone or has no subnet (the
+        # Node was deleted, or registered again without a podCIDR yet): the node is not
+        # ready until it has its subnet again.
+        self.lost = ""
+        # The last datastore or kernel error of the loop, "" once a pass went through.
+        self.last_error = ""
         self.last_changes = None  # backends.Changes of the last pass
         self.reconciles = 0
         self.last_duration = 0.0
@@ -73,8 +82,9 @@ class ClusterNode:
 
     @property
     def ready(self) -> bool:
-        """The node has its subnet and its CNI config is written."""
-        return self.record is not None
+        """The node has its subnet and its CNI config is written, and the datastore still
+        knows it."""
+        return self.record is not None and not self.lost
 
     def not_ready_reason(self) -> str | None:
         """For STATUS: None when ADDs can succeed, else why not."""
@@ -122,23 +132,35 @@ class ClusterNode:
                     self._adopt(self.store.keepalive())
                     next_keepalive = time.monotonic() + renew
                 self.reconcile()
+                if self.last_error:
+                    log.info("cluster: recovered (the last error was: %s)", self.last_error)
+                # The node is in the datastore as registered (a node back as it was needs
+                # nothing adopted anew): nothing stands in the way.
+                self.lost = self.last_error = self.reason = ""
                 backoff = 0.5
                 self._wait(max(0.05, min(self.options.resync, next_keepalive - time.monotonic())))
             except ClusterError as exc:
-                # No subnet to be had yet (no podCIDR, none free): retry when the datastore
-                # changes (a podCIDR is allocated, a lease is released) or after the backoff.
-                if self.record is None:
-                    self.reason = f"not ready: {exc}"
+                # No subnet to be had yet (no podCIDR, none free), or no more (this node was
+                # deleted from the datastore): not ready until the datastore changes (a
+                # podCIDR is allocated, a lease is released) or the backoff ends.
+                self.reason = f"not ready: {exc}"
+                self.last_error = str(exc)
+                if self.record is not None:
+                    self.lost = str(exc)
                 log.error("cluster: %s (retrying on the next change or in %.1f s)", exc, backoff)
                 self._wait(backoff)
                 backoff = min(backoff * 2, 10.0)
             except (KVError, OSError) as exc:
+                # The datastore cannot be reached: a node that has its subnet stays ready
+                # (its pods and routes are fine), and its status shows the error.
                 if self.record is None:
                     self.reason = f"not ready: {exc}"
+                self.last_error = str(exc)
                 log.error("cluster: %s (retrying in %.1f s)", exc, backoff)
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, 10.0)
-            except Exception:
+            except Exception as exc:
+                self.last_error = f"{type(exc).__name__}: {exc}"
                 log.exception("cluster reconcile loop")
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, 10.0)
@@ -152,7 +174,14 @@ class ClusterNode:
         opts = self.options
         # Pods' packets to other nodes and the outside are forwarded by this node.
         sysctl.enable_forwarding({c.version for c in opts.settings.cluster_cidrs})
-        self.iface = opts.iface or default_route_iface(self._ipr)
+        if opts.iface:
+            self.iface = opts.iface
+        else:
+            known = opts.node_ips or self.store.node_addresses()
+            self.iface, why = choose_underlay(
+                known, address_holders(self._ipr), default_route_iface(self._ipr)
+            )
+            log.info("underlay interface %s: %s", self.iface, why)
         node_ips = opts.node_ips or iface_addresses(self._ipr, self.iface)
         if not node_ips:
             raise ClusterError(
@@ -180,6 +209,7 @@ class ClusterNode:
         only then ``self.record`` (which makes the node ready), so a failed write is retried on
         the next pass instead of leaving a "ready" node without a config."""
         if record == self.record:
+            self.lost = self.reason = ""  # the datastore has it (again) as it was
             return
         if self.record is not None and record.subnets != self.record.subnets:
             log.warning(
@@ -190,7 +220,7 @@ class ClusterNode:
             )
         self._write_rules()
         self._write_files(record)
-        self.record, self.reason = record, ""
+        self.record, self.reason, self.lost = record, "", ""
         log.info(
             "node %s: subnets %s, addresses %s, backend %s",
             record.name,
@@ -271,6 +301,7 @@ class ClusterNode:
         changes = reconcile_once(
             self._ipr, self.record, nodes, self.options.backend, self.iface, self.vxlan()
         )
+        self._log_routes(changes, None if self.reconciles == 0 else self.nodes, nodes)
         self.nodes = nodes  # what the kernel now holds routes for (status shows it)
         for error in changes.errors:
             log.warning("reconcile: %s", error)
@@ -282,6 +313,30 @@ class ClusterNode:
         for observe in self.observers:
             observe(self.last_duration, changes)
         return changes
+
+    def _log_routes(self, changes, before: list[NodeRecord] | None, after: list[NodeRecord]):
+        """One info line per route to another node added, changed or removed, with why."""
+        from ..backends.plan import Route, route_reason
+
+        verbs = {"add": "added", "replace": "changed", "del": "removed"}
+        for op, entry in changes.done:
+            if isinstance(entry, Route):
+                log.info(
+                    "route %s via %s dev %s %s: %s",
+                    entry.dst,
+                    entry.gateway or "-",
+                    self._dev_name(entry.dev),
+                    verbs[op],
+                    route_reason(op, entry, before, after, changes.skipped),
+                )
+
+    def _dev_name(self, index: int) -> str:
+        if self._ipr is None:
+            return f"index {index}"
+        try:
+            return self._ipr.link("get", index=index)[0].get("IFLA_IFNAME")
+        except Exception:  # gone meanwhile: the log line still says which
+            return f"index {index}"
 
     def vxlan(self):
         from ..backends import VxlanSettings
@@ -295,7 +350,9 @@ class ClusterNode:
         return {
             "ready": self.ready,
             "reason": self.reason,
+            "lastError": self.last_error,
             "node": self.options.node_name,
+            "network": self.options.network_name,
             "datastore": self.store.kind,
             "backend": self.options.backend,
             "subnets": [str(s) for s in record.subnets] if record else [],
@@ -343,13 +400,56 @@ class ClusterNode:
         return 0
 
 
-def default_route_iface(ipr) -> str:
-    """The interface holding the default route (IPv4 first): the underlay, as flannel guesses."""
+def choose_underlay(
+    known: Sequence[str], holders: dict[str, str], default: str | None
+) -> tuple[str, str]:
+    """(underlay interface, why) when --iface is not given: the interface holding one of the
+    node's `known` addresses (--node-ip, or the Node's InternalIP), else the one holding the
+    default route (`default`), as flannel guesses. `holders`: every local address -> its
+    interface. ClusterError when neither finds one."""
+    for text in known:
+        try:
+            name = holders.get(str(ipaddress.ip_address(text)))
+        except ValueError:
+            continue
+        if name:
+            return name, f"it holds the node's address {text}"
+    if default:
+        if known:
+            return default, (
+                f"it holds the default route (no interface holds the node's address "
+                f"{', '.join(known)})"
+            )
+        return default, "it holds the default route"
+    if known:
+        raise ClusterError(
+            f"no interface holds the node's address {', '.join(known)} and there is no default "
+            "route to find the underlay interface by; give --iface"
+        )
+    raise ClusterError(
+        "no default route to find the underlay interface by, and no node address to find it "
+        "by (--node-ip; with the kubernetes datastore, the Node's InternalIP); give --iface"
+    )
+
+
+def default_route_iface(ipr) -> str | None:
+    """The interface holding the default route (IPv4 first), None when there is none."""
     for family in (2, 10):  # AF_INET, AF_INET6
         for route in ipr.route("dump", family=family, table=254):
             if route["dst_len"] == 0 and route.get("RTA_OIF"):
                 return ipr.link("get", index=route.get("RTA_OIF"))[0].get("IFLA_IFNAME")
-    raise ClusterError("no default route to find the underlay interface by; give --iface")
+    return None
+
+
+def address_holders(ipr) -> dict[str, str]:
+    """Every address of this namespace -> the name of the interface holding it."""
+    names = {link["index"]: link.get("IFLA_IFNAME") for link in ipr.link("dump")}
+    out: dict[str, str] = {}
+    for msg in ipr.addr("dump"):
+        text = msg.get("IFA_LOCAL") or msg.get("IFA_ADDRESS")
+        if text and msg["index"] in names:
+            out.setdefault(str(ipaddress.ip_address(text)), names[msg["index"]])
+    return out
 
 
 def iface_addresses(ipr, ifname: str) -> list[str]:

@@ -33,7 +33,9 @@ AF_BRIDGE = 7
 @dataclass
 class Changes:
     """What one round did. `errors`: entries that failed (the round went on without them);
-    `skipped`: peers the plan left out. The caller logs both and retries next round."""
+    `skipped`: peers the plan left out. The caller logs both and retries next round. `done`:
+    each entry the kernel changed, with its operation ("add", "replace" or "del"), so the
+    caller can say why."""
 
     added: int = 0
     replaced: int = 0
@@ -41,6 +43,7 @@ class Changes:
     errors: list[str] = field(default_factory=list)
     skipped: tuple[Skipped, ...] = ()
     vtep: VtepInfo | None = None
+    done: list[tuple[str, Entry]] = field(default_factory=list)
 
     @property
     def changed(self) -> bool:
@@ -106,12 +109,13 @@ def apply(ipr: IPRoute, want: State, have: State) -> Changes:
     entry that appeared meanwhile (both are written with replace semantics)."""
     changes = Changes(skipped=want.skipped)
     plan: Diff = diff(want, have)
-    for entry in plan.add:
-        changes.added += _do(ipr, "add", entry, changes.errors)
-    for entry in plan.replace:
-        changes.replaced += _do(ipr, "replace", entry, changes.errors)
-    for entry in plan.remove:
-        changes.removed += _do(ipr, "del", entry, changes.errors)
+    for op, entries in (("add", plan.add), ("replace", plan.replace), ("del", plan.remove)):
+        for entry in entries:
+            if _do(ipr, op, entry, changes.errors):
+                changes.done.append((op, entry))
+    changes.added = sum(1 for op, _ in changes.done if op == "add")
+    changes.replaced = sum(1 for op, _ in changes.done if op == "replace")
+    changes.removed = sum(1 for op, _ in changes.done if op == "del")
     return changes
 
 

@@ -255,3 +255,59 @@ def vtep_mac(node_name: str) -> str:
     b = bytearray(hashlib.sha256(b"pycni-vtep\0" + node_name.encode()).digest()[:6])
     b[0] = (b[0] & 0xFC) | 0x02
     return ":".join(f"{x:02x}" for x in b)
+
+
+def route_reason(
+    op: str,
+    route: Route,
+    before: list[NodeRecord] | None,
+    after: list[NodeRecord],
+    skipped: tuple[Skipped, ...] = (),
+) -> str:
+    """Why a reconcile pass added ("add"), changed ("replace") or removed ("del") `route`,
+    from the node list of the pass before (None: the agent's first pass) and of this one."""
+
+    def owner(nodes) -> NodeRecord | None:
+        return next((n for n in nodes or () if route.dst in n.subnets), None)
+
+    def named(nodes, name: str) -> NodeRecord | None:
+        return next((n for n in nodes or () if n.name == name), None)
+
+    def subnets(n: NodeRecord) -> str:
+        return ", ".join(map(str, n.subnets)) or "none"
+
+    def describe(n: NodeRecord) -> str:
+        return f"subnets {subnets(n)}, addresses {', '.join(n.node_ips) or 'none'}"
+
+    new, old = owner(after), owner(before)
+    if op == "del":
+        if new is not None:
+            why = next((s.reason for s in skipped if s.node == new.name), "")
+            return f"node {new.name} is left out" + (f": {why}" if why else "")
+        if old is None:
+            return f"no node in the node list has subnet {route.dst} (left over)"
+        now = named(after, old.name)
+        if now is None:
+            return f"node {old.name} left the node list"
+        return f"node {old.name}'s subnets changed from {subnets(old)} to {subnets(now)}"
+    if new is None:  # not planned from the node list: nothing better to say
+        return "planned"
+    if before is None:
+        return f"node {new.name} is in the node list ({describe(new)}; the agent's first pass)"
+    if old is None:
+        was = named(before, new.name)
+        if was is None:
+            return f"node {new.name} appeared ({describe(new)})"
+        return f"node {new.name}'s subnets changed from {subnets(was)} to {subnets(new)}"
+    if old != new:
+        what = []
+        if old.node_ips != new.node_ips:
+            what.append(f"addresses {', '.join(old.node_ips)} -> {', '.join(new.node_ips)}")
+        if old.vtep_mac != new.vtep_mac:
+            what.append(f"VTEP MAC {old.vtep_mac or 'none'} -> {new.vtep_mac or 'none'}")
+        if old.name != new.name:
+            what.append(f"subnet {route.dst} moved from node {old.name}")
+        return f"node {new.name} changed ({'; '.join(what) or describe(new)})"
+    if op == "add":
+        return f"it was missing from the kernel (repair; node {new.name})"
+    return f"it differed from the plan in the kernel (repair; node {new.name})"

@@ -32,6 +32,12 @@ class Datastore(ABC):
         has no free subnet, ClusterError when the datastore has none to give yet (kubernetes:
         no podCIDR allocated), KVError when the datastore cannot be reached."""
 
+    def node_addresses(self) -> tuple[str, ...]:
+        """This node's own addresses as the datastore knows them before register() (the
+        kubernetes datastore: the Node's InternalIPs), so the agent can find its underlay
+        interface by them; () when it knows none."""
+        return ()
+
     @abstractmethod
     def nodes(self) -> list[NodeRecord]:
         """Every node with a subnet, this one included, sorted by name."""

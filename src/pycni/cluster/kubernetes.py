@@ -83,6 +83,10 @@ class KubernetesDatastore(Datastore):
         self._local = local
         return self._sync()
 
+    def node_addresses(self) -> tuple[str, ...]:
+        node = self._call("read node", self._api.read_node, self.node_name)
+        return internal_ips(node)
+
     def nodes(self) -> list[NodeRecord]:
         if self._informer is None:
             self._listed = self._call("list nodes", self._api.list_node)

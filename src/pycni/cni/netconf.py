@@ -97,7 +97,7 @@ class NetConf:
     mtu: int | None = None
     is_default_gateway: bool = True
     ip_masq: bool = False
-    hairpin_mode: bool = False
+    hairpin_mode: bool = True
     data_dir: str = DEFAULT_DATA_DIR
     dns: dict[str, Any] = field(default_factory=dict)
     log_file: str = DEFAULT_LOG_FILE
@@ -151,7 +151,10 @@ def parse(conf: dict, request: Request) -> NetConf:
     nc.mtu = _mtu(conf.get("mtu"), nc.range_sets)
     nc.is_default_gateway = _opt(conf, "isDefaultGateway", bool, True)
     nc.ip_masq = _opt(conf, "ipMasq", bool, False)
-    nc.hairpin_mode = _opt(conf, "hairpinMode", bool, False)
+    # On unless turned off: with kube-proxy and br_netfilter, a pod reaching a Service whose
+    # endpoint is the pod itself gets its own frame back through the port it came in by, which
+    # a bridge port without hairpin mode drops (kubelet's hairpin-veth mode expects it on).
+    nc.hairpin_mode = _opt(conf, "hairpinMode", bool, True)
     nc.data_dir = _abs_path(pick("dataDir"), "dataDir", DEFAULT_DATA_DIR)
     nc.log_file = _abs_path(conf.get("logFile"), "logFile", DEFAULT_LOG_FILE, allow_empty=True)
     # Read by the thin executable before anything else; validated here for a clear error.

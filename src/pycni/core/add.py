@@ -89,8 +89,8 @@ def _add(request: Request, conf: NetConf, store: Store) -> Result:
                 pod_mac = veth.configure_pod(nsipr, request.ifname, addresses, routes)
             checkpoint(request, "pod")
 
-            # A pod reaching its own hostPort: under br_netfilter the DNATed frame goes back
-            # out of the port it came in by.
+            # A pod reaching itself through a Service (kube-proxy's DNAT) or its own hostPort:
+            # under br_netfilter the DNATed frame goes back out of the port it came in by.
             if conf.hairpin_mode or conf.port_mappings:
                 veth.set_hairpin(ipr, host_index)
             checkpoint(request, "host")

@@ -50,7 +50,7 @@ def cmd_check(request: Request, conf: NetConf) -> None:
         raise _drift(f"store holds {sorted(stored)} but prevResult says {sorted(expected)}")
 
     with resources.host_netlink() as ipr:
-        _check_host_side(ipr, conf, request, att.host_veth, att.allocations)
+        _check_host_side(ipr, conf, request, att)
     with pod_netlink(request.netns) as nsipr:
         _check_pod_side(nsipr, conf, request, pod_iface, stored, att)
     if att.port_mappings:
@@ -70,10 +70,11 @@ def _check_hostports(att: Attachment) -> None:
         )
 
 
-def _check_host_side(
-    ipr: IPRoute, conf: NetConf, request: Request, host_name: str, allocations
-) -> None:
-    host_name = host_name or names.host_veth_name(conf.name, request.container_id, request.ifname)
+def _check_host_side(ipr: IPRoute, conf: NetConf, request: Request, att: Attachment) -> None:
+    allocations = att.allocations
+    host_name = att.host_veth or names.host_veth_name(
+        conf.name, request.container_id, request.ifname
+    )
     br = veth.lookup(ipr, conf.bridge)
     if br is None:
         raise _drift(f"bridge {conf.bridge} is missing")
@@ -91,6 +92,13 @@ def _check_host_side(
         raise _drift(f"host veth {host_name} is not attached to bridge {conf.bridge}")
     if not link["flags"] & 1:
         raise _drift(f"host veth {host_name} is down")
+    if (conf.hairpin_mode or att.port_mappings) and not veth.hairpin_of(link):
+        why = "hairpinMode" if conf.hairpin_mode else "the pod has hostPorts"
+        raise _drift(
+            f"host veth {host_name} is not in hairpin mode ({why}): the pod cannot reach "
+            f"itself through a Service or hostPort; `bridge link set dev {host_name} hairpin on` "
+            "or delete and add the pod again"
+        )
     if conf.bandwidth is not None:
         ifb = names.ifb_name(conf.name, request.container_id, request.ifname)
         problem = bandwidth.drift(ipr, index, host_name, conf.bandwidth, ifb)

@@ -46,6 +46,8 @@ def record_network(store: Store, conf: NetConf) -> None:
         "subnets": [str(r.subnet) for rs in conf.range_sets for r in rs.ranges],
         "clusterCidrs": [str(c) for c in conf.cluster_cidrs],
         "bridge": conf.bridge,
+        # Whether its pods' bridge ports are in hairpin mode: `pycnictl doctor` checks them.
+        "hairpinMode": conf.hairpin_mode,
         # Pool sizes, for the agent's address gauges and `pycnictl status`.
         "rangeSets": [{"key": rs.key, "capacity": rs.capacity()} for rs in conf.range_sets],
     }

@@ -111,12 +111,15 @@ def cluster_options() -> argparse.ArgumentParser:
         action="append",
         default=[],
         help="address other nodes reach this node at (default: the underlay "
-        "interface's address); repeat for dual stack",
+        "interface's address); repeat for dual stack. Without --iface, the underlay is the "
+        "interface holding it",
     )
     g.add_argument(
         "--iface",
         default="",
-        help="underlay interface (default: the one holding the default route)",
+        help="underlay interface (default: the one holding the node's address: --node-ip, "
+        "or the Node's InternalIP with the kubernetes datastore; else the one holding the "
+        "default route)",
     )
     g.add_argument(
         "--backend",

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 from ..cni.netconf import DEFAULT_DATA_DIR
+from ..node_config import DEFAULT_CONF_DIR
 from ..shim import DEFAULT_SOCKET
 
 _HELP = """\
@@ -33,12 +34,19 @@ def register(sub) -> None:
         dest="data_dirs",
         metavar="DIR",
         help="the plugin's dataDir (repeatable; default: the running agent's data "
-        f"dirs, else {DEFAULT_DATA_DIR})",
+        f"dirs, else the one the pycni config in --conf-dir names, else {DEFAULT_DATA_DIR})",
     )
     p.add_argument(
         "--socket",
-        default=DEFAULT_SOCKET,
-        help=f"the agent to ask for the cluster's node list (default {DEFAULT_SOCKET})",
+        default=None,
+        help="the agent to ask for the cluster's node list and the node's subnet (default: "
+        f"the agentSocket of the pycni config in --conf-dir, else {DEFAULT_SOCKET})",
+    )
+    p.add_argument(
+        "--conf-dir",
+        default=DEFAULT_CONF_DIR,
+        help=f"the node's CNI config dir ({DEFAULT_CONF_DIR}): read for the agent's socket, "
+        "and with --rebuild-store for the networks",
     )
     p.add_argument(
         "--live-from",
@@ -59,7 +67,7 @@ def register(sub) -> None:
         action="append",
         metavar="FILE",
         help="with --rebuild-store: a CNI config (.conf or .conflist) of the "
-        "networks to rebuild (repeatable; default: those in /etc/cni/net.d)",
+        "networks to rebuild (repeatable; default: those in --conf-dir)",
     )
     p.set_defaults(func=run_doctor)
 
@@ -67,6 +75,9 @@ def register(sub) -> None:
 def run_doctor(args) -> int:
     from ..agent.client import agent_health
     from ..doctor import Report, examine, parse_live
+    from ..doctor.status import agent_socket, default_data_dirs
+
+    args.socket = agent_socket(args.socket, args.conf_dir)[0]
 
     live = None
     if args.live_from:
@@ -77,8 +88,7 @@ def run_doctor(args) -> int:
             return _cannot(args, Report(errors=[f"--live-from {args.live_from}: {exc}"]))
     data_dirs = args.data_dirs
     if not data_dirs:
-        health = agent_health(args.socket)["health"] or {}
-        data_dirs = health.get("dataDirs") or [DEFAULT_DATA_DIR]
+        data_dirs = default_data_dirs(agent_health(args.socket)["health"], args.conf_dir)
     if args.rebuild_store:
         problem = _rebuild(args, data_dirs)
         if problem:
@@ -102,7 +112,9 @@ def _rebuild(args, data_dirs: list[str]) -> str | None:
     from ..doctor.rebuild import RebuildError, confs_from_files, rebuild_store
 
     files = args.conf or sorted(
-        f for f in glob.glob("/etc/cni/net.d/*") if f.endswith((".conf", ".conflist", ".json"))
+        f
+        for f in glob.glob(os.path.join(args.conf_dir, "*"))
+        if f.endswith((".conf", ".conflist", ".json"))
     )
     out = sys.stderr if args.json else sys.stdout
     for data_dir in data_dirs:

@@ -114,8 +114,23 @@ def configure_pod(
 def set_hairpin(ipr: IPRoute, index: int) -> None:
     """Let a pod reach itself through the bridge (e.g. via its own service address).
     IFLA_BRPORT_MODE is the hairpin flag; pyroute2 silently drops unknown keys such as
-    "hairpin_mode"."""
+    "hairpin_mode". Idempotent: setting it on a port that has it changes nothing.
+
+    Why: kube-proxy DNATs a pod's packet to a Service back to the pod itself; with
+    br_netfilter the bridge then forwards the frame at layer 2 to the port it came in by,
+    which it refuses unless that port is in hairpin mode. A fast path that redirects pod
+    traffic around the bridge must keep this: a frame may leave by the port it came in by."""
     ipr.brport("set", index=index, mode=1)
+
+
+def hairpin_of(link) -> bool | None:
+    """A bridge port's hairpin mode from its link message (IFLA_BRPORT_MODE in the slave
+    data a link get or dump carries); None when the link is on no bridge."""
+    info = link.get("IFLA_LINKINFO")
+    data = info.get("IFLA_INFO_SLAVE_DATA") if info else None
+    if info is None or info.get("IFLA_INFO_SLAVE_KIND") != "bridge" or data is None:
+        return None
+    return bool(data.get("IFLA_BRPORT_MODE"))
 
 
 def host_veths_with_alias(ipr: IPRoute, prefix: str) -> dict[str, str]:

@@ -39,6 +39,7 @@ def compare(snap: NodeSnapshot, live: set[tuple[str, str]] | None = None) -> lis
         out += check_rules(snap.rules)
     if snap.cluster is not None:
         out += check_cluster(snap.cluster, snap.links)
+        out += check_node_subnets(snap, snap.cluster)
     return out
 
 
@@ -100,6 +101,7 @@ def check_attachments(snap: NodeSnapshot) -> list[Finding]:
             )
             continue
         out += _check_host_veth(att, host, snap.links.get(bridge_name), bridge_name, by_index)
+        out += _check_hairpin(snap, att, host)
         if ns is not None:
             out += _check_pod(att, host, ns, allocations.get(att.key, []), gateways)
     return out
@@ -157,6 +159,33 @@ def _check_host_veth(
             )
         )
     return out
+
+
+def hairpin_wanted(snap: NodeSnapshot, att: StoredAttachment) -> bool:
+    """Whether the attachment's bridge port must be in hairpin mode: its network says so
+    (hairpinMode, recorded at ADD; a store from before pycni recorded it is not judged), or
+    the pod has hostPorts."""
+    store = next((s for s in snap.stores if s.data_dir == att.data_dir), None)
+    info = store.networks.get(att.network, {}) if store else {}
+    return bool(info.get("hairpinMode")) or att.hostports
+
+
+def _check_hairpin(snap: NodeSnapshot, att: StoredAttachment, host: Link) -> list[Finding]:
+    # A port on no bridge is reported as detached; only a bridge port has a hairpin mode.
+    if host.hairpin is not False or not hairpin_wanted(snap, att):
+        return []
+    why = "the pod has hostPorts" if att.hostports else "the network's hairpinMode"
+    return [
+        Finding(
+            m.HOST_VETH_NO_HAIRPIN,
+            att.label,
+            f"bridge port {att.veth} in hairpin mode ({why})",
+            "hairpin off: the pod cannot reach itself through a Service (kube-proxy DNATs "
+            "the packet back to it) or its own hostPort",
+            f"bridge link set dev {att.veth} hairpin on (or recreate the pod: DEL then ADD "
+            f"container {att.container_id})",
+        )
+    ]
 
 
 def _nsenter(netns: str, command: str) -> str:
@@ -710,6 +739,56 @@ def check_cluster(c: m.ClusterView, links: dict[str, Link]) -> list[Finding]:
                 expected, actual = "absent (no node in the agent's list needs it)", text
             out.append(Finding(f"{kind}-{verb}", subject, expected, actual, repair))
     return out
+
+
+def check_node_subnets(snap: NodeSnapshot, c: m.ClusterView) -> list[Finding]:
+    """Every address of the cluster network's pods lies in the node's subnet of its family
+    now. A pod that kept an address of an earlier subnet (the node was deleted and registered
+    again with another podCIDR) is unreachable from other nodes, whose routes follow the
+    node's subnet now."""
+    if not c.ready or not c.network or not c.subnets:
+        return []
+    subnets = {}
+    for text in c.subnets:
+        net = _network(text)
+        if net is not None:
+            subnets.setdefault(net.version, net)
+    by_attachment = _allocations_by_attachment(snap)
+    gateways = _gateways(snap)
+    out = []
+    for att in snap.attachments():
+        if att.network != c.network:
+            continue
+        outside = []
+        for a in by_attachment.get(att.key, []):
+            if allocation_problem(a, gateways.get(_range_key(a), set())) is not None:
+                continue  # reported as what it is (check_allocations)
+            ip = _iface(a.cidr)
+            version = getattr(ip, "version", None)
+            if version in subnets and ip.ip not in subnets[version]:  # type: ignore[union-attr]
+                outside.append(str(ip.ip))  # type: ignore[union-attr]
+        if outside:
+            current = ", ".join(str(n) for _, n in sorted(subnets.items()))
+            out.append(
+                Finding(
+                    m.POD_OUTSIDE_NODE_SUBNET,
+                    att.label,
+                    f"addresses in node {c.node}'s subnet {current}",
+                    f"{', '.join(outside)}: from an earlier subnet of this node (its podCIDR "
+                    "changed); other nodes no longer route to it",
+                    "recreate the pod (delete it and let its controller make it again; by hand: "
+                    f"DEL then ADD container {att.container_id}): its new address comes from "
+                    f"{current}",
+                )
+            )
+    return out
+
+
+def _network(text: str):
+    try:
+        return ipaddress.ip_network(text)
+    except ValueError:
+        return None
 
 
 def describe_entry(e: object, names_by_index: dict[int, str]) -> str:

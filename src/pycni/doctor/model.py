@@ -17,6 +17,7 @@ HOST_VETH_NOT_VETH = "host-veth-not-veth"
 HOST_VETH_ALIAS = "host-veth-alias"
 HOST_VETH_DETACHED = "host-veth-detached"
 HOST_VETH_DOWN = "host-veth-down"
+HOST_VETH_NO_HAIRPIN = "host-veth-no-hairpin"
 POD_INTERFACE_MISSING = "pod-interface-missing"
 POD_INTERFACE_NOT_PEER = "pod-interface-not-peer"
 POD_INTERFACE_DOWN = "pod-interface-down"
@@ -39,6 +40,7 @@ RULE_MISSING = "rule-missing"
 RULE_EXTRA = "rule-extra"
 RULE_DIFFERS = "rule-differs"
 CLUSTER_NOT_READY = "cluster-not-ready"
+POD_OUTSIDE_NODE_SUBNET = "pod-outside-node-subnet"
 VTEP_MISSING = "vtep-missing"
 VTEP_WRONG = "vtep-wrong"
 VTEP_STALE = "vtep-stale"
@@ -111,7 +113,7 @@ class Report:
 class Link:
     """A network device as the doctor needs it. `peer`: a veth's IFLA_LINK, the index of its
     other end (in the other end's namespace); `addresses`: "ip/prefixlen", link-local left
-    out."""
+    out; `hairpin`: a bridge port's hairpin mode, None when it is on no bridge."""
 
     name: str
     index: int
@@ -122,10 +124,14 @@ class Link:
     peer: int | None = None
     mac: str = ""
     addresses: frozenset[str] = frozenset()
+    hairpin: bool | None = None
 
 
 @dataclass(frozen=True)
 class StoredAttachment:
+    """`hostports`: whether it has port mappings (its bridge port then needs hairpin mode
+    whatever the network's hairpinMode)."""
+
     data_dir: str
     id: int
     network: str
@@ -133,6 +139,7 @@ class StoredAttachment:
     ifname: str
     host_veth: str
     netns: str
+    hostports: bool = False
 
     @property
     def veth(self) -> str:
@@ -200,7 +207,9 @@ class RulesView:
 @dataclass
 class ClusterView:
     """The cluster side as the running agent reports it, with the backend's plan and the
-    kernel's routes, neighbours and FDB entries (backends.plan.State)."""
+    kernel's routes, neighbours and FDB entries (backends.plan.State). `network`: the CNI
+    network the agent writes the node's config for; `subnets`: the node's subnets now (its
+    podCIDRs), which that network's pods' addresses must lie in."""
 
     node: str
     backend: str
@@ -210,6 +219,8 @@ class ClusterView:
     have: object | None = None
     vtep_name: str = ""
     vtep_mac: str = ""  # what the node publishes; the device should carry it
+    network: str = ""
+    subnets: tuple[str, ...] = ()
 
 
 @dataclass

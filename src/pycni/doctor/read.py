@@ -24,6 +24,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from ..cni.errors import CniError
 from ..dataplane.netns import CLONE_NEWNET, NS_GET_NSTYPE, netlink_in
+from ..dataplane.veth import hairpin_of
 from ..ipam.faults import file_damage
 from ..ipam.schema import BUSY_TIMEOUT_MS, SCHEMA_VERSION
 from ..ipam.store import Store
@@ -103,6 +104,16 @@ def read_store(data_dir: str) -> tuple[StoreSnapshot, object | None]:
                     )
                 ]
                 networks = store.list_networks()
+                mapped = {
+                    (a.network, a.container_id, a.ifname)
+                    for a in store.attachments_with_port_mappings()
+                }
+                attachments = [
+                    dataclasses.replace(a, hostports=True)
+                    if (a.network, a.container_id, a.ifname) in mapped
+                    else a
+                    for a in attachments
+                ]
                 desired = masquerade.desired_rules(store)
             finally:
                 conn.execute("ROLLBACK")
@@ -136,6 +147,7 @@ def read_links(ipr: IPRoute) -> dict[str, Link]:
             peer=msg.get("IFLA_LINK"),
             mac=(msg.get("IFLA_ADDRESS") or "").lower(),
             addresses=frozenset(addresses.get(msg["index"], ())),
+            hairpin=hairpin_of(msg),
         )
     return links
 
@@ -238,7 +250,18 @@ def read_cluster(
     want = desired(local, nodes, backend, underlay, vtep)
     have = read_state(ipr, vtep.ifindex if vtep else None)
     notes = [f"cluster: the {backend} plan leaves out {s}" for s in want.skipped]
-    view = ClusterView(node, backend, True, "", want, have, vtep_name, local.vtep_mac)
+    view = ClusterView(
+        node,
+        backend,
+        True,
+        "",
+        want,
+        have,
+        vtep_name,
+        local.vtep_mac,
+        network=str(status.get("network") or ""),
+        subnets=tuple(str(s) for s in local.subnets),
+    )
     return view, notes
 
 

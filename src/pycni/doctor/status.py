@@ -9,6 +9,7 @@ import subprocess
 
 from ..agent.client import agent_health
 from ..cni.netconf import DEFAULT_DATA_DIR
+from ..node_config import DEFAULT_CONF_DIR, find_agent_socket, find_data_dir
 from ..shim import DEFAULT_SOCKET
 
 # --- gathering ----------------------------------------------------------------------------
@@ -121,19 +122,43 @@ def _pod(att, kernel: Kernel) -> dict:
     }
 
 
-def collect(data_dirs: list[str] | None, socket_path: str | None) -> dict:
+def agent_socket(socket_path: str | None, conf_dir: str) -> tuple[str, str | None, bool]:
+    """(socket to ask, what named it or None, whether an agent is expected there): --socket
+    if given, else the agentSocket of the node's pycni config in `conf_dir` (the cluster
+    agent writes its own there), else the default socket, where an agent is optional."""
+    if socket_path is not None:
+        return socket_path, "--socket", True
+    found = find_agent_socket(conf_dir)
+    if found is not None and found[0]:
+        return found[0], found[1], True
+    return DEFAULT_SOCKET, None, False
+
+
+def default_data_dirs(health: dict | None, conf_dir: str) -> list[str]:
+    """The data dirs to read without --data-dir: the running agent's, else the one the node's
+    pycni config names, else the default."""
+    found = find_data_dir(conf_dir)
+    return (health or {}).get("dataDirs") or [found or DEFAULT_DATA_DIR]
+
+
+def collect(
+    data_dirs: list[str] | None, socket_path: str | None, conf_dir: str = DEFAULT_CONF_DIR
+) -> dict:
     problems: list[str] = []
-    agent = agent_health(socket_path or DEFAULT_SOCKET)
-    agent["socket"] = socket_path or DEFAULT_SOCKET
-    if socket_path is not None and not agent["running"]:
-        problems.append(f"agent at {socket_path}: {agent['error']}")
+    path, named_by, expected = agent_socket(socket_path, conf_dir)
+    agent = agent_health(path)
+    agent["socket"] = path
+    agent["namedBy"] = named_by
+    if expected and not agent["running"]:
+        by = "" if named_by == "--socket" else f" (named by {named_by})"
+        problems.append(f"agent at {path}{by}: {agent['error']}")
     elif agent["running"] and agent["error"]:
         problems.append(f"agent at {agent['socket']}: {agent['error']}")
     elif agent["health"] and agent["health"].get("status") != "ok":
         problems.append(f"agent is {agent['health'].get('status')}")
 
     if not data_dirs:
-        data_dirs = (agent["health"] or {}).get("dataDirs") or [DEFAULT_DATA_DIR]
+        data_dirs = default_data_dirs(agent["health"], conf_dir)
     stores, networks, wants_masq = [], [], False
     kernel = Kernel()
     try:
@@ -165,8 +190,11 @@ def collect(data_dirs: list[str] | None, socket_path: str | None) -> dict:
     if cluster is not None and not cluster.get("ready"):
         problems.append(f"cluster: {cluster.get('reason') or 'not ready'}")
     elif cluster is not None:
+        if cluster.get("lastError"):
+            problems.append(f"cluster: datastore: {cluster['lastError']}")
         for error in (cluster.get("lastChanges") or {}).get("errors", []):
             problems.append(f"cluster: last reconcile: {error}")
+        problems += outside_node_subnet(networks, cluster)
     policy = (agent["health"] or {}).get("policy")
     if policy is not None and policy.get("error"):
         problems.append(f"networkpolicy: {policy['error']}")
@@ -184,6 +212,31 @@ def collect(data_dirs: list[str] | None, socket_path: str | None) -> dict:
         "networks": networks,
         "masquerade": masq,
     }
+
+
+def outside_node_subnet(networks: list[dict], cluster: dict) -> list[str]:
+    """Pods of the cluster's network holding an address outside the node's subnet now (of an
+    earlier podCIDR: other nodes no longer route to it)."""
+    import ipaddress
+
+    subnets: dict[int, ipaddress.IPv4Network | ipaddress.IPv6Network] = {}
+    for text in cluster.get("subnets") or ():
+        subnet = ipaddress.ip_network(text)
+        subnets.setdefault(subnet.version, subnet)
+    out = []
+    for net in networks:
+        if net["name"] != cluster.get("network"):
+            continue
+        for pod in net["pods"]:
+            for text in pod["addresses"]:
+                ip = ipaddress.ip_interface(text).ip
+                if ip.version in subnets and ip not in subnets[ip.version]:
+                    out.append(
+                        f"network {net['name']}: pod {pod['containerId'][:12]}/{pod['ifname']}: "
+                        f"address {ip} is outside the node's subnet {subnets[ip.version]} (from "
+                        "an earlier podCIDR; unreachable from other nodes): recreate the pod"
+                    )
+    return out
 
 
 # --- text ---------------------------------------------------------------------------------
@@ -242,6 +295,8 @@ def render(report: dict) -> str:
         )
     elif agent["running"]:
         out.append(f"agent: answering oddly on {agent['socket']}: {agent['error']}")
+    elif agent.get("namedBy") not in (None, "--socket"):
+        out.append(f"agent: NOT RUNNING ({agent['socket']}, named by {agent['namedBy']})")
     else:
         out.append(f"agent: not running ({agent['socket']}; the plugin works in-process)")
     cluster = (agent["health"] or {}).get("cluster") if agent["running"] else None
