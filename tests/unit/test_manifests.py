@@ -329,9 +329,37 @@ def api_verbs(entry_points: set[str]) -> set[str]:
 
 
 def rbac_verbs(path: str) -> set[str]:
-    rules = one(path, "ClusterRole")["rules"]
+    """The verbs on nodes (the other rules are NetworkPolicy's, checked on their own)."""
+    rules = [r for r in one(path, "ClusterRole")["rules"] if "nodes" in r["resources"]]
     assert all(r["apiGroups"] == [""] and r["resources"] == ["nodes"] for r in rules), rules
     return {verb for r in rules for verb in r["verbs"]}
+
+
+# The official client's list functions and the resource each one reads.
+LIST_FUNCTIONS = {
+    "list_namespace": ("", "namespaces"),
+    "list_pod_for_all_namespaces": ("", "pods"),
+    "list_network_policy_for_all_namespaces": ("networking.k8s.io", "networkpolicies"),
+}
+
+
+def test_rbac_grants_exactly_the_networkpolicy_watches():
+    """Informers list and watch; the policy source calls nothing else of the API."""
+    tree = ast.parse(open(os.path.join(SRC, "cluster", "kubernetes_objects.py")).read())
+    called = {
+        node.attr
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Attribute) and node.attr.startswith(("list_", "read_", "patch_"))
+    }
+    assert called == set(LIST_FUNCTIONS)
+    granted = {
+        (group, resource): set(r["verbs"])
+        for r in one(MANIFEST, "ClusterRole")["rules"]
+        for group in r["apiGroups"]
+        for resource in r["resources"]
+        if resource != "nodes"
+    }
+    assert granted == {want: {"list", "watch"} for want in LIST_FUNCTIONS.values()}
 
 
 def test_rbac_grants_exactly_what_the_agent_calls():

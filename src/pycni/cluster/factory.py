@@ -69,4 +69,8 @@ def open_objects(
         if not etcd_endpoints:
             raise ValueError("the etcd datastore needs --etcd-endpoints")
         return KVObjects(EtcdKV(etcd_endpoints.split(","), lease_ttl), etcd_prefix)
+    if kind == "kubernetes":
+        from .kubernetes_objects import KubernetesObjects
+
+        return KubernetesObjects(kubeconfig)
     raise ValueError(f"no object source for the {kind!r} datastore")
