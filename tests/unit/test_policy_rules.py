@@ -129,3 +129,23 @@ def test_local_pods_take_their_addresses_from_the_store():
     assert a["status"]["podIP"] == "10.244.0.2"
     assert b["spec"]["nodeName"] == "node1"  # the store knows better than a stale object
     assert pods[0]["status"] == {"podIP": "9.9.9.9"}  # the source's objects are not changed
+
+
+def test_doctor_reports_policy_rules_that_differ_and_bridge_netfilter_off():
+    from pycni.doctor import model as m
+    from pycni.doctor.compare import check_bridge_netfilter, check_rules
+
+    wanted = RuleSet(policy=PolicyFragment(render(World([DENY_A]).compiled["node1"]).statements))
+    other = RuleSet(policy=PolicyFragment(render(World([ALLOW_Y]).compiled["node1"]).statements))
+    on = {"bridge-nf-call-iptables": "1", "bridge-nf-call-ip6tables": "1"}
+    assert check_rules(m.RulesView("nft", wanted, wanted, on)) == []
+    (differs,) = check_rules(m.RulesView("nft", wanted, other, on))
+    assert differs.kind == m.RULE_DIFFERS and wanted.policy.digest in differs.expected
+    (missing,) = check_rules(m.RulesView("nft", wanted, RuleSet(), on))
+    assert missing.kind == m.RULE_MISSING and "NetworkPolicy rules" in missing.expected
+    off = {**on, "bridge-nf-call-iptables": "0"}
+    assert check_bridge_netfilter(m.RulesView("nft", wanted, wanted, on)) == []
+    (finding,) = check_bridge_netfilter(m.RulesView("nft", wanted, wanted, off))
+    assert finding.kind == m.BRIDGE_NETFILTER_OFF and finding.actual == "0"
+    # no policy: nothing depends on br_netfilter
+    assert check_bridge_netfilter(m.RulesView("nft", RuleSet(), RuleSet(), off)) == []

@@ -37,6 +37,7 @@ def compare(snap: NodeSnapshot, live: set[tuple[str, str]] | None = None) -> lis
     out += check_bridges(snap)
     if snap.rules is not None:
         out += check_rules(snap.rules)
+        out += check_bridge_netfilter(snap.rules)
     if snap.cluster is not None:
         out += check_cluster(snap.cluster, snap.links)
         out += check_node_subnets(snap, snap.cluster)
@@ -586,7 +587,28 @@ def _rule_key(entry: object) -> object:
         return ("source", entry.source)  # type: ignore[attr-defined]
     if getattr(entry, "host_port", None) is not None:
         return ("hostport", entry.protocol, entry.host_ip, entry.host_port)  # type: ignore
+    if isinstance(entry, PolicyFragment):
+        return ("policy",)  # one fragment per table: another digest is the same rules, changed
     return entry
+
+
+def check_bridge_netfilter(rules: m.RulesView) -> list[Finding]:
+    """NetworkPolicy rules see pod-to-pod traffic on one node's bridge only through
+    br_netfilter: with it off, same-node traffic is not filtered at all."""
+    if not getattr(rules.desired, "policy", None):
+        return []
+    return [
+        Finding(
+            m.BRIDGE_NETFILTER_OFF,
+            f"net.bridge.{name}",
+            "1 (bridged pod-to-pod frames go through the NetworkPolicy rules)",
+            value or "absent",
+            f"sysctl -w net.bridge.{name}=1 in the node's network namespace (the agent "
+            "sets it when it installs policies)",
+        )
+        for name, value in sorted(rules.bridge_netfilter.items())
+        if value != "1"
+    ]
 
 
 def check_rules(rules: m.RulesView) -> list[Finding]:

@@ -39,6 +39,7 @@ RULES_MISSING = "rules-missing"
 RULE_MISSING = "rule-missing"
 RULE_EXTRA = "rule-extra"
 RULE_DIFFERS = "rule-differs"
+BRIDGE_NETFILTER_OFF = "bridge-netfilter-off"
 CLUSTER_NOT_READY = "cluster-not-ready"
 POD_OUTSIDE_NODE_SUBNET = "pod-outside-node-subnet"
 VTEP_MISSING = "vtep-missing"
@@ -202,6 +203,8 @@ class RulesView:
     backend: str
     desired: object
     installed: object | None
+    # net.bridge.bridge-nf-call-ip(6)tables: sysctl name -> value ("" when absent)
+    bridge_netfilter: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass

@@ -214,7 +214,20 @@ def read_rules(desired_sets: list) -> RulesView:
         if not desired and "not found" in str(exc):
             return RulesView(backend, desired, None)  # no tool, and nothing wanted from it
         raise DoctorError(str(exc)) from None
-    return RulesView(backend, desired, installed)
+    return RulesView(backend, desired, installed, read_bridge_netfilter())
+
+
+def read_bridge_netfilter() -> dict[str, str]:
+    from ..agent.policy import BRIDGE_NF
+
+    out = {}
+    for path in BRIDGE_NF:
+        try:
+            with open(path) as f:
+                out[os.path.basename(path)] = f.read().strip()
+        except OSError:
+            out[os.path.basename(path)] = ""
+    return out
 
 
 def read_cluster(
