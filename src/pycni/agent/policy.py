@@ -51,6 +51,9 @@ class PolicyController:
         self.last: dict[str, Any] = {}  # what status and metrics show
         self.error: str | None = None
         self.active = False  # any policy exists: ADDs must wait for their rules
+        # The last compile and what it was made from: (objects, local addresses), inventory,
+        # NodePolicy, rendered rules.
+        self._compiled: tuple[Any, Any, Any, Any] | None = None
 
     # --- life cycle ------------------------------------------------------------------------
 
@@ -106,13 +109,21 @@ class PolicyController:
             objects = self.source.snapshot()
             clock.lap("snapshot")
             with Store(self.data_dir) as store:
-                pods = with_local_addresses(objects.pods, store.pod_addresses(), self.node_name)
-                inventory = load(objects.namespaces, pods, objects.policies)
-                clock.lap("load")
-                compiled = compile_inventory(self.node_name, inventory)
-                clock.lap("compile")
-                rendered = policy_rules.render(compiled)
-                clock.lap("render")
+                inputs = (objects, store.pod_addresses())
+                if self._compiled is not None and self._compiled[0] == inputs:
+                    # Nothing the engine reads changed (a resync, or a wake for objects it
+                    # does not read): the rules are what they were; install checks the kernel.
+                    _, inventory, compiled, rendered = self._compiled
+                    clock.lap("unchanged")
+                else:
+                    pods = with_local_addresses(objects.pods, inputs[1], self.node_name)
+                    inventory = load(objects.namespaces, pods, objects.policies)
+                    clock.lap("load")
+                    compiled = compile_inventory(self.node_name, inventory)
+                    clock.lap("compile")
+                    rendered = policy_rules.render(compiled)
+                    clock.lap("render")
+                    self._compiled = (inputs, inventory, compiled, rendered)
                 if rendered and resolve_backend() != "nft":
                     raise RuntimeError(
                         "NetworkPolicy needs the nft packet-rule backend "
