@@ -46,7 +46,12 @@ class Source(ObjectSource):
 def controller(tmp_path, monkeypatch):
     installs: list[dict | None] = []
     compiles: list[str] = []
-    monkeypatch.setattr(masquerade, "sync", lambda store: installs.append(None))
+
+    def install(store, recorded):
+        installs.append(recorded)
+        return "table"
+
+    monkeypatch.setattr(masquerade, "install_policy", install)
     monkeypatch.setattr(rules_sync, "resolve_backend", lambda backend=None: "nft")
     monkeypatch.setattr(agent_policy, "ensure_bridge_netfilter", lambda: None)
     monkeypatch.setattr(agent_policy, "cut_denied_connections", lambda compiled: 0)

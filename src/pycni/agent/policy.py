@@ -8,7 +8,9 @@ to what the objects say:
    pod's address the moment its ADD allocated it; the API server learns it later), compiled
    by the pure engine (pycni.policy) into this node's ``NodePolicy``;
 2. rendered as nft statements (rules/policy.py) and recorded in the store, so every later
-   ADD, DEL and repair installs them with the rest of the table in one ``nft -f``;
+   ADD, DEL and repair installs them with the rest of the table in one ``nft -f``; when only
+   set elements changed (a pod came, went or was relabelled) the controller changes just
+   those elements in the kernel rather than replacing the table;
 3. conntrack entries of connections the new rules deny are deleted, so they stop now rather
    than live on as "established" (entries of connections still allowed are left alone: a
    Service's NATed flows keep their endpoint).
@@ -142,9 +144,8 @@ class PolicyController:
                     else None
                 )
                 changed = masquerade.recorded_policy(store) != recorded
-                masquerade.record_policy(store, recorded)
                 clock.lap("record")
-                masquerade.sync(store)
+                how = masquerade.install_policy(store, recorded)
                 clock.lap("install")
             cut = cut_denied_connections(compiled) if changed and rendered else 0
             clock.lap("cut")
@@ -160,6 +161,7 @@ class PolicyController:
                 "counters": [list(c) for c in rendered.counters],
                 "applied": time.time(),
                 "seconds": round(time.monotonic() - started, 4),
+                "install": how,  # unchanged, elements (set elements alone) or table
                 # Where that went, for `pycnictl bench policy` and anyone profiling a node.
                 "timings": clock.laps,
             }
