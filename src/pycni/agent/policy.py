@@ -237,28 +237,24 @@ def ensure_bridge_netfilter() -> None:
 
 def cut_denied_connections(compiled) -> int:
     """Delete the conntrack entries of this node's connections that ``compiled`` denies."""
-    from pyroute2 import Conntrack
-
+    from ..dataplane import conntrack
     from ..policy import Interpreter
 
-    judge = Interpreter([compiled])
     local = {ip for pod in compiled.pods for ip in pod.ips if pod.ingress or pod.egress}
     if not local:
         return 0
+    judge = None  # built only when some connection involves an isolated pod of this node
     cut = 0
-    with Conntrack() as ct:
-        for entry in list(ct.dump_entries()):  # both families
-            orig, reply = entry.tuple_orig, entry.tuple_reply
-            protocol = _PROTOCOLS.get(orig.proto)
-            # After a DNAT (a Service) the real destination is the reply's source.
-            src, dst = orig.saddr, reply.saddr
-            if protocol is None or (src not in local and dst not in local):
-                continue
-            port = reply.sport or orig.dport or 0
-            if not judge.allowed(src, dst, protocol, port):
-                try:
-                    ct.delete(entry)
-                    cut += 1
-                except Exception:  # gone meanwhile
-                    pass
+    for flow in conntrack.flows():  # both families
+        orig, reply = flow.orig, flow.reply
+        protocol = _PROTOCOLS.get(orig.protocol)
+        # After a DNAT (a Service) the real destination is the reply's source.
+        src, dst = orig.src, reply.src
+        if protocol is None or (src not in local and dst not in local):
+            continue
+        if judge is None:
+            judge = Interpreter([compiled])
+        port = reply.sport or orig.dport or 0
+        if not judge.allowed(src, dst, protocol, port) and conntrack.delete(flow):
+            cut += 1  # (gone meanwhile: nothing to cut)
     return cut
