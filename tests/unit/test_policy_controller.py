@@ -86,3 +86,33 @@ def test_unchanged_inputs_are_not_compiled_again(controller):
     moved = ctl.reconcile("objects changed")
     assert len(compiles) == 2 and "compile" in moved["timings"]
     assert moved["sizes"]["isolated_ingress"] == 0
+
+
+def test_only_changed_objects_are_parsed_again(controller, monkeypatch):
+    import pycni.policy.objects as objects
+
+    ctl, source, compiles, _ = controller
+    parsed: list[str] = []
+    real = objects.parse_pod
+
+    def counting(data):
+        parsed.append(data["metadata"]["name"])
+        return real(data)
+
+    monkeypatch.setattr(objects, "parse_pod", counting)
+    other = {
+        **pod({"app": "b"}),
+        "metadata": {"name": "b", "namespace": "x", "labels": {}},
+        "status": {"podIP": "10.0.1.6", "podIPs": [{"ip": "10.0.1.6"}]},
+    }
+    broken = {"kind": "Pod", "metadata": {"name": "bad", "namespace": "x", "labels": {"?": 1}}}
+    source.objects = Objects((NAMESPACE,), (pod({"app": "a"}), other, broken), (POLICY,))
+    first = ctl.reconcile("start")
+    # bad fails here and again in load(), which reports it.
+    assert sorted(parsed) == ["a", "b", "bad", "bad"] and len(first["problems"]) == 1
+    parsed.clear()
+    source.objects = Objects((NAMESPACE,), (pod({"app": "c"}), other, broken), (POLICY,))
+    moved = ctl.reconcile("relabelled")
+    # a changed, b did not; bad never parses, so it is tried (and reported) again.
+    assert sorted(parsed) == ["a", "bad", "bad"] and len(moved["problems"]) == 1
+    assert moved["sizes"]["pods"] == 2 and moved["sizes"]["isolated_ingress"] == 0
