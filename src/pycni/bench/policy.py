@@ -30,8 +30,9 @@
 Targets (reported, they do not change the exit status): a policy change enforced on all nodes
 within 1 s (median) at every N; throughput with the policies at least 0.95x without; one pod
 change in the kernel in under 50 ms (median, from the snapshot of the objects through the
-install step; the whole pass, which then cuts denied connections, is shown too). Everything made (labs, namespaces, monitors, servers,
-the temporary directory) is removed at the end, also on failure, Ctrl-C or SIGTERM.
+install step; the whole pass, which then cuts denied connections, is shown too). Everything
+made (labs, namespaces, monitors, servers, the temporary directory) is removed at the end,
+also on failure, Ctrl-C or SIGTERM.
 """
 
 from __future__ import annotations
