@@ -390,3 +390,47 @@ def test_sizes():
         "x/q": {"targets": 0, "ingress_rules": 0, "egress_rules": 0},
     }
     assert len(PolicyId("x", "p").key) == 10
+
+
+def test_replicas_sharing_labels_fill_sets_alike_in_numeric_order():
+    """Pods with equal labels are matched as one group (each selector once per distinct
+    namespace and labels): every replica lands in the sets, a same-labelled pod of another
+    namespace only where its namespace is selected, and elements keep numeric order."""
+    web = ContainerPort("web", "TCP", 8080)
+    replicas = [
+        Pod("x", f"r{ip}", {"app": "r"}, "n1", (f"10.0.1.{ip}",), (web,)) for ip in (100, 9, 10)
+    ]
+    twin = Pod("y", "r", {"app": "r"}, "n1", ("10.0.1.50",), (web,))
+    out = compile1(
+        [
+            pol(
+                "from-r",
+                {
+                    "podSelector": {"matchLabels": {"app": "r"}},
+                    "ingress": [
+                        {
+                            "from": [{"podSelector": {"matchLabels": {"app": "r"}}}],
+                            "ports": [{"port": "web"}],
+                        }
+                    ],
+                },
+            ),
+            pol("same-peer", {"podSelector": {}, "ingress": [{"from": [{"podSelector": {}}]}]}),
+        ],
+        the_pods=[*replicas, twin],
+    )
+    from_r, _ = out.policies
+    assert out.elements(from_r.targets.v4) == ("10.0.1.9", "10.0.1.10", "10.0.1.100")
+    (rule,) = from_r.ingress
+    (peer,) = rule.peers
+    assert out.elements(peer.sets.v4) == ("10.0.1.9", "10.0.1.10", "10.0.1.100")  # not y/r
+    (named,) = rule.named_ports
+    assert out.elements(named.sets.v4) == (
+        ("10.0.1.9", 8080),
+        ("10.0.1.10", 8080),
+        ("10.0.1.50", 8080),
+        ("10.0.1.100", 8080),
+    )
+    isolated = {p.namespace + "/" + p.name: p.ingress for p in out.pods}
+    assert all(len(isolated[f"x/r{ip}"]) == 2 for ip in (100, 9, 10))
+    assert isolated["y/r"] == ()

@@ -7,14 +7,25 @@
 - `pycnictl bench cri`: RunPodSandbox / StopPodSandbox through containerd's CRI;
 - `pycnictl bench podman`: `podman run --rm ... true` with pycni against the reference;
 - `pycnictl bench soak`: random ADD/DEL/CHECK/GC with the agent SIGKILLed now and then;
-- `pycnictl bench watch`: the agent's Kubernetes watches, requests per hour and lost events.
+- `pycnictl bench watch`: the agent's Kubernetes watches, requests per hour and lost events;
+- `pycnictl bench policy`: NetworkPolicy, write to enforcement, ruleset size, data path cost.
 """
 
 from __future__ import annotations
 
 import argparse
 
-from ..bench import convergence, cri, latency, podman, reconcile, soak, throughput, watch
+from ..bench import (
+    convergence,
+    cri,
+    latency,
+    podman,
+    reconcile,
+    soak,
+    throughput,
+    watch,
+)
+from ..bench import policy as policy_bench
 
 
 def register(sub) -> None:
@@ -22,10 +33,10 @@ def register(sub) -> None:
     # Optional: plain `pycnictl bench [options]` keeps running the latency benchmark.
     forms = bench.add_subparsers(
         dest="bench_form",
-        metavar="{throughput,convergence,reconcile,cri,podman,soak,watch}",
+        metavar="{throughput,convergence,reconcile,cri,podman,soak,watch,policy}",
         title="other benchmarks",
     )
-    for add in (_throughput, _convergence, _reconcile, _cri, _podman, _soak, _watch):
+    for add in (_throughput, _convergence, _reconcile, _cri, _podman, _soak, _watch, _policy):
         add(forms)
 
 
@@ -315,6 +326,93 @@ def _watch(forms) -> None:
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     _output_options(p)
     p.set_defaults(func=watch.run)
+
+
+def _policy(forms) -> None:
+    b = policy_bench
+    p = forms.add_parser(
+        "policy",
+        help="NetworkPolicy: time from a policy write to enforcement on every node of a lab, "
+        "the ruleset and one pod change's apply time with 1,000 pods and 100 policies, and "
+        "pod-to-pod throughput and connect latency with 100 policies against none",
+    )
+    p.add_argument(
+        "--part",
+        action="append",
+        choices=("enforce", "scale", "datapath"),
+        dest="parts",
+        help="measure only this part (repeatable; default all three)",
+    )
+    p.add_argument(
+        "--nodes", type=int, default=b.DEFAULT_NODES, help=f"lab nodes (default {b.DEFAULT_NODES})"
+    )
+    p.add_argument(
+        "--counts",
+        type=int,
+        nargs="+",
+        default=list(b.COUNTS),
+        metavar="N",
+        help="policies stored before each measured write (default 1 10 100)",
+    )
+    p.add_argument(
+        "--repeat",
+        type=int,
+        default=b.DEFAULT_REPEAT,
+        help=f"policy writes (and deletes) timed per count (default {b.DEFAULT_REPEAT})",
+    )
+    p.add_argument(
+        "--fake-pods",
+        type=int,
+        default=b.DEFAULT_FAKE_PODS,
+        help="Pod objects per lab node, with addresses but no network namespace "
+        f"(default {b.DEFAULT_FAKE_PODS})",
+    )
+    p.add_argument(
+        "--scale-pods",
+        type=int,
+        default=b.DEFAULT_SCALE_PODS,
+        help=f"pods of the one node in the scale part (default {b.DEFAULT_SCALE_PODS})",
+    )
+    p.add_argument(
+        "--scale-policies",
+        type=int,
+        default=b.DEFAULT_SCALE_POLICIES,
+        help=f"policies in the scale part (default {b.DEFAULT_SCALE_POLICIES})",
+    )
+    p.add_argument(
+        "--scale-repeat",
+        type=int,
+        default=b.DEFAULT_SCALE_REPEAT,
+        help=f"pod changes timed per size (default {b.DEFAULT_SCALE_REPEAT})",
+    )
+    p.add_argument(
+        "--datapath-policies",
+        type=int,
+        default=b.DEFAULT_DATAPATH_POLICIES,
+        help="policies selecting the servers in the data-path part "
+        f"(default {b.DEFAULT_DATAPATH_POLICIES})",
+    )
+    p.add_argument(
+        "--seconds",
+        type=int,
+        default=b.DEFAULT_SECONDS,
+        help=f"length of each iperf3 measurement (default {b.DEFAULT_SECONDS})",
+    )
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=b.DEFAULT_ROUNDS,
+        help=f"data-path rounds, each state measured once a round (default {b.DEFAULT_ROUNDS})",
+    )
+    p.add_argument(
+        "--connects",
+        type=int,
+        default=b.DEFAULT_CONNECTS,
+        help=f"TCP connects timed per path, state and round (default {b.DEFAULT_CONNECTS})",
+    )
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    _output_options(p)
+    p.set_defaults(func=policy_bench.run)
 
 
 def _output_options(p: argparse.ArgumentParser) -> None:

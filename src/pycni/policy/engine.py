@@ -38,12 +38,11 @@ import hashlib
 import ipaddress
 import json
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import cached_property
 
 from pycni.policy.objects import (
-    Address,
     Inventory,
     Namespace,
     Network,
@@ -317,19 +316,25 @@ class _Builder:
         # Pods policy can name: pod-network pods with addresses, on any node.
         self.selectable = [p for p in inv.pods if not p.host_network and p.ips]
         self.local = [p for p in self.selectable if p.node == node]
+        # Selectors see only a pod's namespace and labels, which many pods share (the replicas
+        # of a Deployment): each selector is matched once per distinct pair, not once per pod.
+        self.groups = _groups(self.selectable)
+        self.local_groups = _groups(self.local)
         self.address_sets: dict[str, AddressSet] = {}
         self.port_sets: dict[str, PortSet] = {}
         self._names: dict[str, str] = {}  # name stem -> the key it was made from
+        self._selecting: dict[_GroupKey, list[NetworkPolicy]] = {}
 
     def policy(self, pol: NetworkPolicy) -> CompiledPolicy:
         pid = PolicyId(pol.namespace, pol.name)
         targets = self._pod_sets(
             "t",
             ["targets", pol.namespace, pol.pod_selector.canonical()],
-            [
+            lambda: [
                 p
-                for p in self.local
-                if p.namespace == pol.namespace and pol.pod_selector.matches(p.labels)
+                for (namespace, labels), pods in self.local_groups.items()
+                if namespace == pol.namespace and pol.pod_selector.matches(dict(labels))
+                for p in pods
             ],
         )
         ingress = egress = None
@@ -366,18 +371,22 @@ class _Builder:
             _canon(pods_sel),
             _canon(ns_sel),
         ]
-        pods = [
-            p
-            for p in self.selectable
-            if peer_selects(
-                pods_sel,
-                ns_sel,
-                namespace,
-                p.namespace,
-                p.labels,
-                self.inv.namespace_labels(p.namespace),
-            )
-        ]
+
+        def pods() -> list[Pod]:
+            return [
+                p
+                for (pod_namespace, labels), group in self.groups.items()
+                if peer_selects(
+                    pods_sel,
+                    ns_sel,
+                    namespace,
+                    pod_namespace,
+                    dict(labels),
+                    self.inv.namespace_labels(pod_namespace),
+                )
+                for p in group
+            ]
+
         return SetPeer(self._pod_sets("p", key, pods))
 
     def named_port(self, scope: str, pp: PolicyPort) -> NamedPort:
@@ -388,26 +397,31 @@ class _Builder:
         names = SetRef(f"n4_{stem}", f"n6_{stem}")
         if names.v4 not in self.port_sets:
             for family in FAMILIES:
-                elements = {
-                    (str(a), cp.number)
+                # Sorted as parsed addresses (by number), then written out.
+                found = {
+                    (a, cp.number)
                     for p in pods
                     for cp in p.ports
                     if cp.name == pp.port and cp.protocol == pp.protocol
                     for a in p.addresses
                     if a.version == family
                 }
+                ordered = sorted(found, key=lambda e: (int(e[0]), e[1]))
                 name = names.name(family)
                 self.port_sets[name] = PortSet(
-                    name, family, pp.protocol, tuple(sorted(elements, key=_element_order))
+                    name, family, pp.protocol, tuple((str(a), n) for a, n in ordered)
                 )
         return NamedPort(pp.protocol, pp.port, names)
 
     def local_pod(self, pod: Pod, policies: list[NetworkPolicy]) -> LocalPod:
-        selecting = [
-            p
-            for p in policies
-            if p.namespace == pod.namespace and p.pod_selector.matches(pod.labels)
-        ]
+        group = _group_key(pod)
+        selecting = self._selecting.get(group)
+        if selecting is None:
+            selecting = self._selecting[group] = [
+                p
+                for p in policies
+                if p.namespace == pod.namespace and p.pod_selector.matches(pod.labels)
+            ]
         return LocalPod(
             pod.namespace,
             pod.name,
@@ -416,15 +430,18 @@ class _Builder:
             tuple(PolicyId(p.namespace, p.name) for p in selecting if p.affects_egress),
         )
 
-    def _pod_sets(self, prefix: str, key: list, pods: list[Pod]) -> SetRef:
+    def _pod_sets(self, prefix: str, key: list, pods: Callable[[], list[Pod]]) -> SetRef:
+        """The sets named after ``key``, filled with the addresses of ``pods()`` (called only
+        the first time: equal peers of many policies share one set)."""
         stem = self._stem(prefix, key)
         names = SetRef(f"{prefix}4_{stem}", f"{prefix}6_{stem}")
         if names.v4 not in self.address_sets:
+            chosen = pods()
             for family in FAMILIES:
-                ips = {str(a) for p in pods for a in p.addresses if a.version == family}
+                ips = {a for p in chosen for a in p.addresses if a.version == family}
                 name = names.name(family)
                 self.address_sets[name] = AddressSet(
-                    name, family, tuple(sorted(ips, key=ipaddress.ip_address))
+                    name, family, tuple(str(a) for a in sorted(ips, key=int))
                 )
         return names
 
@@ -437,6 +454,21 @@ class _Builder:
             if self._names.setdefault(f"{prefix}{stem}", text) == text:
                 return stem
             n += 2
+
+
+_GroupKey = tuple[str, frozenset[tuple[str, str]]]
+
+
+def _group_key(pod: Pod) -> _GroupKey:
+    return pod.namespace, frozenset(pod.labels.items())
+
+
+def _groups(pods: Iterable[Pod]) -> dict[_GroupKey, list[Pod]]:
+    """Pods by (namespace, labels), each group in the pods' order."""
+    out: dict[_GroupKey, list[Pod]] = {}
+    for pod in pods:
+        out.setdefault(_group_key(pod), []).append(pod)
+    return out
 
 
 def _canon(selector: LabelSelector | None) -> list | None:
@@ -461,10 +493,6 @@ def _merge(ranges: list[PortRange]) -> tuple[PortRange, ...]:
         else:
             out.append(r)
     return tuple(out)
-
-
-def _element_order(element: tuple[str, int]) -> tuple[Address, int]:
-    return ipaddress.ip_address(element[0]), element[1]
 
 
 def _digest(text: str, n: int) -> str:

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import re
+from collections.abc import Sequence
 
 from pycni.rules.model import (
     IPV6_LOOPBACK,
@@ -121,6 +123,46 @@ def render_nft(rules: RuleSet) -> str:
         lines.append("\t}")
     lines.append("}")
     return "\n".join(lines) + "\n"
+
+
+# A policy set statement as rules/policy.py writes it: name, declaration, elements (if any).
+_POLICY_SET = re.compile(
+    r"^\s*set (\S+) \{ (type [^;]+;(?: flags interval;)?)(?: elements = \{ (.*) \};)? \}$"
+)
+
+
+def render_policy_elements(old: Sequence[str], new: PolicyFragment) -> str | None:
+    """An nft script that turns a table holding the policy statements ``old`` into one holding
+    ``new``, when the two differ only in the elements of their sets (a pod started, stopped or
+    was relabelled): the elements that went deleted, those that came added and the digest rule
+    replaced, in one transaction, so no packet sees a half-updated set, and the policies'
+    counters live on.
+    None when anything else differs (a policy came, went or changed): replace the table."""
+    if len(old) != len(new.statements):
+        return None
+    lines = []
+    for before, after in zip(old, new.statements, strict=True):
+        if before == after:
+            continue
+        a, b = _POLICY_SET.match(before), _POLICY_SET.match(after)
+        if a is None or b is None or a.group(1, 2) != b.group(1, 2):
+            return None
+        was, now = _elements(a.group(3)), _elements(b.group(3))
+        was_set, now_set = set(was), set(now)
+        gone = [e for e in was if e not in now_set]
+        came = [e for e in now if e not in was_set]
+        if gone:
+            lines.append(f"delete element inet {TABLE} {b.group(1)} {{ {', '.join(gone)} }}")
+        if came:
+            lines.append(f"add element inet {TABLE} {b.group(1)} {{ {', '.join(came)} }}")
+    lines.append(f"flush chain inet {TABLE} {POLICY_DIGEST_CHAIN}")
+    lines.append(f'add rule inet {TABLE} {POLICY_DIGEST_CHAIN} return comment "{new.digest}"')
+    return "\n".join(lines) + "\n"
+
+
+def _elements(text: str | None) -> list[str]:
+    # Addresses, networks and "address . port": none holds a comma.
+    return text.split(", ") if text else []
 
 
 def _nft_dnat(hp: HostPort) -> str:

@@ -6,6 +6,7 @@ iptables.py only turn a RuleSet into text and text back into a RuleSet.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -142,6 +143,22 @@ def apply(rules: RuleSet, backend: str | None = None) -> str:
     for family in (4, 6):
         _ipt_apply(rules, family)
     return used
+
+
+def apply_policy_elements(installed: RuleSet, wanted: RuleSet) -> bool:
+    """Turn the table holding exactly ``installed`` into ``wanted`` by changing set elements
+    alone, when the two differ in nothing but their policy sets' elements; False (nothing
+    done) when they differ otherwise, or the backend is not nft: replace the table instead."""
+    if resolve_backend() != "nft" or not installed.policy or not wanted.policy:
+        return False
+    same_but_policy = dataclasses.replace(installed, policy=wanted.policy)
+    if same_but_policy != wanted:
+        return False
+    script = nft.render_policy_elements(installed.policy.statements, wanted.policy)
+    if script is None:
+        return False
+    _must(["nft", "-f", "-"], script)
+    return True
 
 
 def remove_all(backend: str | None = None) -> None:
