@@ -129,3 +129,17 @@ def test_local_pods_take_their_addresses_from_the_store():
     assert a["status"]["podIP"] == "10.244.0.2"
     assert b["spec"]["nodeName"] == "node1"  # the store knows better than a stale object
     assert pods[0]["status"] == {"podIP": "9.9.9.9"}  # the source's objects are not changed
+
+
+def test_ipv6_neighbour_discovery_passes_before_any_isolation():
+    """IPv6's ARP: pods of one node resolve each other with neighbour solicitations and
+    advertisements across the bridge, which conntrack leaves untracked. Were they judged like
+    connections, an isolated pod could not resolve a neighbour it may reach, nor answer one
+    that may reach it (found by tests/netns/test_netpol_truth.py: "no route to host" between
+    pods of one node over IPv6 once a policy isolated one of them)."""
+    rules = render(World([DENY_A, ALLOW_Y]).compiled["node1"])
+    body = chain_body(rules.statements, "policy_forward")
+    nd = "icmpv6 type { nd-neighbor-solicit, nd-neighbor-advert } accept"
+    assert nd in body
+    first_jump = next(i for i, line in enumerate(body) if " jump " in line)
+    assert body.index(nd) < first_jump

@@ -5,10 +5,12 @@ transaction). The layout keeps the ruleset's *shape* a function of the policies 
 starting, stopping or being relabelled changes set elements, never chains:
 
 * ``policy_forward``, a base chain on the forward hook just before pycni's ``forward``: replies
-  of allowed connections pass (``ct state established,related``); a new connection whose
-  source is an egress-isolated pod of this node jumps to ``policy_egress_v4/6``, one whose
-  destination is an ingress-isolated pod jumps to ``policy_ingress_v4/6``. A pod no policy
-  isolates costs one set lookup per new connection and direction, nothing else.
+  of allowed connections pass (``ct state established,related``), and so does IPv6 neighbour
+  discovery (ICMPv6 neighbour solicitations and advertisements: IPv6's ARP, which pods of one
+  node exchange across the bridge); a new connection whose source is an egress-isolated pod
+  of this node jumps to ``policy_egress_v4/6``, one whose destination is an ingress-isolated
+  pod jumps to ``policy_ingress_v4/6``. A pod no policy isolates costs one set lookup per new
+  connection and direction, nothing else.
 * ``policy_egress_vN`` / ``policy_ingress_vN``: one rule per (policy, rule, peer, port), each
   ANDing the policy's target set with the rule's peer and port match and ending in ``return``
   (allowed in this direction: go on to the other direction's check). Whatever no rule allows
@@ -43,6 +45,9 @@ BASE_CHAIN = "policy_forward"
 # Just before pycni's own forward chain (priority filter): a drop here is final for the packet.
 PRIORITY = "filter - 5"
 FAMILIES = (4, 6)
+# Neighbour solicitations and advertisements: never filtered (conntrack leaves them untracked,
+# so no "established" rule would let them through).
+ND_TYPES = ("nd-neighbor-solicit", "nd-neighbor-advert")
 
 
 def _ip(family: int) -> str:
@@ -123,6 +128,11 @@ def render(node: NodePolicy) -> PolicyRules:
         f"  chain {BASE_CHAIN} {{",
         f"    type filter hook forward priority {PRIORITY}; policy accept;",
         "    ct state established,related accept",
+        # IPv6 neighbour discovery between pods of this node (they share the bridge's
+        # subnet) is what ARP is to IPv4, which this table never sees: an isolated pod must
+        # still resolve its neighbours and answer theirs, or even what its policies allow,
+        # and the replies to it, fail with "no route to host".
+        f"    icmpv6 type {{ {', '.join(ND_TYPES)} }} accept",
         f"    ip saddr . ip daddr @{self_set(4)} accept",
         f"    ip6 saddr . ip6 daddr @{self_set(6)} accept",
     ]
