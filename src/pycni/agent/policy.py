@@ -19,6 +19,7 @@ runtime, so a new pod is isolated before its containers start.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import socket
 import threading
@@ -199,30 +200,38 @@ def ensure_bridge_netfilter() -> None:
             log.error("policy: %s is missing: same-node pod traffic is not filtered", path)
 
 
-def cut_denied_connections(compiled) -> int:
-    """Delete the conntrack entries of this node's connections that ``compiled`` denies."""
-    from pyroute2 import Conntrack
+def cut_denied_connections(compiled, conntrack=None) -> int:
+    """Delete the conntrack entries of this node's connections that ``compiled`` denies.
 
+    Each (protocol, source, destination, port) is judged once, however many entries share it
+    (a busy pod's connections differ by their source ports only). ``conntrack``: the table to
+    prune (tests give a fake); by default this namespace's, over ctnetlink."""
+    from ..dataplane.conntrack import Conntrack
     from ..policy import Interpreter
 
     judge = Interpreter([compiled])
-    local = {ip for pod in compiled.pods for ip in pod.ips if pod.ingress or pod.egress}
+    local = {
+        str(ipaddress.ip_address(ip))
+        for pod in compiled.pods
+        for ip in pod.ips
+        if pod.ingress or pod.egress
+    }
     if not local:
         return 0
+    verdicts: dict[tuple[str, str, str, int], bool] = {}
     cut = 0
-    with Conntrack() as ct:
-        for entry in list(ct.dump_entries()):  # both families
-            orig, reply = entry.tuple_orig, entry.tuple_reply
-            protocol = _PROTOCOLS.get(orig.proto)
+    with conntrack if conntrack is not None else Conntrack() as ct:
+        for entry in ct.entries():  # both families, as of one dump
+            protocol = _PROTOCOLS.get(entry.orig.proto)
             # After a DNAT (a Service) the real destination is the reply's source.
-            src, dst = orig.saddr, reply.saddr
+            src, dst = entry.orig.src, entry.reply.src
             if protocol is None or (src not in local and dst not in local):
                 continue
-            port = reply.sport or orig.dport or 0
-            if not judge.allowed(src, dst, protocol, port):
-                try:
-                    ct.delete(entry)
-                    cut += 1
-                except Exception:  # gone meanwhile
-                    pass
+            port = entry.reply.sport or entry.orig.dport or 0
+            key = (protocol, src, dst, port)
+            allowed = verdicts.get(key)
+            if allowed is None:
+                allowed = verdicts[key] = judge.allowed(src, dst, protocol, port)
+            if not allowed and ct.delete(entry):  # False: gone meanwhile
+                cut += 1
     return cut
