@@ -410,6 +410,8 @@ class NetpolLab:
     def __init__(self, prefix: str, state: str, backend: str = "vxlan", ipv6: bool = False):
         self.prefix, self.state = prefix, state
         self.backend, self.ipv6 = backend, ipv6
+        # Where the objects live: the lab's sqlite file, or its etcd (PYCNI_NETPOL_DATASTORE).
+        self.datastore = os.environ.get("PYCNI_NETPOL_DATASTORE", "sqlite")
         self.opts = ("--prefix", prefix, "--state-dir", state)
         self.helpers: dict[str, Helper] = {}
         self.stats = Stats()
@@ -422,6 +424,7 @@ class NetpolLab:
 
     def up(self, nodes: int = 2) -> None:
         args = ["lab", "up", "--nodes", str(nodes), "--pods", "0", "--backend", self.backend]
+        args += ["--datastore", self.datastore]
         got = pycnictl(*args, *(["--ipv6"] if self.ipv6 else []), *self.opts)
         assert got.returncode == 0, got.stdout + got.stderr
 
