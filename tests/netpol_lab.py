@@ -11,12 +11,13 @@ port) from its pod concurrently with non-blocking sockets and one short timeout.
 what a policy denies, so a denial is a timeout: a probe is "ok" (answered), "timeout", or the
 errno a socket reported (ECONNREFUSED: reached, but nothing listening).
 
-Enforcement timing: after a change, `wait_enforced` polls every node's kernel until the
-NetworkPolicy digest installed in its `table inet pycni` (the `policy_digest` chain the agent
-writes with the rules, in the same nft transaction) equals the digest of the rules the stored
-objects compile to for that node; only then are the rules in place on every node. It does not
-depend on when an agent happened to reconcile, and a change the agents never apply fails it
-within the bound.
+Enforcement timing: after a change, `wait_enforced` computes, for every node, the digest of
+the NetworkPolicy rules the stored objects compile to there, and polls until the node's kernel
+holds that digest in its `table inet pycni` (the `policy_digest` chain the agent writes with
+the rules, in the same nft transaction) and the node's agent reports it for its last finished
+pass (which it reports only after cutting the connections the rules deny). It does not depend
+on when an agent happened to reconcile, and a change the agents never apply fails it within
+the bound.
 
 The expected matrix comes from the reference evaluator (pycni.policy.evaluate.Evaluator) over
 the objects read back from the lab's datastore.
@@ -524,44 +525,45 @@ class NetpolLab:
             out[node.name] = digest
         return out
 
+    def agent_digests(self) -> dict[str, str]:
+        """Per node, the digest its agent reports for its last finished pass: the agent
+        reports a pass once it has installed the rules and cut the connections they deny."""
+        out = {}
+        for node in self.lab().nodes:
+            health = agent_health(node.agent_socket).get("health") or {}
+            out[node.name] = (health.get("policy") or {}).get("digest", "?")
+        return out
+
     def wait_enforced(self, bound: float = ENFORCE_BOUND) -> float:
-        """Until every node's kernel holds the rules the stored objects compile to; seconds
+        """Until every node's kernel holds the rules the stored objects compile to and its
+        agent has finished the pass that installed them (conntrack cut included); seconds
         waited. Fails after `bound` seconds, saying which node lags and what its agent says."""
         started = time.monotonic()
         want = self.wanted_digests()
         while True:
-            have = self.installed_digests()
-            if have == want:
+            kernel = self.installed_digests()
+            agents = self.agent_digests() if kernel == want else {}
+            if agents == want:
                 waited = time.monotonic() - started
                 self.stats.waits.append(waited)
                 return waited
             if time.monotonic() - started > bound:
-                lines = [f"the agents did not install the policies within {bound:.0f} s:"]
+                agents = self.agent_digests()
+                lines = [f"the agents did not enforce the objects within {bound:.0f} s:"]
                 for node in self.lab().nodes:
-                    if have[node.name] == want[node.name]:
+                    name = node.name
+                    if kernel[name] == agents[name] == want[name]:
                         continue
                     health = agent_health(node.agent_socket).get("health") or {}
                     lines.append(
-                        f"  {node.name}: installed {have[node.name] or '(none)'}, wanted "
-                        f"{want[node.name] or '(none)'}; agent: {health.get('policy')}"
+                        f"  {name}: wanted {want[name] or '(none)'}, kernel "
+                        f"{kernel[name] or '(none)'}, agent {agents[name] or '(none)'}: "
+                        f"{health.get('policy')}"
                     )
                     with open(node.agent_log, errors="replace") as f:
                         lines += ["    " + ln.rstrip() for ln in f.readlines()[-10:]]
                 raise AssertionError("\n".join(lines))
             time.sleep(0.02)
-
-    def wait_policies_applied(self, ids: set[str], bound: float = ENFORCE_BOUND) -> None:
-        """Until every node's agent reports a finished reconcile whose policies are exactly
-        `ids` ("namespace/name"): the agent reports a pass only after it installed the rules
-        and cut the conntrack entries they deny."""
-        deadline = time.monotonic() + bound
-        for node in self.lab().nodes:
-            while True:
-                health = agent_health(node.agent_socket).get("health") or {}
-                if set((health.get("policy") or {}).get("policies") or ()) == ids:
-                    break
-                assert time.monotonic() < deadline, (node.name, health.get("policy"))
-                time.sleep(0.02)
 
     # --- measuring --------------------------------------------------------------------------
 

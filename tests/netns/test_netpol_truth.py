@@ -577,7 +577,7 @@ def test_enough_cases():
 # (client, server, port), each opened over TCP and over UDP (a flow: one socket, one source
 # port) on every family, before any policy exists.
 CONNECTIONS = [
-    ("y/a", "x/a", 80),  # across nodes; "x/a from y" allows it throughout
+    ("y/a", "x/a", 80),  # across nodes; "x/a from y" allows it until y is relabelled
     ("x/c", "x/a", 81),  # one node; "x/a from y" denies it
     ("x/a", "z/b", 80),  # across nodes, x/a's own; x/a's egress deny-all denies it
     ("z/a", "y/b", 81),  # one node; no policy ever governs it
@@ -585,10 +585,11 @@ CONNECTIONS = [
 
 
 def test_connections(netpol_lab: NetpolLab):
-    """What a new policy denies stops at its reconcile: the agent deletes the conntrack
-    entries, and the next data on the connection, or the next datagram of the flow, gets no
-    answer. What it allows goes on (an unrelated policy cuts nothing), and replies of allowed
-    connections pass even when the server's own egress is denied."""
+    """What a change denies (a new policy, a namespace relabelled) stops at its reconcile: the
+    agent deletes the conntrack entries, and the next data on the connection, or the next
+    datagram of the flow, gets no answer. What it allows goes on (an unrelated policy cuts
+    nothing), and replies of allowed connections pass even when the server's own egress is
+    denied."""
     lab = netpol_lab
     pods = lab.get_pods()
     lab.sync_helpers(pods)
@@ -616,19 +617,12 @@ def test_connections(netpol_lab: NetpolLab):
             f"{cid} {got[cid]} (wanted {want[cid]})" for cid in conns if got[cid] != want[cid]
         )
 
-    def apply(*policies: dict) -> None:
-        lab.apply(policies)
-        lab.wait_policies_applied(
-            {
-                f"{p['metadata']['namespace']}/{p['metadata']['name']}"
-                for p in applied + list(policies)
-            }
-        )
-        applied.extend(policies)
+    def apply(*objects: dict) -> None:
+        lab.apply(objects)
+        lab.wait_enforced()  # rules installed and denied connections cut, on every node
 
-    applied: list[dict] = []
     try:
-        lab.wait_policies_applied(set())
+        lab.wait_enforced()
         for cid, (client, server, proto, port, family) in conns.items():
             request = {"op": "open", "id": cid, "proto": proto, "port": port, "timeout": 2.0}
             request["ip"] = next(ip for ip in pods[server]["ips"] if (":" in ip) == (family == 6))
@@ -656,6 +650,11 @@ def test_connections(netpol_lab: NetpolLab):
                 request |= {"timeout": 2.0, "ip": address(pods["x/a"], family)}
                 opened = lab.helpers["y/a"].call(request)
                 assert opened.get("result") == "ok", (request, opened)
+
+        # Not only a new policy: a namespace relabelled out of "from y" cuts y/a's too.
+        apply(namespace("y", {"ns": "elsewhere"}))
+        alive = {cid: alive[cid] and not cid.startswith("y/a>") for cid in conns}
+        exchange(alive, "namespace y relabelled out of x/a's namespaceSelector")
     finally:
         for helper in lab.helpers.values():
             helper.close()

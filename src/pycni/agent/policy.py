@@ -99,6 +99,7 @@ class PolicyController:
         from ..ipam.store import Store
         from ..policy import compile_inventory, load
         from ..rules import policy as policy_rules
+        from ..rules.model import PolicyFragment
         from ..rules.sync import resolve_backend
 
         started = time.monotonic()
@@ -137,6 +138,12 @@ class PolicyController:
                     log.warning("policy: left out: %s", problem)
             self.last = {
                 "policies": [str(p.id) for p in compiled.policies],
+                # What this pass installed (the kernel's policy_digest chain says the same)
+                # and cut: reported only once both are done, so a client that sees the
+                # digest of the objects it wrote knows their rules are enforced and the
+                # connections they deny are gone.
+                "digest": PolicyFragment(rendered.statements).digest,
+                "cut": cut,
                 "sizes": compiled.sizes(),
                 "problems": problems,
                 "counters": [list(c) for c in rendered.counters],
