@@ -70,6 +70,37 @@ def test_an_entry_is_read_as_the_kernel_sends_it():
         assert entry.id == attr(ct.CTA_ID, struct.pack("!I", 7)) and entry.zone == b""
 
 
+def test_other_layouts_are_read_the_general_way():
+    """The one-unpack path reads only the usual layout (with NLA_F_NESTED or, as older
+    kernels send it, without); a tuple zone or ICMP's ids instead of ports are read attribute
+    by attribute, to the same result."""
+    orig, reply = TCP4
+    family = socket.AF_INET
+    zoned = tuple_attrs(family, orig) + attr(3, struct.pack("!H", 5))  # CTA_TUPLE_ZONE
+    flat = tuple_attrs(family, orig).replace(b"\x01\x80", b"\x01\x00", 1)
+    flat = flat.replace(b"\x02\x80", b"\x02\x00", 1)
+    icmp = attr(
+        ct.CTA_TUPLE_IP,
+        attr(ct.CTA_IP_V4_SRC, socket.inet_aton("10.0.1.2"))
+        + attr(ct.CTA_IP_V4_DST, socket.inet_aton("10.0.0.1")),
+        True,
+    ) + attr(
+        ct.CTA_TUPLE_PROTO,
+        attr(ct.CTA_PROTO_NUM, bytes([1])) + attr(4, struct.pack("!H", 9)) + attr(5, b"\x08"),
+        True,
+    )
+    for payload, want in (
+        (zoned, orig),
+        (flat, orig),
+        (icmp, Tuple("10.0.1.2", "10.0.0.1", 1)),
+    ):
+        body = struct.pack("=BBH", family, 0, 0) + attr(ct.CTA_TUPLE_ORIG, payload, True)
+        body += attr(ct.CTA_TUPLE_REPLY, tuple_attrs(family, reply), True)
+        entry = parse_entry(body, 0, len(body))
+        assert entry is not None and entry.orig == want and entry.reply == reply
+        assert entry.key == payload
+
+
 def test_other_families_are_left_out():
     data = bytearray(message(socket.AF_INET, *TCP4))
     data[16] = 7  # AF_BRIDGE

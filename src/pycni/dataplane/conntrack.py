@@ -4,7 +4,8 @@ Only what NetworkPolicy needs (agent/policy.py cuts the connections a new policy
 every entry's original and reply tuples (addresses, protocol, ports), and deleting one entry.
 Parsed here with ``struct`` because pyroute2's generic decoding costs about 0.3 ms an entry,
 which on a busy node (tens of thousands of entries) held every policy change, and every ADD
-waiting for its pod's rules, for seconds; this costs a few microseconds an entry.
+waiting for its pod's rules, for seconds; this costs about 15 microseconds an entry (a TCP,
+UDP or SCTP tuple is read in one unpack when laid out as the kernel always lays it out).
 
 An entry is deleted by the original tuple exactly as the kernel sent it, with its zone and its
 id: the kernel removes nothing but that entry (a new connection that took the same tuple
@@ -80,7 +81,50 @@ def _attrs(data: bytes | memoryview, start: int, end: int) -> Iterator[tuple[int
         start += (length + 3) & ~3
 
 
+# How the kernel lays out a TCP, UDP or SCTP tuple (ctnetlink_dump_tuples): CTA_TUPLE_IP with
+# the source and destination addresses, CTA_TUPLE_PROTO with the protocol number and the
+# source and destination ports. Read in one unpack when the headers are exactly these; any
+# other layout (ICMP's ids, a tuple zone) goes the general way.
+_FAST: dict[int, tuple[struct.Struct, tuple[int, ...]]] = {
+    int(family): (
+        struct.Struct(f"=HHHH{n}sHH{n}sHHHHB3xHHH2xHHH2x"),
+        (
+            8 + 2 * (4 + n),
+            CTA_TUPLE_IP,
+            4 + n,
+            src,
+            4 + n,
+            dst,
+            28,
+            CTA_TUPLE_PROTO,
+            5,
+            1,
+            6,
+            2,
+            6,
+            3,
+        ),
+    )
+    for family, n, src, dst in (
+        (socket.AF_INET, 4, CTA_IP_V4_SRC, CTA_IP_V4_DST),
+        (socket.AF_INET6, 16, CTA_IP_V6_SRC, CTA_IP_V6_DST),
+    )
+}
+
+
 def _tuple(data: bytes, start: int, end: int, family: int) -> Tuple | None:
+    fast, headers = _FAST[family]
+    if end - start == fast.size:
+        f = fast.unpack_from(data, start)
+        got = (f[0], f[1] & NLA_TYPE_MASK, f[2], f[3], f[5], f[6], f[8], f[9] & NLA_TYPE_MASK)
+        if got + (f[10], f[11], f[13], f[14], f[16], f[17]) == headers:
+            return Tuple(
+                socket.inet_ntop(family, f[4]),
+                socket.inet_ntop(family, f[7]),
+                f[12],
+                socket.ntohs(f[15]),
+                socket.ntohs(f[18]),
+            )
     src = dst = ""
     proto = sport = dport = 0
     for kind, a, b in _attrs(data, start, end):
@@ -111,18 +155,25 @@ def parse_entry(data: bytes, start: int, end: int) -> Entry | None:
         return None
     orig = reply = None
     key = zone = ident = b""
-    for kind, a, b in _attrs(data, start + _NFGEN.size, end):
+    at = start + _NFGEN.size
+    while at + 4 <= end:  # the top-level attributes, inline: this loop runs for every entry
+        length, kind = _NLA.unpack_from(data, at)
+        if length < 4 or at + length > end:
+            break
+        kind &= NLA_TYPE_MASK
         if kind == CTA_TUPLE_ORIG:
-            orig, key = _tuple(data, a, b, family), bytes(data[a:b])
+            key = data[at + 4 : at + length]
+            orig = _tuple(data, at + 4, at + length, family)
         elif kind == CTA_TUPLE_REPLY:
-            reply = _tuple(data, a, b, family)
+            reply = _tuple(data, at + 4, at + length, family)
         elif kind == CTA_ZONE:
-            zone = bytes(data[a - 4 : b])
+            zone = data[at : at + length]
         elif kind == CTA_ID:
-            ident = bytes(data[a - 4 : b])
+            ident = data[at : at + length]
+        at += (length + 3) & ~3
     if orig is None or reply is None:
         return None
-    return Entry(family, orig, reply, key, zone, ident)
+    return Entry(family, orig, reply, bytes(key), bytes(zone), bytes(ident))
 
 
 def _attr(kind: int, payload: bytes) -> bytes:
