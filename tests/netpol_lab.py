@@ -94,6 +94,9 @@ def listening():
     return out
 
 
+accepted = {}  # (peer address, peer port) -> the server's end of a TCP connection
+
+
 def serve(sockets):
     sel = selectors.DefaultSelector()
     for s, role in sockets:
@@ -103,9 +106,10 @@ def serve(sockets):
             s, role = key.fileobj, key.data
             try:
                 if role == "listen":
-                    c, _ = s.accept()
+                    c, peer = s.accept()
                     c.setblocking(False)
                     sel.register(c, selectors.EVENT_READ, "conn")
+                    accepted[(peer[0].removeprefix("::ffff:"), peer[1])] = c
                 elif role == "udp":
                     data, addr = s.recvfrom(4096)
                     s.sendto(data, addr)
@@ -254,6 +258,21 @@ def handle(req):
         for t in threads:
             t.join()
         return {"results": results}
+    if op == "recv":  # wait for data on a connection without sending any
+        s, proto = conns[req["id"]]
+        s.settimeout(req["timeout"])
+        try:
+            return {"result": "ok" if s.recv(4096) else "closed"}
+        except TimeoutError:
+            return {"result": "timeout"}
+        except OSError as exc:
+            return {"result": name(exc.errno)}
+    if op == "push":  # the server speaks first, on the connection from peer (address, port)
+        try:
+            accepted[tuple(req["peer"])].send(b"push\n")
+            return {"result": "pushed"}
+        except OSError as exc:
+            return {"result": name(exc.errno)}
     if op == "close":
         s, _ = conns.pop(req["id"])
         s.close()

@@ -580,6 +580,7 @@ CONNECTIONS = [
     ("y/a", "x/a", 80),  # across nodes; "x/a from y" allows it until y is relabelled
     ("x/c", "x/a", 81),  # one node; "x/a from y" denies it
     ("x/a", "z/b", 80),  # across nodes, x/a's own; x/a's egress deny-all denies it
+    ("x/a", "y/a", 81),  # the same, to a pod that may still connect to x/a ("from y")
     ("z/a", "y/b", 81),  # one node; no policy ever governs it
 ]
 
@@ -621,6 +622,7 @@ def test_connections(netpol_lab: NetpolLab):
         lab.apply(objects)
         lab.wait_enforced()  # rules installed and denied connections cut, on every node
 
+    local: dict[str, list] = {}  # each connection's client address and port
     try:
         lab.wait_enforced()
         for cid, (client, server, proto, port, family) in conns.items():
@@ -628,6 +630,7 @@ def test_connections(netpol_lab: NetpolLab):
             request["ip"] = next(ip for ip in pods[server]["ips"] if (":" in ip) == (family == 6))
             opened = lab.helpers[client].call(request)
             assert opened.get("result") == "ok", (cid, opened)
+            local[cid] = opened["local"]
         alive = dict.fromkeys(conns, True)
         exchange(alive, "no policy")
 
@@ -642,6 +645,16 @@ def test_connections(netpol_lab: NetpolLab):
         apply(egress_of_xa([], "no-egress"))
         alive = {cid: alive[cid] and not cid.startswith("x/a>") for cid in conns}
         exchange(alive, "x/a's egress denied")
+        # The server speaks first on x/a's cut TCP connections: conntrack would take y/a's
+        # segment up as a new connection from y/a to x/a, which x/a's ingress allows, and the
+        # cut connection would live again. Nothing gets through.
+        for cid, (client, server, proto, _, _) in conns.items():
+            if client == "x/a" and proto == "tcp":
+                pushed = lab.helpers[server].call({"op": "push", "peer": local[cid]})
+                assert pushed["result"] == "pushed", (cid, pushed)
+                heard = lab.helpers[client].call({"op": "recv", "id": cid, "timeout": 1.0})
+                assert heard["result"] == "timeout", (cid, "the server's push got through")
+        exchange(alive, "x/a's egress denied, after the servers spoke first")
         # Replies to allowed connections pass: y/a opens new ones to x/a, whose egress is
         # denied, and they work.
         for family in lab.families:

@@ -9,8 +9,11 @@ starting, stopping or being relabelled changes set elements, never chains:
   discovery (ICMPv6 neighbour solicitations and advertisements: IPv6's ARP, which pods of one
   node exchange across the bridge); a new connection whose source is an egress-isolated pod
   of this node jumps to ``policy_egress_v4/6``, one whose destination is an ingress-isolated
-  pod jumps to ``policy_ingress_v4/6``. A pod no policy isolates costs one set lookup per new
-  connection and direction, nothing else.
+  pod jumps to ``policy_ingress_v4/6``. A TCP packet to or from an isolated pod that belongs
+  to no known connection and is not a SYN is dropped: conntrack would otherwise take it up
+  mid-stream as a new connection in its own direction, and a connection the agent cut would
+  come back with its peer's next segment. A pod no policy isolates costs one set lookup per
+  new connection and direction, nothing else.
 * ``policy_egress_vN`` / ``policy_ingress_vN``: one rule per (policy, rule, peer, port), each
   ANDing the policy's target set with the rule's peer and port match and ending in ``return``
   (allowed in this direction: go on to the other direction's check). Whatever no rule allows
@@ -115,6 +118,9 @@ def render(node: NodePolicy) -> PolicyRules:
     for (direction, family), ips in sorted(isolated.items()):
         out += _set(isolated_set(direction, family), _addr_type(family), ips, interval=False)
     for family in FAMILIES:
+        either = sorted(set(isolated["ingress", family]) | set(isolated["egress", family]))
+        out += _set(isolated_set("any", family), _addr_type(family), either, interval=False)
+    for family in FAMILIES:
         # A pod reaching itself (through a Service DNATed back to it) is never filtered.
         pairs = [f"{ip} . {ip}" for pod in node.pods for ip in pod.ips if _fam(ip) == family]
         t = _addr_type(family)
@@ -136,6 +142,17 @@ def render(node: NodePolicy) -> PolicyRules:
         f"    ip saddr . ip daddr @{self_set(4)} accept",
         f"    ip6 saddr . ip6 daddr @{self_set(6)} accept",
     ]
+    # From here on no packet belongs to a connection conntrack knows. A TCP one that is not
+    # a connection's first SYN would be picked up mid-stream as a new connection in whatever
+    # direction it flows: a connection the agent cut because a policy denies it would come
+    # back with its peer's next segment, judged as the peer's connection to the pod. To and
+    # from isolated pods, only a SYN starts a TCP connection.
+    for family in FAMILIES:
+        for addr in ("saddr", "daddr"):
+            out.append(
+                f"    tcp flags & (fin | syn | rst | ack) != syn {_ip(family)} {addr} "
+                f"@{isolated_set('any', family)} counter drop"
+            )
     for direction, addr in (("egress", "saddr"), ("ingress", "daddr")):
         for family in FAMILIES:
             ip = _ip(family)
