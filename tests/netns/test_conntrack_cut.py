@@ -27,7 +27,7 @@ ENTRIES = [
 _SCENARIO = r"""
 import json
 from pycni.agent.policy import cut_denied_connections
-from pycni.dataplane import conntrack
+from pycni.dataplane.conntrack import Conntrack
 from pycni.policy import compile_node
 
 namespaces = [{"kind": "Namespace", "metadata": {"name": "x"}}]
@@ -45,10 +45,12 @@ policy = {
                      "ports": [{"port": 80}]}],
     },
 }
-before = [[f.orig.src, f.orig.dst, f.orig.protocol, f.orig.sport, f.orig.dport, f.reply.src,
-           f.reply.sport] for f in conntrack.flows()]
+with Conntrack() as ct:
+    before = [[f.orig.src, f.orig.dst, f.orig.proto, f.orig.sport, f.orig.dport, f.reply.src,
+               f.reply.sport] for f in ct.entries()]
 cut = cut_denied_connections(compile_node("n1", namespaces, pods, [policy]))
-after = [[f.orig.src, f.orig.dport] for f in conntrack.flows()]
+with Conntrack() as ct:
+    after = [[f.orig.src, f.orig.dport] for f in ct.entries()]
 print(json.dumps({"before": before, "cut": cut, "after": after}))
 """
 

@@ -149,3 +149,40 @@ def test_doctor_reports_policy_rules_that_differ_and_bridge_netfilter_off():
     assert finding.kind == m.BRIDGE_NETFILTER_OFF and finding.actual == "0"
     # no policy: nothing depends on br_netfilter
     assert check_bridge_netfilter(m.RulesView("nft", RuleSet(), RuleSet(), off)) == []
+
+
+def test_ipv6_neighbour_discovery_passes_before_any_isolation():
+    """IPv6's ARP: pods of one node resolve each other with neighbour solicitations and
+    advertisements across the bridge, which conntrack leaves untracked. Were they judged like
+    connections, an isolated pod could not resolve a neighbour it may reach, nor answer one
+    that may reach it (found by tests/netns/test_netpol_truth.py: "no route to host" between
+    pods of one node over IPv6 once a policy isolated one of them)."""
+    rules = render(World([DENY_A, ALLOW_Y]).compiled["node1"])
+    body = chain_body(rules.statements, "policy_forward")
+    nd = "icmpv6 type { nd-neighbor-solicit, nd-neighbor-advert } accept"
+    assert nd in body
+    first_jump = next(i for i, line in enumerate(body) if " jump " in line)
+    assert body.index(nd) < first_jump
+
+
+def test_only_a_syn_starts_a_tcp_connection_to_or_from_an_isolated_pod():
+    """Past the established/related accept, a TCP packet that is not a SYN belongs to no
+    connection conntrack knows: taken up mid-stream, it would start a 'connection' in its own
+    direction, and one the agent cut because a policy denies it would come back with the
+    peer's next segment (found by tests/netns/test_netpol_truth.py's connections test: x/a's
+    egress denied, z/b's push revived x/a's cut connection to it)."""
+    rules = render(World([DENY_A, ALLOW_Y]).compiled["node1"])
+    body = chain_body(rules.statements, "policy_forward")
+    first_jump = next(i for i, line in enumerate(body) if " jump " in line)
+    for family, ip in ((4, "ip"), (6, "ip6")):
+        for addr in ("saddr", "daddr"):
+            rule = (
+                f"tcp flags & (fin | syn | rst | ack) != syn {ip} {addr} "
+                f"@policy_any_isolated_v{family} counter drop"
+            )
+            assert body.index("ct state established,related accept") < body.index(rule)
+            assert body.index(rule) < first_jump
+    # Either direction's isolated pods of the node: x/a (10.0.0.1) is isolated by both.
+    sets = {s.split()[1]: s for s in rules.statements if s.strip().startswith("set ")}
+    assert "10.0.0.1" in sets["policy_any_isolated_v4"]
+    assert "fd00::1" in sets["policy_any_isolated_v6"]

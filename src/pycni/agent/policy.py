@@ -21,6 +21,7 @@ runtime, so a new pod is isolated before its containers start.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import socket
 import threading
@@ -106,6 +107,7 @@ class PolicyController:
         from ..policy import compile_inventory, load
         from ..policy.objects import parse_pod, parse_policy
         from ..rules import policy as policy_rules
+        from ..rules.model import PolicyFragment
         from ..rules.sync import resolve_backend
 
         started = time.monotonic()
@@ -163,6 +165,12 @@ class PolicyController:
                     log.warning("policy: left out: %s", problem)
             self.last = {
                 "policies": [str(p.id) for p in compiled.policies],
+                # What this pass installed (the kernel's policy_digest chain says the same)
+                # and cut: reported only once both are done, so a client that sees the
+                # digest of the objects it wrote knows their rules are enforced and the
+                # connections they deny are gone.
+                "digest": PolicyFragment(rendered.statements).digest,
+                "cut": cut,
                 "sizes": compiled.sizes(),
                 "problems": problems,
                 "counters": [list(c) for c in rendered.counters],
@@ -277,26 +285,38 @@ def ensure_bridge_netfilter() -> None:
             log.error("policy: %s is missing: same-node pod traffic is not filtered", path)
 
 
-def cut_denied_connections(compiled) -> int:
-    """Delete the conntrack entries of this node's connections that ``compiled`` denies."""
-    from ..dataplane import conntrack
+def cut_denied_connections(compiled, conntrack=None) -> int:
+    """Delete the conntrack entries of this node's connections that ``compiled`` denies.
+
+    Each (protocol, source, destination, port) is judged once, however many entries share it
+    (a busy pod's connections differ by their source ports only). ``conntrack``: the table to
+    prune (tests give a fake); by default this namespace's, over ctnetlink."""
+    from ..dataplane.conntrack import Conntrack
     from ..policy import Interpreter
 
-    local = {ip for pod in compiled.pods for ip in pod.ips if pod.ingress or pod.egress}
+    judge = Interpreter([compiled])
+    local = {
+        str(ipaddress.ip_address(ip))
+        for pod in compiled.pods
+        for ip in pod.ips
+        if pod.ingress or pod.egress
+    }
     if not local:
         return 0
-    judge = None  # built only when some connection involves an isolated pod of this node
+    verdicts: dict[tuple[str, str, str, int], bool] = {}
     cut = 0
-    for flow in conntrack.flows():  # both families
-        orig, reply = flow.orig, flow.reply
-        protocol = _PROTOCOLS.get(orig.protocol)
-        # After a DNAT (a Service) the real destination is the reply's source.
-        src, dst = orig.src, reply.src
-        if protocol is None or (src not in local and dst not in local):
-            continue
-        if judge is None:
-            judge = Interpreter([compiled])
-        port = reply.sport or orig.dport or 0
-        if not judge.allowed(src, dst, protocol, port) and conntrack.delete(flow):
-            cut += 1  # (gone meanwhile: nothing to cut)
+    with conntrack if conntrack is not None else Conntrack() as ct:
+        for entry in ct.entries():  # both families, as of one dump
+            protocol = _PROTOCOLS.get(entry.orig.proto)
+            # After a DNAT (a Service) the real destination is the reply's source.
+            src, dst = entry.orig.src, entry.reply.src
+            if protocol is None or (src not in local and dst not in local):
+                continue
+            port = entry.reply.sport or entry.orig.dport or 0
+            key = (protocol, src, dst, port)
+            allowed = verdicts.get(key)
+            if allowed is None:
+                allowed = verdicts[key] = judge.allowed(src, dst, protocol, port)
+            if not allowed and ct.delete(entry):  # False: gone meanwhile
+                cut += 1
     return cut

@@ -5,10 +5,15 @@ transaction). The layout keeps the ruleset's *shape* a function of the policies 
 starting, stopping or being relabelled changes set elements, never chains:
 
 * ``policy_forward``, a base chain on the forward hook just before pycni's ``forward``: replies
-  of allowed connections pass (``ct state established,related``); a new connection whose
-  source is an egress-isolated pod of this node jumps to ``policy_egress_v4/6``, one whose
-  destination is an ingress-isolated pod jumps to ``policy_ingress_v4/6``. A pod no policy
-  isolates costs one set lookup per new connection and direction, nothing else.
+  of allowed connections pass (``ct state established,related``), and so does IPv6 neighbour
+  discovery (ICMPv6 neighbour solicitations and advertisements: IPv6's ARP, which pods of one
+  node exchange across the bridge); a new connection whose source is an egress-isolated pod
+  of this node jumps to ``policy_egress_v4/6``, one whose destination is an ingress-isolated
+  pod jumps to ``policy_ingress_v4/6``. A TCP packet to or from an isolated pod that belongs
+  to no known connection and is not a SYN is dropped: conntrack would otherwise take it up
+  mid-stream as a new connection in its own direction, and a connection the agent cut would
+  come back with its peer's next segment. A pod no policy isolates costs one set lookup per
+  new connection and direction, nothing else.
 * ``policy_egress_vN`` / ``policy_ingress_vN``: one rule per (policy, rule, peer, port), each
   ANDing the policy's target set with the rule's peer and port match and ending in ``return``
   (allowed in this direction: go on to the other direction's check). Whatever no rule allows
@@ -43,6 +48,9 @@ BASE_CHAIN = "policy_forward"
 # Just before pycni's own forward chain (priority filter): a drop here is final for the packet.
 PRIORITY = "filter - 5"
 FAMILIES = (4, 6)
+# Neighbour solicitations and advertisements: never filtered (conntrack leaves them untracked,
+# so no "established" rule would let them through).
+ND_TYPES = ("nd-neighbor-solicit", "nd-neighbor-advert")
 
 
 def _ip(family: int) -> str:
@@ -110,6 +118,9 @@ def render(node: NodePolicy) -> PolicyRules:
     for (direction, family), ips in sorted(isolated.items()):
         out += _set(isolated_set(direction, family), _addr_type(family), ips, interval=False)
     for family in FAMILIES:
+        either = sorted(set(isolated["ingress", family]) | set(isolated["egress", family]))
+        out += _set(isolated_set("any", family), _addr_type(family), either, interval=False)
+    for family in FAMILIES:
         # A pod reaching itself (through a Service DNATed back to it) is never filtered.
         pairs = [f"{ip} . {ip}" for pod in node.pods for ip in pod.ips if _fam(ip) == family]
         t = _addr_type(family)
@@ -123,9 +134,25 @@ def render(node: NodePolicy) -> PolicyRules:
         f"  chain {BASE_CHAIN} {{",
         f"    type filter hook forward priority {PRIORITY}; policy accept;",
         "    ct state established,related accept",
+        # IPv6 neighbour discovery between pods of this node (they share the bridge's
+        # subnet) is what ARP is to IPv4, which this table never sees: an isolated pod must
+        # still resolve its neighbours and answer theirs, or even what its policies allow,
+        # and the replies to it, fail with "no route to host".
+        f"    icmpv6 type {{ {', '.join(ND_TYPES)} }} accept",
         f"    ip saddr . ip daddr @{self_set(4)} accept",
         f"    ip6 saddr . ip6 daddr @{self_set(6)} accept",
     ]
+    # From here on no packet belongs to a connection conntrack knows. A TCP one that is not
+    # a connection's first SYN would be picked up mid-stream as a new connection in whatever
+    # direction it flows: a connection the agent cut because a policy denies it would come
+    # back with its peer's next segment, judged as the peer's connection to the pod. To and
+    # from isolated pods, only a SYN starts a TCP connection.
+    for family in FAMILIES:
+        for addr in ("saddr", "daddr"):
+            out.append(
+                f"    tcp flags & (fin | syn | rst | ack) != syn {_ip(family)} {addr} "
+                f"@{isolated_set('any', family)} counter drop"
+            )
     for direction, addr in (("egress", "saddr"), ("ingress", "daddr")):
         for family in FAMILIES:
             ip = _ip(family)
