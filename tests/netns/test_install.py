@@ -447,8 +447,6 @@ def test_uninstall_removes_everything_pycni_made_and_nothing_else(netns, dirs):
             }
         pods.append(node.pod())
         node.add(pods[-1], CID3, runtime_conf(conflist, dirs.root, **extras))
-        # A route pycni's protocol marks as its own, as if left by an older agent.
-        sh("ip", "-n", ns, "route", "add", "198.51.100.0/24", "via", "192.0.2.254", "proto", "120")
 
         refused = pycnictl("uninstall", *dirs.paths, "--run-dir", dirs.run, ns=ns)
         assert refused.returncode == 1 and "agent answers" in refused.stderr
@@ -459,6 +457,10 @@ def test_uninstall_removes_everything_pycni_made_and_nothing_else(netns, dirs):
         if agent.poll() is None:
             agent.kill()
             agent.wait()
+    # A route pycni's protocol marks as its own, as if left by an older agent. Added once the
+    # agent is gone: a running agent's resync would rightly remove it first (a race the full
+    # suite's load lost once).
+    sh("ip", "-n", ns, "route", "add", "198.51.100.0/24", "via", "192.0.2.254", "proto", "120")
 
     before = links(ns)
     assert {"cni0", "pycni.1"} <= before
