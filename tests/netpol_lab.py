@@ -367,12 +367,17 @@ class Helper:
         return self.receive(timeout)
 
     def close(self) -> None:
+        """Kill it; never raises (a dead helper's stdin may hold a request it never read,
+        and closing it would fail on the broken pipe)."""
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait(timeout=10)
         for f in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
-            if f is not None:
-                f.close()
+            try:
+                if f is not None:
+                    f.close()
+            except OSError:
+                pass
 
 
 # A probe: (source pod, destination pod, protocol, port, family).
@@ -450,10 +455,12 @@ class NetpolLab:
 
     def down(self) -> list[str]:
         """Helpers killed, the lab taken down; what was left behind (and is now removed)."""
-        for helper in self.helpers.values():
-            helper.close()
-        self.helpers.clear()
-        got = pycnictl("lab", "down", *self.opts)
+        try:
+            for helper in self.helpers.values():
+                helper.close()
+        finally:  # the lab goes down whatever happened to the helpers
+            self.helpers.clear()
+            got = pycnictl("lab", "down", *self.opts)
         left = [] if got.returncode == 0 else [f"lab down: {got.stdout}{got.stderr}"]
         for ns in self.namespaces():  # only if down itself is broken
             left.append(ns)
