@@ -186,3 +186,20 @@ def test_only_a_syn_starts_a_tcp_connection_to_or_from_an_isolated_pod():
     sets = {s.split()[1]: s for s in rules.statements if s.strip().startswith("set ")}
     assert "10.0.0.1" in sets["policy_any_isolated_v4"]
     assert "fd00::1" in sets["policy_any_isolated_v6"]
+
+
+def test_turning_networkpolicy_off_forgets_the_recorded_rules(tmp_path, monkeypatch):
+    from pycni.agent import policy as agent_policy
+    from pycni.core import masquerade
+    from pycni.ipam.store import Store
+
+    assert not agent_policy.forget(str(tmp_path))  # no store: nothing made
+    assert not (tmp_path / "pycni.db").exists()
+    synced = []
+    monkeypatch.setattr(masquerade, "sync", lambda store: synced.append(store))
+    with Store(str(tmp_path)) as store:
+        masquerade.record_policy(store, {"statements": ["  chain policy_forward { }"]})
+    assert agent_policy.forget(str(tmp_path)) and len(synced) == 1
+    with Store(str(tmp_path)) as store:
+        assert masquerade.recorded_policy(store) is None
+    assert not agent_policy.forget(str(tmp_path))  # once is enough

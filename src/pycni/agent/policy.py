@@ -243,6 +243,25 @@ class _Stopwatch:
         self._last = now
 
 
+def forget(data_dir: str) -> bool:
+    """An agent that no longer enforces NetworkPolicy (--no-network-policy) takes out the rules
+    an earlier run recorded, or every ADD would go on installing them. True if there were any."""
+    import os
+
+    from ..core import masquerade
+    from ..ipam.store import Store
+
+    if not os.path.exists(os.path.join(data_dir, "pycni.db")):
+        return False  # never create a store for this
+    with Store(data_dir) as store:
+        if masquerade.recorded_policy(store) is None:
+            return False
+        masquerade.record_policy(store, None)
+        masquerade.sync(store)
+    log.info("policy: NetworkPolicy is off (--no-network-policy): its rules are removed")
+    return True
+
+
 def with_local_addresses(
     pods: tuple[dict, ...], local: dict[tuple[str, str], list[str]], node_name: str
 ) -> list[dict]:

@@ -179,6 +179,10 @@ def run_agent(args) -> int:
     agent.cluster = cluster_node(args, args.data_dir, args.socket)
     if agent.cluster is not None and args.network_policy:
         agent.policy = policy_controller(args, args.data_dir)
+    elif agent.cluster is not None:
+        from ..agent.policy import forget
+
+        forget(args.data_dir)
     if args.metrics_port:
         from ..agent import metrics
 
