@@ -696,3 +696,39 @@ def ask(ns: str, proto: str, host: str, port: int) -> str | None:
         timeout=30,
     )
     return proc.stdout.strip() if proc.returncode == 0 else None
+
+
+# --- the lab, driven as a person drives it -------------------------------------------------
+
+
+def lab_pycnictl(
+    *args: str, stdin: str | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess:
+    """pycnictl from this installation, as a person runs it."""
+    return subprocess.run(
+        [sys.executable, "-c", "from pycni.ctl.main import main; main()", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        input=stdin,
+    )
+
+
+def lab_namespaces(prefix: str) -> list[str]:
+    out = sh("ip", "netns", "list").stdout
+    return [line.split()[0] for line in out.splitlines() if line.startswith(prefix + "-")]
+
+
+@contextlib.contextmanager
+def private_lab(tmp_path, tag: str):
+    """(prefix, state dir, their options) of a lab of this test's own; brought down after,
+    its namespaces removed even if `lab down` itself is broken."""
+    prefix = f"pt{RUN_ID}{tag}"
+    state = str(tmp_path / "lab")
+    opts = ("--prefix", prefix, "--state-dir", state)
+    try:
+        yield prefix, state, opts
+    finally:
+        lab_pycnictl("lab", "down", *opts)
+        for ns in lab_namespaces(prefix):
+            sh("ip", "netns", "del", ns, check=False)

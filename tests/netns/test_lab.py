@@ -5,42 +5,22 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
-import sys
 import xml.etree.ElementTree as ET
 
 import pytest
 
-from conftest import RUN_ID, sh
+from conftest import lab_namespaces, lab_pycnictl, private_lab, sh
 
 pytestmark = pytest.mark.netns
 
 
-def pycnictl(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-c", "from pycni.ctl.main import main; main()", *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-
-
-def lab_namespaces(prefix: str) -> list[str]:
-    out = sh("ip", "netns", "list").stdout
-    return [line.split()[0] for line in out.splitlines() if line.startswith(prefix + "-")]
+pycnictl = lab_pycnictl
 
 
 @pytest.fixture
 def lab(tmp_path):
-    prefix = f"pt{RUN_ID}lab"
-    state = str(tmp_path / "lab")
-    opts = ("--prefix", prefix, "--state-dir", state)
-    try:
-        yield prefix, state, opts
-    finally:
-        pycnictl("lab", "down", *opts)
-        for ns in lab_namespaces(prefix):  # only if down itself is broken
-            sh("ip", "netns", "del", ns, check=False)
+    with private_lab(tmp_path, "lab") as made:
+        yield made
 
 
 def table_rows(out: str) -> list[list[str]]:

@@ -10,11 +10,10 @@ import ipaddress
 import json
 import os
 import subprocess
-import sys
 
 import pytest
 
-from conftest import RUN_ID, sh
+from conftest import lab_namespaces, lab_pycnictl, private_lab, sh
 from pycni.cluster.factory import open_objects
 from pycni.lab.model import Lab
 
@@ -71,31 +70,13 @@ spec:
 
 
 def pycnictl(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-c", "from pycni.ctl.main import main; main()", *args],
-        capture_output=True,
-        text=True,
-        timeout=180,
-        input=stdin,
-    )
-
-
-def lab_namespaces(prefix: str) -> list[str]:
-    out = sh("ip", "netns", "list").stdout
-    return [line.split()[0] for line in out.splitlines() if line.startswith(prefix + "-")]
+    return lab_pycnictl(*args, stdin=stdin, timeout=180)
 
 
 @pytest.fixture
 def lab(tmp_path):
-    prefix = f"pt{RUN_ID}yaml"
-    state = str(tmp_path / "lab")
-    opts = ("--prefix", prefix, "--state-dir", state)
-    try:
-        yield prefix, state, opts
-    finally:
-        pycnictl("lab", "down", *opts)
-        for ns in lab_namespaces(prefix):  # only if down itself is broken
-            sh("ip", "netns", "del", ns, check=False)
+    with private_lab(tmp_path, "yaml") as made:
+        yield made
 
 
 def get_pods(opts) -> dict[str, dict]:
