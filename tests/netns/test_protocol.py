@@ -701,12 +701,11 @@ def test_gc_releases_what_is_not_listed(node):
     assert_ok(node.run("DEL", container_id="c2", netns=pod2))
 
 
-def test_gc_without_valid_attachments_is_7_and_removes_nothing(node):
+def test_gc_with_a_malformed_list_is_7_and_removes_nothing(node):
     pod1, pod2 = node.pod(), node.pod()
     node.add(pod1, "c1")
     node.add(pod2, "c2")
     links = node.links()
-    assert_error(node.run("GC"), 7, VALID)
     assert_error(node.run("GC", node.conf(**{VALID: "c1"})), 7, VALID)
     assert_error(node.run("GC", node.conf(**{VALID: [{"containerID": "c1"}]})), 7, VALID)
     assert node.links() == links
@@ -717,6 +716,22 @@ def test_gc_without_valid_attachments_is_7_and_removes_nothing(node):
             "ADD", node.conf(runtimeConfig={"ips": [addr]}), container_id="c9", netns=node.pod()
         )
         assert_error(reply, 101, addr)
+
+
+@pytest.mark.parametrize("how", ["null", "absent"])
+def test_gc_with_a_null_or_absent_list_releases_everything(node, how):
+    """libcni sends the list as null (a nil slice) or not at all (nil GCArgs, `cnitool gc`)
+    when it has no live attachment of the network: the reference host-local then releases every
+    address, and so does pycni."""
+    pod1, pod2 = node.pod(), node.pod()
+    node.add(pod1, "c1")
+    node.add(pod2, "c2")
+    conf = node.conf(**{VALID: None}) if how == "null" else node.conf()
+    assert VALID not in node.conf()
+    assert_ok(node.run("GC", conf))
+    assert not [link for link in node.links() if link.startswith("veth")]
+    assert pod_links(node, pod1) == pod_links(node, pod2) == ["lo"]
+    probe_free(node, "10.244.1.2")
 
 
 def test_gc_removes_orphan_host_veth(node):

@@ -175,7 +175,7 @@ def parse(conf: dict, request: Request) -> NetConf:
             # DEL never reads prevResult: a damaged one must not block the cleanup.
             if request.command != "DEL":
                 raise
-    if VALID_ATTACHMENTS in conf:
+    if conf.get(VALID_ATTACHMENTS) is not None:
         nc.valid_attachments = _valid_attachments(conf[VALID_ATTACHMENTS])
     return nc
 

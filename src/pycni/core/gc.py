@@ -11,8 +11,7 @@ from __future__ import annotations
 import logging
 
 from ..cni.env import Request
-from ..cni.errors import config_error
-from ..cni.netconf import VALID_ATTACHMENTS, NetConf
+from ..cni.netconf import NetConf
 from ..dataplane import bandwidth, names, veth
 from ..ipam.faults import StoreError
 from . import masquerade, resources
@@ -24,13 +23,15 @@ log = logging.getLogger("pycni")
 
 
 def cmd_gc(request: Request, conf: NetConf) -> None:
-    if conf.valid_attachments is None:
-        # Without the list every attachment would look stale: refuse rather than wipe the node.
-        raise config_error(VALID_ATTACHMENTS, "is required for GC")
+    # A list that is null or absent is empty, as the reference host-local reads it: libcni sends
+    # it so only when it has no live attachment of this network (a nil slice; GCNetworkList
+    # with nil args, as `cnitool gc` calls it), after DELing every attachment it had cached.
+    # What is left is what a crash leaked: no runtime still uses it.
+    valid = conf.valid_attachments if conf.valid_attachments is not None else set()
     try:
-        _gc(request, conf, conf.valid_attachments)
+        _gc(request, conf, valid)
     except StoreError as exc:
-        _sweep_without_store(conf, conf.valid_attachments)
+        _sweep_without_store(conf, valid)
         raise StoreError(
             exc.code,
             f"{exc.msg}; GC removed the interfaces of pods the runtime "
