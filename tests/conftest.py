@@ -247,6 +247,45 @@ def reference_plugins() -> str:
     return path
 
 
+def peer_params(kind: str) -> list:
+    """pytest params for every version of a peer: "containerd" (Debian's 1.6, the pinned 2.x)
+    or "plugins" (Debian's reference plugins 1.1.1, the pinned newest). A pinned one not built
+    is a skip, or a failure under ./dev test (PYCNI_REQUIRE_PEERS=1), which builds them."""
+    from pycni.harness import peers
+
+    def missing(label: str, why: str):
+        if peers.required():
+            pytest.fail(f"{why} (PYCNI_REQUIRE_PEERS=1)", pytrace=False)
+        return pytest.param(None, id=label, marks=pytest.mark.skip(reason=why))
+
+    if kind == "containerd":
+        debian = peers.debian_containerd()
+        params = [
+            pytest.param(debian, id="containerd1.6")
+            if debian
+            else missing(
+                "containerd1.6", "containerd 1.6 is not installed (Debian containerd, runc)"
+            )
+        ]
+        try:
+            pinned = peers.pinned_containerd()
+            params.append(pytest.param(pinned, id=f"containerd{pinned.label}"))
+        except peers.MissingPeer as exc:
+            params.append(missing("containerd" + peers.pins()["containerd"].version, str(exc)))
+        return params
+    dirs = peers.plugin_dirs()
+    params = [pytest.param(d, id=f"plugins{v}") for v, d in dirs.items()]
+    pin = peers.pins()["cni-plugins"]
+    if pin.version.removeprefix("v") not in dirs:
+        params.append(
+            missing(
+                f"plugins{pin.version}",
+                f"reference plugins {pin.version} are not built: run ./dev peers",
+            )
+        )
+    return params
+
+
 def have(tool: str) -> bool:
     return shutil.which(tool) is not None
 

@@ -1,4 +1,5 @@
-"""containerd 1.6 networking pods through pycni, driven over CRI exactly as kubelet drives it.
+"""containerd networking pods through pycni, driven over CRI exactly as kubelet drives it: every
+test runs under Debian's containerd 1.6 (libcni 1.1) and the pinned 2.x (libcni 1.3).
 
 One private "node" for the module: a network namespace with a `pycnictl agent` inside, pycni's
 launcher and the reference loopback in a private bin dir, pycni's config list in a private
@@ -29,7 +30,17 @@ from dataclasses import dataclass
 
 import pytest
 
-from conftest import AgentProcess, Namespaces, Node, have, namespaces_named, run_bench, sh, unique
+from conftest import (
+    AgentProcess,
+    Namespaces,
+    Node,
+    have,
+    namespaces_named,
+    peer_params,
+    run_bench,
+    sh,
+    unique,
+)
 from pycni.harness.containerd import (
     CNI_CACHE_RESULTS,
     Containerd,
@@ -52,10 +63,7 @@ from pycni.node_config import CONFLIST_NAME, node_conflist, write_conflist
 pytestmark = [
     pytest.mark.netns,
     pytest.mark.runtimes,
-    pytest.mark.skipif(
-        not os.path.exists("/usr/bin/containerd") or not have("ctr") or not have("runc"),
-        reason="containerd is not installed (Debian packages containerd, runc)",
-    ),
+    pytest.mark.skipif(not have("runc"), reason="runc is not installed (Debian package runc)"),
     pytest.mark.skipif(
         not have("podman") or not os.path.exists("/bin/busybox"),
         reason="the pause image is built with podman from busybox (Debian "
@@ -75,8 +83,10 @@ IMAGE = "localhost/pycni-busybox:test"  # the pause image, and the pods' busybox
 SUBNET = "10.89.41.0/24"
 GATEWAY = "10.89.41.1"
 # containerd 1.6 vendors libcni 1.1, which refuses a 1.1.0 result ("unsupported CNI result
-# version"): the configs it reads must say 1.0.0 (see test_node_conflist_as_written).
+# version"): the configs it reads must say 1.0.0 (see test_node_conflist_as_written); libcni 1.3
+# in containerd 2.x takes the highest of "cniVersions" (1.1.0).
 LIBCNI_VERSION = "1.0.0"
+CONTAINERDS = peer_params("containerd")
 NODE_ADDR, CLIENT_ADDR = "192.168.214.1", "192.168.214.2"
 HOST_PORT = 30080
 
@@ -209,7 +219,7 @@ def node_conf(network: str, root: str, agent_socket: str) -> dict:
 
 
 @contextlib.contextmanager
-def private_node(root: str, archive: str, conf_for=node_conf):
+def private_node(root: str, archive: str, peer, conf_for=node_conf):
     """The node netns with its agent, bin and conf dirs, and its containerd; all removed
     afterwards whatever happened."""
     spaces = Namespaces()
@@ -233,9 +243,7 @@ def private_node(root: str, archive: str, conf_for=node_conf):
         ).start()
         network = unique("crinet")
         write_conflist(os.path.join(conf_dir, CONFLIST_NAME), conf_for(network, root, agent.socket))
-        containerd = Containerd(
-            os.path.join(root, "containerd"), ns, bin_dir, conf_dir, sandbox_image=IMAGE
-        )
+        containerd = make_containerd(peer, os.path.join(root, "containerd"), ns, bin_dir, conf_dir)
         containerd.start()
         containerd.import_image(archive)
         yield CriNode(ns, root, network, bin_dir, conf_dir, containerd, spaces)
@@ -248,9 +256,28 @@ def private_node(root: str, archive: str, conf_for=node_conf):
     assert not problems, f"cleanup of the node's containerd: {problems}"
 
 
+def make_containerd(peer, workdir: str, ns: str, bin_dir: str, conf_dir: str) -> Containerd:
+    return Containerd(
+        workdir,
+        ns,
+        bin_dir,
+        conf_dir,
+        sandbox_image=IMAGE,
+        binary=peer.binary,
+        ctr=peer.ctr,
+        shim_dir=peer.shim_dir,
+    )
+
+
+@pytest.fixture(scope="module", params=CONTAINERDS)
+def containerd_peer(request):
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def crinode(tmp_path_factory, image_archive):
-    with private_node(str(tmp_path_factory.mktemp("crinode")), image_archive) as n:
+def crinode(tmp_path_factory, image_archive, containerd_peer):
+    root = str(tmp_path_factory.mktemp("crinode"))
+    with private_node(root, image_archive, containerd_peer) as n:
         yield n
 
 
@@ -479,11 +506,11 @@ def _fetch(ns: str, host: str, attempts: int = 20) -> str | None:
 
 
 @pytest.mark.parametrize("how", ["running", "crashed"])
-def test_cleanup_leaves_nothing_behind(crinode, image_archive, tmp_path, how):
+def test_cleanup_leaves_nothing_behind(crinode, containerd_peer, image_archive, tmp_path, how):
     """A second containerd on the same node, with a pod and a container running, removed by
     cleanup() while it answers or after a SIGKILL (nothing then stops the pod through CRI)."""
-    ctd = Containerd(
-        str(tmp_path / "ctd"), crinode.ns, crinode.bin_dir, crinode.conf_dir, sandbox_image=IMAGE
+    ctd = make_containerd(
+        containerd_peer, str(tmp_path / "ctd"), crinode.ns, crinode.bin_dir, crinode.conf_dir
     )
     try:
         ctd.start()
@@ -577,9 +604,9 @@ def _wait_for(condition, what: str, timeout: float = 10.0) -> None:
         time.sleep(0.05)
 
 
-def test_node_conflist_as_written(image_archive, tmp_path):
+def test_node_conflist_as_written(image_archive, containerd_peer, tmp_path):
     """The config list pycni writes for a node (node_conflist, what the agent and `pycnictl
-    install` write), unmodified, is one containerd 1.6 can use."""
+    install` write), unmodified, is one containerd 1.6 and 2.x can use."""
 
     def as_written(network: str, root: str, agent_socket: str) -> dict:
         return node_conflist(
@@ -591,7 +618,7 @@ def test_node_conflist_as_written(image_archive, tmp_path):
             agentSocket=agent_socket,
         )
 
-    with private_node(str(tmp_path / "node"), image_archive, as_written) as n:
+    with private_node(str(tmp_path / "node"), image_archive, containerd_peer, as_written) as n:
         sid, _ = n.run_pod("as-written")
         try:
             assert n.pod_ip(sid) == str(n.attachments()[sid].allocations[0].ip)

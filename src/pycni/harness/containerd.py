@@ -1,4 +1,5 @@
-"""containerd 1.6 with its CRI plugin, started by hand inside a "node" network namespace.
+"""containerd (Debian's 1.6, or the pinned 2.x) with its CRI plugin, started by hand inside a
+"node" network namespace, with the config file version each speaks (2 for 1.x, 3 for 2.x).
 
 Every path containerd and its shims write lives under one private work directory (root, state,
 sockets, runc's state, the opt plugin's dir), so it never meets the host's containerd. It is
@@ -65,6 +66,8 @@ class Containerd:
         *,
         sandbox_image: str,
         binary: str = CONTAINERD,
+        ctr: str = CTR,
+        shim_dir: str | None = None,
     ) -> None:
         self.workdir = os.path.abspath(workdir)
         self.netns = netns
@@ -72,6 +75,9 @@ class Containerd:
         self.cni_conf_dir = os.path.abspath(cni_conf_dir)
         self.sandbox_image = sandbox_image
         self.binary = binary
+        self.ctr_binary = ctr
+        self.shim_dir = shim_dir  # first on containerd's PATH: the shim of its own release
+        self.major = containerd_major(binary)
         self.root = self._path("root")
         self.state = self._path("state")
         self.runc_root = self._path("runc")
@@ -90,6 +96,9 @@ class Containerd:
     # --- start and stop -----------------------------------------------------------------------
 
     def config_text(self) -> str:
+        return self._config_v3() if self.major >= 2 else self._config_v2()
+
+    def _config_v2(self) -> str:
         cri = '[plugins."io.containerd.grpc.v1.cri"'
         return f"""\
 version = 2
@@ -122,6 +131,48 @@ disabled_plugins = [{", ".join(_q(p) for p in DISABLED_PLUGINS)}]
     max_conf_num = 1
 """
 
+    def _config_v3(self) -> str:
+        """containerd 2.x: CRI split into an images and a runtime plugin; NRI is off (its
+        socket would be the machine's /var/run/nri)."""
+        images = '[plugins."io.containerd.cri.v1.images"'
+        runtime = '[plugins."io.containerd.cri.v1.runtime"'
+        disabled = (*DISABLED_PLUGINS, "io.containerd.nri.v1.nri")
+        return f"""\
+version = 3
+root = {_q(self.root)}
+state = {_q(self.state)}
+disabled_plugins = [{", ".join(_q(p) for p in disabled)}]
+
+[grpc]
+  address = {_q(self.socket)}
+
+[plugins."io.containerd.internal.v1.opt"]
+  path = {_q(self._path("opt"))}
+
+[plugins."io.containerd.grpc.v1.cri"]
+  stream_server_address = "127.0.0.1"
+  stream_server_port = "0"
+
+{images}]
+  snapshotter = "overlayfs"
+  {images}.pinned_images]
+    sandbox = {_q(self.sandbox_image)}
+
+{runtime}]
+  # Without it runc fails here: "can't get final child's PID" (root lacks CAP_SYS_RESOURCE).
+  restrict_oom_score_adj = true
+  {runtime}.containerd]
+    default_runtime_name = "runc"
+    {runtime}.containerd.runtimes.runc]
+      runtime_type = "io.containerd.runc.v2"
+      {runtime}.containerd.runtimes.runc.options]
+        Root = {_q(self.runc_root)}
+  {runtime}.cni]
+    bin_dirs = [{_q(self.cni_bin_dir)}]
+    conf_dir = {_q(self.cni_conf_dir)}
+    max_conf_num = 1
+"""
+
     def start(self, timeout: float = START_TIMEOUT) -> Containerd:
         """Start containerd in the node and wait until CRI answers and sees a CNI config."""
         for directory in (self.workdir, self.root, self.state, self.runc_root):
@@ -136,10 +187,14 @@ disabled_plugins = [{", ".join(_q(p) for p in DISABLED_PLUGINS)}]
             "--config",
             self.config,
         ]
+        env = dict(os.environ)
+        if self.shim_dir:
+            env["PATH"] = self.shim_dir + os.pathsep + env.get("PATH", "")
         with open(self.log_file, "ab") as log:
             # nsenter execs containerd: the pid is containerd's own.
             self.proc = subprocess.Popen(
                 argv,
+                env=env,
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -214,7 +269,7 @@ disabled_plugins = [{", ".join(_q(p) for p in DISABLED_PLUGINS)}]
     # --- images -------------------------------------------------------------------------------
 
     def ctr(self, *args: str, timeout: float = 120) -> str:
-        argv = [CTR, "--address", self.socket, "--namespace", NAMESPACE, *args]
+        argv = [self.ctr_binary, "--address", self.socket, "--namespace", NAMESPACE, *args]
         proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
         if proc.returncode != 0:
             raise ContainerdError(f"{' '.join(argv)}: {proc.stderr.strip()}")
@@ -392,6 +447,17 @@ disabled_plugins = [{", ".join(_q(p) for p in DISABLED_PLUGINS)}]
                 continue
             for dirpath, _, _ in sorted(os.walk(top), key=lambda w: len(w[0]), reverse=True):
                 _rmdir_if_empty(dirpath)
+
+
+def containerd_major(binary: str) -> int:
+    """1 or 2, from `containerd --version` ("containerd github.com/containerd/containerd/v2
+    v2.4.2 ..." or "... containerd 1.6.20~ds1 ...")."""
+    out = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=30)
+    for word in out.stdout.split()[2:3]:
+        digits = word.removeprefix("v").split(".", 1)[0]
+        if digits.isdigit():
+            return int(digits)
+    raise ContainerdError(f"cannot tell {binary}'s version from {out.stdout.strip()!r}")
 
 
 def build_pause_image(workdir: str, ref: str) -> str:

@@ -11,6 +11,7 @@ grpc and protobuf are imported here only: pycnictl's start-up never imports this
 
 from __future__ import annotations
 
+import re
 import threading
 import zlib
 from typing import Any
@@ -36,12 +37,20 @@ class CriError(Exception):
 
 
 def embedded_files(binary: str = CONTAINERD) -> list:
-    """Every FileDescriptorProto a Go binary embeds as a gzip member, in file order."""
+    """Every FileDescriptorProto a Go binary embeds, in file order: gzip members (golang/protobuf
+    and gogo, as in containerd 1.x), else raw serialized ones (protobuf-go v2, containerd 2.x)."""
+    with open(binary, "rb") as f:
+        data = f.read()
+    files = _gzipped_files(data)
+    if not any(f.package == CRI_PACKAGE for f in files):
+        files += _raw_files(data)
+    return files
+
+
+def _gzipped_files(data: bytes) -> list:
     from google.protobuf import descriptor_pb2
     from google.protobuf.message import DecodeError
 
-    with open(binary, "rb") as f:
-        data = f.read()
     files = []
     at = data.find(_GZIP_MAGIC)
     while at != -1:
@@ -59,6 +68,60 @@ def embedded_files(binary: str = CONTAINERD) -> list:
                 files.append(fd)
         at = data.find(_GZIP_MAGIC, at + 1)
     return files
+
+
+# A raw descriptor starts with its name (field 1), then its package, an import or a message.
+_RAW_START = re.compile(rb"\x0a([\x01-\x7f])([\w./-]+?\.proto)(?=[\x12\x1a\x22])")
+# FileDescriptorProto's fields: number -> wire type (2 = length-delimited, 0 = varint).
+_FILE_FIELDS = {1: 2, 2: 2, 3: 2, 4: 2, 5: 2, 6: 2, 7: 2, 8: 2, 9: 2, 10: 0, 11: 0, 12: 2, 14: 0}
+_SINGLE_FIELDS = (1, 2, 12)  # name, package, syntax: a second one is the next file
+
+
+def _raw_files(data: bytes) -> list:
+    """protobuf-go stores each file's descriptor as a serialized FileDescriptorProto with no
+    length in front: walk its fields from the name to the first byte that cannot continue it."""
+    files = []
+    for match in _RAW_START.finditer(data):
+        if match.group(1)[0] != len(match.group(2)):
+            continue
+        fd = _raw_file_at(data, match.start())
+        if fd is not None:
+            files.append(fd)
+    return files
+
+
+def _raw_file_at(data: bytes, start: int):
+    from google.protobuf import descriptor_pb2
+    from google.protobuf.message import DecodeError
+
+    ends, seen, pos = [], set(), start
+    while True:
+        key, at = _varint(data, pos)
+        field, wire = (key >> 3, key & 7) if key is not None else (0, -1)
+        if _FILE_FIELDS.get(field) != wire or (field in _SINGLE_FIELDS and field in seen):
+            break
+        size, at = _varint(data, at)
+        if size is None or (wire == 2 and at + size > len(data)):
+            break
+        pos = at + size if wire == 2 else at
+        seen.add(field)
+        ends.append(pos)
+    for end in reversed(ends):  # the longest prefix that parses is the file
+        try:
+            return descriptor_pb2.FileDescriptorProto.FromString(data[start:end])
+        except DecodeError:
+            continue
+    return None
+
+
+def _varint(data: bytes, pos: int) -> tuple[int | None, int]:
+    value = shift = 0
+    for i in range(pos, min(pos + 10, len(data))):
+        value |= (data[i] & 0x7F) << shift
+        if data[i] < 0x80:
+            return value, i + 1
+        shift += 7
+    return None, pos
 
 
 def cri_file_set(binary: str = CONTAINERD):
