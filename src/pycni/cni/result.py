@@ -60,7 +60,10 @@ class Result:
             out["ips"] = [_ip_json(ip, version) for ip in self.ips]
         if self.routes:
             out["routes"] = [_route_json(r, version) for r in self.routes]
-        out["dns"] = dict(self.dns)
+        if self.dns or not versions.at_least(version, "1.0.0"):
+            # 1.0.0 results leave an empty dns out, as libcni's own types (and the reference
+            # plugins since 1.1.1) write them; 0.x results always carried it.
+            out["dns"] = dict(self.dns)
         return out
 
     def _to_legacy(self, version: str) -> dict:
