@@ -5,7 +5,7 @@ the bars are named by the row's identifying fields, so every benchmark gets a ch
 from __future__ import annotations
 
 # Fields that name a row in the benchmarks' reports, in the order they read best.
-ROW_NAMES = ("plugin", "path", "pycni", "row", "network", "ipMasq", "streams")
+ROW_NAMES = ("plugin", "containerd", "path", "pycni", "row", "network", "ipMasq", "streams")
 SECTIONS = ("storm", "burst")  # nested measurements whose ratios read "storm add"
 
 

@@ -1,14 +1,22 @@
 """`pycnictl bench cri`: pod start and stop through containerd's CRI, as kubelet drives it.
 
-Two rows measured in one run, each a node network namespace of its own with a private
-containerd 1.6 started inside it (runtimes/containerd.py) and the same pause image:
+Two rows per containerd (Debian's 1.6 and the pinned 2.x, both by default: --containerd), all
+measured in one run, each a node network namespace of its own with a private containerd started
+inside it (harness/containerd.py) and the same pause image:
 
 - pycni-agent: pycni's launcher (--launcher native: the native executable, as `pycnictl
   install --native` writes it), its config list (node_conflist: ipMasq on) and a
   `pycnictl agent` in the node the config points at;
 - reference: the Go bridge + host-local from containernetworking-plugins, ipMasq on.
 
-Both config lists say cniVersion 1.0.0, the highest containerd 1.6's libcni speaks.
+Both config lists say cniVersion 1.0.0, the highest containerd 1.6's libcni speaks; pycni's also
+says "cniVersions": ["1.0.0", "1.1.0"] as it is written on a node, so libcni 1.3 in containerd
+2.x takes 1.1.0 (the reference 1.1.1 speaks 1.0.0 at most).
+
+Where the time goes: each containerd serves its Prometheus metrics on the node's loopback;
+network_plugin_operations_duration_seconds (set_up_pod, tear_down_pod), read before and after
+the sequential pods, gives the mean time containerd spent in the CNI chain per pod (loopback and
+the plugin, as libcni execs them); the rest of RunPodSandbox is containerd's and runc's own.
 
 1. Sequential: N pods per row, each RunPodSandbox (timed), PodSandboxStatus (checked, not
    timed), StopPodSandbox and RemovePodSandbox (timed apart); the rows take turns pod by pod,
@@ -27,6 +35,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import shutil
 import signal
 import statistics
@@ -43,6 +52,9 @@ from .latency import NAME, AgentRunner, BenchError, Launcher, Spaces, held_addre
 
 IMAGE = "localhost/pycni-bench-pause:latest"
 ROWS = ("pycni-agent", "reference")
+CONTAINERDS = ("1.6", "2", "both")
+METRICS_PORT = 1338  # on each node's own loopback
+RUN_TARGET = 0.9  # RunPodSandbox median, pycni / reference, under each containerd
 DEFAULT_PODS = 20
 DEFAULT_BURST = 10
 LIBCNI_VERSION = "1.0.0"  # containerd 1.6 vendors libcni 1.1: no 1.1.0 results
@@ -53,6 +65,7 @@ BURST_TIMEOUT = 300.0
 class Row:
     plugin: str
     root: str
+    peer: object = None  # harness.peers.Containerd: which containerd this row runs
     ns: str = ""
     containerd: object = None  # runtimes.containerd.Containerd
     agent: AgentRunner | None = None
@@ -64,6 +77,11 @@ class Row:
     burst_teardown_ms: list[float] = field(default_factory=list)
     burst: dict = field(default_factory=dict)  # failures, addresses_distinct, freed
     problems: list[str] = field(default_factory=list)
+    cni_ms: dict = field(default_factory=dict)  # containerd's mean per pod: set_up_pod, ...
+
+    @property
+    def label(self) -> str:
+        return f"{self.plugin} @{self.peer.label}" if self.peer else self.plugin
 
     @property
     def teardown_ms(self) -> list[float]:
@@ -71,6 +89,7 @@ class Row:
 
 
 def pycni_conflist(root: str, subnet: str, agent_socket: str) -> dict:
+    """As a node has it: cniVersion 1.0.0 for libcni 1.1, cniVersions up to 1.1.0 for 1.3."""
     from ..node_config import node_conflist
 
     conf = node_conflist(
@@ -271,7 +290,7 @@ def _make_row(
     from ..install.launchers import write_launcher
     from ..node_config import CONFLIST_NAME, write_conflist
 
-    row.ns = spaces.make(row.plugin)
+    row.ns = spaces.make(f"{row.plugin}{row.peer.major}")
     spaces.exec(row.ns, "ip", "link", "set", "lo", "up")
     spaces.exec(row.ns, "sysctl", "-q", "-w", "net.ipv4.ip_forward=1")
     bin_dir, conf_dir = os.path.join(row.root, "bin"), os.path.join(row.root, "net.d")
@@ -296,10 +315,65 @@ def _make_row(
         conf = pycni_conflist(row.root, subnet, row.agent.socket)
     write_conflist(os.path.join(conf_dir, CONFLIST_NAME), conf)
     row.containerd = Containerd(
-        os.path.join(row.root, "containerd"), row.ns, bin_dir, conf_dir, sandbox_image=IMAGE
+        os.path.join(row.root, "containerd"),
+        row.ns,
+        bin_dir,
+        conf_dir,
+        sandbox_image=IMAGE,
+        binary=row.peer.binary,
+        ctr=row.peer.ctr,
+        shim_dir=row.peer.shim_dir,
+        metrics_port=METRICS_PORT,
     )
     row.containerd.start()
     row.containerd.import_image(archive)
+
+
+def containerd_peers(which: str) -> list:
+    """The containerds --containerd names: Debian's 1.6, the pinned 2.x, or both."""
+    from ..harness import peers
+
+    out = []
+    if which in ("1.6", "both"):
+        debian = peers.debian_containerd()
+        if debian is None:
+            raise BenchError("containerd 1.6 is not installed (Debian packages containerd, runc)")
+        out.append(debian)
+    if which in ("2", "both"):
+        try:
+            out.append(peers.pinned_containerd())
+        except peers.MissingPeer as exc:
+            raise BenchError(f"{exc}; or --containerd 1.6") from None
+    return out
+
+
+_FETCH = (
+    "import sys, urllib.request\n"
+    "sys.stdout.write(urllib.request.urlopen("
+    "'http://127.0.0.1:%d/v1/metrics', timeout=10).read().decode())\n"
+)
+_CNI_METRIC = re.compile(
+    r"network_plugin_operations_duration_seconds(?:_seconds)?_(sum|count)"
+    r'\{[^}]*operation_type="(\w+)"[^}]*\}\s+(\S+)'
+)
+
+
+def cni_metrics(row: Row) -> dict[str, tuple[float, float]]:
+    """containerd's own account of its CNI calls: operation -> (seconds in all, calls)."""
+    text = Spaces().exec(row.ns, sys.executable, "-I", "-c", _FETCH % METRICS_PORT)
+    found: dict[str, list[float]] = {}
+    for kind, op, value in _CNI_METRIC.findall(text):
+        found.setdefault(op, [0.0, 0.0])[0 if kind == "sum" else 1] += float(value)
+    return {op: (v[0], v[1]) for op, v in found.items()}
+
+
+def _mean_ms(before: dict, after: dict) -> dict[str, float | None]:
+    out: dict[str, float | None] = {}
+    for op in after:
+        total = after[op][0] - before.get(op, (0.0, 0.0))[0]
+        calls = after[op][1] - before.get(op, (0.0, 0.0))[1]
+        out[op] = round(total / calls * 1000, 1) if calls else None
+    return out
 
 
 def bench(
@@ -310,11 +384,12 @@ def bench(
     repeat: int = 3,
     progress=None,
     plugin_launcher: str = "python",
+    containerd: str = "both",
 ) -> dict:
     for plugin in ("bridge", "host-local", "loopback"):
         if not os.access(os.path.join(reference_dir, plugin), os.X_OK):
             raise BenchError(f"the reference {plugin} plugin is not in {reference_dir}")
-    for tool in ("containerd", "ctr", "runc", "podman"):
+    for tool in ("runc", "podman"):
         if shutil.which(tool) is None:
             raise BenchError(
                 f"{tool} is not installed (Debian packages containerd, runc, "
@@ -322,6 +397,7 @@ def bench(
             )
     if burst > ipaddress.ip_network(subnet).num_addresses - 3:
         raise BenchError(f"a burst of {burst} does not fit in {subnet}")
+    peers = containerd_peers(containerd)
     import compileall
 
     import pycni
@@ -332,24 +408,30 @@ def bench(
     spaces = Spaces()
     tmp = tempfile.mkdtemp(prefix=f"pycni-bench-cri-{os.getpid()}-")
     launcher = Launcher("nsenter")  # never a private mount namespace (CRI's netns files)
-    rows = [Row(plugin, os.path.join(tmp, plugin)) for plugin in ROWS]
+    rows = [
+        Row(plugin, os.path.join(tmp, f"{plugin}-{peer.label}"), peer)
+        for peer in peers
+        for plugin in ROWS
+    ]
     try:
         compileall.compile_dir(os.path.dirname(pycni.__file__), quiet=1)
         say("building the pause image with podman")
         archive = build_pause_image(tmp, IMAGE)
         for row in rows:
-            say(f"starting containerd for {row.plugin}")
+            say(f"starting containerd {row.peer.label} for {row.plugin}")
             _make_row(row, spaces, launcher, archive, subnet, reference_dir, plugin_launcher)
-        version = rows[0].containerd.cri().version().runtime_version
+        versions = {row.peer.label: row.containerd.cri().version().runtime_version for row in rows}
         for row in rows:  # the first pod makes the bridge and the rules: not timed
             _pod_lifecycle(row, "warm-up", subnet, timed=False)
 
-        say(f"{pods} sequential pods per row (RunPodSandbox, Stop, Remove)")
+        say(f"{pods} sequential pods per row (RunPodSandbox, Stop, Remove); rows take turns")
+        before = {row.label: cni_metrics(row) for row in rows}
         for i in range(pods):
             order = rows if i % 2 == 0 else rows[::-1]
             for row in order:
                 _pod_lifecycle(row, f"seq-{i}", subnet)
         for row in rows:
+            row.cni_ms = _mean_ms(before[row.label], cni_metrics(row))
             if len(set(row.addresses)) != len(row.addresses):
                 row.problems.append("sequential: an address was handed out twice at once")
             _check_freed(row, "sequential")
@@ -366,7 +448,7 @@ def bench(
         for row in rows:
             if row.agent is not None and not row.agent.alive():
                 row.problems.append(f"the agent died: {row.agent.stderr()}")
-        report = _report(rows, pods, burst, repeat, subnet, version)
+        report = _report(rows, pods, burst, repeat, subnet, versions)
         return {**report, "launcher": plugin_launcher}
     finally:
         old = signal.signal(signal.SIGINT, signal.SIG_IGN)  # no second Ctrl-C mid-cleanup
@@ -386,10 +468,12 @@ def bench(
             signal.signal(signal.SIGINT, old)
 
 
-def _report(rows: list[Row], pods: int, burst: int, repeat: int, subnet: str, version: str) -> dict:
-    ref = next(r for r in rows if r.plugin == "reference")
+def _report(
+    rows: list[Row], pods: int, burst: int, repeat: int, subnet: str, versions: dict
+) -> dict:
     out = []
     for row in rows:
+        ref = next(r for r in rows if r.plugin == "reference" and r.peer is row.peer)
         stats = {
             "run": _stats(row.run_ms),
             "stop": _stats(row.stop_ms),
@@ -405,14 +489,26 @@ def _report(rows: list[Row], pods: int, burst: int, repeat: int, subnet: str, ve
                 k: ratio(b[f"{k}_wall_ms"], _stats(getattr(ref, f"burst_{k}_ms"))["median"])
                 for k in ("run", "teardown")
             }
+        setup = row.cni_ms.get("set_up_pod")
+        run_median = stats["run"]["median"]
         out.append(
             {
                 "plugin": row.plugin,
+                "containerd": row.peer.label,
+                "containerd_version": versions[row.peer.label],
                 **stats,
                 "ratio": {
                     k: ratio(stats[k]["median"], ref_stats[k]["median"])
                     for k in ("run", "teardown")
                 },
+                # containerd's own measure of the CNI chain, mean per pod, and what is left
+                # of RunPodSandbox for containerd, runc and the shim.
+                "cni_ms": row.cni_ms,
+                "run_outside_cni_ms": (
+                    round(run_median - setup, 1)
+                    if run_median is not None and setup is not None
+                    else None
+                ),
                 "burst": b,
                 "ok": not row.problems,
                 "problems": row.problems,
@@ -425,14 +521,25 @@ def _report(rows: list[Row], pods: int, burst: int, repeat: int, subnet: str, ve
                 },
             }
         )
+    targets = {
+        label: {
+            "run_ratio": r["ratio"]["run"],
+            "target": RUN_TARGET,
+            "met": r["ratio"]["run"] is not None and r["ratio"]["run"] <= RUN_TARGET,
+        }
+        for label in versions
+        for r in out
+        if r["containerd"] == label and r["plugin"] != "reference"
+    }
     return {
         "pods": pods,
         "burst": burst,
         "repeat": repeat,
         "subnet": subnet,
-        "containerd": version,
+        "containerd": versions,
         "cniVersion": LIBCNI_VERSION,
         "rows": out,
+        "targets": targets,
         "ok": all(r["ok"] for r in out),
     }
 
@@ -441,44 +548,65 @@ def format_table(report: dict) -> str:
     def f(x) -> str:
         return "-" if x is None else f"{x:.1f}"
 
+    versions = ", ".join(f"{v}" for v in report["containerd"].values())
     lines = [
-        f"pycnictl bench cri: containerd {report['containerd']} over CRI, {report['pods']} "
+        f"pycnictl bench cri: containerd {versions} over CRI, {report['pods']} "
         f"sequential pods per row (rows alternating), burst of {report['burst']}; ipMasq on, "
-        f"cniVersion {report['cniVersion']}, subnet {report['subnet']}; pycni's executable: "
-        f"the {report.get('launcher', 'python')} launcher",
-        "",
-        f"{'plugin':<12} {'RunPodSandbox':>17} {'StopPodSandbox':>17} {'RemovePodSandbox':>17}"
-        f" {'Stop+Remove':>17} {'Run ratio':>9} {'Stop+Rm ratio':>13}  ok",
-        f"{'':<12} {'med / p90':>17} {'med / p90':>17} {'med / p90':>17} {'med / p90':>17}",
+        f"subnet {report['subnet']}; pycni's executable: "
+        f"the {report.get('launcher', 'python')} launcher, with its agent",
     ]
-    for row in report["rows"]:
-        cells = [
-            f"{f(row[k]['median'])} / {f(row[k]['p90'])}"
-            for k in ("run", "stop", "remove", "teardown")
+    for label, version in report["containerd"].items():
+        rows = [r for r in report["rows"] if r["containerd"] == label]
+        lines += [
+            "",
+            f"containerd {version}",
+            f"{'plugin':<12} {'RunPodSandbox':>17} {'StopPodSandbox':>17} "
+            f"{'RemovePodSandbox':>17} {'Stop+Remove':>17} {'Run ratio':>9} "
+            f"{'Stop+Rm ratio':>13} {'CNI ADD':>8} {'CNI DEL':>8} {'Run-CNI':>8}  ok",
+            f"{'':<12} {'med / p90':>17} {'med / p90':>17} {'med / p90':>17} "
+            f"{'med / p90':>17} {'':>9} {'':>13} {'mean':>8} {'mean':>8} {'':>8}",
         ]
-        lines.append(
-            f"{row['plugin']:<12} "
-            + " ".join(f"{c:>17}" for c in cells)
-            + f" {show_ratio(row['ratio']['run']):>9}"
-            f" {show_ratio(row['ratio']['teardown']):>13}  "
-            f"{'yes' if row['ok'] else 'NO'}"
-        )
+        for row in rows:
+            cells = [
+                f"{f(row[k]['median'])} / {f(row[k]['p90'])}"
+                for k in ("run", "stop", "remove", "teardown")
+            ]
+            lines.append(
+                f"{row['plugin']:<12} "
+                + " ".join(f"{c:>17}" for c in cells)
+                + f" {show_ratio(row['ratio']['run']):>9}"
+                f" {show_ratio(row['ratio']['teardown']):>13}"
+                f" {f(row['cni_ms'].get('set_up_pod')):>8}"
+                f" {f(row['cni_ms'].get('tear_down_pod')):>8}"
+                f" {f(row['run_outside_cni_ms']):>8}  "
+                f"{'yes' if row['ok'] else 'NO'}"
+            )
     lines.append(
-        "times in ms of each CRI call as containerd answers it; ratio = pycni median "
-        "/ reference median"
+        "times in ms of each CRI call as containerd answers it; ratio = pycni median / the "
+        "reference median under the same containerd; CNI ADD / DEL = containerd's own "
+        "network_plugin_operations_duration_seconds (set_up_pod / tear_down_pod: the whole "
+        "chain, loopback included), mean per pod; Run-CNI = RunPodSandbox median minus CNI ADD "
+        "(containerd, runc and the shim)"
     )
+    for label, t in report.get("targets", {}).items():
+        state = "MET" if t["met"] else "MISSED"
+        lines.append(
+            f"target under containerd {report['containerd'][label]}: RunPodSandbox <= "
+            f"{t['target']} x the reference: {show_ratio(t['run_ratio'])} {state}"
+        )
     if report["burst"]:
         lines += [
             "",
-            f"{'burst of ' + str(report['burst']):<12} {'Run wall':>9} "
+            f"{'burst of ' + str(report['burst']):<18} {'Run wall':>9} "
             f"{'Stop+Rm wall':>12} {'Run ratio':>9} {'Stop+Rm ratio':>13} {'failed':>6} "
             f"{'distinct':>8} {'freed':>5}",
         ]
         for row in report["rows"]:
             b = row["burst"]
             failed = b.get("failures") or 0
+            name = f"{row['plugin']} @{row['containerd']}"
             lines.append(
-                f"{row['plugin']:<12} {f(b.get('run_wall_ms')):>9} "
+                f"{name:<18} {f(b.get('run_wall_ms')):>9} "
                 f"{f(b.get('teardown_wall_ms')):>12} "
                 f"{show_ratio(b.get('ratio', {}).get('run')):>9} "
                 f"{show_ratio(b.get('ratio', {}).get('teardown')):>13} {failed:>6} "
@@ -491,7 +619,7 @@ def format_table(report: dict) -> str:
         )
     for row in report["rows"]:
         for problem in row["problems"][:10]:
-            lines.append(f"PROBLEM {row['plugin']}: {problem}")
+            lines.append(f"PROBLEM {row['plugin']} @{row['containerd']}: {problem}")
     return "\n".join(lines)
 
 
@@ -526,6 +654,7 @@ def run(args) -> int:
             args.repeat,
             progress=progress,
             plugin_launcher=args.plugin_launcher,
+            containerd=args.containerd,
         ),
         format_table,
         args,

@@ -212,6 +212,13 @@ def _cri(sub) -> None:
         help="pycni's executable: the Python launcher (default) "
         "or the native one (`pycnictl install --native`; needs cc)",
     )
+    p.add_argument(
+        "--containerd",
+        choices=cri.CONTAINERDS,
+        default="both",
+        help="Debian's containerd 1.6, the pinned 2.x (./dev peers builds it), or both "
+        "(default), each with its own rows in one run",
+    )
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     _output_options(p)
     p.set_defaults(func=cri.run)

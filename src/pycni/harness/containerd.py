@@ -68,6 +68,7 @@ class Containerd:
         binary: str = CONTAINERD,
         ctr: str = CTR,
         shim_dir: str | None = None,
+        metrics_port: int | None = None,
     ) -> None:
         self.workdir = os.path.abspath(workdir)
         self.netns = netns
@@ -78,6 +79,8 @@ class Containerd:
         self.ctr_binary = ctr
         self.shim_dir = shim_dir  # first on containerd's PATH: the shim of its own release
         self.major = containerd_major(binary)
+        # containerd's Prometheus metrics on the node's own loopback (each node netns has one).
+        self.metrics_port = metrics_port
         self.root = self._path("root")
         self.state = self._path("state")
         self.runc_root = self._path("runc")
@@ -96,7 +99,10 @@ class Containerd:
     # --- start and stop -----------------------------------------------------------------------
 
     def config_text(self) -> str:
-        return self._config_v3() if self.major >= 2 else self._config_v2()
+        text = self._config_v3() if self.major >= 2 else self._config_v2()
+        if self.metrics_port:
+            text += f'\n[metrics]\n  address = "127.0.0.1:{self.metrics_port}"\n'
+        return text
 
     def _config_v2(self) -> str:
         cri = '[plugins."io.containerd.grpc.v1.cri"'
