@@ -19,7 +19,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 
-from .. import __version__, plugin
+from .. import plugin, version
 from ..cni.errors import ACCESS_DENIED, DECODING_FAILURE, NOT_AVAILABLE, CniError
 from . import protocol
 from .locks import KeyedLocks
@@ -72,7 +72,9 @@ class Agent:
         self._inode = os.stat(self.socket_path).st_ino
         sock.settimeout(0.5)  # lets serve() notice stop() promptly
         self._listener = sock
-        log.info("agent %s listening on %s (pid %d)", __version__, self.socket_path, os.getpid())
+        log.info(
+            "agent %s listening on %s (pid %d)", version.describe(), self.socket_path, os.getpid()
+        )
 
     def serve(self) -> None:
         assert self._listener is not None, "bind() first"
@@ -273,7 +275,8 @@ class Agent:
         return {
             "status": "stopping" if self.stopping.is_set() else "ok",
             "pid": os.getpid(),
-            "version": __version__,
+            "version": version.version(),
+            "commit": version.commit(),
             "uptime": round(time.time() - self.started, 3),
             "inflight": self._inflight,
             "socket": self.socket_path,
