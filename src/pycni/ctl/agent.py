@@ -67,15 +67,23 @@ def register(sub) -> None:
     leave.set_defaults(func=run_leave)
 
 
+def cidr_list(text: str) -> list[str]:
+    """``10.244.0.0/16,fd00:10:244::/56`` as a list; empty items (an unset ConfigMap key
+    expanded into the argument) are left out."""
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
 def cluster_options() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
     g = p.add_argument_group("cluster (on when --cluster-cidr is given)")
     g.add_argument(
         "--cluster-cidr",
-        action="append",
+        action="extend",
+        type=cidr_list,
         default=[],
-        help="the cluster's pod CIDR, e.g. 10.244.0.0/16; repeat once with an IPv6 "
-        "CIDR for dual stack",
+        help="the cluster's pod CIDR, e.g. 10.244.0.0/16; for dual stack repeat it with an "
+        "IPv6 CIDR, or give both comma-separated as kubeadm's --pod-network-cidr "
+        "(empty items are ignored: the manifest passes an empty IPv6 CIDR so)",
     )
     g.add_argument(
         "--subnet-size", type=int, default=24, help="prefix length of each node's IPv4 subnet (24)"
