@@ -22,7 +22,7 @@ import sys
 
 import pytest
 
-from conftest import Node, ask, pod_name, server
+from conftest import TEST_FAULTS, Node, ask, pod_name, server
 
 pytestmark = pytest.mark.netns
 
@@ -476,7 +476,11 @@ def test_failed_add_leaves_nothing(node, client, backend, step):
     pod = node.pod()
     conf = node.conf(runtimeConfig=mappings({"hostPort": 8080, "containerPort": 80}))
     reply = node.run(
-        "ADD", conf, container_id="c1", netns=pod, env={**_env(backend), "PYCNI_FAIL_AFTER": step}
+        "ADD",
+        conf,
+        container_id="c1",
+        netns=pod,
+        env={**_env(backend), **TEST_FAULTS, "PYCNI_FAIL_AFTER": step},
     )
     assert reply.code == 199 and step in reply.out["msg"], reply
     assert no_pycni_rules(node, backend)

@@ -33,8 +33,17 @@ Observer = Callable[[str, int, float], None]  # (command, code or 0, seconds)
 
 
 class Agent:
-    def __init__(self, socket_path: str, workers: int = 32, data_dir: str | None = None):
+    def __init__(
+        self,
+        socket_path: str,
+        workers: int = 32,
+        data_dir: str | None = None,
+        test_faults: bool = False,
+    ):
         self.socket_path = socket_path
+        # `pycnictl agent --test-faults`: honour the fault-injection variables of requests
+        # (core.faults). Tests only: they fail, pause or SIGKILL the agent on a caller's word.
+        self.test_faults = test_faults
         self.workers = workers
         self.data_dirs: set[str] = {data_dir} if data_dir else set()
         self.observers: list[Observer] = []
@@ -189,7 +198,9 @@ class Agent:
             out, status = CniError(NOT_AVAILABLE, not_ready).to_json(version), 1
         else:
             with self.locks.hold(cid) if cid else nullcontext():
-                out, status = plugin.handle(environ, stdin, on_config=self._seen)
+                out, status = plugin.handle(
+                    environ, stdin, on_config=self._seen, faults=self.test_faults
+                )
             if command == "ADD" and status == 0 and self.policy is not None:
                 self._policy_for_new_pod(environ)
         elapsed = time.perf_counter() - started

@@ -32,6 +32,13 @@ def register(sub) -> None:
     )
     p.add_argument("--workers", type=int, default=32, help="calls served at once")
     p.add_argument(
+        "--test-faults",
+        action="store_true",
+        help="TESTS ONLY: honour the fault-injection variables of CNI calls (PYCNI_FAIL_AFTER, "
+        "PYCNI_TEST_KILL_AT, PYCNI_TEST_PAUSE_AT: fail, SIGKILL the agent, or pause at a step); "
+        "never in production",
+    )
+    p.add_argument(
         "--no-network-policy",
         dest="network_policy",
         action="store_false",
@@ -183,7 +190,15 @@ def run_agent(args) -> int:
 
     resources.keep_warm()
 
-    agent = Agent(args.socket, workers=args.workers, data_dir=args.data_dir)
+    agent = Agent(
+        args.socket, workers=args.workers, data_dir=args.data_dir, test_faults=args.test_faults
+    )
+    if args.test_faults:
+        import logging
+
+        logging.getLogger("pycni").warning(
+            "--test-faults: CNI calls may fail, pause or kill this agent on request (tests only)"
+        )
     agent.cluster = cluster_node(args, args.data_dir, args.socket)
     if agent.cluster is not None and args.network_policy:
         agent.policy = policy_controller(args, args.data_dir)
