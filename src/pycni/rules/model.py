@@ -35,6 +35,11 @@ Interface = IPv4Interface | IPv6Interface
 
 
 PROTOCOLS = ("tcp", "udp")
+# The packet mark bit pycni's hostPort DNATs set, so that the hairpin masquerade applies to
+# traffic pycni itself DNATed to a hostPort and to nothing else DNATed (kube-proxy's Service
+# traffic between pods of one node must keep the client's address). Not kube-proxy's
+# 0x4000/0x8000 nor portmap's 0x2000 (which masquerades whatever carries it).
+HAIRPIN_MARK = 0x1000
 LOCALNET = IPv4Network("127.0.0.0/8")
 # IPv6 has no route_localnet: traffic to ::1 DNATed to a pod could never leave, so it is left
 # alone (to the node's own listeners).
@@ -258,9 +263,11 @@ class RuleSet:
     ``hostports``: DNATs from the node's addresses to pods (HostPort); while there are any,
     forwarded DNATed traffic is accepted, and for IPv4 localhost traffic to them masqueraded and
     127.0.0.0/8 guarded. ``hairpin``: pod addresses with their prefix (e.g. 10.244.1.2/24)
-    whose DNATed traffic from their own subnet is masqueraded, so a pod reaching itself or a
+    whose hostPort traffic from their own subnet is masqueraded, so a pod reaching itself or a
     neighbour through a hostPort gets the answer back through the node (needed without
-    br_netfilter, where the neighbour would answer straight over the bridge). Any iterables
+    br_netfilter, where the neighbour would answer straight over the bridge). Only traffic a
+    hostPort DNAT marked (HAIRPIN_MARK): other DNATed traffic to the pod, such as a Service's
+    through kube-proxy, keeps its source. Any iterables
     are accepted (networks and addresses also as strings) and stored as sorted tuples.
     ``policy``: the node's NetworkPolicy rules (PolicyFragment). An empty set means "no table
     at all".
