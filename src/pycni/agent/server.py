@@ -57,7 +57,6 @@ class Agent:
         self.cluster = None  # agent.cluster.ClusterNode when the agent runs the cluster side
         self.policy = None  # agent.policy.PolicyController when it enforces NetworkPolicy
         self.repair_every = REPAIR_EVERY
-        self._told_shared_table = False
 
     # --- life cycle ------------------------------------------------------------------------
 
@@ -248,8 +247,6 @@ class Agent:
         dirs = [
             d for d in sorted(self.data_dirs) if os.path.exists(os.path.join(d, "pycni.db"))
         ]  # never create a store
-        if len(dirs) > 1 and self._shared_table(dirs):
-            return 0
         repaired = 0
         for data_dir in dirs:
             with resources.store(data_dir) as store:
@@ -261,23 +258,6 @@ class Agent:
                         data_dir,
                     )
         return repaired
-
-    def _shared_table(self, dirs: list[str]) -> bool:
-        """Whether several data dirs want rules: each would replace the others' in pycni's one
-        table, so repairing would only make them take turns."""
-        from ..core import masquerade, resources
-
-        wanting = 0
-        for data_dir in dirs:
-            with resources.store(data_dir) as store:
-                wanting += bool(masquerade.desired_rules(store))
-        if wanting > 1 and not self._told_shared_table:
-            log.warning(
-                "several data dirs (%s) want packet rules in pycni's one table: not repairing them",
-                ", ".join(dirs),
-            )
-            self._told_shared_table = True
-        return wanting > 1
 
     def _seen(self, conf) -> None:
         self.data_dirs.add(conf.data_dir)

@@ -27,12 +27,16 @@ from pycni.rules.model import (
     Network,
     RuleSet,
     hairpin_of,
+    quote_store,
+    unquote_store,
 )
 
 IPT_MASQ_CHAIN = "PYCNI-MASQ"
 IPT_FWD_CHAIN = "PYCNI-FWD"
 IPT_INPUT_CHAIN = "PYCNI-INPUT"
 IPT_HOSTPORT_CHAIN = "PYCNI-HOSTPORTS"
+# Nothing jumps to it: one rule per store whose wants the chains hold (RuleSet.stores).
+IPT_STORES_CHAIN = "PYCNI-STORES"
 IPT_COMMENT = "pycni"
 
 
@@ -67,6 +71,7 @@ HOOKS = (FWD_HOOK, MASQ_HOOK, INPUT_HOOK, *DNAT_HOOKS)
 IPT_CHAINS = (
     ("filter", IPT_FWD_CHAIN),
     ("filter", IPT_INPUT_CHAIN),
+    ("filter", IPT_STORES_CHAIN),
     ("nat", IPT_HOSTPORT_CHAIN),
     ("nat", IPT_MASQ_CHAIN),
 )
@@ -118,9 +123,14 @@ def chain_bodies(rules: RuleSet, family: int) -> dict[str, list[str]]:
     dnat = [line for hp in hostports for line in _ipt_dnat(hp)]
     if family == 6 and dnat:
         dnat.insert(0, f"-A {IPT_HOSTPORT_CHAIN} -d {IPV6_LOOPBACK} -j RETURN")
+    stores = [
+        f"-A {IPT_STORES_CHAIN} -m comment --comment {quote_store(d)} -j RETURN"
+        for d in (rules.stores if rules else ())
+    ]
     return {
         IPT_FWD_CHAIN: fwd,
         IPT_INPUT_CHAIN: guard_input,
+        IPT_STORES_CHAIN: stores,
         IPT_HOSTPORT_CHAIN: dnat,
         IPT_MASQ_CHAIN: masq,
     }
@@ -171,6 +181,7 @@ def parse_iptables(listings: Iterable[tuple[str, str]]) -> RuleSet:
     hostports: list[HostPort] = []
     hairpin: list[Interface] = []
     accepted: dict[str, set[Network]] = {"-s": set(), "-d": set()}
+    stores: list[str] = []
     for chain, listing in listings:
         # (host address flag value, port) per protocol of the hostPorts marked so far: a DNAT
         # without its mark rule before it is not pycni's current rule.
@@ -181,7 +192,9 @@ def parse_iptables(listings: Iterable[tuple[str, str]]) -> RuleSet:
             words = line.split()
             if not words or words[0] != "-A":
                 continue
-            if chain == IPT_FWD_CHAIN and "ACCEPT" in words:
+            if chain == IPT_STORES_CHAIN and "--comment" in words:
+                stores.append(unquote_store(words[words.index("--comment") + 1].strip('"')))
+            elif chain == IPT_FWD_CHAIN and "ACCEPT" in words:
                 for flag in ("-s", "-d"):
                     if flag in words:
                         accepted[flag].add(ipaddress.ip_network(words[words.index(flag) + 1]))
@@ -211,5 +224,9 @@ def parse_iptables(listings: Iterable[tuple[str, str]]) -> RuleSet:
                     masq.append(src)
         masq_rules.extend(MasqRule(s, tuple(excludes.get(s, ()))) for s in masq)
     return RuleSet(
-        tuple(masq_rules), tuple(accepted["-s"] & accepted["-d"]), tuple(hostports), tuple(hairpin)
+        tuple(masq_rules),
+        tuple(accepted["-s"] & accepted["-d"]),
+        tuple(hostports),
+        tuple(hairpin),
+        stores=tuple(stores),
     )

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import urllib.parse
 from collections.abc import Iterable
 from dataclasses import dataclass
 from ipaddress import (
@@ -269,8 +270,11 @@ class RuleSet:
     hostPort DNAT marked (HAIRPIN_MARK): other DNATed traffic to the pod, such as a Service's
     through kube-proxy, keeps its source. Any iterables
     are accepted (networks and addresses also as strings) and stored as sorted tuples.
-    ``policy``: the node's NetworkPolicy rules (PolicyFragment). An empty set means "no table
-    at all".
+    ``policy``: the node's NetworkPolicy rules (PolicyFragment). ``stores``: the data dirs
+    (IPAM stores) whose wants these are: the node's one set is merged from every store that
+    wants rules (see merge), and the kernel keeps their list beside the rules, so that a store
+    syncing later finds the others. Bookkeeping, not rules: alone it is no table. An empty set
+    means "no table at all".
     """
 
     masquerade: tuple[MasqRule, ...] = ()
@@ -278,8 +282,10 @@ class RuleSet:
     hostports: tuple[HostPort, ...] = ()
     hairpin: tuple[Interface, ...] = ()
     policy: PolicyFragment = PolicyFragment()
+    stores: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "stores", tuple(sorted(set(self.stores))))
         object.__setattr__(self, "masquerade", tuple(normalize(self.masquerade)))
         object.__setattr__(self, "forward", collapse(self.forward))
         object.__setattr__(
@@ -299,6 +305,31 @@ class RuleSet:
     def guards_localnet(self) -> bool:
         """Whether IPv4 hostPorts exist: they need route_localnet, hence the 127/8 guard."""
         return any(hp.version == 4 for hp in self.hostports)
+
+
+def quote_store(data_dir: str) -> str:
+    """A data dir as a rule comment: nothing nft or iptables would read as syntax (quotes,
+    spaces, backslashes) survives unescaped."""
+    return urllib.parse.quote(data_dir, safe="/-_.:@+,=~")
+
+
+def unquote_store(comment: str) -> str:
+    return urllib.parse.unquote(comment)
+
+
+def merge(sets: Iterable[RuleSet]) -> RuleSet:
+    """One RuleSet holding every entry of ``sets`` (one per store: a node has one table).
+    NetworkPolicy comes from one store (the agent's): the first that has any. Two stores
+    masquerading one subnet with different exclusions conflict: ValueError."""
+    sets = list(sets)
+    return RuleSet(
+        tuple(r for s in sets for r in s.masquerade),
+        tuple(n for s in sets for n in s.forward),
+        tuple(h for s in sets for h in s.hostports),
+        tuple(i for s in sets for i in s.hairpin),
+        next((s.policy for s in sets if s.policy), PolicyFragment()),
+        tuple(d for s in sets for d in s.stores),
+    )
 
 
 def hairpin_of(source: Network, dest: Network) -> Interface:

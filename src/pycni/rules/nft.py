@@ -33,6 +33,8 @@ from pycni.rules.model import (
     PolicyFragment,
     RuleSet,
     hairpin_of,
+    quote_store,
+    unquote_store,
 )
 
 TABLE = "pycni"
@@ -45,6 +47,9 @@ OUTPUT_CHAIN = "output"
 # A chain nothing jumps to, holding the policy fragment's digest in a rule comment: how the
 # installed policy is read back (nft -j shows rule comments, not chain comments).
 POLICY_DIGEST_CHAIN = "policy_digest"
+# A chain nothing jumps to, one rule per store whose wants the table holds, its data dir in
+# the rule's comment: how a store syncing finds the others (RuleSet.stores).
+STORES_CHAIN = "stores"
 
 
 def _proto(version: int) -> str:
@@ -102,6 +107,10 @@ def render_nft(rules: RuleSet) -> str:
         lines += [f"\t{s}" for s in rules.policy.statements]
         lines.append(f"\tchain {POLICY_DIGEST_CHAIN} {{")
         lines.append(f'\t\treturn comment "{rules.policy.digest}"')
+        lines.append("\t}")
+    if rules.stores:
+        lines.append(f"\tchain {STORES_CHAIN} {{")
+        lines += [f'\t\treturn comment "{quote_store(d)}"' for d in rules.stores]
         lines.append("\t}")
     if rules.masquerade or rules.hairpin or rules.guards_localnet():
         lines.append(f"\tchain {NAT_CHAIN} {{")
@@ -281,12 +290,16 @@ def parse_nft(listing: str) -> RuleSet:
     hairpin: list[Interface] = []
     accepted: dict[str, set[Network]] = {"saddr": set(), "daddr": set()}
     policy = PolicyFragment()
+    stores: list[str] = []
     for obj in json.loads(listing).get("nftables", []):
         rule = obj.get("rule")
         if not rule:
             continue
         if rule.get("chain") == POLICY_DIGEST_CHAIN and rule.get("comment"):
             policy = PolicyFragment((), str(rule["comment"]))
+            continue
+        if rule.get("chain") == STORES_CHAIN and rule.get("comment"):
+            stores.append(unquote_store(str(rule["comment"])))
             continue
         if str(rule.get("chain", "")).startswith("policy_"):
             continue  # the policy's own chains are read back through the digest
@@ -316,4 +329,5 @@ def parse_nft(listing: str) -> RuleSet:
         tuple(hostports),
         tuple(hairpin),
         policy,
+        tuple(stores),
     )

@@ -7,11 +7,17 @@ iptables.py only turn a RuleSet into text and text back into a RuleSet.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import json
 import os
 import shutil
+import socket
 import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from pycni.cni.errors import INVALID_ENVIRONMENT, RULES_FAILURE, CniError
 from pycni.rules import iptables, nft
@@ -21,6 +27,53 @@ BACKENDS = ("nft", "iptables")
 ENV_BACKEND = "PYCNI_RULES_BACKEND"
 
 _TIMEOUT = 30.0
+# The node lock: an abstract unix socket name, so one per network namespace (as the rules
+# are), no file anywhere, and released by the kernel when its holder dies.
+_LOCK_NAME = "\0pycni-rules-lock"
+_LOCK_POLL = 0.005
+_held = threading.local()
+_in_process = threading.Lock()
+
+
+@contextmanager
+def node_lock(timeout: float = _TIMEOUT) -> Iterator[None]:
+    """Every update of pycni's rules in this network namespace, whichever store it comes
+    from, one at a time: each reads the others' wants and installs the merged set, which two
+    at once would overwrite with each one's view. Reentrant within a thread."""
+    if getattr(_held, "depth", 0):
+        _held.depth += 1
+        try:
+            yield
+        finally:
+            _held.depth -= 1
+        return
+    deadline = time.monotonic() + timeout
+    if not _in_process.acquire(timeout=timeout):  # this process's threads queue here
+        raise CniError(RULES_FAILURE, f"packet rules: node lock busy for {timeout:g}s")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        while True:
+            try:
+                sock.bind(_LOCK_NAME)
+                break
+            except OSError as exc:
+                if exc.errno != errno.EADDRINUSE:
+                    raise CniError(RULES_FAILURE, f"packet rules: node lock: {exc}") from None
+                if time.monotonic() > deadline:
+                    raise CniError(
+                        RULES_FAILURE,
+                        f"packet rules: another process has held the node's rule lock for "
+                        f"{timeout:g}s",
+                    ) from None
+                time.sleep(_LOCK_POLL)
+        _held.depth = 1
+        try:
+            yield
+        finally:
+            _held.depth = 0
+    finally:
+        sock.close()
+        _in_process.release()
 
 
 def digest(rules: RuleSet) -> str:
