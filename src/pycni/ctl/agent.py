@@ -7,7 +7,7 @@ import argparse
 import signal
 import socket
 
-from ..cluster.factory import DEFAULT_LEASE_TTL, DEFAULT_SQLITE_PATH, KINDS
+from ..cluster.factory import DEFAULT_NODE_TIMEOUT, DEFAULT_SQLITE_PATH, KINDS
 from ..cni.netconf import DEFAULT_DATA_DIR
 from ..shim import DEFAULT_SOCKET
 
@@ -74,6 +74,13 @@ def register(sub) -> None:
     leave.set_defaults(func=run_leave)
 
 
+def _positive_seconds(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
+    return value
+
+
 def cidr_list(text: str) -> list[str]:
     """``10.244.0.0/16,fd00:10:244::/56`` as a list; empty items (an unset ConfigMap key
     expanded into the argument) are left out."""
@@ -115,10 +122,15 @@ def cluster_options() -> argparse.ArgumentParser:
         help="kubernetes datastore: kubeconfig (default: in-cluster config)",
     )
     g.add_argument(
+        "--node-timeout",
         "--lease-ttl",
-        type=float,
-        default=DEFAULT_LEASE_TTL,
-        help="seconds a node's subnet outlives its agent (sqlite and etcd; 3600)",
+        dest="node_timeout",
+        type=_positive_seconds,
+        default=DEFAULT_NODE_TIMEOUT,
+        help="seconds after which a node that vanished without `pycnictl leave` leaves the "
+        "other nodes' routes: its subnet lease's TTL (sqlite, etcd; its agent renews it every "
+        "third of it), or how long its Node's Ready may stay Unknown (kubernetes); "
+        f"{DEFAULT_NODE_TIMEOUT:g}, so within 5 minutes. --lease-ttl is its old name",
     )
     g.add_argument("--node-name", default=socket.gethostname(), help="this node's name")
     g.add_argument(
