@@ -2,8 +2,8 @@
 from, so that during an upgrade an operator can tell which agent runs on which node.
 
 The commit comes from the environment variable ``PYCNI_COMMIT`` first (the image sets it from
-its build argument of the same name: an image has no .git), else from ``git describe`` when
-this code runs from a checkout; else it is unknown ("").
+its build argument of the same name: an image has no .git), else from git (``rev-parse`` of
+HEAD) when this code runs from a checkout; else it is unknown ("").
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ def version() -> str:
 
 @functools.cache
 def commit() -> str:
-    """The commit this code was built from: $PYCNI_COMMIT, else the checkout's (with -dirty
-    when it has changes), else ""."""
+    """The commit this code was built from: $PYCNI_COMMIT, else the checkout's HEAD, else
+    ""."""
     stamped = os.environ.get(COMMIT_ENV, "").strip()
     if stamped:
         return stamped
@@ -44,8 +44,10 @@ def _git_commit(root: str) -> str:
     if not os.path.exists(os.path.join(root, ".git")):
         return ""
     try:
+        # rev-parse, not describe --dirty: it never scans the working tree, so an agent
+        # started from a checkout (the tests') is not held up before it accepts calls.
         proc = subprocess.run(
-            ["git", "-C", root, "describe", "--always", "--dirty", "--abbrev=12", "--exclude=*"],
+            ["git", "-C", root, "rev-parse", "--short=12", "HEAD"],
             capture_output=True,
             text=True,
             timeout=_GIT_TIMEOUT,
