@@ -737,7 +737,7 @@ def test_sync_sets_route_localnet_around_the_guard(store, monkeypatch):
     monkeypatch.setattr(
         core.sysctl, "set_route_localnet", lambda bridge, on: calls.append((bridge, on))
     )
-    monkeypatch.setattr(sync, "installed", lambda backend=None: None)  # no kernel here
+    monkeypatch.setattr(sync, "installed_stores", lambda backend=None: ())  # no kernel here
     store.set_network(NET, {"ipMasq": False, "subnets": ["10.244.1.0/24"], "bridge": "br-a"})
     store.set_network("six", {"ipMasq": False, "subnets": ["fd00:10:244:1::/64"], "bridge": "br-b"})
     _attach(store, "c1", [PortMapping(8080, 80)], sets=(SET4,))

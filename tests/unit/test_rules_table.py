@@ -220,7 +220,9 @@ def test_record_cluster_rejects_bad_networks(store):
 def test_sync_applies_only_on_change(store, monkeypatch):
     applied: list[RuleSet] = []
     monkeypatch.setattr(sync, "apply", lambda rules, backend=None: applied.append(rules) or "nft")
-    monkeypatch.setattr(sync, "installed", lambda backend=None: applied[-1] if applied else None)
+    monkeypatch.setattr(
+        sync, "installed_stores", lambda backend=None: applied[-1].stores if applied else ()
+    )
     core.sync(store)
     assert applied == []  # nothing wanted, nothing recorded: no nft run at all
     core.record_cluster(store, ["10.244.0.0/16"], [])
@@ -269,10 +271,10 @@ def test_node_rules_take_the_other_stores_wants_from_their_stores(store, tmp_pat
     finally:
         other.close()
     others = core.data_dir_of(other)
-    listed = RuleSet(stores=[others, str(tmp_path / "gone")])  # as the kernel lists them
+    listed = [others, str(tmp_path / "gone")]  # as the kernel lists them
     merged = core.node_rules(store, listed)
     assert merged.stores == tuple(sorted([core.data_dir_of(store), others]))
     assert [str(n) for n in merged.forward] == ["10.245.0.0/16"]
     assert merged.masquerade == core.desired_rules(store).masquerade
     # Nothing installed yet: this store's wants alone.
-    assert core.node_rules(store, None) == core.desired_rules(store)
+    assert core.node_rules(store, ()) == core.desired_rules(store)

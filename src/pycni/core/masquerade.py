@@ -116,14 +116,15 @@ def desired_rules(store: Store) -> RuleSet:
     return dataclasses.replace(rules, stores=(data_dir_of(store),)) if rules else rules
 
 
-def node_rules(store: Store, installed: RuleSet | None) -> RuleSet:
+def node_rules(store: Store, listed: Iterable[str]) -> RuleSet:
     """The node's whole rule set: this store's wants merged with those of every other store
-    the installed table lists and that still exists (one whose data dir is gone, or that wants
-    nothing any more, drops out). CniError when another store cannot be read: its wants are
-    unknown, and installing without them would take its pods' rules away."""
+    the installed rules list (``listed``: RuleSet.stores) that still exists (one whose data
+    dir is gone, or that wants nothing any more, drops out). CniError when another store
+    cannot be read: its wants are unknown, and installing without them would take its pods'
+    rules away."""
     mine = data_dir_of(store)
     sets = [desired_rules(store)]
-    for other in installed.stores if installed is not None else ():
+    for other in listed:
         if other == mine or not os.path.exists(os.path.join(other, "pycni.db")):
             continue  # never create a store
         try:
@@ -233,7 +234,7 @@ def sync(store: Store, force: bool = False) -> None:
         digest = rules_sync.digest(mine)
         if not force and _applied(store, key) == digest:
             return
-        rules = node_rules(store, rules_sync.installed())
+        rules = node_rules(store, rules_sync.installed_stores())
         wanted, every = _localnet_bridges(store)
         # Off before the 127/8 guard goes, on after it came: never open without the guard.
         # (Only this store's bridges: another store's keep the guard its wants bring.)
@@ -277,7 +278,7 @@ def repair(store: Store) -> bool:
     if not desired and _applied(store, _digest_key()) == rules_sync.digest(desired):
         return False  # nothing wanted, nothing installed: never run nft for nothing
     installed = rules_sync.installed()
-    if (installed or RuleSet()) == node_rules(store, installed):
+    if (installed or RuleSet()) == node_rules(store, installed.stores if installed else ()):
         return False
     sync(store, force=True)
     return True

@@ -270,6 +270,26 @@ def _installed_ipt() -> RuleSet | None:
     return iptables.parse_iptables(listings) if listings else None
 
 
+def installed_stores(backend: str | None = None) -> tuple[str, ...]:
+    """The data dirs whose wants the installed rules hold (RuleSet.stores), reading only
+    their chain: a sync needs no more, and a table with large NetworkPolicy sets costs about
+    as much to list as to replace."""
+    if resolve_backend(backend) == "nft":
+        proc = _run(["nft", "-j", "list", "chain", "inet", nft.TABLE, nft.STORES_CHAIN])
+        if proc.returncode != 0:
+            if "No such file or directory" in proc.stderr or "does not exist" in proc.stderr:
+                return ()
+            raise CniError(RULES_FAILURE, f"packet rules: nft list failed: {proc.stderr.strip()}")
+        return nft.parse_nft(proc.stdout).stores
+    listings = []
+    for family in (4, 6):
+        if shutil.which(_ipt(family)):
+            proc = _run([*_ipt_base("filter", family), "-S", iptables.IPT_STORES_CHAIN])
+            if proc.returncode == 0:
+                listings.append((iptables.IPT_STORES_CHAIN, proc.stdout))
+    return iptables.parse_iptables(listings).stores
+
+
 def policy_counters(table: str = nft.TABLE) -> dict[str, tuple[int, int]]:
     """{counter: (packets, bytes)} of pycni's named counters in this network namespace; empty
     when there is no table (or no nft)."""
