@@ -23,6 +23,9 @@ from pycni.cluster.etcd_server import ETCD, EtcdServer
 from pycni.cluster.kv import KV
 
 RUN_ID = f"{os.getpid() % 100000:05d}"
+# What an in-process plugin needs in its environment to honour the fault-injection variables
+# (PYCNI_FAIL_AFTER, ...); a test's agent is started with --test-faults (AgentProcess).
+TEST_FAULTS = {"PYCNI_TEST_FAULTS": "1"}
 _counter = itertools.count()
 
 
@@ -293,8 +296,11 @@ def have(tool: str) -> bool:
 class AgentProcess:
     """`pycnictl agent` running inside a node's netns, with private socket, log and data dir."""
 
-    def __init__(self, node: Node, metrics_port: int = 0):
+    def __init__(self, node: Node, metrics_port: int = 0, test_faults: bool = True):
         self.node = node
+        # A test's agent honours the fault-injection variables (`--test-faults`) unless told
+        # not to, as the in-process plugin does with TEST_FAULTS in its environment.
+        self.test_faults = test_faults
         self.socket = os.path.join(node.root, "agent", "agent.sock")
         self.log_file = os.path.join(node.root, "agent.log")
         self.metrics_port = metrics_port
@@ -304,7 +310,11 @@ class AgentProcess:
         from pycni.agent.launch import agent_argv, wait_until_listening
 
         argv = agent_argv(
-            self.socket, os.path.join(self.node.root, "data"), self.log_file, self.metrics_port
+            self.socket,
+            os.path.join(self.node.root, "data"),
+            self.log_file,
+            self.metrics_port,
+            test_faults=self.test_faults,
         )
         self.proc = subprocess.Popen(
             ["ip", "netns", "exec", self.node.ns, *argv],

@@ -16,15 +16,22 @@ from .cni import env as cnienv
 from .cni.errors import INTERNAL_ERROR, CniError
 
 
-def handle(environ, stdin: bytes, on_config=None) -> tuple[dict | None, int]:
+def handle(
+    environ, stdin: bytes, on_config=None, faults: bool | None = None
+) -> tuple[dict | None, int]:
     """Run one CNI invocation; return (JSON to print or None, exit status).
 
     `on_config` (the agent's) sees each parsed config, e.g. to learn which data dirs exist.
+    `faults`: whether the test-only fault-injection variables are honoured; None (in-process)
+    means as this process's environment says (PYCNI_TEST_FAULTS=1); the agent passes its own
+    --test-faults, so a request can never opt in by itself.
     """
     # Errors answer in the version the config asked for, even errors found before it is parsed.
     version = asked_version(stdin)
+    if faults is None:
+        faults = cnienv.faults_opted_in(environ)
     try:
-        request = cnienv.from_environ(environ)
+        request = cnienv.from_environ(environ, faults)
         if request.command == "VERSION":
             return {"cniVersion": version, "supportedVersions": list(versions.SUPPORTED)}, 0
         from .cni import netconf
@@ -40,6 +47,12 @@ def handle(environ, stdin: bytes, on_config=None) -> tuple[dict | None, int]:
         from . import log
 
         log.setup(conf.log_file, conf.log_level, environ)
+        if not faults and any(environ.get(k) for k in cnienv.FAULT_ENVS):
+            logging.getLogger("pycni").warning(
+                "ignoring the test-only fault-injection variables: not opted in (an agent "
+                "started with --test-faults, or %s=1 in-process)",
+                cnienv.TEST_FAULTS_ENV,
+            )
         if conf.config_problem:
             logging.getLogger("pycni").warning("DEL despite a bad config: %s", conf.config_problem)
         if request.command == "CHECK":

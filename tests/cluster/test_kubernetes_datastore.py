@@ -467,3 +467,76 @@ def test_import_does_not_load_the_client():
     code = "import sys, pycni.cluster.kubernetes; print('kubernetes' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+# -- a node that vanished without `pycnictl leave` ------------------------------------------
+
+T0 = "2024-05-14T07:00:00Z"
+T0_EPOCH = 1715670000.0
+
+
+def ready(status: str, since: str = T0) -> dict:
+    condition = {
+        "type": "Ready",
+        "status": status,
+        "lastHeartbeatTime": since,
+        "lastTransitionTime": since,
+        "reason": "NodeStatusUnknown" if status == "Unknown" else "KubeletReady",
+        "message": "Kubelet stopped posting node status." if status == "Unknown" else "ok",
+    }
+    return {"status": {"conditions": [condition]}}
+
+
+def eventually(check, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "not within the time"
+        time.sleep(0.02)
+
+
+def clocked_store(api, now: list[float]) -> KubernetesDatastore:
+    store = KubernetesDatastore("node-a", api_client=api, node_timeout=60, clock=lambda: now[0])
+    store.request_timeout = (2.0, 5.0)
+    store.backoff = (0.05, 0.1)
+    OPEN.append(store)
+    return store
+
+
+def test_a_node_unknown_for_the_timeout_leaves_the_routes_and_comes_back(api, server):
+    now = [T0_EPOCH + 10]
+    store = clocked_store(api, now)
+    store.register(local(ips=("192.168.56.10",)))
+    watching(store, server)
+    assert names(store) == ["node-a", "node-b"]
+    server.modify("node-b", ready("Unknown"))  # the node lifecycle controller's doing
+    eventually(lambda: "node-b" in store._unknown_since)
+    assert names(store) == ["node-a", "node-b"]  # 10 s of the 60
+    now[0] += 51
+    assert names(store) == ["node-a"]
+    server.modify("node-a", ready("Unknown"))  # its own node: the agent asking is alive
+    eventually(lambda: "node-a" in store._unknown_since)
+    assert names(store) == ["node-a"]
+    server.modify("node-b", ready("True", "2024-05-14T08:00:00Z"))  # it reports again
+    eventually(lambda: names(store) == ["node-a", "node-b"])
+    # A first list (no watch yet) judges the same way.
+    fresh = clocked_store(api, now)
+    server.modify("node-b", ready("Unknown"))
+    assert names(fresh) == ["node-a"]
+
+
+def test_an_api_server_outage_removes_no_node(api, server):
+    now = [T0_EPOCH + 10]
+    store = clocked_store(api, now)
+    store.register(local(ips=("192.168.56.10",)))
+    watching(store, server)
+    server.modify("node-b", ready("Unknown"))
+    eventually(lambda: "node-b" in store._unknown_since)
+    assert names(store) == ["node-a", "node-b"]
+    server.unavailable = True
+    server.restart()
+    eventually(lambda: store.informer is not None and not store.informer.healthy)
+    now[0] += 3600  # an hour of outage: the cache is stale, nothing is judged on it
+    assert names(store) == ["node-a", "node-b"]
+    server.unavailable = False  # back, and node-b is still Unknown: now it goes
+    eventually(lambda: store.informer.healthy)
+    assert names(store) == ["node-a"]

@@ -349,15 +349,48 @@ def test_sqlite_expiry_follows_the_clock(tmp_path):
     try:
         assert a.create("/p/k", "a")
         _, rev = b.list("/p/")
-        now[0] += 9
-        assert a.keepalive()  # renewed until 1019
-        now[0] += 9
+        for _ in range(3):  # both renew every third of the TTL, as agents do
+            now[0] += 3
+            assert a.keepalive() and b.keepalive()  # a's renewed until 1019
+        for _ in range(3):  # a falls silent; b goes on
+            now[0] += 3
+            assert b.keepalive()
         assert b.list("/p/")[0] == {"/p/k": "a"}
         assert b.wait("/p/", rev, 0) == rev
         now[0] += 1
         assert b.wait("/p/", rev, 5) > rev  # the expiry, noticed without any write
         assert b.list("/p/")[0] == {}
         assert not a.keepalive()
+    finally:
+        a.close()
+        b.close()
+
+
+def test_sqlite_an_outage_expires_nothing(tmp_path):
+    """While nobody writes (the file unreachable, or every agent down) time stands still:
+    after a silence of ten TTLs every lease is still there, and only a client that stays
+    silent once the others write again expires, a TTL later."""
+    from pycni.cluster.sqlite import SqliteKV
+
+    now = [1000.0]
+    path = str(tmp_path / "cluster.db")
+    a, b = (SqliteKV(path, 10, clock=lambda: now[0]) for _ in range(2))
+    try:
+        assert a.create("/p/a", "a") and b.create("/p/b", "b")
+        _, rev = a.list("/p/")
+        now[0] += 100
+        assert a.list("/p/")[0] == {"/p/a": "a", "/p/b": "b"}  # read before any write
+        assert a.wait("/p/", rev, 0.2) == rev
+        assert a.keepalive()  # the first write: every lease is extended by the silence
+        assert a.list("/p/")[0] == {"/p/a": "a", "/p/b": "b"}
+        for _ in range(3):
+            now[0] += 3
+            assert a.keepalive()
+        assert a.list("/p/")[0] == {"/p/a": "a", "/p/b": "b"}  # b's lease runs to 1110
+        now[0] += 2
+        assert a.keepalive()
+        assert a.list("/p/")[0] == {"/p/a": "a"}  # b stayed silent while a wrote
+        assert not b.keepalive()
     finally:
         a.close()
         b.close()

@@ -24,7 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from conftest import AgentProcess, Node, Reply, UnixServer, pod_name
+from conftest import TEST_FAULTS, AgentProcess, Node, Reply, UnixServer, pod_name
 from pycni import shim
 from pycni.cni import versions
 from pycni.dataplane.names import host_veth_name
@@ -288,7 +288,13 @@ def scenario(n: Node) -> list[tuple[str, Reply, set[str]]]:
         container_id="c5",
         netns=p4,
     )
-    step("injected-failure", "ADD", container_id="c6", netns=p4, env={"PYCNI_FAIL_AFTER": "veth"})
+    step(
+        "injected-failure",
+        "ADD",
+        container_id="c6",
+        netns=p4,
+        env={**TEST_FAULTS, "PYCNI_FAIL_AFTER": "veth"},
+    )
     step("DEL", "DEL", container_id="c1", netns=p1)
     step("DEL-again", "DEL", container_id="c1", netns=p1)
     step("DEL-gone-by-GC", "DEL", container_id="c2", netns=p2)

@@ -11,7 +11,7 @@ from contextlib import contextmanager
 
 import pytest
 
-from conftest import Node, have, pod_name
+from conftest import TEST_FAULTS, Node, have, pod_name
 from pycni.core.faults import ADD_STEPS
 from pycni.dataplane.names import host_veth_name, ifb_alias, ifb_name
 from pycni.ipam.store import Store
@@ -163,7 +163,11 @@ def test_check_notices_lost_shaping(node):
 def test_failed_add_leaves_no_ifb(node, step):
     pod = node.pod()
     reply = node.run(
-        "ADD", shaped(node), container_id="c1", netns=pod, env={"PYCNI_FAIL_AFTER": step}
+        "ADD",
+        shaped(node),
+        container_id="c1",
+        netns=pod,
+        env={**TEST_FAULTS, "PYCNI_FAIL_AFTER": step},
     )
     assert reply.code == 199 and step in reply.out["msg"], reply
     assert ifbs(node) == []

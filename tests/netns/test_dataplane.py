@@ -15,7 +15,7 @@ from contextlib import contextmanager
 
 import pytest
 
-from conftest import Node, pod_name
+from conftest import TEST_FAULTS, Node, pod_name
 from pycni.core.faults import ADD_STEPS
 from pycni.dataplane.names import host_veth_name
 from pycni.ipam.store import Store
@@ -301,7 +301,7 @@ def test_round_robin_skips_just_freed_address(node):
 def test_failure_after_each_step_leaves_nothing(node, step):
     node.base["ipMasq"] = True
     pod = node.pod()
-    reply = add_fails(node, pod, "doomed", env={"PYCNI_FAIL_AFTER": step})
+    reply = add_fails(node, pod, "doomed", env={**TEST_FAULTS, "PYCNI_FAIL_AFTER": step})
     assert reply.code == 199 and step in reply.out["msg"], reply
 
     assert host_veths(node) == []

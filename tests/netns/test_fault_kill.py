@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from conftest import AgentProcess, DoctorProcess, Namespaces, Node, Reply
+from conftest import TEST_FAULTS, AgentProcess, DoctorProcess, Namespaces, Node, Reply
 from pycni.cni.env import KILL_AT_ENV
 from pycni.core.faults import ADD_STEPS, DEL_STEPS, GC_STEPS
 
@@ -145,7 +145,7 @@ def start_again(fn: FaultNode, cid: str, pod: str) -> None:
 @pytest.mark.parametrize("step", ADD_STEPS)
 def test_killed_during_add(fn, step):
     cid, pod = f"add-{step}", fn.node.pod("a")
-    fn.killed(fn.run("ADD", cid, pod, env={KILL_AT_ENV: step}))
+    fn.killed(fn.run("ADD", cid, pod, env={**TEST_FAULTS, KILL_AT_ENV: step}))
     # Every step comes after the allocation: the doctor sees an attachment the runtime, for
     # which the ADD failed, does not know.
     found = fn.doctor.check({KEEPER})
@@ -162,7 +162,7 @@ def test_killed_during_add_and_only_gc_follows(fn, step):
     """The runtime lost the failed sandbox (it crashed too): its next GC alone cleans up, and
     a DEL arriving after that finds nothing and succeeds."""
     cid, pod = f"addgc-{step}", fn.node.pod("a")
-    fn.killed(fn.run("ADD", cid, pod, env={KILL_AT_ENV: step}))
+    fn.killed(fn.run("ADD", cid, pod, env={**TEST_FAULTS, KILL_AT_ENV: step}))
     ok(fn.gc({KEEPER}))
     assert fn.doctor.check({KEEPER}) == []
     ok(fn.run("DEL", cid, pod))
@@ -173,7 +173,7 @@ def test_killed_during_add_and_only_gc_follows(fn, step):
 def test_killed_during_del(fn, step):
     cid, pod = f"del-{step}", fn.node.pod("d")
     ok(fn.run("ADD", cid, pod))
-    fn.killed(fn.run("DEL", cid, pod, env={KILL_AT_ENV: step}))
+    fn.killed(fn.run("DEL", cid, pod, env={**TEST_FAULTS, KILL_AT_ENV: step}))
     found = fn.doctor.check({KEEPER})
     if step in ("del-veth", "del-ifb"):
         assert any(f.startswith("host-veth-missing:") and cid in f for f in found), found
@@ -198,10 +198,12 @@ def test_killed_during_gc(fn, step):
     crashed, crashed_pod = f"gc-{step}-c", fn.node.pod("g")
     ok(fn.run("ADD", forgotten, forgotten_pod))
     in_process = fn.conf(crashed, agentSocket="")
-    reply = fn.run("ADD", crashed, crashed_pod, env={KILL_AT_ENV: "veth"}, conf=in_process)
+    reply = fn.run(
+        "ADD", crashed, crashed_pod, env={**TEST_FAULTS, KILL_AT_ENV: "veth"}, conf=in_process
+    )
     assert reply.rc == -signal.SIGKILL, reply
     assert len(fn.doctor.check({KEEPER})) >= 2
-    fn.killed(fn.gc({KEEPER}, env={KILL_AT_ENV: step}))
+    fn.killed(fn.gc({KEEPER}, env={**TEST_FAULTS, KILL_AT_ENV: step}))
     left = fn.doctor.check({KEEPER})
     if step == "gc-rules":
         assert left == []

@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from conftest import DoctorProcess, Node, Reply, pod_name, sh
+from conftest import TEST_FAULTS, DoctorProcess, Node, Reply, pod_name, sh
 from pycni.agent.server import REPAIR_EVERY
 from pycni.cni.env import PAUSE_AT_ENV
 from pycni.dataplane.names import host_veth_name
@@ -77,7 +77,7 @@ def test_netns_deleted_in_the_middle_of_add(node, step, tmp_path):
             conf,
             container_id="vanish",
             netns=pod,
-            env={PAUSE_AT_ENV: f"{step}:{fifo}"},
+            env={**TEST_FAULTS, PAUSE_AT_ENV: f"{step}:{fifo}"},
         )
         fd = open_writer(fifo, waiting)
         try:

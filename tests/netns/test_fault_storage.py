@@ -223,9 +223,21 @@ def pods(fs: Fs) -> tuple[list[str], dict]:
     return netns, results
 
 
+def status(fs: Fs) -> Reply:
+    return fs.node.run("STATUS", fs.node.conf(), container_id=None, ifname=None, netns=None)
+
+
+def not_ready(fs: Fs, *words: str) -> None:
+    """STATUS says the node cannot take pods: code 50, naming the database and why."""
+    out = failed(status(fs), 50, "not ready", fs.db, *words)
+    assert out.get("details"), out
+
+
 def recovered(fs: Fs, netns: list[str]) -> None:
-    """What the runtime's retries do once the store can be used again: DEL c1 (its earlier
-    DEL failed), ADD c2; then the invariant holds for the pods the runtime has."""
+    """What the runtime's retries do once the store can be used again: STATUS is ready, DEL
+    c1 (its earlier DEL failed), ADD c2; then the invariant holds for the pods the runtime
+    has."""
+    ok(status(fs))
     ok(fs.run("DEL", "c1", netns[1]))
     ok(fs.run("ADD", "c2", netns[2]))
     ips = [ip for _, _, ip in fs.rows()]
@@ -239,8 +251,10 @@ def recovered(fs: Fs, netns: list[str]) -> None:
 def test_full_filesystem(fs):
     netns, results = pods(fs)
     rows = fs.rows()
+    ok(status(fs))
     filler = fill(fs)
     before = fs.kernel()
+    not_ready(fs, "no space left")
 
     out = failed(fs.run("ADD", "c2", netns[2]), 11, fs.db, "no space left")
     assert out["details"].startswith(f"free space on {fs.data}")
@@ -281,6 +295,7 @@ def test_read_only_filesystem(fs):
         if fs.agent is not None:
             fs.agent.start()
         before = fs.kernel()
+        not_ready(fs, "read-only")
         out = failed(fs.run("ADD", "c2", netns[2]), 5, fs.db, "read-only")
         assert out["details"] == f"remount {fs.data} read-write, then retry"
         # CHECK and GC with nothing stale only read, which SQLite can on a read-only

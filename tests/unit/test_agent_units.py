@@ -436,7 +436,7 @@ def test_keyed_locks_second_holder_waits():
 def fake_handle(monkeypatch):
     track = Tracker()
 
-    def handle(environ, stdin, on_config=None):
+    def handle(environ, stdin, on_config=None, faults=None):
         cid = environ.get("CNI_CONTAINERID", "")
         track.work(cid, f"{environ['CNI_COMMAND']} {cid}", 0.03)
         if environ["CNI_COMMAND"] == "FAIL":
@@ -526,7 +526,9 @@ def test_stop_answers_every_call_already_connected(tmp_path, monkeypatch):
     """SIGTERM semantics: every caller whose connect() succeeded before stop() gets its
     answer, including those still in the listen backlog (not yet accept()ed) when the signal
     came; only callers after stop() find no socket (and run in-process)."""
-    monkeypatch.setattr(plugin, "handle", lambda env, stdin, on_config=None: ({"ok": 1}, 0))
+    monkeypatch.setattr(
+        plugin, "handle", lambda env, stdin, on_config=None, faults=None: ({"ok": 1}, 0)
+    )
     path = str(tmp_path / "agent.sock")
     agent = Agent(path, workers=4)
     agent.bind()
@@ -559,7 +561,9 @@ def test_stop_answers_every_call_already_connected(tmp_path, monkeypatch):
 
 def test_served_agent_answers_health_and_survives_bad_requests(tmp_path, monkeypatch):
     monkeypatch.setattr(
-        plugin, "handle", lambda env, stdin, on_config=None: ({"cmd": env.get("CNI_COMMAND")}, 0)
+        plugin,
+        "handle",
+        lambda env, stdin, on_config=None, faults=None: ({"cmd": env.get("CNI_COMMAND")}, 0),
     )
     path = str(tmp_path / "agent.sock")
     agent = Agent(path, workers=2)

@@ -35,6 +35,7 @@ PRODUCT = {
     "install",
     "node_config",
     "log",
+    "version",
 }
 
 

@@ -7,6 +7,7 @@ metrics port, and the RBAC rules grant exactly what the kubernetes datastore cal
 from __future__ import annotations
 
 import ast
+import copy
 import inspect
 import json
 import os
@@ -21,6 +22,7 @@ import pycni  # noqa: E402
 from pycni import shim  # noqa: E402
 from pycni.agent import metrics  # noqa: E402
 from pycni.cluster.kubernetes import KubernetesDatastore  # noqa: E402
+from pycni.cluster.model import ClusterSettings  # noqa: E402
 from pycni.cni.netconf import DEFAULT_DATA_DIR  # noqa: E402
 from pycni.ctl import install, uninstall  # noqa: E402
 from pycni.ctl.agent import BACKENDS, run_agent  # noqa: E402
@@ -180,6 +182,35 @@ def test_the_agent_runs_with_the_cluster_settings_and_the_hosts_paths():
         "rollingUpdate": {"maxUnavailable": 1},
     }
     assert agent["resources"]["requests"]
+
+
+def test_the_configmap_speaks_dual_stack_and_the_manifest_passes_it_on():
+    ds = one(MANIFEST, "DaemonSet")
+    agent = ds["spec"]["template"]["spec"]["containers"][0]
+    configmap = copy.deepcopy(one(MANIFEST, "ConfigMap"))
+    assert configmap["data"]["cluster-cidr-ipv6"] == ""  # IPv4 only as shipped
+    configmap["data"]["cluster-cidr-ipv6"] = "fd00:10:244::/56"
+    args = build_parser().parse_args(expand(agent["args"], agent, configmap))
+    assert args.cluster_cidr == ["10.244.0.0/16", "fd00:10:244::/56"]
+    settings = ClusterSettings(tuple(args.cluster_cidr))
+    assert [str(settings.cidr(v)) for v in (4, 6)] == ["10.244.0.0/16", "fd00:10:244::/56"]
+    # kubeadm's own form, both in cluster-cidr, works as well.
+    configmap["data"].update({"cluster-cidr": "10.244.0.0/16,fd00:10:244::/56"})
+    configmap["data"]["cluster-cidr-ipv6"] = ""
+    args = build_parser().parse_args(expand(agent["args"], agent, configmap))
+    assert args.cluster_cidr == ["10.244.0.0/16", "fd00:10:244::/56"]
+
+
+def test_cluster_cidrs_repeat_or_come_comma_separated():
+    parse = build_parser().parse_args
+    assert parse(
+        ["agent", "--cluster-cidr", "10.1.0.0/16", "--cluster-cidr", "fd00::/48"]
+    ).cluster_cidr == ["10.1.0.0/16", "fd00::/48"]
+    assert parse(["agent", "--cluster-cidr=10.1.0.0/16, fd00::/48,"]).cluster_cidr == [
+        "10.1.0.0/16",
+        "fd00::/48",
+    ]
+    assert parse(["agent", "--cluster-cidr="]).cluster_cidr == []  # no cluster side
 
 
 def test_the_init_container_installs_the_standalone_launcher_on_the_host():

@@ -23,7 +23,7 @@ from pycni.ipam.store import Store
 from pycni.node_config import node_conflist
 from pycni.rules import sync
 from pycni.rules.iptables import HOOKS, INPUT_HOOK, IPT_HOSTPORT_CHAIN, render_iptables
-from pycni.rules.model import HostPort, MasqRule, RuleSet
+from pycni.rules.model import HAIRPIN_MARK, HostPort, MasqRule, RuleSet
 from pycni.rules.nft import render_nft
 
 REQ = cnienv.Request("ADD", "c1", "/run/netns/p", "eth0")
@@ -225,9 +225,12 @@ def test_nft_hostports():
         "\t}\n"
         "\tchain hostports {\n"
         "\t\tip6 daddr ::1 return\n"
-        "\t\tmeta nfproto ipv4 tcp dport 8080 dnat ip to 10.244.1.2:80\n"
-        "\t\tip daddr 192.0.2.1 udp dport 53 dnat ip to 10.244.1.2:5353\n"
-        "\t\tmeta nfproto ipv6 tcp dport 8080 dnat ip6 to [fd00::2]:80\n"
+        "\t\tmeta nfproto ipv4 tcp dport 8080 meta mark set meta mark | 0x00001000"
+        " dnat ip to 10.244.1.2:80\n"
+        "\t\tip daddr 192.0.2.1 udp dport 53 meta mark set meta mark | 0x00001000"
+        " dnat ip to 10.244.1.2:5353\n"
+        "\t\tmeta nfproto ipv6 tcp dport 8080 meta mark set meta mark | 0x00001000"
+        " dnat ip6 to [fd00::2]:80\n"
         "\t}\n"
         "\tchain prerouting {\n"
         "\t\ttype nat hook prerouting priority dstnat; policy accept;\n"
@@ -240,8 +243,10 @@ def test_nft_hostports():
         "\tchain postrouting {\n"
         "\t\ttype nat hook postrouting priority srcnat; policy accept;\n"
         "\t\tct status dnat ip saddr 127.0.0.0/8 masquerade\n"
-        "\t\tct status dnat ip saddr 10.244.1.0/24 ip daddr 10.244.1.2 masquerade\n"
-        "\t\tct status dnat ip6 saddr fd00::/64 ip6 daddr fd00::2 masquerade\n"
+        "\t\tct status dnat meta mark & 0x00001000 == 0x00001000"
+        " ip saddr 10.244.1.0/24 ip daddr 10.244.1.2 masquerade\n"
+        "\t\tct status dnat meta mark & 0x00001000 == 0x00001000"
+        " ip6 saddr fd00::/64 ip6 daddr fd00::2 masquerade\n"
         "\t}\n"
         "}\n"
     )
@@ -284,12 +289,15 @@ def test_iptables_hostports():
         "*nat\n"
         ":PYCNI-HOSTPORTS - [0:0]\n"
         ":PYCNI-MASQ - [0:0]\n"
+        "-A PYCNI-HOSTPORTS -p tcp -m tcp --dport 8080 -j MARK --set-xmark 0x1000/0x1000\n"
         "-A PYCNI-HOSTPORTS -p tcp -m tcp --dport 8080 -j DNAT --to-destination 10.244.1.2:80\n"
+        "-A PYCNI-HOSTPORTS -d 192.0.2.1 -p udp -m udp --dport 53 -j MARK"
+        " --set-xmark 0x1000/0x1000\n"
         "-A PYCNI-HOSTPORTS -d 192.0.2.1 -p udp -m udp --dport 53 -j DNAT"
         " --to-destination 10.244.1.2:5353\n"
         "-A PYCNI-MASQ -s 127.0.0.0/8 -m conntrack --ctstate DNAT -j MASQUERADE\n"
         "-A PYCNI-MASQ -s 10.244.1.0/24 -d 10.244.1.2 -m conntrack --ctstate DNAT"
-        " -j MASQUERADE\n"
+        " -m mark --mark 0x1000/0x1000 -j MASQUERADE\n"
         "COMMIT\n"
     )
     assert render_iptables(HP, 6) == (
@@ -301,8 +309,10 @@ def test_iptables_hostports():
         ":PYCNI-HOSTPORTS - [0:0]\n"
         ":PYCNI-MASQ - [0:0]\n"
         "-A PYCNI-HOSTPORTS -d ::1 -j RETURN\n"
+        "-A PYCNI-HOSTPORTS -p tcp -m tcp --dport 8080 -j MARK --set-xmark 0x1000/0x1000\n"
         "-A PYCNI-HOSTPORTS -p tcp -m tcp --dport 8080 -j DNAT --to-destination [fd00::2]:80\n"
-        "-A PYCNI-MASQ -s fd00::/64 -d fd00::2 -m conntrack --ctstate DNAT -j MASQUERADE\n"
+        "-A PYCNI-MASQ -s fd00::/64 -d fd00::2 -m conntrack --ctstate DNAT"
+        " -m mark --mark 0x1000/0x1000 -j MASQUERADE\n"
         "COMMIT\n"
     )
 
@@ -336,6 +346,13 @@ _NFT_JSON = {
                 "forward",
                 [
                     {"match": {"op": "in", "left": {"ct": {"key": "status"}}, "right": "dnat"}},
+                    {
+                        "match": {
+                            "op": "==",
+                            "left": {"&": [{"meta": {"key": "mark"}}, HAIRPIN_MARK]},
+                            "right": HAIRPIN_MARK,
+                        }
+                    },
                     {"counter": {"packets": 0, "bytes": 0}},
                     {"accept": None},
                 ],
@@ -364,6 +381,12 @@ _NFT_JSON = {
                             "right": 8080,
                         }
                     },
+                    {
+                        "mangle": {
+                            "key": {"meta": {"key": "mark"}},
+                            "value": {"|": [{"meta": {"key": "mark"}}, HAIRPIN_MARK]},
+                        }
+                    },
                     {"dnat": {"family": "ip", "addr": "10.244.1.2", "port": 80}},
                 ],
             ),
@@ -384,6 +407,12 @@ _NFT_JSON = {
                             "right": 53,
                         }
                     },
+                    {
+                        "mangle": {
+                            "key": {"meta": {"key": "mark"}},
+                            "value": {"|": [{"meta": {"key": "mark"}}, HAIRPIN_MARK]},
+                        }
+                    },
                     {"dnat": {"family": "ip", "addr": "10.244.1.2", "port": 5353}},
                 ],
             ),
@@ -396,6 +425,12 @@ _NFT_JSON = {
                             "op": "==",
                             "left": {"payload": {"protocol": "tcp", "field": "dport"}},
                             "right": 8080,
+                        }
+                    },
+                    {
+                        "mangle": {
+                            "key": {"meta": {"key": "mark"}},
+                            "value": {"|": [{"meta": {"key": "mark"}}, HAIRPIN_MARK]},
                         }
                     },
                     {"dnat": {"family": "ip6", "addr": "fd00::2", "port": 80}},
@@ -435,6 +470,13 @@ _NFT_JSON = {
                     {
                         "match": {
                             "op": "==",
+                            "left": {"&": [{"meta": {"key": "mark"}}, HAIRPIN_MARK]},
+                            "right": HAIRPIN_MARK,
+                        }
+                    },
+                    {
+                        "match": {
+                            "op": "==",
                             "left": {"payload": {"protocol": "ip", "field": "saddr"}},
                             "right": {"prefix": {"addr": "10.244.1.0", "len": 24}},
                         }
@@ -453,6 +495,13 @@ _NFT_JSON = {
                 "postrouting",
                 [
                     {"match": {"op": "in", "left": {"ct": {"key": "status"}}, "right": "dnat"}},
+                    {
+                        "match": {
+                            "op": "==",
+                            "left": {"&": [{"meta": {"key": "mark"}}, HAIRPIN_MARK]},
+                            "right": HAIRPIN_MARK,
+                        }
+                    },
                     {
                         "match": {
                             "op": "==",
@@ -481,7 +530,10 @@ _IPT_S = {
     " ! --ctstate RELATED,ESTABLISHED -j DROP\n",
     (4, "PYCNI-HOSTPORTS"): (
         "-N PYCNI-HOSTPORTS\n"
+        "-A PYCNI-HOSTPORTS -p tcp -m tcp --dport 8080 -j MARK --set-xmark 0x1000/0x1000\n"
         "-A PYCNI-HOSTPORTS -p tcp -m tcp --dport 8080 -j DNAT --to-destination 10.244.1.2:80\n"
+        "-A PYCNI-HOSTPORTS -d 192.0.2.1/32 -p udp -m udp --dport 53 -j MARK"
+        " --set-xmark 0x1000/0x1000\n"
         "-A PYCNI-HOSTPORTS -d 192.0.2.1/32 -p udp -m udp --dport 53 -j DNAT"
         " --to-destination 10.244.1.2:5353\n"
     ),
@@ -489,16 +541,18 @@ _IPT_S = {
         "-N PYCNI-MASQ\n"
         "-A PYCNI-MASQ -s 127.0.0.0/8 -m conntrack --ctstate DNAT -j MASQUERADE\n"
         "-A PYCNI-MASQ -s 10.244.1.0/24 -d 10.244.1.2/32 -m conntrack --ctstate DNAT"
-        " -j MASQUERADE\n"
+        " -m mark --mark 0x1000/0x1000 -j MASQUERADE\n"
     ),
     (6, "PYCNI-FWD"): "-N PYCNI-FWD\n-A PYCNI-FWD -m conntrack --ctstate DNAT -j ACCEPT\n",
     (6, "PYCNI-HOSTPORTS"): (
         "-N PYCNI-HOSTPORTS\n-A PYCNI-HOSTPORTS -d ::1/128 -j RETURN\n"
+        "-A PYCNI-HOSTPORTS -p tcp -m tcp --dport 8080 -j MARK --set-xmark 0x1000/0x1000\n"
         "-A PYCNI-HOSTPORTS -p tcp -m tcp --dport 8080 -j DNAT --to-destination [fd00::2]:80\n"
     ),
     (6, "PYCNI-MASQ"): (
         "-N PYCNI-MASQ\n"
-        "-A PYCNI-MASQ -s fd00::/64 -d fd00::2/128 -m conntrack --ctstate DNAT -j MASQUERADE\n"
+        "-A PYCNI-MASQ -s fd00::/64 -d fd00::2/128 -m conntrack --ctstate DNAT"
+        " -m mark --mark 0x1000/0x1000 -j MASQUERADE\n"
     ),
 }
 
@@ -683,6 +737,7 @@ def test_sync_sets_route_localnet_around_the_guard(store, monkeypatch):
     monkeypatch.setattr(
         core.sysctl, "set_route_localnet", lambda bridge, on: calls.append((bridge, on))
     )
+    monkeypatch.setattr(sync, "installed_stores", lambda backend=None: ())  # no kernel here
     store.set_network(NET, {"ipMasq": False, "subnets": ["10.244.1.0/24"], "bridge": "br-a"})
     store.set_network("six", {"ipMasq": False, "subnets": ["fd00:10:244:1::/64"], "bridge": "br-b"})
     _attach(store, "c1", [PortMapping(8080, 80)], sets=(SET4,))
@@ -697,3 +752,40 @@ def test_sync_sets_route_localnet_around_the_guard(store, monkeypatch):
     core.sync(store)
     assert sorted(calls[:2]) == [("br-a", False), ("br-b", False)]
     assert calls[2:] == [("apply", False)]
+
+
+def _unmarked(value):
+    """The same listing as pycni wrote it before the hairpin mark."""
+    if isinstance(value, dict):
+        if "mangle" in value or value.get("match", {}).get("left", {}).get("&"):
+            return None
+        return {k: _unmarked(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [u for u in (_unmarked(v) for v in value) if u is not None]
+    return value
+
+
+@pytest.mark.parametrize("backend", ["nft", "iptables"])
+def test_rules_from_before_the_hairpin_mark_read_back_as_different(monkeypatch, backend):
+    """An upgraded node's table still masquerades every DNAT to a hostPort pod: it must not
+    read back as the wanted set, so the agent's repair replaces it."""
+    old_ipt = {
+        k: "".join(
+            line.replace(" -m mark --mark 0x1000/0x1000", "") + "\n"
+            for line in v.splitlines()
+            if "--set-xmark" not in line
+        )
+        for k, v in _IPT_S.items()
+    }
+
+    def old_run(argv, stdin=None):
+        if argv[0] == "nft":
+            return subprocess.CompletedProcess(argv, 0, json.dumps(_unmarked(_NFT_JSON)), "")
+        out = old_ipt.get((4 if argv[0] == "iptables" else 6, argv[-1]))
+        return subprocess.CompletedProcess(argv, 0 if out else 1, out or "", "" if out else "no")
+
+    monkeypatch.setattr(sync, "_run", old_run)
+    monkeypatch.setattr(sync.shutil, "which", lambda tool: f"/usr/sbin/{tool}")
+    old = sync.installed(backend)
+    assert old is not None and old != HP
+    assert old.hairpin == () and old.hostports == ()

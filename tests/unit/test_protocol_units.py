@@ -697,3 +697,28 @@ def test_handle_errors(stdin, code, version, tmp_path):
     assert status == 1
     assert out["code"] == code and out["cniVersion"] == version, out
     json.dumps(out)
+
+
+# --- fault injection: only under an explicit opt-in -----------------------------------------
+
+FAULTS = {
+    cnienv.FAIL_AFTER_ENV: "ipam",
+    cnienv.KILL_AT_ENV: "veth",
+    cnienv.PAUSE_AT_ENV: "host:/tmp/fifo",
+}
+
+
+@pytest.mark.parametrize("command", ["ADD", "DEL", "CHECK", "GC"])
+def test_fault_variables_are_ignored_without_the_opt_in(command):
+    env = {**BASE_ENV, **FAULTS, "CNI_COMMAND": command, cnienv.TEST_FAULTS_ENV: "1"}
+    # The request's own PYCNI_TEST_FAULTS is no opt-in: the caller of from_environ decides.
+    req = cnienv.from_environ(env)
+    assert (req.fail_after, req.kill_at, req.pause_at) == ("", "", "")
+    req = cnienv.from_environ(env, faults=True)
+    assert (req.fail_after, req.kill_at, req.pause_at) == ("ipam", "veth", "host:/tmp/fifo")
+
+
+@pytest.mark.parametrize("value, opted", [("1", True), ("", False), ("0", False), ("yes", False)])
+def test_the_in_process_opt_in_is_exactly_one(value, opted):
+    assert cnienv.faults_opted_in({cnienv.TEST_FAULTS_ENV: value}) is opted
+    assert cnienv.faults_opted_in({}) is False

@@ -12,7 +12,7 @@ from pycni.ipam.ranges import parse_range_set
 from pycni.ipam.store import Store
 from pycni.rules import sync
 from pycni.rules.iptables import render_iptables
-from pycni.rules.model import MasqRule, RuleSet
+from pycni.rules.model import MasqRule, RuleSet, merge, quote_store, unquote_store
 from pycni.rules.nft import render_nft
 
 V4 = MasqRule("10.244.1.0/24", ("10.244.0.0/16",))
@@ -166,7 +166,9 @@ def test_no_cluster_no_forward(store):
 def test_cluster_forward_present_without_pods(store):
     assert core.desired_rules(store) == RuleSet()
     core.record_cluster(store, ["10.244.0.0/16", "fd00:10:244::/56"], [])
-    assert core.desired_rules(store) == RuleSet(forward=["10.244.0.0/16", "fd00:10:244::/56"])
+    assert core.desired_rules(store) == RuleSet(
+        forward=["10.244.0.0/16", "fd00:10:244::/56"], stores=[core.data_dir_of(store)]
+    )
     _network(store, pods=0)
     assert core.desired_rules(store).masquerade == ()
 
@@ -191,7 +193,9 @@ def test_pod_to_pod_never_masqueraded_without_cluster(store):
 def test_no_ip_masq_only_forward(store):
     _network(store, ip_masq=False)
     core.record_cluster(store, ["10.244.0.0/16"], ["192.168.5.0/24"])
-    assert core.desired_rules(store) == RuleSet(forward=["10.244.0.0/16"])
+    assert core.desired_rules(store) == RuleSet(
+        forward=["10.244.0.0/16"], stores=[core.data_dir_of(store)]
+    )
 
 
 def test_record_and_forget_cluster(store):
@@ -216,12 +220,61 @@ def test_record_cluster_rejects_bad_networks(store):
 def test_sync_applies_only_on_change(store, monkeypatch):
     applied: list[RuleSet] = []
     monkeypatch.setattr(sync, "apply", lambda rules, backend=None: applied.append(rules) or "nft")
+    monkeypatch.setattr(
+        sync, "installed_stores", lambda backend=None: applied[-1].stores if applied else ()
+    )
     core.sync(store)
     assert applied == []  # nothing wanted, nothing recorded: no nft run at all
     core.record_cluster(store, ["10.244.0.0/16"], [])
     core.sync(store)
     core.sync(store)
-    assert applied == [RuleSet(forward=["10.244.0.0/16"])]
+    assert applied == [RuleSet(forward=["10.244.0.0/16"], stores=[core.data_dir_of(store)])]
     core.forget_cluster(store)
     core.sync(store)
     assert applied[-1] == RuleSet()
+
+
+# --- several stores, one table --------------------------------------------------------------
+
+
+def test_the_table_lists_its_stores_quoted():
+    rules = RuleSet(forward=["10.244.0.0/16"], stores=["/var/lib/b", '/srv/a "b"', "/var/lib/b"])
+    assert rules.stores == ('/srv/a "b"', "/var/lib/b")
+    script = render_nft(rules)
+    assert "\tchain stores {\n" in script
+    assert '\t\treturn comment "/srv/a%20%22b%22"\n' in script
+    assert "-A PYCNI-STORES -m comment --comment /srv/a%20%22b%22 -j RETURN" in render_iptables(
+        rules, 4
+    )
+    assert unquote_store(quote_store('/srv/a "b"')) == '/srv/a "b"'
+    # The list alone is bookkeeping: no rules, no table.
+    assert not RuleSet(stores=["/var/lib/b"])
+    assert "chain stores" not in render_nft(RuleSet(stores=["/var/lib/b"]))
+
+
+def test_merge_unions_every_store_and_refuses_a_conflict():
+    a = RuleSet([MasqRule("10.244.1.0/24", ("10.244.0.0/16",))], ["10.244.0.0/16"], stores=["/a"])
+    b = RuleSet([MasqRule("10.245.1.0/24", ("10.245.0.0/16",))], ["10.245.0.0/16"], stores=["/b"])
+    merged = merge([a, b])
+    assert [str(r.source) for r in merged.masquerade] == ["10.244.1.0/24", "10.245.1.0/24"]
+    assert merged.stores == ("/a", "/b") and merge([b, a]) == merged
+    clash = RuleSet([MasqRule("10.244.1.0/24", ())], stores=["/c"])
+    with pytest.raises(ValueError, match="conflicting"):
+        merge([a, clash])
+
+
+def test_node_rules_take_the_other_stores_wants_from_their_stores(store, tmp_path):
+    _network(store)
+    other = Store(str(tmp_path / "other"))
+    try:
+        core.record_cluster(other, ["10.245.0.0/16"], [])
+    finally:
+        other.close()
+    others = core.data_dir_of(other)
+    listed = [others, str(tmp_path / "gone")]  # as the kernel lists them
+    merged = core.node_rules(store, listed)
+    assert merged.stores == tuple(sorted([core.data_dir_of(store), others]))
+    assert [str(n) for n in merged.forward] == ["10.245.0.0/16"]
+    assert merged.masquerade == core.desired_rules(store).masquerade
+    # Nothing installed yet: this store's wants alone.
+    assert core.node_rules(store, ()) == core.desired_rules(store)

@@ -123,6 +123,9 @@ class ClusterNode:
         backoff = 0.5
         next_keepalive = 0.0
         renew = self.store.renew_every
+        # Never back off for longer than a renewal period: once the datastore is back, this
+        # node must renew its lease before it expires, or the others would drop a live node.
+        most = min(10.0, max(0.5, renew))
         while not self._stop.is_set():
             try:
                 if self.record is None:
@@ -149,7 +152,7 @@ class ClusterNode:
                     self.lost = str(exc)
                 log.error("cluster: %s (retrying on the next change or in %.1f s)", exc, backoff)
                 self._wait(backoff)
-                backoff = min(backoff * 2, 10.0)
+                backoff = min(backoff * 2, most)
             except (KVError, OSError) as exc:
                 # The datastore cannot be reached: a node that has its subnet stays ready
                 # (its pods and routes are fine), and its status shows the error.
@@ -158,12 +161,12 @@ class ClusterNode:
                 self.last_error = str(exc)
                 log.error("cluster: %s (retrying in %.1f s)", exc, backoff)
                 self._stop.wait(backoff)
-                backoff = min(backoff * 2, 10.0)
+                backoff = min(backoff * 2, most)
             except Exception as exc:
                 self.last_error = f"{type(exc).__name__}: {exc}"
                 log.exception("cluster reconcile loop")
                 self._stop.wait(backoff)
-                backoff = min(backoff * 2, 10.0)
+                backoff = min(backoff * 2, most)
 
     # --- this node -------------------------------------------------------------------------
 

@@ -16,9 +16,12 @@ def pycnictl_argv() -> list[str]:
     return [sys.executable, "-c", "from pycni.ctl.main import main; main()"]
 
 
-def agent_argv(socket: str, data_dir: str, log_file: str, metrics_port: int = 0) -> list[str]:
+def agent_argv(
+    socket: str, data_dir: str, log_file: str, metrics_port: int = 0, test_faults: bool = False
+) -> list[str]:
     """The command line of an agent with private socket, data dir and log, from the same
-    installation as the caller (its pycnictl script, so `ps` shows `pycnictl agent`)."""
+    installation as the caller (its pycnictl script, so `ps` shows `pycnictl agent`);
+    `test_faults`: one that honours the tests' fault injection."""
     return [
         *pycnictl_argv(),
         "agent",
@@ -30,6 +33,7 @@ def agent_argv(socket: str, data_dir: str, log_file: str, metrics_port: int = 0)
         log_file,
         "--metrics-port",
         str(metrics_port),
+        *(["--test-faults"] if test_faults else []),
     ]
 
 

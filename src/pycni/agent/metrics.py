@@ -98,6 +98,15 @@ def build_registry(agent) -> CollectorRegistry:
         "pycni_agent_uptime_seconds", "Seconds since the agent started", registry=registry
     ).set_function(lambda: time.time() - agent.started)
     ProcessCollector(registry=registry)
+    from .. import version
+
+    # The Prometheus idiom for "which build runs here": a constant 1 carrying labels.
+    Gauge(
+        "pycni_build_info",
+        "The agent's version and the commit it was built from ('' when unknown)",
+        ["version", "commit"],
+        registry=registry,
+    ).labels(version.version(), version.commit()).set(1)
     registry.register(IpamCollector(agent))
 
     def observe(command: str, code: int, seconds: float) -> None:

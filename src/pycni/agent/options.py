@@ -46,7 +46,7 @@ def cluster_node(args, data_dir: str, agent_socket: str):
             etcd_endpoints=args.etcd_endpoints,
             etcd_prefix=args.etcd_prefix,
             kubeconfig=args.kubeconfig,
-            lease_ttl=args.lease_ttl,
+            lease_ttl=args.node_timeout,
         )
     except (ValueError, ClusterError, KVError) as exc:
         raise SystemExit(f"pycnictl: {args.datastore} datastore: {exc}") from None
@@ -67,7 +67,7 @@ def policy_controller(args, data_dir: str):
             etcd_endpoints=args.etcd_endpoints,
             etcd_prefix=args.etcd_prefix,
             kubeconfig=args.kubeconfig,
-            lease_ttl=args.lease_ttl,
+            lease_ttl=args.node_timeout,
         )
     except (ValueError, ClusterError, KVError) as exc:
         raise SystemExit(f"pycnictl: {args.datastore} NetworkPolicy objects: {exc}") from None

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 
-from .. import __version__, plugin
+from .. import plugin, version
 from ..cni.errors import ACCESS_DENIED, DECODING_FAILURE, NOT_AVAILABLE, CniError
 from . import protocol
 from .locks import KeyedLocks
@@ -33,8 +33,17 @@ Observer = Callable[[str, int, float], None]  # (command, code or 0, seconds)
 
 
 class Agent:
-    def __init__(self, socket_path: str, workers: int = 32, data_dir: str | None = None):
+    def __init__(
+        self,
+        socket_path: str,
+        workers: int = 32,
+        data_dir: str | None = None,
+        test_faults: bool = False,
+    ):
         self.socket_path = socket_path
+        # `pycnictl agent --test-faults`: honour the fault-injection variables of requests
+        # (core.faults). Tests only: they fail, pause or SIGKILL the agent on a caller's word.
+        self.test_faults = test_faults
         self.workers = workers
         self.data_dirs: set[str] = {data_dir} if data_dir else set()
         self.observers: list[Observer] = []
@@ -48,7 +57,6 @@ class Agent:
         self.cluster = None  # agent.cluster.ClusterNode when the agent runs the cluster side
         self.policy = None  # agent.policy.PolicyController when it enforces NetworkPolicy
         self.repair_every = REPAIR_EVERY
-        self._told_shared_table = False
 
     # --- life cycle ------------------------------------------------------------------------
 
@@ -72,7 +80,9 @@ class Agent:
         self._inode = os.stat(self.socket_path).st_ino
         sock.settimeout(0.5)  # lets serve() notice stop() promptly
         self._listener = sock
-        log.info("agent %s listening on %s (pid %d)", __version__, self.socket_path, os.getpid())
+        log.info(
+            "agent %s listening on %s (pid %d)", version.describe(), self.socket_path, os.getpid()
+        )
 
     def serve(self) -> None:
         assert self._listener is not None, "bind() first"
@@ -187,7 +197,9 @@ class Agent:
             out, status = CniError(NOT_AVAILABLE, not_ready).to_json(version), 1
         else:
             with self.locks.hold(cid) if cid else nullcontext():
-                out, status = plugin.handle(environ, stdin, on_config=self._seen)
+                out, status = plugin.handle(
+                    environ, stdin, on_config=self._seen, faults=self.test_faults
+                )
             if command == "ADD" and status == 0 and self.policy is not None:
                 self._policy_for_new_pod(environ)
         elapsed = time.perf_counter() - started
@@ -235,8 +247,6 @@ class Agent:
         dirs = [
             d for d in sorted(self.data_dirs) if os.path.exists(os.path.join(d, "pycni.db"))
         ]  # never create a store
-        if len(dirs) > 1 and self._shared_table(dirs):
-            return 0
         repaired = 0
         for data_dir in dirs:
             with resources.store(data_dir) as store:
@@ -249,23 +259,6 @@ class Agent:
                     )
         return repaired
 
-    def _shared_table(self, dirs: list[str]) -> bool:
-        """Whether several data dirs want rules: each would replace the others' in pycni's one
-        table, so repairing would only make them take turns."""
-        from ..core import masquerade, resources
-
-        wanting = 0
-        for data_dir in dirs:
-            with resources.store(data_dir) as store:
-                wanting += bool(masquerade.desired_rules(store))
-        if wanting > 1 and not self._told_shared_table:
-            log.warning(
-                "several data dirs (%s) want packet rules in pycni's one table: not repairing them",
-                ", ".join(dirs),
-            )
-            self._told_shared_table = True
-        return wanting > 1
-
     def _seen(self, conf) -> None:
         self.data_dirs.add(conf.data_dir)
 
@@ -273,7 +266,8 @@ class Agent:
         return {
             "status": "stopping" if self.stopping.is_set() else "ok",
             "pid": os.getpid(),
-            "version": __version__,
+            "version": version.version(),
+            "commit": version.commit(),
             "uptime": round(time.time() - self.started, 3),
             "inflight": self._inflight,
             "socket": self.socket_path,

@@ -8,7 +8,11 @@ from .objects import ObjectSource
 
 KINDS = ("sqlite", "etcd", "kubernetes")
 DEFAULT_SQLITE_PATH = "/var/lib/pycni/cluster.db"
-DEFAULT_LEASE_TTL = 3600.0
+# The bound on how long a node that vanished without `pycnictl leave` keeps its place in the
+# other nodes' routes: the lease TTL (sqlite, etcd); how long its Ready may be Unknown
+# (kubernetes). With the detection delays, within 5 minutes.
+DEFAULT_NODE_TIMEOUT = 240.0
+DEFAULT_LEASE_TTL = DEFAULT_NODE_TIMEOUT
 
 
 def open_datastore(
@@ -43,7 +47,7 @@ def open_datastore(
     if kind == "kubernetes":
         from .kubernetes import KubernetesDatastore
 
-        return KubernetesDatastore(node_name, kubeconfig=kubeconfig)
+        return KubernetesDatastore(node_name, kubeconfig=kubeconfig, node_timeout=lease_ttl)
     raise ValueError(f"unknown datastore {kind!r} (want one of {', '.join(KINDS)})")
 
 

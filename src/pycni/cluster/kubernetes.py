@@ -2,7 +2,12 @@
 
 kube-controller-manager allocates each node's pod CIDR(s) into ``spec.podCIDRs``; we only read
 them, and publish what other nodes need to reach our pods in two annotations on our own Node.
-Nothing is claimed or leased here: a node's subnets live exactly as long as its Node object.
+Nothing is claimed or leased here: a node's subnets live as long as its Node object, but
+a node that vanished without `pycnictl leave` (its Node stays, its kubelet silent) is left out
+of ``nodes()`` once its Ready condition has been Unknown for ``node_timeout`` seconds (the
+node lifecycle controller sets Unknown when the kubelet stops renewing its lease), and is back
+as soon as it reports again. That judgement is only made on a current view: while the watch
+is failing (an API server outage) the last one stands, so an outage never removes a node.
 
 ``nodes()`` lists, until somebody waits for changes: from the first ``wait()`` on, an informer
 (cluster/informer.py) goes on from the last list with one long-lived watch, renewed every 5-10
@@ -19,6 +24,8 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import logging
+import time
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -29,6 +36,12 @@ from .model import ClusterError, Network, NodeRecord
 
 if TYPE_CHECKING:
     from kubernetes.client import ApiClient, Configuration, CoreV1Api, V1Node
+
+log = logging.getLogger("pycni")
+
+# How long a Node's Ready condition may stay Unknown before its routes go (with the kubelet's
+# grace of about 50 s before Unknown, and one resync, within 5 minutes).
+DEFAULT_NODE_TIMEOUT = 240.0
 
 ANN_NODE_IPS = "pycni.io/node-ips"
 ANN_VTEP_MAC = "pycni.io/vtep-mac"
@@ -61,11 +74,22 @@ class KubernetesDatastore(Datastore):
     backoff: tuple[float, float] = BACKOFF
 
     def __init__(
-        self, node_name: str, kubeconfig: str | None = None, api_client: ApiClient | None = None
+        self,
+        node_name: str,
+        kubeconfig: str | None = None,
+        api_client: ApiClient | None = None,
+        node_timeout: float = DEFAULT_NODE_TIMEOUT,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         from kubernetes import client
 
         self.node_name = node_name
+        self.node_timeout = node_timeout
+        self._clock = clock
+        # When each Node's Ready condition turned Unknown (its lastTransitionTime), for those
+        # where it is; and the nodes left out as vanished, as last judged on a current view.
+        self._unknown_since: dict[str, float] = {}
+        self._vanished: frozenset[str] = frozenset()
         self._owns_client = api_client is None
         if api_client is None:
             api_client = client.ApiClient(_load_config(kubeconfig))
@@ -90,11 +114,51 @@ class KubernetesDatastore(Datastore):
     def nodes(self) -> list[NodeRecord]:
         if self._informer is None:
             self._listed = self._call("list nodes", self._api.list_node)
-            records = [node_record(node) for node in self._listed.items or ()]
-            return sorted((r for r in records if r is not None), key=lambda r: r.name)
-        # From the cache: during an outage it may be stale, as client-go's listers are.
-        self._seen, cache = self._informer.snapshot()
-        return sorted(cache.values(), key=lambda r: r.name)
+            found = [self._derive(node) for node in self._listed.items or ()]
+            records = [r for r in found if r is not None]
+            current = True  # just listed
+        else:
+            # From the cache: during an outage it may be stale, as client-go's listers are.
+            self._seen, cache = self._informer.snapshot()
+            records, current = list(cache.values()), self._informer.healthy
+        if current:
+            self._judge({r.name for r in records})
+        return sorted((r for r in records if r.name not in self._vanished), key=lambda r: r.name)
+
+    def _derive(self, node: V1Node) -> NodeRecord | None:
+        """node_record, noting whether the Node's Ready condition is Unknown and since when
+        (the informer calls it for every version of every Node it sees)."""
+        name = node.metadata.name
+        since = unknown_since(node)
+        if since is None:
+            self._unknown_since.pop(name, None)
+        elif since > 0:
+            self._unknown_since[name] = since
+        else:  # no transition time given: from when we first saw it so
+            self._unknown_since.setdefault(name, self._clock())
+        return node_record(node)
+
+    def _judge(self, names: set[str]) -> None:
+        """Which of ``names`` vanished: Ready Unknown for longer than node_timeout (this node
+        never: its agent is the one asking)."""
+        now = self._clock()
+        vanished = frozenset(
+            name
+            for name in names
+            if name != self.node_name
+            and name in self._unknown_since
+            and now - self._unknown_since[name] > self.node_timeout
+        )
+        for name in sorted(vanished - self._vanished):
+            log.warning(
+                "node %s: Ready has been Unknown for over %.0f s (it vanished without "
+                "`pycnictl leave`?): its routes go until it reports again",
+                name,
+                self.node_timeout,
+            )
+        for name in sorted((self._vanished - vanished) & names):
+            log.info("node %s reports again: its routes come back", name)
+        self._vanished = vanished
 
     def wait(self, timeout: float) -> bool:
         if timeout <= 0:
@@ -191,7 +255,7 @@ class KubernetesDatastore(Datastore):
         informer = Informer(
             "nodes",
             self._api.list_node,
-            node_record,
+            self._derive,
             watch_timeout=self.watch_timeout,
             backoff=self.backoff,
             request_timeout=self.request_timeout,
@@ -292,6 +356,18 @@ def _one_per_family(addresses: Iterable[str]) -> tuple[str, ...]:
 def internal_ips(node: V1Node) -> tuple[str, ...]:
     addresses = (node.status.addresses or []) if node.status else []
     return _one_per_family([a.address for a in addresses if a.type == "InternalIP"])
+
+
+def unknown_since(node: V1Node) -> float | None:
+    """When the Node's Ready condition turned Unknown (epoch seconds; 0 when it does not say),
+    or None when it is not Unknown (True, False, or not reported yet)."""
+    for condition in (node.status.conditions or []) if node.status else []:
+        if condition.type == "Ready":
+            if condition.status != "Unknown":
+                return None
+            when = condition.last_transition_time
+            return when.timestamp() if when is not None else 0.0
+    return None
 
 
 def node_record(node: V1Node) -> NodeRecord | None:

@@ -5,6 +5,13 @@ Every write is one ``BEGIN IMMEDIATE`` transaction, so SQLite's file lock makes 
 processes. A deleted or expired key stays as a tombstone (value NULL) carrying the revision of
 its removal: ``wait`` sees deletions under a prefix the same way as writes, by comparing
 ``mod`` with the revision it was given.
+
+Time stands still while nobody can write (the file unreachable, or every agent down): each
+write records when it was made (``meta.seen``); a lease expires only by the time of the last
+write plus a grace (STALL of the TTL), and the first write after a longer silence extends every
+lease by that silence, as etcd renews its leases when it comes back. So an outage of the file,
+however long, never expires a live node's lease: only a node silent while others write does.
+Every live agent writes (its keepalive) every third of the TTL.
 """
 
 from __future__ import annotations
@@ -22,6 +29,9 @@ from .kv import KV, KVError
 _POLL = 0.02  # seconds between two looks at the revision in wait(): one row, cheap
 _EXPIRY_POLL = 0.5  # seconds between two scans for keys whose lease ran out
 _BUSY_MS = 10_000  # how long a write waits for another process's transaction
+# A silence of writes longer than this part of the TTL is an outage, not late keepalives:
+# with every live agent renewing each third of the TTL, it means two rounds missed by all.
+STALL = 2 / 3
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (id INTEGER PRIMARY KEY CHECK (id = 0), rev INTEGER NOT NULL);
@@ -92,6 +102,9 @@ class SqliteKV(KV):
                 for statement in _SCHEMA.split(";"):
                     if statement.strip():
                         conn.execute(statement)
+                columns = {row[1] for row in conn.execute("PRAGMA table_info(meta)")}
+                if "seen" not in columns:  # a file from before the outage rule
+                    conn.execute("ALTER TABLE meta ADD COLUMN seen REAL")
                 conn.execute("COMMIT")
             except BaseException:
                 conn.execute("ROLLBACK")
@@ -124,6 +137,7 @@ class SqliteKV(KV):
                 self._conn.execute("BEGIN IMMEDIATE")
                 try:
                     txn = _Txn(self._conn, self._clock())
+                    txn.resume(self.ttl * STALL)
                     txn.purge()
                     yield txn
                     txn.finish()
@@ -148,6 +162,13 @@ class SqliteKV(KV):
         self._bound = True
         return self._lease
 
+    def _now(self, conn: sqlite3.Connection) -> float:
+        """The time leases are judged by when reading: the clock, but never more than STALL
+        of the TTL past the last write (while nobody writes, time stands still)."""
+        now = self._clock()
+        seen = conn.execute("SELECT seen FROM meta").fetchone()[0]
+        return now if seen is None else min(now, seen + self.ttl * STALL)
+
     # --- the contract ----------------------------------------------------------------------
 
     def list(self, prefix: str) -> tuple[dict[str, str], int]:
@@ -155,7 +176,7 @@ class SqliteKV(KV):
             with self._read() as conn:
                 rows = conn.execute(
                     f"SELECT key, value, {_LIVE} FROM kv WHERE kv.value IS NOT NULL AND {_UNDER}",
-                    (self._clock(), len(prefix), prefix),
+                    (self._now(conn), len(prefix), prefix),
                 ).fetchall()
                 rev = conn.execute("SELECT rev FROM meta").fetchone()[0]
             if all(live for _, _, live in rows):
@@ -229,7 +250,7 @@ class SqliteKV(KV):
                     expired = conn.execute(
                         f"SELECT 1 FROM kv WHERE kv.value IS NOT NULL AND {_UNDER} AND "
                         f"NOT ({_LIVE}) LIMIT 1",
-                        (len(prefix), prefix, self._clock()),
+                        (len(prefix), prefix, self._now(conn)),
                     ).fetchone()
             if expired:
                 # Nobody wrote since that key expired: purge it ourselves, which is the change.
@@ -272,6 +293,15 @@ class _Txn:
             f"WHERE value IS NOT NULL AND {where}",
             (self.rev(), *args),
         ).rowcount
+
+    def resume(self, stall: float) -> None:
+        """Record this write's time; after a silence longer than ``stall`` (nobody could
+        write), first extend every lease by the silence, so that none expires for it."""
+        seen = self.conn.execute("SELECT seen FROM meta").fetchone()[0]
+        if seen is not None and self.now - seen > stall:
+            self.conn.execute("UPDATE leases SET expires = expires + ?", (self.now - seen,))
+        if seen is None or self.now > seen:
+            self.conn.execute("UPDATE meta SET seen = ?", (self.now,))
 
     def purge(self) -> None:
         """Remove the keys of expired leases (and the leases)."""

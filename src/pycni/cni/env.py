@@ -14,10 +14,14 @@ _CONTAINER_ID = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.\-]*")
 _IFNAME_MAX = 15
 # Test-only fault injection at the core's named checkpoints (see core.faults): fail there,
 # SIGKILL the process doing the work, or wait on a FIFO ("<step>:<path>"). Never set by a
-# runtime; the shim forwards them to the agent with the other PYCNI_ variables.
+# runtime; the shim forwards them to the agent with the other PYCNI_ variables. Honoured only
+# under an explicit opt-in: an agent started with --test-faults, or an in-process plugin
+# whose own environment holds PYCNI_TEST_FAULTS=1 (never a request's word to the agent).
 FAIL_AFTER_ENV = "PYCNI_FAIL_AFTER"
 KILL_AT_ENV = "PYCNI_TEST_KILL_AT"
 PAUSE_AT_ENV = "PYCNI_TEST_PAUSE_AT"
+FAULT_ENVS = (FAIL_AFTER_ENV, KILL_AT_ENV, PAUSE_AT_ENV)
+TEST_FAULTS_ENV = "PYCNI_TEST_FAULTS"
 
 
 @dataclass(frozen=True)
@@ -88,7 +92,9 @@ def parse_cni_args(raw: str) -> dict[str, str]:
     return args
 
 
-def from_environ(environ: os._Environ | dict) -> Request:
+def from_environ(environ: os._Environ | dict, faults: bool = False) -> Request:
+    """The request in ``environ``; its fault-injection variables only when ``faults`` (the
+    caller's opt-in), else they are ignored as any unknown variable is."""
     command = environ.get("CNI_COMMAND", "")
     if not command:
         raise _bad("CNI_COMMAND is required")
@@ -99,7 +105,7 @@ def from_environ(environ: os._Environ | dict) -> Request:
     if command in ("VERSION", "STATUS"):
         return Request(command=command, path=_path(environ))
     if command == "GC":
-        return Request(command=command, path=_path(environ), **_faults(environ))
+        return Request(command=command, path=_path(environ), **_faults(environ, faults))
     cid = environ.get("CNI_CONTAINERID", "")
     ifname = environ.get("CNI_IFNAME", "")
     netns = environ.get("CNI_NETNS", "")
@@ -116,11 +122,18 @@ def from_environ(environ: os._Environ | dict) -> Request:
         ifname=ifname,
         args=parse_cni_args(environ.get("CNI_ARGS", "")),
         path=_path(environ),
-        **_faults(environ),
+        **_faults(environ, faults),
     )
 
 
-def _faults(environ) -> dict[str, str]:
+def faults_opted_in(environ) -> bool:
+    """Whether an in-process plugin's own environment opts in to fault injection."""
+    return environ.get(TEST_FAULTS_ENV, "") == "1"
+
+
+def _faults(environ, honoured: bool) -> dict[str, str]:
+    if not honoured:
+        return {}
     return {
         "fail_after": environ.get(FAIL_AFTER_ENV, ""),
         "kill_at": environ.get(KILL_AT_ENV, ""),

@@ -1,26 +1,34 @@
 """Keep the node's packet rules (masquerade, forward accepts for the cluster, hostPort DNATs)
-equal to what the store says they should be.
+equal to what the stores say they should be.
 
-Desired state, not event history: the rule set is computed from every network that has ipMasq
-and at least one pod, every attachment's port mappings, plus the cluster settings the node
-agent recorded, so adding, deleting, GC, the agent and a restart after a crash all converge on
-the same table. The bridges' route_localnet (hostPorts on 127.0.0.1) follows the same state.
+Desired state, not event history: a store's wants are computed from every network that has
+ipMasq and at least one pod, every attachment's port mappings, plus the cluster settings the
+node agent recorded, so adding, deleting, GC, the agent and a restart after a crash all
+converge on the same table. The bridges' route_localnet (hostPorts on 127.0.0.1) follows the
+same state.
+
+A node has one table but may have several stores (data dirs): the table holds the merge of
+every store's wants and lists those stores (RuleSet.stores), and a store that syncs reads the
+others' wants from their own stores, under a lock per network namespace (rules.sync.node_lock),
+so no store's rules ever replace another's.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import ipaddress
 import json
 import os
 from collections.abc import Iterable
 
+from ..cni.errors import RULES_FAILURE, CniError
 from ..cni.netconf import NetConf
 from ..dataplane import sysctl
 from ..ipam.records import Attachment
 from ..ipam.store import Store
 from ..rules import sync as rules_sync
-from ..rules.model import HostPort, MasqRule, Network, PolicyFragment, RuleSet
+from ..rules.model import HostPort, MasqRule, Network, PolicyFragment, RuleSet, merge
 
 # Meta key of the cluster settings; one per store, like the cluster itself.
 CLUSTER_KEY = "cluster"
@@ -97,7 +105,48 @@ def _cluster(store: Store) -> tuple[list[Network], list[Network]]:
     )
 
 
+def data_dir_of(store: Store) -> str:
+    """The store's data dir as the node's table lists it."""
+    return os.path.realpath(os.path.dirname(store.path))
+
+
 def desired_rules(store: Store) -> RuleSet:
+    """This store's wants, naming the store when there are any."""
+    rules = _wants(store)
+    return dataclasses.replace(rules, stores=(data_dir_of(store),)) if rules else rules
+
+
+def node_rules(store: Store, listed: Iterable[str]) -> RuleSet:
+    """The node's whole rule set: this store's wants merged with those of every other store
+    the installed rules list (``listed``: RuleSet.stores) that still exists (one whose data
+    dir is gone, or that wants nothing any more, drops out). CniError when another store
+    cannot be read: its wants are unknown, and installing without them would take its pods'
+    rules away."""
+    mine = data_dir_of(store)
+    sets = [desired_rules(store)]
+    for other in listed:
+        if other == mine or not os.path.exists(os.path.join(other, "pycni.db")):
+            continue  # never create a store
+        try:
+            with Store(other) as theirs:
+                sets.append(desired_rules(theirs))
+        except CniError as exc:
+            raise CniError(
+                RULES_FAILURE,
+                f"packet rules: cannot read what data dir {other} wants, whose rules this "
+                f"node's table holds beside {mine}'s: {exc.msg}",
+                exc.details,
+            ) from None
+    try:
+        return merge(sets)
+    except ValueError as exc:
+        dirs = ", ".join(d for s in sets for d in s.stores)
+        raise CniError(
+            RULES_FAILURE, f"packet rules: the data dirs {dirs} want conflicting rules: {exc}"
+        ) from None
+
+
+def _wants(store: Store) -> RuleSet:
     cluster, extra = _cluster(store)
     masq = set()
     for name, info in store.list_networks().items():
@@ -171,20 +220,24 @@ def _localnet_bridges(store: Store) -> tuple[set[str], set[str]]:
 
 
 def sync(store: Store, force: bool = False) -> None:
-    """Apply the desired rules if they differ from what was last applied. Checked first without
-    the write lock (most ADDs and DELs change nothing), then again inside one transaction, so
-    concurrent ADDs and DELs apply rules one after the other, never interleaved. `force`:
-    apply even so (the kernel lost what was applied: see repair)."""
+    """Install the node's rules anew if this store's wants differ from what it last had
+    installed. Checked first without the lock (most ADDs and DELs change nothing), then again
+    under the node's rule lock, so concurrent ADDs and DELs, of this store or another, apply
+    rules one after the other, never interleaved; what is installed is the merge of every
+    store's wants (node_rules). `force`: install even so (the kernel lost what was installed:
+    see repair)."""
     key = _digest_key()
     if not force and _applied(store, key) == rules_sync.digest(desired_rules(store)):
         return
-    with store.transaction():
-        rules = desired_rules(store)
-        digest = rules_sync.digest(rules)
+    with rules_sync.node_lock():
+        mine = desired_rules(store)
+        digest = rules_sync.digest(mine)
         if not force and _applied(store, key) == digest:
             return
+        rules = node_rules(store, rules_sync.installed_stores())
         wanted, every = _localnet_bridges(store)
         # Off before the 127/8 guard goes, on after it came: never open without the guard.
+        # (Only this store's bridges: another store's keep the guard its wants bring.)
         for bridge in every - wanted:
             sysctl.set_route_localnet(bridge, False)
         rules_sync.apply(rules)
@@ -200,7 +253,7 @@ def install_policy(store: Store, recorded: dict | None) -> str:
     third of replacing a table of 1,000 pods and 100 policies, and the counters live on);
     else as sync does. "unchanged", "elements" or "table"."""
     key = _digest_key()
-    with store.transaction():
+    with rules_sync.node_lock(), store.transaction():
         before = desired_rules(store)
         record_policy(store, recorded)
         wanted = desired_rules(store)
@@ -224,7 +277,8 @@ def repair(store: Store) -> bool:
     desired = desired_rules(store)
     if not desired and _applied(store, _digest_key()) == rules_sync.digest(desired):
         return False  # nothing wanted, nothing installed: never run nft for nothing
-    if (rules_sync.installed() or RuleSet()) == desired:
+    installed = rules_sync.installed()
+    if (installed or RuleSet()) == node_rules(store, installed.stores if installed else ()):
         return False
     sync(store, force=True)
     return True

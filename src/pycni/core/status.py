@@ -1,4 +1,5 @@
-"""STATUS: can an ADD succeed right now? The store must open and every range set have room."""
+"""STATUS: can an ADD succeed right now? The store must open and take a write (its filesystem
+neither read-only nor full), and every range set have room."""
 
 from __future__ import annotations
 
@@ -12,8 +13,12 @@ def cmd_status(request: Request, conf: NetConf) -> None:
     try:
         store = Store(conf.data_dir)
     except CniError as exc:
-        raise CniError(NOT_AVAILABLE, f"not ready: {exc.msg}") from None
+        raise CniError(NOT_AVAILABLE, f"not ready: {exc.msg}", exc.details) from None
     try:
+        try:
+            store.check_writable()
+        except CniError as exc:
+            raise CniError(NOT_AVAILABLE, f"not ready: {exc.msg}", exc.details) from None
         for rs in conf.range_sets:
             used = store.used_count(conf.name, rs.key)
             if used >= rs.capacity():

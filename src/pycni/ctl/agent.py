@@ -7,7 +7,7 @@ import argparse
 import signal
 import socket
 
-from ..cluster.factory import DEFAULT_LEASE_TTL, DEFAULT_SQLITE_PATH, KINDS
+from ..cluster.factory import DEFAULT_NODE_TIMEOUT, DEFAULT_SQLITE_PATH, KINDS
 from ..cni.netconf import DEFAULT_DATA_DIR
 from ..shim import DEFAULT_SOCKET
 
@@ -31,6 +31,13 @@ def register(sub) -> None:
         help="the plugin's dataDir (for metrics and status before any call)",
     )
     p.add_argument("--workers", type=int, default=32, help="calls served at once")
+    p.add_argument(
+        "--test-faults",
+        action="store_true",
+        help="TESTS ONLY: honour the fault-injection variables of CNI calls (PYCNI_FAIL_AFTER, "
+        "PYCNI_TEST_KILL_AT, PYCNI_TEST_PAUSE_AT: fail, SIGKILL the agent, or pause at a step); "
+        "never in production",
+    )
     p.add_argument(
         "--no-network-policy",
         dest="network_policy",
@@ -67,15 +74,30 @@ def register(sub) -> None:
     leave.set_defaults(func=run_leave)
 
 
+def _positive_seconds(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
+    return value
+
+
+def cidr_list(text: str) -> list[str]:
+    """``10.244.0.0/16,fd00:10:244::/56`` as a list; empty items (an unset ConfigMap key
+    expanded into the argument) are left out."""
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
 def cluster_options() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
     g = p.add_argument_group("cluster (on when --cluster-cidr is given)")
     g.add_argument(
         "--cluster-cidr",
-        action="append",
+        action="extend",
+        type=cidr_list,
         default=[],
-        help="the cluster's pod CIDR, e.g. 10.244.0.0/16; repeat once with an IPv6 "
-        "CIDR for dual stack",
+        help="the cluster's pod CIDR, e.g. 10.244.0.0/16; for dual stack repeat it with an "
+        "IPv6 CIDR, or give both comma-separated as kubeadm's --pod-network-cidr "
+        "(empty items are ignored: the manifest passes an empty IPv6 CIDR so)",
     )
     g.add_argument(
         "--subnet-size", type=int, default=24, help="prefix length of each node's IPv4 subnet (24)"
@@ -100,10 +122,15 @@ def cluster_options() -> argparse.ArgumentParser:
         help="kubernetes datastore: kubeconfig (default: in-cluster config)",
     )
     g.add_argument(
+        "--node-timeout",
         "--lease-ttl",
-        type=float,
-        default=DEFAULT_LEASE_TTL,
-        help="seconds a node's subnet outlives its agent (sqlite and etcd; 3600)",
+        dest="node_timeout",
+        type=_positive_seconds,
+        default=DEFAULT_NODE_TIMEOUT,
+        help="seconds after which a node that vanished without `pycnictl leave` leaves the "
+        "other nodes' routes: its subnet lease's TTL (sqlite, etcd; its agent renews it every "
+        "third of it), or how long its Node's Ready may stay Unknown (kubernetes); "
+        f"{DEFAULT_NODE_TIMEOUT:g}, so within 5 minutes. --lease-ttl is its old name",
     )
     g.add_argument("--node-name", default=socket.gethostname(), help="this node's name")
     g.add_argument(
@@ -175,7 +202,15 @@ def run_agent(args) -> int:
 
     resources.keep_warm()
 
-    agent = Agent(args.socket, workers=args.workers, data_dir=args.data_dir)
+    agent = Agent(
+        args.socket, workers=args.workers, data_dir=args.data_dir, test_faults=args.test_faults
+    )
+    if args.test_faults:
+        import logging
+
+        logging.getLogger("pycni").warning(
+            "--test-faults: CNI calls may fail, pause or kill this agent on request (tests only)"
+        )
     agent.cluster = cluster_node(args, args.data_dir, args.socket)
     if agent.cluster is not None and args.network_policy:
         agent.policy = policy_controller(args, args.data_dir)

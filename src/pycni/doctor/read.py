@@ -182,19 +182,9 @@ def read_netns(path: str) -> NetnsView:
 
 def merge_rules(sets: list) -> object:
     """One RuleSet holding every entry of `sets` (several data dirs share one table)."""
-    from ..rules.model import PolicyFragment, RuleSet
+    from ..rules.model import merge
 
-    if not sets:
-        return RuleSet()
-    merged: dict = {}
-    for f in dataclasses.fields(sets[0]):
-        values = [getattr(s, f.name) for s in sets]
-        if isinstance(values[0], PolicyFragment):
-            # The agent records policy in its one data dir: the first that has any.
-            merged[f.name] = next((v for v in values if v), PolicyFragment())
-        else:
-            merged[f.name] = tuple(e for v in values for e in v)
-    return type(sets[0])(**merged)
+    return merge(sets)
 
 
 def read_rules(desired_sets: list) -> RulesView:

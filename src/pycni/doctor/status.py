@@ -204,9 +204,12 @@ def collect(
     if wants_masq and present is False:
         problems.append(f"masquerade rules ({backend}) are missing (drift)")
 
+    from .. import version
+
     return {
         "healthy": not problems,
         "problems": problems,
+        "pycnictl": {"version": version.version(), "commit": version.commit()},
         "agent": agent,
         "stores": stores,
         "networks": networks,
@@ -283,16 +286,27 @@ def _render_policy(p: dict) -> list[str]:
     return out
 
 
+def _build(info: dict) -> str:
+    """``0.1.0 (commit 1a2b3c)`` from a health report's version and commit (older agents send
+    no commit)."""
+    commit = info.get("commit")
+    return f"{info.get('version')} (commit {commit})" if commit else str(info.get("version"))
+
+
 def render(report: dict) -> str:
     out: list[str] = []
     agent = report["agent"]
     if agent["running"] and agent["health"]:
         h = agent["health"]
         out.append(
-            f"agent: {h.get('status')} (pid {h.get('pid')}, version {h.get('version')}, "
+            f"agent: {h.get('status')} (pid {h.get('pid')}, version {_build(h)}, "
             f"up {_duration(h.get('uptime', 0))}, {h.get('inflight', 0)} in flight) "
             f"on {agent['socket']}"
         )
+        mine = report.get("pycnictl") or {}
+        if mine and _build(mine) != _build(h):
+            # Mid-upgrade: the node's agent is not the build this command comes from.
+            out.append(f"  this pycnictl is version {_build(mine)}: not the agent's")
     elif agent["running"]:
         out.append(f"agent: answering oddly on {agent['socket']}: {agent['error']}")
     elif agent.get("namedBy") not in (None, "--socket"):

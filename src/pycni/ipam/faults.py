@@ -167,8 +167,21 @@ def _wal_hole(f, head: bytes) -> int | None:
 
 
 # Less free space than this, and SQLite's I/O error (growing its shared-memory index fails
-# so, not with "full") is the full filesystem.
+# so, not with "full") is the full filesystem; STATUS says not ready below it.
 _NEARLY_FULL = 64 * 1024
+
+
+def cannot_write(path: str) -> StoreError | None:
+    """Why the database at `path` cannot take a write now as far as its filesystem tells
+    (mounted read-only, or less than a few pages free), or None. A small write may still go
+    through on a full filesystem (SQLite reuses its log's space), an ADD's would not."""
+    directory = os.path.dirname(path)
+    read_only, free = _filesystem(directory)
+    if read_only:
+        return store_error(path, OSError(errno.EROFS, "Read-only file system"), "a write")
+    if free is not None and free < _NEARLY_FULL:
+        return store_error(path, OSError(errno.ENOSPC, f"only {free} bytes free"), "a write")
+    return None
 
 
 def _filesystem(directory: str) -> tuple[bool, int | None]:

@@ -17,16 +17,20 @@ import json
 import os
 import sqlite3
 import stat
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 
 from pycni.cni.errors import IO_FAILURE, CniError
 from pycni.cni.netconf import PortMapping
 from pycni.ipam import allocate, records, schema
-from pycni.ipam.faults import corrupt, file_damage, store_error
+from pycni.ipam.faults import cannot_write, corrupt, file_damage, store_error
 from pycni.ipam.ranges import Address, RangeSet
 from pycni.ipam.records import Allocation, Attachment
 from pycni.ipam.schema import BUSY_TIMEOUT_MS
+
+# The meta row STATUS writes to learn that the store takes writes.
+WRITE_PROBE_KEY = "status.write-probe"
 
 
 class Store:
@@ -238,6 +242,14 @@ class Store:
         with self._read() as conn:
             row = conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         return row[0] if row else None
+
+    def check_writable(self) -> None:
+        """Raise StoreError when the database cannot take a write now: its filesystem is
+        read-only or (nearly) full, or a real write (one meta row, committed) fails."""
+        problem = cannot_write(self.path)
+        if problem is not None:
+            raise problem
+        self.set_meta(WRITE_PROBE_KEY, str(time.time()))
 
     def set_meta(self, key: str, value: str | None) -> None:
         with self.transaction():

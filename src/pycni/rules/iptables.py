@@ -17,6 +17,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from pycni.rules.model import (
+    HAIRPIN_MARK,
     IPV6_LOOPBACK,
     LOCALNET,
     PROTOCOLS,
@@ -26,12 +27,16 @@ from pycni.rules.model import (
     Network,
     RuleSet,
     hairpin_of,
+    quote_store,
+    unquote_store,
 )
 
 IPT_MASQ_CHAIN = "PYCNI-MASQ"
 IPT_FWD_CHAIN = "PYCNI-FWD"
 IPT_INPUT_CHAIN = "PYCNI-INPUT"
 IPT_HOSTPORT_CHAIN = "PYCNI-HOSTPORTS"
+# Nothing jumps to it: one rule per store whose wants the chains hold (RuleSet.stores).
+IPT_STORES_CHAIN = "PYCNI-STORES"
 IPT_COMMENT = "pycni"
 
 
@@ -66,19 +71,22 @@ HOOKS = (FWD_HOOK, MASQ_HOOK, INPUT_HOOK, *DNAT_HOOKS)
 IPT_CHAINS = (
     ("filter", IPT_FWD_CHAIN),
     ("filter", IPT_INPUT_CHAIN),
+    ("filter", IPT_STORES_CHAIN),
     ("nat", IPT_HOSTPORT_CHAIN),
     ("nat", IPT_MASQ_CHAIN),
 )
 _DNATED = "-m conntrack --ctstate DNAT"
+_MARK = f"0x{HAIRPIN_MARK:x}/0x{HAIRPIN_MARK:x}"  # as iptables -S prints it back
+_MARKED = f"-m mark --mark {_MARK}"
 
 
-def _ipt_dnat(hp: HostPort) -> str:
+def _ipt_dnat(hp: HostPort) -> list[str]:
+    """The hostPort's mark (for the hairpin masquerade: see model.HAIRPIN_MARK), then its
+    DNAT: iptables sets a mark and DNATs in two rules of one match."""
     dst = f" -d {hp.host_ip}" if hp.host_ip else ""
     to = f"{hp.pod_ip}:{hp.pod_port}" if hp.version == 4 else f"[{hp.pod_ip}]:{hp.pod_port}"
-    return (
-        f"-A {IPT_HOSTPORT_CHAIN}{dst} -p {hp.protocol} -m {hp.protocol}"
-        f" --dport {hp.host_port} -j DNAT --to-destination {to}"
-    )
+    match = f"-A {IPT_HOSTPORT_CHAIN}{dst} -p {hp.protocol} -m {hp.protocol} --dport {hp.host_port}"
+    return [f"{match} -j MARK --set-xmark {_MARK}", f"{match} -j DNAT --to-destination {to}"]
 
 
 def chain_bodies(rules: RuleSet, family: int) -> dict[str, list[str]]:
@@ -102,7 +110,7 @@ def chain_bodies(rules: RuleSet, family: int) -> dict[str, list[str]]:
     )
     masq = [f"-A {IPT_MASQ_CHAIN} -s {LOCALNET} {_DNATED} -j MASQUERADE"] if guard else []
     masq += [
-        f"-A {IPT_MASQ_CHAIN} -s {iface.network} -d {iface.ip} {_DNATED} -j MASQUERADE"
+        f"-A {IPT_MASQ_CHAIN} -s {iface.network} -d {iface.ip} {_DNATED} {_MARKED} -j MASQUERADE"
         for iface in rules.hairpin
         if iface.version == family
     ]
@@ -112,12 +120,17 @@ def chain_bodies(rules: RuleSet, family: int) -> dict[str, list[str]]:
         for e in rule.exclude:
             masq.append(f"-A {IPT_MASQ_CHAIN} -s {rule.source} -d {e} -j RETURN")
         masq.append(f"-A {IPT_MASQ_CHAIN} -s {rule.source} -j MASQUERADE --random-fully")
-    dnat = [_ipt_dnat(hp) for hp in hostports]
+    dnat = [line for hp in hostports for line in _ipt_dnat(hp)]
     if family == 6 and dnat:
         dnat.insert(0, f"-A {IPT_HOSTPORT_CHAIN} -d {IPV6_LOOPBACK} -j RETURN")
+    stores = [
+        f"-A {IPT_STORES_CHAIN} -m comment --comment {quote_store(d)} -j RETURN"
+        for d in (rules.stores if rules else ())
+    ]
     return {
         IPT_FWD_CHAIN: fwd,
         IPT_INPUT_CHAIN: guard_input,
+        IPT_STORES_CHAIN: stores,
         IPT_HOSTPORT_CHAIN: dnat,
         IPT_MASQ_CHAIN: masq,
     }
@@ -168,27 +181,42 @@ def parse_iptables(listings: Iterable[tuple[str, str]]) -> RuleSet:
     hostports: list[HostPort] = []
     hairpin: list[Interface] = []
     accepted: dict[str, set[Network]] = {"-s": set(), "-d": set()}
+    stores: list[str] = []
     for chain, listing in listings:
+        # (host address flag value, port) per protocol of the hostPorts marked so far: a DNAT
+        # without its mark rule before it is not pycni's current rule.
+        marked: dict[str, set[tuple[str | None, int]]] = {}
         excludes: dict[Network, list[Network]] = {}
         masq: list[Network] = []
         for line in listing.splitlines():
             words = line.split()
             if not words or words[0] != "-A":
                 continue
-            if chain == IPT_FWD_CHAIN and "ACCEPT" in words:
+            if chain == IPT_STORES_CHAIN and "--comment" in words:
+                stores.append(unquote_store(words[words.index("--comment") + 1].strip('"')))
+            elif chain == IPT_FWD_CHAIN and "ACCEPT" in words:
                 for flag in ("-s", "-d"):
                     if flag in words:
                         accepted[flag].add(ipaddress.ip_network(words[words.index(flag) + 1]))
             elif chain == IPT_HOSTPORT_CHAIN:
                 hp = _ipt_hostport(words)
-                if hp is not None:
+                if hp is not None and marked.get(hp.protocol, set()) >= {
+                    (_ipt_words_value(words, "-d"), hp.host_port)
+                }:
                     hostports.append(hp)
+                elif "MARK" in words and _ipt_words_value(words, "--set-xmark") == _MARK:
+                    proto, port = _ipt_words_value(words, "-p"), _ipt_words_value(words, "--dport")
+                    if proto is not None and port is not None:
+                        marked.setdefault(proto, set()).add(
+                            (_ipt_words_value(words, "-d"), int(port))
+                        )
             elif chain == IPT_MASQ_CHAIN and "-s" in words:
                 src = ipaddress.ip_network(words[words.index("-s") + 1])
                 dst = _ipt_words_value(words, "-d")
                 if "DNAT" in words:
-                    # The 127/8 rule has no destination: it comes with the hostports.
-                    if dst is not None and "MASQUERADE" in words:
+                    # The 127/8 rule has no destination: it comes with the hostports. A hairpin
+                    # rule from before the mark (masquerading every DNAT) reads back as none.
+                    if dst is not None and "MASQUERADE" in words and _MARK in words:
                         hairpin.append(hairpin_of(src, ipaddress.ip_network(dst)))
                 elif "RETURN" in words and dst is not None:
                     excludes.setdefault(src, []).append(ipaddress.ip_network(dst))
@@ -196,5 +224,9 @@ def parse_iptables(listings: Iterable[tuple[str, str]]) -> RuleSet:
                     masq.append(src)
         masq_rules.extend(MasqRule(s, tuple(excludes.get(s, ()))) for s in masq)
     return RuleSet(
-        tuple(masq_rules), tuple(accepted["-s"] & accepted["-d"]), tuple(hostports), tuple(hairpin)
+        tuple(masq_rules),
+        tuple(accepted["-s"] & accepted["-d"]),
+        tuple(hostports),
+        tuple(hairpin),
+        stores=tuple(stores),
     )

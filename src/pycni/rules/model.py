@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import urllib.parse
 from collections.abc import Iterable
 from dataclasses import dataclass
 from ipaddress import (
@@ -35,6 +36,11 @@ Interface = IPv4Interface | IPv6Interface
 
 
 PROTOCOLS = ("tcp", "udp")
+# The packet mark bit pycni's hostPort DNATs set, so that the hairpin masquerade applies to
+# traffic pycni itself DNATed to a hostPort and to nothing else DNATed (kube-proxy's Service
+# traffic between pods of one node must keep the client's address). Not kube-proxy's
+# 0x4000/0x8000 nor portmap's 0x2000 (which masquerades whatever carries it).
+HAIRPIN_MARK = 0x1000
 LOCALNET = IPv4Network("127.0.0.0/8")
 # IPv6 has no route_localnet: traffic to ::1 DNATed to a pod could never leave, so it is left
 # alone (to the node's own listeners).
@@ -258,12 +264,17 @@ class RuleSet:
     ``hostports``: DNATs from the node's addresses to pods (HostPort); while there are any,
     forwarded DNATed traffic is accepted, and for IPv4 localhost traffic to them masqueraded and
     127.0.0.0/8 guarded. ``hairpin``: pod addresses with their prefix (e.g. 10.244.1.2/24)
-    whose DNATed traffic from their own subnet is masqueraded, so a pod reaching itself or a
+    whose hostPort traffic from their own subnet is masqueraded, so a pod reaching itself or a
     neighbour through a hostPort gets the answer back through the node (needed without
-    br_netfilter, where the neighbour would answer straight over the bridge). Any iterables
+    br_netfilter, where the neighbour would answer straight over the bridge). Only traffic a
+    hostPort DNAT marked (HAIRPIN_MARK): other DNATed traffic to the pod, such as a Service's
+    through kube-proxy, keeps its source. Any iterables
     are accepted (networks and addresses also as strings) and stored as sorted tuples.
-    ``policy``: the node's NetworkPolicy rules (PolicyFragment). An empty set means "no table
-    at all".
+    ``policy``: the node's NetworkPolicy rules (PolicyFragment). ``stores``: the data dirs
+    (IPAM stores) whose wants these are: the node's one set is merged from every store that
+    wants rules (see merge), and the kernel keeps their list beside the rules, so that a store
+    syncing later finds the others. Bookkeeping, not rules: alone it is no table. An empty set
+    means "no table at all".
     """
 
     masquerade: tuple[MasqRule, ...] = ()
@@ -271,8 +282,10 @@ class RuleSet:
     hostports: tuple[HostPort, ...] = ()
     hairpin: tuple[Interface, ...] = ()
     policy: PolicyFragment = PolicyFragment()
+    stores: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "stores", tuple(sorted(set(self.stores))))
         object.__setattr__(self, "masquerade", tuple(normalize(self.masquerade)))
         object.__setattr__(self, "forward", collapse(self.forward))
         object.__setattr__(
@@ -292,6 +305,31 @@ class RuleSet:
     def guards_localnet(self) -> bool:
         """Whether IPv4 hostPorts exist: they need route_localnet, hence the 127/8 guard."""
         return any(hp.version == 4 for hp in self.hostports)
+
+
+def quote_store(data_dir: str) -> str:
+    """A data dir as a rule comment: nothing nft or iptables would read as syntax (quotes,
+    spaces, backslashes) survives unescaped."""
+    return urllib.parse.quote(data_dir, safe="/-_.:@+,=~")
+
+
+def unquote_store(comment: str) -> str:
+    return urllib.parse.unquote(comment)
+
+
+def merge(sets: Iterable[RuleSet]) -> RuleSet:
+    """One RuleSet holding every entry of ``sets`` (one per store: a node has one table).
+    NetworkPolicy comes from one store (the agent's): the first that has any. Two stores
+    masquerading one subnet with different exclusions conflict: ValueError."""
+    sets = list(sets)
+    return RuleSet(
+        tuple(r for s in sets for r in s.masquerade),
+        tuple(n for s in sets for n in s.forward),
+        tuple(h for s in sets for h in s.hostports),
+        tuple(i for s in sets for i in s.hairpin),
+        next((s.policy for s in sets if s.policy), PolicyFragment()),
+        tuple(d for s in sets for d in s.stores),
+    )
 
 
 def hairpin_of(source: Network, dest: Network) -> Interface:

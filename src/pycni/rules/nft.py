@@ -22,6 +22,7 @@ import re
 from collections.abc import Sequence
 
 from pycni.rules.model import (
+    HAIRPIN_MARK,
     IPV6_LOOPBACK,
     LOCALNET,
     PROTOCOLS,
@@ -32,6 +33,8 @@ from pycni.rules.model import (
     PolicyFragment,
     RuleSet,
     hairpin_of,
+    quote_store,
+    unquote_store,
 )
 
 TABLE = "pycni"
@@ -44,6 +47,9 @@ OUTPUT_CHAIN = "output"
 # A chain nothing jumps to, holding the policy fragment's digest in a rule comment: how the
 # installed policy is read back (nft -j shows rule comments, not chain comments).
 POLICY_DIGEST_CHAIN = "policy_digest"
+# A chain nothing jumps to, one rule per store whose wants the table holds, its data dir in
+# the rule's comment: how a store syncing finds the others (RuleSet.stores).
+STORES_CHAIN = "stores"
 
 
 def _proto(version: int) -> str:
@@ -102,6 +108,10 @@ def render_nft(rules: RuleSet) -> str:
         lines.append(f"\tchain {POLICY_DIGEST_CHAIN} {{")
         lines.append(f'\t\treturn comment "{rules.policy.digest}"')
         lines.append("\t}")
+    if rules.stores:
+        lines.append(f"\tchain {STORES_CHAIN} {{")
+        lines += [f'\t\treturn comment "{quote_store(d)}"' for d in rules.stores]
+        lines.append("\t}")
     if rules.masquerade or rules.hairpin or rules.guards_localnet():
         lines.append(f"\tchain {NAT_CHAIN} {{")
         lines.append("\t\ttype nat hook postrouting priority srcnat; policy accept;")
@@ -112,7 +122,8 @@ def render_nft(rules: RuleSet) -> str:
         for iface in rules.hairpin:
             p = _proto(iface.version)
             lines.append(
-                f"\t\tct status dnat {p} saddr {iface.network} {p} daddr {iface.ip} masquerade"
+                f"\t\tct status dnat meta mark & {_MARK} == {_MARK}"
+                f" {p} saddr {iface.network} {p} daddr {iface.ip} masquerade"
             )
         for rule in rules.masquerade:
             p = _proto(rule.version)
@@ -165,12 +176,19 @@ def _elements(text: str | None) -> list[str]:
     return text.split(", ") if text else []
 
 
+_MARK = f"0x{HAIRPIN_MARK:08x}"  # as nft prints it back
+
+
 def _nft_dnat(hp: HostPort) -> str:
     p = _proto(hp.version)
     # "any local address" still needs the family: `dnat ip` on an IPv6 packet cannot work.
     match = f"{p} daddr {hp.host_ip}" if hp.host_ip else f"meta nfproto ipv{hp.version}"
     to = f"{hp.pod_ip}:{hp.pod_port}" if hp.version == 4 else f"[{hp.pod_ip}]:{hp.pod_port}"
-    return f"{match} {hp.protocol} dport {hp.host_port} dnat {p} to {to}"
+    # The mark tells the hairpin masquerade that this DNAT was a hostPort's.
+    return (
+        f"{match} {hp.protocol} dport {hp.host_port} meta mark set meta mark | {_MARK}"
+        f" dnat {p} to {to}"
+    )
 
 
 # --------------------------------------------------------------------------- read back
@@ -219,6 +237,32 @@ def _nft_is_dnated(rule: dict) -> bool:
     return False
 
 
+def _nft_wants_mark(rule: dict) -> bool:
+    """Whether the rule matches ``meta mark & HAIRPIN_MARK == HAIRPIN_MARK`` (a hairpin rule
+    from before the mark, masquerading every DNAT, reads back as none: repair replaces it)."""
+    for expr in rule.get("expr", []):
+        match = expr.get("match") or {}
+        left = match.get("left", {})
+        if (
+            match.get("right") == HAIRPIN_MARK
+            and left.get("&", [None])[0] == {"meta": {"key": "mark"}}
+            and left["&"][1] == HAIRPIN_MARK
+        ):
+            return True
+    return False
+
+
+def _nft_sets_mark(rule: dict) -> bool:
+    """Whether the rule sets HAIRPIN_MARK (``meta mark set meta mark | ...``)."""
+    for expr in rule.get("expr", []):
+        mangle = expr.get("mangle") or {}
+        if mangle.get("key") == {"meta": {"key": "mark"}} and mangle.get("value") == {
+            "|": [{"meta": {"key": "mark"}}, HAIRPIN_MARK]
+        }:
+            return True
+    return False
+
+
 def _nft_hostport(rule: dict) -> HostPort | None:
     """The HostPort an nft JSON rule of the hostports chain DNATs, if it is one pycni wrote."""
     host_ip = protocol = port = dnat = None
@@ -246,12 +290,16 @@ def parse_nft(listing: str) -> RuleSet:
     hairpin: list[Interface] = []
     accepted: dict[str, set[Network]] = {"saddr": set(), "daddr": set()}
     policy = PolicyFragment()
+    stores: list[str] = []
     for obj in json.loads(listing).get("nftables", []):
         rule = obj.get("rule")
         if not rule:
             continue
         if rule.get("chain") == POLICY_DIGEST_CHAIN and rule.get("comment"):
             policy = PolicyFragment((), str(rule["comment"]))
+            continue
+        if rule.get("chain") == STORES_CHAIN and rule.get("comment"):
+            stores.append(unquote_store(str(rule["comment"])))
             continue
         if str(rule.get("chain", "")).startswith("policy_"):
             continue  # the policy's own chains are read back through the digest
@@ -262,13 +310,13 @@ def parse_nft(listing: str) -> RuleSet:
             exclude = [n for f, op, nets in matches if f == "daddr" and op == "!=" for n in nets]
             if _nft_is_dnated(rule):
                 # The 127/8 rule has no destination: it comes with the hostports.
-                if len(source) == 1 and len(dest) == 1:
+                if len(source) == 1 and len(dest) == 1 and _nft_wants_mark(rule):
                     hairpin.append(hairpin_of(source[0], dest[0]))
             elif len(source) == 1:
                 masq.append(MasqRule(source[0], tuple(exclude)))
         elif rule.get("chain") == HOSTPORT_CHAIN:
             hp = _nft_hostport(rule)
-            if hp is not None:
+            if hp is not None and _nft_sets_mark(rule):
                 hostports.append(hp)
         elif rule.get("chain") == FWD_CHAIN and any("accept" in e for e in rule["expr"]):
             for f, op, nets in matches:
@@ -281,4 +329,5 @@ def parse_nft(listing: str) -> RuleSet:
         tuple(hostports),
         tuple(hairpin),
         policy,
+        tuple(stores),
     )

@@ -7,11 +7,17 @@ iptables.py only turn a RuleSet into text and text back into a RuleSet.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import json
 import os
 import shutil
+import socket
 import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from pycni.cni.errors import INVALID_ENVIRONMENT, RULES_FAILURE, CniError
 from pycni.rules import iptables, nft
@@ -21,6 +27,53 @@ BACKENDS = ("nft", "iptables")
 ENV_BACKEND = "PYCNI_RULES_BACKEND"
 
 _TIMEOUT = 30.0
+# The node lock: an abstract unix socket name, so one per network namespace (as the rules
+# are), no file anywhere, and released by the kernel when its holder dies.
+_LOCK_NAME = "\0pycni-rules-lock"
+_LOCK_POLL = 0.005
+_held = threading.local()
+_in_process = threading.Lock()
+
+
+@contextmanager
+def node_lock(timeout: float = _TIMEOUT) -> Iterator[None]:
+    """Every update of pycni's rules in this network namespace, whichever store it comes
+    from, one at a time: each reads the others' wants and installs the merged set, which two
+    at once would overwrite with each one's view. Reentrant within a thread."""
+    if getattr(_held, "depth", 0):
+        _held.depth += 1
+        try:
+            yield
+        finally:
+            _held.depth -= 1
+        return
+    deadline = time.monotonic() + timeout
+    if not _in_process.acquire(timeout=timeout):  # this process's threads queue here
+        raise CniError(RULES_FAILURE, f"packet rules: node lock busy for {timeout:g}s")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        while True:
+            try:
+                sock.bind(_LOCK_NAME)
+                break
+            except OSError as exc:
+                if exc.errno != errno.EADDRINUSE:
+                    raise CniError(RULES_FAILURE, f"packet rules: node lock: {exc}") from None
+                if time.monotonic() > deadline:
+                    raise CniError(
+                        RULES_FAILURE,
+                        f"packet rules: another process has held the node's rule lock for "
+                        f"{timeout:g}s",
+                    ) from None
+                time.sleep(_LOCK_POLL)
+        _held.depth = 1
+        try:
+            yield
+        finally:
+            _held.depth = 0
+    finally:
+        sock.close()
+        _in_process.release()
 
 
 def digest(rules: RuleSet) -> str:
@@ -215,6 +268,26 @@ def _installed_ipt() -> RuleSet | None:
                 listings.append((chain, proc.stdout))
     # None when not one of pycni's chains exists.
     return iptables.parse_iptables(listings) if listings else None
+
+
+def installed_stores(backend: str | None = None) -> tuple[str, ...]:
+    """The data dirs whose wants the installed rules hold (RuleSet.stores), reading only
+    their chain: a sync needs no more, and a table with large NetworkPolicy sets costs about
+    as much to list as to replace."""
+    if resolve_backend(backend) == "nft":
+        proc = _run(["nft", "-j", "list", "chain", "inet", nft.TABLE, nft.STORES_CHAIN])
+        if proc.returncode != 0:
+            if "No such file or directory" in proc.stderr or "does not exist" in proc.stderr:
+                return ()
+            raise CniError(RULES_FAILURE, f"packet rules: nft list failed: {proc.stderr.strip()}")
+        return nft.parse_nft(proc.stdout).stores
+    listings = []
+    for family in (4, 6):
+        if shutil.which(_ipt(family)):
+            proc = _run([*_ipt_base("filter", family), "-S", iptables.IPT_STORES_CHAIN])
+            if proc.returncode == 0:
+                listings.append((iptables.IPT_STORES_CHAIN, proc.stdout))
+    return iptables.parse_iptables(listings).stores
 
 
 def policy_counters(table: str = nft.TABLE) -> dict[str, tuple[int, int]]:
