@@ -106,6 +106,7 @@ def defines(fallback: str | None, limits: tuple[int, int] | None = None) -> dict
         "PYCNI_DEFAULT_SOCKET": c_string(shim.DEFAULT_SOCKET),
         "PYCNI_MAGIC": c_string(shim.MAGIC.decode("ascii")),
         "PYCNI_TIMEOUT_MS": str(round(shim.TIMEOUT * 1000)),
+        "PYCNI_CONNECT_TIMEOUT_MS": str(round(shim.CONNECT_TIMEOUT * 1000)),
         "PYCNI_VERSIONS": c_string(",".join(versions.SUPPORTED)),
         "PYCNI_FORWARDED": c_string(",".join(p.decode("ascii") for p in shim.FORWARDED)),
         "PYCNI_JSON_MAX_DEPTH": str(depth),
