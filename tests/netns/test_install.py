@@ -234,7 +234,7 @@ def test_standalone_launcher_is_one_stdlib_file_for_the_system_python(dirs):
         if isinstance(node, ast.Import | ast.ImportFrom)
         for alias in node.names
     }
-    assert imports <= {"_socket", "os", "sys", "_json", "json"}, imports
+    assert imports <= {"_socket", "_struct", "os", "sys", "_json", "json"}, imports
     # Every name it uses is defined in it (what the shim imports from pycni was inlined).
     ruff = os.path.join(os.path.dirname(sys.executable), "ruff")
     if os.path.exists(ruff):
