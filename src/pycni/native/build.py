@@ -14,6 +14,7 @@ build, uninstall finds it to know the file is pycni's.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import shlex
@@ -67,8 +68,10 @@ def compiler() -> list[str] | None:
     return cc if shutil.which(cc[0]) else None
 
 
+@functools.cache
 def interpreter_limits(python: str = sys.executable) -> tuple[int, int]:
-    """(deepest nesting, most integer digits) shim.decode_object accepts under `python`."""
+    """(deepest nesting, most integer digits) shim.decode_object accepts under `python`;
+    measured once per process (a lab builds for every node)."""
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     proc = subprocess.run(
         [python, "-IS", "-c", LIMITS_PROBE, root, str(PROBE_DEPTH_CAP)],
