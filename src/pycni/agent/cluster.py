@@ -316,19 +316,25 @@ class ClusterNode:
 
     def _log_routes(self, changes, before: list[NodeRecord] | None, after: list[NodeRecord]):
         """One info line per route to another node added, changed or removed, with why."""
-        from ..backends.plan import Route, route_reason
+        from ..backends.plan import Reasons, Route
 
         verbs = {"add": "added", "replace": "changed", "del": "removed"}
-        for op, entry in changes.done:
-            if isinstance(entry, Route):
-                log.info(
-                    "route %s via %s dev %s %s: %s",
-                    entry.dst,
-                    entry.gateway or "-",
-                    self._dev_name(entry.dev),
-                    verbs[op],
-                    route_reason(op, entry, before, after, changes.skipped),
-                )
+        routes = [(op, e) for op, e in changes.done if isinstance(e, Route)]
+        if not routes:
+            return
+        reasons = Reasons(before, after, changes.skipped)
+        devs: dict[int, str] = {}  # thousands of routes name the same one or two devices
+        for op, entry in routes:
+            if entry.dev not in devs:
+                devs[entry.dev] = self._dev_name(entry.dev)
+            log.info(
+                "route %s via %s dev %s %s: %s",
+                entry.dst,
+                entry.gateway or "-",
+                devs[entry.dev],
+                verbs[op],
+                reasons.why(op, entry),
+            )
 
     def _dev_name(self, index: int) -> str:
         if self._ipr is None:
