@@ -33,7 +33,7 @@ Observer = Callable[[str, int, float], None]  # (command, code or 0, seconds)
 
 
 class Agent:
-    def __init__(self, socket_path: str, workers: int = 32, data_dir: str | None = None):
+    def __init__(self, socket_path: str, workers: int = 16, data_dir: str | None = None):
         self.socket_path = socket_path
         self.workers = workers
         self.data_dirs: set[str] = {data_dir} if data_dir else set()
