@@ -74,6 +74,8 @@ class Changes:
     skipped: tuple[Skipped, ...] = ()
     vtep: VtepInfo | None = None
     done: list[tuple[str, Entry]] = field(default_factory=list)
+    # The pass read nothing back: the kernel announced no change since it last held the plan.
+    trusted: bool = False
 
     @property
     def changed(self) -> bool:

@@ -21,6 +21,7 @@ from .plan import (
     vtep_mtu,
 )
 from .vxlan import DEFAULT_PORT, BackendError, delete_vtep, ensure_vtep_action, vtep_index
+from .watch import KernelWatch
 
 
 @dataclass(frozen=True)
@@ -49,13 +50,16 @@ def reconcile_once(
     mode: str,
     underlay_ifname: str,
     vxlan: VxlanSettings | None = None,
+    watch: KernelWatch | None = None,
 ) -> Changes:
     """Make this node's routes, neighbours and FDB match `nodes` under `mode`.
 
     The VTEP exists in vxlan and auto mode whatever the peers (they need our MAC, published
     from `Changes.vtep`, before they can send to us) and is removed in host-gw mode. Never
     raises for kernel trouble: it lands in `Changes.errors` and the next round retries; an
-    unknown mode is a ValueError."""
+    unknown mode is a ValueError. With a `watch` (the agent's, kept from pass to pass), a pass
+    whose plan is the one the kernel was last found holding, and since which the kernel
+    announced nothing that could touch it, reads nothing back (`Changes.trusted`)."""
     if mode not in MODES:
         raise ValueError(f"unknown backend mode {mode!r} (want one of {', '.join(MODES)})")
     vxlan = vxlan or VxlanSettings()
@@ -75,12 +79,23 @@ def reconcile_once(
     except (NetlinkError, BackendError) as exc:
         errors.append(f"VTEP {vxlan.name}: {exc}")
     want = _desired(local, nodes, mode, underlay, vtep)
+    settled = not errors and not action and stale is None
+    if watch is not None:
+        devices = {underlay.ifindex} | ({vtep.ifindex} if vtep else set())
+        if watch.unchanged(want, devices) and settled:
+            return Changes(skipped=want.skipped, vtep=vtep, trusted=True)
     try:
         have = read_state(ipr, vtep.ifindex if vtep else stale)
     except NetlinkError as exc:
+        if watch is not None:
+            watch.verified(None)
         return Changes(errors=[*errors, f"reading routes: {exc}"], skipped=want.skipped, vtep=vtep)
     # Stale entries go before a leftover VTEP does, so they are counted like any other.
     changes = apply(ipr, want, have)
+    if watch is not None:
+        # Only a pass that found the kernel as planned vouches for it; after changes, the next
+        # pass reads the kernel again (their own announcements are queued meanwhile).
+        watch.verified(want if settled and not changes.changed and not changes.errors else None)
     changes.errors[:0] = errors
     changes.vtep = vtep
     if action == "created":
