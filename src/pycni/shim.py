@@ -22,6 +22,10 @@ MAGIC = b"PYCNI/1"
 FORWARDED = (b"CNI_", b"DEBUG", b"PYCNI_")
 # Longer than any sane ADD; shorter than kubelet's 2-minute runtime request timeout.
 TIMEOUT = 110.0
+# A live agent accepts at once: a connect that waits this long has found an agent whose listen
+# backlog is full, hung or swamped. Answered with "try again" (never the in-process fallback:
+# the hung agent may still hold that container's call and resume it).
+CONNECT_TIMEOUT = 5.0
 
 
 def main() -> None:
@@ -88,8 +92,13 @@ def call_agent(path: str, stdin: bytes):
     """(exit status, stdout bytes) from the agent, or None when no agent is listening."""
     sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
     try:
+        # A blocking connect() to a unix socket waits for room in the listener's backlog for
+        # as long as SO_SNDTIMEO says (for ever by default), then fails with EAGAIN.
+        sock.setsockopt(_socket.SOL_SOCKET, _socket.SO_SNDTIMEO, _timeval(CONNECT_TIMEOUT))
         try:
             sock.connect(path)
+        except BlockingIOError:
+            return 1, try_again(stdin, hung_message(path))
         except (OSError, ValueError):
             # No socket, or a stale one: nobody would answer. ValueError: a path no socket can
             # have (NUL, undecodable); the core run here reports the config's agentSocket.
@@ -123,6 +132,21 @@ def call_agent(path: str, stdin: bytes):
         return int(head), out
     finally:
         sock.close()
+
+
+def hung_message(path: str) -> str:
+    return (
+        f"the pycni agent at {path} accepted no connection within {CONNECT_TIMEOUT:g} s "
+        "(hung, or swamped)"
+    )
+
+
+def _timeval(seconds: float) -> bytes:
+    """struct timeval (time_t and suseconds_t are C longs on Linux)."""
+    import _struct
+
+    whole = int(seconds)
+    return _struct.pack("ll", whole, int((seconds - whole) * 1e6))
 
 
 def peer_uid(sock) -> int:

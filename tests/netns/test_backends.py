@@ -426,3 +426,103 @@ def test_reconcile_is_fast_enough_to_run_often(netns):
     for _ in range(10):
         assert all(is_zero(c) for c in lab.reconcile_all("vxlan"))
     assert (time.perf_counter() - start) / 30 < 0.1
+
+
+@pytest.mark.parametrize("mode", ["vxlan", "host-gw"])
+def test_the_raw_netlink_path_reads_and_writes_what_pyroute2_does(netns, mode):
+    """read_state and apply go through backends/rtnl.py (struct-parsed dumps, pipelined
+    requests) where they can: on a dual-stack lab, what it reads equals pyroute2's reading of
+    the same kernel, and what it applies pyroute2 reads back as planned."""
+    from pycni.backends import kernel
+    from pycni.backends.rtnl import Rtnl
+    from pycni.backends.vxlan import vtep_index
+
+    lab = build(netns, dual=True)
+    lab.reconcile_all(mode)
+    lab.assert_all_ping(4)
+    lab.assert_all_ping(6)
+    for host in lab.hosts:
+        with pod_netlink(f"/run/netns/{host.ns}") as ipr:
+            rt = Rtnl.open(ipr)
+            assert rt is not None  # the lean path is the one taken here
+            rt.close()
+            index = vtep_index(ipr, VTEP)
+            assert (index is not None) == (mode == "vxlan")
+            raw = kernel.read_state(ipr, index)
+            assert raw == kernel._read_state_pyroute2(ipr, index)
+            assert len(raw.routes) == 2 * (len(lab.hosts) - 1)  # both families, each peer
+            # Remove everything through the raw writer; pyroute2 then reads nothing of ours.
+            changes = kernel.apply(ipr, kernel.State(), raw)
+            assert changes.errors == [] and changes.removed == len(raw.entries())
+            assert kernel._read_state_pyroute2(ipr, index).entries() == frozenset()
+            # Deleting what is gone is no error; adding it back restores the same state.
+            again = kernel.apply(ipr, kernel.State(), raw)
+            assert again.errors == [] and again.removed == 0
+            back = kernel.apply(ipr, raw, kernel.State())
+            assert back.errors == [] and back.added == len(raw.entries())
+            assert kernel._read_state_pyroute2(ipr, index) == raw
+    lab.assert_all_ping(4)
+    lab.assert_all_ping(6)
+
+
+def in_netns(ns: str, fn):
+    """fn() on a thread moved into `ns` for the call (a KernelWatch subscribes in the namespace
+    of the thread that opens it, as the agent's loop thread does in its node's)."""
+    import threading
+
+    from pycni.dataplane.netns import _setns, netns_fd
+
+    out: list = []
+
+    def run():
+        with netns_fd(f"/run/netns/{ns}") as fd:
+            _setns(fd)  # this thread only, and it ends right after
+        out.append(fn())
+
+    t = threading.Thread(target=run)
+    t.start()
+    t.join()
+    return out[0]
+
+
+@pytest.mark.parametrize("mode", ["vxlan", "host-gw"])
+def test_a_quiet_kernel_is_trusted_and_any_change_to_ours_is_noticed(netns, mode):
+    """With a KernelWatch, a pass with the plan the kernel was last found holding reads
+    nothing back, until the kernel announces a change that could touch pycni's entries: a
+    route or VTEP neighbour removed by hand is noticed and put back on the next pass; a route
+    of another table is not a reason to read."""
+    from pycni.backends.watch import KernelWatch
+
+    lab = build(netns)
+    host = lab.hosts[0]
+    nodes = lab.records()
+    watch = in_netns(host.ns, KernelWatch.open)
+    assert watch is not None
+    try:
+        with pod_netlink(f"/run/netns/{host.ns}") as ipr:
+
+            def reconcile() -> Changes:
+                return reconcile_once(ipr, nodes[0], nodes, mode, "eth0", None, watch=watch)
+
+            first = reconcile()
+            assert first.added >= 2 and not first.trusted
+            second = reconcile()  # its own changes were announced: read once more
+            assert is_zero(second) and not second.trusted
+            third = reconcile()
+            assert is_zero(third) and third.trusted
+            ip(host.ns, "route", "add", "10.9.9.0/24", "dev", "eth0", "table", "100")
+            assert reconcile().trusted  # not the main table: nothing of ours
+            ip(host.ns, "route", "del", "10.244.2.0/24")
+            repaired = reconcile()
+            assert not repaired.trusted and repaired.added == 1 and repaired.errors == []
+            assert not reconcile().trusted  # the repair's own announcement
+            assert reconcile().trusted
+            if mode == "vxlan":
+                ip(host.ns, "neigh", "del", "10.244.3.0", "dev", VTEP)
+                fixed = reconcile()
+                assert not fixed.trusted and fixed.added == 1
+            # Another plan (a node left) is never trusted to the old one's kernel.
+            fewer = reconcile_once(ipr, nodes[0], nodes[:2], mode, "eth0", None, watch=watch)
+            assert not fewer.trusted and fewer.removed >= 1
+    finally:
+        watch.close()

@@ -71,6 +71,8 @@ def test_bench_tiny(reference_plugins):
     targets = report["targets"]
     assert len(targets) == 5 and all(isinstance(t["pass"], bool) for t in targets)
     assert all(t["value"] is not None for t in targets)
+    # For what `pycnictl install` writes here: native where a compiler is found.
+    assert {t["plugin"] for t in targets} == {"pycni-native" if compiler() else "pycni-agent"}
     table = format_table(report)
     assert "ADD med" in table and "DEL p95" in table and "ADD wall" in table
     assert len(

@@ -23,7 +23,10 @@ import pytest
 
 from conftest import AgentProcess, Node, sh
 from pycni.cni.netconf import NetConf
-from pycni.install.launchers import MARKER, STANDALONE_PYTHON, standalone_text
+from pycni.install.launchers import MARKER, STANDALONE_PYTHON, launcher_text, standalone_text
+from pycni.install.node import NO_CC_HINT
+from pycni.native import FALLBACK_NAME
+from pycni.native.build import compiler, is_standalone, marker_of, wanted_marker
 from pycni.node_config import CONFLIST_NAME
 
 pytestmark = pytest.mark.netns
@@ -31,12 +34,20 @@ pytestmark = pytest.mark.netns
 PYCNICTL = os.path.join(os.path.dirname(sys.executable), "pycnictl")
 CID1, CID2, CID3 = ("a" * 64, "b" * 64, "c" * 64)
 FEATURES = {f.name for f in dataclasses.fields(NetConf)}
+PYTHON_SAID = (
+    "{path} is the {kind}Python launcher, {why}: every call pays Python's start-up, which the "
+    "native executable does not"
+)
 
 
-def pycnictl(*args: str, ns: str | None = None, timeout: float = 60):
+def pycnictl(*args: str, ns: str | None = None, timeout: float = 60, env: dict | None = None):
     prefix = ["ip", "netns", "exec", ns] if ns else []
     return subprocess.run(
-        [*prefix, PYCNICTL, *args], capture_output=True, text=True, timeout=timeout
+        [*prefix, PYCNICTL, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=None if env is None else {**os.environ, **env},
     )
 
 
@@ -54,8 +65,8 @@ def dirs(tmp_path):
     return d
 
 
-def install(dirs, *extra: str):
-    return pycnictl("install", "--bin-dir", dirs.bin, "--conf-dir", dirs.conf, *extra)
+def install(dirs, *extra: str, env: dict | None = None):
+    return pycnictl("install", "--bin-dir", dirs.bin, "--conf-dir", dirs.conf, *extra, env=env)
 
 
 def runtime_conf(conflist_path: str, root: str, **runtime) -> dict:
@@ -85,6 +96,7 @@ def node_in(netns, plugin: str, root: str) -> Node:
 
 def test_install_writes_both_files_and_is_idempotent(dirs):
     args = (
+        "--python",
         "--subnet",
         "10.244.1.0/24",
         "--network",
@@ -98,7 +110,8 @@ def test_install_writes_both_files_and_is_idempotent(dirs):
     assert first.returncode == 0, first.stderr
     launcher = os.path.join(dirs.bin, "pycni")
     conflist = os.path.join(dirs.conf, CONFLIST_NAME)
-    assert first.stdout.splitlines() == [f"installed {launcher}", f"installed {conflist}"]
+    said = PYTHON_SAID.format(path=launcher, kind="", why="as --python asks")
+    assert first.stdout.splitlines() == [f"installed {launcher}", said, f"installed {conflist}"]
     assert os.stat(launcher).st_mode & 0o777 == 0o755
     assert os.stat(conflist).st_mode & 0o777 == 0o644
     with open(launcher) as f:
@@ -120,10 +133,14 @@ def test_install_writes_both_files_and_is_idempotent(dirs):
     before = {p: os.stat(p).st_mtime_ns for p in (launcher, conflist)}
     second = install(dirs, *args)
     assert second.returncode == 0, second.stderr
-    assert second.stdout.splitlines() == [f"{launcher} is up to date", f"{conflist} is up to date"]
+    assert second.stdout.splitlines() == [
+        f"{launcher} is up to date",
+        said,
+        f"{conflist} is up to date",
+    ]
     assert {p: os.stat(p).st_mtime_ns for p in (launcher, conflist)} == before
     # A new subnet replaces the config list.
-    third = install(dirs, "--subnet", "10.244.2.0/24", "--name", "testnet")
+    third = install(dirs, "--python", "--subnet", "10.244.2.0/24", "--name", "testnet")
     assert third.returncode == 0 and f"installed {conflist}" in third.stdout
     with open(conflist) as f:
         assert json.load(f)["plugins"][0]["subnet"] == "10.244.2.0/24"
@@ -166,10 +183,10 @@ def test_install_never_overwrites_files_it_did_not_write(dirs):
     foreign = os.path.join(dirs.bin, "pycni")
     with open(foreign, "w") as f:
         f.write("#!/bin/sh\necho somebody else's pycni\n")
-    proc = install(dirs)
+    proc = install(dirs, "--python")
     assert proc.returncode == 1 and "was not written by pycnictl install" in proc.stderr
     assert open(foreign).read().startswith("#!/bin/sh")
-    assert install(dirs, "--force").returncode == 0
+    assert install(dirs, "--python", "--force").returncode == 0
     assert MARKER in open(foreign).read()
     # The same for a config list of the same name that is not pycni's.
     conflist = os.path.join(dirs.conf, CONFLIST_NAME)
@@ -179,6 +196,43 @@ def test_install_never_overwrites_files_it_did_not_write(dirs):
     proc = install(dirs, "--subnet", "10.244.1.0/24")
     assert proc.returncode == 1 and conflist in proc.stderr
     assert json.load(open(conflist)) == other
+
+
+@pytest.mark.skipif(compiler() is None, reason="no C compiler (cc)")
+def test_install_writes_the_native_executable_where_a_compiler_is(dirs):
+    """The default: the native executable, with the Python launcher as its stated fallback."""
+    proc = install(dirs)
+    assert proc.returncode == 0, proc.stderr
+    target, fallback = os.path.join(dirs.bin, "pycni"), os.path.join(dirs.bin, FALLBACK_NAME)
+    assert marker_of(target) == wanted_marker(fallback)
+    assert MARKER in open(fallback).read()
+    assert proc.stdout.splitlines()[-1].startswith(f"installed {target} (")
+    assert f"without an agent it runs the Python launcher {fallback}" in proc.stdout
+    alone = install(dirs, "--standalone")
+    assert alone.returncode == 0, alone.stderr
+    assert is_standalone(marker_of(target)) and "forwarding to the agent only" in alone.stdout
+
+
+@pytest.mark.parametrize("standalone", [False, True])
+def test_install_without_a_compiler_writes_the_python_launcher_and_says_why(dirs, standalone):
+    extra = ("--standalone",) if standalone else ()
+    proc = install(dirs, *extra, env={"CC": os.path.join(dirs.root, "no-such-cc")})
+    assert proc.returncode == 0, proc.stderr
+    target = os.path.join(dirs.bin, "pycni")
+    with open(target) as f:
+        text = f.read()
+    want = standalone_text() if standalone else launcher_text()
+    # The same launcher but for its #! (pycnictl's interpreter, maybe python3 for python).
+    assert text.split("\n", 1)[1] == want.split("\n", 1)[1] and MARKER in text
+    why = f"no C compiler found ({NO_CC_HINT})"
+    kind = "standalone " if standalone else ""
+    assert PYTHON_SAID.format(path=target, kind=kind, why=why) in proc.stdout.splitlines()
+
+
+def test_install_refuses_two_kinds_at_once(dirs):
+    proc = install(dirs, "--native", "--python")
+    assert proc.returncode == 1 and "give one of --native" in proc.stderr
+    assert not os.path.exists(dirs.bin)
 
 
 def test_install_notes_a_config_that_sorts_first(dirs):
@@ -216,7 +270,7 @@ def test_installed_launcher_networks_a_pod_as_a_runtime_execs_it(netns, dirs):
 
 
 def standalone(dirs) -> str:
-    proc = install(dirs, "--standalone")
+    proc = install(dirs, "--standalone", "--python")
     assert proc.returncode == 0, proc.stderr
     return os.path.join(dirs.bin, "pycni")
 
@@ -234,7 +288,7 @@ def test_standalone_launcher_is_one_stdlib_file_for_the_system_python(dirs):
         if isinstance(node, ast.Import | ast.ImportFrom)
         for alias in node.names
     }
-    assert imports <= {"_socket", "os", "sys", "_json", "json"}, imports
+    assert imports <= {"_socket", "_struct", "os", "sys", "_json", "json"}, imports
     # Every name it uses is defined in it (what the shim imports from pycni was inlined).
     ruff = os.path.join(os.path.dirname(sys.executable), "ruff")
     if os.path.exists(ruff):

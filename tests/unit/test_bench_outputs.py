@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import xml.etree.ElementTree as ET
+from ipaddress import ip_address
 
 from pycni.bench.chart import chart_svg, ratios
 from pycni.bench.common import bench_name, run_and_print, write_section
@@ -85,3 +86,22 @@ def test_run_and_print_writes_the_table_and_the_chart(tmp_path, capsys):
     assert "<!-- BEGIN pycnictl bench throughput -->" in text and "same  0.93x" in text
     assert "pycni-same-node 1 stream" in svg.read_text()
     assert bench_name("pycnictl bench") == "latency"
+
+
+def test_the_convergence_cluster_cidr_holds_every_node_clear_of_the_underlay():
+    """`bench convergence --nodes N` up to 5,000: a cluster CIDR with a /24 for each remote
+    node, the agent's own and spare ones, the smallest that does (a /16 at least), never
+    overlapping the underlay its nodes' addresses come from."""
+    from pycni.bench import convergence
+
+    assert convergence.MAX_NODES >= 5000
+    for nodes, prefix in ((1, 16), (250, 16), (251, 15), (1000, 14), (5000, 11)):
+        cidr = convergence.cluster_cidr(nodes)
+        assert cidr.prefixlen == prefix, nodes
+        assert 2 ** (24 - prefix) >= nodes + 1 + convergence.SPARE_SUBNETS
+        assert not cidr.overlaps(convergence.UNDERLAY)
+    records = convergence.fake_records(convergence.MAX_NODES, "vxlan")
+    addresses = [r.node_ips[0] for r in records]
+    assert len(set(addresses)) == len(addresses)
+    assert all(ip_address(a) in convergence.UNDERLAY for a in addresses)
+    assert str(convergence.NODE_IP) not in addresses and str(convergence.PEER_IP) not in addresses

@@ -90,7 +90,8 @@ class Builds:
     to_recorder: str  # falls back to `recorder`
     recorder: str
     to_launcher: str  # falls back to the real Python launcher
-    short_timeout: str  # standalone, 0.3 s timeout
+    short_timeout: str  # standalone, 0.3 s timeout (answer and connect)
+    short_to_recorder: str  # falls back to `recorder`, 0.3 s connect timeout
     python_launcher: str  # shim.main() as `pycnictl install` writes it
     python_standalone: str  # the standalone Python launcher
 
@@ -141,7 +142,8 @@ def native(tmp_path_factory) -> Builds:
         make("to-recorder", recorder),
         recorder,
         make("to-launcher", python_launcher),
-        make("short", PYCNI_TIMEOUT_MS="300"),
+        make("short", PYCNI_TIMEOUT_MS="300", PYCNI_CONNECT_TIMEOUT_MS="300"),
+        make("short-to-recorder", recorder, PYCNI_CONNECT_TIMEOUT_MS="300"),
         python_launcher,
         python_standalone,
     )
@@ -304,7 +306,8 @@ def test_install_native_is_idempotent_and_replaces_only_its_own(tmp_path):
     dirs = ("--bin-dir", bin_dir, "--conf-dir", conf_dir)
     first = pycnictl("install", "--native", *dirs)
     assert first.returncode == 0, first.stderr
-    assert f"installed {target} (" in first.stdout and f"falling back to {fallback}" in first.stdout
+    assert f"installed {target} (" in first.stdout
+    assert f"without an agent it runs the Python launcher {fallback}" in first.stdout
     with open(fallback) as f:  # the in-process launcher (pycnictl's interpreter in its #!)
         assert without_shebang(f.read()) == without_shebang(launchers.launcher_text())
     assert build.marker_of(target) == build.wanted_marker(fallback)
@@ -317,7 +320,7 @@ def test_install_native_is_idempotent_and_replaces_only_its_own(tmp_path):
 
     alone = pycnictl("install", "--native", "--standalone", *dirs)
     assert alone.returncode == 0 and build.is_standalone(build.marker_of(target))
-    back = pycnictl("install", *dirs)  # the Python launcher replaces the native executable
+    back = pycnictl("install", "--python", *dirs)  # the Python launcher replaces it
     assert back.returncode == 0
     with open(target) as f:
         assert without_shebang(f.read()) == without_shebang(launchers.launcher_text())
@@ -366,7 +369,7 @@ def test_install_native_from_copies_only_a_standalone_native_build(tmp_path, nat
         == f"{target} is up to date\n"
     )
     both = pycnictl("install", "--native", "--native-from", native.standalone, *args)
-    assert both.returncode == 1 and "not both" in both.stderr
+    assert both.returncode == 1 and "give one of --native" in both.stderr
 
 
 def test_uninstall_removes_the_native_executable_and_its_fallback_only(tmp_path, native):
@@ -709,6 +712,56 @@ def test_an_agent_that_never_answers_times_out(native, fake_agent, monkeypatch):
     monkeypatch.setattr(shim, "TIMEOUT", 0.3)
     assert (ours.returncode, ours.stdout) == shim.call_agent(agent.path, stdin)
     assert b"timed out; try again" in ours.stdout
+
+
+@pytest.fixture
+def hung_agent(tmp_path):
+    """A listener that never accepts, its backlog full (listen(0) holds one queued caller): a
+    connect() to it waits for room, as it does to an agent that is hung or swamped."""
+    path = str(tmp_path / "hung.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    queued = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    with listener, queued:
+        listener.bind(path)
+        listener.listen(0)
+        queued.connect(path)
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        with probe:  # the backlog is really full: a non-blocking connect finds no room
+            probe.setblocking(False)
+            with pytest.raises(BlockingIOError):
+                probe.connect(path)
+        yield path
+
+
+@pytest.mark.parametrize("build_name", ["short_timeout", "short_to_recorder"])
+def test_a_hung_agent_is_try_again_never_a_wait_nor_the_fallback(
+    native, hung_agent, monkeypatch, tmp_path, build_name
+):
+    """A connect that finds no room for the connect timeout answers CNI error 11 (kubelet
+    retries), also where the build falls back without an agent: the hung agent may resume."""
+    stdin = config(hung_agent, cniVersion="0.4.0")
+    env = {**BASE_ENV, "RECORD_TO": str(tmp_path / "rec")}
+    ours = native_run(getattr(native, build_name), stdin, env=env, timeout=30)
+    assert not os.path.exists(tmp_path / "rec.stdin")  # the fallback never ran
+    monkeypatch.setattr(shim, "CONNECT_TIMEOUT", 0.3)
+    assert (ours.returncode, ours.stdout) == shim.call_agent(hung_agent, stdin)
+    err = json.loads(ours.stdout)
+    assert ours.returncode == 1 and err["code"] == 11 and err["cniVersion"] == "0.4.0"
+    assert err["msg"] == f"{shim.hung_message(hung_agent)}; try again"
+    assert "within 0.3 s" in err["msg"]
+
+
+@pytest.mark.parametrize("launcher", ["python_launcher", "python_standalone"])
+def test_the_python_launchers_time_out_on_a_hung_agent(native, hung_agent, launcher):
+    """As installed (the real CONNECT_TIMEOUT): error 11 after it, not a wait for ever."""
+    stdin = config(hung_agent)
+    proc = run(getattr(native, launcher), stdin, timeout=shim.CONNECT_TIMEOUT + 25)
+    assert proc.returncode == 1
+    assert json.loads(proc.stdout) == {
+        "cniVersion": "1.0.0",
+        "code": 11,
+        "msg": f"{shim.hung_message(hung_agent)}; try again",
+    }
 
 
 def test_a_socket_of_another_user_is_not_an_agent(native, tmp_path):

@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from ..cluster.datastore import Datastore
 from ..cluster.kv import KVError
@@ -76,6 +77,7 @@ class ClusterNode:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._ipr = None
+        self._watch: Any = None  # backends.watch.KernelWatch, made with _ipr in its thread
         self.iface = options.iface
 
     # --- life cycle ------------------------------------------------------------------------
@@ -106,6 +108,8 @@ class ClusterNode:
         self.store.close()
         if self._ipr is not None:
             self._ipr.close()
+        if self._watch is not None:
+            self._watch.close()
 
     def _wait(self, seconds: float) -> None:
         """Until the datastore reports a change, ``seconds`` pass or stop() is called: waits in
@@ -119,7 +123,10 @@ class ClusterNode:
     def _run(self) -> None:
         from pyroute2 import IPRoute
 
+        from ..backends.watch import KernelWatch
+
         self._ipr = IPRoute()
+        self._watch = KernelWatch.open()  # None: every pass reads the kernel
         backoff = 0.5
         next_keepalive = 0.0
         renew = self.store.renew_every
@@ -302,7 +309,13 @@ class ClusterNode:
             self._adopt(self.store.keepalive())
             nodes = self.store.nodes()
         changes = reconcile_once(
-            self._ipr, self.record, nodes, self.options.backend, self.iface, self.vxlan()
+            self._ipr,
+            self.record,
+            nodes,
+            self.options.backend,
+            self.iface,
+            self.vxlan(),
+            watch=self._watch,
         )
         self._log_routes(changes, None if self.reconciles == 0 else self.nodes, nodes)
         self.nodes = nodes  # what the kernel now holds routes for (status shows it)
@@ -319,19 +332,25 @@ class ClusterNode:
 
     def _log_routes(self, changes, before: list[NodeRecord] | None, after: list[NodeRecord]):
         """One info line per route to another node added, changed or removed, with why."""
-        from ..backends.plan import Route, route_reason
+        from ..backends.plan import Reasons, Route
 
         verbs = {"add": "added", "replace": "changed", "del": "removed"}
-        for op, entry in changes.done:
-            if isinstance(entry, Route):
-                log.info(
-                    "route %s via %s dev %s %s: %s",
-                    entry.dst,
-                    entry.gateway or "-",
-                    self._dev_name(entry.dev),
-                    verbs[op],
-                    route_reason(op, entry, before, after, changes.skipped),
-                )
+        routes = [(op, e) for op, e in changes.done if isinstance(e, Route)]
+        if not routes:
+            return
+        reasons = Reasons(before, after, changes.skipped)
+        devs: dict[int, str] = {}  # thousands of routes name the same one or two devices
+        for op, entry in routes:
+            if entry.dev not in devs:
+                devs[entry.dev] = self._dev_name(entry.dev)
+            log.info(
+                "route %s via %s dev %s %s: %s",
+                entry.dst,
+                entry.gateway or "-",
+                devs[entry.dev],
+                verbs[op],
+                reasons.why(op, entry),
+            )
 
     def _dev_name(self, index: int) -> str:
         if self._ipr is None:
@@ -477,6 +496,8 @@ def _changes(changes) -> dict:
         "removed": changes.removed,
         "errors": list(changes.errors),
         "skipped": [str(s) for s in changes.skipped],
+        # The pass trusted the kernel's change notifications and read nothing back.
+        "trusted": changes.trusted,
     }
 
 

@@ -36,7 +36,7 @@ class Agent:
     def __init__(
         self,
         socket_path: str,
-        workers: int = 32,
+        workers: int = 16,
         data_dir: str | None = None,
         test_faults: bool = False,
     ):

@@ -138,13 +138,17 @@ def diff(want: State, have: State) -> Diff:
     """Entries to add (key absent), replace (key present, value differs) and remove (key no
     longer wanted). An old value whose key is replaced goes with the replacement."""
     w, h = want.entries(), have.entries()
-    have_keys = {e.key for e in h}
-    want_keys = {e.key for e in w}
-    new = w - h
+    new, old = w - h, h - w
+    if not new and not old:
+        return Diff()  # the no-op pass: nothing keyed at all (thousands of peers)
+    # A key held with another value is in `old`, a key wanted with another value in `new`:
+    # only those can turn an add into a replace or spare a removal.
+    have_keys = {e.key for e in old}
+    want_keys = {e.key for e in new}
     return Diff(
         add=_ordered(e for e in new if e.key not in have_keys),
         replace=_ordered(e for e in new if e.key in have_keys),
-        remove=_ordered((e for e in h - w if e.key not in want_keys), reverse=True),
+        remove=_ordered((e for e in old if e.key not in want_keys), reverse=True),
     )
 
 
@@ -266,48 +270,75 @@ def route_reason(
 ) -> str:
     """Why a reconcile pass added ("add"), changed ("replace") or removed ("del") `route`,
     from the node list of the pass before (None: the agent's first pass) and of this one."""
+    return Reasons(before, after, skipped).why(op, route)
 
-    def owner(nodes) -> NodeRecord | None:
-        return next((n for n in nodes or () if route.dst in n.subnets), None)
 
-    def named(nodes, name: str) -> NodeRecord | None:
-        return next((n for n in nodes or () if n.name == name), None)
+class Reasons:
+    """route_reason() for many routes of one pass: the node lists indexed once (a pass that
+    adds 5,000 routes would otherwise scan them 5,000 times)."""
 
-    def subnets(n: NodeRecord) -> str:
-        return ", ".join(map(str, n.subnets)) or "none"
+    def __init__(
+        self,
+        before: list[NodeRecord] | None,
+        after: list[NodeRecord],
+        skipped: tuple[Skipped, ...] = (),
+    ) -> None:
+        self.first_pass = before is None
+        self.owner_after = _index(after, lambda n: n.subnets)
+        self.owner_before = _index(before or (), lambda n: n.subnets)
+        self.named_after = _index(after, lambda n: (n.name,))
+        self.named_before = _index(before or (), lambda n: (n.name,))
+        self.skipped: dict[str, str] = {}
+        for s in skipped:
+            self.skipped.setdefault(s.node, s.reason)
 
-    def describe(n: NodeRecord) -> str:
-        return f"subnets {subnets(n)}, addresses {', '.join(n.node_ips) or 'none'}"
-
-    new, old = owner(after), owner(before)
-    if op == "del":
-        if new is not None:
-            why = next((s.reason for s in skipped if s.node == new.name), "")
-            return f"node {new.name} is left out" + (f": {why}" if why else "")
+    def why(self, op: str, route: Route) -> str:
+        new, old = self.owner_after.get(route.dst), self.owner_before.get(route.dst)
+        if op == "del":
+            if new is not None:
+                why = self.skipped.get(new.name, "")
+                return f"node {new.name} is left out" + (f": {why}" if why else "")
+            if old is None:
+                return f"no node in the node list has subnet {route.dst} (left over)"
+            now = self.named_after.get(old.name)
+            if now is None:
+                return f"node {old.name} left the node list"
+            return f"node {old.name}'s subnets changed from {_subnets(old)} to {_subnets(now)}"
+        if new is None:  # not planned from the node list: nothing better to say
+            return "planned"
+        if self.first_pass:
+            return f"node {new.name} is in the node list ({_describe(new)}; the agent's first pass)"
         if old is None:
-            return f"no node in the node list has subnet {route.dst} (left over)"
-        now = named(after, old.name)
-        if now is None:
-            return f"node {old.name} left the node list"
-        return f"node {old.name}'s subnets changed from {subnets(old)} to {subnets(now)}"
-    if new is None:  # not planned from the node list: nothing better to say
-        return "planned"
-    if before is None:
-        return f"node {new.name} is in the node list ({describe(new)}; the agent's first pass)"
-    if old is None:
-        was = named(before, new.name)
-        if was is None:
-            return f"node {new.name} appeared ({describe(new)})"
-        return f"node {new.name}'s subnets changed from {subnets(was)} to {subnets(new)}"
-    if old != new:
-        what = []
-        if old.node_ips != new.node_ips:
-            what.append(f"addresses {', '.join(old.node_ips)} -> {', '.join(new.node_ips)}")
-        if old.vtep_mac != new.vtep_mac:
-            what.append(f"VTEP MAC {old.vtep_mac or 'none'} -> {new.vtep_mac or 'none'}")
-        if old.name != new.name:
-            what.append(f"subnet {route.dst} moved from node {old.name}")
-        return f"node {new.name} changed ({'; '.join(what) or describe(new)})"
-    if op == "add":
-        return f"it was missing from the kernel (repair; node {new.name})"
-    return f"it differed from the plan in the kernel (repair; node {new.name})"
+            was = self.named_before.get(new.name)
+            if was is None:
+                return f"node {new.name} appeared ({_describe(new)})"
+            return f"node {new.name}'s subnets changed from {_subnets(was)} to {_subnets(new)}"
+        if old != new:
+            what = []
+            if old.node_ips != new.node_ips:
+                what.append(f"addresses {', '.join(old.node_ips)} -> {', '.join(new.node_ips)}")
+            if old.vtep_mac != new.vtep_mac:
+                what.append(f"VTEP MAC {old.vtep_mac or 'none'} -> {new.vtep_mac or 'none'}")
+            if old.name != new.name:
+                what.append(f"subnet {route.dst} moved from node {old.name}")
+            return f"node {new.name} changed ({'; '.join(what) or _describe(new)})"
+        if op == "add":
+            return f"it was missing from the kernel (repair; node {new.name})"
+        return f"it differed from the plan in the kernel (repair; node {new.name})"
+
+
+def _index(nodes, keys) -> dict:
+    """The first node of `nodes` under each of its keys, as a scan of the list finds it."""
+    out: dict = {}
+    for n in nodes:
+        for k in keys(n):
+            out.setdefault(k, n)
+    return out
+
+
+def _subnets(n: NodeRecord) -> str:
+    return ", ".join(map(str, n.subnets)) or "none"
+
+
+def _describe(n: NodeRecord) -> str:
+    return f"subnets {_subnets(n)}, addresses {', '.join(n.node_ips) or 'none'}"

@@ -66,13 +66,15 @@ DEFAULT_STORM = 110  # kubelet's default maxPods
 STORM_TIMEOUT = 300.0
 AGENT_START_TIMEOUT = 30.0
 
-# (what, ipMasq, metric, limit): metric is a ratio to the reference, or megabytes.
+# (what, ipMasq, metric, limit): metric is a ratio to the reference, or megabytes. They hold
+# for the executable `pycnictl install` writes by default: the native one where a C compiler
+# is found (the pycni-native row), else the Python launcher (pycni-agent).
 TARGETS = (
-    ("agent ADD median / reference", True, "add", 0.7),
-    ("agent DEL median / reference", True, "del", 0.5),
-    ("agent storm ADD wall / reference", True, "storm_add", 0.7),
+    ("ADD median / reference", True, "add", 0.5),
+    ("DEL median / reference", True, "del", 0.3),
+    ("storm ADD wall / reference", True, "storm_add", 0.5),
+    ("storm DEL wall / reference", True, "storm_del", 0.5),
     ("agent RSS after the storm (MB)", True, "rss", 60.0),
-    ("agent ADD median / reference", False, "add", 1.5),
 )
 
 
@@ -835,21 +837,28 @@ def _mb(mem: dict | None) -> float | None:
     return round(mem["VmRSS"] / 1024, 1) if mem and "VmRSS" in mem else None
 
 
+def target_row(rows: list[dict]) -> str:
+    """The row the targets are for: what `pycnictl install` writes by default here."""
+    return "pycni-native" if any(r["plugin"] == "pycni-native" for r in rows) else "pycni-agent"
+
+
 def _targets(rows: list[dict]) -> list[dict]:
     out = []
+    plugin = target_row(rows)
     for what, masq, metric, limit in TARGETS:
-        row = next((r for r in rows if r["plugin"] == "pycni-agent" and r["ipMasq"] == masq), None)
+        row = next((r for r in rows if r["plugin"] == plugin and r["ipMasq"] == masq), None)
         value = None
         if row is not None:
             if metric == "rss":
                 value = (row["agent"] or {}).get("rss_mb_after_storm")
-            elif metric == "storm_add":
-                value = row["storm"].get("ratio", {}).get("add")
+            elif metric.startswith("storm_"):
+                value = row["storm"].get("ratio", {}).get(metric.removeprefix("storm_"))
             else:
                 value = row["ratio"][metric]
         out.append(
             {
                 "target": what,
+                "plugin": plugin,
                 "ipMasq": masq,
                 "metric": metric,
                 "limit": limit,
@@ -911,7 +920,8 @@ def format_table(report: dict) -> str:
             "storm: wall ms from the first spawn to the last exit; failed = ADDs + DELs "
             "that failed; agent RSS = VmRSS after the storm"
         )
-    lines += ["", "targets (pycni-agent):"]
+    plugin = report["targets"][0]["plugin"] if report["targets"] else "pycni-agent"
+    lines += ["", f"targets ({plugin}, the executable `pycnictl install` writes here):"]
     for t in report["targets"]:
         value, limit = t["value"], t["limit"]
         if t["metric"] == "rss":

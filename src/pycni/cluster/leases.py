@@ -89,6 +89,10 @@ class LeaseDatastore(Datastore):
         self.prefix = prefix
         self.me: NodeRecord | None = None
         self._revision = 0
+        # nodes(): the leases last listed and their records; keys' subnets; records by content.
+        self._nodes_seen: tuple[dict[str, str], list[NodeRecord]] | None = None
+        self._key_subnets: dict[str, Network | None] = {}
+        self._parsed: dict[tuple, NodeRecord] = {}
 
     @property
     def renew_every(self) -> float:
@@ -107,8 +111,30 @@ class LeaseDatastore(Datastore):
         return out
 
     def nodes(self) -> list[NodeRecord]:
+        values, self._revision = self.kv.list(self.prefix + "subnets/")
+        # The agent asks on every pass, mostly for the same thousands of leases: the same
+        # list again, parsed once (the records are frozen).
+        if self._nodes_seen is not None and self._nodes_seen[0] == values:
+            return list(self._nodes_seen[1])
+        leases = {}
+        for key, value in values.items():
+            subnet = self._subnet_of(key)
+            if subnet is not None:
+                leases[subnet] = value
+        records = self._records(leases)
+        self._nodes_seen = (values, records)
+        return list(records)
+
+    def _subnet_of(self, key: str) -> Network | None:
+        if key not in self._key_subnets:
+            if len(self._key_subnets) > 100_000:
+                self._key_subnets.clear()
+            self._key_subnets[key] = key_subnet(self.prefix, key)
+        return self._key_subnets[key]
+
+    def _records(self, leases: dict[Network, str]) -> list[NodeRecord]:
         by_name: dict[str, dict] = {}
-        for subnet, value in sorted(self._leases().items(), key=lambda kv: str(kv[0])):
+        for subnet, value in sorted(leases.items(), key=lambda kv: str(kv[0])):
             try:
                 data = json.loads(value)
                 name = str(data["node"])
@@ -127,11 +153,29 @@ class LeaseDatastore(Datastore):
             if all(ipaddress.ip_network(s).version != subnet.version for s in entry["subnets"]):
                 entry["subnets"].append(str(subnet))
         records = []
+        if len(self._parsed) > 100_000:
+            self._parsed.clear()
         for name in sorted(by_name):
+            entry = by_name[name]
             try:
-                records.append(NodeRecord.from_json(by_name[name]))
-            except (ValueError, TypeError):
-                log.warning("ignoring node %s: its lease holds an invalid address", name)
+                content = (
+                    name,
+                    tuple(entry["nodeIPs"]),
+                    entry["vtepMAC"],
+                    tuple(entry["subnets"]),
+                )
+                record = self._parsed.get(content)
+            except TypeError:  # unhashable: something odd in the lease, parsed below
+                content, record = None, None
+            if record is None:
+                try:
+                    record = NodeRecord.from_json(entry)
+                except (ValueError, TypeError):
+                    log.warning("ignoring node %s: its lease holds an invalid address", name)
+                    continue
+                if content is not None:
+                    self._parsed[content] = record
+            records.append(record)
         return records
 
     def wait(self, timeout: float) -> bool:

@@ -12,8 +12,11 @@ def register(sub) -> None:
         "install",
         help="install the plugin executable (and, with --subnet, a network config)",
         description="Write the plugin executable into --bin-dir and, with --subnet, the node's "
-        f"config list {CONFLIST_NAME} into --conf-dir. Idempotent; refuses to overwrite files "
-        "pycni did not write.",
+        f"config list {CONFLIST_NAME} into --conf-dir. The executable is native (compiled "
+        "from C: no Python start-up per call) wherever a C compiler (cc) is found, else the "
+        "Python launcher, and the output says which. Idempotent; refuses to overwrite files "
+        "pycni did not write. This is the one way to install the executable runtimes exec: "
+        "never copy a pip-made script there.",
     )
     p.add_argument("--bin-dir", default=DEFAULT_BIN_DIR, help="where runtimes look for plugins")
     p.add_argument("--conf-dir", default=DEFAULT_CONF_DIR, help="where runtimes find configs")
@@ -28,15 +31,21 @@ def register(sub) -> None:
     p.add_argument(
         "--standalone",
         action="store_true",
-        help=f"a self-contained executable for {STANDALONE_PYTHON} that only "
-        "forwards to the node agent (for hosts without pycni's packages)",
+        help="an executable that only forwards to the node agent (for hosts without pycni's "
+        f"packages): native, or with --python a self-contained file for {STANDALONE_PYTHON}",
     )
     p.add_argument(
         "--native",
         action="store_true",
-        help="compile the executable from C (needs cc): no Python start-up per "
-        "call; without --standalone, when no agent listens it runs the plugin "
+        help="insist on the native executable (the default where cc is found; refuses "
+        "without one): without --standalone, when no agent listens it runs the plugin "
         f"through the Python launcher it writes as <bin-dir>/{FALLBACK_NAME}",
+    )
+    p.add_argument(
+        "--python",
+        action="store_true",
+        help="write the Python launcher even where a C compiler is found (slower: "
+        "Python's start-up on every call)",
     )
     p.add_argument(
         "--native-from",

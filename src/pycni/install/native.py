@@ -41,7 +41,11 @@ def install_native(
         refuse(f"cannot write the executable {target}: {exc.strerror or exc}")
     print(
         f"installed {target} ({linkage} native executable"
-        f"{'' if fallback is None else ', falling back to ' + fallback})"
+        + (
+            ", forwarding to the agent only)"
+            if fallback is None
+            else f"; without an agent it runs the Python launcher {fallback})"
+        )
     )
 
 
@@ -108,3 +112,31 @@ def write_native(path: str) -> str:
     write_launcher(fallback)
     build(path, fallback)
     return path
+
+
+def write_plugin(path: str, shared_dir: str | None = None) -> str:
+    """What `pycnictl install` writes by default, into a private bin dir (the lab's nodes):
+    the native executable where a C compiler is found, else the Python launcher. Returns
+    "native" or "python". With `shared_dir`, the native build and its fallback are made there
+    once and the executable is copied to `path` (many nodes, one compile)."""
+    if compiler() is None:
+        write_launcher(path)
+        return "python"
+    if shared_dir is None:
+        write_native(path)
+        return "native"
+    built = os.path.join(shared_dir, "pycni")
+    if marker_of(built) != wanted_marker(os.path.join(os.path.abspath(shared_dir), FALLBACK_NAME)):
+        write_native(built)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".pycni-")
+    try:
+        with os.fdopen(fd, "wb") as out, open(built, "rb") as f:
+            out.write(f.read())
+        os.chmod(tmp, 0o755)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return "native"

@@ -1,6 +1,11 @@
 """`pycnictl install` on this node: the plugin executable into the bin dir and, given a subnet,
 the node's config list into the conf dir. Idempotent; refuses to overwrite files pycni did not
-write."""
+write.
+
+The executable is the native one (pycni.install.native) wherever a C compiler is found: it
+forwards to the agent without Python's start-up, which is most of a pod's CNI latency. The
+Python launcher is the fallback, chosen with --python or when there is no compiler, and the
+output says which was written and why."""
 
 from __future__ import annotations
 
@@ -30,15 +35,24 @@ def install(args) -> int:
             "--network and --data-dir need --subnet (they go into the config list, which "
             "is written only with --subnet)"
         )
-    if args.native and args.native_from:
-        refuse("give --native (compile here) or --native-from (copy a build), not both")
+    if sum(bool(x) for x in (args.native, args.native_from, args.python)) > 1:
+        refuse(
+            "give one of --native (compile here), --native-from (copy a build) and --python "
+            "(the Python launcher)"
+        )
     conf = conflist(args) if args.subnet else None
     target = os.path.join(args.bin_dir, PLUGIN_NAME)
-    if args.native or args.native_from:
+    kind = executable_kind(args)
+    if kind == "native":
         install_native(args.bin_dir, target, args.standalone, args.native_from, args.force)
     else:
         text = standalone_text() if args.standalone else launcher_text()
         write_owned(target, text, 0o755, args.force, is_pycni_launcher, "executable")
+        why = "as --python asks" if args.python else f"no C compiler found ({NO_CC_HINT})"
+        print(
+            f"{target} is the {'standalone ' if args.standalone else ''}Python launcher, "
+            f"{why}: every call pays Python's start-up, which the native executable does not"
+        )
     if conf is not None:
         path = os.path.join(args.conf_dir, CONFLIST_NAME)
         write_owned(
@@ -56,6 +70,20 @@ def install(args) -> int:
                 file=sys.stderr,
             )
     return 0
+
+
+NO_CC_HINT = "apt-get install gcc, then run pycnictl install again for the native executable"
+
+
+def executable_kind(args) -> str:
+    """ "native" or "python": native unless asked for Python or no C compiler is found."""
+    if args.native or args.native_from:
+        return "native"
+    if args.python:
+        return "python"
+    from ..native.build import compiler
+
+    return "native" if compiler() is not None else "python"
 
 
 def conflist(args) -> dict:

@@ -21,7 +21,7 @@ import subprocess
 import time
 
 from ..cni import versions
-from ..install.launchers import write_launcher
+from ..install.native import write_plugin
 from ..node_config import atomic_write, read_subnet_env
 from .model import (
     NETWORK_NAME,
@@ -178,7 +178,8 @@ def build_node(lab: Lab, node: Node) -> None:
                 f"route add default via {node.router6_ip}",
             ],
         )
-    write_launcher(node.plugin)
+    # What `pycnictl install` writes: native where cc is found, compiled once per lab.
+    write_plugin(node.plugin, os.path.join(lab.state_dir, "bin"))
     start_agent(lab, node)
 
 

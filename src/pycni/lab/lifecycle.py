@@ -29,6 +29,7 @@ from .store import LabObjects, lab_objects
 # Entries of a state directory that the lab made and may remove.
 _STATE_ENTRIES = (
     "nodes",
+    "bin",  # the native plugin executable, compiled once and copied to every node
     "cluster.db",
     "cluster.db-wal",
     "cluster.db-shm",

@@ -14,6 +14,7 @@ build, uninstall finds it to know the file is pycni's.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import shlex
@@ -67,8 +68,10 @@ def compiler() -> list[str] | None:
     return cc if shutil.which(cc[0]) else None
 
 
+@functools.cache
 def interpreter_limits(python: str = sys.executable) -> tuple[int, int]:
-    """(deepest nesting, most integer digits) shim.decode_object accepts under `python`."""
+    """(deepest nesting, most integer digits) shim.decode_object accepts under `python`;
+    measured once per process (a lab builds for every node)."""
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     proc = subprocess.run(
         [python, "-IS", "-c", LIMITS_PROBE, root, str(PROBE_DEPTH_CAP)],
@@ -106,6 +109,7 @@ def defines(fallback: str | None, limits: tuple[int, int] | None = None) -> dict
         "PYCNI_DEFAULT_SOCKET": c_string(shim.DEFAULT_SOCKET),
         "PYCNI_MAGIC": c_string(shim.MAGIC.decode("ascii")),
         "PYCNI_TIMEOUT_MS": str(round(shim.TIMEOUT * 1000)),
+        "PYCNI_CONNECT_TIMEOUT_MS": str(round(shim.CONNECT_TIMEOUT * 1000)),
         "PYCNI_VERSIONS": c_string(",".join(versions.SUPPORTED)),
         "PYCNI_FORWARDED": c_string(",".join(p.decode("ascii") for p in shim.FORWARDED)),
         "PYCNI_JSON_MAX_DEPTH": str(depth),

@@ -30,6 +30,7 @@
 
 #if !defined(PYCNI_MAX_CONFIG_BYTES) || !defined(PYCNI_DEFAULT_SOCKET) || \
     !defined(PYCNI_MAGIC) || !defined(PYCNI_TIMEOUT_MS) || !defined(PYCNI_VERSIONS) || \
+    !defined(PYCNI_CONNECT_TIMEOUT_MS) || \
     !defined(PYCNI_FORWARDED) || !defined(PYCNI_JSON_MAX_DEPTH) || \
     !defined(PYCNI_INT_MAX_DIGITS) || !defined(PYCNI_MARKER)
 #error "build with pycni.native.build: it passes pycni's constants with -D"
@@ -627,7 +628,7 @@ static void try_again(struct buf *out, const struct scan *sc, int frames, const 
 
 /* --- shim.call_agent() --------------------------------------------------------------------- */
 
-enum { NO_AGENT = -1 };
+enum { NO_AGENT = -1, HUNG_AGENT = -2 };
 
 static int has_forwarded_prefix(const char *entry)
 {
@@ -691,7 +692,8 @@ static void errno_text(char *out, size_t size, int err)
         snprintf(out, size, "[Errno %d] %s", err, strerror(err));
 }
 
-/* Connect to the agent at `p`: the socket, or NO_AGENT when nobody of ours listens there. */
+/* Connect to the agent at `p`: the socket, NO_AGENT when nobody of ours listens there, or
+ * HUNG_AGENT when its listen backlog stayed full for the whole connect timeout. */
 static int connect_agent(const struct path *p)
 {
     struct buf bytes = {0};
@@ -712,13 +714,17 @@ static int connect_agent(const struct path *p)
     int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
     if (fd < 0)
         return NO_AGENT;
+    /* A blocking connect() to a unix socket waits for room in the backlog as long as
+     * SO_SNDTIMEO says (for ever by default), then fails with EAGAIN. */
+    set_timeout(fd, SO_SNDTIMEO, PYCNI_CONNECT_TIMEOUT_MS / 1000.0);
     int rc;
     do
         rc = connect(fd, (struct sockaddr *)&addr, addrlen);
     while (rc < 0 && errno == EINTR);
     if (rc < 0) {
+        int hung = errno == EAGAIN;
         close(fd);
-        return NO_AGENT; /* no socket, or a stale one: nobody would answer */
+        return hung ? HUNG_AGENT : NO_AGENT; /* else no socket, or a stale one */
     }
     struct ucred cred;
     socklen_t credlen = sizeof cred;
@@ -910,7 +916,13 @@ int main(int argc, char **argv)
     struct path p = socket_path(sc.s, sc.len, &sc);
     int status = 1;
     int fd = p.n > 0 ? connect_agent(&p) : NO_AGENT;
-    if (fd != NO_AGENT) {
+    if (fd == HUNG_AGENT) {
+        /* shim.hung_message(): never the fallback, the agent may resume this very call */
+        char after[160];
+        snprintf(after, sizeof after, " accepted no connection within %g s (hung, or swamped)",
+                 PYCNI_CONNECT_TIMEOUT_MS / 1000.0);
+        try_again(&out, &sc, 1, "the pycni agent at ", &p, after);
+    } else if (fd != NO_AGENT) {
         call_agent(fd, &p, sc.s, sc.len, &sc, &status, &out);
     } else {
 #ifdef PYCNI_FALLBACK
