@@ -21,7 +21,6 @@ import re
 import shutil
 import sys
 import tarfile
-import threading
 import time
 import uuid
 
@@ -297,19 +296,37 @@ def test_daemonset_pod_networks_the_node(cluster):
     assert "alias pycni" not in veths
 
 
-def _pinger(cluster, cid: str, target: str, seconds: float, out: dict) -> threading.Thread:
-    def run() -> None:
-        count = int(seconds / PING_INTERVAL)
-        rc, text, err = cluster.runtime.cri().exec_sync(
-            cid,
-            ["ping", "-q", "-i", str(PING_INTERVAL), "-c", str(count), "-W", "1", target],
-            timeout=int(seconds) + 30,
-        )
-        out[target] = text + err
+class Pinger:
+    """busybox ping from a pod's container to `target` every PING_INTERVAL seconds, from
+    start() until stop() interrupts it (ping prints its statistics on SIGINT), so that the
+    pings cover exactly what happens in between."""
 
-    thread = threading.Thread(target=run)
-    thread.start()
-    return thread
+    def __init__(self, cluster, cid: str, target: str) -> None:
+        self.cri = cluster.runtime.cri()
+        self.cid, self.target = cid, target
+        self.log = f"/tmp/ping-{target}.log"
+
+    def _sh(self, script: str) -> str:
+        rc, out, err = self.cri.exec_sync(self.cid, ["sh", "-c", script])
+        assert rc == 0, out + err
+        return out
+
+    def start(self) -> Pinger:
+        self._sh(
+            f"ping -i {PING_INTERVAL} -W 1 {self.target} > {self.log} 2>&1 & "
+            f"echo $! > {self.log}.pid"
+        )
+        return self
+
+    def stop(self) -> tuple[int, int]:
+        """(sent, received)."""
+        self._sh(f"kill -INT $(cat {self.log}.pid)")
+        for _ in range(50):
+            text = self._sh(f"cat {self.log}")
+            if "packets transmitted" in text:
+                return _sent_received(text)
+            time.sleep(0.1)
+        raise AssertionError(f"ping printed no statistics: {text}")
 
 
 def _sent_received(text: str) -> tuple[int, int]:
@@ -323,30 +340,24 @@ def test_rolling_update_keeps_pods_traffic_and_addresses(agent):
     (sid_a, ip_a, ctr_a) = cluster.workload("steady-a")
     (sid_b, ip_b, ctr_b) = cluster.workload("steady-b")
     try:
-        results: dict[str, str] = {}
-        window = 20.0  # the pings outlast the update (measured about 5-10 s here)
-        threads = [
-            _pinger(cluster, ctr_a, ip_b, window, results),
-            _pinger(cluster, ctr_a, GATEWAY, window, results),
-        ]
+        pingers = [Pinger(cluster, ctr_a, ip_b).start(), Pinger(cluster, ctr_a, GATEWAY).start()]
         time.sleep(1.0)
         t = time.monotonic()
         # The DaemonSet controller's RollingUpdate (maxUnavailable 1) on this node: the old
         # pod deleted (its grace period), then the pod of the new template created.
         cluster.remove_agent()
+        FIGURES["update: old pod stopped s"] = time.monotonic() - t
         figures = cluster.install(image=cluster.upgrade.ref)
-        FIGURES["update: old pod gone to new pod Ready s"] = time.monotonic() - t
-        FIGURES["update: new pod node Ready s"] = figures["node Ready s"]
-        for thread in threads:
-            thread.join()
-        lost = 0
-        for target in (ip_b, GATEWAY):
-            sent, received = _sent_received(results[target])
-            FIGURES[f"update: pings lost to {'pod' if target == ip_b else 'gateway'}"] = (
-                sent - received
-            )
-            lost += sent - received
-        assert lost == 0, results
+        FIGURES["update: old pod deleted to new pod Ready s"] = time.monotonic() - t
+        FIGURES["update: new pod created to node Ready s"] = figures["node Ready s"]
+        time.sleep(1.0)
+        lost = {}
+        for pinger, what in zip(pingers, ("pod", "gateway"), strict=True):
+            sent, received = pinger.stop()
+            assert sent >= 10, "the pings ran over the whole update"
+            FIGURES[f"update: pings sent to {what}"] = sent
+            lost[what] = FIGURES[f"update: pings lost to {what}"] = sent - received
+        assert lost == {"pod": 0, "gateway": 0}
         # Same pods, same addresses, and the new agent serves them and new ones.
         status = cluster.runtime.cri().pod_sandbox_status
         assert (status(sid_a).status.network.ip, status(sid_b).status.network.ip) == (ip_a, ip_b)

@@ -153,3 +153,23 @@ def test_build_inputs_key_the_cached_archive(tmp_path):
     (repo / "src" / "pkg" / "a.py").write_text("a = 2\n")
     assert image.tree_digest(str(repo)) != before
     assert image.requirements(REPO)[0].startswith("setuptools")
+
+
+def test_prune_keeps_recent_and_other_names(tmp_path):
+    old, recent, other, current = (
+        tmp_path / "pycni-0.1.0-aaaaaaaaaaaaaaaa.tar",
+        tmp_path / "pycni-0.1.0-bbbbbbbbbbbbbbbb.tar",
+        tmp_path / "pycni-0.1.0-next-cccccccccccccccc.tar",
+        tmp_path / "pycni-0.1.0-dddddddddddddddd.tar",
+    )
+    for path in (old, recent, other, current):
+        path.write_text("x")
+    (tmp_path / "pycni-0.1.0-aaaaaaaaaaaaaaaa.log").write_text("log")
+    for path in (old, other, current, tmp_path / "pycni-0.1.0-aaaaaaaaaaaaaaaa.log"):
+        os.utime(path, (1, 1))
+    removed = image.prune(str(tmp_path), "pycni-0.1.0-", keep=str(current), older_than=3600)
+    assert sorted(os.path.basename(p) for p in removed) == [
+        "pycni-0.1.0-aaaaaaaaaaaaaaaa.log",
+        "pycni-0.1.0-aaaaaaaaaaaaaaaa.tar",
+    ]
+    assert recent.exists() and other.exists() and current.exists()

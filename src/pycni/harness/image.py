@@ -21,6 +21,7 @@ second build of the same tree costs almost nothing:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -50,6 +51,9 @@ INPUTS = (
     "README.md",
 )
 BUILD_TIMEOUT = 1800.0
+# Archives of other inputs (earlier commits) unused this long are removed after a build: each
+# is the whole image (about 0.5 GB), and another checkout may be importing a recent one.
+PRUNE_AFTER = 3600.0
 
 
 class ImageError(Exception):
@@ -262,6 +266,7 @@ def build(
     safe = ref.rsplit("/", 1)[-1].replace(":", "-")
     archive = os.path.join(cache, "images", f"{safe}-{key}.tar")
     if os.path.exists(archive):
+        os.utime(archive)  # in use: not pruned
         return Built(ref, archive, time.monotonic() - started, True, steps)
     os.makedirs(os.path.dirname(archive), exist_ok=True)
     podman = BuildPodman(os.path.join(cache, "podman"))
@@ -312,7 +317,25 @@ def build(
     podman.save_docker_archive(ref, archive + ".part")
     os.replace(archive + ".part", archive)
     steps["save"] = time.monotonic() - t
+    prune(os.path.dirname(archive), f"{safe}-", keep=archive)
     return Built(ref, archive, time.monotonic() - started, False, steps)
+
+
+def prune(directory: str, prefix: str, keep: str, older_than: float = PRUNE_AFTER) -> list[str]:
+    """Remove the archives (and build logs) named `prefix`<key> unused for `older_than`
+    seconds, except `keep`; returns what was removed."""
+    removed = []
+    now = time.time()
+    for name in os.listdir(directory):
+        path = os.path.join(directory, name)
+        key = name.removeprefix(prefix).rsplit(".", 1)[0]
+        if not name.startswith(prefix) or len(key) != 16 or path.startswith(keep[: -len(".tar")]):
+            continue  # another name's (pycni-0.1.0-next-...), or this build's
+        with contextlib.suppress(FileNotFoundError):
+            if now - os.path.getmtime(path) > older_than:
+                os.unlink(path)
+                removed.append(path)
+    return removed
 
 
 def image_config(archive: str) -> dict:
