@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -249,7 +250,18 @@ def build(
 ) -> Built:
     """Build deploy/Containerfile as `ref` (deploy/IMAGE by default) and save it as a
     docker-archive under the cache; reuse the archive when every input is the same. podman's
-    output goes to a .log beside the archive."""
+    output goes to a .log beside the archive. One build at a time per cache: two builds
+    tagging the same name in one storage could each save the other's image."""
+    started = time.monotonic()
+    os.makedirs(cache, exist_ok=True)
+    with open(os.path.join(cache, "build.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        built = _build(repo, ref, cache, commit)
+    built.seconds = time.monotonic() - started
+    return built
+
+
+def _build(repo: str, ref: str | None, cache: str, commit: str | None) -> Built:
     started = time.monotonic()
     repo = os.path.abspath(repo)
     ref = ref or image_name(repo)
@@ -375,6 +387,7 @@ def main(argv: list[str] | None = None) -> int:
     size = built.size() / 1e6
     print(f"{built.ref}: {built.archive} ({size:.0f} MB), {built.seconds:.1f} s ({steps})")
     print(f"load it on a node: ctr -n k8s.io images import {built.archive}")
+    print(f"or into podman: podman load -i {built.archive}")
     return 0
 
 
