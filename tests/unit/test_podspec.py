@@ -173,3 +173,20 @@ def test_prune_keeps_recent_and_other_names(tmp_path):
         "pycni-0.1.0-aaaaaaaaaaaaaaaa.tar",
     ]
     assert recent.exists() and other.exists() and current.exists()
+
+
+def test_oom_score_adjustment_as_kubelet_computes_it():
+    from pycni.harness.daemonset import oom_score_adj
+
+    gib = 1 << 30
+    pod = agent_pod()
+    assert oom_score_adj(pod, pod.containers[0], 16 * gib) == -997  # system-node-critical
+    pod.priority_class = ""
+    burstable = oom_score_adj(pod, pod.containers[0], 16 * gib)  # requests 64Mi of 16Gi
+    assert burstable == 1000 - 1000 * 64 // (16 * 1024)
+    for c in pod.init_containers + pod.containers:
+        c.resources = {}
+    assert oom_score_adj(pod, pod.containers[0], 16 * gib) == 1000  # BestEffort
+    for c in pod.init_containers + pod.containers:
+        c.resources = {"limits": {"cpu": "1", "memory": "1Gi"}}  # requests default to limits
+    assert oom_score_adj(pod, pod.containers[0], 16 * gib) == -997  # Guaranteed

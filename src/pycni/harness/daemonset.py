@@ -41,6 +41,7 @@ CNI_CONF_DIR = "/etc/cni/net.d"
 LOOPBACK = "/usr/lib/cni/loopback"
 CLONE_NEWNET = 0x40000000
 INIT_TIMEOUT = 120.0
+CRITICAL_PRIORITY_CLASSES = ("system-node-critical", "system-cluster-critical")
 SYNC_EVERY = 1.0  # seconds between kubelet's looks at a pod's containers
 
 
@@ -196,6 +197,35 @@ def _quantity(text: str) -> float:
         if text.endswith(suffix):
             return float(text[: -len(suffix)]) * units[suffix]
     return float(text)
+
+
+def oom_score_adj(pod: PodSpec, c: Container, memory_capacity: int) -> int:
+    """kubelet's GetContainerOOMScoreAdjust: node-critical and Guaranteed pods -997,
+    BestEffort 1000, Burstable by the share of the node's memory the container requests."""
+    every = pod.init_containers + pod.containers
+    if pod.priority_class in CRITICAL_PRIORITY_CLASSES:
+        return -997
+    if all(not x.resources.get("requests") and not x.resources.get("limits") for x in every):
+        return 1000
+    guaranteed = all(
+        x.resources.get("limits", {}).get(r) is not None
+        and x.resources.get("requests", {}).get(r, x.resources["limits"][r])
+        == x.resources["limits"][r]
+        for x in every
+        for r in ("cpu", "memory")
+    )
+    if guaranteed:
+        return -997
+    request = int(_quantity(str(c.resources.get("requests", {}).get("memory", "0"))))
+    return min(999, max(3, 1000 - (1000 * request) // memory_capacity))
+
+
+def _memory_capacity() -> int:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) * 1024
+    return 1 << 34
 
 
 @dataclass
@@ -430,7 +460,7 @@ class Kubelet:
             },
             "log_path": f"{c.name}/{attempt}.log",
             "linux": {
-                "resources": self._resources(c),
+                "resources": self._resources(pod.spec, c),
                 "security_context": {
                     "privileged": c.privileged,
                     "namespace_options": self._namespace_options(pod.spec),
@@ -438,12 +468,12 @@ class Kubelet:
             },
         }
 
-    def _resources(self, c: Container) -> dict:
-        """Requests and limits as kubelet maps them on cgroup v1: cpu.shares from the CPU
-        request, the memory limit; OOM score as for a Burstable pod."""
-        out: dict = {"oom_score_adj": "999" if not c.resources else "-997"}
+    def _resources(self, pod: PodSpec, c: Container) -> dict:
+        """Requests and limits as kubelet maps them on cgroup v1 (cpu.shares from the CPU
+        request, the memory limit) and its OOM score adjustment."""
         requests = c.resources.get("requests", {})
         limits = c.resources.get("limits", {})
+        out: dict = {"oom_score_adj": str(oom_score_adj(pod, c, _memory_capacity()))}
         if "cpu" in requests:
             out["cpu_shares"] = str(max(2, int(_quantity(str(requests["cpu"])) * 1024)))
         if "memory" in limits:

@@ -86,6 +86,7 @@ class PodSpec:
     host_pid: bool
     service_account: str
     termination_grace: int
+    priority_class: str = ""
     init_containers: list[Container] = field(default_factory=list)
     containers: list[Container] = field(default_factory=list)
 
@@ -196,6 +197,7 @@ def daemonset_pod(
         host_pid=bool(spec.get("hostPID", False)),
         service_account=spec.get("serviceAccountName", "default"),
         termination_grace=int(spec.get("terminationGracePeriodSeconds", 30)),
+        priority_class=spec.get("priorityClassName", ""),
         init_containers=[container(c) for c in spec.get("initContainers", [])],
         containers=[container(c) for c in spec["containers"]],
     )
