@@ -185,21 +185,13 @@ disabled_plugins = [{", ".join(_q(p) for p in disabled)}]
             os.makedirs(directory, exist_ok=True)
         with open(self.config, "w") as f:
             f.write(self.config_text())
-        argv = [
-            "nsenter",
-            f"--net=/run/netns/{self.netns}",
-            "--",
-            self.binary,
-            "--config",
-            self.config,
-        ]
         env = dict(os.environ)
         if self.shim_dir:
             env["PATH"] = self.shim_dir + os.pathsep + env.get("PATH", "")
         with open(self.log_file, "ab") as log:
             # nsenter execs containerd: the pid is containerd's own.
             self.proc = subprocess.Popen(
-                argv,
+                self.command(),
                 env=env,
                 stdin=subprocess.DEVNULL,
                 stdout=log,
@@ -212,6 +204,18 @@ disabled_plugins = [{", ".join(_q(p) for p in disabled)}]
             self.stop()
             raise
         return self
+
+    def command(self) -> list[str]:
+        """containerd inside the node's network namespace (a subclass may enter more; whatever
+        it runs must exec containerd, so that the process started is containerd)."""
+        return [
+            "nsenter",
+            f"--net=/run/netns/{self.netns}",
+            "--",
+            self.binary,
+            "--config",
+            self.config,
+        ]
 
     def _wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
