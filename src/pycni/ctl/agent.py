@@ -155,6 +155,13 @@ def cluster_options() -> argparse.ArgumentParser:
         "node network); repeatable",
     )
     g.add_argument(
+        "--no-fast-path",
+        dest="fast_path",
+        action="store_false",
+        help="keep pod traffic off the eBPF fast path (tc programs redirecting established, "
+        "un-NATed connections past the bridge and the stack); it is on where the kernel allows",
+    )
+    g.add_argument(
         "--resync",
         type=float,
         default=10.0,

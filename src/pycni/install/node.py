@@ -39,6 +39,13 @@ def install(args) -> int:
     else:
         text = standalone_text() if args.standalone else launcher_text()
         write_owned(target, text, 0o755, args.force, is_pycni_launcher, "executable")
+    if getattr(args, "fast_path_dir", None):
+        from ..dataplane.fastpath import FastPathError, build
+
+        try:
+            print(f"fast path: {build(args.fast_path_dir)}")
+        except FastPathError as exc:
+            refuse(f"the eBPF fast path: {exc}")
     if conf is not None:
         path = os.path.join(args.conf_dir, CONFLIST_NAME)
         write_owned(

@@ -204,6 +204,8 @@ def agent_args(lab: Lab, node: Node) -> list[str]:
         "--resync",
         str(AGENT_RESYNC),
     ]
+    if not lab.fast_path:
+        args.append("--no-fast-path")
     if lab.datastore == "etcd":
         args += ["--etcd-endpoints", lab.etcd_url]
     else:
