@@ -36,8 +36,6 @@ from ..cluster.model import NodeRecord
 
 log = logging.getLogger("pycni")
 
-NUD_PERMANENT = 0x80
-SHAPING_FREE = {"noqueue", "clsact"}  # qdiscs that say nobody shapes the pod's traffic
 BE_LIBERAL = "/proc/sys/net/netfilter/nf_conntrack_tcp_be_liberal"
 
 
@@ -117,13 +115,13 @@ class FastPathController:
         left_out: list[str] = []
         with node_lock(self.data_dir, exclusive=True), Store(self.data_dir) as store:
             attachments = store.list_attachments(self.network)
-            macs = learned_macs(ipr, bridge) if bridge else {}
+            macs = fp.learned_macs(ipr, bridge) if bridge else {}
             for att in attachments:
                 index = by_name.get(att.host_veth)
                 if index is None or bridge is None or links[index].get("IFLA_MASTER") != bridge:
                     continue  # not (or no longer) a port of the bridge: nothing to carry
                 kinds = {q.get("TCA_KIND") for q in ipr.get_qdiscs(index)}
-                if not kinds <= SHAPING_FREE:
+                if not kinds <= fp.SHAPING_FREE:
                     if fp.detach(ipr, index):
                         self.attached.pop(index, None)
                     left_out.append(
@@ -187,21 +185,6 @@ class FastPathController:
             except fp.FastPathError as exc:
                 out["stats"] = {"error": str(exc)}
         return out
-
-
-def learned_macs(ipr, bridge: int) -> dict[int, str]:
-    """Bridge port ifindex -> the unicast MAC the bridge learned behind it (the pod's eth0)."""
-    out: dict[int, str] = {}
-    for msg in ipr.fdb("dump"):
-        mac = msg.get("NDA_LLADDR")
-        if (
-            mac
-            and msg.get("NDA_MASTER") == bridge
-            and not msg["state"] & NUD_PERMANENT
-            and not int(mac[:2], 16) & 1
-        ):
-            out[msg["ifindex"]] = mac
-    return out
 
 
 def teardown(ipr) -> list[str]:

@@ -44,6 +44,8 @@ HANDLE = 1
 FILTER_NAMES = {"from_pod": "pycni_fp_pod", "from_underlay": "pycni_fp_underlay"}
 CLSACT_INGRESS = 0xFFFFFFF2
 ETH_P_ALL = 0x0003
+SHAPING_FREE = {"noqueue", "clsact"}  # qdiscs that say nobody shapes an interface's traffic
+NUD_PERMANENT = 0x80
 CLANG_FLAGS = ("-O2", "-g", "-target", "bpf", "-Wall", "-Werror")
 TIMEOUT = 60
 
@@ -256,6 +258,21 @@ def attached(ipr, ifindex: int) -> str | None:
         if name in by_filter:
             return by_filter[name]
     return None
+
+
+def learned_macs(ipr, bridge: int) -> dict[int, str]:
+    """Bridge port ifindex -> the unicast MAC the bridge learned behind it (the pod's eth0)."""
+    out: dict[int, str] = {}
+    for msg in ipr.fdb("dump"):
+        mac = msg.get("NDA_LLADDR")
+        if (
+            mac
+            and msg.get("NDA_MASTER") == bridge
+            and not msg["state"] & NUD_PERMANENT
+            and not int(mac[:2], 16) & 1
+        ):
+            out[msg["ifindex"]] = mac
+    return out
 
 
 def attachments() -> dict[str, list[dict]]:
