@@ -80,14 +80,12 @@ import json
 from pycni.dataplane import fastpath as fp
 found = fp.attachments()
 ids = sorted({p["id"] for progs in found.values() for p in progs})
-stats = {}
+stats, pods, maps = {}, {}, {}
 for prog in ids:
-    maps = fp.prog_maps(prog)
+    maps.update(fp.prog_maps(prog))
+if maps:
     stats = fp.read_stats(maps["pycni_fp_stats"])
     pods = fp.decode_pods(fp.read_map(maps["pycni_fp_pods"]))
-    break
-else:
-    pods = {}
 print(json.dumps({"attached": found, "programs": ids, "stats": stats,
                   "pods": {str(k): v for k, v in pods.items()}}))
 """

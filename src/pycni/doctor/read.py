@@ -356,14 +356,18 @@ def read_fast_path(ipr: IPRoute, status: dict) -> FastPathView | None:
         if links and {q.get("TCA_KIND") for q in ipr.get_qdiscs(links[0])} - fp.SHAPING_FREE:
             shaped.add(dev)
     pods = remote = None
-    ids = sorted({p["id"] for progs in attached.values() for p in progs if p.get("id")})
-    if ids:
+    # The agent names its maps; from_underlay alone (before the pass that saw the first pod)
+    # would not lead to the remote map.
+    maps: dict[str, int] = dict(status.get("maps") or {})
+    if not maps:
+        for prog in sorted({p["id"] for progs in attached.values() for p in progs if p.get("id")}):
+            maps.update(fp.prog_maps(prog))
+    if maps:
         try:
-            maps = fp.prog_maps(ids[0])
             pods = frozenset(str(ip) for ip in fp.decode_pods(fp.read_map(maps[fp.MAPS[0]])))
             remote = frozenset(str(n) for n in fp.decode_remote(fp.read_map(maps[fp.MAPS[1]])))
         except (fp.FastPathError, KeyError) as exc:
-            raise DoctorError(f"reading the maps of program {ids[0]}: {exc}") from None
+            raise DoctorError(f"reading the maps {maps}: {exc}") from None
     return FastPathView(
         bool(status["enabled"]),
         frozenset(status.get("interfaces") or ()),
