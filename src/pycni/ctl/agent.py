@@ -155,11 +155,18 @@ def cluster_options() -> argparse.ArgumentParser:
         "node network); repeatable",
     )
     g.add_argument(
+        "--fast-path",
+        choices=("on", "off"),
+        default="on",
+        help="the eBPF fast path: tc programs that carry established, un-NATed pod "
+        "connections past the bridge and the stack (on: wherever the kernel allows it)",
+    )
+    g.add_argument(
         "--no-fast-path",
         dest="fast_path",
-        action="store_false",
-        help="keep pod traffic off the eBPF fast path (tc programs redirecting established, "
-        "un-NATed connections past the bridge and the stack); it is on where the kernel allows",
+        action="store_const",
+        const="off",
+        help="the same as --fast-path=off",
     )
     g.add_argument(
         "--resync",
