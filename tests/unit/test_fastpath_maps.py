@@ -41,3 +41,12 @@ def test_plan_writes_what_differs_and_deletes_what_is_not_wanted():
 def test_the_object_name_follows_the_source(tmp_path):
     path = fp.object_path(str(tmp_path))
     assert path.startswith(str(tmp_path)) and fp.source_digest() in path
+
+
+def test_the_agent_option_is_on_by_default_and_off_by_either_spelling():
+    from pycni.ctl.main import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["agent"]).fast_path == "on"
+    assert parser.parse_args(["agent", "--fast-path=off"]).fast_path == "off"
+    assert parser.parse_args(["agent", "--no-fast-path"]).fast_path == "off"
