@@ -51,6 +51,7 @@ class FastPathController:
         self.last: dict = {}
         self._torn_down = False
         self.attached: dict[int, str] = {}  # ifindex -> program, attached from this load
+        self._swept = False  # filters of earlier loads on unwanted interfaces removed
 
     # --- one pass --------------------------------------------------------------------------
 
@@ -164,6 +165,15 @@ class FastPathController:
                     left_out.append(str(exc))
         for index in [i for i in self.attached if i not in on_veths]:
             del self.attached[index]  # gone with its interface, or left out above
+        if not self._swept:
+            # Once per load: a filter an earlier agent left where none is wanted now (an old
+            # underlay, a veth no pod owns) would run its old program on its old maps.
+            for index in links:
+                if index not in on_veths and fp.detach(ipr, index):
+                    log.info(
+                        "fast path: removed a stale filter from %s", links[index].get("IFLA_IFNAME")
+                    )
+            self._swept = True
         return {
             "enabled": True,
             "programs": dict(loaded.prog_ids),
