@@ -126,12 +126,15 @@ def pods_in_map(node_ns: str, ips) -> bool:
 
 
 class Lab:
-    def __init__(self, tmp, backend: str, pods: int, tag: str, fast_path: bool = True):
+    def __init__(self, backend: str, pods: int, tag: str, fast_path: bool = True):
+        import tempfile
+
         from pycni.lab.lifecycle import bring_up
         from pycni.lab.model import Lab as Model
 
         self.prefix = unique(tag)
-        self.state = str(tmp / self.prefix)
+        # A short directory of its own: the agents' unix sockets live in it (a path limit).
+        self.state = tempfile.mkdtemp(prefix="fp")
         self.made = [(self.prefix, self.state)]
         self.lab = Model.plan(
             self.prefix, self.state, nodes=2, pods=pods, backend=backend, fast_path=fast_path
@@ -157,15 +160,15 @@ class Lab:
 
 
 @pytest.fixture(scope="module")
-def hostgw(tmp_path_factory):
-    lab = Lab(tmp_path_factory.mktemp("fp"), "host-gw", 2, "fph")
+def hostgw():
+    lab = Lab("host-gw", 2, "fph")
     yield lab
     lab.down()
 
 
 @pytest.fixture(scope="module")
-def vxlan(tmp_path_factory):
-    lab = Lab(tmp_path_factory.mktemp("fp"), "vxlan", 1, "fpv")
+def vxlan():
+    lab = Lab("vxlan", 1, "fpv")
     yield lab
     lab.down()
 
@@ -352,8 +355,8 @@ def test_a_pod_whose_program_or_interface_is_gone_falls_back(hostgw):
     )
 
 
-def test_no_fast_path_leaves_nothing_and_an_agent_switched_off_removes_it(tmp_path):
-    lab = Lab(tmp_path, "host-gw", 1, "fpo", fast_path=False)
+def test_no_fast_path_leaves_nothing_and_an_agent_switched_off_removes_it():
+    lab = Lab("host-gw", 1, "fpo", fast_path=False)
     try:
         for node in lab.lab.nodes:
             assert kernel_view(node.netns)["attached"] == {}
@@ -381,10 +384,12 @@ def test_no_fast_path_leaves_nothing_and_an_agent_switched_off_removes_it(tmp_pa
         lab.down()
 
 
-def test_lab_up_no_fast_path_option(tmp_path):
+def test_lab_up_no_fast_path_option():
     """The lab's --no-fast-path reaches the agents' command line (lab.json keeps it)."""
+    import tempfile
+
     prefix = unique("fpl")
-    state = str(tmp_path / "lab")
+    state = tempfile.mkdtemp(prefix="fp")
     opts = ("--prefix", prefix, "--state-dir", state)
     try:
         up = lab_pycnictl(
@@ -399,14 +404,14 @@ def test_lab_up_no_fast_path_option(tmp_path):
         tear_down_labs([(prefix, state)])
 
 
-def test_doctor_and_uninstall(tmp_path):
+def test_doctor_and_uninstall():
     """`pycnictl doctor` finds the fast path as the agent wants it, and a program taken away;
     `pycnictl uninstall` removes every filter (the underlay's too) and the compiled object."""
     import os
 
     from pycni.lab import build
 
-    lab = Lab(tmp_path, "host-gw", 1, "fpd")
+    lab = Lab("host-gw", 1, "fpd")
     try:
         node, pod = lab.n1, lab.n1.pods[0]
 
