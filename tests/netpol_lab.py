@@ -455,6 +455,9 @@ class NetpolLab:
     def up(self, nodes: int = 2) -> None:
         args = ["lab", "up", "--nodes", str(nodes), "--pods", "0", "--backend", self.backend]
         args += ["--datastore", self.datastore]
+        # PYCNI_NETPOL_FAST_PATH=off: the same tables with the nodes' eBPF fast path off.
+        if os.environ.get("PYCNI_NETPOL_FAST_PATH", "on") == "off":
+            args.append("--no-fast-path")
         got = pycnictl(*args, *(["--ipv6"] if self.ipv6 else []), *self.opts)
         assert got.returncode == 0, got.stdout + got.stderr
 

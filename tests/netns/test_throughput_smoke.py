@@ -19,6 +19,9 @@ PATHS = {
     "pycni-same-node",
     "pycni-host-gw",
     "pycni-vxlan",
+    "pycni-same-node-nofp",
+    "pycni-host-gw-nofp",
+    "pycni-vxlan-nofp",
     "reference-same-node",
     "reference-host-gw",
 }
@@ -39,6 +42,8 @@ def test_throughput_tiny(reference_plugins):
         "1",
         "--repeat",
         "1",
+        "--round-trips",
+        "50",
         "--json",
         "--reference-dir",
         reference_plugins,
@@ -66,7 +71,16 @@ def test_throughput_tiny(reference_plugins):
     assert {(v["pycni"], v["reference"]) for v in report["versus_reference"]} == {
         ("pycni-same-node", "reference-same-node"),
         ("pycni-host-gw", "reference-host-gw"),
+        ("pycni-same-node-nofp", "reference-same-node"),
+        ("pycni-host-gw-nofp", "reference-host-gw"),
     }
+    # The fast-path labs' agents carried their pods (this kernel allows it).
+    assert report["fast_path"] and set(report["fast_path"].values()) == {"on"}, report["fast_path"]
+    latency = report["latency"]
+    assert {r["path"] for r in latency["results"]} == PATHS
+    for row in latency["results"]:
+        assert row["median_us"] > 0 and row["p99_us"] >= row["median_us"] and not row["errors"]
+    assert len(latency["targets"]) == 3 and all(t["value"] > 0 for t in latency["targets"])
     assert all(v["ratio"] > 0 for v in report["versus_reference"])
 
     table = format_table(report)
@@ -75,4 +89,5 @@ def test_throughput_tiny(reference_plugins):
     measured = [w for w in lines if w and w[0] in PATHS and len(w) >= 5 and w[1] in ("1", "4")]
     assert {(w[0], int(w[1])) for w in measured} == set(rows)
     assert all(float(w[2]) > 0 for w in measured)
-    assert table.count("PASS") + table.count("FAIL") == 6
+    assert table.count("PASS") + table.count("FAIL") == 9
+    assert "TCP request/response round trip" in table

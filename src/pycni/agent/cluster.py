@@ -50,6 +50,7 @@ class ClusterOptions:
     resync: float = 10.0
     vni: int = 1
     vxlan_port: int = 8472
+    fast_path: bool = True  # the eBPF fast path where the kernel allows it
     conf_extra: dict = field(default_factory=dict)  # more plugin keys for the conflist
 
     @property
@@ -79,6 +80,11 @@ class ClusterNode:
         self._ipr = None
         self._watch: Any = None  # backends.watch.KernelWatch, made with _ipr in its thread
         self.iface = options.iface
+        from .fastpath import FastPathController
+
+        self.fastpath = FastPathController(
+            options.data_dir, options.network_name, options.bridge, options.fast_path
+        )
 
     # --- life cycle ------------------------------------------------------------------------
 
@@ -318,6 +324,13 @@ class ClusterNode:
             watch=self._watch,
         )
         self._log_routes(changes, None if self.reconciles == 0 else self.nodes, nodes)
+        skipped = {s.node for s in changes.skipped}
+        underlays = [self.iface] + (
+            [self.vxlan().name] if self.options.backend != "host-gw" else []
+        )
+        self.fastpath.reconcile(
+            self._ipr, self.record, [n for n in nodes if n.name not in skipped], underlays
+        )
         self.nodes = nodes  # what the kernel now holds routes for (status shows it)
         for error in changes.errors:
             log.warning("reconcile: %s", error)
@@ -387,6 +400,7 @@ class ClusterNode:
             "reconciles": self.reconciles,
             "lastReconcileSeconds": round(self.last_duration, 6),
             "lastChanges": _changes(self.last_changes),
+            "fastPath": self.fastpath.status(),
         }
 
     # --- clean removal ---------------------------------------------------------------------

@@ -36,6 +36,7 @@ def cluster_node(args, data_dir: str, agent_socket: str):
         resync=args.resync,
         vni=args.vni,
         vxlan_port=args.vxlan_port,
+        fast_path=args.fast_path != "off",
     )
     try:
         store = open_datastore(

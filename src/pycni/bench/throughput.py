@@ -3,9 +3,12 @@ pair and against the Go reference bridge plugin, all measured in one run.
 
 Paths (client -> server):
 - baseline-veth: two fresh namespaces joined by a bare veth pair, an address on each end;
-- pycni-same-node: a lab (host-gw backend) with two nodes, n1pod1 -> n1pod2;
+- pycni-same-node: a lab (host-gw backend, the eBPF fast path on, as by default) with two
+  nodes, n1pod1 -> n1pod2;
 - pycni-host-gw: the same lab, n1pod1 -> n2pod1;
-- pycni-vxlan: a second lab (VXLAN backend), n1pod1 -> n2pod1;
+- pycni-vxlan: a second lab (VXLAN backend, fast path on), n1pod1 -> n2pod1;
+- pycni-*-nofp: the same three paths in two more labs whose agents run --no-fast-path (the
+  bridge and the stack, as before the fast path);
 - reference-same-node: the Go bridge + host-local (ipMasq off) in a node namespace, pod -> pod;
 - reference-host-gw: two such nodes on a bridge underlay, each with the reference plugin for
   its own /24 and the seed system's manual `ip route add <other pod CIDR> via <other node>`
@@ -14,7 +17,10 @@ The reference nodes' underlay is built like the lab's (each node's eth0 a veth i
 a namespace of its own), so the two host-gw paths cross the same kind of devices.
 
 Each measurement: `iperf3 -s -1` in the server's namespace, `iperf3 -c <ip> -t <seconds> -J
-[-P 4]` in the client's, the rate is `end.sum_received.bits_per_second`. Every path is measured
+[-P 4]` in the client's, the rate is `end.sum_received.bits_per_second`. Then the latency of
+every path: a TCP request/response ping-pong of 1-byte messages over one connection (after a
+warm-up, so the connection is established in conntrack and the fast path may carry it), its
+median and 99th percentile round trip, also interleaved and repeated. Every path is measured
 with 1 and 4 streams, --repeat times; all paths and both labs stay up for the whole run so the
 measurements can be interleaved round robin (each round starts at a different place), and the
 median of each is reported: on a 2-vCPU machine client and server compete for the CPUs, so a
@@ -29,6 +35,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import statistics
@@ -55,14 +62,39 @@ REF_SUBNETS = ("10.244.1.0/24", "10.244.2.0/24")  # the reference nodes' pod CID
 PATH_ORDER = (
     "baseline-veth",
     "pycni-same-node",
+    "pycni-same-node-nofp",
     "reference-same-node",
     "pycni-host-gw",
+    "pycni-host-gw-nofp",
     "reference-host-gw",
     "pycni-vxlan",
+    "pycni-vxlan-nofp",
 )
 # (pycni path, minimum ratio to the baseline at the same stream count)
-TARGETS = (("pycni-same-node", 0.95), ("pycni-host-gw", 0.95), ("pycni-vxlan", 0.80))
-VERSUS = (("pycni-same-node", "reference-same-node"), ("pycni-host-gw", "reference-host-gw"))
+TARGETS = (("pycni-same-node", 0.97), ("pycni-host-gw", 0.95), ("pycni-vxlan", 0.80))
+VERSUS = (
+    ("pycni-same-node", "reference-same-node"),
+    ("pycni-host-gw", "reference-host-gw"),
+    ("pycni-same-node-nofp", "reference-same-node"),
+    ("pycni-host-gw-nofp", "reference-host-gw"),
+)
+# The fast path's latency target: a round trip no longer than the same path without it.
+RTT_VERSUS = (
+    ("pycni-same-node", "pycni-same-node-nofp"),
+    ("pycni-host-gw", "pycni-host-gw-nofp"),
+    ("pycni-vxlan", "pycni-vxlan-nofp"),
+)
+# (backend, lab prefix suffix, pods per node, fast path)
+LABS = (
+    ("host-gw", "h", 2, True),
+    ("host-gw", "hs", 2, False),
+    ("vxlan", "v", 1, True),
+    ("vxlan", "vs", 1, False),
+)
+FAST_PATH_WAIT = 30.0
+RTT_PORT = 5202
+RTT_WARMUP = 300
+DEFAULT_ROUND_TRIPS = 3000
 
 Progress = Callable[[str], None] | None
 
@@ -226,13 +258,13 @@ def reference(spaces: Spaces, reference_dir: str, tmp: str) -> tuple[Path, Path]
     )
 
 
-def pycni_lab(prefix: str, state_dir: str, backend: str, pods: int):
+def pycni_lab(prefix: str, state_dir: str, backend: str, pods: int, fast_path: bool = True):
     from ..lab.lifecycle import bring_up
     from ..lab.model import PREFIX_RE, Lab, LabError
 
     if not PREFIX_RE.fullmatch(prefix):
         raise BenchError(f"lab prefix {prefix!r} is not valid")
-    lab = Lab.plan(prefix, state_dir, nodes=2, pods=pods, backend=backend)
+    lab = Lab.plan(prefix, state_dir, nodes=2, pods=pods, backend=backend, fast_path=fast_path)
     try:
         bring_up(lab)  # on failure lab.json is already saved: the caller's teardown finds it
     except LabError as exc:
@@ -330,6 +362,135 @@ def _check_path(path: Path) -> None:
         )
 
 
+def _wait_fast_path(labs: list, progress: Progress) -> dict[str, str]:
+    """Until the fast path's maps hold every pod of the fast-path labs (the agents map a pod
+    once the bridge has learned its MAC: the pings above made sure it has): each lab's node ->
+    "on", or why not (then its paths measure the normal path, and the report says so)."""
+    from ..agent.client import agent_health
+
+    state: dict[str, str] = {}
+    deadline = time.monotonic() + FAST_PATH_WAIT
+    for lab in labs:
+        for node in lab.nodes:
+            key = f"{lab.prefix}/{node.name}"
+            while True:
+                try:
+                    health = agent_health(node.agent_socket).get("health") or {}
+                    fp = health.get("cluster", {}).get("fastPath", {})
+                except (OSError, ValueError):
+                    fp = {}
+                if {p.ip for p in node.pods} <= set(fp.get("pods", [])):
+                    state[key] = "on"
+                    break
+                if time.monotonic() > deadline:
+                    state[key] = f"not carrying every pod: {fp.get('error') or fp}"[:300]
+                    _say(progress, f"fast path of {key}: {state[key]}")
+                    break
+                time.sleep(0.2)
+    return state
+
+
+# A TCP request/response ping-pong: 1-byte messages over one connection; the client prints the
+# median and 99th percentile round trip in microseconds.
+_RTT_SERVER = """
+import socket, sys
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", int(sys.argv[1])))
+s.listen(1)
+print("ready", flush=True)
+c = s.accept()[0]
+c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+while c.recv(1):
+    c.sendall(b"y")
+"""
+_RTT_CLIENT = """
+import socket, sys, time
+host, port, warm, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+c = socket.create_connection((host, port), timeout=5)
+c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+out = []
+clock = time.perf_counter_ns
+for i in range(warm + n):
+    t = clock()
+    c.sendall(b"x")
+    if not c.recv(1):
+        sys.exit("closed")
+    if i >= warm:
+        out.append(clock() - t)
+out.sort()
+print(out[len(out) // 2] / 1000, out[min(len(out) - 1, len(out) * 99 // 100)] / 1000)
+"""
+
+
+def ping_pong(path: Path, round_trips: int) -> list[tuple[float, float]]:
+    """One latency run: [(median, p99)] round trip in microseconds."""
+    server = subprocess.Popen(
+        ["ip", "netns", "exec", path.server, sys.executable, "-c", _RTT_SERVER, str(RTT_PORT)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        if server.stdout is None or server.stdout.readline().strip() != "ready":
+            raise SampleError(f"the ping-pong server in {path.server} did not start")
+        argv = [sys.executable, "-c", _RTT_CLIENT, path.address, str(RTT_PORT)]
+        try:
+            proc = subprocess.run(
+                ["ip", "netns", "exec", path.client, *argv, str(RTT_WARMUP), str(round_trips)],
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
+        except subprocess.TimeoutExpired:
+            raise SampleError(f"the ping-pong to {path.address} did not finish") from None
+        try:
+            median, p99 = map(float, proc.stdout.split())
+        except ValueError:
+            why = proc.stderr.strip()[-200:]
+            raise SampleError(
+                f"ping-pong to {path.address} exited {proc.returncode}: {why}"
+            ) from None
+        return [(median, p99)]
+    finally:
+        server.kill()
+        server.wait()
+        if server.stdout is not None:
+            server.stdout.close()
+
+
+def _latency_report(paths: list[Path], rtts: dict, errors: dict, round_trips: int) -> dict:
+    rows = []
+    medians: dict[str, float | None] = {}
+    for path in paths:
+        got = rtts.get(path.name, [])
+        medians[path.name] = statistics.median(m for m, _ in got) if got else None
+        rows.append(
+            {
+                "path": path.name,
+                "median_us": None if not got else round(statistics.median(m for m, _ in got), 1),
+                "p99_us": None if not got else round(statistics.median(p for _, p in got), 1),
+                "samples": [round(m, 1) for m, _ in got],
+                "errors": errors.get(path.name, []),
+            }
+        )
+    targets = []
+    for fast, slow in RTT_VERSUS:
+        a, b = medians.get(fast), medians.get(slow)
+        value = a / b if a is not None and b else None
+        targets.append(
+            {
+                "path": fast,
+                "versus": slow,
+                "value": None if value is None else round(value, 3),
+                "pass": value is not None and value <= 1.0,
+            }
+        )
+    return {"round_trips": round_trips, "warmup": RTT_WARMUP, "results": rows, "targets": targets}
+
+
 def schedule(paths: list[str], repeat: int) -> list[tuple[str, int]]:
     """Round robin over every (path, streams); each round starts further along, so no
     measurement always runs first or always follows the same one."""
@@ -349,27 +510,37 @@ def bench(
     repeat: int = DEFAULT_REPEAT,
     reference_dir: str = "/usr/lib/cni",
     progress: Progress = None,
+    prefix: str | None = None,
+    round_trips: int = DEFAULT_ROUND_TRIPS,
 ) -> dict:
     if shutil.which("iperf3") is None:
         raise BenchError("iperf3 is not installed (apt-get install iperf3)")
     spaces = Spaces()
+    if prefix:
+        spaces.prefix = prefix
     tmp = tempfile.mkdtemp(prefix="pycni-bench-throughput-")
     labs: list[tuple[str, str]] = []  # (prefix, state dir) of every lab begun
     try:
         _say(progress, "making the baseline veth pair and the reference nodes")
         paths = [baseline(spaces), *reference(spaces, reference_dir, tmp)]
-        for backend, tag, pods in (("host-gw", "h", 2), ("vxlan", "v", 1)):
-            prefix, state = f"{spaces.prefix}{tag}", os.path.join(tmp, f"lab-{backend}")
+        fast_labs = []
+        for backend, tag, pods, fast in LABS:
+            prefix = f"{spaces.prefix}{tag}"
+            state = os.path.join(tmp, f"lab-{backend}-{tag}")
             labs.append((prefix, state))
-            _say(progress, f"bringing up a two-node pycni lab, backend {backend}")
-            lab = pycni_lab(prefix, state, backend, pods)
+            how = "on" if fast else "off"
+            _say(progress, f"bringing up a two-node pycni lab, backend {backend}, fast path {how}")
+            lab = pycni_lab(prefix, state, backend, pods, fast)
+            if fast:
+                fast_labs.append(lab)
             src = lab.nodes[0].pods[0]
+            suffix, what = ("", "") if fast else ("-nofp", ", --no-fast-path")
             if backend == "host-gw":
                 dst = lab.nodes[0].pods[1]
                 paths.append(
                     Path(
-                        "pycni-same-node",
-                        "pycni (lab, host-gw), n1pod1 -> n1pod2",
+                        f"pycni-same-node{suffix}",
+                        f"pycni (lab, host-gw{what}), n1pod1 -> n1pod2",
                         src.netns,
                         dst.netns,
                         dst.ip,
@@ -378,18 +549,20 @@ def bench(
             dst = lab.nodes[1].pods[0]
             paths.append(
                 Path(
-                    f"pycni-{backend}",
-                    f"pycni (lab, {backend}), n1pod1 -> n2pod1",
+                    f"pycni-{backend}{suffix}",
+                    f"pycni (lab, {backend}{what}), n1pod1 -> n2pod1",
                     src.netns,
                     dst.netns,
                     dst.ip,
                 )
             )
+
         paths.sort(key=lambda p: PATH_ORDER.index(p.name))
         by_name = {p.name: p for p in paths}
         for path in paths:
             _check_path(path)
             path.mtu = _mtu(path.client)
+        fast_path = _wait_fast_path(fast_labs, progress)
 
         order = schedule([p.name for p in paths], repeat)
         samples: dict[tuple[str, int], list[float]] = {}
@@ -403,7 +576,23 @@ def bench(
             except SampleError as exc:
                 errors.setdefault((name, streams), []).append(str(exc))
                 _say(progress, f"[{n}/{len(order)}] {name}, {streams} stream(s): {exc}")
-        return _report(paths, samples, errors, seconds, repeat)
+        rtts: dict[str, list[tuple[float, float]]] = {}
+        rtt_errors: dict[str, list[str]] = {}
+        names = [p.name for p in paths]
+        _say(progress, f"latency: {len(names) * repeat} ping-pongs of {round_trips} round trips")
+        for r in range(repeat):
+            k = (r * len(names)) // repeat
+            for name in names[k:] + names[:k]:
+                try:
+                    rtts.setdefault(name, []).extend(ping_pong(by_name[name], round_trips))
+                except SampleError as exc:
+                    rtt_errors.setdefault(name, []).append(str(exc))
+                    _say(progress, f"latency {name}: {exc}")
+        report = _report(paths, samples, errors, seconds, repeat)
+        report["fast_path"] = fast_path
+        report["latency"] = _latency_report(paths, rtts, rtt_errors, round_trips)
+        report["ok"] = report["ok"] and not rtt_errors
+        return report
     finally:
         old = signal.signal(signal.SIGINT, signal.SIG_IGN)  # no second Ctrl-C mid-cleanup
         try:
@@ -545,9 +734,38 @@ def format_table(report: dict) -> str:
             f"  {v['pycni'] + ' / ' + v['reference'] + ', ' + s(v['streams']):<56} "
             f"{show_ratio(v['ratio']):>7}"
         )
+    lat = report.get("latency")
+    if lat:
+        lines += [
+            "",
+            f"TCP request/response round trip (1-byte ping-pong, {lat['round_trips']} round trips "
+            f"after {lat['warmup']} of warm-up, median of {report['repeat']} runs):",
+            f"{'path':<22} {'median us':>9} {'p99 us':>8}  run medians (us)",
+        ]
+        for row in lat["results"]:
+            med = "-" if row["median_us"] is None else f"{row['median_us']:.1f}"
+            p99 = "-" if row["p99_us"] is None else f"{row['p99_us']:.1f}"
+            lines.append(
+                f"{row['path']:<22} {med:>9} {p99:>8}  "
+                + " ".join(f"{x:.1f}" for x in row["samples"])
+                + (f"  ({len(row['errors'])} failed)" if row["errors"] else "")
+            )
+        lines += ["", "latency targets (fast path round trip / the same path without it):"]
+        for t in lat["targets"]:
+            value = "-" if t["value"] is None else f"{t['value']:.3f}x"
+            lines.append(
+                f"  {t['path'] + ' / ' + t['versus']:<44} {value:>7} <= 1.00x  "
+                f"{'PASS' if t['pass'] else 'FAIL'}"
+            )
+    for node, state in (report.get("fast_path") or {}).items():
+        if state != "on":
+            lines.append(f"NOTE fast path of {node}: {state}")
     for row in report["results"]:
         for err in row["errors"][:3]:
             lines.append(f"PROBLEM {row['path']}, {s(row['streams'])}: {err}")
+    for row in (lat or {}).get("results", []):
+        for err in row["errors"][:3]:
+            lines.append(f"PROBLEM latency {row['path']}: {err}")
     return "\n".join(lines)
 
 
@@ -558,14 +776,28 @@ def run(args) -> int:
     if os.geteuid() != 0:
         print("pycnictl bench throughput: needs root (network namespaces)", file=sys.stderr)
         return 2
-    if args.seconds < 1 or args.repeat < 1:
+    if args.prefix and not re.fullmatch(r"[a-z][a-z0-9]{0,11}", args.prefix):
         print(
-            "pycnictl bench throughput: --seconds and --repeat must be at least 1", file=sys.stderr
+            "pycnictl bench throughput: --prefix: lowercase letters and digits, at most 12",
+            file=sys.stderr,
+        )
+        return 2
+    if args.seconds < 1 or args.repeat < 1 or args.round_trips < 1:
+        print(
+            "pycnictl bench throughput: --seconds, --repeat and --round-trips must be at least 1",
+            file=sys.stderr,
         )
         return 2
     return run_and_print(
         "pycnictl bench throughput",
-        lambda progress: bench(args.seconds, args.repeat, args.reference_dir, progress=progress),
+        lambda progress: bench(
+            args.seconds,
+            args.repeat,
+            args.reference_dir,
+            progress=progress,
+            prefix=args.prefix,
+            round_trips=args.round_trips,
+        ),
         format_table,
         args,
         (BenchError,),

@@ -185,6 +185,20 @@ def cluster_options() -> argparse.ArgumentParser:
         "node network); repeatable",
     )
     g.add_argument(
+        "--fast-path",
+        choices=("on", "off"),
+        default="on",
+        help="the eBPF fast path: tc programs that carry established, un-NATed pod "
+        "connections past the bridge and the stack (on: wherever the kernel allows it)",
+    )
+    g.add_argument(
+        "--no-fast-path",
+        dest="fast_path",
+        action="store_const",
+        const="off",
+        help="the same as --fast-path=off",
+    )
+    g.add_argument(
         "--resync",
         type=float,
         default=10.0,

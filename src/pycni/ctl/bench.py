@@ -98,6 +98,18 @@ def _throughput(forms) -> argparse.ArgumentParser:
         help=f"measurements per path and stream count, the median is reported "
         f"(default {throughput.DEFAULT_REPEAT})",
     )
+    p.add_argument(
+        "--round-trips",
+        type=int,
+        default=throughput.DEFAULT_ROUND_TRIPS,
+        help="TCP ping-pong round trips per latency run "
+        f"(default {throughput.DEFAULT_ROUND_TRIPS})",
+    )
+    p.add_argument(
+        "--prefix",
+        default=None,
+        help="name prefix of its namespaces and labs (default pycnib<pid><random>)",
+    )
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument(
         "--reference-dir",

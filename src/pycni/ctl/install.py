@@ -29,6 +29,13 @@ def register(sub) -> None:
         help="the config's dataDir (default: the plugin's, /var/lib/pycni)",
     )
     p.add_argument(
+        "--fast-path-dir",
+        metavar="DIR",
+        help="also compile the eBPF fast path (needs clang and libbpf-dev) into DIR, where "
+        "the agent looks for it (its data dir's bpf/, or /opt/pycni/bpf as in the image); "
+        "without it the agent compiles on its first start",
+    )
+    p.add_argument(
         "--standalone",
         action="store_true",
         help="an executable that only forwards to the node agent (for hosts without pycni's "

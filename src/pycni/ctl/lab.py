@@ -107,6 +107,12 @@ def register(sub) -> None:
         "IPv4 one, and every path measured over both",
     )
     u.add_argument(
+        "--no-fast-path",
+        dest="fast_path",
+        action="store_false",
+        help="the nodes' agents run without the eBPF fast path (--no-fast-path of the agent)",
+    )
+    u.add_argument(
         "--svg",
         metavar="FILE",
         help="also draw the lab and its measured connectivity into FILE (SVG)",

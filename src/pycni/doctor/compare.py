@@ -41,6 +41,73 @@ def compare(snap: NodeSnapshot, live: set[tuple[str, str]] | None = None) -> lis
     if snap.cluster is not None:
         out += check_cluster(snap.cluster, snap.links)
         out += check_node_subnets(snap, snap.cluster)
+    if snap.fast_path is not None:
+        out += check_fast_path(snap.fast_path, snap.links)
+    return out
+
+
+def check_fast_path(fp: m.FastPathView, links: dict[str, Link]) -> list[Finding]:
+    """The kernel holds the fast path the agent's last pass wanted: its programs on those
+    interfaces and on no other (never on a shaped pod's, whose shaping it would skip), the
+    maps' keys as wanted; with the fast path off, none of it. An interface gone since (a pod
+    deleted) took its filter with it and is not a finding."""
+    repair = (
+        "the agent reconciles the fast path every --resync seconds; if this stays, see its "
+        "log and `pycnictl status` (or run the agent with --no-fast-path)"
+    )
+    attached = {dev for dev, _ in fp.attached}
+    if not fp.enabled:
+        return [
+            Finding(m.FAST_PATH_STALE, dev, "no pycni fast-path program (--no-fast-path)",
+                    "a pycni tc program attached", "pycnictl uninstall, or an agent restart "
+                    "with --no-fast-path, removes it")
+            for dev in sorted(attached)
+        ]  # fmt: skip
+    out = []
+    for dev in sorted(fp.want_interfaces - attached):
+        if dev in links:
+            out.append(
+                Finding(m.FAST_PATH_PROGRAM_MISSING, dev, "pycni's tc ingress program",
+                        "absent", repair)
+            )  # fmt: skip
+    for dev in sorted(attached - fp.want_interfaces):
+        out.append(
+            Finding(m.FAST_PATH_PROGRAM_EXTRA, dev, "no pycni fast-path program",
+                    "one attached", repair)
+        )  # fmt: skip
+    for dev in sorted(attached & fp.shaped):
+        out.append(
+            Finding(m.FAST_PATH_PROGRAM_EXTRA, dev, "no fast path on a shaped pod's interface",
+                    "a pycni tc program beside a shaping qdisc", repair)
+        )  # fmt: skip
+    for name, want, have in (
+        ("pycni_fp_pods", fp.want_pods, fp.pods),
+        ("pycni_fp_remote", fp.want_remote, fp.remote),
+    ):
+        if have is None:
+            if attached or want:
+                out.append(
+                    Finding(m.FAST_PATH_MAP_DIFFERS, name, ", ".join(sorted(want)) or "empty",
+                            "no map found", repair)
+                )  # fmt: skip
+        elif have != want:
+            missing, extra = sorted(want - have), sorted(have - want)
+            out.append(
+                Finding(
+                    m.FAST_PATH_MAP_DIFFERS,
+                    name,
+                    ", ".join(sorted(want)) or "empty",
+                    "; ".join(
+                        x
+                        for x in (
+                            missing and "missing " + ", ".join(missing),
+                            extra and "extra " + ", ".join(extra),
+                        )
+                        if x
+                    ),
+                    repair,
+                )
+            )
     return out
 
 

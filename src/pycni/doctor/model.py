@@ -45,6 +45,10 @@ POD_OUTSIDE_NODE_SUBNET = "pod-outside-node-subnet"
 VTEP_MISSING = "vtep-missing"
 VTEP_WRONG = "vtep-wrong"
 VTEP_STALE = "vtep-stale"
+FAST_PATH_PROGRAM_MISSING = "fast-path-program-missing"
+FAST_PATH_PROGRAM_EXTRA = "fast-path-program-extra"
+FAST_PATH_MAP_DIFFERS = "fast-path-map-differs"
+FAST_PATH_STALE = "fast-path-stale"
 # Routes, neighbours and FDB entries: f"{route|neighbour|fdb}-{missing|differs|extra}".
 
 
@@ -226,6 +230,22 @@ class ClusterView:
     subnets: tuple[str, ...] = ()
 
 
+@dataclass(frozen=True)
+class FastPathView:
+    """The eBPF fast path: what the agent's last pass made its desired state (its status),
+    and what the kernel holds (bpftool). `attached`: interface -> our tc filter's name on it;
+    `shaped`: interfaces with a qdisc of traffic shaping; `pods`, `remote`: the maps' keys."""
+
+    enabled: bool
+    want_interfaces: frozenset[str] = frozenset()
+    want_pods: frozenset[str] = frozenset()
+    want_remote: frozenset[str] = frozenset()
+    attached: tuple[tuple[str, str], ...] = ()
+    shaped: frozenset[str] = frozenset()
+    pods: frozenset[str] | None = None  # None: the maps could not be found
+    remote: frozenset[str] | None = None
+
+
 @dataclass
 class NodeSnapshot:
     stores: list[StoreSnapshot] = field(default_factory=list)
@@ -233,6 +253,7 @@ class NodeSnapshot:
     netns: dict[str, NetnsView] = field(default_factory=dict)  # by path; absent: not read
     rules: RulesView | None = None
     cluster: ClusterView | None = None
+    fast_path: FastPathView | None = None
     # False when a store could not be read: a link or a live pod none of the others owns may
     # be that store's, so nothing is called an orphan.
     stores_complete: bool = True

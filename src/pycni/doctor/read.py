@@ -31,6 +31,7 @@ from ..ipam.store import Store
 from .model import (
     ClusterView,
     DoctorError,
+    FastPathView,
     Link,
     NetnsView,
     NodeSnapshot,
@@ -308,7 +309,65 @@ def snapshot(
             notes += more
         except DoctorError as exc:
             errors.append(f"cluster: {exc}")
+        if snap.cluster is not None:
+            try:
+                snap.fast_path = read_fast_path(ipr, _fast_path_status(agent_socket))
+            except DoctorError as exc:
+                errors.append(f"fast path: {exc}")
     return snap, errors, notes
+
+
+def _fast_path_status(agent_socket: str | None) -> dict:
+    from ..agent.client import agent_health
+
+    if agent_socket is None:
+        return {}
+    health = agent_health(agent_socket).get("health") or {}
+    return (health.get("cluster") or {}).get("fastPath") or {}
+
+
+def read_fast_path(ipr: IPRoute, status: dict) -> FastPathView | None:
+    """The agent's fast-path state beside the kernel's; None when the agent reports none (an
+    agent from before the fast path)."""
+    from ..dataplane import fastpath as fp
+
+    if "enabled" not in status:
+        return None
+    try:
+        attached = fp.attachments()
+    except fp.FastPathError as exc:
+        if not status["enabled"]:
+            return FastPathView(False)  # no bpftool: nothing can have been attached either
+        raise DoctorError(str(exc)) from None
+    pairs = tuple(sorted((dev, p["name"]) for dev, progs in attached.items() for p in progs))
+    shaped = set()
+    for dev in attached:
+        links = ipr.link_lookup(ifname=dev)
+        if links and {q.get("TCA_KIND") for q in ipr.get_qdiscs(links[0])} - fp.SHAPING_FREE:
+            shaped.add(dev)
+    pods = remote = None
+    # The agent names its maps; from_underlay alone (before the pass that saw the first pod)
+    # would not lead to the remote map.
+    maps: dict[str, int] = dict(status.get("maps") or {})
+    if not maps:
+        for prog in sorted({p["id"] for progs in attached.values() for p in progs if p.get("id")}):
+            maps.update(fp.prog_maps(prog))
+    if maps:
+        try:
+            pods = frozenset(str(ip) for ip in fp.decode_pods(fp.read_map(maps[fp.MAPS[0]])))
+            remote = frozenset(str(n) for n in fp.decode_remote(fp.read_map(maps[fp.MAPS[1]])))
+        except (fp.FastPathError, KeyError) as exc:
+            raise DoctorError(f"reading the maps {maps}: {exc}") from None
+    return FastPathView(
+        bool(status["enabled"]),
+        frozenset(status.get("interfaces") or ()),
+        frozenset(status.get("pods") or ()),
+        frozenset(status.get("remoteSubnets") or ()),
+        pairs,
+        frozenset(shaped),
+        pods,
+        remote,
+    )
 
 
 def _cluster(

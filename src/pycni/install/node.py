@@ -53,6 +53,13 @@ def install(args) -> int:
             f"{target} is the {'standalone ' if args.standalone else ''}Python launcher, "
             f"{why}: every call pays Python's start-up, which the native executable does not"
         )
+    if getattr(args, "fast_path_dir", None):
+        from ..dataplane.fastpath import FastPathError, build
+
+        try:
+            print(f"fast path: {build(args.fast_path_dir)}")
+        except FastPathError as exc:
+            refuse(f"the eBPF fast path: {exc}")
     if conf is not None:
         path = os.path.join(args.conf_dir, CONFLIST_NAME)
         write_owned(

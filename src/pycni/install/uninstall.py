@@ -5,7 +5,9 @@ This module is the inventory of what pycni creates, taken apart in this order:
      `pycnictl leave`): the other nodes drop their routes to this node
   2. pod attachments: host veths with the alias "pycni <network> <container> <ifname>" (the
      pod end goes with its host end) and ifb devices with the alias "pycni-ifb ..."
-  3. routes with pycni's protocol (120) and the VTEPs `pycni.<vni>`
+  3. the eBPF fast path: pycni's tc filters (pycni_fp_*) on any interface, with clsact when
+     nothing else is on it (its programs and maps go with their last filter); routes with
+     pycni's protocol (120) and the VTEPs `pycni.<vni>`
   4. the pod bridges pycni's configs or store name (default cni0), only those carrying pycni's
      signature (the 0a:58 MAC of their gateway address, or recorded in the store) and no
      ports pycni did not make
@@ -13,11 +15,13 @@ This module is the inventory of what pycni creates, taken apart in this order:
   6. files: the executable in the bin dir and a native one's fallback launcher (only files with
      a marker of pycnictl install's: a launcher's, or the native executable's), the config
      list in the conf dir (only one of type pycni), subnet.env and the agent socket in the run
-     dir, the IPAM store, lock and sqlite datastore in the data dir; a directory goes when
+     dir, the IPAM store, lock, sqlite datastore and the compiled fast path (bpf/) in the data
+     dir; a directory goes when
      nothing but pycni's files was in it.
 Kernel objects are those of the network namespace it runs in. It refuses while an agent
 answers on its socket (it would put everything back), and is idempotent: a second run finds
-nothing. Kept: sysctls pycni turned on (ip_forward) and the log files.
+nothing. Kept: sysctls pycni turned on (ip_forward, nf_conntrack_tcp_be_liberal) and the log
+files.
 """
 
 from __future__ import annotations
@@ -229,10 +233,23 @@ def remove_kernel_objects(known: Known, report: Report) -> None:
     from pyroute2 import IPRoute
 
     with IPRoute() as ipr:
+        remove_fast_path(ipr, report)
         remove_attachments(ipr, report)
         remove_routes(ipr, report)
         remove_vteps(ipr, report)
         remove_bridges(ipr, known.bridges, report)
+
+
+def remove_fast_path(ipr, report: Report) -> None:
+    """pycni's tc filters wherever they are: the pods' host veths, the underlay, the VTEP."""
+    from ..dataplane import fastpath as fp
+
+    for link in ipr.link("dump"):
+        try:
+            if fp.detach(ipr, link["index"]):
+                report.did(f"fast-path program on {link.get('IFLA_IFNAME')}")
+        except fp.FastPathError as exc:
+            report.failed(str(exc))
 
 
 def attachment_prefixes() -> tuple[str, ...]:
@@ -399,6 +416,9 @@ def remove_files(args, known: Known, report: Report) -> None:
                 if _is_socket(os.path.join(directory, name)):
                     _unlink(os.path.join(directory, name), report)
     for data_dir in known.data_dirs:
+        bpf = os.path.join(data_dir, "bpf")  # the agent's compiled fast path
+        objects = glob.glob(os.path.join(glob.escape(bpf), "fastpath-*.o*"))
+        remove_own_dir(bpf, tuple(os.path.basename(o) for o in objects), report)
         remove_own_dir(data_dir, DATA_FILES, report)
 
 

@@ -205,6 +205,8 @@ def agent_args(lab: Lab, node: Node) -> list[str]:
         "--resync",
         str(AGENT_RESYNC),
     ]
+    if not lab.fast_path:
+        args.append("--no-fast-path")
     if lab.datastore == "etcd":
         args += ["--etcd-endpoints", lab.etcd_url]
     else:
@@ -421,9 +423,10 @@ def cache_path(node: Node, pod: Pod) -> str:
     return os.path.join(node.results_dir, f"{NETWORK_NAME}-{pod.container_id}-{pod.ifname}")
 
 
-def add_pod(node: Node, pod: Pod) -> None:
+def add_pod(node: Node, pod: Pod, extra: dict | None = None) -> None:
+    """ADD ``pod`` as a runtime would; ``extra``: more keys for the config (runtimeConfig)."""
     make_netns(pod.netns)
-    proc = exec_plugin(node, pod, "ADD")
+    proc = exec_plugin(node, pod, "ADD", extra)
     try:
         result = json.loads(proc.stdout)
     except ValueError:

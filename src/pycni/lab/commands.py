@@ -61,6 +61,7 @@ def up(args) -> int:
         datastore=args.datastore,
         underlays=args.underlays,
         ipv6=args.ipv6,
+        fast_path=args.fast_path,
     )
     try:
         bring_up(lab)

@@ -157,6 +157,7 @@ class Lab:
     underlays: int = 1
     pods_per_node: int = 2
     ipv6: bool = False
+    fast_path: bool = True  # the nodes' agents run the eBPF fast path
     network: str = CLUSTER_CIDR
     network6: str = CLUSTER_CIDR6
     etcd_url: str = ""
@@ -173,6 +174,7 @@ class Lab:
         datastore: str = "sqlite",
         underlays: int = 1,
         ipv6: bool = False,
+        fast_path: bool = True,
     ) -> Lab:
         lab = cls(
             prefix=prefix,
@@ -182,6 +184,7 @@ class Lab:
             underlays=underlays,
             pods_per_node=pods,
             ipv6=ipv6,
+            fast_path=fast_path,
         )
         if datastore == "etcd":
             lab.etcd_url = f"http://{ipaddress.ip_network(UNDERLAYS[0])[254]}:2379"
