@@ -30,7 +30,9 @@ def test_the_agents_pod_as_kubelet_sees_it():
     assert agent.privileged and not init.privileged
     # $(VAR) from fieldRef spec.nodeName and from the ConfigMap.
     assert "--node-name=node-7" in agent.args
-    assert "--cluster-cidr=10.244.0.0/16" in agent.args and "--backend=vxlan" in agent.args
+    # The ConfigMap's IPv6 half is empty: kubeadm's comma form with an empty item, which the
+    # agent ignores.
+    assert "--cluster-cidr=10.244.0.0/16," in agent.args and "--backend=vxlan" in agent.args
     assert agent.env["NODE_NAME"] == "node-7"
     assert agent.env["KUBERNETES_SERVICE_HOST"] == "10.96.0.1"
     mounts = {m.container_path: m for m in agent.mounts}
