@@ -4,9 +4,9 @@ Two rows per containerd (Debian's 1.6 and the pinned 2.x, both by default: --con
 measured in one run, each a node network namespace of its own with a private containerd started
 inside it (harness/containerd.py) and the same pause image:
 
-- pycni-agent: pycni's launcher (--launcher native: the native executable, as `pycnictl
-  install --native` writes it), its config list (node_conflist: ipMasq on) and a
-  `pycnictl agent` in the node the config points at;
+- pycni-agent: the executable `pycnictl install` writes (native where a C compiler is found,
+  else the Python launcher; --launcher picks one), its config list (node_conflist: ipMasq on)
+  and a `pycnictl agent` in the node the config points at;
 - reference: the Go bridge + host-local from containernetworking-plugins, ipMasq on.
 
 Both config lists say cniVersion 1.0.0, the highest containerd 1.6's libcni speaks; pycni's also
@@ -633,6 +633,10 @@ def run(args) -> int:
             file=sys.stderr,
         )
         return 2
+    if args.plugin_launcher is None:  # as `pycnictl install` chooses
+        from ..native.build import compiler
+
+        args.plugin_launcher = "native" if compiler() is not None else "python"
     try:
         import grpc  # noqa: F401
     except ImportError:

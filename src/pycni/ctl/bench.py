@@ -220,9 +220,9 @@ def _cri(sub) -> None:
         "--launcher",
         dest="plugin_launcher",
         choices=("python", "native"),
-        default="python",
-        help="pycni's executable: the Python launcher (default) "
-        "or the native one (`pycnictl install --native`; needs cc)",
+        default=None,
+        help="pycni's executable: by default what `pycnictl install` writes (native where a "
+        "C compiler is found, else the Python launcher)",
     )
     p.add_argument(
         "--containerd",
