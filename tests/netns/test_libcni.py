@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import pytest
 
 from conftest import Namespaces, have, peer_params, unique
+from pycni.bench.cri import reference_conflist
 from pycni.harness import peers
 from pycni.ipam.store import Store
 from pycni.node_config import node_conflist
@@ -134,23 +135,8 @@ def make_chain(label, spaces, tmp_path, client, plugin_dir, plugin_bin, extra=()
         conflist.pop("cniVersions", None)
         cni_path = [os.path.dirname(plugin_bin), plugin_dir]
     else:
-        conflist = {
-            "name": network,
-            "plugins": [
-                {
-                    "type": "bridge",
-                    "bridge": "cni0",
-                    "isGateway": True,
-                    "ipMasq": True,
-                    "ipam": {
-                        "type": "host-local",
-                        "subnet": SUBNET,
-                        "routes": [{"dst": "0.0.0.0/0"}],
-                        "dataDir": os.path.join(root, "ipam"),
-                    },
-                }
-            ],
-        }
+        # The same reference chain `pycnictl bench cri` measures.
+        conflist = dict(reference_conflist(root, SUBNET), name=network)
         cni_path = [plugin_dir]
     conflist["cniVersion"] = version
     conflist["plugins"] += list(extra)

@@ -88,7 +88,7 @@ def served_agent(open_dir, monkeypatch):
     """An agent on a thread (real peer-credential check), recording what reaches the core."""
     calls = []
 
-    def handle(environ, stdin, on_config=None):
+    def handle(environ, stdin, on_config=None, faults=None):
         calls.append(environ)
         return {"cniVersion": "1.0.0", "supportedVersions": ["1.0.0"]}, 0
 
