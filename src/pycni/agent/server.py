@@ -63,6 +63,9 @@ class Agent:
     def bind(self) -> None:
         """Listen on the socket: root only (0600 in a 0700 directory), replacing a stale one
         atomically so a client never sees the path missing while an old agent is replaced."""
+        # Before the socket appears (git may be slow to answer under load): once it is there,
+        # callers and tests take the agent as started, and nothing may stand before the log.
+        described = version.describe()
         directory = os.path.dirname(self.socket_path) or "."
         os.makedirs(directory, mode=0o700, exist_ok=True)
         tmp = f"{self.socket_path}.{os.getpid()}.tmp"
@@ -80,9 +83,7 @@ class Agent:
         self._inode = os.stat(self.socket_path).st_ino
         sock.settimeout(0.5)  # lets serve() notice stop() promptly
         self._listener = sock
-        log.info(
-            "agent %s listening on %s (pid %d)", version.describe(), self.socket_path, os.getpid()
-        )
+        log.info("agent %s listening on %s (pid %d)", described, self.socket_path, os.getpid())
 
     def serve(self) -> None:
         assert self._listener is not None, "bind() first"
