@@ -257,16 +257,7 @@ def private_node(root: str, archive: str, peer, conf_for=node_conf):
 
 
 def make_containerd(peer, workdir: str, ns: str, bin_dir: str, conf_dir: str) -> Containerd:
-    return Containerd(
-        workdir,
-        ns,
-        bin_dir,
-        conf_dir,
-        sandbox_image=IMAGE,
-        binary=peer.binary,
-        ctr=peer.ctr,
-        shim_dir=peer.shim_dir,
-    )
+    return Containerd.for_peer(peer, workdir, ns, bin_dir, conf_dir, sandbox_image=IMAGE)
 
 
 @pytest.fixture(scope="module", params=CONTAINERDS)

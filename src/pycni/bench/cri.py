@@ -69,7 +69,7 @@ BURST_TIMEOUT = 300.0
 class Row:
     plugin: str
     root: str
-    peer: object = None  # harness.peers.Containerd: which containerd this row runs
+    peer: object = None  # harness.peers.ContainerdPeer: which containerd this row runs
     ns: str = ""
     containerd: object = None  # runtimes.containerd.Containerd
     agent: AgentRunner | None = None
@@ -321,15 +321,13 @@ def _make_row(
         row.agent.start(launcher, row.ns)
         conf = pycni_conflist(row.root, subnet, row.agent.socket)
     write_conflist(os.path.join(conf_dir, CONFLIST_NAME), conf)
-    row.containerd = Containerd(
+    row.containerd = Containerd.for_peer(
+        row.peer,
         os.path.join(row.root, "containerd"),
         row.ns,
         bin_dir,
         conf_dir,
         sandbox_image=IMAGE,
-        binary=row.peer.binary,
-        ctr=row.peer.ctr,
-        shim_dir=row.peer.shim_dir,
         metrics_port=METRICS_PORT,
     )
     row.containerd.start()

@@ -93,6 +93,21 @@ class Containerd:
         self.proc: subprocess.Popen | None = None
         self._client: CriClient | None = None
 
+    @classmethod
+    def for_peer(cls, peer, workdir: str, netns: str, cni_bin_dir: str, cni_conf_dir: str, **kw):
+        """The containerd of a harness.peers.ContainerdPeer (Debian's 1.6 or the pinned 2.x),
+        with its own ctr and shim."""
+        return cls(
+            workdir,
+            netns,
+            cni_bin_dir,
+            cni_conf_dir,
+            binary=peer.binary,
+            ctr=peer.ctr,
+            shim_dir=peer.shim_dir,
+            **kw,
+        )
+
     def _path(self, *parts: str) -> str:
         return os.path.join(self.workdir, *parts)
 

@@ -80,7 +80,7 @@ def binary(peer: str, executable: str) -> str:
 
 
 @dataclass(frozen=True)
-class Containerd:
+class ContainerdPeer:
     """One containerd to run pods under: its label, binary, ctr and shim directory."""
 
     label: str  # "1.6" or "2.4": what test ids and bench rows say
@@ -93,20 +93,20 @@ class Containerd:
         return int(self.label.split(".")[0])
 
 
-def debian_containerd() -> Containerd | None:
+def debian_containerd() -> ContainerdPeer | None:
     """Debian's containerd 1.6 (packages containerd, runc), or None."""
     ctr = shutil.which("ctr")
     if not os.access(DEBIAN_CONTAINERD, os.X_OK) or ctr is None:
         return None
-    return Containerd("1.6", DEBIAN_CONTAINERD, ctr, None)
+    return ContainerdPeer("1.6", DEBIAN_CONTAINERD, ctr, None)
 
 
-def pinned_containerd() -> Containerd:
+def pinned_containerd() -> ContainerdPeer:
     """The pinned containerd 2.x with its own ctr and shim, or MissingPeer."""
     pin = pins()["containerd"]
     exe = binary("containerd", "containerd")
     label = ".".join(pin.version.removeprefix("v").split(".")[:2])
-    return Containerd(label, exe, os.path.join(pin.bin_dir, "ctr"), pin.bin_dir)
+    return ContainerdPeer(label, exe, os.path.join(pin.bin_dir, "ctr"), pin.bin_dir)
 
 
 def plugin_dirs() -> dict[str, str]:
