@@ -9,13 +9,15 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from conftest import Node, unique
+from conftest import TEST_FAULTS, Node, unique
+from pycni.cni.env import KILL_AT_ENV
 
 pytestmark = pytest.mark.netns
 
@@ -144,3 +146,71 @@ def test_adds_of_both_stores_at_once_leave_the_merge(node, backend):
         for future in [pool.submit(two.delete, net, cid) for net, cid, _ in jobs]:
             future.result()
     assert two.installed() == {"equal": True, "stores": [], "masquerade": [], "hostports": []}
+
+
+# In the node: a repair (as a restarted agent's) that re-installs a crashed ADD's rules, while
+# the runtime's GC releases that pod between the install and the digest being recorded. The GC
+# sees the digest of before, equal to what it now wants, and leaves the rules to the repair.
+_REPAIR_RACING_GC = """
+import json, os, subprocess, sys
+from pycni.core import masquerade
+from pycni.ipam.store import Store
+from pycni.rules import sync
+from pycni.rules.model import RuleSet
+plugin, data_dir, conf = sys.argv[1], sys.argv[2], sys.argv[3]
+apply, calls = sync.apply, []
+def apply_then_gc(rules):
+    apply(rules)
+    if not calls:
+        env = {**os.environ, "CNI_COMMAND": "GC", "CNI_PATH": os.path.dirname(plugin)}
+        gc = subprocess.run([plugin], input=conf, env=env, capture_output=True, text=True)
+        assert gc.returncode == 0, gc.stdout + gc.stderr
+    calls.append(rules)
+sync.apply = apply_then_gc
+with Store(data_dir) as store:
+    assert masquerade.repair(store)
+    want = masquerade.desired_rules(store)
+got = sync.installed() or RuleSet()
+print(json.dumps({"installs": len(calls), "equal": got == want,
+                  "hostports": sorted(h.host_port for h in got.hostports)}))
+"""
+
+
+def test_a_gc_during_a_repair_is_not_undone(node):
+    """A crashed ADD left a pod recorded but its hostPort not installed; a restarted agent's
+    repair installs it while the runtime's GC releases the pod. The repair looks again after
+    recording what it installed and takes the released pod's rule away (once, in CI, the
+    doctor found it still installed after the GC: test_fault_kill)."""
+    conf = node.conf(
+        ipMasq=True, runtimeConfig={"portMappings": [{"hostPort": 8300, "containerPort": 80}]}
+    )
+    killed = node.run(
+        "ADD",
+        conf,
+        container_id="crashed",
+        netns=node.pod(),
+        env={**TEST_FAULTS, KILL_AT_ENV: "host"},
+    )
+    assert killed.rc == -signal.SIGKILL, killed
+    gc_conf = node.conf(ipMasq=True, **{"cni.dev/valid-attachments": []})
+    proc = subprocess.run(
+        [
+            "ip",
+            "netns",
+            "exec",
+            node.ns,
+            sys.executable,
+            "-c",
+            _REPAIR_RACING_GC,
+            node.plugin,
+            conf["dataDir"],
+            json.dumps(gc_conf),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": SRC},
+    )
+    assert proc.returncode == 0, proc.stderr
+    got = json.loads(proc.stdout)
+    assert got == {"installs": 2, "equal": True, "hostports": []}, got

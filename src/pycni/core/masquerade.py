@@ -230,20 +230,33 @@ def sync(store: Store, force: bool = False) -> None:
     if not force and _applied(store, key) == rules_sync.digest(desired_rules(store)):
         return
     with rules_sync.node_lock():
-        mine = desired_rules(store)
-        digest = rules_sync.digest(mine)
+        digest = rules_sync.digest(desired_rules(store))
         if not force and _applied(store, key) == digest:
             return
-        rules = node_rules(store, rules_sync.installed_stores())
-        wanted, every = _localnet_bridges(store)
-        # Off before the 127/8 guard goes, on after it came: never open without the guard.
-        # (Only this store's bridges: another store's keep the guard its wants bring.)
-        for bridge in every - wanted:
-            sysctl.set_route_localnet(bridge, False)
-        rules_sync.apply(rules)
-        for bridge in wanted:
-            sysctl.set_route_localnet(bridge, True)
-        store.set_meta(key, digest)
+        # Until what was applied is still what the store wants: a DEL or GC that changed the
+        # store while this ran saw the digest of before (its unlocked check above) and left
+        # the work to us. Without the second look, a restarted agent's repair could install a
+        # pod GC had just released (seen in test_fault_kill, once in three runs).
+        while True:
+            _install(store)
+            store.set_meta(key, digest)
+            now = rules_sync.digest(desired_rules(store))
+            if now == digest:
+                return
+            digest = now
+
+
+def _install(store: Store) -> None:
+    """Install the merge of every store's wants, this one's read now. Under the node lock."""
+    rules = node_rules(store, rules_sync.installed_stores())
+    wanted, every = _localnet_bridges(store)
+    # Off before the 127/8 guard goes, on after it came: never open without the guard.
+    # (Only this store's bridges: another store's keep the guard its wants bring.)
+    for bridge in every - wanted:
+        sysctl.set_route_localnet(bridge, False)
+    rules_sync.apply(rules)
+    for bridge in wanted:
+        sysctl.set_route_localnet(bridge, True)
 
 
 def install_policy(store: Store, recorded: dict | None) -> str:
