@@ -52,6 +52,10 @@ def up(args) -> int:
             file=sys.stderr,
         )
         return 1
+    if getattr(args, "kubernetes", False):
+        from .kube.commands import up as kube_up
+
+        return kube_up(args, prefix, state_dir, hint, started)
     lab = Lab.plan(
         prefix,
         state_dir,
