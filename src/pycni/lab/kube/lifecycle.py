@@ -6,6 +6,7 @@ import json
 import os
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 from ..build import build_node_network, build_router_and_outside
 from ..model import Lab, LabError, Node
@@ -50,10 +51,15 @@ def bring_up(lab: Lab, say: Callable[[str], None] = print) -> dict[str, float]:
     if not os.path.exists(_sysctl_file(lab)):
         with open(_sysctl_file(lab), "w") as f:
             json.dump(kn.read_sysctls(), f)
+    made_file = os.path.join(cp.kube_dir(lab), "host-paths.json")
+    if not os.path.exists(made_file):
+        with open(made_file, "w") as f:
+            json.dump(kn.host_paths_made(), f)
     archives = images()  # pycni's own is (re)built here when the checkout changed
     mark(f"{len(archives)} image archives ready")
-    for node in lab.nodes:
-        start_node(lab, node, archives)
+    # The nodes side by side: importing the images is most of a node's start.
+    with ThreadPoolExecutor(len(lab.nodes)) as pool:
+        list(pool.map(lambda n: start_node(lab, n, archives), lab.nodes))
     mark(f"{len(lab.nodes)} node(s) started (containerd, images, kubelet, kube-proxy)")
     wait_nodes(lab, ready=False)
     mark("nodes registered (NotReady: no pod network yet)")
@@ -133,9 +139,15 @@ def teardown(lab: Lab, say: Callable[[str], None] = lambda *a: None) -> list[str
     problems: list[str] = []
     state = lab.state_dir
     started = time.monotonic()
+
+    def step(what: str) -> None:
+        say(f"  {time.monotonic() - started:5.1f} s  {what}")
+
     names = list(procs.recorded(state))
-    procs.stop(state, [n for n in names if n.startswith(("kubelet-", "kube-proxy-"))])
+    # Nothing is kept: no daemon needs a graceful stop (the apiserver's alone takes seconds).
+    procs.stop(state, [n for n in names if n.startswith(("kubelet-", "kube-proxy-"))], grace=1)
     procs.stop(state, [n for n in names if n.startswith("containerd-")], grace=0.0)
+    step("kubelets, kube-proxies and containerds stopped")
     for node in lab.nodes:
         ctd_dir = os.path.join(node.root, "containerd")
         if os.path.isdir(ctd_dir):
@@ -143,8 +155,10 @@ def teardown(lab: Lab, say: Callable[[str], None] = lambda *a: None) -> list[str
                 problems += kn.NodeContainerd(node).cleanup()
             except Exception as exc:  # noqa: BLE001 - keep removing the rest
                 problems.append(f"{node.name}: containerd cleanup: {exc}")
-    procs.stop(state, ["kube-controller-manager", "kube-scheduler", "kube-apiserver"])
-    procs.stop(state, ["etcd"])
+    step("containers and shims killed")
+    procs.stop(state, ["kube-controller-manager", "kube-scheduler", "kube-apiserver", "etcd"],
+               grace=1)  # fmt: skip
+    step("control plane stopped")
     for node in lab.nodes:
         left = kn.remove_cgroups(lab, node)
         if left:
@@ -155,6 +169,10 @@ def teardown(lab: Lab, say: Callable[[str], None] = lambda *a: None) -> list[str
         say("put back the machine's sysctls the kubelets changed")
     except FileNotFoundError:
         pass
-    kn.remove_mount_points()
+    try:
+        with open(os.path.join(cp.kube_dir(lab), "host-paths.json")) as f:
+            kn.remove_host_paths(json.load(f))
+    except FileNotFoundError:
+        pass
     say(f"cluster stopped in {time.monotonic() - started:.1f} s")
     return problems

@@ -35,8 +35,11 @@ NODE_DIRS = (
     "/run/pycni",
 )
 # Mount points the machine may lack (the others exist on any Debian with iproute2 and
-# containerd installed): made empty once, never removed while another lab may use them.
-MADE_MOUNT_POINTS = ("/run/pycni",)
+# containerd installed), made empty when missing.
+MOUNT_POINTS = ("/run/pycni",)
+# Host files the pods create when missing: pycni's DaemonSet mounts /run/xtables.lock
+# (FileOrCreate) from the machine, shared by every node (it only serialises iptables).
+HOST_FILES = ("/run/xtables.lock",)
 CGROUP_ROOT = "/sys/fs/cgroup"
 LOOPBACK = "/usr/lib/cni/loopback"
 PAUSE_IMAGE = "registry.k8s.io/pause:3.10.2"
@@ -130,8 +133,15 @@ def prepare_node_fs(node: Node) -> None:
     for d in ("/opt/cni/bin", "/etc/cni/net.d", KUBELET_ROOT, "/var/log/pods"):
         os.makedirs(node_path(node, d), exist_ok=True)
     shutil.copy2(LOOPBACK, node_path(node, "/opt/cni/bin/loopback"))
-    for point in MADE_MOUNT_POINTS:
+
+
+def host_paths_made() -> list[str]:
+    """Make the missing mount points; return those and the host files not there yet (the
+    lab will have made them), for remove_host_paths()."""
+    made = [p for p in (*MOUNT_POINTS, *HOST_FILES) if not os.path.lexists(p)]
+    for point in MOUNT_POINTS:
         os.makedirs(point, exist_ok=True)
+    return made
 
 
 def make_cgroups(lab: Lab, node: Node) -> None:
@@ -283,15 +293,19 @@ conntrack:
                 os.path.join(node.root, "kube-proxy.log"))  # fmt: skip
 
 
-def remove_mount_points() -> None:
-    """The empty mount points prepare_node_fs made, unless a process (another lab's node)
-    still has something mounted on one."""
-    for point in MADE_MOUNT_POINTS:
-        if not any(_mounted_in(pid, point) for pid in _pids()):
-            try:
-                os.rmdir(point)
-            except OSError:
-                pass
+def remove_host_paths(made: list[str]) -> None:
+    """What host_paths_made() listed, unless another lab's node still has the mount point
+    mounted (that lab uses them all)."""
+    if any(_mounted_in(pid, point) for pid in _pids() for point in MOUNT_POINTS):
+        return
+    for path in made:
+        try:
+            if os.path.isdir(path) and not os.path.islink(path):
+                os.rmdir(path)  # only when empty
+            else:
+                os.unlink(path)
+        except OSError:
+            pass
 
 
 def _pids() -> list[int]:

@@ -34,8 +34,14 @@ def start(
             start_new_session=True,
             env=env,
         )
+    info = {"pid": proc.pid, "binary": binary, "log": log}
     with open(os.path.join(pid_dir(state_dir), name + ".json"), "w") as f:
-        json.dump({"pid": proc.pid, "binary": binary, "log": log}, f)
+        json.dump(info, f)
+    # Until the exec chain (nsenter, unshare, ...) has reached the daemon: only then does
+    # running() recognise it.
+    deadline = time.monotonic() + 10
+    while not running(info) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
     return proc.pid
 
 
