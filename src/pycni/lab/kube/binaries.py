@@ -29,7 +29,7 @@ except ImportError:  # SHIM: removed once harness/kube.py is on this branch
         "coredns": "coredns-*",
     }
 
-    def binary(name: str) -> str:  # type: ignore[misc]
+    def binary(name: str) -> str:
         pattern = _DIRS.get(name, f"kubernetes-{VERSION}")
         for d in sorted(glob.glob(os.path.join(PEERS, pattern))):
             path = os.path.join(d, "bin", name)
@@ -37,7 +37,7 @@ except ImportError:  # SHIM: removed once harness/kube.py is on this branch
                 return path
         raise KubeNotBuilt(f"{name} is not built: run ./dev kube")
 
-    def images() -> list[ImageArchive]:  # type: ignore[misc]
+    def images() -> list[ImageArchive]:
         found = os.environ.get("PYCNI_KUBE_IMAGES", "")
         out = []
         for item in filter(None, found.split(",")):

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
 
-from ..model import Lab
+from ..model import Lab, LabError
 from . import controlplane as cp
 from . import procs
 from .binaries import VERSION, KubeNotBuilt, binary
@@ -67,10 +68,17 @@ def up(args, prefix: str, state_dir: str, hint: str, started: float) -> int:
 
 
 def _kube_lab(args, command: str) -> Lab | None:
-    from ..kubectl import running_lab
-
-    lab = running_lab(args, command)
-    if lab is not None and not lab.kubernetes:
+    """The --kubernetes lab that --state-dir and --prefix name, or None (and why)."""
+    state_dir = os.path.abspath(args.state_dir)
+    try:
+        lab = Lab.load(state_dir)
+    except LabError as exc:
+        print(f"lab {command}: {exc}", file=sys.stderr)
+        return None
+    if lab is None or lab.prefix != args.prefix:
+        print(f"lab {command}: no lab {args.prefix} is up in {state_dir}", file=sys.stderr)
+        return None
+    if not lab.kubernetes:
         print(
             f"lab {command}: lab {lab.prefix} was not brought up with --kubernetes: "
             "its objects are `pycnictl lab get/apply/delete`'s",

@@ -75,6 +75,7 @@ def run_e2e(
         assert proc.stdout is not None
         for line in proc.stdout:
             out.write(line)
+            out.flush()  # the log is what to watch during a run of an hour
             if SUMMARY.match(line):
                 print(line.rstrip())
                 sys.stdout.flush()

@@ -148,13 +148,19 @@ def teardown(lab: Lab, say: Callable[[str], None] = lambda *a: None) -> list[str
     procs.stop(state, [n for n in names if n.startswith(("kubelet-", "kube-proxy-"))], grace=1)
     procs.stop(state, [n for n in names if n.startswith("containerd-")], grace=0.0)
     step("kubelets, kube-proxies and containerds stopped")
-    for node in lab.nodes:
-        ctd_dir = os.path.join(node.root, "containerd")
-        if os.path.isdir(ctd_dir):
-            try:
-                problems += kn.NodeContainerd(node).cleanup()
-            except Exception as exc:  # noqa: BLE001 - keep removing the rest
-                problems.append(f"{node.name}: containerd cleanup: {exc}")
+
+    def cleanup(node: Node) -> list[str]:
+        if not os.path.isdir(os.path.join(node.root, "containerd")):
+            return []
+        try:
+            return kn.NodeContainerd(node).cleanup()
+        except Exception as exc:  # noqa: BLE001 - keep removing the rest
+            return [f"{node.name}: containerd cleanup: {exc}"]
+
+    # Side by side: most of it is removing each containerd's unpacked images (17,000 files).
+    with ThreadPoolExecutor(max(1, len(lab.nodes))) as pool:
+        for found in pool.map(cleanup, lab.nodes):
+            problems += found
     step("containers and shims killed")
     procs.stop(state, ["kube-controller-manager", "kube-scheduler", "kube-apiserver", "etcd"],
                grace=1)  # fmt: skip

@@ -46,7 +46,7 @@ def start(
 
 
 def recorded(state_dir: str) -> dict[str, dict]:
-    out = {}
+    out: dict[str, dict] = {}
     d = pid_dir(state_dir)
     if not os.path.isdir(d):
         return out
