@@ -148,11 +148,22 @@ def _mirror_one_line(path: str) -> str | None:
     return None
 
 
-def base_rootfs(cache: str, mirror: str) -> tuple[str, str, float]:
-    """(tar of the debootstrap root filesystem, its key, seconds spent making it: 0 when
-    cached)."""
-    key = _key(SUITE, VARIANT, mirror, *BASE_PACKAGES, *BASE_EXCLUDES)
-    tar = os.path.join(cache, "base", f"{SUITE}-{key}.tar")
+def base_rootfs_path(
+    cache: str, mirror: str, packages: tuple[str, ...] = BASE_PACKAGES, name: str = SUITE
+) -> str:
+    """Where base_rootfs keeps the root filesystem of `packages` (made or not)."""
+    key = _key(SUITE, VARIANT, mirror, *packages, *BASE_EXCLUDES)
+    return os.path.join(cache, "base", f"{name}-{key}.tar")
+
+
+def base_rootfs(
+    cache: str, mirror: str, packages: tuple[str, ...] = BASE_PACKAGES, name: str = SUITE
+) -> tuple[str, str, float]:
+    """(tar of the debootstrap root filesystem with `packages`, its key, seconds spent making
+    it: 0 when cached). Another `name` (pycni.harness.kube's e2e base) is kept and pruned apart
+    from pycni's."""
+    tar = base_rootfs_path(cache, mirror, packages, name)
+    key = os.path.basename(tar).removeprefix(f"{name}-").removesuffix(".tar")
     if os.path.exists(tar):
         os.utime(tar)  # in use: not pruned
         return tar, key, 0.0
@@ -167,7 +178,7 @@ def base_rootfs(cache: str, mirror: str) -> tuple[str, str, float]:
             [
                 "debootstrap",
                 f"--variant={VARIANT}",
-                "--include=" + ",".join(BASE_PACKAGES),
+                "--include=" + ",".join(packages),
                 SUITE,
                 os.path.join(work, "root"),
                 mirror,
@@ -177,7 +188,7 @@ def base_rootfs(cache: str, mirror: str) -> tuple[str, str, float]:
         excludes = [f"--exclude={pattern}" for pattern in BASE_EXCLUDES]
         _run(["tar", "-C", os.path.join(work, "root"), *excludes, "-cf", tar + ".part", "."], "tar")
         os.replace(tar + ".part", tar)
-        prune(os.path.dirname(tar), f"{SUITE}-", keep=tar)
+        prune(os.path.dirname(tar), f"{name}-", keep=tar)
     finally:
         shutil.rmtree(work, ignore_errors=True)
         if os.path.exists(tar + ".part"):

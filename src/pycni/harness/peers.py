@@ -1,8 +1,10 @@
 """The Go peers pycni is tested and measured against, and where `./dev peers` put them.
 
 The pins live in peers.txt beside this module (one line per peer: name, version, build tags,
-packages); `./dev peers` builds each once into PEERS_DIR/NAME-VERSION/bin. Debian's containerd
-1.6 and reference plugins 1.1.1 are peers too, found where the packages install them.
+packages); `./dev peers` builds each once into PEERS_DIR/NAME-VERSION/bin, and `./dev kube` the
+lines whose packages start with a module of ours under tools/ (Kubernetes, etcd, CoreDNS: see
+pycni.harness.kube). Debian's containerd 1.6 and reference plugins 1.1.1 are peers too, found
+where the packages install them.
 """
 
 from __future__ import annotations
