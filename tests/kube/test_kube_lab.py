@@ -20,8 +20,7 @@ import time
 import pytest
 
 from conftest import RUN_ID, lab_namespaces, lab_pycnictl, sh
-from pycni.harness import peers
-from pycni.lab.kube import binaries
+from pycni.harness import kube, peers
 
 pytestmark = [pytest.mark.netns, pytest.mark.kube]
 
@@ -41,10 +40,10 @@ E2E_SPECS = 6
 def _kube_missing() -> str | None:
     try:
         for name in ("kube-apiserver", "kubelet", "kubectl", "e2e.test", "etcd"):
-            binaries.binary(name)
-        binaries.images()
+            kube.binary(name)
+        kube.images(pycni=False)  # pycni's own: built by `lab up` when the checkout changed
         peers.pinned_containerd()
-    except (binaries.KubeNotBuilt, peers.MissingPeer) as exc:
+    except (kube.KubeNotBuilt, peers.MissingPeer) as exc:
         return str(exc)
     return None
 

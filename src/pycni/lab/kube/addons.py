@@ -12,10 +12,10 @@ import os
 
 import yaml
 
+from ...harness.kube import ImageArchive
 from ...harness.peers import REPO
 from ..model import Lab
 from . import controlplane as cp
-from .binaries import images
 
 MANIFEST = os.path.join(REPO, "deploy", "kubernetes", "pycni.yaml")
 
@@ -35,8 +35,8 @@ def apply_pycni(lab: Lab) -> None:
     cp.kubectl(lab, "apply", "-f", "-", input=pycni_manifest(lab))
 
 
-def coredns_image() -> str | None:
-    return next((i.name for i in images() if "coredns" in i.name.rsplit("/", 1)[-1]), None)
+def coredns_image(archives: list[ImageArchive]) -> str | None:
+    return next((i.name for i in archives if "coredns" in i.name.rsplit("/", 1)[-1]), None)
 
 
 COREFILE = f"""\
@@ -128,8 +128,8 @@ def coredns_manifest(image: str) -> str:
     return yaml.safe_dump_all(docs, sort_keys=False)
 
 
-def apply_coredns(lab: Lab) -> bool:
-    image = coredns_image()
+def apply_coredns(lab: Lab, archives: list[ImageArchive]) -> bool:
+    image = coredns_image(archives)
     if image is None:
         return False
     cp.kubectl(lab, "apply", "-f", "-", input=coredns_manifest(image))

@@ -7,10 +7,10 @@ import subprocess
 import sys
 import time
 
+from ...harness.kube import VERSION, KubeNotBuilt, binary, images
 from ..model import Lab, LabError
 from . import controlplane as cp
 from . import procs
-from .binaries import VERSION, KubeNotBuilt, binary
 from .node import NODE_DIRS
 
 NEEDED = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubelet",
@@ -32,6 +32,7 @@ def refuse(args, state_dir: str) -> str | None:
     try:
         for name in NEEDED:
             binary(name)
+        images(pycni=False)  # pycni's own is built (or found) once the lab starts
     except KubeNotBuilt as exc:
         return f"{exc} (Kubernetes {VERSION})"
     return None

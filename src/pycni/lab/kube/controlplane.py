@@ -13,10 +13,10 @@ import os
 import subprocess
 import time
 
+from ...harness.kube import binary
 from ..build import ip_batch, make_netns, run
 from ..model import UNDERLAYS, Lab, LabError
 from . import procs
-from .binaries import binary
 from .pki import Pki
 
 CP_HOST = 253  # the control plane's address on the first underlay (nodes 1.., the router .254)

@@ -17,9 +17,9 @@ import subprocess
 import sys
 import time
 
+from ...harness.kube import binary
 from ..model import Lab
 from . import controlplane as cp
-from .binaries import binary
 
 ALWAYS_SKIP = r"SCTP|Feature:SCTPConnectivity"
 DEFAULT_SKIP = r"\[Serial\]|\[Disruptive\]|\[Flaky\]"

@@ -8,12 +8,12 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
+from ...harness.kube import ImageArchive, images
 from ..build import build_node_network, build_router_and_outside
 from ..model import Lab, LabError, Node
 from . import addons, procs
 from . import controlplane as cp
 from . import node as kn
-from .binaries import ImageArchive, images
 
 NODES_TIMEOUT = 180.0
 PROXY_MODE = "nftables"
@@ -70,7 +70,7 @@ def bring_up(lab: Lab, say: Callable[[str], None] = print) -> dict[str, float]:
     for node in lab.nodes:
         node.subnet = pod_cidrs(lab).get(node.name, "")
     lab.save()
-    if addons.apply_coredns(lab):
+    if addons.apply_coredns(lab, archives):
         wait_rollout(lab, "deployment/coredns")
         mark("CoreDNS ready behind 10.96.0.10")
     else:

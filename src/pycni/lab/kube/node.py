@@ -18,12 +18,12 @@ import sys
 import time
 
 from ...harness.containerd import Containerd, ContainerdError
+from ...harness.kube import binary
 from ...harness.nodefs import mount_namespace
 from ...harness.peers import pinned_containerd
 from ..model import Lab, LabError, Node
 from . import controlplane as cp
 from . import procs
-from .binaries import binary
 
 NODE_DIRS = (
     "/etc/cni",
