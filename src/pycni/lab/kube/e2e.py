@@ -63,25 +63,28 @@ def run_e2e(
     print(f"e2e: whole output in {log}")
     ran = None
     started = time.monotonic()
-    with open(log, "w") as out:
+    with open(log, "wb") as out:
         proc = subprocess.Popen(
             argv,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
-            text=True,
-            errors="replace",
             env={**os.environ, "KUBECONFIG": cp.admin_kubeconfig(lab)},
         )
         assert proc.stdout is not None
-        for line in proc.stdout:
-            out.write(line)
-            out.flush()  # the log is what to watch during a run of an hour
-            if SUMMARY.match(line):
-                print(line.rstrip())
-                sys.stdout.flush()
-            m = RAN.search(line)
-            if m:
-                ran = int(m.group(1))
+        pending = b""
+        # Read as it comes: ginkgo marks each finished spec with a dot and no newline, so a
+        # line-by-line reader would leave the log empty for the whole run.
+        while chunk := os.read(proc.stdout.fileno(), 65536):
+            out.write(chunk)
+            out.flush()
+            *lines, pending = (pending + chunk).split(b"\n")
+            for raw in lines:
+                line = raw.decode(errors="replace")
+                if SUMMARY.match(line):
+                    print(line.rstrip(), flush=True)
+                m = RAN.search(line)
+                if m:
+                    ran = int(m.group(1))
         rc = proc.wait()
     print(f"e2e: exit {rc} after {time.monotonic() - started:.0f} s; JUnit report "
           f"{os.path.join(report, 'junit.xml')}")  # fmt: skip
