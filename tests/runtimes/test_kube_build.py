@@ -190,10 +190,11 @@ def test_agnhost_netexec_answers_a_shell_pipeline_over_udp(node):
         while time.monotonic() < deadline and out.strip() != "hi":
             _, out = ctr_run(c, kube.AGNHOST_IMAGE, "/bin/sh", "-c", script)
         assert out.strip() == "hi"
-        _, out = ctr_run(
-            c, kube.AGNHOST_IMAGE, "/bin/sh", "-c", f"curl -s http://127.0.0.1:{http}/hostname"
-        )
-        assert out.strip()
+        # The Service specs' HTTP checks: wget (busybox's in upstream's image) and curl.
+        url = f"http://127.0.0.1:{http}/echo?msg=hi"
+        script = f"wget -T 1 -q -O - {url}; echo; curl -s {url}"
+        _, out = ctr_run(c, kube.AGNHOST_IMAGE, "/bin/sh", "-c", script)
+        assert out.split() == ["hi", "hi"]
     finally:
         with contextlib.suppress(Exception):
             c.ctr("tasks", "kill", "--signal", "SIGKILL", cid)
@@ -201,6 +202,30 @@ def test_agnhost_netexec_answers_a_shell_pipeline_over_udp(node):
             c.ctr("tasks", "delete", "--force", cid)
         with contextlib.suppress(Exception):
             c.ctr("containers", "delete", cid)
+
+
+# What the e2e specs run inside agnhost pods (wget and conntrack for the Service specs) and
+# glibc-dns-testing pods (dig, and coredns for the DNS specs that serve their own zone).
+TOOLS = {
+    kube.AGNHOST_IMAGE: "wget curl nc dig nslookup conntrack ip ss iperf socat ping hostname seq",
+    kube.GLIBC_DNS_IMAGE: "dig nslookup hostname /coredns",
+}
+
+
+@pytest.mark.netns
+@pytest.mark.parametrize("image", sorted(TOOLS))
+def test_e2e_images_have_the_tools_the_specs_run(node, image):
+    c, _ = node
+    script = f"for t in {TOOLS[image]}; do command -v $t >/dev/null || echo missing $t; done"
+    _, out = ctr_run(c, image, "/bin/sh", "-c", script)
+    assert out.strip() == ""
+
+
+@pytest.mark.netns
+def test_coredns_image_runs_the_built_coredns(node):
+    c, _ = node
+    _, out = ctr_run(c, kube.COREDNS_IMAGE, "/coredns", "-version")
+    assert f"CoreDNS-{kube.COREDNS_VERSION.removeprefix('v')}" in out
 
 
 @pytest.mark.netns

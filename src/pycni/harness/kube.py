@@ -60,17 +60,21 @@ _BINARIES = {
 
 # Packages of the Debian root filesystem under agnhost and glibc-dns-testing: what upstream's
 # Alpine agnhost installs (bind-tools, curl, netcat-openbsd, iproute2, iperf, bash, util-linux,
-# socat), with Debian's names. netcat-openbsd matters: specs pipe into `nc -u`.
+# socat), with Debian's names. netcat-openbsd matters: specs pipe into `nc -u`. wget and
+# conntrack stand in for Alpine's busybox applets: Service specs run `wget -T 1 -q -O -` and
+# `conntrack -L` in agnhost pods.
 E2E_PACKAGES = (
     "bash",
     "bind9-dnsutils",
+    "conntrack",
     "curl",
-    "netcat-openbsd",
-    "iproute2",
     "iperf",
-    "socat",
+    "iproute2",
     "iputils-ping",
+    "netcat-openbsd",
     "procps",
+    "socat",
+    "wget",
 )
 PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 PAUSE_SOURCE = os.path.join(peers.REPO, "tools", "pause", "pause.c")
