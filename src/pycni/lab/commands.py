@@ -191,6 +191,9 @@ def draw(args) -> int:
     if lab is None or lab.prefix != args.prefix:
         print(f"lab draw: no lab {args.prefix} is up in {state_dir}", file=sys.stderr)
         return 1
+    if lab.kubernetes:
+        print("lab draw: a Kubernetes lab is not drawn (yet)", file=sys.stderr)
+        return 1
     probes = [] if args.no_probes else measure(lab, read_policies(lab))
     write_svg(lab, probes, args.svg)
     failed = sum(p.failed for p in probes)
