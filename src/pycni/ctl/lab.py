@@ -121,7 +121,8 @@ def register(sub) -> None:
         "--kubernetes",
         action="store_true",
         help="a real cluster: etcd and a control plane, a containerd, kubelet and "
-        "kube-proxy per node, pycni applied as its DaemonSet (needs ./dev kube)",
+        "kube-proxy per node, pycni applied as its DaemonSet (needs ./dev kube); "
+        "--pods does not apply: make pods with `lab kubectl`",
     )
     u.set_defaults(func=_up)
     d = lsub.add_parser(
