@@ -117,6 +117,13 @@ def register(sub) -> None:
         metavar="FILE",
         help="also draw the lab and its measured connectivity into FILE (SVG)",
     )
+    u.add_argument(
+        "--kubernetes",
+        action="store_true",
+        help="a real cluster: etcd and a control plane, a containerd, kubelet and "
+        "kube-proxy per node, pycni applied as its DaemonSet (needs ./dev kube); "
+        "--pods does not apply: make pods with `lab kubectl`",
+    )
     u.set_defaults(func=_up)
     d = lsub.add_parser(
         "down",
@@ -178,6 +185,34 @@ def register(sub) -> None:
     )
     m.add_argument("--json", action="store_true", help="one JSON entry per path")
     m.set_defaults(func=_probe)
+    k = lsub.add_parser(
+        "kubectl",
+        parents=[common],
+        help="run the built kubectl against a `lab up --kubernetes` cluster: "
+        "pycnictl lab kubectl -- get nodes",
+    )
+    k.add_argument("args", nargs=argparse.REMAINDER, help="kubectl's arguments, after --")
+    k.set_defaults(func=_kubectl)
+    e = lsub.add_parser(
+        "e2e",
+        parents=[common],
+        help="run the upstream e2e binary against a `lab up --kubernetes` cluster",
+    )
+    e.add_argument("--focus", metavar="REGEX", help="only the specs whose names match")
+    e.add_argument(
+        "--skip",
+        metavar="REGEX",
+        help="also skip these (SCTP, [Serial], [Disruptive], [Flaky] and [Slow] always are)",
+    )
+    e.add_argument("--include-slow", action="store_true", help="do not skip the [Slow] specs")
+    e.add_argument(
+        "--ginkgo-arg",
+        dest="ginkgo_args",
+        action="append",
+        metavar="ARG",
+        help="one more argument for e2e.test (e.g. --ginkgo-arg=--ginkgo.v); may be repeated",
+    )
+    e.set_defaults(func=_e2e)
 
 
 def _filenames(p: argparse.ArgumentParser, what: str) -> None:
@@ -232,3 +267,15 @@ def _probe(args) -> int:
     from ..lab.kubectl import probe_command
 
     return probe_command(args)
+
+
+def _kubectl(args) -> int:
+    from ..lab.kube.commands import kubectl_command
+
+    return kubectl_command(args)
+
+
+def _e2e(args) -> int:
+    from ..lab.kube.commands import e2e_command
+
+    return e2e_command(args)

@@ -141,6 +141,18 @@ def _lan_bridge(node: Node) -> str:
 def build_node(lab: Lab, node: Node) -> None:
     """The node's namespace on its underlay, its plugin, and its agent. The agent writes the
     node's CNI config once it has leased a subnet; wait_ready() waits for that."""
+    build_node_network(lab, node)
+    # What `pycnictl install` writes: native where cc is found, compiled once per lab.
+    write_plugin(node.plugin, os.path.join(lab.state_dir, "bin"))
+    start_agent(lab, node)
+
+
+def build_node_network(
+    lab: Lab, node: Node, default_route: bool = True, extra_routes: tuple[str, ...] = ()
+) -> None:
+    """The node's namespace, plugged into its underlay. Without a default route (the
+    Kubernetes lab) it reaches the underlays and `extra_routes` only: nothing it does can
+    leave the lab (a pull, a lookup through the machine's resolver)."""
     make_netns(node.netns)
     _forwarding(node.netns, lab.ipv6)
     port = f"{node.name}"  # the node's port on the router's bridge
@@ -161,13 +173,15 @@ def build_node(lab: Lab, node: Node) -> None:
         lab.router,
     )
     ip_batch(lab.router, [f"link set {port} master {_lan_bridge(node)}", f"link set {port} up"])
+    if default_route:
+        routes = [f"route add default via {node.router_ip}"]
+    else:
+        routes = [f"route add {u} via {node.router_ip}" for u in UNDERLAYS[: lab.underlays]
+                  if u != node.lan]  # fmt: skip
+        routes += [f"route add {r} via {node.router_ip}" for r in extra_routes]
     ip_batch(
         node.netns,
-        [
-            f"addr add {node.lan_ip}/{lan.prefixlen} dev eth0",
-            "link set eth0 up",
-            f"route add default via {node.router_ip}",
-        ],
+        [f"addr add {node.lan_ip}/{lan.prefixlen} dev eth0", "link set eth0 up", *routes],
     )
     if node.lan6_ip:
         lan6 = ipaddress.ip_network(node.lan6)
@@ -175,12 +189,9 @@ def build_node(lab: Lab, node: Node) -> None:
             node.netns,
             [
                 f"addr add {node.lan6_ip}/{lan6.prefixlen} dev eth0 nodad",
-                f"route add default via {node.router6_ip}",
+                *([f"route add default via {node.router6_ip}"] if default_route else []),
             ],
         )
-    # What `pycnictl install` writes: native where cc is found, compiled once per lab.
-    write_plugin(node.plugin, os.path.join(lab.state_dir, "bin"))
-    start_agent(lab, node)
 
 
 def agent_args(lab: Lab, node: Node) -> list[str]:

@@ -52,6 +52,10 @@ def up(args) -> int:
             file=sys.stderr,
         )
         return 1
+    if getattr(args, "kubernetes", False):
+        from .kube.commands import up as kube_up
+
+        return kube_up(args, prefix, state_dir, hint, started)
     lab = Lab.plan(
         prefix,
         state_dir,
@@ -186,6 +190,9 @@ def draw(args) -> int:
         return 1
     if lab is None or lab.prefix != args.prefix:
         print(f"lab draw: no lab {args.prefix} is up in {state_dir}", file=sys.stderr)
+        return 1
+    if lab.kubernetes:
+        print("lab draw: a Kubernetes lab is not drawn (yet)", file=sys.stderr)
         return 1
     probes = [] if args.no_probes else measure(lab, read_policies(lab))
     write_svg(lab, probes, args.svg)

@@ -34,6 +34,13 @@ def running_lab(args, command: str) -> Lab | None:
     if lab is None or lab.prefix != args.prefix:
         print(f"lab {command}: no lab {args.prefix} is up in {state_dir}", file=sys.stderr)
         return None
+    if lab.kubernetes:
+        print(
+            f"lab {command}: lab {lab.prefix} runs Kubernetes (lab up --kubernetes): use "
+            f"`pycnictl lab kubectl -- {command} ...`",
+            file=sys.stderr,
+        )
+        return None
     return lab
 
 

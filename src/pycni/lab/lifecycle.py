@@ -36,6 +36,9 @@ _STATE_ENTRIES = (
     "etcd",
     "etcd.log",
     "lab.lock",
+    "kube",  # the Kubernetes lab's certificates, etcd, logs, pids (lab/kube/)
+    "kubeconfig",
+    "e2e",  # `lab e2e`'s reports
 )
 
 
@@ -112,6 +115,10 @@ def teardown(prefix: str, state_dir: str, say=lambda *a: None) -> list[str]:
     lab = Lab.load(state_dir)
     live = netns_list()
     names: list[str] = []
+    if lab is not None and lab.kubernetes:
+        from .kube.lifecycle import teardown as kube_teardown
+
+        problems += kube_teardown(lab, say)
     if lab is not None:
         for node in lab.nodes:
             for pod in node.pods:
@@ -120,7 +127,7 @@ def teardown(prefix: str, state_dir: str, say=lambda *a: None) -> list[str]:
                     problems.append(problem)
                 elif node.netns in live and pod.address:
                     say(f"DEL {pod.netns}")
-            if node.netns in live:
+            if node.netns in live and not lab.kubernetes:
                 try:
                     stop_agent(node)
                 except LabError as exc:

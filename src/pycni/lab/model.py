@@ -158,6 +158,9 @@ class Lab:
     pods_per_node: int = 2
     ipv6: bool = False
     fast_path: bool = True  # the nodes' agents run the eBPF fast path
+    # `lab up --kubernetes`: a real control plane and kubelets (lab/kube/); pycni runs as
+    # its DaemonSet there, not as agents the lab starts.
+    kubernetes: bool = False
     network: str = CLUSTER_CIDR
     network6: str = CLUSTER_CIDR6
     etcd_url: str = ""
@@ -301,8 +304,10 @@ class Lab:
     def namespaces(self) -> list[str]:
         out = [p.netns for n in self.nodes for p in n.pods]
         out += [n.netns for n in self.nodes]
+        if self.kubernetes:
+            out.append(f"{self.prefix}-cp")
         return out + [self.outside, self.router]
 
 
 def lab_netns_re(prefix: str) -> re.Pattern:
-    return re.compile(rf"{re.escape(prefix)}-(outside|router|node\d+|n\d+pod\d+)")
+    return re.compile(rf"{re.escape(prefix)}-(outside|router|cp|node\d+|n\d+pod\d+)")

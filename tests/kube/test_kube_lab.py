@@ -1,0 +1,202 @@
+"""`pycnictl lab up --kubernetes`: a real control plane and two kubelets, networked by pycni
+installed from its manifest, judged by kubectl and by upstream e2e specs.
+
+One cluster for the module (bringing one up costs tens of seconds): two nodes on host-gw,
+with pods on both reaching each other and a ClusterIP Service, a default-deny NetworkPolicy
+enforced, a few upstream Netpol and "Networking Granular Checks: Pods" specs passing, and
+`lab down` leaving no process, namespace, mount or cgroup behind. Skipped when `./dev kube`
+has not built its cache, failed then under ./dev test (PYCNI_REQUIRE_PEERS=1).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import RUN_ID, lab_namespaces, lab_pycnictl, sh
+from pycni.harness import kube, peers
+
+pytestmark = [pytest.mark.netns, pytest.mark.kube]
+
+PREFIX = f"kt{RUN_ID}"
+AGNHOST = "registry.k8s.io/e2e-test-images/agnhost:2.66.1"
+NAMESPACE = "kubelab"
+# Upstream specs, by their exact names (each must run and pass).
+E2E_FOCUS = (
+    r"Netpol NetworkPolicy between server and client should support a 'default-deny-ingress' "
+    r"policy|Netpol NetworkPolicy between server and client should enforce policy to allow "
+    r"traffic from pods within server namespace based on PodSelector|Networking Granular "
+    r"Checks: Pods should function for (intra|node)-pod communication: (http|udp)"
+)
+E2E_SPECS = 6
+
+
+def _kube_missing() -> str | None:
+    try:
+        for name in ("kube-apiserver", "kubelet", "kubectl", "e2e.test", "etcd"):
+            kube.binary(name)
+        kube.images(pycni=False)  # pycni's own: built by `lab up` when the checkout changed
+        peers.pinned_containerd()
+    except (kube.KubeNotBuilt, peers.MissingPeer) as exc:
+        return str(exc)
+    return None
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    why = _kube_missing()
+    if why:
+        if peers.required():
+            pytest.fail(f"{why} (PYCNI_REQUIRE_PEERS=1)", pytrace=False)
+        pytest.skip(why)
+    state = f"/tmp/{PREFIX}"  # short: unix socket paths live under it
+    shutil.rmtree(state, ignore_errors=True)
+    opts = ("--prefix", PREFIX, "--state-dir", state)
+    started = time.monotonic()
+    try:
+        up = lab_pycnictl("lab", "up", "--kubernetes", "--nodes", "2", "--backend", "host-gw",
+                          *opts, timeout=900)  # fmt: skip
+        print(up.stdout, up.stderr, f"up in {time.monotonic() - started:.1f} s", sep="\n")
+        assert up.returncode == 0, up.stdout + up.stderr
+        yield opts
+    finally:
+        started = time.monotonic()
+        down = lab_pycnictl("lab", "down", *opts, timeout=300)
+        print(down.stdout, down.stderr, f"down in {time.monotonic() - started:.1f} s", sep="\n")
+        for ns in lab_namespaces(PREFIX):
+            sh("ip", "netns", "del", ns, check=False)
+
+
+def kubectl(opts, *args: str, stdin: str | None = None, check: bool = True, timeout=120):
+    proc = lab_pycnictl("lab", "kubectl", *opts, "--", *args, stdin=stdin, timeout=timeout)
+    if check:
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc
+
+
+def test_two_nodes_ready_at_the_lab_addresses(cluster):
+    nodes = json.loads(kubectl(cluster, "get", "nodes", "-o", "json").stdout)["items"]
+    assert sorted(n["metadata"]["name"] for n in nodes) == ["node1", "node2"]
+    for n in nodes:
+        ready = {c["type"]: c["status"] for c in n["status"]["conditions"]}["Ready"]
+        assert ready == "True", n["status"]["conditions"]
+        internal = [a["address"] for a in n["status"]["addresses"] if a["type"] == "InternalIP"]
+        assert internal == ["192.0.2." + n["metadata"]["name"][4:]]
+    assert len({n["spec"]["podCIDR"] for n in nodes}) == 2
+    ds = json.loads(kubectl(cluster, "-n", "kube-system", "get", "ds", "pycni", "-o",
+                            "json").stdout)  # fmt: skip
+    assert ds["status"]["numberReady"] == 2
+
+
+def _workload() -> str:
+    docs = [{"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NAMESPACE}}]
+    for i in (1, 2):
+        docs.append({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": f"web{i}", "namespace": NAMESPACE, "labels": {"app": f"web{i}"}},
+            "spec": {
+                "nodeName": f"node{i}",
+                "terminationGracePeriodSeconds": 0,
+                "containers": [{"name": "web", "image": AGNHOST,
+                                "imagePullPolicy": "IfNotPresent",
+                                "args": ["netexec", "--http-port=8080"]}],
+            },
+        })  # fmt: skip
+    docs.append({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "web2", "namespace": NAMESPACE},
+        "spec": {"selector": {"app": "web2"}, "ports": [{"port": 80, "targetPort": 8080}]},
+    })  # fmt: skip
+    return json.dumps({"apiVersion": "v1", "kind": "List", "items": docs})
+
+
+@pytest.fixture(scope="module")
+def workload(cluster):
+    started = time.monotonic()
+    kubectl(cluster, "apply", "-f", "-", stdin=_workload())
+    kubectl(cluster, "-n", NAMESPACE, "wait", "--for=condition=Ready", "pod", "--all",
+            "--timeout=120s", timeout=150)  # fmt: skip
+    print(f"2 pods Ready in {time.monotonic() - started:.1f} s")
+    pods = json.loads(kubectl(cluster, "-n", NAMESPACE, "get", "pods", "-o", "json").stdout)
+    ips = {p["metadata"]["name"]: p["status"]["podIP"] for p in pods["items"]}
+    svc = kubectl(cluster, "-n", NAMESPACE, "get", "svc", "web2", "-o",
+                  "jsonpath={.spec.clusterIP}").stdout  # fmt: skip
+    return ips, svc
+
+
+def connect(cluster, target: str, timeout: str = "3s") -> subprocess.CompletedProcess:
+    """agnhost's own TCP connect from web1 (on node1)."""
+    return kubectl(cluster, "-n", NAMESPACE, "exec", "web1", "--", "/agnhost", "connect",
+                   target, f"--timeout={timeout}", check=False)  # fmt: skip
+
+
+def test_pods_on_both_nodes_reach_each_other_and_a_service(cluster, workload):
+    ips, svc = workload
+    assert ips["web1"] != ips["web2"]
+    for target in (f"{ips['web2']}:8080", f"{svc}:80"):
+        proc = connect(cluster, target)
+        assert proc.returncode == 0, f"{target}: {proc.stdout}{proc.stderr}"
+    # And back, node2 to node1: the pod's address is kept (host-gw, no masquerade).
+    proc = kubectl(cluster, "-n", NAMESPACE, "exec", "web2", "--", "/agnhost", "connect",
+                   f"{ips['web1']}:8080", "--timeout=3s", check=False)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+DENY = {
+    "apiVersion": "networking.k8s.io/v1",
+    "kind": "NetworkPolicy",
+    "metadata": {"name": "default-deny", "namespace": NAMESPACE},
+    "spec": {"podSelector": {}, "policyTypes": ["Ingress"]},
+}
+
+
+def test_default_deny_policy_applied_with_kubectl_is_enforced(cluster, workload):
+    ips, svc = workload
+    kubectl(cluster, "apply", "-f", "-", stdin=json.dumps(DENY))
+    try:
+        deadline = time.monotonic() + 30
+        while connect(cluster, f"{ips['web2']}:8080", "2s").returncode == 0:
+            assert time.monotonic() < deadline, "still reachable 30 s after the policy"
+        assert connect(cluster, f"{svc}:80", "2s").returncode != 0
+    finally:
+        kubectl(cluster, "-n", NAMESPACE, "delete", "networkpolicy", "default-deny")
+    deadline = time.monotonic() + 30
+    while connect(cluster, f"{ips['web2']}:8080").returncode != 0:
+        assert time.monotonic() < deadline, "still denied 30 s after the policy went"
+
+
+def test_upstream_netpol_and_granular_pod_specs_pass(cluster):
+    proc = lab_pycnictl("lab", "e2e", *cluster, "--focus", E2E_FOCUS, timeout=1800)
+    print(proc.stdout, proc.stderr)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f"Ran {E2E_SPECS} of " in proc.stdout
+    assert f"{E2E_SPECS} Passed | 0 Failed" in proc.stdout
+
+
+def test_down_leaves_nothing(cluster):
+    """Last in the module: down now (the fixture's own down then finds nothing)."""
+    state = cluster[cluster.index("--state-dir") + 1]
+    started = time.monotonic()
+    down = lab_pycnictl("lab", "down", *cluster, timeout=300)
+    took = time.monotonic() - started
+    assert down.returncode == 0, down.stdout + down.stderr
+    print(f"lab down with pods running: {took:.1f} s")
+    assert lab_namespaces(PREFIX) == []
+    assert not os.path.exists(state)
+    left = sh("pgrep", "-af", state, check=False).stdout
+    assert left == "", left
+    with open("/proc/self/mountinfo") as f:
+        assert state not in f.read()
+    cgroups = [d for d in os.listdir("/sys/fs/cgroup/memory") if d.startswith(f"pycni-{PREFIX}")]
+    assert cgroups == []
+    assert took < 60
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-v", "-s"]))
