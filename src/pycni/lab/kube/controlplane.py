@@ -14,10 +14,10 @@ import subprocess
 import time
 
 from ...harness.kube import binary
+from ...harness.pki import Pki
 from ..build import ip_batch, make_netns, run
 from ..model import UNDERLAYS, Lab, LabError
 from . import procs
-from .pki import Pki
 
 CP_HOST = 253  # the control plane's address on the first underlay (nodes 1.., the router .254)
 SERVICE_CIDR = "10.96.0.0/12"

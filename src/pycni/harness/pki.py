@@ -1,4 +1,4 @@
-"""The lab cluster's certificates, made with openssl (no Python crypto dependency).
+"""Certificates for a cluster of our own (the lab's, harness.apiserver's), made with openssl.
 
 One CA signs everything: the apiserver's serving certificate (the service IP 10.96.0.1, the
 control plane's address, the in-cluster names), a client certificate per identity (admin in
