@@ -8,7 +8,8 @@
 - `pycnictl bench podman`: `podman run --rm ... true` with pycni against the reference;
 - `pycnictl bench soak`: random ADD/DEL/CHECK/GC with the agent SIGKILLed now and then;
 - `pycnictl bench watch`: the agent's Kubernetes watches, requests per hour and lost events;
-- `pycnictl bench policy`: NetworkPolicy, write to enforcement, ruleset size, data path cost.
+- `pycnictl bench policy`: NetworkPolicy, write to enforcement, ruleset size, data path cost;
+- `pycnictl bench kube`: pods on a real cluster to Ready, pycni against the reference.
 """
 
 from __future__ import annotations
@@ -33,10 +34,20 @@ def register(sub) -> None:
     # Optional: plain `pycnictl bench [options]` keeps running the latency benchmark.
     forms = bench.add_subparsers(
         dest="bench_form",
-        metavar="{throughput,convergence,reconcile,cri,podman,soak,watch,policy}",
+        metavar="{throughput,convergence,reconcile,cri,podman,soak,watch,policy,kube}",
         title="other benchmarks",
     )
-    for add in (_throughput, _convergence, _reconcile, _cri, _podman, _soak, _watch, _policy):
+    for add in (
+        _throughput,
+        _convergence,
+        _reconcile,
+        _cri,
+        _podman,
+        _soak,
+        _watch,
+        _policy,
+        _kube,
+    ):
         add(forms)
 
 
@@ -432,6 +443,39 @@ def _policy(forms) -> None:
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     _output_options(p)
     p.set_defaults(func=policy_bench.run)
+
+
+def _kube(forms) -> None:
+    from ..bench import kube
+
+    p = forms.add_parser(
+        "kube",
+        help="pods on a real cluster (lab up --kubernetes): kubectl apply of N pods to all "
+        "Ready, and each pod's sandbox set-up, pycni against the reference bridge + host-local",
+    )
+    p.add_argument(
+        "--pods",
+        type=int,
+        default=kube.DEFAULT_PODS,
+        help=f"pods applied at once (default {kube.DEFAULT_PODS})",
+    )
+    p.add_argument(
+        "--waves",
+        type=int,
+        default=kube.DEFAULT_WAVES,
+        help=f"times the pods are applied and deleted per cluster (default {kube.DEFAULT_WAVES})",
+    )
+    p.add_argument("--nodes", type=int, default=2, help="nodes per cluster (default 2)")
+    p.add_argument(
+        "--cni",
+        action="append",
+        metavar="NAME",
+        help="a pod network to measure, repeatable: pycni, reference-1.10.0 (the pinned "
+        "plugins), reference-1.1.1 (Debian's); default every one built here",
+    )
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    _output_options(p)
+    p.set_defaults(func=kube.run)
 
 
 def _output_options(p: argparse.ArgumentParser) -> None:

@@ -161,6 +161,9 @@ class Lab:
     # `lab up --kubernetes`: a real control plane and kubelets (lab/kube/); pycni runs as
     # its DaemonSet there, not as agents the lab starts.
     kubernetes: bool = False
+    # Its pod network: "pycni" (the DaemonSet), or "reference-VERSION" (the Go bridge +
+    # host-local, lab/kube/reference.py) for `bench kube` to compare in the same set-up.
+    cni: str = "pycni"
     network: str = CLUSTER_CIDR
     network6: str = CLUSTER_CIDR6
     etcd_url: str = ""

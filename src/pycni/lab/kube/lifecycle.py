@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from ...harness.kube import ImageArchive, images
 from ..build import build_node_network, build_router_and_outside
 from ..model import Lab, LabError, Node
-from . import addons, procs
+from . import addons, procs, reference
 from . import controlplane as cp
 from . import node as kn
 
@@ -63,9 +63,14 @@ def bring_up(lab: Lab, say: Callable[[str], None] = print) -> dict[str, float]:
     mark(f"{len(lab.nodes)} node(s) started (containerd, images, kubelet, kube-proxy)")
     wait_nodes(lab, ready=False)
     mark("nodes registered (NotReady: no pod network yet)")
-    addons.apply_pycni(lab)
+    if lab.cni == "pycni":
+        addons.apply_pycni(lab)
+        writer = "pycni's agent"
+    else:
+        reference.install(lab, lab.cni, pod_cidrs(lab))
+        writer = f"the lab, for {lab.cni},"
     wait_nodes(lab, ready=True)
-    mark("nodes Ready (pycni's agent wrote the config list)")
+    mark(f"nodes Ready ({writer} wrote the config list)")
     cp.route_pod_subnets(lab, pod_cidrs(lab))
     for node in lab.nodes:
         node.subnet = pod_cidrs(lab).get(node.name, "")
@@ -75,8 +80,9 @@ def bring_up(lab: Lab, say: Callable[[str], None] = print) -> dict[str, float]:
         mark("CoreDNS ready behind 10.96.0.10")
     else:
         say("  (no CoreDNS image built: cluster DNS is absent)")
-    wait_rollout(lab, "daemonset/pycni")
-    mark("pycni DaemonSet rolled out")
+    if lab.cni == "pycni":
+        wait_rollout(lab, "daemonset/pycni")
+        mark("pycni DaemonSet rolled out")
     return marks
 
 
