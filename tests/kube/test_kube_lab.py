@@ -171,6 +171,53 @@ def test_default_deny_policy_applied_with_kubectl_is_enforced(cluster, workload)
         assert time.monotonic() < deadline, "still denied 30 s after the policy went"
 
 
+def test_the_agent_restarted_under_running_pods_disturbs_nothing(cluster, workload):
+    """node1's pycni pod deleted (its agent stopped mid-watch), the DaemonSet starts another:
+    web1 keeps reaching web2 across nodes meanwhile, and a pod started on node1 afterwards is
+    networked by the new agent."""
+    ips, _ = workload
+    old = kubectl(cluster, "-n", "kube-system", "get", "pods", "-l", "app.kubernetes.io/name=pycni",
+                  "--field-selector=spec.nodeName=node1", "-o", "name").stdout.split()  # fmt: skip
+    assert len(old) == 1, old
+    kubectl(cluster, "-n", "kube-system", "delete", old[0], "--wait=false")
+    failures = 0
+    deadline = time.monotonic() + 120
+    while True:
+        failures += connect(cluster, f"{ips['web2']}:8080", "2s").returncode != 0
+        now = kubectl(cluster, "-n", "kube-system", "get", "pods", "-l",
+                      "app.kubernetes.io/name=pycni", "--field-selector=spec.nodeName=node1",
+                      "-o", "json").stdout  # fmt: skip
+        items = json.loads(now)["items"]
+        if (
+            len(items) == 1
+            and items[0]["metadata"]["name"] != old[0].split("/")[1]
+            and any(
+                c["type"] == "Ready" and c["status"] == "True"
+                for c in items[0]["status"].get("conditions", [])
+            )
+        ):
+            break
+        assert time.monotonic() < deadline, "no new pycni pod Ready on node1 within 120 s"
+    assert failures == 0, f"{failures} connections failed while the agent restarted"
+    late = {"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "late", "namespace": NAMESPACE},
+            "spec": {"nodeName": "node1", "terminationGracePeriodSeconds": 0,
+                     "containers": [{"name": "web", "image": AGNHOST,
+                                     "imagePullPolicy": "IfNotPresent",
+                                     "args": ["netexec", "--http-port=8080"]}]}}  # fmt: skip
+    kubectl(cluster, "apply", "-f", "-", stdin=json.dumps(late))
+    try:
+        kubectl(cluster, "-n", NAMESPACE, "wait", "--for=condition=Ready", "pod/late",
+                "--timeout=60s", timeout=90)  # fmt: skip
+        late_ip = kubectl(cluster, "-n", NAMESPACE, "get", "pod", "late", "-o",
+                          "jsonpath={.status.podIP}").stdout  # fmt: skip
+        proc = kubectl(cluster, "-n", NAMESPACE, "exec", "web2", "--", "/agnhost", "connect",
+                       f"{late_ip}:8080", "--timeout=3s", check=False)  # fmt: skip
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+    finally:
+        kubectl(cluster, "-n", NAMESPACE, "delete", "pod", "late", "--wait=false")
+
+
 def test_upstream_netpol_and_granular_pod_specs_pass(cluster):
     proc = lab_pycnictl("lab", "e2e", *cluster, "--focus", E2E_FOCUS, timeout=1800)
     print(proc.stdout, proc.stderr)
