@@ -47,14 +47,16 @@ def bring_up(lab: Lab, say: Callable[[str], None] = print) -> dict[str, float]:
     cp.wait_apiserver(lab)
     mark("kube-apiserver ready")
     cp.start_controllers(lab)
-    # What the kubelets change on the machine, put back by `lab down`.
+    # What the kubelets change on the machine, put back by `lab down`. With another
+    # Kubernetes lab up, the machine's own values are what that lab saved (its kubelets have
+    # changed them), and so are the host paths it made: the last lab down puts them back.
+    others = kn.other_kube_labs(lab.state_dir)
     if not os.path.exists(_sysctl_file(lab)):
-        with open(_sysctl_file(lab), "w") as f:
-            json.dump(kn.read_sysctls(), f)
+        _write_json(_sysctl_file(lab), _inherit(others, "sysctls.json", kn.read_sysctls))
     made_file = os.path.join(cp.kube_dir(lab), "host-paths.json")
     if not os.path.exists(made_file):
-        with open(made_file, "w") as f:
-            json.dump(kn.host_paths_made(), f)
+        made = kn.host_paths_made()
+        _write_json(made_file, _inherit(others, "host-paths.json", lambda: made))
     archives = images()  # pycni's own is (re)built here when the checkout changed
     mark(f"{len(archives)} image archives ready")
     # The nodes side by side: importing the images is most of a node's start.
@@ -84,6 +86,22 @@ def bring_up(lab: Lab, say: Callable[[str], None] = print) -> dict[str, float]:
         wait_rollout(lab, "daemonset/pycni")
         mark("pycni DaemonSet rolled out")
     return marks
+
+
+def _write_json(path: str, value) -> None:
+    with open(path, "w") as f:
+        json.dump(value, f)
+
+
+def _inherit(others: list[str], name: str, default: Callable[[], object]) -> object:
+    """What another running lab recorded under kube/NAME, else default()."""
+    for other in others:
+        try:
+            with open(os.path.join(other, "kube", name)) as f:
+                return json.load(f)
+        except (OSError, ValueError):
+            continue
+    return default()
 
 
 def start_node(lab: Lab, node: Node, archives: list[ImageArchive]) -> None:
@@ -175,16 +193,20 @@ def teardown(lab: Lab, say: Callable[[str], None] = lambda *a: None) -> list[str
         left = kn.remove_cgroups(lab, node)
         if left:
             problems.append(f"{node.name}: cgroups left: {left[:3]}")
-    try:
-        with open(_sysctl_file(lab)) as f:
-            problems += kn.restore_sysctls(json.load(f))
-        say("put back the machine's sysctls the kubelets changed")
-    except FileNotFoundError:
-        pass
-    try:
-        with open(os.path.join(cp.kube_dir(lab), "host-paths.json")) as f:
-            kn.remove_host_paths(json.load(f))
-    except FileNotFoundError:
-        pass
+    others = kn.other_kube_labs(state)
+    if others:
+        say(f"the sysctls and host paths stay for the other lab(s) up: {', '.join(others)}")
+    else:
+        try:
+            with open(_sysctl_file(lab)) as f:
+                problems += kn.restore_sysctls(json.load(f))
+            say("put back the machine's sysctls the kubelets changed")
+        except FileNotFoundError:
+            pass
+        try:
+            with open(os.path.join(cp.kube_dir(lab), "host-paths.json")) as f:
+                kn.remove_host_paths(json.load(f))
+        except FileNotFoundError:
+            pass
     say(f"cluster stopped in {time.monotonic() - started:.1f} s")
     return problems

@@ -160,7 +160,8 @@ def make_cgroups(lab: Lab, node: Node) -> None:
 
 def remove_cgroups(lab: Lab, node: Node) -> list[str]:
     left = []
-    for hierarchy in _hierarchies():
+    # The kubelet makes its cgroupRoot in the (empty) cgroup2 hierarchy too.
+    for hierarchy in [*_hierarchies(), "unified"]:
         top = os.path.join(CGROUP_ROOT, hierarchy, cgroup_root(lab, node).lstrip("/"))
         if not os.path.isdir(top):
             continue
@@ -318,6 +319,26 @@ def _mounted_in(pid: int, point: str) -> bool:
             return any(line.split()[4] == point for line in f)
     except (OSError, IndexError):
         return False
+
+
+def other_kube_labs(state_dir: str) -> list[str]:
+    """State directories of the other Kubernetes labs running on the machine, from their
+    kubelets' --config (<state>/nodes/NAME/kubelet/config.yaml)."""
+    found = []
+    for pid in _pids():
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                argv = f.read().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if not argv or os.path.basename(argv[0]) != "kubelet":
+            continue
+        for arg in argv:
+            if arg.startswith("--config=") and arg.endswith("/kubelet/config.yaml"):
+                other = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(arg[9:]))))
+                if other != state_dir and other not in found:
+                    found.append(other)
+    return found
 
 
 def read_sysctls() -> dict[str, str]:
