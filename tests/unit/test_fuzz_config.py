@@ -243,7 +243,7 @@ TYPED = [
     (BASE, ("args",), (dict, NONE), 7),
     (BASE, ("ipam",), (dict, NONE), 7),
     (BASE, ("prevResult",), (dict, NONE), 6),
-    (GC, (VALID,), (list,), 7),
+    (GC, (VALID,), (list, NONE), 7),  # null: no live attachment (libcni sends it so)
     (GC, (VALID, 0), (dict,), 7),
     (GC, (VALID, 0, "containerID"), (str,), 7),
     (GC, (VALID, 0, "ifname"), (str,), 7),
