@@ -170,9 +170,15 @@ def measure_variant(cni: str, pods: int, waves: int, nodes: int, progress) -> di
     }
 
 
+def _version(cni: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in cni.removeprefix("reference-").split(".") if x.isdigit())
+
+
 def bench(cnis: list[str], pods: int, waves: int, nodes: int, progress) -> dict:
     rows = [measure_variant(c, pods, waves, nodes, progress) for c in cnis]
-    base = next((r for r in rows if r["cni"].startswith("reference-")), None)
+    # The baseline: the newest reference measured (the pinned one, beside Debian's).
+    refs = [r for r in rows if r["cni"].startswith("reference-")]
+    base = max(refs, key=lambda r: _version(r["cni"]), default=None)
     for row in rows:
         for key in ("all_ready_s", "sandbox_median_ms", "sandbox_p99_ms"):
             row[f"{key}_ratio"] = ratio(row[key], base[key]) if base else None
