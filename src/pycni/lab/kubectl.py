@@ -25,14 +25,10 @@ from .store import lab_objects
 
 def running_lab(args, command: str) -> Lab | None:
     """The lab that `--state-dir` and `--prefix` name, or None (and why, on stderr)."""
-    state_dir = os.path.abspath(args.state_dir)
     try:
-        lab = Lab.load(state_dir)
+        lab = Lab.named(args.state_dir, args.prefix)
     except LabError as exc:
         print(f"lab {command}: {exc}", file=sys.stderr)
-        return None
-    if lab is None or lab.prefix != args.prefix:
-        print(f"lab {command}: no lab {args.prefix} is up in {state_dir}", file=sys.stderr)
         return None
     if lab.kubernetes:
         print(

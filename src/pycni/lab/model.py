@@ -289,6 +289,15 @@ class Lab:
         atomic_write(self.path, json.dumps(asdict(self), indent=2) + "\n", 0o644)
 
     @classmethod
+    def named(cls, state_dir: str, prefix: str) -> Lab:
+        """The lab `prefix` that is up in `state_dir`; LabError, saying so, when none is."""
+        state_dir = os.path.abspath(state_dir)
+        lab = cls.load(state_dir)
+        if lab is None or lab.prefix != prefix:
+            raise LabError(f"no lab {prefix} is up in {state_dir}")
+        return lab
+
+    @classmethod
     def load(cls, state_dir: str) -> Lab | None:
         path = os.path.join(state_dir, "lab.json")
         try:

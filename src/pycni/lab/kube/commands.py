@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import time
@@ -70,14 +69,10 @@ def up(args, prefix: str, state_dir: str, hint: str, started: float) -> int:
 
 def _kube_lab(args, command: str) -> Lab | None:
     """The --kubernetes lab that --state-dir and --prefix name, or None (and why)."""
-    state_dir = os.path.abspath(args.state_dir)
     try:
-        lab = Lab.load(state_dir)
+        lab = Lab.named(args.state_dir, args.prefix)
     except LabError as exc:
         print(f"lab {command}: {exc}", file=sys.stderr)
-        return None
-    if lab is None or lab.prefix != args.prefix:
-        print(f"lab {command}: no lab {args.prefix} is up in {state_dir}", file=sys.stderr)
         return None
     if not lab.kubernetes:
         print(
