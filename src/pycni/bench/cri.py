@@ -364,8 +364,13 @@ _CNI_METRIC = re.compile(
 
 
 def cni_metrics(row: Row) -> dict[str, tuple[float, float]]:
-    """containerd's own account of its CNI calls: operation -> (seconds in all, calls)."""
-    text = Spaces().exec(row.ns, sys.executable, "-I", "-c", _FETCH % METRICS_PORT)
+    return cni_metrics_in(row.ns)
+
+
+def cni_metrics_in(ns: str) -> dict[str, tuple[float, float]]:
+    """containerd's own account of its CNI calls, from its metrics on METRICS_PORT of `ns`'s
+    loopback: operation -> (seconds in all, calls)."""
+    text = Spaces().exec(ns, sys.executable, "-I", "-c", _FETCH % METRICS_PORT)
     found: dict[str, list[float]] = {}
     for kind, op, value in _CNI_METRIC.findall(text):
         found.setdefault(op, [0.0, 0.0])[0 if kind == "sum" else 1] += float(value)

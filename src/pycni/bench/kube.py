@@ -25,6 +25,7 @@ from collections.abc import Callable
 from datetime import datetime
 
 from .common import nearest_rank, ratio, run_and_print, show_ratio
+from .cri import cni_metrics_in
 
 DEFAULT_PODS = 30
 DEFAULT_WAVES = 3
@@ -34,6 +35,7 @@ PAUSE = "registry.k8s.io/pause:3.10.2"
 _REQUEST = re.compile(r'time="([^"]+)" level=info msg="RunPodSandbox for name:\\"([^\\]+)\\".*'
                       rf'namespace:\\"{NAMESPACE}\\"(.*)"$')  # fmt: skip
 _SANDBOX_METRIC = "kubelet_run_podsandbox_duration_seconds"
+CNI_ADD = "set_up_pod"  # containerd's operation_type for a sandbox's CNI ADD
 
 
 class BenchError(Exception):
@@ -94,6 +96,7 @@ def _wave(lab, kubectl, n: int, wave: int, progress) -> dict:
 
     names = {f"w{wave}-p{i}" for i in range(n)}
     before = {node.name: kubelet_sandbox_metric(kubectl, node.name) for node in lab.nodes}
+    cni_before = {node.name: cni_metrics_in(node.netns) for node in lab.nodes}
     started = time.monotonic()
     kubectl("apply", "-f", "-", input=pods_manifest(n, wave))
     ready: set[str] = set()
@@ -114,6 +117,7 @@ def _wave(lab, kubectl, n: int, wave: int, progress) -> dict:
         time.sleep(0.1)
     all_ready = time.monotonic() - started
     after = {node.name: kubelet_sandbox_metric(kubectl, node.name) for node in lab.nodes}
+    cni_after = {node.name: cni_metrics_in(node.netns) for node in lab.nodes}
     sandboxes: dict[str, float] = {}
     for node in lab.nodes:
         with open(NodeContainerd(node).log_file, errors="replace") as f:
@@ -124,6 +128,11 @@ def _wave(lab, kubectl, n: int, wave: int, progress) -> dict:
     kubectl("delete", "pods", "-n", NAMESPACE, "-l", f"wave={wave}", "--wait=true",
             "--timeout=300s")  # fmt: skip
     deleted = time.monotonic() - deleting
+    add = [  # (seconds, calls) of CNI ADD in this wave, summed over the nodes
+        sum(cni_after[x].get(CNI_ADD, (0.0, 0.0))[i] - cni_before[x].get(CNI_ADD, (0.0, 0.0))[i]
+            for x in cni_after)
+        for i in (0, 1)
+    ]  # fmt: skip
     k_sum = sum(after[x][0] - before[x][0] for x in after)
     k_count = sum(after[x][1] - before[x][1] for x in after)
     progress(f"  wave {wave}: {n} pods Ready in {all_ready:.2f} s, deleted in {deleted:.2f} s")
@@ -132,7 +141,14 @@ def _wave(lab, kubectl, n: int, wave: int, progress) -> dict:
         "deleted_s": round(deleted, 3),
         "sandbox_ms": sorted(round(s * 1000, 1) for s in sandboxes.values()),
         "kubelet_sandbox_mean_ms": round(k_sum / k_count * 1000, 1) if k_count else None,
+        # containerd's CNI ADD: the pod network's own part of each sandbox
+        "cni_add_mean_ms": round(add[0] / add[1] * 1000, 1) if add[1] else None,
     }
+
+
+def _mean_of(values: list) -> float | None:
+    known = [v for v in values if v is not None]
+    return round(statistics.mean(known), 1) if known else None
 
 
 def measure_variant(cni: str, pods: int, waves: int, nodes: int, progress) -> dict:
@@ -167,6 +183,7 @@ def measure_variant(cni: str, pods: int, waves: int, nodes: int, progress) -> di
         "sandbox_median_ms": statistics.median(samples),
         "sandbox_p99_ms": nearest_rank(samples, 0.99),
         "kubelet_sandbox_mean_ms": round(statistics.mean(kubelet), 1) if kubelet else None,
+        "cni_add_mean_ms": _mean_of([r["cni_add_mean_ms"] for r in results]),
     }
 
 
@@ -180,7 +197,7 @@ def bench(cnis: list[str], pods: int, waves: int, nodes: int, progress) -> dict:
     refs = [r for r in rows if r["cni"].startswith("reference-")]
     base = max(refs, key=lambda r: _version(r["cni"]), default=None)
     for row in rows:
-        for key in ("all_ready_s", "sandbox_median_ms", "sandbox_p99_ms"):
+        for key in ("all_ready_s", "sandbox_median_ms", "sandbox_p99_ms", "cni_add_mean_ms"):
             row[f"{key}_ratio"] = ratio(row[key], base[key]) if base else None
     return {
         "ok": True,
@@ -192,6 +209,10 @@ def bench(cnis: list[str], pods: int, waves: int, nodes: int, progress) -> dict:
     }
 
 
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
 def format_table(report: dict) -> str:
     head = (f"{report['pods']} pods applied at once, {report['waves']} waves, "
             f"{report['nodes']} nodes (host-gw); ratios against {report['baseline']}")  # fmt: skip
@@ -199,7 +220,8 @@ def format_table(report: dict) -> str:
         head,
         "",
         f"{'pod network':<18} {'all Ready s':>12} {'ratio':>6} {'sandbox median ms':>18} "
-        f"{'ratio':>6} {'p99 ms':>8} {'ratio':>6} {'kubelet mean ms':>16} {'deleted s':>10}",
+        f"{'ratio':>6} {'p99 ms':>8} {'ratio':>6} {'kubelet mean ms':>16} "
+        f"{'CNI ADD ms':>11} {'ratio':>6} {'deleted s':>10}",
     ]
     for r in report["rows"]:
         kubelet = "-" if r["kubelet_sandbox_mean_ms"] is None else f"{r['kubelet_sandbox_mean_ms']}"
@@ -207,7 +229,8 @@ def format_table(report: dict) -> str:
             f"{r['cni']:<18} {r['all_ready_s']:>12.2f} {show_ratio(r['all_ready_s_ratio']):>6} "
             f"{r['sandbox_median_ms']:>18.1f} {show_ratio(r['sandbox_median_ms_ratio']):>6} "
             f"{r['sandbox_p99_ms']:>8.1f} {show_ratio(r['sandbox_p99_ms_ratio']):>6} "
-            f"{kubelet:>16} {r['deleted_s']:>10.2f}"
+            f"{kubelet:>16} {_ms(r['cni_add_mean_ms']):>11} "
+            f"{show_ratio(r['cni_add_mean_ms_ratio']):>6} {r['deleted_s']:>10.2f}"
         )
     return "\n".join(lines) + "\n"
 

@@ -62,6 +62,9 @@ def cgroup_root(lab: Lab, node: Node) -> str:
     return f"/pycni-{lab.prefix}-{node.name}"
 
 
+CONTAINERD_METRICS_PORT = 1338  # = bench.cri.METRICS_PORT: one reader for both
+
+
 class NodeContainerd(Containerd):
     """containerd 2.x (config version 3) in the node's network and (new) mount namespace."""
 
@@ -76,6 +79,8 @@ class NodeContainerd(Containerd):
             binary=peer.binary,
             ctr=peer.ctr,
             shim_dir=peer.shim_dir,
+            # Its own account of CNI calls (bench kube reads it), on the node's loopback.
+            metrics_port=CONTAINERD_METRICS_PORT,
         )
         self.node = node
 
