@@ -90,16 +90,20 @@ class TwoStores:
     def installed(self, *nets: str) -> dict:
         """What the kernel holds, and whether it is exactly the merge of `nets`' wants."""
         dirs = [self.dirs[n] for n in nets if os.path.exists(self.dirs[n])]
-        proc = subprocess.run(
-            ["ip", "netns", "exec", self.node.ns, sys.executable, "-c", _COMPARE]
-            + [self.backend, *dirs],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            env={**os.environ, "PYTHONPATH": SRC},
-        )
-        assert proc.returncode == 0, proc.stderr
-        return json.loads(proc.stdout)
+        return run_in_node(self.node, _COMPARE, self.backend, *dirs)
+
+
+def run_in_node(node: Node, script: str, *args: str, timeout: float = 60) -> dict:
+    """A Python script of pycni's in the node's namespace; what it printed, as JSON."""
+    proc = subprocess.run(
+        ["ip", "netns", "exec", node.ns, sys.executable, "-c", script, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "PYTHONPATH": SRC},
+    )
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
 
 
 def test_two_stores_rules_are_merged_not_overwritten(node, backend):
@@ -193,24 +197,7 @@ def test_a_gc_during_a_repair_is_not_undone(node):
     )
     assert killed.rc == -signal.SIGKILL, killed
     gc_conf = node.conf(ipMasq=True, **{"cni.dev/valid-attachments": []})
-    proc = subprocess.run(
-        [
-            "ip",
-            "netns",
-            "exec",
-            node.ns,
-            sys.executable,
-            "-c",
-            _REPAIR_RACING_GC,
-            node.plugin,
-            conf["dataDir"],
-            json.dumps(gc_conf),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, "PYTHONPATH": SRC},
+    got = run_in_node(
+        node, _REPAIR_RACING_GC, node.plugin, conf["dataDir"], json.dumps(gc_conf), timeout=120
     )
-    assert proc.returncode == 0, proc.stderr
-    got = json.loads(proc.stdout)
     assert got == {"installs": 2, "equal": True, "hostports": []}, got
