@@ -13,7 +13,7 @@ import sys
 import time
 
 from .build import netns_list
-from .lifecycle import bring_up, teardown
+from .lifecycle import bring_up, built_or_removed, teardown
 from .model import (
     DEFAULT_PREFIX,
     DEFAULT_STATE_DIR,
@@ -67,12 +67,7 @@ def up(args) -> int:
         ipv6=args.ipv6,
         fast_path=args.fast_path,
     )
-    try:
-        bring_up(lab)
-    except BaseException as exc:
-        print(f"lab up failed: {exc}", file=sys.stderr)
-        print("removing what was made", file=sys.stderr)
-        teardown(lab.prefix, lab.state_dir)
+    if not built_or_removed(lab, bring_up):
         return 1
     built = time.monotonic() - started
     print_lab(lab)

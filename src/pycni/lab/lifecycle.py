@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
+from collections.abc import Callable
 
 from .build import (
     add_pod,
@@ -108,6 +110,19 @@ def restart_agent(lab: Lab, node: Node, sig: int = 15) -> None:
     """Stop the node's agent (SIGTERM, or SIGKILL with sig=9) and start a new one."""
     stop_agent(node, sig)
     start_agent(lab, node)
+
+
+def built_or_removed(lab: Lab, build: Callable[[Lab], object]) -> bool:
+    """`lab up`'s build (plain or Kubernetes); on any failure, say so and remove what was
+    made. True when it was built."""
+    try:
+        build(lab)
+    except BaseException as exc:
+        print(f"lab up failed: {exc}", file=sys.stderr)
+        print("removing what was made", file=sys.stderr)
+        teardown(lab.prefix, lab.state_dir)
+        return False
+    return True
 
 
 def teardown(prefix: str, state_dir: str, say=lambda *a: None) -> list[str]:

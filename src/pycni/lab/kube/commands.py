@@ -38,7 +38,7 @@ def refuse(args, state_dir: str) -> str | None:
 
 
 def up(args, prefix: str, state_dir: str, hint: str, started: float) -> int:
-    from ..lifecycle import teardown
+    from ..lifecycle import built_or_removed
     from .lifecycle import bring_up
 
     why = refuse(args, state_dir)
@@ -50,12 +50,7 @@ def up(args, prefix: str, state_dir: str, hint: str, started: float) -> int:
     lab.kubernetes = True
     print(f"Kubernetes {VERSION}: {args.nodes} node(s), pycni backend {lab.backend}, "
           f"kube-proxy nftables, control plane in {cp.cp_netns(lab)} at {cp.cp_ip()}")  # fmt: skip
-    try:
-        bring_up(lab)
-    except BaseException as exc:
-        print(f"lab up failed: {exc}", file=sys.stderr)
-        print("removing what was made", file=sys.stderr)
-        teardown(lab.prefix, lab.state_dir)
+    if not built_or_removed(lab, bring_up):
         return 1
     print()
     print(cp.kubectl(lab, "get", "nodes", "-o", "wide").stdout.rstrip())
