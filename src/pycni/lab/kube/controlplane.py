@@ -105,7 +105,9 @@ def make_pki(lab: Lab, node_names: list[str]) -> None:
                      f"system:node:{name}")  # fmt: skip
 
 
-def _nsenter(lab: Lab, exe: str) -> list[str]:
+def in_cp_netns(lab: Lab, exe: str) -> list[str]:
+    """argv that runs `exe` in the control plane's network namespace alone (nsenter, not ip
+    netns exec: no private mount namespace)."""
     return ["nsenter", f"--net=/run/netns/{cp_netns(lab)}", "--", exe]
 
 
@@ -113,7 +115,7 @@ def start_etcd(lab: Lab) -> None:
     exe = binary("etcd")
     data = os.path.join(kube_dir(lab), "etcd")
     os.makedirs(data, mode=0o700, exist_ok=True)
-    argv = _nsenter(lab, exe) + [
+    argv = in_cp_netns(lab, exe) + [
         "--name=lab",
         f"--data-dir={data}",
         "--listen-client-urls=http://127.0.0.1:2379",
@@ -130,7 +132,7 @@ def start_etcd(lab: Lab) -> None:
 def start_apiserver(lab: Lab) -> None:
     exe = binary("kube-apiserver")
     p = pki(lab)
-    argv = _nsenter(lab, exe) + [
+    argv = in_cp_netns(lab, exe) + [
         "--etcd-servers=http://127.0.0.1:2379",
         f"--advertise-address={cp_ip()}",
         "--bind-address=0.0.0.0",
@@ -163,7 +165,7 @@ def start_controllers(lab: Lab) -> None:
     kubeconfig = os.path.join(d, "controller-manager.kubeconfig")
     flex = os.path.join(d, "flexvolume")  # else it creates /usr/libexec/kubernetes/...
     os.makedirs(flex, exist_ok=True)
-    argv = _nsenter(lab, kcm) + [
+    argv = in_cp_netns(lab, kcm) + [
         f"--kubeconfig={kubeconfig}",
         f"--authentication-kubeconfig={kubeconfig}",
         f"--authorization-kubeconfig={kubeconfig}",
@@ -187,7 +189,7 @@ def start_controllers(lab: Lab) -> None:
                 log_path(lab, "kube-controller-manager"))  # fmt: skip
     sched = binary("kube-scheduler")
     kubeconfig = os.path.join(d, "scheduler.kubeconfig")
-    argv = _nsenter(lab, sched) + [
+    argv = in_cp_netns(lab, sched) + [
         f"--kubeconfig={kubeconfig}",
         f"--authentication-kubeconfig={kubeconfig}",
         f"--authorization-kubeconfig={kubeconfig}",
@@ -216,7 +218,7 @@ def wait_apiserver(lab: Lab, timeout: float = READY_TIMEOUT) -> None:
 def kubectl_argv(lab: Lab, *args: str) -> list[str]:
     """The built kubectl with the admin kubeconfig, in the control plane's namespace (the
     only place that reaches the apiserver: the host has no route into the lab)."""
-    return _nsenter(lab, binary("kubectl")) + [f"--kubeconfig={admin_kubeconfig(lab)}", *args]
+    return in_cp_netns(lab, binary("kubectl")) + [f"--kubeconfig={admin_kubeconfig(lab)}", *args]
 
 
 def kubectl(

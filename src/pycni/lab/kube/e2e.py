@@ -45,8 +45,8 @@ def run_e2e(
     report = os.path.join(lab.state_dir, "e2e", stamp)
     os.makedirs(report, exist_ok=True)
     log = os.path.join(report, "e2e.log")
-    argv = [
-        "nsenter", f"--net=/run/netns/{cp.cp_netns(lab)}", "--", binary("e2e.test"),
+    e2e = cp.in_cp_netns(lab, binary("e2e.test"))
+    argv = e2e + [
         "--provider=local",
         f"--kubeconfig={cp.admin_kubeconfig(lab)}",
         f"--kubectl-path={binary('kubectl')}",
@@ -59,7 +59,7 @@ def run_e2e(
     ]  # fmt: skip
     if focus:
         argv.append(f"--ginkgo.focus={focus}")
-    print(f"e2e: {' '.join(argv[4:])}")
+    print(f"e2e: {' '.join(argv[len(e2e) :])}")
     print(f"e2e: whole output in {log}")
     ran = None
     started = time.monotonic()
