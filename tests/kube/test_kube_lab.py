@@ -1,9 +1,11 @@
 """`pycnictl lab up --kubernetes`: a real control plane and two kubelets, networked by pycni
 installed from its manifest, judged by kubectl and by upstream e2e specs.
 
-One cluster for the module (bringing one up costs tens of seconds): two nodes on host-gw,
-with pods on both reaching each other and a ClusterIP Service, a default-deny NetworkPolicy
-enforced, a few upstream Netpol and "Networking Granular Checks: Pods" specs passing, and
+One cluster for the module (bringing one up costs tens of seconds): two dual-stack nodes on
+host-gw (`--ipv6`: every pod and the Service get an IPv4 and an IPv6 address), with pods on
+both reaching each other and a ClusterIP Service over both families, a default-deny
+NetworkPolicy enforced on both, an IPv6 ipBlock allowing IPv6 alone, a few upstream Netpol
+and "Networking Granular Checks: Pods" specs passing, and
 `lab down` leaving no process, namespace, mount or cgroup behind. Skipped when `./dev kube`
 has not built its cache, failed then under ./dev test (PYCNI_REQUIRE_PEERS=1).
 """
@@ -61,7 +63,7 @@ def cluster():
     started = time.monotonic()
     try:
         up = lab_pycnictl("lab", "up", "--kubernetes", "--nodes", "2", "--backend", "host-gw",
-                          *opts, timeout=900)  # fmt: skip
+                          "--ipv6", *opts, timeout=900)  # fmt: skip
         print(up.stdout, up.stderr, f"up in {time.monotonic() - started:.1f} s", sep="\n")
         assert up.returncode == 0, up.stdout + up.stderr
         yield opts
@@ -87,7 +89,11 @@ def test_two_nodes_ready_at_the_lab_addresses(cluster):
         ready = {c["type"]: c["status"] for c in n["status"]["conditions"]}["Ready"]
         assert ready == "True", n["status"]["conditions"]
         internal = [a["address"] for a in n["status"]["addresses"] if a["type"] == "InternalIP"]
-        assert internal == ["192.0.2." + n["metadata"]["name"][4:]]
+        number = n["metadata"]["name"][4:]
+        assert internal == ["192.0.2." + number, "2001:db8:1::" + number]
+        v4, v6 = n["spec"]["podCIDRs"]
+        assert v4.startswith("10.244.") and v4.endswith("/24"), v4
+        assert v6.startswith("fd00:10:244:") and v6.endswith("/64"), v6
     assert len({n["spec"]["podCIDR"] for n in nodes}) == 2
     ds = json.loads(kubectl(cluster, "-n", "kube-system", "get", "ds", "pycni", "-o",
                             "json").stdout)  # fmt: skip
@@ -111,7 +117,8 @@ def _workload() -> str:
     docs.append({
         "apiVersion": "v1", "kind": "Service",
         "metadata": {"name": "web2", "namespace": NAMESPACE},
-        "spec": {"selector": {"app": "web2"}, "ports": [{"port": 80, "targetPort": 8080}]},
+        "spec": {"ipFamilyPolicy": "RequireDualStack", "selector": {"app": "web2"},
+                 "ports": [{"port": 80, "targetPort": 8080}]},
     })  # fmt: skip
     return json.dumps({"apiVersion": "v1", "kind": "List", "items": docs})
 
@@ -128,6 +135,21 @@ def workload(cluster):
     svc = kubectl(cluster, "-n", NAMESPACE, "get", "svc", "web2", "-o",
                   "jsonpath={.spec.clusterIP}").stdout  # fmt: skip
     return ips, svc
+
+
+@pytest.fixture(scope="module")
+def workload6(cluster, workload):
+    """The IPv6 addresses of the same pods and Service, bracketed for host:port."""
+    pods = json.loads(kubectl(cluster, "-n", NAMESPACE, "get", "pods", "-o", "json").stdout)
+    ips = {}
+    for p in pods["items"]:
+        v4, v6 = (a["ip"] for a in p["status"]["podIPs"])
+        assert v4 == p["status"]["podIP"] and ":" in v6, p["status"]["podIPs"]
+        ips[p["metadata"]["name"]] = f"[{v6}]"
+    svc = json.loads(kubectl(cluster, "-n", NAMESPACE, "get", "svc", "web2", "-o",
+                             "jsonpath={.spec.clusterIPs}").stdout)  # fmt: skip
+    assert len(svc) == 2 and ":" in svc[1], svc
+    return ips, f"[{svc[1]}]"
 
 
 def connect(cluster, target: str, timeout: str = "3s") -> subprocess.CompletedProcess:
@@ -148,6 +170,18 @@ def test_pods_on_both_nodes_reach_each_other_and_a_service(cluster, workload):
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
+def test_pods_reach_each_other_and_the_service_over_ipv6_unmasqueraded(cluster, workload6):
+    ips, svc = workload6
+    for target in (f"{ips['web2']}:8080", f"{svc}:80"):
+        proc = connect(cluster, target)
+        assert proc.returncode == 0, f"{target}: {proc.stdout}{proc.stderr}"
+    # web2 sees web1's own IPv6 address: host-gw routes pod subnets, it masquerades nothing.
+    proc = kubectl(cluster, "-n", NAMESPACE, "exec", "web1", "--", "curl", "-sS", "-m", "3",
+                   f"http://{ips['web2']}:8080/clientip", check=False)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.rsplit(":", 1)[0] == ips["web1"], proc.stdout
+
+
 DENY = {
     "apiVersion": "networking.k8s.io/v1",
     "kind": "NetworkPolicy",
@@ -156,19 +190,49 @@ DENY = {
 }
 
 
-def test_default_deny_policy_applied_with_kubectl_is_enforced(cluster, workload):
+def _until(cluster, target: str, reachable: bool, what: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while (connect(cluster, target, "2s").returncode == 0) != reachable:
+        assert time.monotonic() < deadline, f"{target} {what} {timeout:.0f} s on"
+
+
+def test_default_deny_policy_applied_with_kubectl_is_enforced(cluster, workload, workload6):
     ips, svc = workload
+    ips6, svc6 = workload6
     kubectl(cluster, "apply", "-f", "-", stdin=json.dumps(DENY))
     try:
-        deadline = time.monotonic() + 30
-        while connect(cluster, f"{ips['web2']}:8080", "2s").returncode == 0:
-            assert time.monotonic() < deadline, "still reachable 30 s after the policy"
-        assert connect(cluster, f"{svc}:80", "2s").returncode != 0
+        _until(cluster, f"{ips['web2']}:8080", False, "still reachable after the policy")
+        for target in (f"{svc}:80", f"{ips6['web2']}:8080", f"{svc6}:80"):
+            assert connect(cluster, target, "2s").returncode != 0, target
     finally:
         kubectl(cluster, "-n", NAMESPACE, "delete", "networkpolicy", "default-deny")
-    deadline = time.monotonic() + 30
-    while connect(cluster, f"{ips['web2']}:8080").returncode != 0:
-        assert time.monotonic() < deadline, "still denied 30 s after the policy went"
+    _until(cluster, f"{ips['web2']}:8080", True, "still denied after the policy went")
+    assert connect(cluster, f"{ips6['web2']}:8080").returncode == 0
+
+
+def test_an_ipv6_ipblock_admits_ipv6_alone(cluster, workload, workload6):
+    """web2 admits node1's IPv6 pod subnet only: web1 reaches it over IPv6 (also through the
+    Service, DNATed on node1 before the policy sees it), and no longer over IPv4."""
+    ips, _ = workload
+    ips6, svc6 = workload6
+    nodes = json.loads(kubectl(cluster, "get", "nodes", "-o", "json").stdout)["items"]
+    node1_v6 = next(n["spec"]["podCIDRs"][1] for n in nodes if n["metadata"]["name"] == "node1")
+    policy = {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": {"name": "from-node1-ipv6", "namespace": NAMESPACE},
+        "spec": {"podSelector": {"matchLabels": {"app": "web2"}},
+                 "ingress": [{"from": [{"ipBlock": {"cidr": node1_v6}}]}]},
+    }  # fmt: skip
+    kubectl(cluster, "apply", "-f", "-", stdin=json.dumps(policy))
+    try:
+        _until(cluster, f"{ips['web2']}:8080", False, "still reachable over IPv4 after the policy")
+        for target in (f"{ips6['web2']}:8080", f"{svc6}:80"):
+            proc = connect(cluster, target)
+            assert proc.returncode == 0, f"{target}: {proc.stdout}{proc.stderr}"
+    finally:
+        kubectl(cluster, "-n", NAMESPACE, "delete", "networkpolicy", "from-node1-ipv6")
+    _until(cluster, f"{ips['web2']}:8080", True, "still denied after the policy went")
 
 
 def test_the_agent_restarted_under_running_pods_disturbs_nothing(cluster, workload):

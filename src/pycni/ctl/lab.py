@@ -104,7 +104,8 @@ def register(sub) -> None:
         "--ipv6",
         action="store_true",
         help=f"dual stack: IPv6 underlays, a {CLUSTER_CIDR6} cluster CIDR beside the "
-        "IPv4 one, and every path measured over both",
+        "IPv4 one, and every path measured over both (with --kubernetes: dual-stack "
+        "nodes, pods and Services)",
     )
     u.add_argument(
         "--no-fast-path",

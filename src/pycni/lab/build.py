@@ -178,7 +178,7 @@ def build_node_network(
     else:
         routes = [f"route add {u} via {node.router_ip}" for u in UNDERLAYS[: lab.underlays]
                   if u != node.lan]  # fmt: skip
-        routes += [f"route add {r} via {node.router_ip}" for r in extra_routes]
+        routes += [f"route add {r} via {node.router_ip}" for r in extra_routes if ":" not in r]
     ip_batch(
         node.netns,
         [f"addr add {node.lan_ip}/{lan.prefixlen} dev eth0", "link set eth0 up", *routes],
@@ -190,6 +190,7 @@ def build_node_network(
             [
                 f"addr add {node.lan6_ip}/{lan6.prefixlen} dev eth0 nodad",
                 *([f"route add default via {node.router6_ip}"] if default_route else []),
+                *(f"route add {r} via {node.router6_ip}" for r in extra_routes if ":" in r),
             ],
         )
 

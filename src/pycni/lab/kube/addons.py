@@ -27,6 +27,7 @@ def pycni_manifest(lab: Lab, path: str = MANIFEST) -> str:
         if doc.get("kind") == "ConfigMap" and doc["metadata"]["name"] == "pycni":
             doc["data"]["backend"] = lab.backend
             doc["data"]["cluster-cidr"] = lab.network
+            doc["data"]["cluster-cidr-ipv6"] = lab.network6 if lab.ipv6 else ""
             doc["data"]["fast-path"] = "on" if lab.fast_path else "off"
     return yaml.safe_dump_all(docs, sort_keys=False)
 

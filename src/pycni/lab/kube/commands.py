@@ -20,8 +20,6 @@ def refuse(args, state_dir: str) -> str | None:
     """Why this `lab up --kubernetes` cannot be, or None."""
     if args.underlays != 1:
         return "--kubernetes puts every node on one underlay: use --underlays 1"
-    if args.ipv6:
-        return "--kubernetes is IPv4 only for now (no dual-stack control plane yet)"
     if args.datastore != "sqlite":
         return "--kubernetes: pycni's datastore is the cluster's API; leave --datastore out"
     hidden = [d for d in NODE_DIRS if state_dir == d or state_dir.startswith(d + "/")]
@@ -46,9 +44,10 @@ def up(args, prefix: str, state_dir: str, hint: str, started: float) -> int:
         print(f"lab up: {why}", file=sys.stderr)
         return 1
     lab = Lab.plan(prefix, state_dir, args.nodes, 0, backend=args.backend,
-                   fast_path=args.fast_path)  # fmt: skip
+                   fast_path=args.fast_path, ipv6=args.ipv6)  # fmt: skip
     lab.kubernetes = True
-    print(f"Kubernetes {VERSION}: {args.nodes} node(s), pycni backend {lab.backend}, "
+    stack = "dual-stack IPv4/IPv6" if lab.ipv6 else "IPv4"
+    print(f"Kubernetes {VERSION}: {args.nodes} node(s), {stack}, pycni backend {lab.backend}, "
           f"kube-proxy nftables, control plane in {cp.cp_netns(lab)} at {cp.cp_ip()}")  # fmt: skip
     if not built_or_removed(lab, bring_up):
         return 1

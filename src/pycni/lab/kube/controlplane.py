@@ -16,11 +16,12 @@ import time
 from ...harness.kube import binary
 from ...harness.pki import Pki
 from ..build import ip_batch, make_netns, run
-from ..model import UNDERLAYS, Lab, LabError
+from ..model import UNDERLAYS, UNDERLAYS6, Lab, LabError
 from . import procs
 
 CP_HOST = 253  # the control plane's address on the first underlay (nodes 1.., the router .254)
 SERVICE_CIDR = "10.96.0.0/12"
+SERVICE_CIDR6 = "fd00:10:96::/112"  # with --ipv6 (kubeadm's dual-stack example)
 KUBERNETES_SERVICE_IP = "10.96.0.1"
 DNS_SERVICE_IP = "10.96.0.10"
 CLUSTER_DOMAIN = "cluster.local"
@@ -34,6 +35,20 @@ def cp_netns(lab: Lab) -> str:
 
 def cp_ip() -> str:
     return str(ipaddress.ip_network(UNDERLAYS[0])[CP_HOST])
+
+
+def cp_ip6() -> str:
+    return str(ipaddress.ip_network(UNDERLAYS6[0])[CP_HOST])
+
+
+def service_cidrs(lab: Lab) -> list[str]:
+    """The Service ranges, IPv4 first (the primary family: the `kubernetes` Service's and
+    CoreDNS's addresses stay IPv4), as kube-apiserver and the controller manager take them."""
+    return [SERVICE_CIDR, SERVICE_CIDR6] if lab.ipv6 else [SERVICE_CIDR]
+
+
+def cluster_cidrs(lab: Lab) -> list[str]:
+    return [lab.network, lab.network6] if lab.ipv6 else [lab.network]
 
 
 def server_url() -> str:
@@ -67,16 +82,22 @@ def build_cp_netns(lab: Lab) -> None:
     ip_batch(lab.router, ["link set cp master lan0", "link set cp up"])
     commands = [f"addr add {cp_ip()}/{lan.prefixlen} dev eth0", "link set eth0 up"]
     commands += [f"route add {u} via {lan[254]}" for u in UNDERLAYS[1 : lab.underlays]]
+    if lab.ipv6:
+        lan6 = ipaddress.ip_network(UNDERLAYS6[0])
+        commands.append(f"addr add {cp_ip6()}/{lan6.prefixlen} dev eth0 nodad")
     ip_batch(ns, commands)
 
 
 def make_pki(lab: Lab, node_names: list[str]) -> None:
     p = pki(lab)
     p.make_ca()
+    ips = [KUBERNETES_SERVICE_IP, cp_ip(), "127.0.0.1"]
+    if lab.ipv6:  # the `kubernetes` Service's IPv6 address, should it be made dual-stack
+        ips += [str(ipaddress.ip_network(SERVICE_CIDR6)[1]), cp_ip6(), "::1"]
     p.issue(
         "apiserver",
         "kube-apiserver",
-        ips=(KUBERNETES_SERVICE_IP, cp_ip(), "127.0.0.1"),
+        ips=tuple(ips),
         dns=(
             "kubernetes",
             "kubernetes.default",
@@ -137,7 +158,7 @@ def start_apiserver(lab: Lab) -> None:
         f"--advertise-address={cp_ip()}",
         "--bind-address=0.0.0.0",
         f"--secure-port={APISERVER_PORT}",
-        f"--service-cluster-ip-range={SERVICE_CIDR}",
+        f"--service-cluster-ip-range={','.join(service_cidrs(lab))}",
         f"--client-ca-file={p.ca}",
         f"--tls-cert-file={p.path('apiserver.crt')}",
         f"--tls-private-key-file={p.path('apiserver.key')}",
@@ -179,9 +200,14 @@ def start_controllers(lab: Lab) -> None:
         # Each node's podCIDR, which pycni's agent reads from its Node (a kubeadm cluster's
         # --pod-network-cidr sets the same).
         "--allocate-node-cidrs=true",
-        f"--cluster-cidr={lab.network}",
-        "--node-cidr-mask-size=24",
-        f"--service-cluster-ip-range={SERVICE_CIDR}",
+        f"--cluster-cidr={','.join(cluster_cidrs(lab))}",
+        # A /24 per node, and with --ipv6 also a /64 (the plain lab's split).
+        *(
+            ["--node-cidr-mask-size-ipv4=24", "--node-cidr-mask-size-ipv6=64"]
+            if lab.ipv6
+            else ["--node-cidr-mask-size=24"]
+        ),
+        f"--service-cluster-ip-range={','.join(service_cidrs(lab))}",
         f"--flex-volume-plugin-dir={flex}",
         "--profiling=false",
     ]
@@ -234,14 +260,15 @@ def kubectl(
     return proc
 
 
-def route_pod_subnets(lab: Lab, subnets: dict[str, str]) -> None:
-    """Routes from the control plane to each node's pod subnet (the apiserver's proxy to pods
+def route_pod_subnets(lab: Lab, subnets: dict[str, list[str]]) -> None:
+    """Routes from the control plane to each node's pod subnets (the apiserver's proxy to pods
     and services, and the e2e binary, which runs here, reach pods directly)."""
     by_name = {n.name: n for n in lab.nodes}
     commands = [
-        f"route replace {cidr} via {by_name[name].lan_ip}"
-        for name, cidr in subnets.items()
+        f"route replace {cidr} via {by_name[name].lan6_ip if ':' in cidr else by_name[name].lan_ip}"
+        for name, cidrs in subnets.items()
         if name in by_name
+        for cidr in cidrs
     ]
     if commands:
         ip_batch(cp_netns(lab), commands)

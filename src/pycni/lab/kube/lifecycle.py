@@ -39,7 +39,8 @@ def bring_up(lab: Lab, say: Callable[[str], None] = print) -> dict[str, float]:
     build_router_and_outside(lab)
     cp.build_cp_netns(lab)
     for node in lab.nodes:
-        build_node_network(lab, node, default_route=False, extra_routes=(cp.SERVICE_CIDR,))
+        build_node_network(lab, node, default_route=False,
+                           extra_routes=tuple(cp.service_cidrs(lab)))  # fmt: skip
     cp.make_pki(lab, [n.name for n in lab.nodes])
     mark("namespaces and certificates made")
     cp.start_etcd(lab)
@@ -73,9 +74,14 @@ def bring_up(lab: Lab, say: Callable[[str], None] = print) -> dict[str, float]:
         writer = f"the lab, for {lab.cni},"
     wait_nodes(lab, ready=True)
     mark(f"nodes Ready ({writer} wrote the config list)")
-    cp.route_pod_subnets(lab, pod_cidrs(lab))
+    subnets = pod_cidrs(lab)
+    cp.route_pod_subnets(lab, subnets)
     for node in lab.nodes:
-        node.subnet = pod_cidrs(lab).get(node.name, "")
+        for cidr in subnets.get(node.name, []):
+            if ":" in cidr:
+                node.subnet6 = cidr
+            else:
+                node.subnet = cidr
     lab.save()
     if addons.apply_coredns(lab, archives):
         wait_rollout(lab, "deployment/coredns")
@@ -120,8 +126,13 @@ def _nodes(lab: Lab) -> list[dict]:
     return json.loads(out)["items"]
 
 
-def pod_cidrs(lab: Lab) -> dict[str, str]:
-    return {n["metadata"]["name"]: n["spec"].get("podCIDR", "") for n in _nodes(lab)}
+def pod_cidrs(lab: Lab) -> dict[str, list[str]]:
+    """Each Node's podCIDRs as the controller manager allocated them (IPv4 first)."""
+    out = {}
+    for n in _nodes(lab):
+        spec = n["spec"]
+        out[n["metadata"]["name"]] = spec.get("podCIDRs") or [c for c in [spec.get("podCIDR")] if c]
+    return out
 
 
 def _ready(node: dict) -> bool:

@@ -264,7 +264,7 @@ def start_kubelet(lab: Lab, node: Node, containerd_pid: int) -> None:
         f"--kubeconfig={kubeconfig}",
         f"--root-dir={KUBELET_ROOT}",
         f"--hostname-override={node.name}",
-        f"--node-ip={node.lan_ip}",
+        f"--node-ip={','.join(ip for ip in (node.lan_ip, node.lan6_ip) if ip)}",
         "--v=1",
     ]
     procs.start(lab.state_dir, f"kubelet-{node.name}", exe, argv,
@@ -283,7 +283,7 @@ kind: KubeProxyConfiguration
 clientConnection:
   kubeconfig: {os.path.join(cp.kube_dir(lab), "kube-proxy.kubeconfig")}
 mode: {mode}
-clusterCIDR: {lab.network}
+clusterCIDR: {",".join(cp.cluster_cidrs(lab))}
 hostnameOverride: {node.name}
 healthzBindAddress: 127.0.0.1:10256
 metricsBindAddress: 127.0.0.1:10249

@@ -47,11 +47,14 @@ def conflist(pod_cidr: str) -> dict:
     }
 
 
-def install(lab: Lab, variant: str, pod_cidrs: dict[str, str]) -> None:
+def install(lab: Lab, variant: str, node_cidrs: dict[str, list[str]]) -> None:
     """The plugins and config list on every node, and the routes between them."""
     source = variants().get(variant)
     if source is None:
         raise LabError(f"--cni {variant}: not built here (have {', '.join(variants())})")
+    if lab.ipv6:
+        raise LabError(f"--cni {variant}: the reference's lab config is IPv4 only")
+    pod_cidrs = {name: cidrs[0] for name, cidrs in node_cidrs.items() if cidrs}
     for node in lab.nodes:
         cidr = pod_cidrs.get(node.name)
         if not cidr:
