@@ -35,6 +35,7 @@ import errno
 import ipaddress
 import json
 import os
+import re
 import secrets
 import select
 import shutil
@@ -778,9 +779,10 @@ def bench(
     noop_samples: int,
     timeout: float,
     progress: Callable[[str], None],
+    prefix: str = "pycnicv",
 ) -> dict:
     runs = []
-    tag = f"pycnicv{os.getpid()}"
+    tag = f"{prefix}{os.getpid()}"
     for backend in backends:
         for mode in modes:
             for i in range(repeat):
@@ -886,6 +888,14 @@ def run(args) -> int:
     if os.geteuid() != 0:
         print("pycnictl bench convergence: needs root (network namespaces)", file=sys.stderr)
         return 2
+    prefix = getattr(args, "prefix", "pycnicv")
+    if not re.fullmatch(r"[a-z][a-z0-9]{0,7}", prefix):
+        # It names namespaces (PREFIX<pid>-hb0n) and temporary directories.
+        print(
+            "pycnictl bench convergence: --prefix: lowercase letters and digits, at most 8",
+            file=sys.stderr,
+        )
+        return 2
     if not 1 <= args.nodes <= MAX_NODES or args.repeat < 1 or args.noop_samples < 0:
         print(
             f"pycnictl bench convergence: --nodes 1..{MAX_NODES}, --repeat at least 1, "
@@ -909,6 +919,7 @@ def run(args) -> int:
                 args.noop_samples,
                 args.timeout,
                 progress=progress,
+                prefix=prefix,
             ),
             format_table,
             args,
