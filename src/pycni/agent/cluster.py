@@ -75,6 +75,7 @@ class ClusterNode:
         self.reconciles = 0
         self.last_duration = 0.0
         self.observers: list = []  # callables(seconds, changes)
+        self._remote_json: tuple = ([], None, [])  # (nodes, record, remoteNodes) of status()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._ipr = None
@@ -396,12 +397,23 @@ class ClusterNode:
             # What `pycnictl doctor` needs to plan the routes as this agent does.
             "iface": self.iface,
             "vtep": self.vxlan().name,
-            "remoteNodes": [n.to_json() for n in self.nodes if record and n.name != record.name],
+            "remoteNodes": self._remote_nodes(record),
             "reconciles": self.reconciles,
             "lastReconcileSeconds": round(self.last_duration, 6),
             "lastChanges": _changes(self.last_changes),
             "fastPath": self.fastpath.status(),
         }
+
+    def _remote_nodes(self, record: NodeRecord | None) -> list[dict]:
+        """status()'s remoteNodes, rendered again only when the nodes changed: with 5,000 of
+        them rendering takes ~20 ms, and a status poll during a pass would hold the GIL
+        for that long."""
+        now = self.nodes  # once: the reconcile thread may replace it meanwhile
+        nodes, mine, rendered = self._remote_json
+        if mine != record or nodes != now:
+            rendered = [n.to_json() for n in now if record and n.name != record.name]
+            self._remote_json = (list(now), record, rendered)
+        return rendered
 
     # --- clean removal ---------------------------------------------------------------------
 
