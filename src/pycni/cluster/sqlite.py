@@ -192,13 +192,14 @@ class SqliteKV(KV):
                     now = self._now(conn)
                     rev = conn.execute("SELECT rev FROM meta").fetchone()[0]
                     last = self._listed.pop(prefix, None)
+                    args: tuple = (len(prefix), prefix)
                     if last is not None and last[0] <= rev and last[2] > now:
                         since, values, until = last
-                        rows = conn.execute(_ROWS + "kv.mod > ?", (len(prefix), prefix, since))
+                        where, args = "kv.mod > ?", (*args, since)
                     else:
                         values, until = {}, math.inf
-                        rows = conn.execute(_ROWS + "kv.value IS NOT NULL", (len(prefix), prefix))
-                    rows = rows.fetchall()
+                        where = "kv.value IS NOT NULL"
+                    rows = conn.execute(_ROWS + where, args).fetchall()
                 expired = False
                 for key, value, unleased, expires in rows:
                     if value is not None and (unleased or (expires is not None and expires > now)):
