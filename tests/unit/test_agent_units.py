@@ -774,6 +774,7 @@ def test_cluster_status_renders_the_remote_nodes_again_only_when_they_change(tmp
     cluster = ClusterNode(options, Store())
     me, other = node("me", "10.244.0.0/24"), node("b", "10.244.1.0/24")
     assert cluster.status()["remoteNodes"] == []
+    assert cluster.status()["lastReconcileAt"] == 0.0  # no pass yet
     cluster.record, cluster.nodes = me, [me, other]
     first = cluster.status()["remoteNodes"]
     assert first == [other.to_json()]

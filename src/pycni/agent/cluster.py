@@ -74,6 +74,7 @@ class ClusterNode:
         self.last_changes = None  # backends.Changes of the last pass
         self.reconciles = 0
         self.last_duration = 0.0
+        self.last_done = 0.0  # wall clock at the end of the last pass
         self.observers: list = []  # callables(seconds, changes)
         self._remote_json: tuple = ([], None, [])  # (nodes, record, remoteNodes) of status()
         self._stop = threading.Event()
@@ -338,6 +339,7 @@ class ClusterNode:
         for skipped in changes.skipped:
             log.warning("reconcile: skipped %s", skipped)
         self.last_duration = time.perf_counter() - started
+        self.last_done = time.time()
         self.last_changes = changes
         self.reconciles += 1
         for observe in self.observers:
@@ -400,6 +402,7 @@ class ClusterNode:
             "remoteNodes": self._remote_nodes(record),
             "reconciles": self.reconciles,
             "lastReconcileSeconds": round(self.last_duration, 6),
+            "lastReconcileAt": round(self.last_done, 6),  # Unix time the last pass ended
             "lastChanges": _changes(self.last_changes),
             "fastPath": self.fastpath.status(),
         }
