@@ -396,6 +396,58 @@ def test_sqlite_an_outage_expires_nothing(tmp_path):
         b.close()
 
 
+def test_sqlite_list_reads_only_changes_yet_matches_a_full_read(tmp_path):
+    """A client that lists a prefix again reads only the keys changed since (writes, deletes,
+    rebinds, expiries, from any client): after every step its answer equals that of a client
+    listing the file for the first time, and the caller may change what it got."""
+    import random
+
+    from pycni.cluster.sqlite import SqliteKV
+
+    now = [1000.0]
+    path = str(tmp_path / "cluster.db")
+    clients = [SqliteKV(path, 10, clock=lambda: now[0]) for _ in range(3)]
+    reader = clients[0]
+    rng = random.Random(7)
+    try:
+        for step in range(300):
+            kv, key = rng.choice(clients), f"/p/{rng.randrange(12)}"
+            op = rng.randrange(7)
+            if op == 0:
+                kv.create(key, f"c{step}")
+            elif op == 1:
+                kv.put(key, f"p{step}")
+            elif op == 2:
+                current = reader.list("/p/")[0].get(key)
+                if current is not None:
+                    kv.replace(key, current, f"r{step}")
+            elif op == 3:
+                kv.delete(key)
+            elif op == 4:
+                kv.keepalive()
+            elif op == 5:
+                kv.put(f"/q/{step % 5}", "elsewhere")  # another prefix
+            else:
+                now[0] += rng.choice((1, 4, 9))  # leases of clients that stay silent expire
+            got, rev = reader.list("/p/")
+            assert (got, rev) == fresh_list(path, now), step
+            got.clear()  # the caller's copy
+            assert reader.list("/p/") == fresh_list(path, now), step
+    finally:
+        for kv in clients:
+            kv.close()
+
+
+def fresh_list(path: str, now: list[float]) -> tuple[dict[str, str], int]:
+    from pycni.cluster.sqlite import SqliteKV
+
+    kv = SqliteKV(path, 10, clock=lambda: now[0])
+    try:
+        return kv.list("/p/")
+    finally:
+        kv.close()
+
+
 def test_sqlite_unusable_path_is_a_kv_error(tmp_path):
     from pycni.cluster.sqlite import SqliteKV
 

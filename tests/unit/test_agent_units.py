@@ -754,3 +754,33 @@ def test_status_flags_pods_outside_the_node_subnet():
         f"network pycni: pod {'b' * 12}/eth0: address 10.244.5.3 is outside the node's subnet "
         "10.244.7.0/24 (from an earlier podCIDR; unreachable from other nodes): recreate the pod"
     ]
+
+
+def test_cluster_status_renders_the_remote_nodes_again_only_when_they_change(tmp_path):
+    """Health polls during a pass must not spend the GIL rendering thousands of unchanged
+    nodes: the same list gives the same rendering, a changed one (or a new record) a new."""
+    from ipaddress import ip_network
+
+    from pycni.agent.cluster import ClusterNode, ClusterOptions
+    from pycni.cluster.model import ClusterSettings, NodeRecord
+
+    class Store:
+        kind = "sqlite"
+
+    def node(name: str, subnet: str) -> NodeRecord:
+        return NodeRecord(name, ("192.0.2.1",), (ip_network(subnet),))
+
+    options = ClusterOptions(ClusterSettings(), "me", data_dir=str(tmp_path), fast_path=False)
+    cluster = ClusterNode(options, Store())
+    me, other = node("me", "10.244.0.0/24"), node("b", "10.244.1.0/24")
+    assert cluster.status()["remoteNodes"] == []
+    assert cluster.status()["lastReconcileAt"] == 0.0  # no pass yet
+    cluster.record, cluster.nodes = me, [me, other]
+    first = cluster.status()["remoteNodes"]
+    assert first == [other.to_json()]
+    cluster.nodes = [me, other]  # the next pass: a new list of the same records
+    assert cluster.status()["remoteNodes"] is first
+    cluster.nodes = [me, other, node("c", "10.244.2.0/24")]
+    assert [n["name"] for n in cluster.status()["remoteNodes"]] == ["b", "c"]
+    cluster.record = node("b", "10.244.1.0/24")  # this node's own entry is never listed
+    assert [n["name"] for n in cluster.status()["remoteNodes"]] == ["me", "c"]

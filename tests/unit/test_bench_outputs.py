@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import xml.etree.ElementTree as ET
 from ipaddress import ip_address
 
@@ -105,3 +106,17 @@ def test_the_convergence_cluster_cidr_holds_every_node_clear_of_the_underlay():
     assert len(set(addresses)) == len(addresses)
     assert all(ip_address(a) in convergence.UNDERLAY for a in addresses)
     assert str(convergence.NODE_IP) not in addresses and str(convergence.PEER_IP) not in addresses
+
+
+def test_the_convergence_prefix_names_its_namespaces_and_is_checked(capsys):
+    """`--prefix` (default pycnicv) starts every namespace and directory name the run makes, so
+    runs on a shared machine are told apart; a prefix that cannot be a name is refused before
+    anything is made."""
+    from pycni.bench import convergence
+    from pycni.ctl.main import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["bench", "convergence"]).prefix == "pycnicv"
+    args = parser.parse_args(["bench", "convergence", "--prefix", "Nop-1"])
+    assert convergence.run(args) == 2
+    assert "--prefix" in capsys.readouterr().err or os.geteuid() != 0

@@ -52,6 +52,9 @@ class FastPathController:
         self._torn_down = False
         self.attached: dict[int, str] = {}  # ifindex -> program, attached from this load
         self._swept = False  # filters of earlier loads on unwanted interfaces removed
+        # map id -> (the content this controller last wrote or found there, when it looked)
+        self._synced: dict[int, tuple[dict[bytes, bytes], float]] = {}
+        self._remote: tuple | None = None  # (local, remotes, nets, remote map) of the last pass
 
     # --- one pass --------------------------------------------------------------------------
 
@@ -134,22 +137,9 @@ class FastPathController:
                     if alloc.ip.version == 4 and index in macs:
                         pods.append(fp.PodEntry(alloc.ip, index, macs[index], gw_mac or ""))
             # Maps first, then the programs: a program never sees an empty map it should not.
-            want_pods = fp.pods_map(pods)
-            changed = fp.write_map(
-                loaded.map_ids["pycni_fp_pods"],
-                fp.read_map(loaded.map_ids["pycni_fp_pods"]),
-                want_pods,
-            )
-            nets = sorted(
-                {s for n in remotes if n.name != local.name for s in n.subnets if s.version == 4}
-                - set(local.subnets),
-                key=lambda s: (int(s.network_address), s.prefixlen),
-            )
-            changed += fp.write_map(
-                loaded.map_ids["pycni_fp_remote"],
-                fp.read_map(loaded.map_ids["pycni_fp_remote"]),
-                fp.remote_map(nets),
-            )
+            changed = self._sync(loaded.map_ids["pycni_fp_pods"], fp.pods_map(pods))
+            nets, want_remote = self._remote_plan(local, remotes)
+            changed += self._sync(loaded.map_ids["pycni_fp_remote"], want_remote)
             for name in underlays:
                 index = by_name.get(name)
                 if index is not None:
@@ -179,11 +169,47 @@ class FastPathController:
             "programs": dict(loaded.prog_ids),
             "maps": dict(loaded.map_ids),
             "pods": sorted(str(p.ip) for p in pods),
-            "remoteSubnets": [str(n) for n in nets],
+            "remoteSubnets": nets,
             "interfaces": sorted(links[i].get("IFLA_IFNAME") for i in on_veths if i in links),
             "leftOut": left_out,
             "changes": changed,
         }
+
+    def _remote_plan(self, local: NodeRecord, remotes: Iterable[NodeRecord]) -> tuple:
+        """(the other nodes' IPv4 subnets as text, the remote map's content), computed again
+        only when the nodes changed: most passes see the same records, and with 5,000 nodes
+        sorting and encoding their subnets costs tens of milliseconds."""
+        from ..dataplane import fastpath as fp
+
+        remotes = tuple(remotes)
+        last = self._remote
+        if last is not None and last[0] == local and last[1] == remotes:
+            return last[2], last[3]
+        nets = sorted(
+            {s for n in remotes if n.name != local.name for s in n.subnets if s.version == 4}
+            - set(local.subnets),
+            key=lambda s: (int(s.network_address), s.prefixlen),
+        )
+        self._remote = (local, remotes, [str(n) for n in nets], fp.remote_map(nets))
+        return self._remote[2], self._remote[3]
+
+    def _sync(self, map_id: int, want: dict[bytes, bytes]) -> int:
+        """Make map ``map_id`` hold ``want``; the number of changes. Reading a map back forks
+        bpftool and decodes its JSON (~100 ms for 5,000 subnets), so a map this controller
+        wrote or found holding ``want`` is trusted to still hold it for VERIFY_EVERY seconds,
+        as the routes are between two reads of the kernel (backends/watch.py): only pycni
+        writes these maps, which are reachable by id alone."""
+        from ..backends.watch import VERIFY_EVERY
+        from ..dataplane import fastpath as fp
+
+        last = self._synced.pop(map_id, None)
+        if last is not None and last[0] == want and time.monotonic() - last[1] < VERIFY_EVERY:
+            self._synced[map_id] = last
+            return 0
+        looked = time.monotonic()
+        changed = fp.write_map(map_id, fp.read_map(map_id), want)
+        self._synced[map_id] = (want, looked)
+        return changed
 
     def status(self) -> dict:
         from ..dataplane import fastpath as fp

@@ -13,7 +13,10 @@ with on-link underlay addresses 10.99.1.x (routes only: no packet is ever sent t
   N routes (proto 120), and for vxlan N permanent neighbours and N FDB entries on pycni.1;
 - noop: with N nodes present, one lease is rewritten unchanged (an agent restart does that),
   which wakes the agent for a pass that changes nothing; its duration is the agent's own
-  `cluster.lastReconcileSeconds`, its wake the time from the write to that pass being done;
+  `cluster.lastReconcileSeconds`, its wake the time from the write to that pass's end
+  (`cluster.lastReconcileAt`). The agent is asked only once the pass is surely over (NOOP_SETTLE
+  after the write): its health answer lists every node, and polling it while the pass ran
+  would take the pass's CPU and GIL, measuring the polls rather than the pass;
 - remove: at t0 the N nodes release their subnets; watched until all their entries are gone.
 
 Register modes: `clients` is N LeaseDatastore clients (one SqliteKV connection and lease
@@ -35,6 +38,7 @@ import errno
 import ipaddress
 import json
 import os
+import re
 import secrets
 import select
 import shutil
@@ -81,6 +85,7 @@ NETNS_DIR = "/run/netns"
 AGENT_START_TIMEOUT = 30.0
 STOP_GRACE = 2.0
 HEALTH_POLL = 0.005
+NOOP_SETTLE = 0.5  # seconds after the write before asking for the no-op pass's times
 
 
 def cluster_cidr(nodes: int) -> ipaddress.IPv4Network:
@@ -664,19 +669,20 @@ def measure_noop(
         time.sleep(SQLITE_POLL + secrets.randbelow(1000) / 1000 * SQLITE_POLL)  # as above
         before = world.cluster().get("reconciles", 0)
         phase = watch.begin({})
-        poked = time.monotonic()
+        poked = time.time()  # the agent's lastReconcileAt is wall clock too
         fleet.poke()
-        deadline = poked + timeout
+        time.sleep(NOOP_SETTLE)
+        deadline = time.monotonic() + timeout
         cluster = world.cluster()
         while cluster.get("reconciles", 0) <= before and time.monotonic() < deadline:
             time.sleep(HEALTH_POLL)
             cluster = world.cluster()
-        seen = time.monotonic()
         time.sleep(0.02)  # lets the watch read what that pass may have written, if anything
         watch.end()
+        done = cluster.get("lastReconcileAt")
         sample = {
             "pass_ms": round(cluster.get("lastReconcileSeconds", 0.0) * 1000, 2),
-            "wake_ms": _ms(seen, poked),
+            "wake_ms": None if done is None else round(max(0.0, done - poked) * 1000, 2),
             "problems": [],
         }
         if cluster.get("reconciles", 0) <= before:
@@ -778,9 +784,10 @@ def bench(
     noop_samples: int,
     timeout: float,
     progress: Callable[[str], None],
+    prefix: str = "pycnicv",
 ) -> dict:
     runs = []
-    tag = f"pycnicv{os.getpid()}"
+    tag = f"{prefix}{os.getpid()}"
     for backend in backends:
         for mode in modes:
             for i in range(repeat):
@@ -886,6 +893,14 @@ def run(args) -> int:
     if os.geteuid() != 0:
         print("pycnictl bench convergence: needs root (network namespaces)", file=sys.stderr)
         return 2
+    prefix = getattr(args, "prefix", "pycnicv")
+    if not re.fullmatch(r"[a-z][a-z0-9]{0,7}", prefix):
+        # It names namespaces (PREFIX<pid>-hb0n) and temporary directories.
+        print(
+            "pycnictl bench convergence: --prefix: lowercase letters and digits, at most 8",
+            file=sys.stderr,
+        )
+        return 2
     if not 1 <= args.nodes <= MAX_NODES or args.repeat < 1 or args.noop_samples < 0:
         print(
             f"pycnictl bench convergence: --nodes 1..{MAX_NODES}, --repeat at least 1, "
@@ -909,6 +924,7 @@ def run(args) -> int:
                 args.noop_samples,
                 args.timeout,
                 progress=progress,
+                prefix=prefix,
             ),
             format_table,
             args,

@@ -16,6 +16,7 @@ Every live agent writes (its keepalive) every third of the TTL.
 
 from __future__ import annotations
 
+import math
 import os
 import secrets
 import sqlite3
@@ -53,6 +54,12 @@ _LIVE = (
     "(SELECT 1 FROM leases l WHERE l.id = kv.lease AND l.expires > ?))"
 )
 _UNDER = "substr(kv.key, 1, ?) = ?"
+# list(): each key under a prefix, its value (NULL: a tombstone), whether it is bound to no
+# lease, and its lease's expiry (NULL: the lease row is gone).
+_ROWS = (
+    "SELECT kv.key, kv.value, kv.lease IS NULL, l.expires FROM kv "
+    f"LEFT JOIN leases l ON l.id = kv.lease WHERE {_UNDER} AND "
+)
 
 
 def _new_lease() -> str:
@@ -69,6 +76,8 @@ class SqliteKV(KV):
         self._lease = _new_lease()
         self._bound = False  # True once a key was bound to self._lease (its row exists)
         self._lost = False  # a write found our lease expired: keepalive must report it
+        # list(): prefix -> (revision, the live keys then, the earliest expiry of their leases)
+        self._listed: dict[str, tuple[int, dict[str, str], float]] = {}
         # One connection for the threads of this process; the lock serialises its use.
         self._lock = threading.RLock()
         try:
@@ -172,20 +181,44 @@ class SqliteKV(KV):
     # --- the contract ----------------------------------------------------------------------
 
     def list(self, prefix: str) -> tuple[dict[str, str], int]:
-        for _ in range(3):  # more than one round only if the clock stepped back meanwhile
-            with self._read() as conn:
-                rows = conn.execute(
-                    f"SELECT key, value, {_LIVE} FROM kv WHERE kv.value IS NOT NULL AND {_UNDER}",
-                    (self._now(conn), len(prefix), prefix),
-                ).fetchall()
-                rev = conn.execute("SELECT rev FROM meta").fetchone()[0]
-            if all(live for _, _, live in rows):
-                break
-            # Expired keys are still rows: remove them so that the revision we return counts
-            # their removal (a wait() from it then does not wake up for it again).
-            with self._write():
-                pass
-        return {key: value for key, value, live in rows if live}, rev
+        """Reads only the keys changed since the last list of ``prefix`` while none of that
+        list's leases can have expired: the agent lists thousands of leases on every pass,
+        mostly unchanged, and building them again from the file was most of a no-op pass.
+        That is exact because every change, a purge of expired keys included, sets the key's
+        ``mod`` (tombstones stay), and a live lease's expiry only ever moves later."""
+        with self._lock:
+            for _ in range(3):  # more than one round only if the clock stepped back meanwhile
+                with self._read() as conn:
+                    now = self._now(conn)
+                    rev = conn.execute("SELECT rev FROM meta").fetchone()[0]
+                    last = self._listed.pop(prefix, None)
+                    args: tuple = (len(prefix), prefix)
+                    if last is not None and last[0] <= rev and last[2] > now:
+                        since, values, until = last
+                        where, args = "kv.mod > ?", (*args, since)
+                    else:
+                        values, until = {}, math.inf
+                        where = "kv.value IS NOT NULL"
+                    rows = conn.execute(_ROWS + where, args).fetchall()
+                expired = False
+                for key, value, unleased, expires in rows:
+                    if value is not None and (unleased or (expires is not None and expires > now)):
+                        values[key] = value
+                        if not unleased:
+                            until = min(until, expires)
+                    else:
+                        values.pop(key, None)
+                        expired = expired or value is not None
+                if not expired:
+                    if len(self._listed) >= 16:  # a few prefixes are listed again and again
+                        self._listed.clear()
+                    self._listed[prefix] = (rev, values, until)
+                    break
+                # Expired keys are still rows: remove them so that the revision we return
+                # counts their removal (a wait() from it then does not wake up for it again).
+                with self._write():
+                    pass
+            return dict(values), rev
 
     def create(self, key: str, value: str) -> bool:
         with self._write() as txn:

@@ -173,6 +173,12 @@ def _convergence_arguments(parser) -> None:
         default=60.0,
         help="seconds a phase may take before it counts as not converged",
     )
+    parser.add_argument(
+        "--prefix",
+        default="pycnicv",
+        help="name prefix of its namespaces and temporary directories, followed by this "
+        "process's id (default pycnicv)",
+    )
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
 
 
