@@ -153,29 +153,42 @@ def test_adds_of_both_stores_at_once_leave_the_merge(node, backend):
 
 
 # In the node: a repair (as a restarted agent's) that re-installs a crashed ADD's rules, while
-# the runtime's GC releases that pod between the install and the digest being recorded. The GC
-# sees the digest of before, equal to what it now wants, and leaves the rules to the repair.
+# the runtime's GC releases that pod during the install. The GC sees the digest of before,
+# equal to what it now wants: it must wait for the repair (which holds the node lock) rather
+# than return while the kernel still holds the released pod's rule.
 _REPAIR_RACING_GC = """
-import json, os, subprocess, sys
+import json, os, subprocess, sys, time
 from pycni.core import masquerade
 from pycni.ipam.store import Store
 from pycni.rules import sync
 from pycni.rules.model import RuleSet
 plugin, data_dir, conf = sys.argv[1], sys.argv[2], sys.argv[3]
-apply, calls = sync.apply, []
+apply, calls, gc, seen = sync.apply, [], [], {}
 def apply_then_gc(rules):
     apply(rules)
     if not calls:
         env = {**os.environ, "CNI_COMMAND": "GC", "CNI_PATH": os.path.dirname(plugin)}
-        gc = subprocess.run([plugin], input=conf, env=env, capture_output=True, text=True)
-        assert gc.returncode == 0, gc.stdout + gc.stderr
+        gc.append(subprocess.Popen([plugin], stdin=subprocess.PIPE, env=env, text=True,
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+        gc[0].stdin.write(conf)
+        gc[0].stdin.close()
+        with Store(data_dir) as other:  # until the GC has released the pod
+            deadline = time.monotonic() + 20
+            while other.attachments_with_port_mappings() and time.monotonic() < deadline:
+                time.sleep(0.01)
+        try:
+            gc[0].wait(2)
+            seen["gc_waited"] = False  # it returned with our install of the pod in place
+        except subprocess.TimeoutExpired:
+            seen["gc_waited"] = True
     calls.append(rules)
 sync.apply = apply_then_gc
 with Store(data_dir) as store:
     assert masquerade.repair(store)
     want = masquerade.desired_rules(store)
+assert gc[0].wait(40) == 0, gc[0].stdout.read() + gc[0].stderr.read()
 got = sync.installed() or RuleSet()
-print(json.dumps({"installs": len(calls), "equal": got == want,
+print(json.dumps({"installs": len(calls), "equal": got == want, "gc_waited": seen["gc_waited"],
                   "hostports": sorted(h.host_port for h in got.hostports)}))
 """
 
@@ -183,8 +196,8 @@ print(json.dumps({"installs": len(calls), "equal": got == want,
 def test_a_gc_during_a_repair_is_not_undone(node):
     """A crashed ADD left a pod recorded but its hostPort not installed; a restarted agent's
     repair installs it while the runtime's GC releases the pod. The repair looks again after
-    recording what it installed and takes the released pod's rule away (once, in CI, the
-    doctor found it still installed after the GC: test_fault_kill)."""
+    recording what it installed and takes the released pod's rule away, and the GC returns
+    only after that (test_fault_kill's doctor found the rule still installed after the GC)."""
     conf = node.conf(
         ipMasq=True, runtimeConfig={"portMappings": [{"hostPort": 8300, "containerPort": 80}]}
     )
@@ -200,4 +213,4 @@ def test_a_gc_during_a_repair_is_not_undone(node):
     got = run_in_node(
         node, _REPAIR_RACING_GC, node.plugin, conf["dataDir"], json.dumps(gc_conf), timeout=120
     )
-    assert got == {"installs": 2, "equal": True, "hostports": []}, got
+    assert got == {"installs": 2, "equal": True, "gc_waited": True, "hostports": []}, got

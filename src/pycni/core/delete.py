@@ -32,8 +32,9 @@ def cmd_del(request: Request, conf: NetConf) -> None:
             with resources.store(conf.data_dir) as store:
                 with resources.host_netlink() as ipr:
                     release(store, ipr, conf.name, request.container_id, request.ifname, request)
-                if store.get_network(conf.name) is not None:
-                    masquerade.sync(store)
+                # Also for a network an ADD never got to record: a restarted agent's repair
+                # may have installed its crashed ADD's hostPorts, which the store wanted.
+                masquerade.sync(store)
                 checkpoint(request, "del-rules")
         except StoreError as exc:
             _del_without_store(request, conf, exc)

@@ -74,8 +74,9 @@ def _gc(request: Request, conf: NetConf, valid: set[tuple[str, str]]) -> None:
                 valid | {(a.container_id, a.ifname) for a in store.list_attachments(conf.name)},
             )
             checkpoint(request, "gc-veths")
-        if store.get_network(conf.name) is not None:
-            masquerade.sync(store)
+        # Also for a network an ADD never got to record: a restarted agent's repair may have
+        # installed its crashed ADD's hostPorts, which the store wanted until now.
+        masquerade.sync(store)
         checkpoint(request, "gc-rules")
 
 

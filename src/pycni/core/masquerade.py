@@ -228,7 +228,13 @@ def sync(store: Store, force: bool = False) -> None:
     see repair)."""
     key = _digest_key()
     if not force and _applied(store, key) == rules_sync.digest(desired_rules(store)):
-        return
+        # Nothing to do, unless a sync is under way: it may be installing what this call's
+        # change (already in the store) made stale, and will see that change when it looks
+        # again. Waiting for it below means that once an ADD, DEL or GC returns, the kernel
+        # holds what it changed (a GC racing a restarted agent's repair returned while the
+        # repair's first install still held the pod GC had released).
+        if not rules_sync.node_lock_held_elsewhere():
+            return
     with rules_sync.node_lock():
         digest = rules_sync.digest(desired_rules(store))
         if not force and _applied(store, key) == digest:

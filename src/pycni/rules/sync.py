@@ -76,6 +76,22 @@ def node_lock(timeout: float = _TIMEOUT) -> Iterator[None]:
         _in_process.release()
 
 
+def node_lock_held_elsewhere() -> bool:
+    """Whether another thread or process holds the node lock now (False for its holder)."""
+    if getattr(_held, "depth", 0):
+        return False
+    if _in_process.locked():
+        return True
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        sock.bind(_LOCK_NAME)  # free: held for this instant only, released by close
+        return False
+    except OSError as exc:
+        return exc.errno == errno.EADDRINUSE
+    finally:
+        sock.close()
+
+
 def digest(rules: RuleSet) -> str:
     """sha256 (hex) of the canonical rendering: equal digests mean equal rule sets."""
     return hashlib.sha256(nft.render_nft(rules).encode()).hexdigest()
