@@ -75,18 +75,17 @@ def _add(request: Request, conf: NetConf, store: Store) -> Result:
             # its alias, say) must still remove it. The name is this attachment's alone.
             # Undo runs after the `with` has released ipr: it takes the handle again.
             undo.push(f"veth {host_name}", lambda: _delete_host_veth(host_name))
-            br, (host_index, host_mac) = _make_pair(
-                ipr, conf, request, host_name, nsfd, br, gateways, on_made
-            )
+            br, pair = _make_pair(ipr, conf, request, host_name, nsfd, br, gateways, on_made)
             checkpoint(request, "veth")
 
+            host_index = pair.host_index
             ifb = _shape(ipr, conf, request, host_index, host_name, undo)
             checkpoint(request, "bandwidth")
 
             addresses = [ipaddress.ip_interface(f"{a.ip}/{a.prefixlen}") for a in allocations]
             routes = pod_routes(conf, allocations)
             with netlink_in(nsfd) as nsipr:
-                pod_mac = veth.configure_pod(nsipr, request.ifname, addresses, routes)
+                veth.configure_pod(nsipr, request.ifname, pair.pod_index, addresses, routes)
             checkpoint(request, "pod")
 
             # A pod reaching itself through a Service (kube-proxy's DNAT) or its own hostPort:
@@ -106,7 +105,7 @@ def _add(request: Request, conf: NetConf, store: Store) -> Result:
         if conf.ip_masq or conf.port_mappings:
             _resync_quietly(store)
         raise
-    result = _result(conf, request, br, host_name, host_mac, pod_mac, allocations, routes)
+    result = _result(conf, request, br, host_name, pair.host_mac, pair.pod_mac, allocations, routes)
     if ifb is not None:
         result.interfaces.append(ifb)  # as the bandwidth plugin does: every interface ADD made
     return result
