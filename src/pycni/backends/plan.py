@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Interface, IPv6Interface
 
 from ..cluster.model import Network, NodeRecord
+from ..dataplane.names import local_unicast_mac
 
 MODES = ("host-gw", "vxlan", "auto")
 # Outer headers a VXLAN packet adds: Ethernet 14 + VXLAN 8 + UDP 8 + IPv4 20 (IPv6 40).
@@ -256,9 +257,7 @@ def vtep_addresses(local: NodeRecord) -> tuple[IPv4Interface | IPv6Interface, ..
 def vtep_mac(node_name: str) -> str:
     """A stable MAC for the node's VTEP, derived from its name: an agent restart or a
     recreated device keeps the MAC the other nodes recorded. Locally administered, unicast."""
-    b = bytearray(hashlib.sha256(b"pycni-vtep\0" + node_name.encode()).digest()[:6])
-    b[0] = (b[0] & 0xFC) | 0x02
-    return ":".join(f"{x:02x}" for x in b)
+    return local_unicast_mac(hashlib.sha256(b"pycni-vtep\0" + node_name.encode()).digest())
 
 
 def route_reason(

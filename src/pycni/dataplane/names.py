@@ -50,6 +50,13 @@ def alias_prefix(network: str) -> str:
     return f"{ALIAS_PREFIX} {network} "
 
 
+def local_unicast_mac(octets: bytes) -> str:
+    """The first six bytes as a MAC made unicast and locally administered (never a vendor's)."""
+    b = bytearray(octets[:6])
+    b[0] = (b[0] & 0xFE) | 0x02
+    return ":".join(f"{x:02x}" for x in b)
+
+
 def bridge_mac(gateway_packed: bytes) -> str:
     """A fixed bridge MAC (locally administered 0a:58 + gateway IPv4), so the bridge's address
     does not change as ports come and go and pods' ARP entries stay valid."""

@@ -12,6 +12,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 from ..cni.result import Route
 from .bridge import IFA_F_NODAD
 from .errors import dataplane_error, is_exists, is_missing, tolerating_exists
+from .names import local_unicast_mac
 
 
 def lookup(ipr: IPRoute, name: str) -> int | None:
@@ -39,9 +40,7 @@ class Pair(NamedTuple):
 
 def random_mac() -> str:
     """What the kernel would pick for a veth end: random, unicast, locally administered."""
-    octets = bytearray(os.urandom(6))
-    octets[0] = (octets[0] & 0xFE) | 0x02
-    return ":".join(f"{b:02x}" for b in octets)
+    return local_unicast_mac(os.urandom(6))
 
 
 def create_pair(
