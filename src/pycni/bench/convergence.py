@@ -86,6 +86,7 @@ AGENT_START_TIMEOUT = 30.0
 STOP_GRACE = 2.0
 HEALTH_POLL = 0.005
 NOOP_SETTLE = 0.5  # seconds after the write before asking for the no-op pass's times
+NAME_PREFIX = "pycnicv"  # of its namespaces and temporary directories, before the pid
 
 
 def cluster_cidr(nodes: int) -> ipaddress.IPv4Network:
@@ -784,7 +785,7 @@ def bench(
     noop_samples: int,
     timeout: float,
     progress: Callable[[str], None],
-    prefix: str = "pycnicv",
+    prefix: str = NAME_PREFIX,
 ) -> dict:
     runs = []
     tag = f"{prefix}{os.getpid()}"
@@ -893,7 +894,7 @@ def run(args) -> int:
     if os.geteuid() != 0:
         print("pycnictl bench convergence: needs root (network namespaces)", file=sys.stderr)
         return 2
-    prefix = getattr(args, "prefix", "pycnicv")
+    prefix = getattr(args, "prefix", NAME_PREFIX)
     if not re.fullmatch(r"[a-z][a-z0-9]{0,7}", prefix):
         # It names namespaces (PREFIX<pid>-hb0n) and temporary directories.
         print(

@@ -175,9 +175,9 @@ def _convergence_arguments(parser) -> None:
     )
     parser.add_argument(
         "--prefix",
-        default="pycnicv",
+        default=convergence.NAME_PREFIX,
         help="name prefix of its namespaces and temporary directories, followed by this "
-        "process's id (default pycnicv)",
+        f"process's id (default {convergence.NAME_PREFIX})",
     )
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
 
