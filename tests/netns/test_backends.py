@@ -430,12 +430,12 @@ def test_reconcile_is_fast_enough_to_run_often(netns):
 
 @pytest.mark.parametrize("mode", ["vxlan", "host-gw"])
 def test_the_raw_netlink_path_reads_and_writes_what_pyroute2_does(netns, mode):
-    """read_state and apply go through backends/rtnl.py (struct-parsed dumps, pipelined
+    """read_state and apply go through dataplane/rtnl.py (struct-parsed dumps, pipelined
     requests) where they can: on a dual-stack lab, what it reads equals pyroute2's reading of
     the same kernel, and what it applies pyroute2 reads back as planned."""
     from pycni.backends import kernel
-    from pycni.backends.rtnl import Rtnl
     from pycni.backends.vxlan import vtep_index
+    from pycni.dataplane.rtnl import Rtnl
 
     lab = build(netns, dual=True)
     lab.reconcile_all(mode)

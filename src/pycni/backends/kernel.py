@@ -17,8 +17,7 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from ..dataplane.errors import is_exists, is_missing
-from .plan import Diff, Entry, Fdb, Neighbour, Route, Skipped, State, VtepInfo, diff
-from .rtnl import (
+from ..dataplane.rtnl import (
     NDA_DST,
     NDA_LLADDR,
     NDMSG,
@@ -47,6 +46,7 @@ from .rtnl import (
     network,
     packed,
 )
+from .plan import Diff, Entry, Fdb, Neighbour, Route, Skipped, State, VtepInfo, diff
 
 # Route protocol of pycni's routes. 0-4 belong to the kernel; iproute2's rt_protos names
 # 8-18, 42, 99 and 186-192 (zebra, bird, babel, bgp, ospf...); 120 is not among them and

@@ -20,7 +20,7 @@ import socket
 import struct
 import time
 
-from .rtnl import NETLINK_ROUTE, NLMSG, RCVBUF, RTMSG, SO_RCVBUFFORCE
+from ..dataplane.rtnl import NETLINK_ROUTE, NLMSG, RCVBUF, RTMSG, SO_RCVBUFFORCE
 
 RTMGRP_LINK, RTMGRP_NEIGH = 0x1, 0x4
 RTMGRP_IPV4_IFADDR, RTMGRP_IPV4_ROUTE = 0x10, 0x40

@@ -21,7 +21,8 @@ from ..cni.errors import UNKNOWN_CONTAINER, CniError
 from ..cni.netconf import NetConf
 from ..cni.result import Interface, IPConfig, Result, Route
 from ..dataplane import bandwidth, names, sysctl, veth
-from ..dataplane.netns import netlink_in, netns_fd
+from ..dataplane.netns import netns_fd
+from ..dataplane.rtnl import Rtnl
 from ..ipam.records import Allocation, Attachment
 from ..ipam.store import Store
 from . import masquerade, resources
@@ -41,7 +42,11 @@ def _add(request: Request, conf: NetConf, store: Store) -> Result:
     host_name = names.host_veth_name(conf.name, request.container_id, request.ifname)
     undo = UndoStack()
     try:
-        with netns_fd(request.netns) as nsfd, resources.host_netlink() as ipr:
+        with (
+            netns_fd(request.netns) as nsfd,
+            resources.host_netlink() as ipr,
+            resources.host_rtnl() as nl,
+        ):
             allocations = store.add_attachment(
                 conf.name,
                 request.container_id,
@@ -75,7 +80,7 @@ def _add(request: Request, conf: NetConf, store: Store) -> Result:
             # its alias, say) must still remove it. The name is this attachment's alone.
             # Undo runs after the `with` has released ipr: it takes the handle again.
             undo.push(f"veth {host_name}", lambda: _delete_host_veth(host_name))
-            br, pair = _make_pair(ipr, conf, request, host_name, nsfd, br, gateways, on_made)
+            br, pair = _make_pair(ipr, nl, conf, request, host_name, nsfd, br, gateways, on_made)
             checkpoint(request, "veth")
 
             host_index = pair.host_index
@@ -84,14 +89,9 @@ def _add(request: Request, conf: NetConf, store: Store) -> Result:
 
             addresses = [ipaddress.ip_interface(f"{a.ip}/{a.prefixlen}") for a in allocations]
             routes = pod_routes(conf, allocations)
-            with netlink_in(nsfd) as nsipr:
-                veth.configure_pod(nsipr, request.ifname, pair.pod_index, addresses, routes)
+            with Rtnl.inside(nsfd) as pod_nl:
+                veth.configure_pod(pod_nl, request.ifname, pair.pod_index, addresses, routes)
             checkpoint(request, "pod")
-
-            # A pod reaching itself through a Service (kube-proxy's DNAT) or its own hostPort:
-            # under br_netfilter the DNATed frame goes back out of the port it came in by.
-            if conf.hairpin_mode or conf.port_mappings:
-                veth.set_hairpin(ipr, host_index)
             checkpoint(request, "host")
 
             sysctl.enable_forwarding({a.ip.version for a in allocations})
@@ -112,23 +112,34 @@ def _add(request: Request, conf: NetConf, store: Store) -> Result:
 
 
 def _make_pair(
-    ipr, conf: NetConf, request: Request, host_name: str, nsfd: int, br, gateways, on_made
+    ipr, nl, conf: NetConf, request: Request, host_name: str, nsfd: int, br, gateways, on_made
 ):
     """Create the veth pair. If that fails, cure the two causes a retry can cure, then try
     once more: a host veth of this name left by a crashed ADD whose DEL never came (the store
     had no attachment, so it holds nothing), and a bridge this agent thread remembered that is
     gone. Trying first keeps the common case to one round trip."""
     alias = names.host_veth_alias(conf.name, request.container_id, request.ifname)
+    # A pod reaching itself through a Service (kube-proxy's DNAT) or its own hostPort: under
+    # br_netfilter the DNATed frame goes back out of the port it came in by.
+    hairpin = conf.hairpin_mode or bool(conf.port_mappings)
 
     def create(bridge):
         return veth.create_pair(
-            ipr, host_name, alias, request.ifname, nsfd, conf.mtu, conf.mac, bridge["index"]
+            nl,
+            host_name,
+            alias,
+            request.ifname,
+            nsfd,
+            conf.mtu,
+            conf.mac,
+            bridge["index"],
+            hairpin,
         )
 
     try:
         return br, create(br)
     except CniError:
-        stale = veth.delete_host_veth(ipr, host_name)
+        stale = veth.delete_host_veth(nl, host_name)
         if stale:
             log.warning("removed stale %s left by an earlier ADD", host_name)
         forgot = resources.forget_bridge(conf.bridge)
@@ -159,7 +170,8 @@ def _reattach(ipr, store: Store, conf: NetConf, request: Request, moved: list, l
         try:
             ipr.link("set", index=port["index"], master=link["index"])
             if conf.hairpin_mode or att.port_mappings:
-                veth.set_hairpin(ipr, port["index"])
+                with resources.host_rtnl() as nl:
+                    veth.set_hairpin(nl, name)
         except NetlinkError as exc:  # e.g. deleted meanwhile by its DEL
             log.warning("could not put %s back on bridge %s: %s", name, conf.bridge, exc)
             continue
@@ -208,8 +220,8 @@ def _delete_ifb(name: str) -> None:
 
 
 def _delete_host_veth(name: str) -> None:
-    with resources.host_netlink() as ipr:
-        veth.delete_host_veth(ipr, name)
+    with resources.host_rtnl() as nl:
+        veth.delete_host_veth(nl, name)
 
 
 def _resync_quietly(store: Store) -> None:

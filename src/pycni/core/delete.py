@@ -12,11 +12,10 @@ import logging
 import socket
 from typing import NoReturn
 
-from pyroute2 import IPRoute
-
 from ..cni.env import Request
 from ..cni.netconf import NetConf
 from ..dataplane import bandwidth, names, veth
+from ..dataplane.rtnl import Rtnl
 from ..ipam.faults import StoreError
 from ..ipam.store import Store
 from . import masquerade, resources
@@ -30,8 +29,8 @@ def cmd_del(request: Request, conf: NetConf) -> None:
     with node_lock(conf.data_dir, exclusive=False):
         try:
             with resources.store(conf.data_dir) as store:
-                with resources.host_netlink() as ipr:
-                    release(store, ipr, conf.name, request.container_id, request.ifname, request)
+                with resources.host_rtnl() as nl:
+                    release(store, nl, conf.name, request.container_id, request.ifname, request)
                 # Also for a network an ADD never got to record: a restarted agent's repair
                 # may have installed its crashed ADD's hostPorts, which the store wanted.
                 masquerade.sync(store)
@@ -48,8 +47,9 @@ def _del_without_store(request: Request, conf: NetConf, exc: StoreError) -> NoRe
     cid, ifname = request.container_id, request.ifname
     host = names.host_veth_name(conf.name, cid, ifname)
     ifb = names.ifb_name(conf.name, cid, ifname)
+    with resources.host_rtnl() as nl:
+        deleted = [host] if veth.delete_host_veth(nl, host) else []
     with resources.host_netlink() as ipr:
-        deleted = [host] if veth.delete_host_veth(ipr, host) else []
         deleted += [ifb] if bandwidth.delete_ifb(ipr, ifb) else []
     for name in deleted:
         log.info("DEL %s/%s: deleted %s (the store cannot be used)", cid, ifname, name)
@@ -63,7 +63,7 @@ def _del_without_store(request: Request, conf: NetConf, exc: StoreError) -> NoRe
 
 
 def release(
-    store: Store, ipr: IPRoute, network: str, container_id: str, ifname: str, request: Request
+    store: Store, nl: Rtnl, network: str, container_id: str, ifname: str, request: Request
 ) -> None:
     """Remove one attachment: its host veth (by name, and by the name recorded at ADD in case the
     naming ever changes; its qdiscs go with it), its ifb if shaped, and its allocations. The
@@ -74,15 +74,17 @@ def release(
     if attachment is not None and attachment.host_veth:
         host_names.add(attachment.host_veth)
     for name in sorted(host_names):
-        if veth.delete_host_veth(ipr, name):
+        if veth.delete_host_veth(nl, name):
             log.info("DEL %s/%s: deleted %s", container_id, ifname, name)
     checkpoint(request, "del-veth")
     ifb = names.ifb_name(network, container_id, ifname)
     # Most pods are not shaped. Looking the ifb up by name takes no lock (an ioctl); a delete
     # request would queue behind every link change on the machine for the kernel's rtnl lock,
     # 15% of a DEL's time in a storm.
-    if _link_exists(ifb) and bandwidth.delete_ifb(ipr, ifb):
-        log.info("DEL %s/%s: deleted %s", container_id, ifname, ifb)
+    if _link_exists(ifb):
+        with resources.host_netlink() as ipr:
+            if bandwidth.delete_ifb(ipr, ifb):
+                log.info("DEL %s/%s: deleted %s", container_id, ifname, ifb)
     checkpoint(request, "del-ifb")
     removed = store.remove_attachment(network, container_id, ifname)
     if removed is not None:

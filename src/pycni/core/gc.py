@@ -46,28 +46,32 @@ def _sweep_without_store(conf: NetConf, valid: set[tuple[str, str]]) -> None:
     """The store cannot be used. As DEL does then, the interfaces of pods the runtime no
     longer has go now: they are found by alias, which needs no store."""
     keep = {names.host_veth_name(conf.name, cid, ifn) for cid, ifn in valid}
-    with node_lock(conf.data_dir, exclusive=True), resources.host_netlink() as ipr:
+    with (
+        node_lock(conf.data_dir, exclusive=True),
+        resources.host_netlink() as ipr,
+        resources.host_rtnl() as nl,
+    ):
         for name in veth.host_veths_with_alias(ipr, names.alias_prefix(conf.name)):
             if name not in keep:
                 log.info("GC: deleting %s (the store cannot be used)", name)
-                veth.delete_host_veth(ipr, name)
+                veth.delete_host_veth(nl, name)
         _sweep_ifbs(ipr, conf.name, valid)
 
 
 def _gc(request: Request, conf: NetConf, valid: set[tuple[str, str]]) -> None:
     with node_lock(conf.data_dir, exclusive=True), resources.store(conf.data_dir) as store:
-        with resources.host_netlink() as ipr:
+        with resources.host_netlink() as ipr, resources.host_rtnl() as nl:
             for att in store.list_attachments(conf.name):
                 if (att.container_id, att.ifname) not in valid:
                     log.info("GC: releasing %s/%s", att.container_id, att.ifname)
-                    release(store, ipr, conf.name, att.container_id, att.ifname, request)
+                    release(store, nl, conf.name, att.container_id, att.ifname, request)
             checkpoint(request, "gc-store")
             keep = {names.host_veth_name(conf.name, cid, ifn) for cid, ifn in valid}
             keep |= {a.host_veth for a in store.list_attachments(conf.name)}
             for name in veth.host_veths_with_alias(ipr, names.alias_prefix(conf.name)):
                 if name not in keep:
                     log.info("GC: deleting orphan veth %s", name)
-                    veth.delete_host_veth(ipr, name)
+                    veth.delete_host_veth(nl, name)
             _sweep_ifbs(
                 ipr,
                 conf.name,

@@ -1,9 +1,10 @@
-"""Where the core gets its IPAM store and node netlink handle.
+"""Where the core gets its IPAM store and node netlink handles.
 
 The one-shot plugin opens them per call and closes them. The agent keeps one of each per worker
 thread (SQLite connections and pyroute2 handles belong to their thread), which saves opening
 the database, checkpointing its WAL on close, and building a netlink socket and event loop on
-every pod.
+every pod. Two netlink handles: pyroute2's for the bridge, shaping and reading, and a lean
+socket (dataplane.rtnl) for the requests every pod makes.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from contextlib import contextmanager
 from pyroute2 import IPRoute
 
 from ..dataplane.bridge import ensure_bridge
+from ..dataplane.rtnl import Rtnl
 from ..ipam.store import Store
 
 _warm = False
@@ -69,6 +71,24 @@ def host_netlink():
         # A broken socket must not poison the next call on this thread.
         _local.ipr = None
         ipr.close()
+        raise
+
+
+@contextmanager
+def host_rtnl():
+    if not _warm:
+        with Rtnl.here() as nl:
+            yield nl
+        return
+    nl = getattr(_local, "rtnl", None)
+    if nl is None:
+        nl = _local.rtnl = Rtnl.here()
+    try:
+        yield nl
+    except OSError:
+        # A broken socket (or one left with unread answers) must not poison the next call.
+        _local.rtnl = None
+        nl.close()
         raise
 
 

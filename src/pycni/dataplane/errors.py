@@ -14,12 +14,12 @@ class NotFound(Exception):
     """The thing is already gone: DEL and GC treat this as success."""
 
 
-def is_missing(exc: BaseException) -> bool:
+def is_missing(exc: object) -> bool:
     code = getattr(exc, "code", None) or getattr(exc, "errno", None)
     return code in (errno.ENODEV, errno.ENOENT, errno.ESRCH, errno.EADDRNOTAVAIL)
 
 
-def is_exists(exc: BaseException) -> bool:
+def is_exists(exc: object) -> bool:
     code = getattr(exc, "code", None) or getattr(exc, "errno", None)
     return code == errno.EEXIST
 
