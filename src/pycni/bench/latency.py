@@ -252,6 +252,19 @@ class AgentRunner:
             return None
         return found
 
+    def cpu_ms(self) -> float | None:
+        """The agent's CPU time so far (user + system), in ms: what a storm costs it, which
+        the machine's load changes far less than the storm's wall."""
+        if not self.alive():
+            return None
+        try:
+            with open(f"/proc/{self.proc.pid}/stat") as f:
+                fields = f.read().rpartition(")")[2].split()
+        except OSError:
+            return None
+        # utime and stime are fields 14 and 15 of stat(5); [0] here is field 3.
+        return (int(fields[11]) + int(fields[12])) * 1000 / os.sysconf("SC_CLK_TCK")
+
     def stderr(self) -> str:
         try:
             with open(self.stderr_file, errors="replace") as f:
@@ -709,19 +722,23 @@ def bench(
             # the standalone storm's CPU load (110 interpreters) can linger into theirs.
             turns = sorted(rows, key=lambda r: (r.masq, STORM_ORDER.index(r.plugin)))
             for row in turns:
+                cpu = row.agent.cpu_ms() if row.agent is not None else None
                 result = storm(launcher, row, "ADD", storm_size)
                 row.storm.update(
                     n=storm_size,
                     add_wall_ms=round(result["wall_ms"], 2),
                     add_spawn_ms=round(result["spawn_ms"], 2),
+                    add_agent_cpu_ms=_spent(row, cpu),
                 )
                 _check_storm_add(spaces, row, storm_size, result)
                 time.sleep(0.5)  # let the kernel settle before the next row's storm
             for row in turns:
+                cpu = row.agent.cpu_ms() if row.agent is not None else None
                 result = storm(launcher, row, "DEL", storm_size)
                 row.storm.update(
                     del_wall_ms=round(result["wall_ms"], 2),
                     del_spawn_ms=round(result["spawn_ms"], 2),
+                    del_agent_cpu_ms=_spent(row, cpu),
                 )
                 _check_storm_del(row, storm_size, result)
                 row.storm["freed"] = _check_freed(spaces, row, "storm")
@@ -749,6 +766,12 @@ def bench(
                 print(f"pycnictl bench: could not remove namespaces {left}", file=sys.stderr)
         finally:
             signal.signal(signal.SIGINT, old)
+
+
+def _spent(row: Row, before: float | None) -> float | None:
+    """The agent's CPU ms since `before` (None without an agent)."""
+    after = row.agent.cpu_ms() if row.agent is not None else None
+    return None if before is None or after is None else round(after - before, 1)
 
 
 def _say(progress, msg: str) -> None:
@@ -901,12 +924,13 @@ def format_table(report: dict) -> str:
             "",
             f"{'storm of ' + str(report['storm']):<16} {'ipMasq':<6} {'ADD wall':>9} "
             f"{'DEL wall':>9} {'ADD ratio':>9} {'DEL ratio':>9} {'failed':>7} {'distinct':>8} "
-            f"{'freed':>5} {'agent RSS':>9}",
+            f"{'freed':>5} {'agent RSS':>9} {'agent CPU':>13}",
         ]
         for row in report["rows"]:
             s = row["storm"]
             failed = (s.get("add_failures") or 0) + (s.get("del_failures") or 0)
             rss = (row["agent"] or {}).get("rss_mb_after_storm")
+            cpu = (s.get("add_agent_cpu_ms"), s.get("del_agent_cpu_ms"))
             lines.append(
                 f"{row['plugin']:<16} {'on' if row['ipMasq'] else 'off':<6} "
                 f"{f(s.get('add_wall_ms')):>9} {f(s.get('del_wall_ms')):>9} "
@@ -914,11 +938,13 @@ def format_table(report: dict) -> str:
                 f"{show_ratio(s.get('ratio', {}).get('del')):>9} "
                 f"{failed:>7} {'yes' if s.get('addresses_distinct') else 'NO':>8} "
                 f"{'yes' if s.get('freed') else 'NO':>5} "
-                f"{'-' if rss is None else f'{rss:.1f} MB':>9}"
+                f"{'-' if rss is None else f'{rss:.1f} MB':>9} "
+                f"{'-' if None in cpu else f'{cpu[0]:.0f} / {cpu[1]:.0f}':>13}"
             )
         lines.append(
             "storm: wall ms from the first spawn to the last exit; failed = ADDs + DELs "
-            "that failed; agent RSS = VmRSS after the storm"
+            "that failed; agent RSS = VmRSS after the storm; agent CPU = the agent's user + "
+            "system ms during the ADD / DEL storm"
         )
     plugin = report["targets"][0]["plugin"] if report["targets"] else "pycni-agent"
     lines += ["", f"targets ({plugin}, the executable `pycnictl install` writes here):"]
