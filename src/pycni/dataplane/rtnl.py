@@ -165,9 +165,14 @@ class Rtnl:
         return cls._bound(_socket_in(ns_fd, socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_ROUTE))
 
     @classmethod
-    def _bound(cls, sock: socket.socket) -> Rtnl:
+    def _bound(cls, sock: socket.socket, big_buffer: bool = False) -> Rtnl:
         try:
             sock.setsockopt(SOL_NETLINK, NETLINK_CAP_ACK, 1)
+            if big_buffer:
+                try:
+                    sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, RCVBUF)
+                except OSError:  # not root: the default has to do
+                    pass
             sock.bind((0, 0))
         except BaseException:
             sock.close()
@@ -194,16 +199,9 @@ class Rtnl:
         finally:
             os.close(ns)
         try:
-            sock.setsockopt(SOL_NETLINK, NETLINK_CAP_ACK, 1)
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, RCVBUF)
-            except OSError:  # not root: the default has to do
-                pass
-            sock.bind((0, 0))
+            return cls._bound(sock, big_buffer=True)
         except OSError:
-            sock.close()
             return None
-        return cls(sock)
 
     def close(self) -> None:
         self.sock.close()
