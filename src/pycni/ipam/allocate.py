@@ -208,16 +208,16 @@ def _pick(conn: sqlite3.Connection, network: str, rs: RangeSet, held: dict[str, 
         (network, rs.key),
     ).fetchone()
     after = parse_ip(row[0]) if row else None
-    capacity = rs.capacity()
-    # Cheap exhaustion test first, so a full large pool is not walked address by address.
-    in_set = sum(1 for s in held if _allocatable(rs, parse_ip(s)))
-    if in_set < capacity:
-        for _r, ip in rs.candidates(after):
-            if str(ip) not in held:
-                return ip
+    # Candidates are distinct: among len(held) + 1 of them one is free, so this walk ends
+    # within that many steps (usually the first), or when a smaller pool runs out. No count
+    # of what is held first: that cost every ADD a parse of every pod's address.
+    for _r, ip in rs.candidates(after):
+        if str(ip) not in held:
+            return ip
     raise CniError(
         POOL_EXHAUSTED,
-        f"no free address in {rs.key} of network {network} ({capacity} addresses, all in use)",
+        f"no free address in {rs.key} of network {network} "
+        f"({rs.capacity()} addresses, all in use)",
     )
 
 
@@ -229,11 +229,6 @@ def _attachment_id(
         (network, container_id, ifname),
     ).fetchone()
     return row[0] if row else None
-
-
-def _allocatable(rs: RangeSet, ip: Address | None) -> bool:
-    r = rs.find(ip) if ip is not None else None
-    return r is not None and ip is not None and not r.is_reserved(ip)
 
 
 def _family(ip: str) -> int:
