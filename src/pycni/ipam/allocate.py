@@ -214,10 +214,10 @@ def _pick(conn: sqlite3.Connection, network: str, rs: RangeSet, held: dict[str, 
     for _r, ip in rs.candidates(after):
         if str(ip) not in held:
             return ip
+    size = rs.capacity()
     raise CniError(
         POOL_EXHAUSTED,
-        f"no free address in {rs.key} of network {network} "
-        f"({rs.capacity()} addresses, all in use)",
+        f"no free address in {rs.key} of network {network} ({size} addresses, all in use)",
     )
 
 
