@@ -39,7 +39,34 @@ def is_root() -> bool:
     return os.geteuid() == 0
 
 
+def pytest_addoption(parser):
+    parser.addoption(
+        "--phase",
+        choices=("parallel", "serial"),
+        help="one of ./dev test's two phases: 'parallel' leaves out the tests marked serial "
+        "(run on xdist workers), 'serial' runs only them (alone)",
+    )
+
+
+# First, so that `-m serial` (applied by pytest's own hook) sees the marks added here.
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
+    for item in items:
+        # The Kubernetes lab (tests/kube, tests/runtimes/test_kube_build.py): module-scoped
+        # clusters and images, fixed lab prefixes, minutes of the whole machine's CPU.
+        if item.get_closest_marker("kube") is not None:
+            item.add_marker(pytest.mark.serial)
+    phase = config.getoption("phase")
+    if phase is not None:
+        wanted = phase == "serial"
+        kept, dropped = [], []
+        for item in items:
+            (kept if (item.get_closest_marker("serial") is not None) == wanted else dropped).append(
+                item
+            )
+        if dropped:
+            config.hook.pytest_deselected(items=dropped)
+            items[:] = kept
     if is_root():
         return
     skip = pytest.mark.skip(reason="needs root for network namespaces")
