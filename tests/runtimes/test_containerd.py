@@ -617,6 +617,7 @@ def test_node_conflist_as_written(image_archive, containerd_peer, tmp_path):
             n.remove_pod(sid)
 
 
+@pytest.mark.serial  # a benchmark: its storms would load the other worker's tests
 def test_bench_cri_smoke():
     pid, rc, out, err = run_bench(
         "cri", "--pods", "2", "--burst", "3", "--repeat", "1", timeout=600
