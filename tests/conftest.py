@@ -12,6 +12,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import uuid
 from collections.abc import Callable, Iterator
@@ -796,11 +797,13 @@ def lab_namespaces(prefix: str) -> list[str]:
 
 
 @contextlib.contextmanager
-def private_lab(tmp_path, tag: str):
+def private_lab(tag: str):
     """(prefix, state dir, their options) of a lab of this test's own; brought down after,
-    its namespaces removed even if `lab down` itself is broken."""
+    its namespaces removed even if `lab down` itself is broken. The state dir is a short one
+    in /tmp, not under tmp_path: the agents' unix sockets live in it (a path limit), and an
+    xdist worker's tmp_path is longer by its `popen-gwN/`."""
     prefix = f"pt{RUN_ID}{tag}"
-    state = str(tmp_path / "lab")
+    state = tempfile.mkdtemp(prefix="pylab", dir="/tmp")
     opts = ("--prefix", prefix, "--state-dir", state)
     try:
         yield prefix, state, opts
@@ -808,3 +811,4 @@ def private_lab(tmp_path, tag: str):
         lab_pycnictl("lab", "down", *opts)
         for ns in lab_namespaces(prefix):
             sh("ip", "netns", "del", ns, check=False)
+        shutil.rmtree(state, ignore_errors=True)
