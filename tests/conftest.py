@@ -12,6 +12,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import uuid
 from collections.abc import Callable, Iterator
@@ -39,7 +40,34 @@ def is_root() -> bool:
     return os.geteuid() == 0
 
 
+def pytest_addoption(parser):
+    parser.addoption(
+        "--phase",
+        choices=("parallel", "serial"),
+        help="one of ./dev test's two phases: 'parallel' leaves out the tests marked serial "
+        "(run on xdist workers), 'serial' runs only them (alone)",
+    )
+
+
+# First, so that `-m serial` (applied by pytest's own hook) sees the marks added here.
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
+    for item in items:
+        # The Kubernetes lab (tests/kube, tests/runtimes/test_kube_build.py): module-scoped
+        # clusters and images, fixed lab prefixes, minutes of the whole machine's CPU.
+        if item.get_closest_marker("kube") is not None:
+            item.add_marker(pytest.mark.serial)
+    phase = config.getoption("phase")
+    if phase is not None:
+        wanted = phase == "serial"
+        kept, dropped = [], []
+        for item in items:
+            (kept if (item.get_closest_marker("serial") is not None) == wanted else dropped).append(
+                item
+            )
+        if dropped:
+            config.hook.pytest_deselected(items=dropped)
+            items[:] = kept
     if is_root():
         return
     skip = pytest.mark.skip(reason="needs root for network namespaces")
@@ -769,11 +797,13 @@ def lab_namespaces(prefix: str) -> list[str]:
 
 
 @contextlib.contextmanager
-def private_lab(tmp_path, tag: str):
+def private_lab(tag: str):
     """(prefix, state dir, their options) of a lab of this test's own; brought down after,
-    its namespaces removed even if `lab down` itself is broken."""
+    its namespaces removed even if `lab down` itself is broken. The state dir is a short one
+    in /tmp, not under tmp_path: the agents' unix sockets live in it (a path limit), and an
+    xdist worker's tmp_path is longer by its `popen-gwN/`."""
     prefix = f"pt{RUN_ID}{tag}"
-    state = str(tmp_path / "lab")
+    state = tempfile.mkdtemp(prefix="pylab", dir="/tmp")
     opts = ("--prefix", prefix, "--state-dir", state)
     try:
         yield prefix, state, opts
@@ -781,3 +811,4 @@ def private_lab(tmp_path, tag: str):
         lab_pycnictl("lab", "down", *opts)
         for ns in lab_namespaces(prefix):
             sh("ip", "netns", "del", ns, check=False)
+        shutil.rmtree(state, ignore_errors=True)

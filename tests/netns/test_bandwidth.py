@@ -234,6 +234,7 @@ def measured_rate(node: Node, server_ns: str, client_ns: str, server_ip: str) ->
     raise AssertionError("iperf3 server never listened")
 
 
+@pytest.mark.serial  # measures rates: the other worker's load would be in them
 @pytest.mark.skipif(not have("iperf3"), reason="needs iperf3")
 def test_measured_rates_match_the_limits(node):
     shaped_pod, peer = node.pod("bw"), node.pod("peer")

@@ -11,7 +11,7 @@ import pytest
 from conftest import namespaces_named, run_bench
 from pycni.native.build import compiler
 
-pytestmark = [pytest.mark.netns, pytest.mark.reference]
+pytestmark = [pytest.mark.netns, pytest.mark.reference, pytest.mark.serial]
 
 # The pycni-native rows are measured where a C compiler is found.
 PLUGINS = (

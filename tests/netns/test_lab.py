@@ -18,8 +18,8 @@ pycnictl = lab_pycnictl
 
 
 @pytest.fixture
-def lab(tmp_path):
-    with private_lab(tmp_path, "lab") as made:
+def lab():
+    with private_lab("lab") as made:
         yield made
 
 

@@ -74,8 +74,8 @@ def pycnictl(*args: str, stdin: str | None = None) -> subprocess.CompletedProces
 
 
 @pytest.fixture
-def lab(tmp_path):
-    with private_lab(tmp_path, "yaml") as made:
+def lab():
+    with private_lab("yaml") as made:
         yield made
 
 

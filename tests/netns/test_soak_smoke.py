@@ -12,7 +12,7 @@ import pytest
 
 from conftest import namespaces_named, run_bench
 
-pytestmark = pytest.mark.netns
+pytestmark = [pytest.mark.netns, pytest.mark.serial]
 
 
 def test_soak_small():

@@ -12,7 +12,7 @@ import pytest
 
 from conftest import namespaces_named, run_bench
 
-pytestmark = [pytest.mark.netns, pytest.mark.reference]
+pytestmark = [pytest.mark.netns, pytest.mark.reference, pytest.mark.serial]
 
 PATHS = {
     "baseline-veth",

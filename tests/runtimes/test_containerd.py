@@ -595,7 +595,7 @@ def _wait_for(condition, what: str, timeout: float = 10.0) -> None:
         time.sleep(0.05)
 
 
-def test_node_conflist_as_written(image_archive, containerd_peer, tmp_path):
+def test_node_conflist_as_written(image_archive, containerd_peer, tmp_path_factory):
     """The config list pycni writes for a node (node_conflist, what the agent and `pycnictl
     install` write), unmodified, is one containerd 1.6 and 2.x can use."""
 
@@ -609,7 +609,10 @@ def test_node_conflist_as_written(image_archive, containerd_peer, tmp_path):
             agentSocket=agent_socket,
         )
 
-    with private_node(str(tmp_path / "node"), image_archive, containerd_peer, as_written) as n:
+    # A short root, as crinode's: containerd's sockets live in it (a path limit of 104), and a
+    # test's tmp_path is long (its name, and an xdist worker's `popen-gwN/`).
+    root = str(tmp_path_factory.mktemp("ctdnode"))
+    with private_node(root, image_archive, containerd_peer, as_written) as n:
         sid, _ = n.run_pod("as-written")
         try:
             assert n.pod_ip(sid) == str(n.attachments()[sid].allocations[0].ip)
@@ -617,6 +620,7 @@ def test_node_conflist_as_written(image_archive, containerd_peer, tmp_path):
             n.remove_pod(sid)
 
 
+@pytest.mark.serial  # a benchmark: its storms would load the other worker's tests
 def test_bench_cri_smoke():
     pid, rc, out, err = run_bench(
         "cri", "--pods", "2", "--burst", "3", "--repeat", "1", timeout=600

@@ -277,6 +277,7 @@ def test_image_archive(pnode, tmp_path):
     assert pnode.podman.import_busybox() == pnode.image  # already there: a no-op
 
 
+@pytest.mark.serial  # a benchmark: its storms would load the other worker's tests
 def test_bench_podman_smoke():
     pid, rc, out, err = run_bench("podman", "--runs", "2", timeout=600)
     assert rc == 0, out + err
