@@ -56,39 +56,34 @@ def store(data_dir: str):
     yield entry[0]
 
 
-@contextmanager
 def host_netlink():
-    if not _warm:
-        with IPRoute() as ipr:
-            yield ipr
-        return
-    ipr = getattr(_local, "ipr", None)
-    if ipr is None:
-        ipr = _local.ipr = IPRoute()
-    try:
-        yield ipr
-    except OSError:
-        # A broken socket must not poison the next call on this thread.
-        _local.ipr = None
-        ipr.close()
-        raise
+    """pyroute2's handle in the node's namespace."""
+    return _thread_handle("ipr", IPRoute)
+
+
+def host_rtnl():
+    """The lean rtnetlink socket in the node's namespace."""
+    return _thread_handle("rtnl", Rtnl.here)
 
 
 @contextmanager
-def host_rtnl():
+def _thread_handle(attr: str, make: Callable):
+    """A fresh handle for the one-shot plugin; in the agent, this thread's own, kept."""
     if not _warm:
-        with Rtnl.here() as nl:
-            yield nl
+        with make() as handle:
+            yield handle
         return
-    nl = getattr(_local, "rtnl", None)
-    if nl is None:
-        nl = _local.rtnl = Rtnl.here()
+    handle = getattr(_local, attr, None)
+    if handle is None:
+        handle = make()
+        setattr(_local, attr, handle)
     try:
-        yield nl
+        yield handle
     except OSError:
-        # A broken socket (or one left with unread answers) must not poison the next call.
-        _local.rtnl = None
-        nl.close()
+        # A broken socket (or one left with unread answers) must not poison the next call
+        # on this thread.
+        setattr(_local, attr, None)
+        handle.close()
         raise
 
 

@@ -27,6 +27,8 @@ from collections.abc import Iterator
 
 from pyroute2.netlink.exceptions import NetlinkError
 
+from .netns import _socket_in
+
 NETLINK_ROUTE = 0
 SOL_NETLINK = 270
 NETLINK_CAP_ACK = 10  # acknowledgements of errors without the request echoed back
@@ -149,7 +151,6 @@ class Rtnl:
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.seq = 0
-        self._pending = b""
 
     @classmethod
     def here(cls) -> Rtnl:
@@ -160,8 +161,6 @@ class Rtnl:
     def inside(cls, ns_fd: int) -> Rtnl:
         """A socket in the namespace behind an open descriptor (a pod's): the thread steps in
         and back, the socket stays there."""
-        from .netns import _socket_in
-
         return cls._bound(_socket_in(ns_fd, socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_ROUTE))
 
     @classmethod
@@ -190,9 +189,7 @@ class Rtnl:
             here = os.stat("/proc/thread-self/ns/net").st_ino
             if os.fstat(ns).st_ino == here:
                 sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_ROUTE)
-            else:
-                from .netns import _socket_in  # the thread steps in and back
-
+            else:  # the thread steps in and back
                 sock = _socket_in(ns, socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_ROUTE)
         except OSError:
             return None
@@ -255,39 +252,17 @@ class Rtnl:
     # --- writing ---------------------------------------------------------------------------
 
     def requests(self, messages: list[tuple[int, int, bytes]]) -> list[int]:
-        """Send every (type, flags, body) in order, many per send(2); return each one's
-        errno (0: done)."""
-        results = [0] * len(messages)
-        first = self.seq + 1
-        chunk: list[bytes] = []
-        sent_upto = 0
-        for n, (kind, flags, body) in enumerate(messages):
-            self.seq += 1
-            msg = NLMSG.pack(
-                NLMSG.size + len(body), kind, flags | NLM_F_REQUEST | NLM_F_ACK, self.seq, 0
-            )
-            chunk.append(msg + body)
-            if len(chunk) >= SEND_COUNT or n == len(messages) - 1:
-                self.sock.send(b"".join(chunk))
-                self._acks(first + sent_upto, first + n, first, results)
-                sent_upto = n + 1
-                chunk = []
-        return results
-
-    def _acks(self, low: int, high: int, first: int, results: list[int]) -> None:
-        """Read the acknowledgements of requests `low`..`high` (sequence numbers)."""
-        waiting = set(range(low, high + 1))
-        while waiting:
-            data = self._recv()
-            for mtype, _flags, seq, start, _end in self._messages(data):
-                if mtype != NLMSG_ERROR or seq not in waiting:
-                    continue
-                waiting.discard(seq)
-                results[seq - first] = -ERRNO.unpack_from(data, start)[0]
+        """Send every (type, flags, body) in order, SEND_COUNT per send(2) (their acks must fit
+        the receive buffer); return each one's errno (0: done)."""
+        codes: list[int] = []
+        for at in range(0, len(messages), SEND_COUNT):
+            codes += [answer.code for answer in self.transact(messages[at : at + SEND_COUNT])]
+        return codes
 
     def transact(self, messages: list[tuple[int, int, bytes]]) -> list[Answer]:
-        """Send a few (type, flags, body) in one send(2), in order; return each one's errno
-        (0: done) and the messages the kernel sent back for it (NLM_F_ECHO)."""
+        """Send (type, flags, body) requests in one send(2), in order (at most SEND_COUNT);
+        return each one's errno (0: done) and the messages the kernel sent back for it
+        (NLM_F_ECHO)."""
         first = self.seq + 1
         chunk = []
         for kind, flags, body in messages:

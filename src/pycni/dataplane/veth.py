@@ -177,15 +177,24 @@ def configure_pod(
     send(2) through `nl`, a socket in the pod's namespace. The kernel handles the requests in
     order, so a route finds its address in place."""
     up = (rtnl.IFF_UP, rtnl.IFF_UP)
+    # (what it does, the request, whether EEXIST is success)
     steps = [
-        ("bringing up lo in the pod", (rtnl.RTM_NEWLINK, 0, rtnl.link_change(LOOPBACK_INDEX, *up))),
-        (f"configuring {ifname} in the pod", (rtnl.RTM_NEWLINK, 0, rtnl.link_change(index, *up))),
+        (
+            "bringing up lo in the pod",
+            (rtnl.RTM_NEWLINK, 0, rtnl.link_change(LOOPBACK_INDEX, *up)),
+            False,
+        ),
+        (
+            f"configuring {ifname} in the pod",
+            (rtnl.RTM_NEWLINK, 0, rtnl.link_change(index, *up)),
+            False,
+        ),
     ]
     for addr in addresses:
         # Pod addresses are unique by allocation: skip DAD so v6 works at once.
         flags = IFA_F_NODAD if addr.version == 6 else 0
         request = rtnl.address_add(index, str(addr.ip), addr.network.prefixlen, flags)
-        steps.append((f"adding {addr} to {ifname} in the pod", request))
+        steps.append((f"adding {addr} to {ifname} in the pod", request, False))
     for route in routes:
         extras = route.extras
         metrics = {
@@ -204,10 +213,10 @@ def configure_pod(
             metrics=metrics,
         )
         # EEXIST is success: another ADD (or a rerun) made the same route.
-        steps.append((f"adding route {route.dst} in the pod", request))
-    answers = nl.transact([request for _, request in steps])
-    for (step, _), answer in zip(steps, answers, strict=True):
-        if answer.code and not (step.startswith("adding route") and is_exists(answer)):
+        steps.append((f"adding route {route.dst} in the pod", request, True))
+    answers = nl.transact([request for _, request, _ in steps])
+    for (step, _, exists_ok), answer in zip(steps, answers, strict=True):
+        if answer.code and not (exists_ok and is_exists(answer)):
             raise dataplane_error(step, _failure(answer)) from None
 
 
