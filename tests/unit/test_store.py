@@ -15,6 +15,7 @@ from pycni.cni.errors import (
     TRY_AGAIN_LATER,
     CniError,
 )
+from pycni.ipam import schema
 from pycni.ipam.ranges import parse_range_set
 from pycni.ipam.store import Store
 
@@ -45,6 +46,29 @@ def test_open_creates_private_db(tmp_path):
     conn = sqlite3.connect(d / "pycni.db")
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert conn.execute("PRAGMA user_version").fetchone()[0] == 1
+
+
+def test_creating_after_another_process_made_and_used_the_db(tmp_path):
+    """The race CI met with fifty concurrent ADDs: one process finds no pycni.db, another
+    links its new one into place, a third opens it and writes the log; the first must open
+    that database, not call the log an orphan."""
+    d = tmp_path / "data"
+    holder = Store(str(d))  # made, and left open with a log on disk
+    add(holder, "c1")
+    assert os.path.getsize(d / "pycni.db-wal") > 0
+    schema.create(str(d / "pycni.db"))  # what the late process runs: no error
+    with Store(str(d)) as late:
+        assert add(late, "c2") == ["10.244.1.3"]
+    holder.close()
+
+
+def test_a_log_without_its_database_is_refused(tmp_path):
+    d = tmp_path / "data"
+    d.mkdir()
+    (d / "pycni.db-wal").write_bytes(b"x" * 100)
+    with pytest.raises(CniError) as ei:
+        Store(str(d))
+    assert ei.value.code == IO_FAILURE and "is missing but its write-ahead log" in ei.value.msg
 
 
 def test_open_errors_name_the_path(tmp_path):

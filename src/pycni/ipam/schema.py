@@ -81,6 +81,10 @@ def create(path: str) -> None:
     opens the winner's."""
     wal = path + "-wal"
     if os.path.exists(wal) and os.path.getsize(wal) > 0:
+        if os.path.lexists(path):
+            # Another process linked its database into place since the caller looked, and
+            # a third already opened it and wrote this log: it is that database's.
+            return
         # SQLite would replay this log, written for some other database file, into the
         # new one: a database moved aside without its log.
         raise corrupt(
