@@ -88,6 +88,14 @@ def test_lab_up_measures_the_cluster_and_down_removes_everything(lab):
         ).stdout
         assert "masquerade" in rules and "10.244.0.0/16" in rules and "forward" in rules
 
+    # The underlay switch is a switch: its bridge runs no IP hooks, whatever br_netfilter
+    # (loaded for kube-proxy and pycni's own bridge) sets for a new namespace.
+    switch = sh(
+        "ip", "netns", "exec", f"{prefix}-router", "sysctl", "-e", "net.bridge", check=False
+    ).stdout
+    for fam in ("iptables", "ip6tables", "arptables"):
+        assert f"bridge-nf-call-{fam} = 1" not in switch, switch
+
     again = pycnictl("lab", "up", *opts)
     assert again.returncode == 1 and "already up" in again.stderr
 

@@ -46,6 +46,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from pycni.lab.build import SWITCH_WITHOUT_NETFILTER
+
 from .common import ratio, run_and_print, show_ratio
 from .latency import PATH, BenchError, Spaces, _sh
 
@@ -208,6 +210,7 @@ def reference(spaces: Spaces, reference_dir: str, tmp: str) -> tuple[Path, Path]
     switch = spaces.make("rswitch")
     nodes = [spaces.make("rnode1"), spaces.make("rnode2")]
     _up(switch)
+    spaces.exec(switch, *SWITCH_WITHOUT_NETFILTER)  # as the lab's router: a switch, no hooks
     _sh("ip", "-n", switch, "link", "add", "lan0", "type", "bridge")
     _sh("ip", "-n", switch, "link", "set", "lan0", "up")
     for i, node in enumerate(nodes, 1):
