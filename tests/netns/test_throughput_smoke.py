@@ -16,6 +16,7 @@ pytestmark = [pytest.mark.netns, pytest.mark.reference, pytest.mark.serial]
 
 PATHS = {
     "baseline-veth",
+    "underlay",
     "pycni-same-node",
     "pycni-host-gw",
     "pycni-vxlan",
@@ -82,6 +83,10 @@ def test_throughput_tiny(reference_plugins):
         assert row["median_us"] > 0 and row["p99_us"] >= row["median_us"] and not row["errors"]
     assert len(latency["targets"]) == 3 and all(t["value"] > 0 for t in latency["targets"])
     assert all(v["ratio"] > 0 for v in report["versus_reference"])
+    assert {(u["path"], u["streams"]) for u in report["versus_underlay"]} == {
+        (p, s) for p in PATHS if "host-gw" in p or "vxlan" in p for s in (1, 4)
+    }
+    assert all(u["ratio"] > 0 for u in report["versus_underlay"])
 
     table = format_table(report)
     assert "median of 1" in table and "interleaved" in table
@@ -91,3 +96,4 @@ def test_throughput_tiny(reference_plugins):
     assert all(float(w[2]) > 0 for w in measured)
     assert table.count("PASS") + table.count("FAIL") == 9
     assert "TCP request/response round trip" in table
+    assert "cross-node paths / the underlay alone" in table

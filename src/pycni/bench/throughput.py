@@ -3,6 +3,9 @@ pair and against the Go reference bridge plugin, all measured in one run.
 
 Paths (client -> server):
 - baseline-veth: two fresh namespaces joined by a bare veth pair, an address on each end;
+- underlay: the reference's two nodes, node to node across the switch (below): the wire every
+  cross-node path crosses, with no pod and no CNI on it; what is left between a cross-node
+  path and the bare veth once the path itself costs nothing;
 - pycni-same-node: a lab (host-gw backend, the eBPF fast path on, as by default) with two
   nodes, n1pod1 -> n1pod2;
 - pycni-host-gw: the same lab, n1pod1 -> n2pod1;
@@ -63,6 +66,7 @@ REF_SUBNETS = ("10.244.1.0/24", "10.244.2.0/24")  # the reference nodes' pod CID
 # Printed in this order: each pycni path next to what it is compared with.
 PATH_ORDER = (
     "baseline-veth",
+    "underlay",
     "pycni-same-node",
     "pycni-same-node-nofp",
     "reference-same-node",
@@ -79,6 +83,14 @@ VERSUS = (
     ("pycni-host-gw", "reference-host-gw"),
     ("pycni-same-node-nofp", "reference-same-node"),
     ("pycni-host-gw-nofp", "reference-host-gw"),
+)
+# The cross-node paths, each against the underlay it crosses.
+OVER_UNDERLAY = (
+    "pycni-host-gw",
+    "pycni-host-gw-nofp",
+    "reference-host-gw",
+    "pycni-vxlan",
+    "pycni-vxlan-nofp",
 )
 # The fast path's latency target: a round trip no longer than the same path without it.
 RTT_VERSUS = (
@@ -200,8 +212,9 @@ def _ref_add(node: str, pod: str, subnet: str, exe: str, reference_dir: str, tmp
         ) from None
 
 
-def reference(spaces: Spaces, reference_dir: str, tmp: str) -> tuple[Path, Path]:
-    """Two reference nodes on a bridge underlay; two pods on node 1, one on node 2."""
+def reference(spaces: Spaces, reference_dir: str, tmp: str) -> tuple[Path, Path, Path]:
+    """Two reference nodes on a bridge underlay; two pods on node 1, one on node 2. Also the
+    underlay's own path, node 1 to node 2."""
     exe = os.path.join(reference_dir, "bridge")
     if not all(
         os.access(os.path.join(reference_dir, p), os.X_OK) for p in ("bridge", "host-local")
@@ -257,6 +270,13 @@ def reference(spaces: Spaces, reference_dir: str, tmp: str) -> tuple[Path, Path]
             pods[0],
             pods[2],
             ips[2],
+        ),
+        Path(
+            "underlay",
+            "node to node across the switch of the reference's nodes (veth, bridge, veth)",
+            nodes[0],
+            nodes[1],
+            f"{UNDERLAY_NET}.2",
         ),
     )
 
@@ -662,6 +682,15 @@ def _report(paths: list[Path], samples: dict, errors: dict, seconds: int, repeat
                     "pass": raw is not None and raw >= limit,
                 }
             )
+    over_underlay = [
+        {
+            "path": name,
+            "streams": streams,
+            "ratio": ratio(medians.get((name, streams)), medians.get(("underlay", streams))),
+        }
+        for name in OVER_UNDERLAY
+        for streams in STREAMS
+    ]
     versus = [
         {
             "pycni": mine,
@@ -692,6 +721,7 @@ def _report(paths: list[Path], samples: dict, errors: dict, seconds: int, repeat
         "results": results,
         "targets": targets,
         "versus_reference": versus,
+        "versus_underlay": over_underlay,
         "ok": all(not r["errors"] and r["gbps"] is not None for r in results),
     }
 
@@ -736,6 +766,11 @@ def format_table(report: dict) -> str:
         lines.append(
             f"  {v['pycni'] + ' / ' + v['reference'] + ', ' + s(v['streams']):<56} "
             f"{show_ratio(v['ratio']):>7}"
+        )
+    lines += ["", "cross-node paths / the underlay alone (same stream count):"]
+    for u in report["versus_underlay"]:
+        lines.append(
+            f"  {u['path'] + ' / underlay, ' + s(u['streams']):<56} {show_ratio(u['ratio']):>7}"
         )
     lat = report.get("latency")
     if lat:
