@@ -53,13 +53,12 @@ def test_creating_after_another_process_made_and_used_the_db(tmp_path):
     links its new one into place, a third opens it and writes the log; the first must open
     that database, not call the log an orphan."""
     d = tmp_path / "data"
-    holder = Store(str(d))  # made, and left open with a log on disk
-    add(holder, "c1")
-    assert os.path.getsize(d / "pycni.db-wal") > 0
-    schema.create(str(d / "pycni.db"))  # what the late process runs: no error
-    with Store(str(d)) as late:
-        assert add(late, "c2") == ["10.244.1.3"]
-    holder.close()
+    with Store(str(d)) as holder:  # made, and left open with a log on disk
+        add(holder, "c1")
+        assert os.path.getsize(d / "pycni.db-wal") > 0
+        schema.create(str(d / "pycni.db"))  # what the late process runs: no error
+        with Store(str(d)) as late:
+            assert add(late, "c2") == ["10.244.1.3"]
 
 
 def test_a_log_without_its_database_is_refused(tmp_path):

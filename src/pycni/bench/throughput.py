@@ -49,8 +49,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from pycni.lab.build import SWITCH_WITHOUT_NETFILTER
-
+from ..lab.build import SWITCH_WITHOUT_NETFILTER
 from .common import ratio, run_and_print, show_ratio
 from .latency import PATH, BenchError, Spaces, _sh
 
