@@ -722,7 +722,7 @@ def bench(
             # the standalone storm's CPU load (110 interpreters) can linger into theirs.
             turns = sorted(rows, key=lambda r: (r.masq, STORM_ORDER.index(r.plugin)))
             for row in turns:
-                cpu = row.agent.cpu_ms() if row.agent is not None else None
+                cpu = _agent_cpu(row)
                 result = storm(launcher, row, "ADD", storm_size)
                 row.storm.update(
                     n=storm_size,
@@ -733,7 +733,7 @@ def bench(
                 _check_storm_add(spaces, row, storm_size, result)
                 time.sleep(0.5)  # let the kernel settle before the next row's storm
             for row in turns:
-                cpu = row.agent.cpu_ms() if row.agent is not None else None
+                cpu = _agent_cpu(row)
                 result = storm(launcher, row, "DEL", storm_size)
                 row.storm.update(
                     del_wall_ms=round(result["wall_ms"], 2),
@@ -768,9 +768,14 @@ def bench(
             signal.signal(signal.SIGINT, old)
 
 
+def _agent_cpu(row: Row) -> float | None:
+    """The row's agent's CPU ms so far (None without an agent)."""
+    return row.agent.cpu_ms() if row.agent is not None else None
+
+
 def _spent(row: Row, before: float | None) -> float | None:
     """The agent's CPU ms since `before` (None without an agent)."""
-    after = row.agent.cpu_ms() if row.agent is not None else None
+    after = _agent_cpu(row)
     return None if before is None or after is None else round(after - before, 1)
 
 
